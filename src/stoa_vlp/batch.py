@@ -1,0 +1,40 @@
+"""The training batch: what the data pipeline produces and the model and objectives consume.
+
+Shapes: B clips, T frames, K boxes per frame, N trajectory categories, L text tokens.
+Boxes are (x0, y0, x1, y1) in pixels of the model's input frame (after resize and crop).
+Label id 0 is padding everywhere; masks are True where an entry is real.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+TAG_NONE, TAG_NOUN, TAG_VERB = 0, 1, 2
+
+
+@dataclass
+class Batch:
+    frames: torch.Tensor  # (B, T, 3, H, W) float, CLIP-normalised
+    boxes: torch.Tensor  # (B, T, K, 4) float, input-frame pixels
+    box_labels: torch.Tensor  # (B, T, K) long, 0 = padding
+    box_mask: torch.Tensor  # (B, T, K) bool
+    traj_labels: torch.Tensor  # (B, N) long, top-N categories by summed confidence, 0 = padding
+    traj_mask: torch.Tensor  # (B, N) bool
+    tokens: torch.Tensor  # (B, L) long, CLIP BPE with start/end tokens, 0-padded
+    text_mask: torch.Tensor  # (B, L) bool
+    pos_tags: torch.Tensor  # (B, L) long, TAG_NONE / TAG_NOUN / TAG_VERB per BPE token
+    video_index: torch.Tensor  # (B,) long, equal for captions of the same video (positives in VTC)
+    video_ids: list[str]  # (B,) the dataset's video ids, for logs and error messages
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]

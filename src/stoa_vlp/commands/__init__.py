@@ -1,0 +1,1 @@
+"""Subcommands of the `stoa-vlp` command line (see stoa_vlp.cli)."""

@@ -1,0 +1,224 @@
+"""Typed configuration: dataclasses, YAML presets and dotted overrides.
+
+A `Config` has four sections (model, loss, data, train). It is built from a preset
+(`tiny`, `base`) or a YAML file, then changed with dotted overrides such as
+`model.frames=8`. Unknown keys and values of the wrong type are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value has the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    # CLIP video tower (ViT)
+    image_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    frames: int = 12  # T, frames per clip
+    joint_blocks: int = 2  # last blocks of the ViT attend over all frames' tokens together
+    temporal_embedding: bool = True  # learnable frame positions before joint blocks and in the action encoder
+    action_tap_layer: int = 10  # 1-indexed ViT block whose output feeds the action encoder (stop-gradient)
+    object_tap_layer: int = 11  # 1-indexed ViT block whose patch map feeds RoIAlign
+    # CLIP text tower
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    vocab_size: int = 49408
+    context_length: int = 77  # rows of the CLIP text position table
+    text_len: int = 32  # caption tokens, start and end included
+    embed_dim: int = 512  # joint video-text space
+    # object trajectories
+    objects: bool = True
+    boxes_per_frame: int = 10  # K
+    trajectories: int = 20  # N categories per clip
+    num_object_classes: int = 1600  # size of the class-label embedding table (0 is padding)
+    object_layers: int = 2
+    # spatial-temporal actions
+    actions: bool = True
+    action_queries: int = 4  # M
+    action_layers: int = 2
+    # fusion
+    fusion_layers: int = 6
+    fusion_positions: int = 256  # rows of the fusion position table
+    head_dropout: float = 0.1
+    # execution
+    grad_checkpointing: bool = False
+    init_checkpoint: str = ""  # OpenAI CLIP .pt or open_clip checkpoint to initialise the towers from
+
+
+@dataclass
+class LossConfig:
+    vtc: float = 1.0
+    vtm: float = 1.0
+    mlm: float = 1.0
+    plm: float = 1.0
+    dota: float = 1.0
+    stasp: float = 1.0
+    vtc_video_feature: str = "mean"  # "mean" of frame features or "sep" (fusion video-SEP input)
+    local_loss: bool = False  # open_clip's local_loss: each rank scores its own rows against all
+    mlm_probability: float = 0.15
+    match_similarity: str = "dot"  # "dot" or "cosine" cost for the Hungarian matching
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # annotation file (format inferred or given by `format`)
+    val: str = ""
+    test: str = ""
+    format: str = "auto"  # auto, msrvtt, msvd, didemo, lsmdc, webvid, webdataset, jsonl
+    video_root: str = ""
+    detections: str = ""  # detections JSONL (design.md §3)
+    tags: str = ""  # noun/verb tag cache
+    label_vocab: str = ""  # object class vocabulary file
+    decoder: str = "pyav"  # pyav, decord, torchcodec
+    train_sampling: str = "rand"  # rand (random within segment) or uniform
+    eval_sampling: str = "uniform"
+    batch_size: int = 8
+    num_workers: int = 2
+    spacy_model: str = "en_core_web_sm"
+    max_bad_samples: float = 0.01  # share of skipped (unreadable) samples tolerated before training stops
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/stoa"
+    seed: int = 0
+    steps: int = 1000
+    lr: float = 1e-4
+    tower_lr_scale: float = 0.01  # CLIP towers train at lr * tower_lr_scale
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    grad_accum: int = 1
+    clip_grad: float = 1.0
+    precision: str = "fp32"  # fp32, amp_bf16, amp_fp16
+    compile: bool = False
+    distributed: str = "ddp"  # ddp or fsdp
+    log_every: int = 10
+    eval_every: int = 500
+    save_every: int = 500
+    keep_last: int = 2
+    nonfinite: str = "stop"  # stop or skip
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_value(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` converted to the annotated type, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        item_types = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+            raise ConfigError(f"{key}: expected a list of {len(item_types)} values, got {value!r}")
+        return tuple(_check_value(key, v, t) for v, t in zip(value, item_types))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {annotation!r}")
+
+
+def _update(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown config key '{key}'")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            _update(current, value, prefix=f"{key}.")
+        else:
+            setattr(obj, name, _check_value(key, value, hints[name]))
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    config = Config()
+    _update(config, values)
+    return config
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """'model.frames=8' -> {'model': {'frames': 8}}; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    dotted, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict[str, Any] = {}
+    cursor = nested
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    return nested
+
+
+def load_config(preset_or_path: str = "tiny", overrides: list[str] | None = None) -> Config:
+    """Build a config from a preset name or a YAML file, then apply dotted overrides."""
+    path = Path(preset_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset_or_path}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+            raise ConfigError(f"unknown preset '{preset_or_path}' (known: {', '.join(known)})")
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    config = Config()
+    try:
+        _update(config, values)
+        for override in overrides or []:
+            _update(config, parse_override(override))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    values = config.to_dict()
+    values["train"]["betas"] = list(values["train"]["betas"])
+    with open(path, "w") as handle:
+        yaml.safe_dump(values, handle, sort_keys=False)
