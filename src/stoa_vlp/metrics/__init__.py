@@ -1,0 +1,1 @@
+"""Evaluation metrics: retrieval ranks and recalls, caption scores (pycocoevalcap)."""

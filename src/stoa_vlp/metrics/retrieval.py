@@ -1,0 +1,124 @@
+"""Text-video retrieval metrics from a similarity matrix.
+
+Rank definition (tie-robust: a tie counts against the model). For a query with score row s and a
+set P of positive candidates (one video for a caption; all captions of a video for a video):
+
+    rank = 1 + #{c not in P : s[c] >= max_{p in P} s[p]}
+
+So rank 1 means the best positive is strictly above every negative; other positives never count
+against the query (the MSR-VTT full protocol: video-to-text takes the best-ranked of the video's
+captions). A constant similarity matrix gives every query the worst rank, not the best.
+
+Recalls R@1/5/10 are percentages of queries with rank <= K; MdR is the median rank (numpy's median,
+the mean of the two middle ranks for an even count), MnR the mean rank.
+
+Dual-softmax re-ranking (CLIP4Clip's DSL) multiplies each similarity by a softmax over the
+queries of the same candidate; it is always reported next to the plain numbers, never instead.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+RECALL_AT = (1, 5, 10)
+
+
+def positive_mask(text_to_video: torch.Tensor, num_videos: int) -> torch.Tensor:
+    """(num_texts, num_videos) bool, True where the caption belongs to the video."""
+    text_to_video = torch.as_tensor(text_to_video, dtype=torch.long)
+    if text_to_video.numel() and (text_to_video.min() < 0 or text_to_video.max() >= num_videos):
+        raise ValueError(f"text_to_video holds indices outside [0, {num_videos})")
+    mask = torch.zeros(len(text_to_video), num_videos, dtype=torch.bool)
+    mask[torch.arange(len(text_to_video)), text_to_video] = True
+    return mask
+
+
+def ranks(similarity: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Tie-robust rank (1-based) of the best positive of each query.
+
+    similarity: (Q, C) scores, higher = more similar; positives: (Q, C) bool.
+    Returns (Q,) long.
+    """
+    if similarity.shape != positives.shape:
+        raise ValueError(f"similarity {tuple(similarity.shape)} and positives {tuple(positives.shape)} differ")
+    if not bool(positives.any(dim=1).all()):
+        missing = torch.nonzero(~positives.any(dim=1)).flatten()[:5].tolist()
+        raise ValueError(f"queries without a positive candidate (first: {missing})")
+    similarity = similarity.float()
+    best_positive = similarity.masked_fill(~positives, float("-inf")).max(dim=1, keepdim=True).values  # (Q, 1)
+    beaten_or_tied = (similarity >= best_positive) & ~positives
+    return 1 + beaten_or_tied.sum(dim=1)
+
+
+def rank_metrics(query_ranks: torch.Tensor) -> dict[str, float]:
+    """R@1/5/10 (percent), median rank (MdR) and mean rank (MnR) of 1-based ranks."""
+    values = query_ranks.detach().cpu().numpy().astype(np.float64)
+    metrics = {f"R@{k}": float(100.0 * np.mean(values <= k)) for k in RECALL_AT}
+    metrics["MdR"] = float(np.median(values))
+    metrics["MnR"] = float(np.mean(values))
+    return metrics
+
+
+def dual_softmax(similarity: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
+    """CLIP4Clip's dual-softmax: s * softmax over the queries (dim 0) of scale * s. (Q, C) -> (Q, C)."""
+    similarity = similarity.float()
+    return similarity * torch.softmax(similarity * scale, dim=0)
+
+
+def retrieval_metrics(
+    similarity: torch.Tensor,
+    text_to_video: torch.Tensor,
+    dual_softmax_scale: float | None = None,
+) -> dict[str, float]:
+    """Metrics of both directions from a (num_texts, num_videos) similarity matrix.
+
+    text_to_video: (num_texts,) index of each caption's video. Several captions per video give the
+    MSR-VTT full protocol; one caption per video the 1k-A protocol. Keys: "t2v/R@1", ..., "v2t/MnR";
+    with `dual_softmax_scale`, also "t2v_dsl/..." and "v2t_dsl/..." computed from the same matrix.
+    """
+    similarity = similarity.detach().float().cpu()
+    positives = positive_mask(text_to_video, similarity.shape[1])
+    if not bool(positives.any(dim=0).all()):
+        missing = torch.nonzero(~positives.any(dim=0)).flatten()[:5].tolist()
+        raise ValueError(f"videos without any caption (first: {missing})")
+    directions = {"t2v": (similarity, positives), "v2t": (similarity.t(), positives.t())}
+    metrics: dict[str, float] = {}
+    for name, (scores, mask) in directions.items():
+        for key, value in rank_metrics(ranks(scores, mask)).items():
+            metrics[f"{name}/{key}"] = value
+        if dual_softmax_scale is not None:
+            for key, value in rank_metrics(ranks(dual_softmax(scores, dual_softmax_scale), mask)).items():
+                metrics[f"{name}_dsl/{key}"] = value
+    return metrics
+
+
+def rerank_top_k(
+    similarity: torch.Tensor,
+    k: int,
+    pair_scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Re-score the top-k candidates of every query; all other entries keep their value.
+
+    similarity: (Q, C). pair_scores(query_index (n,), candidate_index (n,)) -> (n,) new scores for
+    those pairs (higher = better). In each row the re-scored top-k are shifted to lie strictly
+    above the row's untouched entries, so re-ranking only reorders the top-k among themselves.
+    Returns a new (Q, C) float matrix.
+    """
+    num_queries, num_candidates = similarity.shape
+    k = min(k, num_candidates)
+    reranked = similarity.detach().float().cpu().clone()
+    if k <= 0 or num_queries == 0:
+        return reranked
+    top = reranked.topk(k, dim=1).indices  # (Q, k)
+    queries = torch.arange(num_queries).unsqueeze(1).expand(-1, k)
+    new_scores = pair_scores(queries.reshape(-1), top.reshape(-1)).detach().float().cpu().view(num_queries, k)
+    rest = reranked.clone()
+    rest.scatter_(1, top, float("-inf"))
+    rest_max = rest.max(dim=1, keepdim=True).values  # (Q, 1), -inf when k == C
+    rest_max = torch.where(torch.isinf(rest_max), torch.zeros_like(rest_max), rest_max)
+    shift = rest_max - new_scores.min(dim=1, keepdim=True).values + 1.0
+    reranked.scatter_(1, top, new_scores + shift)
+    return reranked

@@ -1,0 +1,135 @@
+"""Retrieval metrics against hand-computed similarity matrices (ties, several captions per video)."""
+
+import numpy as np
+import pytest
+import torch
+
+from stoa_vlp.metrics.retrieval import (
+    dual_softmax,
+    positive_mask,
+    rank_metrics,
+    ranks,
+    rerank_top_k,
+    retrieval_metrics,
+)
+
+
+def test_one_caption_per_video_hand_computed():
+    # 3 captions x 3 videos, caption i belongs to video i (1k-A protocol)
+    sim = torch.tensor(
+        [
+            [0.9, 0.1, 0.2],  # caption 0: video 0 first -> rank 1
+            [0.8, 0.5, 0.7],  # caption 1: video 1 below 0.8 and 0.7 -> rank 3
+            [0.3, 0.6, 0.4],  # caption 2: video 2 below 0.6 -> rank 2
+        ]
+    )
+    t2v = torch.tensor([0, 1, 2])
+    assert ranks(sim, positive_mask(t2v, 3)).tolist() == [1, 3, 2]
+    # columns: video 0 scores (0.9, 0.8, 0.3) -> caption 0 first; video 1 (0.1, 0.5, 0.6) -> caption 1
+    # below 0.6 -> rank 2; video 2 (0.2, 0.7, 0.4) -> caption 2 below 0.7 -> rank 2
+    metrics = retrieval_metrics(sim, t2v)
+    assert metrics["t2v/R@1"] == pytest.approx(100 / 3)
+    assert metrics["t2v/R@5"] == 100.0
+    assert metrics["t2v/MdR"] == 2.0
+    assert metrics["t2v/MnR"] == pytest.approx(2.0)
+    assert metrics["v2t/R@1"] == pytest.approx(100 / 3)
+    assert metrics["v2t/MdR"] == 2.0
+    assert metrics["v2t/MnR"] == pytest.approx(5 / 3)
+
+
+def test_ties_count_against_the_model():
+    sim = torch.tensor([[0.5, 0.5, 0.5], [0.2, 0.7, 0.7], [0.0, 0.0, 0.0]])
+    # caption 0 ties both negatives -> rank 3; caption 1 ties one -> 2; all-equal row -> worst rank 3
+    assert ranks(sim, positive_mask(torch.tensor([0, 1, 2]), 3)).tolist() == [3, 2, 3]
+    constant = torch.ones(4, 4)
+    metrics = retrieval_metrics(constant, torch.arange(4))
+    assert metrics["t2v/R@1"] == 0.0 and metrics["v2t/MnR"] == 4.0
+
+
+def test_several_captions_per_video_full_protocol():
+    # 5 captions, 2 videos: captions 0,1,2 -> video 0; captions 3,4 -> video 1
+    t2v = torch.tensor([0, 0, 0, 1, 1])
+    sim = torch.tensor(
+        [
+            [0.9, 0.1],  # rank 1
+            [0.2, 0.3],  # rank 2
+            [0.4, 0.4],  # tie -> rank 2
+            [0.1, 0.8],  # rank 1
+            [0.6, 0.5],  # rank 2
+        ]
+    )
+    assert ranks(sim, positive_mask(t2v, 2)).tolist() == [1, 2, 2, 1, 2]
+    # v2t: video 0 scores captions (0.9, 0.2, 0.4, 0.1, 0.6): best own caption 0.9 -> rank 1, and its
+    # other captions never count against it. Video 1 scores (0.1, 0.3, 0.4, 0.8, 0.5): best own 0.8,
+    # no caption of video 0 reaches it -> rank 1. Lower video 1's caption 3 to 0.35: best own is
+    # caption 4 (0.5); caption 2 (0.4) is below, so still rank 1; raise caption 2 to 0.5 -> tie -> 2.
+    assert ranks(sim.t(), positive_mask(t2v, 2).t()).tolist() == [1, 1]
+    sim[3, 1] = 0.35
+    sim[2, 1] = 0.5
+    assert ranks(sim.t(), positive_mask(t2v, 2).t()).tolist() == [1, 2]
+    metrics = retrieval_metrics(sim, t2v)
+    assert metrics["v2t/R@1"] == 50.0 and metrics["v2t/MdR"] == 1.5
+
+
+def test_matches_brute_force_on_random_matrix():
+    generator = torch.Generator().manual_seed(0)
+    sim = torch.randint(0, 6, (40, 12), generator=generator).float()  # many ties
+    t2v = torch.cat([torch.arange(12), torch.randint(0, 12, (28,), generator=generator)])
+    got_t2v = ranks(sim, positive_mask(t2v, 12)).tolist()
+    got_v2t = ranks(sim.t(), positive_mask(t2v, 12).t()).tolist()
+    for q in range(40):
+        true = sim[q, t2v[q]].item()
+        assert got_t2v[q] == 1 + sum(sim[q, c].item() >= true for c in range(12) if c != t2v[q])
+    for v in range(12):
+        own = [q for q in range(40) if t2v[q] == v]
+        best = max(sim[q, v].item() for q in own)
+        assert got_v2t[v] == 1 + sum(sim[q, v].item() >= best for q in range(40) if q not in own)
+
+
+def test_rank_metrics_recalls_and_median():
+    metrics = rank_metrics(torch.tensor([1, 2, 5, 6, 10, 11]))
+    assert metrics == {"R@1": pytest.approx(100 / 6), "R@5": 50.0, "R@10": pytest.approx(500 / 6),
+                       "MdR": 5.5, "MnR": pytest.approx(35 / 6)}
+
+
+def test_dual_softmax_is_reported_next_to_plain_numbers():
+    # video 0 is a "hub": caption 1 prefers it; per video, dual softmax favours the closest caption
+    values = np.array([[0.9, 0.5], [0.8, 0.7]])
+    sim = torch.tensor(values, dtype=torch.float32)
+    metrics = retrieval_metrics(sim, torch.tensor([0, 1]), dual_softmax_scale=100.0)
+    prior = np.exp(100 * values)
+    expected = values * prior / prior.sum(axis=0, keepdims=True)
+    np.testing.assert_allclose(dual_softmax(sim, 100.0).numpy(), expected, rtol=1e-4)
+    assert metrics["t2v/R@1"] == 50.0  # plain: caption 1 ranks video 1 second
+    assert metrics["t2v_dsl/R@1"] == 100.0  # re-ranked: video 0's prior goes to caption 0
+    assert set(k.split("/")[0] for k in metrics) == {"t2v", "v2t", "t2v_dsl", "v2t_dsl"}
+
+
+def test_rerank_touches_only_top_k():
+    generator = torch.Generator().manual_seed(1)
+    sim = torch.rand(6, 10, generator=generator)
+    calls = []
+
+    def reverse_scores(queries, candidates):
+        calls.append((queries.clone(), candidates.clone()))
+        return -sim[queries, candidates]  # reverse the order of the top-k
+
+    reranked = rerank_top_k(sim, 3, reverse_scores)
+    top = sim.topk(3, dim=1).indices
+    queried = torch.zeros_like(sim, dtype=torch.bool)
+    queried[calls[0][0], calls[0][1]] = True
+    expected_top = torch.zeros_like(queried)
+    expected_top.scatter_(1, top, True)
+    assert torch.equal(queried, expected_top)  # only top-k pairs were scored
+    assert torch.equal(reranked[~expected_top], sim[~expected_top])  # the rest keep their values
+    for row in range(6):
+        new_order = reranked[row].argsort(descending=True)[:3].tolist()
+        assert new_order == top[row].flip(0).tolist()  # reversed within the top-k
+        assert reranked[row, top[row]].min() > sim[row][~expected_top[row]].max()
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="outside"):
+        positive_mask(torch.tensor([0, 3]), 3)
+    with pytest.raises(ValueError, match="videos without any caption"):
+        retrieval_metrics(torch.zeros(2, 3), torch.tensor([0, 1]))
