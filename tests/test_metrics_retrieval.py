@@ -128,6 +128,16 @@ def test_rerank_touches_only_top_k():
         assert reranked[row, top[row]].min() > sim[row][~expected_top[row]].max()
 
 
+def test_rerank_with_contrastive_prior_matches_reference_fusion():
+    sim = torch.tensor([[0.30, 0.20, 0.10, 0.00]])
+    match = torch.tensor([[0.2, 0.9, 0.5, 1.0]])
+    reranked = rerank_top_k(sim, 3, lambda q, c: match[q, c], prior_scale=10.0)
+    fused = torch.softmax(10.0 * sim[0, :3], dim=0) * match[0, :3]
+    assert reranked[0, :3].argsort(descending=True).tolist() == fused.argsort(descending=True).tolist()
+    torch.testing.assert_close(reranked[0, :3] - reranked[0, :3].min(), fused - fused.min())
+    assert reranked[0, 3] == 0.0 and reranked[0, :3].min() > 0.0
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="outside"):
         positive_mask(torch.tensor([0, 3]), 3)

@@ -99,13 +99,16 @@ def rerank_top_k(
     similarity: torch.Tensor,
     k: int,
     pair_scores: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    prior_scale: float | None = None,
 ) -> torch.Tensor:
     """Re-score the top-k candidates of every query; all other entries keep their value.
 
     similarity: (Q, C). pair_scores(query_index (n,), candidate_index (n,)) -> (n,) new scores for
-    those pairs (higher = better). In each row the re-scored top-k are shifted to lie strictly
-    above the row's untouched entries, so re-ranking only reorders the top-k among themselves.
-    Returns a new (Q, C) float matrix.
+    those pairs (higher = better), e.g. the matching head's probability. With `prior_scale`, the
+    new score is the reference code's fusion softmax_k(prior_scale * similarity) * pair score, the
+    softmax taken over the query's top-k. In each row the re-scored top-k are shifted to lie
+    strictly above the row's untouched entries, so re-ranking only reorders the top-k among
+    themselves. Returns a new (Q, C) float matrix.
     """
     num_queries, num_candidates = similarity.shape
     k = min(k, num_candidates)
@@ -115,6 +118,8 @@ def rerank_top_k(
     top = reranked.topk(k, dim=1).indices  # (Q, k)
     queries = torch.arange(num_queries).unsqueeze(1).expand(-1, k)
     new_scores = pair_scores(queries.reshape(-1), top.reshape(-1)).detach().float().cpu().view(num_queries, k)
+    if prior_scale is not None:
+        new_scores = new_scores * torch.softmax(prior_scale * reranked.gather(1, top), dim=1)
     rest = reranked.clone()
     rest.scatter_(1, top, float("-inf"))
     rest_max = rest.max(dim=1, keepdim=True).values  # (Q, 1), -inf when k == C

@@ -1,0 +1,1 @@
+"""Downstream tasks: retrieval, captioning, video QA, multiple-choice and video search."""

@@ -1,0 +1,145 @@
+"""Text-video retrieval: feature extraction, contrastive similarity, fusion re-ranking, metrics.
+
+Evaluation encodes every unique video and every caption once, scores all pairs by the cosine of
+the sentence feature and the mean frame feature (the VTC similarity), then optionally re-ranks
+each query's contrastive top-k with the fusion encoder's matching head (VTM), in both directions.
+Only the top-k pairs are fused; the other candidates keep their (lower) contrastive scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from stoa_vlp.batch import Batch
+from stoa_vlp.metrics.retrieval import rerank_top_k, retrieval_metrics
+
+Features = TypeVar("Features")
+
+MAX_LOGIT_SCALE = 100.0
+
+
+def concat_features(parts: list[Features]) -> Features:
+    """Concatenate VideoFeatures (or TextFeatures) along the batch dimension."""
+    first = parts[0]
+    values = {f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(first)}
+    return type(first)(**values)
+
+
+def encode_batch_videos(model, batch: Batch, rows: torch.Tensor | None = None):
+    """VideoFeatures of the batch's clips (or only `rows` of it)."""
+    fields = (batch.frames, batch.boxes, batch.box_labels, batch.box_mask, batch.traj_labels, batch.traj_mask)
+    if rows is not None:
+        fields = tuple(t[rows] for t in fields)
+    return model.encode_video(*fields)
+
+
+@torch.no_grad()
+def extract_features(model, loader: Iterable[Batch], device: torch.device | str):
+    """Encode each unique video once and every caption.
+
+    Returns (VideoFeatures of the unique videos in first-seen order, TextFeatures of all captions
+    in loader order, text_to_video (num_texts,) long index into the videos). Videos are told apart
+    by `Batch.video_ids`. Features stay on `device`.
+    """
+    was_training = model.training
+    model.eval()
+    video_parts, text_parts, text_to_video = [], [], []
+    video_position: dict[str, int] = {}
+    for batch in loader:
+        batch = batch.to(device)
+        new_rows = []
+        for row, video_id in enumerate(batch.video_ids):
+            if video_id not in video_position:
+                video_position[video_id] = len(video_position)
+                new_rows.append(row)
+            text_to_video.append(video_position[video_id])
+        if new_rows:
+            rows = torch.tensor(new_rows, device=batch.frames.device)
+            video_parts.append(encode_batch_videos(model, batch, rows))
+        text_parts.append(model.encode_text(batch.tokens, batch.text_mask))
+    model.train(was_training)
+    if not text_parts:
+        raise ValueError("the evaluation loader yielded no batches")
+    return concat_features(video_parts), concat_features(text_parts), torch.tensor(text_to_video, dtype=torch.long)
+
+
+def contrastive_similarity(videos, texts) -> torch.Tensor:
+    """(num_texts, num_videos) cosine similarity of sentence and mean frame features."""
+    return F.normalize(texts.sentence.float(), dim=-1) @ F.normalize(videos.video.float(), dim=-1).t()
+
+
+@torch.no_grad()
+def match_probability(
+    model, videos, texts, text_index: torch.Tensor, video_index: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """P(matched) from the fusion encoder's matching head for the pairs (text_index[i], video_index[i])."""
+    was_training = model.training
+    model.eval()
+    device = videos.video.device
+    probabilities = []
+    for start in range(0, len(text_index), batch_size):
+        t = text_index[start : start + batch_size].to(device)
+        v = video_index[start : start + batch_size].to(device)
+        fused = model.fuse(videos.index_select(v), texts.tokens[t], texts.mask[t], mode="bidirectional")
+        probabilities.append(torch.softmax(model.match_logits(fused).float(), dim=-1)[:, 1].cpu())
+    model.train(was_training)
+    return torch.cat(probabilities) if probabilities else torch.zeros(0)
+
+
+def logit_scale_value(model) -> float:
+    """exp(logit_scale), clamped at 100 like CLIP."""
+    return float(model.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE))
+
+
+def rerank_similarities(
+    model, videos, texts, similarity: torch.Tensor, k: int, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fusion re-ranking of the contrastive top-k in both directions.
+
+    Returns (t2v scores (num_texts, num_videos), v2t scores (num_videos, num_texts)); each query's
+    top-k get softmax_k(logit_scale * cosine) * P(matched) placed above its other candidates.
+    """
+    scale = logit_scale_value(model)
+
+    def text_queries(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return match_probability(model, videos, texts, t, v, batch_size)
+
+    def video_queries(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return match_probability(model, videos, texts, t, v, batch_size)
+
+    t2v = rerank_top_k(similarity, k, text_queries, prior_scale=scale)
+    v2t = rerank_top_k(similarity.t(), k, video_queries, prior_scale=scale)
+    return t2v, v2t
+
+
+def evaluate_retrieval(
+    model,
+    loader: Iterable[Batch],
+    device: torch.device | str,
+    rerank_k: int = 0,
+    dual_softmax_scale: float | None = None,
+    pair_batch_size: int = 256,
+) -> dict[str, float]:
+    """Retrieval metrics of `model` on the captions and videos of `loader`.
+
+    Keys "t2v/R@1" ... "v2t/MnR" come from the contrastive similarity; with `rerank_k` > 0,
+    "t2v_rerank/..." and "v2t_rerank/..." from the fusion re-ranking of each query's top-k; with
+    `dual_softmax_scale`, "t2v_dsl/..." and "v2t_dsl/..." from dual softmax on the contrastive
+    similarity. Also "num_texts" and "num_videos".
+    """
+    videos, texts, text_to_video = extract_features(model, loader, device)
+    similarity = contrastive_similarity(videos, texts).cpu()
+    metrics = retrieval_metrics(similarity, text_to_video, dual_softmax_scale)
+    if rerank_k > 0:
+        t2v, v2t = rerank_similarities(model, videos, texts, similarity, rerank_k, pair_batch_size)
+        reranked_t2v = retrieval_metrics(t2v, text_to_video)
+        reranked_v2t = retrieval_metrics(v2t.t(), text_to_video)
+        metrics.update({k.replace("t2v/", "t2v_rerank/"): v for k, v in reranked_t2v.items() if k.startswith("t2v/")})
+        metrics.update({k.replace("v2t/", "v2t_rerank/"): v for k, v in reranked_v2t.items() if k.startswith("v2t/")})
+    metrics["num_texts"] = float(len(text_to_video))
+    metrics["num_videos"] = float(videos.video.shape[0])
+    return metrics
