@@ -30,6 +30,7 @@ class ModelConfig:
     vision_width: int = 768
     vision_layers: int = 12
     vision_heads: int = 12
+    quick_gelu: bool = True  # QuickGELU MLPs as in OpenAI CLIP; false = GELU (open_clip's non-OpenAI weights)
     frames: int = 12  # T, frames per clip
     joint_blocks: int = 2  # last blocks of the ViT attend over all frames' tokens together
     temporal_embedding: bool = True  # learnable frame positions before joint blocks and in the action encoder

@@ -1,0 +1,158 @@
+"""Checkpoints: CLIP weights into the towers, and our own safetensors + JSON checkpoints.
+
+CLIP files (from a local path, never downloaded):
+- OpenAI CLIP `.pt` files are TorchScript archives; their `state_dict()` is read (the scalar entries
+  `input_resolution`, `context_length`, `vocab_size` are dropped), as open_clip's `load_openai_model` does.
+- open_clip checkpoints: a state dict, or a training checkpoint `{"state_dict": ...}` (a `module.`
+  prefix is removed), saved by `torch.save` or as `.safetensors`.
+CLIP's text keys (`token_embedding.*`, `transformer.*`, ...) map to `text.*`; `visual.*` and
+`logit_scale` keep their names. Loading is strict: every missing, unexpected or mis-shaped key is named
+in the error, except the new STOA modules, which are expected to be missing from CLIP weights.
+
+Our checkpoints are a directory with `model.safetensors` (weights) and `config.json` (`{"model": ...}`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from stoa_vlp.config import ConfigError, ModelConfig, from_dict
+from stoa_vlp.model.stoa import STOAVLP
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
+CLIP_TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+MAX_NAMED_KEYS = 40
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not match the model."""
+
+
+def _named(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_NAMED_KEYS])
+    return shown + (f", ... ({len(keys) - MAX_NAMED_KEYS} more)" if len(keys) > MAX_NAMED_KEYS else "")
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def read_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of an OpenAI CLIP TorchScript file or an open_clip checkpoint, with CLIP's key names."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        elif _is_torchscript(path):
+            state = dict(torch.jit.load(path, map_location="cpu").state_dict())
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # the readers raise many error types for a damaged or foreign file
+        raise CheckpointError(f"{path}: cannot read it as a CLIP checkpoint ({type(error).__name__}: {error})") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    if state and all(key.startswith("module.") for key in state):
+        state = {key[len("module.") :]: value for key, value in state.items()}
+    return {key: value for key, value in state.items() if key not in OPENAI_SCALARS}
+
+
+def clip_to_model_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIP key names -> STOAVLP key names (text tower keys gain the `text.` prefix)."""
+    return {(f"text.{key}" if key.startswith(CLIP_TEXT_KEYS) else key): value for key, value in state.items()}
+
+
+def load_state_checked(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, expected_missing: set[str] = frozenset()
+) -> None:
+    """Load `state` into `model`; any unexpected, mis-shaped or (not expected) missing key is an error."""
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - set(expected_missing))
+    mismatched = sorted(
+        f"{key} (checkpoint {tuple(state[key].shape)}, model {tuple(own[key].shape)})"
+        for key in set(state) & set(own)
+        if state[key].shape != own[key].shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_named(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_named(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_named(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False)
+
+
+def load_clip_weights(model: STOAVLP, path: str | Path) -> list[str]:
+    """Load CLIP weights into the towers, then re-initialise the fusion encoder from the text tower.
+
+    Returns the model keys left at their initialisation (the new STOA modules).
+    """
+    state = clip_to_model_keys(read_clip_state_dict(path))
+    new_keys = {key for key in model.state_dict() if not model.is_tower_parameter(key)}
+    load_state_checked(model, state, f"CLIP checkpoint {path}", expected_missing=new_keys)
+    model.fusion.initialise_from_text(model.text)
+    return sorted(new_keys)
+
+
+def build_model(config: ModelConfig) -> STOAVLP:
+    """A randomly initialised model, with the CLIP towers loaded from `config.init_checkpoint` when set."""
+    model = STOAVLP(config)
+    if config.init_checkpoint:
+        load_clip_weights(model, config.init_checkpoint)
+    return model
+
+
+def save_pretrained(model: STOAVLP, directory: str | Path) -> None:
+    """Write `model.safetensors` and `config.json` into `directory` (created if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    save_file(state, directory / WEIGHTS_FILE)
+    with open(directory / CONFIG_FILE, "w") as handle:
+        json.dump({"model": dataclasses.asdict(model.config)}, handle, indent=2)
+
+
+def load_pretrained(directory: str | Path) -> STOAVLP:
+    """The model saved by `save_pretrained` in `directory` (in train mode, as built)."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for needed in (config_path, weights_path):
+        if not needed.is_file():
+            raise CheckpointError(f"{needed}: missing (a checkpoint directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        with open(config_path) as handle:
+            values = json.load(handle)
+        config = from_dict({"model": values["model"]}).model
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as error:
+        raise CheckpointError(f"{config_path}: not a valid model config ({error})") from error
+    model = STOAVLP(config)
+    load_model_weights(model, weights_path)
+    return model
+
+
+def load_model_weights(model: STOAVLP, path: str | Path) -> None:
+    """Strictly load a full STOAVLP safetensors file into `model`."""
+    try:
+        state = load_file(path)
+    except Exception as error:  # safetensors raises its own error types for a damaged file
+        raise CheckpointError(f"{path}: cannot read safetensors weights ({error})") from error
+    load_state_checked(model, state, f"checkpoint {path}")

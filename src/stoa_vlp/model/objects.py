@@ -1,0 +1,109 @@
+"""Object tokens (RoIAlign on a ViT patch map) and the Object Trajectory Encoder.
+
+Object token o_{t,k} = maxpool(MLP(RoIAlign(patch map_t, box))) + MLP(box / image_size)
+                       + E_frame[t] + E_slot[k] + E_label[class]          (width W of the ViT)
+Trajectories: for each of the N categories of a clip, the tokens of that category's boxes (across all
+frames) are gathered into one short sequence behind a learnable [CLS]; a transformer runs over all
+B * N sequences at once, and the [CLS] output (ln, proj) is the trajectory feature.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+from stoa_vlp.config import ModelConfig
+from stoa_vlp.model.transformer import Transformer, key_padding_mask
+
+ROI_OUTPUT_SIZE = 2  # RoIAlign output cells per side; the region MLP's outputs are max-pooled over them
+
+
+def mlp(in_width: int, width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_width, width), nn.GELU(), nn.Linear(width, width))
+
+
+class ObjectTokens(nn.Module):
+    """Boxes of every frame -> (B, T, K, W) object tokens; padded boxes give zero tokens."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        width = config.vision_width
+        self.image_size = config.image_size
+        self.spatial_scale = (config.image_size // config.patch_size) / config.image_size
+        self.region_mlp = mlp(width, width)
+        self.box_mlp = mlp(4, width)
+        self.frame_embedding = nn.Parameter(0.02 * torch.randn(config.frames, width))
+        self.slot_embedding = nn.Parameter(0.02 * torch.randn(config.boxes_per_frame, width))
+        self.label_embedding = nn.Embedding(config.num_object_classes, width, padding_idx=0)
+        nn.init.normal_(self.label_embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.label_embedding.weight[0].zero_()
+
+    def forward(
+        self, patch_map: torch.Tensor, boxes: torch.Tensor, box_labels: torch.Tensor, box_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """patch_map (B*T, W, g, g); boxes (B, T, K, 4) pixels; labels, mask (B, T, K) -> (B, T, K, W)."""
+        batch, frames, slots = box_mask.shape
+        if slots != self.slot_embedding.shape[0]:
+            raise ValueError(f"object tokens built for {self.slot_embedding.shape[0]} boxes per frame, got {slots}")
+        # padded boxes become empty boxes at the origin, so their content cannot reach any output
+        safe_boxes = torch.where(box_mask[..., None], boxes, torch.zeros_like(boxes)).to(patch_map.dtype)
+        frame_index = torch.arange(batch * frames, device=boxes.device, dtype=patch_map.dtype)
+        rois = torch.cat(
+            [frame_index.repeat_interleave(slots)[:, None], safe_boxes.reshape(-1, 4)], dim=1
+        )  # (B*T*K, 5): frame row in patch_map, x0, y0, x1, y1
+        regions = roi_align(
+            patch_map, rois, ROI_OUTPUT_SIZE, spatial_scale=self.spatial_scale, sampling_ratio=2, aligned=True
+        )  # (B*T*K, W, s, s)
+        regions = self.region_mlp(regions.flatten(2).transpose(1, 2)).amax(dim=1)  # (B*T*K, W)
+        tokens = regions.reshape(batch, frames, slots, -1)
+        tokens = tokens + self.box_mlp(safe_boxes / self.image_size)
+        tokens = tokens + self.frame_embedding[:, None, :] + self.slot_embedding[None, :, :]
+        tokens = tokens + self.label_embedding(box_labels * box_mask)
+        return torch.where(box_mask[..., None], tokens, torch.zeros_like(tokens))
+
+
+class TrajectoryEncoder(nn.Module):
+    """One sequence per category: [CLS; that category's object tokens], batched over B * N."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        width = config.vision_width
+        self.cls_embedding = nn.Parameter(width**-0.5 * torch.randn(width))
+        self.transformer = Transformer(
+            width, config.object_layers, config.vision_heads, config.quick_gelu, config.grad_checkpointing
+        )
+        self.ln = nn.LayerNorm(width)
+        self.proj = nn.Parameter(width**-0.5 * torch.randn(width, config.embed_dim))
+
+    def forward(
+        self,
+        object_tokens: torch.Tensor,
+        box_labels: torch.Tensor,
+        box_mask: torch.Tensor,
+        traj_labels: torch.Tensor,
+        traj_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """object_tokens (B, T, K, W); box labels/mask (B, T, K); traj labels/mask (B, N) -> (B, N, E)."""
+        batch, categories = traj_labels.shape
+        width = object_tokens.shape[-1]
+        flat_tokens = object_tokens.flatten(1, 2)  # (B, T*K, W)
+        members = (
+            box_mask.flatten(1)[:, None, :]
+            & (box_labels.flatten(1)[:, None, :] == traj_labels[:, :, None])
+            & traj_mask[:, :, None]
+        )  # (B, N, T*K): box j belongs to category n
+        counts = members.sum(dim=-1)  # (B, N)
+        length = flat_tokens.shape[1] if torch.compiler.is_compiling() else int(counts.max())
+        # members first, in frame order: a stable sort of "not member"
+        order = torch.sort((~members).to(torch.uint8), dim=-1, stable=True).indices[..., :length]  # (B, N, S)
+        gathered = torch.gather(
+            flat_tokens[:, None].expand(-1, categories, -1, -1), 2, order[..., None].expand(-1, -1, -1, width)
+        )  # (B, N, S, W)
+        real = torch.arange(length, device=counts.device) < counts[..., None]  # (B, N, S)
+        cls = self.cls_embedding.to(gathered.dtype).expand(batch, categories, 1, width)
+        sequence = torch.cat([cls, gathered], dim=2).flatten(0, 1)  # (B*N, 1+S, W)
+        valid = torch.cat([torch.ones_like(real[..., :1]), real], dim=2).flatten(0, 1)  # (B*N, 1+S)
+        out = self.transformer(sequence, key_padding_mask(valid))
+        return (self.ln(out[:, 0]) @ self.proj).reshape(batch, categories, -1)

@@ -1,0 +1,207 @@
+"""STOA-VLP: CLIP towers + object trajectory encoder + action encoder + fusion encoder and heads.
+
+`encode_video` / `encode_text` run the towers and the new encoders, `fuse` runs the fusion encoder in
+bidirectional or prefix-LM mode, `match_logits` and `lm_logits` are the VTM and tied LM heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stoa_vlp.batch import Batch
+from stoa_vlp.config import ModelConfig
+from stoa_vlp.model.actions import ActionEncoder
+from stoa_vlp.model.fusion import FusionEncoder
+from stoa_vlp.model.objects import ObjectTokens, TrajectoryEncoder
+from stoa_vlp.model.towers import TextTower, VideoTower
+
+TOWER_PREFIXES = ("visual.", "text.", "logit_scale")
+NEW_TOWER_PARAMETERS = ("visual.temporal_embedding",)  # live in a tower but are not CLIP weights
+
+
+@dataclass
+class VideoFeatures:
+    frames: torch.Tensor  # (B, T, E) projected per-frame features
+    video: torch.Tensor  # (B, E) mean over frames of `frames`
+    trajectories: torch.Tensor  # (B, N, E); (B, 0, E) when objects are off
+    traj_mask: torch.Tensor  # (B, N) bool, True = real trajectory
+    actions: torch.Tensor  # (B, M, E); (B, 0, E) when actions are off
+
+    def index_select(self, index: torch.Tensor) -> "VideoFeatures":
+        return VideoFeatures(*(getattr(self, f.name).index_select(0, index) for f in fields(self)))
+
+    def detach(self) -> "VideoFeatures":
+        return VideoFeatures(*(getattr(self, f.name).detach() for f in fields(self)))
+
+
+@dataclass
+class TextFeatures:
+    tokens: torch.Tensor  # (B, L, E) projected per-token features of the causal text tower
+    sentence: torch.Tensor  # (B, E) the end-token feature
+    mask: torch.Tensor  # (B, L) bool
+
+
+@dataclass
+class FusionOutput:
+    hidden: torch.Tensor  # (B, S, E), S = T + 1 + N + M + L (+ extra slots)
+    video_sep: torch.Tensor  # (B, E) output at the video-SEP slot
+    text: torch.Tensor  # (B, L, E) outputs at the text positions
+    sentence: torch.Tensor  # (B, E) output at the text end-token position
+
+
+def end_positions(text_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool -> (B,) index of the last real token (the end token)."""
+    return (text_mask.sum(dim=1) - 1).clamp(min=0)
+
+
+def check_config(config: ModelConfig) -> None:
+    problems = []
+    if config.embed_dim != config.text_width:
+        problems.append(
+            f"model.embed_dim ({config.embed_dim}) must equal model.text_width ({config.text_width}): "
+            "the fusion encoder and the tied LM head work in the text tower's width"
+        )
+    if config.image_size % config.patch_size:
+        problems.append(f"model.image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+    if not 0 <= config.joint_blocks <= config.vision_layers:
+        problems.append(f"model.joint_blocks must be in 0..{config.vision_layers}, got {config.joint_blocks}")
+    for name in ("action_tap_layer", "object_tap_layer"):
+        if not 1 <= getattr(config, name) <= config.vision_layers:
+            problems.append(f"model.{name} must be in 1..{config.vision_layers}, got {getattr(config, name)}")
+    if config.text_len > config.context_length:
+        problems.append(f"model.text_len {config.text_len} exceeds model.context_length {config.context_length}")
+    if problems:
+        raise ValueError("invalid model config: " + "; ".join(problems))
+
+
+class STOAVLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        check_config(config)
+        self.config = config
+        width = config.text_width
+        self.visual = VideoTower(config)
+        self.text = TextTower(config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.object_tokens = ObjectTokens(config) if config.objects else None
+        self.trajectory_encoder = TrajectoryEncoder(config) if config.objects else None
+        self.action_encoder = ActionEncoder(config) if config.actions else None
+        self.fusion = FusionEncoder(config)
+        self.mask_embedding = nn.Parameter(0.02 * torch.randn(width))
+        self.head_dropout = nn.Dropout(config.head_dropout)
+        self.match_head = nn.Linear(2 * width, 2)
+        self.lm_transform = nn.Linear(width, width, bias=False)
+        self.lm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        with torch.no_grad():
+            self.lm_transform.weight.copy_(torch.eye(width))
+        self.fusion.initialise_from_text(self.text)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    def encode_video(
+        self,
+        frames: torch.Tensor,
+        boxes: torch.Tensor,
+        box_labels: torch.Tensor,
+        box_mask: torch.Tensor,
+        traj_labels: torch.Tensor,
+        traj_mask: torch.Tensor,
+    ) -> VideoFeatures:
+        """frames (B, T, 3, H, W); boxes (B, T, K, 4); box labels/mask (B, T, K); traj labels/mask (B, N)."""
+        tower = self.visual(frames)
+        batch = frames.shape[0]
+        empty = tower.frames.new_zeros(batch, 0, self.embed_dim)
+        object_tokens = None
+        if self.object_tokens is not None:
+            object_tokens = self.object_tokens(tower.object_tap, boxes, box_labels, box_mask)  # (B, T, K, W)
+            trajectories = self.trajectory_encoder(object_tokens, box_labels, box_mask, traj_labels, traj_mask)
+        else:
+            trajectories = empty
+            traj_mask = torch.zeros(batch, 0, dtype=torch.bool, device=frames.device)
+        if self.action_encoder is not None:
+            actions = self.action_encoder(tower.action_tap, object_tokens, box_mask if object_tokens is not None else None)
+        else:
+            actions = empty
+        return VideoFeatures(
+            frames=tower.frames,
+            video=tower.frames.mean(dim=1),
+            trajectories=trajectories,
+            traj_mask=traj_mask,
+            actions=actions,
+        )
+
+    def encode_text(self, tokens: torch.Tensor, text_mask: torch.Tensor) -> TextFeatures:
+        """tokens (B, L) CLIP BPE ids with start/end tokens; text_mask (B, L) bool."""
+        features = self.text(tokens)  # (B, L, E)
+        sentence = features[torch.arange(features.shape[0], device=features.device), end_positions(text_mask)]
+        return TextFeatures(tokens=features, sentence=sentence, mask=text_mask)
+
+    def fuse(
+        self,
+        video: VideoFeatures,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor,
+        mode: str,
+        extra_slots: torch.Tensor | None = None,
+    ) -> FusionOutput:
+        batch, frames = video.frames.shape[:2]
+        parts = [video.frames, video.video[:, None, :], video.trajectories, video.actions]
+        visual_length = sum(part.shape[1] for part in parts)
+        parts.append(text_tokens)
+        ones = torch.ones(batch, 1, dtype=torch.bool, device=text_mask.device)
+        valid = [ones.expand(-1, frames + 1), video.traj_mask, ones.expand(-1, video.actions.shape[1]), text_mask]
+        if extra_slots is not None:
+            parts.append(extra_slots)
+            valid.append(ones.expand(-1, extra_slots.shape[1]))
+        dtype = torch.result_type(video.frames, text_tokens)
+        sequence = torch.cat([part.to(dtype) for part in parts], dim=1)  # (B, S, E)
+        hidden = self.fusion(sequence, torch.cat(valid, dim=1), visual_length, mode)
+        text = hidden[:, visual_length : visual_length + text_tokens.shape[1]]
+        sentence = text[torch.arange(batch, device=text.device), end_positions(text_mask)]
+        return FusionOutput(hidden=hidden, video_sep=hidden[:, frames], text=text, sentence=sentence)
+
+    def match_logits(self, fused: FusionOutput) -> torch.Tensor:
+        """(B, 2): [not matched, matched]."""
+        return self.match_head(self.head_dropout(torch.cat([fused.video_sep, fused.sentence], dim=-1)))
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., E) -> (..., V): dropout(h) @ W @ token_embedding^T + b."""
+        transformed = self.lm_transform(self.head_dropout(hidden))
+        return F.linear(transformed, self.text.token_embedding.weight.to(transformed.dtype), self.lm_bias)
+
+    def forward(self, batch: Batch) -> tuple[VideoFeatures, TextFeatures]:
+        video = self.encode_video(
+            batch.frames, batch.boxes, batch.box_labels, batch.box_mask, batch.traj_labels, batch.traj_mask
+        )
+        return video, self.encode_text(batch.tokens, batch.text_mask)
+
+    def is_tower_parameter(self, name: str) -> bool:
+        return name.startswith(TOWER_PREFIXES) and name not in NEW_TOWER_PARAMETERS
+
+    def param_groups(self, lr: float, tower_lr_scale: float, weight_decay: float) -> list[dict]:
+        """Four groups: (tower | new) x (decay | no decay); no decay on 1-D params, embeddings, logit_scale."""
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            no_decay = parameter.ndim < 2 or "embedding" in name or name == "logit_scale"
+            groups.setdefault((self.is_tower_parameter(name), no_decay), []).append(parameter)
+        result = []
+        for (tower, no_decay), parameters in sorted(groups.items()):
+            result.append(
+                {
+                    "name": f"{'tower' if tower else 'new'}_{'no_decay' if no_decay else 'decay'}",
+                    "params": parameters,
+                    "lr": lr * tower_lr_scale if tower else lr,
+                    "weight_decay": 0.0 if no_decay else weight_decay,
+                }
+            )
+        return result
+

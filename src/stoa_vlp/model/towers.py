@@ -1,0 +1,111 @@
+"""CLIP towers: the video tower (ViT with joint space-time blocks and taps) and the causal text tower.
+
+Attribute names follow open_clip's `VisionTransformer` and `CLIP` text part, so that CLIP checkpoints
+load by name (see `checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stoa_vlp.config import ModelConfig
+from stoa_vlp.model.transformer import Transformer
+
+
+@dataclass
+class VideoTowerOutput:
+    frames: torch.Tensor  # (B, T, E) ln_post(CLS) @ proj per frame
+    action_tap: torch.Tensor  # (B, T, 1 + P, W) output of block `action_tap_layer`, detached
+    object_tap: torch.Tensor  # (B * T, W, grid, grid) patch map of block `object_tap_layer`
+
+
+class VideoTower(nn.Module):
+    """CLIP ViT over T frames: the first blocks run per frame, the last `joint_blocks` over all frames' tokens.
+
+    With `temporal_embedding` a learnable (T, W) frame position is added to every token before the
+    first joint block (only when there are joint blocks: per-frame blocks cannot use it).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        width, self.frames_per_clip = config.vision_width, config.frames
+        self.grid = config.image_size // config.patch_size
+        self.first_joint = config.vision_layers - config.joint_blocks
+        self.action_tap_layer = config.action_tap_layer
+        self.object_tap_layer = config.object_tap_layer
+        scale = width**-0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(
+            width, config.vision_layers, config.vision_heads, config.quick_gelu, config.grad_checkpointing
+        )
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, config.embed_dim))
+        if config.temporal_embedding and config.joint_blocks > 0:
+            self.temporal_embedding = nn.Parameter(0.01 * torch.randn(config.frames, width))
+        else:
+            self.temporal_embedding = None
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, 1 + P, W) tokens after ln_pre."""
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # (N, P, W)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        return self.ln_pre(x)
+
+    def forward(self, frames: torch.Tensor) -> VideoTowerOutput:
+        batch, frames_per_clip = frames.shape[:2]
+        if frames_per_clip != self.frames_per_clip:
+            raise ValueError(f"video tower built for {self.frames_per_clip} frames, got {frames_per_clip}")
+        x = self.embed(frames.flatten(0, 1))  # (B*T, 1+P, W)
+        tokens, width = x.shape[1], x.shape[2]
+        action_tap = object_tap = None
+        for index in range(len(self.transformer.resblocks)):
+            if index >= self.first_joint:
+                if index == self.first_joint and self.temporal_embedding is not None:
+                    x = x + self.temporal_embedding.to(x.dtype).repeat(batch, 1)[:, None, :]
+                joint = self.transformer.run_block(index, x.reshape(batch, frames_per_clip * tokens, width))
+                x = joint.reshape(batch * frames_per_clip, tokens, width)
+            else:
+                x = self.transformer.run_block(index, x)
+            if index + 1 == self.action_tap_layer:
+                action_tap = x.detach().reshape(batch, frames_per_clip, tokens, width)
+            if index + 1 == self.object_tap_layer:
+                object_tap = x[:, 1:].transpose(1, 2).reshape(batch * frames_per_clip, width, self.grid, self.grid)
+        frame_features = self.ln_post(x[:, 0]) @ self.proj  # (B*T, E)
+        return VideoTowerOutput(
+            frames=frame_features.reshape(batch, frames_per_clip, -1),
+            action_tap=action_tap,
+            object_tap=object_tap,
+        )
+
+
+class TextTower(nn.Module):
+    """CLIP's causal text transformer: every token's ln_final(x) @ text_projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        width = config.text_width
+        self.token_embedding = nn.Embedding(config.vocab_size, width)
+        self.positional_embedding = nn.Parameter(0.01 * torch.randn(config.context_length, width))
+        self.transformer = Transformer(
+            width, config.text_layers, config.text_heads, config.quick_gelu, config.grad_checkpointing
+        )
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(width**-0.5 * torch.randn(width, config.embed_dim))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> (B, L, E) projected features; position i sees positions <= i only."""
+        length = tokens.shape[1]
+        if length > self.positional_embedding.shape[0]:
+            raise ValueError(f"text of {length} tokens exceeds the context length {self.positional_embedding.shape[0]}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:length]
+        causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
+        x = self.transformer(x, causal)
+        return self.ln_final(x) @ self.text_projection

@@ -1,0 +1,91 @@
+"""CLIP's pre-LN residual attention block, with attention through `scaled_dot_product_attention`.
+
+Parameter names equal open_clip's (`ln_1`, `attn.in_proj_weight`, `attn.in_proj_bias`, `attn.out_proj`,
+`ln_2`, `mlp.c_fc`, `mlp.c_proj`), so CLIP weights load into these blocks by name.
+Attention masks are boolean, True = may attend, broadcastable to (B, heads, queries, keys).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a packed input projection (nn.MultiheadAttention's layout)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, S, 3W)
+        qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)  # (B, H, S, W/H)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class ResidualBlock(nn.Module):
+    """x + attn(ln_1(x)); x + mlp(ln_2(x)), MLP 4x wide."""
+
+    def __init__(self, width: int, heads: int, quick_gelu: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                c_fc=nn.Linear(width, 4 * width),
+                gelu=QuickGELU() if quick_gelu else nn.GELU(),
+                c_proj=nn.Linear(4 * width, width),
+            )
+        )
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of residual blocks; `grad_checkpointing` recomputes each block in the backward pass."""
+
+    def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool, grad_checkpointing: bool = False):
+        super().__init__()
+        self.width = width
+        self.grad_checkpointing = grad_checkpointing
+        self.resblocks = nn.ModuleList(ResidualBlock(width, heads, quick_gelu) for _ in range(layers))
+
+    def run_block(self, index: int, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        block = self.resblocks[index]
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, attn_mask, use_reentrant=False)
+        return block(x, attn_mask)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for index in range(len(self.resblocks)):
+            x = self.run_block(index, x, attn_mask)
+        return x
+
+
+def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool of real keys -> (B, 1, 1, S) attention mask for `SelfAttention`."""
+    return valid[:, None, None, :]
