@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def read_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             state = load_file(path)
         elif _is_torchscript(path):
-            state = dict(torch.jit.load(path, map_location="cpu").state_dict())
+            with warnings.catch_warnings():  # OpenAI's format is TorchScript, which torch marks deprecated
+                warnings.simplefilter("ignore", FutureWarning)
+                state = dict(torch.jit.load(path, map_location="cpu").state_dict())
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # the readers raise many error types for a damaged or foreign file

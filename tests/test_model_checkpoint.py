@@ -1,0 +1,211 @@
+"""CLIP checkpoint loading (open_clip and OpenAI TorchScript formats), parity with open_clip's towers,
+tokenizer parity, and our own save/load round trip."""
+
+import open_clip
+import pytest
+import torch
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from torch import nn
+
+from stoa_vlp.config import load_config
+from stoa_vlp.model import CheckpointError, STOAVLP, build_model, load_clip_weights, load_pretrained, save_pretrained
+from stoa_vlp.model.checkpoint import CONFIG_FILE, load_model_weights
+from stoa_vlp.tokenizer import Tokenizer
+
+CAPTIONS = ["a man is riding a horse on the beach", "two dogs chase a red ball across the park"]
+
+
+class _Holder(nn.Module):
+    """An empty module; a tree of them carries a state dict into a TorchScript archive."""
+
+
+def write_openai_archive(state: dict[str, torch.Tensor], path) -> None:
+    """Write `state` as a TorchScript archive, the container format of OpenAI's CLIP `.pt` files."""
+    root = _Holder()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for name in parents:
+            if not hasattr(module, name):
+                module.add_module(name, _Holder())
+            module = getattr(module, name)
+        module.register_buffer(leaf, value.clone())
+    torch.jit.save(torch.jit.script(root), str(path))
+
+
+def tower_config(preset: str, quick_gelu: bool, extra: list[str] = ()):
+    """Towers without joint blocks or temporal embeddings: they must reproduce open_clip exactly."""
+    return load_config(
+        preset,
+        [
+            "model.joint_blocks=0",
+            "model.temporal_embedding=false",
+            f"model.quick_gelu={str(quick_gelu).lower()}",
+            "model.frames=1",
+            *extra,
+        ],
+    ).model
+
+
+def single_frame_video(model: STOAVLP, images: torch.Tensor):
+    batch = images.shape[0]
+    config = model.config
+    boxes = torch.tensor([0.0, 0.0, 16.0, 16.0]).expand(batch, 1, config.boxes_per_frame, 4)
+    labels = torch.ones(batch, 1, config.boxes_per_frame, dtype=torch.long)
+    traj_labels = torch.ones(batch, config.trajectories, dtype=torch.long)
+    return model.encode_video(
+        images[:, None], boxes, labels, labels.bool(), traj_labels, traj_labels.bool()
+    )
+
+
+def assert_tower_parity(model: STOAVLP, reference: CLIP, image_size: int) -> None:
+    torch.manual_seed(0)
+    images = torch.randn(1, 3, image_size, image_size)
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        expected_image = reference.encode_image(images)
+        video = single_frame_video(model, images)
+        torch.testing.assert_close(video.frames[:, 0], expected_image, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(video.video, expected_image, atol=1e-5, rtol=1e-5)
+
+        expected_text = reference.encode_text(open_clip.tokenize(CAPTIONS[:1]))
+        for length in (77, model.config.text_len):
+            tokens, mask = Tokenizer(length)(CAPTIONS[:1])
+            text = model.encode_text(tokens, mask)
+            torch.testing.assert_close(text.sentence, expected_text, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_open_clip_vit_b16_checkpoint_matches_open_clip(tmp_path):
+    reference = open_clip.create_model("ViT-B-16", pretrained=None)
+    path = tmp_path / "open_clip_vit_b16.pt"
+    # an open_clip training checkpoint: {"state_dict": ...} with DDP's "module." prefix
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
+    model = STOAVLP(tower_config("base", False, ["model.fusion_layers=1"]))
+    new_keys = load_clip_weights(model, path)
+    path.unlink()
+    assert "fusion.position_embedding" in new_keys and not any(k.startswith("text.") for k in new_keys)
+    assert_tower_parity(model, reference, 224)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_openai_torchscript_vit_b16_matches_open_clip(tmp_path):
+    reference = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None)
+    # OpenAI files hold fp16 weights plus three scalar entries
+    state = {k: v.half() if v.is_floating_point() else v for k, v in reference.state_dict().items()}
+    state.update(input_resolution=torch.tensor(224), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    path = tmp_path / "ViT-B-16.pt"
+    write_openai_archive(state, path)
+    reference.load_state_dict({k: v.float() for k, v in state.items() if k in reference.state_dict()})
+    config = tower_config("base", True, ["model.fusion_layers=1"])
+    config.init_checkpoint = str(path)
+    model = build_model(config)
+    path.unlink()
+    assert_tower_parity(model, reference, 224)
+    # the fusion encoder starts as the first text block of the loaded tower
+    torch.testing.assert_close(
+        model.fusion.transformer.resblocks[0].attn.in_proj_weight, model.text.transformer.resblocks[0].attn.in_proj_weight
+    )
+
+
+def tiny_open_clip(config) -> CLIP:
+    return CLIP(
+        config.embed_dim,
+        CLIPVisionCfg(layers=config.vision_layers, width=config.vision_width, head_width=config.vision_width // config.vision_heads, patch_size=config.patch_size, image_size=config.image_size),
+        CLIPTextCfg(layers=config.text_layers, width=config.text_width, heads=config.text_heads),
+        quick_gelu=config.quick_gelu,
+    )
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_tiny_towers_match_open_clip(tmp_path, quick_gelu):
+    config = tower_config("tiny", quick_gelu)
+    reference = tiny_open_clip(config)
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(reference.state_dict(), path)
+    model = STOAVLP(config)
+    load_clip_weights(model, path)
+    assert_tower_parity(model, reference, config.image_size)
+
+
+def test_clip_loading_names_missing_unexpected_and_mismatched_keys(tmp_path):
+    config = tower_config("tiny", True)
+    state = tiny_open_clip(config).state_dict()
+    del state["visual.ln_post.weight"]
+    state["visual.extra_head.weight"] = torch.zeros(3)
+    state["text_projection"] = torch.zeros(5, 5)
+    path = tmp_path / "broken.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as error:
+        load_clip_weights(STOAVLP(config), path)
+    message = str(error.value)
+    assert str(path) in message
+    assert "missing keys: visual.ln_post.weight" in message
+    assert "unexpected keys: visual.extra_head.weight" in message
+    assert "text.text_projection (checkpoint (5, 5), model (64, 64))" in message
+
+
+def test_unreadable_clip_file_is_named(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pt: cannot read it"):
+        load_clip_weights(STOAVLP(load_config("tiny").model), path)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_clip_weights(STOAVLP(load_config("tiny").model), tmp_path / "absent.pt")
+
+
+def test_tokenizer_matches_open_clip():
+    for length in (77, 32, 8):
+        tokens, mask = Tokenizer(length)(CAPTIONS)
+        torch.testing.assert_close(tokens, open_clip.tokenize(CAPTIONS, context_length=length).long())
+        assert torch.equal(mask.sum(dim=1) - 1, (tokens == Tokenizer(length).eot_id).int().argmax(dim=1))
+
+
+def random_inputs(config, batch=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    frames = torch.randn(batch, config.frames, 3, config.image_size, config.image_size, generator=generator)
+    corner = torch.rand(batch, config.frames, config.boxes_per_frame, 2, generator=generator) * config.image_size / 2
+    boxes = torch.cat([corner, corner + config.image_size / 4], dim=-1)
+    labels = torch.randint(1, 4, (batch, config.frames, config.boxes_per_frame), generator=generator)
+    traj_labels = torch.tensor([1, 2, 3, 0]).repeat(batch, 1)[:, : config.trajectories]
+    tokens, text_mask = Tokenizer(config.text_len)(CAPTIONS[:batch])
+    return (frames, boxes, labels, labels > 0, traj_labels, traj_labels > 0), tokens, text_mask
+
+
+def all_outputs(model, video_inputs, tokens, text_mask):
+    model.eval()
+    with torch.no_grad():
+        video = model.encode_video(*video_inputs)
+        text = model.encode_text(tokens, text_mask)
+        fused = model.fuse(video, text.tokens, text_mask, "bidirectional")
+        return [video.frames, video.trajectories, video.actions, text.tokens, fused.hidden, model.match_logits(fused)]
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    config = load_config("tiny").model
+    model = STOAVLP(config)
+    inputs = random_inputs(config)
+    save_pretrained(model, tmp_path / "ckpt")
+    loaded = load_pretrained(tmp_path / "ckpt")
+    assert loaded.config == config
+    for before, after in zip(all_outputs(model, *inputs), all_outputs(loaded, *inputs)):
+        assert torch.equal(before, after)
+
+
+def test_loading_a_checkpoint_of_another_shape_names_the_keys(tmp_path):
+    save_pretrained(STOAVLP(load_config("tiny", ["model.action_queries=3"]).model), tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=r"action_encoder.query_embedding \(checkpoint \(3, 64\), model \(2, 64\)\)"):
+        load_model_weights(STOAVLP(load_config("tiny").model), tmp_path / "ckpt" / "model.safetensors")
+    save_pretrained(STOAVLP(load_config("tiny", ["model.objects=false"]).model), tmp_path / "no_objects")
+    with pytest.raises(CheckpointError, match=r"missing keys: object_tokens\.") as error:
+        load_model_weights(STOAVLP(load_config("tiny").model), tmp_path / "no_objects" / "model.safetensors")
+    assert "trajectory_encoder.cls_embedding" in str(error.value)
+
+
+def test_bad_checkpoint_config_is_named(tmp_path):
+    save_pretrained(STOAVLP(load_config("tiny").model), tmp_path / "ckpt")
+    (tmp_path / "ckpt" / CONFIG_FILE).write_text('{"model": {"frames": "many"}}')
+    with pytest.raises(CheckpointError, match="config.json: not a valid model config.*frames"):
+        load_pretrained(tmp_path / "ckpt")
