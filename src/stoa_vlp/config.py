@@ -71,10 +71,11 @@ class LossConfig:
     plm: float = 1.0
     dota: float = 1.0
     stasp: float = 1.0
-    vtc_video_feature: str = "mean"  # "mean" of frame features or "sep" (fusion video-SEP input)
+    vtc_video_feature: str = "mean"  # "mean" of normalised frames (meanP) or "sep" (fusion video-SEP input)
     local_loss: bool = False  # open_clip's local_loss: each rank scores its own rows against all
     mlm_probability: float = 0.15
     match_similarity: str = "dot"  # "dot" or "cosine" cost for the Hungarian matching
+    fusion_stop_gradient: bool = False  # detach frame/text-token features fed to VTM, MLM, PLM (reference)
 
 
 @dataclass
@@ -117,6 +118,12 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 2
     nonfinite: str = "stop"  # stop or skip
+    min_lr_scale: float = 0.0  # cosine decays to lr * min_lr_scale
+    device: str = "auto"  # auto (the rank's GPU when there is one, else CPU), cpu or cuda
+    best_metric: str = "val/t2v_r1"  # validation metric (higher is better) that selects the best checkpoint
+    val_max_clips: int = 0  # validate on at most this many val clips (0 = all)
+    tensorboard: bool = True
+    progress: bool = True  # tqdm progress bar on rank 0
 
 
 @dataclass

@@ -1,0 +1,246 @@
+"""Checkpoints that survive a kill, and the run directory they live in.
+
+A checkpoint is a folder `RUN/checkpoints/step_00000300/`:
+  model.safetensors   the model's weights (tied tensors stored once, aliases in metadata)
+  config.json         {"model": model config}: with model.safetensors, a `stoa_vlp.model.load_pretrained`
+                      directory
+  training_state.pt   optimiser, LR scheduler and GradScaler states
+  rng_rank{r}.pt      python / numpy / torch (CPU and CUDA) RNG states of rank r
+  state.json          step, epoch, data position, worker seeds, metrics, config; written last
+It is written into `checkpoints/.tmp-step_00000300/` and renamed into place, so a kill leaves either
+the complete new folder or only a stale temporary one; loaders never look at temporary folders.
+`best.json` (replaced atomically) names the best-on-validation checkpoint; pruning keeps the last
+`keep_last` checkpoints and the best one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+CHECKPOINTS = "checkpoints"
+RUN_MARKER = "run.json"
+FINISHED_MARKER = "finished.json"
+_TEMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or run directory is missing, incomplete or does not match."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def write_json_atomic(path: Path, values: Any) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as handle:
+        json.dump(values, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+# ---- model weights -----------------------------------------------------------------------------
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors refuses tensors that share memory (tied weights): store each once, note aliases."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name_of: dict[tuple, str] = {}
+    seen_storages: set[int] = set()
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() > 0 and key in first_name_of:
+            aliases[name] = first_name_of[key]
+            continue
+        first_name_of[key] = name
+        storage = tensor.untyped_storage().data_ptr()
+        shared = tensor.numel() > 0 and storage in seen_storages
+        seen_storages.add(storage)
+        tensors[name] = tensor.clone().contiguous() if shared else tensor.contiguous()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as handle:
+        state = {name: handle.get_tensor(name) for name in handle.keys()}
+        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+    for name, source in aliases.items():
+        state[name] = state[source]
+    return state
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load that names the missing and unexpected keys."""
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{source} does not match the model: missing keys {result.missing_keys[:10]}"
+            f"{' ...' if len(result.missing_keys) > 10 else ''}, unexpected keys {result.unexpected_keys[:10]}"
+            f"{' ...' if len(result.unexpected_keys) > 10 else ''}"
+        )
+
+
+# ---- RNG ---------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- checkpoint folders ------------------------------------------------------------------------
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / "state.json").is_file() and not folder.name.startswith(_TEMP_PREFIX)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    record = Path(run_dir) / CHECKPOINTS / "best.json"
+    if not record.is_file():
+        return None
+    folder = record.parent / json.loads(record.read_text())["name"]
+    return folder if is_complete(folder) else None
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path:
+    """`latest` -> the run's newest complete checkpoint; a run folder -> its newest; else the folder."""
+    target = Path(run_dir) if resume == "latest" else Path(resume)
+    if is_complete(target):
+        return target
+    checkpoints = list_checkpoints(target)
+    if not checkpoints:
+        raise CheckpointError(f"--resume {resume}: no complete checkpoint in {target / CHECKPOINTS}")
+    return checkpoints[-1]
+
+
+def write_checkpoint_files(
+    temporary: Path,
+    rank: int,
+    weights: dict[str, torch.Tensor] | None,
+    training_state: dict[str, Any] | None,
+    model_config: dict[str, Any] | None,
+) -> None:
+    """This rank's share of a checkpoint: its RNG state; rank 0 also the weights and optimiser.
+    state.json, which marks the folder complete, is written after every rank's share."""
+    torch.save(rng_state(), temporary / f"rng_rank{rank}.pt")
+    if weights is not None:
+        save_weights(weights, temporary / "model.safetensors")
+        write_json_atomic(temporary / "config.json", {"model": model_config})
+    if training_state is not None:
+        torch.save(training_state, temporary / "training_state.pt")
+
+
+def start_checkpoint(run_dir: Path, step: int) -> Path:
+    """Create an empty temporary folder for the checkpoint of `step` (rank 0)."""
+    temporary = Path(run_dir) / CHECKPOINTS / f"{_TEMP_PREFIX}{checkpoint_name(step)}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    return temporary
+
+
+def finish_checkpoint(run_dir: Path, temporary: Path, step: int, keep_last: int, is_best: bool) -> Path:
+    """Rename the temporary folder into place, update best.json, prune old checkpoints (rank 0)."""
+    final = temporary.parent / checkpoint_name(step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(temporary, final)
+    if is_best:
+        write_json_atomic(final.parent / "best.json", {"name": final.name, "step": step})
+    prune(run_dir, keep_last)
+    return final
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints and the best; drop stale temporaries."""
+    root = Path(run_dir) / CHECKPOINTS
+    for stale in root.glob(f"{_TEMP_PREFIX}*"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+    best = best_checkpoint(run_dir)
+    checkpoints = list_checkpoints(run_dir)
+    for folder in checkpoints[: max(0, len(checkpoints) - keep_last)]:
+        if folder != best:
+            shutil.rmtree(folder)
+
+
+def read_checkpoint(folder: Path, rank: int) -> dict[str, Any]:
+    """Everything a resume needs; `rng` is None when the checkpoint has no state for this rank."""
+    if not is_complete(folder):
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no state.json)")
+    rng_file = folder / f"rng_rank{rank}.pt"
+    return {
+        "state": json.loads((folder / "state.json").read_text()),
+        "weights": load_weights(folder / "model.safetensors"),
+        "training_state": torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False),
+        "rng": torch.load(rng_file, weights_only=False) if rng_file.is_file() else None,
+    }
+
+
+# ---- run directories ---------------------------------------------------------------------------
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to reuse a folder holding a finished run unless asked; `overwrite` deletes a previous
+    run (only a folder this tool wrote, recognised by its run.json)."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return
+    ours = (run_dir / RUN_MARKER).is_file()
+    finished = (run_dir / FINISHED_MARKER).is_file()
+    if overwrite:
+        if not ours and any(run_dir.iterdir()):
+            raise CheckpointError(
+                f"--overwrite: {run_dir} is not empty and holds no {RUN_MARKER}; refusing to delete a folder "
+                "that stoa-vlp did not write"
+            )
+        shutil.rmtree(run_dir)
+        return
+    if resume:
+        return
+    if finished:
+        raise CheckpointError(
+            f"{run_dir} holds a finished run; pass --overwrite to replace it, --resume latest to continue it, "
+            "or choose another --output"
+        )
+    if ours and list_checkpoints(run_dir):
+        raise CheckpointError(
+            f"{run_dir} holds an unfinished run with checkpoints; pass --resume latest to continue it "
+            "or --overwrite to start again"
+        )

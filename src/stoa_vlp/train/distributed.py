@@ -1,0 +1,127 @@
+"""Distributed setup: which rank this process is, its device, and the model wrapper.
+
+Nothing happens at import. `init_distributed` starts a process group only when the process was
+launched by `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment): NCCL on GPUs, gloo on
+CPU. Tests start their own group (gloo, file:// rendezvous) and call `DistEnv.current`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @staticmethod
+    def current(device_choice: str = "auto") -> "DistEnv":
+        """The environment of this process: the initialised process group if any, else one rank."""
+        if dist.is_available() and dist.is_initialized():
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+            local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        else:
+            rank, world_size, local_rank = 0, 1, 0
+        return DistEnv(rank, world_size, local_rank, choose_device(device_choice, local_rank))
+
+
+def choose_device(choice: str, local_rank: int) -> torch.device:
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {choice!r}")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    return torch.device("cuda", local_rank)
+
+
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def init_distributed(device_choice: str = "auto") -> DistEnv:
+    """Join the torchrun process group when launched by torchrun; otherwise a single rank."""
+    if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        device = choose_device(device_choice, local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        log.info("rank %d of %d joined (%s, %s)", dist.get_rank(), dist.get_world_size(), backend, device)
+    return DistEnv.current(device_choice)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(values: dict[str, float], env: DistEnv) -> dict[str, float]:
+    """Mean of each scalar over ranks (every rank must pass the same keys in the same order)."""
+    if not env.distributed or not values:
+        return dict(values)
+    stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=_comm_device(env))
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    return {name: value / env.world_size for name, value in zip(values, stacked.tolist())}
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True when `flag` is true on at least one rank (so that every rank takes the same branch)."""
+    if not env.distributed:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=_comm_device(env))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def gather_objects(value: object, env: DistEnv) -> list[object]:
+    """Every rank's `value`, in rank order (on every rank)."""
+    if not env.distributed:
+        return [value]
+    gathered: list[object] = [None] * env.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _comm_device(env: DistEnv) -> torch.device:
+    return env.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def wrap_model(module: nn.Module, strategy: str, env: DistEnv) -> nn.Module:
+    """DDP or FSDP around `module` (already on env.device); the module itself for one rank."""
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"train.distributed must be ddp or fsdp, got {strategy!r}")
+    if not env.distributed:
+        return module
+    if strategy == "ddp":
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    device_id = env.device if env.device.type == "cuda" else None
+    return FullyShardedDataParallel(module, device_id=device_id, use_orig_params=True)

@@ -1,0 +1,82 @@
+"""Training output: a tqdm bar with loss and clips/s, `metrics.jsonl`, TensorBoard events and a final
+summary table. Only rank 0 writes; other ranks get a logger that does nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    """Appends one JSON object per record to RUN/metrics.jsonl and mirrors scalars to TensorBoard
+    under RUN/tensorboard (tags `split/name`)."""
+
+    def __init__(self, run_dir: Path | None, tensorboard: bool):
+        self.path = Path(run_dir) / METRICS_FILE if run_dir is not None else None
+        self.writer = None
+        if run_dir is not None and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def log(self, split: str, step: int, values: dict[str, float]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"split": split, "step": step, **values}) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{split}/{name}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """The rank-0 progress bar over optimiser steps."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True) if enabled else None
+
+    def update(self, loss: float, clips_per_s: float, skipped: int) -> None:
+        if self.bar is None:
+            return
+        postfix = {"loss": f"{loss:.4f}", "clips/s": f"{clips_per_s:.1f}"}
+        if skipped:
+            postfix["skipped"] = skipped
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_table(header: list[str], rows: Iterable[list[object]]) -> str:
+    """A plain aligned text table (also valid Markdown)."""
+    cells = [header] + [[_format_cell(value) for value in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(value.ljust(width) for value, width in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return "\n".join(lines)
+
+
+def _format_cell(value: object) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)

@@ -1,0 +1,390 @@
+"""The training loop: `Trainer(config, module, dataset, collate, run_dir).fit(resume)`.
+
+`module.forward(batch)` returns a dict with a scalar "loss" (with gradient) and any number of
+detached scalars to log (the Pretrainer convention). A batch has `.to(device)`, `len()` and
+`video_ids`. One optimiser step consumes `train.grad_accum` micro-batches of `data.batch_size`
+clips on each rank; `train.steps` counts optimiser steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from stoa_vlp.config import Config, save_config
+from stoa_vlp.train import checkpointing as ckpt
+from stoa_vlp.train.data_position import ResumableSampler, SeededDataset, WorkerSeeder, loader_seed, worker_seed
+from stoa_vlp.train.distributed import DistEnv, all_reduce_mean, any_rank, barrier, gather_objects, wrap_model
+from stoa_vlp.train.logging import MetricsLogger, Progress, format_table
+from stoa_vlp.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+Evaluator = Callable[[nn.Module], dict[str, float]]  # trained module (unwrapped) -> validation metrics
+
+PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN or infinite and train.nonfinite is "stop"."""
+
+    def __init__(self, step: int, video_ids: list[str], values: dict[str, float]):
+        self.step, self.video_ids, self.values = step, video_ids, values
+        super().__init__(
+            f"non-finite loss at step {step} (losses {values}); batch video ids: {', '.join(video_ids)}. "
+            "Set train.nonfinite=skip to skip such batches."
+        )
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimiser steps done in total
+    history: list[dict[str, float]] = field(default_factory=list)  # this session's steps, rank-averaged
+    validations: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] | None = None
+    skipped_batches: int = 0
+    seconds: float = 0.0
+    clips_per_s: float = 0.0
+    last_checkpoint: Path | None = None
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: Config,
+        module: nn.Module,
+        train_dataset: Dataset,
+        collate: Callable[[list[Any]], Any],
+        run_dir: str | Path,
+        env: DistEnv | None = None,
+        evaluate: Evaluator | None = None,
+    ):
+        self.config, self.train = config, config.train
+        if self.train.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.nonfinite must be stop or skip, got {self.train.nonfinite!r}")
+        if self.train.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {sorted(PRECISIONS)}, got {self.train.precision!r}")
+        if self.train.grad_accum < 1:
+            raise ValueError("train.grad_accum must be at least 1")
+        self.env = env or DistEnv.current(self.train.device)
+        self.run_dir = Path(run_dir)
+        self.evaluate = evaluate
+        self.collate = collate
+        self.module = module.to(self.env.device)  # the unwrapped module: evaluation
+        self.weights_prefix = weights_prefix(module)  # the checkpoint holds module.model's weights if it has one
+        self.wrapped = wrap_model(self.module, self.train.distributed, self.env)
+        self.fsdp = self.env.distributed and self.train.distributed == "fsdp"
+        self.optimizer = build_optimizer(self.wrapped if self.fsdp else self.module, self.train, self.env.device)
+        self.scheduler = build_scheduler(self.optimizer, self.train)
+        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.train.precision == "amp_fp16")
+        self.forward = torch.compile(self.wrapped) if self.train.compile else self.wrapped
+        self.dataset = SeededDataset(train_dataset)
+        self.sampler = ResumableSampler(
+            len(train_dataset), config.data.batch_size, self.env.rank, self.env.world_size, self.train.seed
+        )
+        self.step = 0
+        self.skipped_batches = 0
+        self.best_value: float | None = None
+        self.validations: list[dict[str, float]] = []
+
+    # ---- data --------------------------------------------------------------------------------
+
+    def _loader(self) -> DataLoader:
+        workers = self.config.data.num_workers
+        epoch = self.sampler.epoch
+        return DataLoader(
+            self.dataset,
+            batch_size=self.config.data.batch_size,
+            sampler=self.sampler,
+            collate_fn=self.collate,
+            num_workers=workers,
+            worker_init_fn=WorkerSeeder(self.train.seed, self.env.rank, epoch) if workers else None,
+            generator=torch.Generator().manual_seed(loader_seed(self.train.seed, self.env.rank, epoch)),
+            pin_memory=self.env.device.type == "cuda",
+        )
+
+    def _micro_batches(self) -> Iterator[Any]:
+        """Batches forever, epoch after epoch; sampler.start_batch counts the batches handed out."""
+        while True:
+            for batch in self._loader():
+                self.sampler.start_batch += 1
+                yield batch
+            self.sampler.set_position(self.sampler.epoch + 1, 0)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def _state_dicts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(module weights, optimiser state) as full, CPU-side state dicts; collective under FSDP."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights, optimizer_state = get_state_dict(self.wrapped, self.optimizer, options=options)
+        else:
+            weights, optimizer_state = self.module.state_dict(), self.optimizer.state_dict()
+        start = len(self.weights_prefix)
+        return {name[start:]: value for name, value in weights.items()}, optimizer_state
+
+    def save_checkpoint(self, metrics: dict[str, float], is_best: bool) -> Path:
+        weights, optimizer_state = self._state_dicts()
+        temporary = ckpt.start_checkpoint(self.run_dir, self.step) if self.env.is_main else None
+        barrier(self.env)
+        temporary = temporary or self.run_dir / ckpt.CHECKPOINTS / f".tmp-{ckpt.checkpoint_name(self.step)}"
+        main = self.env.is_main
+        state = {
+            "format": 1,
+            "step": self.step,
+            "epoch": self.sampler.epoch,
+            "data_position": self.sampler.start_batch,
+            "world_size": self.env.world_size,
+            "skipped_batches": self.skipped_batches,
+            "best_value": self.best_value,
+            "worker_seeds": {
+                "seed": self.train.seed,
+                "epoch": self.sampler.epoch,
+                "per_rank_worker": [
+                    [worker_seed(self.train.seed, rank, self.sampler.epoch, w) for w in range(self.config.data.num_workers)]
+                    for rank in range(self.env.world_size)
+                ],
+            },
+            "metrics": metrics,
+            "config": self.config.to_dict(),
+        }
+        training_state = {
+            "optimizer": optimizer_state,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+        ckpt.write_checkpoint_files(
+            temporary,
+            self.env.rank,
+            weights if main else None,
+            training_state if main else None,
+            dataclasses.asdict(self.config.model),
+        )
+        barrier(self.env)  # every rank's RNG file is written before the folder is marked complete
+        final = self.run_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(self.step)
+        if main:
+            ckpt.write_json_atomic(temporary / "state.json", state)
+            final = ckpt.finish_checkpoint(self.run_dir, temporary, self.step, self.train.keep_last, is_best)
+        barrier(self.env)
+        return final
+
+    def load_checkpoint(self, folder: Path) -> None:
+        loaded = ckpt.read_checkpoint(folder, self.env.rank)
+        state = loaded["state"]
+        weights = {self.weights_prefix + name: value for name, value in loaded["weights"].items()}
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(
+                self.wrapped,
+                self.optimizer,
+                model_state_dict=weights,
+                optim_state_dict=loaded["training_state"]["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            ckpt.load_module_state(self.module, weights, str(folder))
+            self.optimizer.load_state_dict(loaded["training_state"]["optimizer"])
+        self.scheduler.load_state_dict(loaded["training_state"]["scheduler"])
+        self.scaler.load_state_dict(loaded["training_state"]["scaler"])
+        self.step = state["step"]
+        self.skipped_batches = state["skipped_batches"]
+        self.best_value = state["best_value"]
+        if state["world_size"] == self.env.world_size:
+            self.sampler.set_position(state["epoch"], state["data_position"])
+        else:
+            log.warning(
+                "%s was written by %d ranks, this run has %d: the data order restarts at epoch %d and "
+                "random states are not restored exactly",
+                folder, state["world_size"], self.env.world_size, state["epoch"] + 1,
+            )
+            self.sampler.set_position(state["epoch"] + 1, 0)
+        if loaded["rng"] is not None and state["world_size"] == self.env.world_size:
+            ckpt.set_rng_state(loaded["rng"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, *self._position())
+
+    def _position(self) -> tuple[int, int]:
+        return self.sampler.epoch, self.sampler.start_batch
+
+    # ---- one optimiser step ------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.train.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.env.device.type, dtype=dtype)
+
+    def _train_step(self, batches: Iterator[Any]) -> dict[str, float] | None:
+        """Forward/backward over grad_accum micro-batches, then clip and step. Returns the step's
+        rank-averaged metrics, or None when a non-finite loss made it skip."""
+        accum = self.train.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        clips = 0
+        for micro in range(accum):
+            batch = next(batches).to(self.env.device, non_blocking=True)
+            clips += len(batch)
+            last = micro == accum - 1
+            sync = contextlib.nullcontext() if last or not self.env.distributed else self.wrapped.no_sync()
+            with sync:
+                with self._autocast():
+                    outputs = self.forward(batch)
+                loss = outputs["loss"]
+                values = {name: float(value.detach()) for name, value in outputs.items()}
+                if any_rank(not math.isfinite(values["loss"]), self.env):
+                    return self._non_finite(batch, values)
+                self.scaler.scale(loss / accum).backward()
+            for name, value in values.items():
+                totals[name] = totals.get(name, 0.0) + value / accum
+        self.scaler.unscale_(self.optimizer)
+        if self.train.clip_grad > 0:
+            clip = self.wrapped.clip_grad_norm_ if self.fsdp else self._clip_local
+            totals["grad_norm"] = float(clip(self.train.clip_grad))
+        totals["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        totals["clips"] = float(clips)
+        return all_reduce_mean(totals, self.env)
+
+    def _clip_local(self, max_norm: float) -> torch.Tensor:
+        return nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+
+    def _non_finite(self, batch: Any, values: dict[str, float]) -> None:
+        bad_ids = gather_objects(list(batch.video_ids) if not math.isfinite(values["loss"]) else [], self.env)
+        video_ids = [video_id for ids in bad_ids for video_id in ids]
+        if self.train.nonfinite == "stop":
+            raise NonFiniteLossError(self.step + 1, video_ids, values)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_batches += 1
+        log.warning("skipped step %d: non-finite loss %s (video ids %s)", self.step + 1, values, video_ids)
+        return None
+
+    # ---- validation --------------------------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        """Run the evaluator on rank 0 (others wait); keeps training RNG streams untouched."""
+        metrics: dict[str, float] = {}
+        devices = [self.env.device.index or 0] if self.env.device.type == "cuda" else []
+        gather = contextlib.nullcontext()
+        if self.fsdp:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            gather = FullyShardedDataParallel.summon_full_params(self.wrapped, writeback=False)
+        with gather, torch.random.fork_rng(devices=devices):
+            if self.env.is_main and self.evaluate is not None:
+                self.module.eval()
+                with torch.no_grad(), self._autocast():
+                    metrics = {name: float(value) for name, value in self.evaluate(self.module).items()}
+                self.module.train()
+        return gather_objects(metrics, self.env)[0]
+
+    def _is_best(self, metrics: dict[str, float]) -> bool:
+        value = metrics.get(self.train.best_metric)
+        if value is None:
+            return False
+        if self.best_value is None or value > self.best_value:
+            self.best_value = value
+            return True
+        return False
+
+    # ---- the run -----------------------------------------------------------------------------
+
+    def fit(self, resume: str | Path | None = None) -> TrainResult:
+        if resume is not None:
+            self.load_checkpoint(ckpt.resolve_resume(str(resume), self.run_dir))
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.run_dir / "config.yaml")
+            ckpt.write_json_atomic(self.run_dir / ckpt.RUN_MARKER, {"world_size": self.env.world_size})
+        logger = MetricsLogger(self.run_dir if self.env.is_main else None, self.train.tensorboard)
+        progress = Progress(self.train.steps, self.step, self.env.is_main and self.train.progress)
+        result = TrainResult(step=self.step)
+        self.module.train()
+        batches = self._micro_batches()
+        started = time.perf_counter()
+        clips_done = 0.0
+        try:
+            while self.step < self.train.steps:
+                step_started = time.perf_counter()
+                metrics = self._train_step(batches)
+                if metrics is None:
+                    result.skipped_batches = self.skipped_batches
+                    continue
+                step_seconds = time.perf_counter() - step_started
+                clips = metrics.pop("clips") * self.env.world_size
+                clips_done += clips
+                metrics["clips_per_s"] = clips / max(step_seconds, 1e-9)
+                result.history.append({"step": self.step, **metrics})
+                progress.update(metrics["loss"], metrics["clips_per_s"], self.skipped_batches)
+                if self.step % self.train.log_every == 0 or self.step == self.train.steps:
+                    logger.log("train", self.step, {**metrics, "skipped_batches": self.skipped_batches})
+                self._after_step(logger, result, metrics)
+        finally:
+            progress.close()
+            logger.close()
+        result.step = self.step
+        result.skipped_batches = self.skipped_batches
+        result.seconds = time.perf_counter() - started
+        result.clips_per_s = clips_done / max(result.seconds, 1e-9)
+        result.validations = self.validations
+        if self.env.is_main:
+            ckpt.write_json_atomic(self.run_dir / ckpt.FINISHED_MARKER, {"step": self.step, "best": result.best})
+            log.info("\n%s", summary_table(result))
+        return result
+
+    def _after_step(self, logger: MetricsLogger, result: TrainResult, train_metrics: dict[str, float]) -> None:
+        final = self.step == self.train.steps
+        validate = self.evaluate is not None and (final or self.step % self.train.eval_every == 0)
+        save = final or self.step % self.train.save_every == 0
+        val_metrics: dict[str, float] = {}
+        if validate:
+            val_metrics = {f"val/{name}": value for name, value in self.validate().items()}
+            logger.log("val", self.step, val_metrics)
+            self.validations.append({"step": self.step, **val_metrics})
+        is_best = self._is_best(val_metrics)
+        if is_best:
+            result.best = {"step": self.step, **val_metrics}
+        if save:
+            result.last_checkpoint = self.save_checkpoint({**train_metrics, **val_metrics}, is_best)
+
+
+def weights_prefix(module: nn.Module) -> str:
+    """"model." when `module` wraps a `model` that holds all its parameters and buffers (the Pretrainer),
+    so that checkpoints hold the model's own state dict; else ""."""
+    inner = getattr(module, "model", None)
+    if not isinstance(inner, nn.Module):
+        return ""
+    outer_state, inner_state = module.state_dict(), inner.state_dict()
+    if len(outer_state) != len(inner_state) or any(f"model.{name}" not in outer_state for name in inner_state):
+        return ""
+    return "model."
+
+
+def summary_table(result: TrainResult) -> str:
+    rows: list[list[object]] = [["steps", result.step], ["seconds", round(result.seconds, 1)]]
+    rows.append(["clips/s", round(result.clips_per_s, 2)])
+    rows.append(["skipped batches", result.skipped_batches])
+    if result.history:
+        for name, value in result.history[-1].items():
+            if name != "step":
+                rows.append([f"final {name}", value])
+    if result.best:
+        for name, value in result.best.items():
+            rows.append([f"best {name}", value])
+    if result.last_checkpoint is not None:
+        rows.append(["last checkpoint", str(result.last_checkpoint)])
+    return format_table(["summary", "value"], rows)

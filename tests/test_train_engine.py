@@ -1,0 +1,235 @@
+"""The training engine on a toy task: schedule, data order, checkpoints, resume, failure policies."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from _train_toys import ToyDataset, ToyModel, collate
+
+from stoa_vlp.config import load_config
+from stoa_vlp.train import NonFiniteLossError, Trainer
+from stoa_vlp.train import checkpointing as ckpt
+from stoa_vlp.train.data_position import ResumableSampler, SeededDataset
+from stoa_vlp.train.logging import read_metrics
+from stoa_vlp.train.optim import warmup_cosine
+
+
+def toy_config(*overrides: str):
+    return load_config(
+        "tiny",
+        [
+            "train.steps=6",
+            "train.warmup_steps=2",
+            "train.lr=0.01",
+            "train.save_every=3",
+            "train.log_every=1",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            *overrides,
+        ],
+    )
+
+
+def toy_trainer(config, run_dir, model=None, dataset=None, evaluate=None) -> Trainer:
+    torch.manual_seed(config.train.seed)
+    return Trainer(config, model or ToyModel(), dataset or ToyDataset(), collate, run_dir, evaluate=evaluate)
+
+
+def test_warmup_cosine_hand_values():
+    assert warmup_cosine(0, 4, 14, 0.0) == pytest.approx(0.25)
+    assert warmup_cosine(3, 4, 14, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine(4, 4, 14, 0.0) == pytest.approx(1.0)
+    assert warmup_cosine(9, 4, 14, 0.0) == pytest.approx(0.5)  # half way through the cosine
+    assert warmup_cosine(14, 4, 14, 0.1) == pytest.approx(0.1)
+
+
+def test_scheduler_drives_every_group(tmp_path):
+    trainer = toy_trainer(toy_config("train.steps=4", "train.warmup_steps=2"), tmp_path / "run")
+    seen = []
+    for _ in range(4):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    expected = [0.01 * warmup_cosine(step, 2, 4, 0.0) for step in range(4)]
+    assert seen == pytest.approx(expected)
+
+
+def test_two_rank_blocks_concatenate_to_the_one_rank_batches():
+    one = list(ResumableSampler(20, 4, rank=0, world_size=1, seed=3))
+    rank0 = list(ResumableSampler(20, 2, rank=0, world_size=2, seed=3))
+    rank1 = list(ResumableSampler(20, 2, rank=1, world_size=2, seed=3))
+    merged = []
+    for batch in range(5):
+        merged += rank0[2 * batch : 2 * batch + 2] + rank1[2 * batch : 2 * batch + 2]
+    assert merged == one
+    assert sorted(index for index, _ in one) == list(range(20))
+
+
+def test_sampler_resumes_mid_epoch_and_reshuffles_next_epoch():
+    sampler = ResumableSampler(10, 3, rank=0, world_size=1, seed=0)  # 3 batches, one sample dropped
+    full = list(sampler)
+    sampler.set_position(0, 2)
+    assert list(sampler) == full[6:]
+    sampler.set_position(1, 0)
+    assert [i for i, _ in sampler] != [i for i, _ in full]
+
+
+def test_seeded_dataset_repeats_samples_and_keeps_caller_rng():
+    dataset = SeededDataset(ToyDataset())
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    first = dataset[(3, 77)][0]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(dataset[(3, 77)][0], first)
+    assert not torch.equal(dataset[(3, 78)][0], first)
+
+
+def test_kill_and_resume_matches_straight_run(tmp_path):
+    straight = toy_trainer(toy_config(), tmp_path / "straight").fit()
+
+    class Killed(Exception):
+        pass
+
+    calls = {"n": 0}
+
+    def dying_collate(samples):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the 4th step's batch: the run dies after the step-3 checkpoint
+            raise Killed
+        return collate(samples)
+
+    torch.manual_seed(0)
+    first = Trainer(toy_config(), ToyModel(), ToyDataset(), dying_collate, tmp_path / "killed")
+    with pytest.raises(Killed):
+        first.fit()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "killed")] == ["step_00000003"]
+    resumed_trainer = toy_trainer(toy_config(), tmp_path / "killed")
+    torch.manual_seed(99)  # resume must not depend on the RNG state of the new process
+    resumed = resumed_trainer.fit(resume="latest")
+    assert [h["step"] for h in resumed.history] == [4, 5, 6]
+    for a, b in zip(straight.history[3:], resumed.history):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    for a, b in zip(straight_params(tmp_path / "straight"), straight_params(tmp_path / "killed")):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def straight_params(run_dir):
+    return list(ckpt.load_weights(ckpt.list_checkpoints(run_dir)[-1] / "model.safetensors").values())
+
+
+def test_grad_accumulation_equals_the_large_batch(tmp_path):
+    big = toy_trainer(toy_config("data.batch_size=8", "train.steps=2"), tmp_path / "big")
+    small = toy_trainer(toy_config("data.batch_size=4", "train.grad_accum=2", "train.steps=2"), tmp_path / "small")
+    big.module.net[2].p = small.module.net[2].p = 0.0  # no dropout: RNG streams differ by construction
+    big.fit()
+    small.fit()
+    # the accumulated micro-batches are the big batch's two halves only if the orders agree
+    order_big = [i for i, _ in ResumableSampler(32, 8, 0, 1, 0)]
+    order_small = [i for i, _ in ResumableSampler(32, 4, 0, 1, 0)]
+    assert order_big == order_small
+    for a, b in zip(big.module.parameters(), small.module.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_interrupted_checkpoint_write_leaves_last_good_one(tmp_path, monkeypatch):
+    trainer = toy_trainer(toy_config("train.steps=3", "train.save_every=1", "train.keep_last=5"), tmp_path / "run")
+    real_rename = os.rename
+
+    def killed_before_rename(source, target):
+        if str(target).endswith(ckpt.checkpoint_name(3)):
+            raise KeyboardInterrupt  # the process dies between the write and the rename
+        real_rename(source, target)
+
+    monkeypatch.setattr(ckpt.os, "rename", killed_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    monkeypatch.setattr(ckpt.os, "rename", real_rename)
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / ".tmp-step_00000003" / "model.safetensors").exists()
+    latest = ckpt.resolve_resume("latest", run)
+    assert latest.name == "step_00000002"
+    again = toy_trainer(toy_config("train.steps=3", "train.save_every=1"), run)
+    result = again.fit(resume="latest")
+    assert [h["step"] for h in result.history] == [3]
+    assert not (run / "checkpoints" / ".tmp-step_00000003").exists()
+
+
+def test_keep_last_and_best_survive_pruning(tmp_path):
+    scores = iter([0.5, 0.9, 0.1, 0.2, 0.3])
+    trainer = toy_trainer(
+        toy_config("train.steps=5", "train.save_every=1", "train.eval_every=1", "train.keep_last=2",
+                   "train.best_metric=val/score"),
+        tmp_path / "run",
+        evaluate=lambda module: {"score": next(scores)},
+    )
+    result = trainer.fit()
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run")]
+    assert names == ["step_00000002", "step_00000004", "step_00000005"]
+    assert ckpt.best_checkpoint(tmp_path / "run").name == "step_00000002"
+    assert result.best == {"step": 2, "val/score": 0.9}
+    val = [r for r in read_metrics(tmp_path / "run") if r["split"] == "val"]
+    assert [r["val/score"] for r in val] == [0.5, 0.9, 0.1, 0.2, 0.3]
+
+
+def test_nonfinite_stop_names_step_and_videos(tmp_path):
+    model = ToyModel()
+    model.poison = {f"video{i}" for i in range(32)}
+    trainer = toy_trainer(toy_config(), tmp_path / "run", model=model)
+    with pytest.raises(NonFiniteLossError) as raised:
+        trainer.fit()
+    assert raised.value.step == 1
+    assert len(raised.value.video_ids) == 4 and all(v.startswith("video") for v in raised.value.video_ids)
+    assert "step 1" in str(raised.value)
+
+
+def test_nonfinite_skip_counts_and_leaves_weights_finite(tmp_path):
+    model = ToyModel()
+    poisoned = {"video0", "video1"}
+    model.poison = poisoned
+    trainer = toy_trainer(toy_config("train.nonfinite=skip", "train.steps=8"), tmp_path / "run", model=model)
+    result = trainer.fit()
+    assert result.step == 8
+    assert result.skipped_batches >= 1
+    assert all(torch.isfinite(p).all() for p in trainer.module.parameters())
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["skipped_batches"] == result.skipped_batches
+
+
+def test_finished_run_is_not_overwritten_without_flag(tmp_path):
+    run = tmp_path / "run"
+    toy_trainer(toy_config("train.steps=1"), run).fit()
+    with pytest.raises(ckpt.CheckpointError, match="finished run"):
+        ckpt.prepare_run_dir(run, overwrite=False, resume=False)
+    ckpt.prepare_run_dir(run, overwrite=True, resume=False)
+    assert not run.exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ckpt.CheckpointError, match="refusing"):
+        ckpt.prepare_run_dir(foreign, overwrite=True, resume=False)
+
+
+def test_tied_weights_round_trip(tmp_path):
+    shared = torch.randn(5, 3)
+    state = {"a.weight": shared, "b.weight": shared, "c": torch.arange(4.0)}
+    ckpt.save_weights(state, tmp_path / "w.safetensors")
+    loaded = ckpt.load_weights(tmp_path / "w.safetensors")
+    assert set(loaded) == set(state)
+    assert torch.equal(loaded["b.weight"], shared) and torch.equal(loaded["c"], state["c"])
+
+
+def test_metrics_file_and_state_json(tmp_path):
+    toy_trainer(toy_config("train.steps=3", "train.tensorboard=true"), tmp_path / "run").fit()
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert {"loss", "mse", "lr", "grad_norm", "clips_per_s"} <= set(records[0])
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "state.json").read_text())
+    assert state["step"] == 3 and state["epoch"] == 0 and state["data_position"] == 3
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
