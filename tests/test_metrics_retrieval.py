@@ -28,13 +28,13 @@ def test_one_caption_per_video_hand_computed():
     # columns: video 0 scores (0.9, 0.8, 0.3) -> caption 0 first; video 1 (0.1, 0.5, 0.6) -> caption 1
     # below 0.6 -> rank 2; video 2 (0.2, 0.7, 0.4) -> caption 2 below 0.7 -> rank 2
     metrics = retrieval_metrics(sim, t2v)
-    assert metrics["t2v/R@1"] == pytest.approx(100 / 3)
-    assert metrics["t2v/R@5"] == 100.0
-    assert metrics["t2v/MdR"] == 2.0
-    assert metrics["t2v/MnR"] == pytest.approx(2.0)
-    assert metrics["v2t/R@1"] == pytest.approx(100 / 3)
-    assert metrics["v2t/MdR"] == 2.0
-    assert metrics["v2t/MnR"] == pytest.approx(5 / 3)
+    assert metrics["t2v_r1"] == pytest.approx(100 / 3)
+    assert metrics["t2v_r5"] == 100.0
+    assert metrics["t2v_mdr"] == 2.0
+    assert metrics["t2v_mnr"] == pytest.approx(2.0)
+    assert metrics["v2t_r1"] == pytest.approx(100 / 3)
+    assert metrics["v2t_mdr"] == 2.0
+    assert metrics["v2t_mnr"] == pytest.approx(5 / 3)
 
 
 def test_ties_count_against_the_model():
@@ -43,7 +43,7 @@ def test_ties_count_against_the_model():
     assert ranks(sim, positive_mask(torch.tensor([0, 1, 2]), 3)).tolist() == [3, 2, 3]
     constant = torch.ones(4, 4)
     metrics = retrieval_metrics(constant, torch.arange(4))
-    assert metrics["t2v/R@1"] == 0.0 and metrics["v2t/MnR"] == 4.0
+    assert metrics["t2v_r1"] == 0.0 and metrics["v2t_mnr"] == 4.0
 
 
 def test_several_captions_per_video_full_protocol():
@@ -68,7 +68,7 @@ def test_several_captions_per_video_full_protocol():
     sim[2, 1] = 0.5
     assert ranks(sim.t(), positive_mask(t2v, 2).t()).tolist() == [1, 2]
     metrics = retrieval_metrics(sim, t2v)
-    assert metrics["v2t/R@1"] == 50.0 and metrics["v2t/MdR"] == 1.5
+    assert metrics["v2t_r1"] == 50.0 and metrics["v2t_mdr"] == 1.5
 
 
 def test_matches_brute_force_on_random_matrix():
@@ -88,8 +88,8 @@ def test_matches_brute_force_on_random_matrix():
 
 def test_rank_metrics_recalls_and_median():
     metrics = rank_metrics(torch.tensor([1, 2, 5, 6, 10, 11]))
-    assert metrics == {"R@1": pytest.approx(100 / 6), "R@5": 50.0, "R@10": pytest.approx(500 / 6),
-                       "MdR": 5.5, "MnR": pytest.approx(35 / 6)}
+    assert metrics == {"r1": pytest.approx(100 / 6), "r5": 50.0, "r10": pytest.approx(500 / 6),
+                       "mdr": 5.5, "mnr": pytest.approx(35 / 6)}
 
 
 def test_dual_softmax_is_reported_next_to_plain_numbers():
@@ -100,9 +100,9 @@ def test_dual_softmax_is_reported_next_to_plain_numbers():
     prior = np.exp(100 * values)
     expected = values * prior / prior.sum(axis=0, keepdims=True)
     np.testing.assert_allclose(dual_softmax(sim, 100.0).numpy(), expected, rtol=1e-4)
-    assert metrics["t2v/R@1"] == 50.0  # plain: caption 1 ranks video 1 second
-    assert metrics["t2v_dsl/R@1"] == 100.0  # re-ranked: video 0's prior goes to caption 0
-    assert set(k.split("/")[0] for k in metrics) == {"t2v", "v2t", "t2v_dsl", "v2t_dsl"}
+    assert metrics["t2v_r1"] == 50.0  # plain: caption 1 ranks video 1 second
+    assert metrics["t2v_dsl_r1"] == 100.0  # re-ranked: video 0's prior goes to caption 0
+    assert len(metrics) == 20 and {k.rsplit("_", 1)[0] for k in metrics} == {"t2v", "v2t", "t2v_dsl", "v2t_dsl"}
 
 
 def test_rerank_touches_only_top_k():

@@ -54,11 +54,11 @@ def ranks(similarity: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
 
 
 def rank_metrics(query_ranks: torch.Tensor) -> dict[str, float]:
-    """R@1/5/10 (percent), median rank (MdR) and mean rank (MnR) of 1-based ranks."""
+    """Keys r1, r5, r10 (R@K in percent), mdr (median rank) and mnr (mean rank) of 1-based ranks."""
     values = query_ranks.detach().cpu().numpy().astype(np.float64)
-    metrics = {f"R@{k}": float(100.0 * np.mean(values <= k)) for k in RECALL_AT}
-    metrics["MdR"] = float(np.median(values))
-    metrics["MnR"] = float(np.mean(values))
+    metrics = {f"r{k}": float(100.0 * np.mean(values <= k)) for k in RECALL_AT}
+    metrics["mdr"] = float(np.median(values))
+    metrics["mnr"] = float(np.mean(values))
     return metrics
 
 
@@ -76,8 +76,9 @@ def retrieval_metrics(
     """Metrics of both directions from a (num_texts, num_videos) similarity matrix.
 
     text_to_video: (num_texts,) index of each caption's video. Several captions per video give the
-    MSR-VTT full protocol; one caption per video the 1k-A protocol. Keys: "t2v/R@1", ..., "v2t/MnR";
-    with `dual_softmax_scale`, also "t2v_dsl/..." and "v2t_dsl/..." computed from the same matrix.
+    MSR-VTT full protocol; one caption per video the 1k-A protocol. Keys: "t2v_r1", "t2v_r5",
+    "t2v_r10", "t2v_mdr", "t2v_mnr" and the same for "v2t"; with `dual_softmax_scale`, also
+    "t2v_dsl_r1", ... and "v2t_dsl_..." computed from the same matrix.
     """
     similarity = similarity.detach().float().cpu()
     positives = positive_mask(text_to_video, similarity.shape[1])
@@ -88,10 +89,10 @@ def retrieval_metrics(
     metrics: dict[str, float] = {}
     for name, (scores, mask) in directions.items():
         for key, value in rank_metrics(ranks(scores, mask)).items():
-            metrics[f"{name}/{key}"] = value
+            metrics[f"{name}_{key}"] = value
         if dual_softmax_scale is not None:
             for key, value in rank_metrics(ranks(dual_softmax(scores, dual_softmax_scale), mask)).items():
-                metrics[f"{name}_dsl/{key}"] = value
+                metrics[f"{name}_dsl_{key}"] = value
     return metrics
 
 

@@ -1,7 +1,8 @@
 """Text-video retrieval: feature extraction, contrastive similarity, fusion re-ranking, metrics.
 
-Evaluation encodes every unique video and every caption once, scores all pairs by the cosine of
-the sentence feature and the mean frame feature (the VTC similarity), then optionally re-ranks
+Evaluation encodes every unique video and every caption once, scores all pairs by the VTC
+similarity (cosine of the sentence feature and the clip embedding chosen by
+`loss.vtc_video_feature`, meanP by default), then optionally re-ranks
 each query's contrastive top-k with the fusion encoder's matching head (VTM), in both directions.
 Only the top-k pairs are fused; the other candidates keep their (lower) contrastive scores.
 """
@@ -16,10 +17,9 @@ import torch.nn.functional as F
 
 from stoa_vlp.batch import Batch
 from stoa_vlp.metrics.retrieval import rerank_top_k, retrieval_metrics
+from stoa_vlp.objectives.vtc import MAX_LOGIT_SCALE, video_embedding
 
 Features = TypeVar("Features")
-
-MAX_LOGIT_SCALE = 100.0
 
 
 def concat_features(parts: list[Features]) -> Features:
@@ -67,9 +67,10 @@ def extract_features(model, loader: Iterable[Batch], device: torch.device | str)
     return concat_features(video_parts), concat_features(text_parts), torch.tensor(text_to_video, dtype=torch.long)
 
 
-def contrastive_similarity(videos, texts) -> torch.Tensor:
-    """(num_texts, num_videos) cosine similarity of sentence and mean frame features."""
-    return F.normalize(texts.sentence.float(), dim=-1) @ F.normalize(videos.video.float(), dim=-1).t()
+def contrastive_similarity(videos, texts, video_feature: str = "mean") -> torch.Tensor:
+    """(num_texts, num_videos) VTC cosine similarity; video_feature as loss.vtc_video_feature."""
+    video = video_embedding(videos.frames.float(), videos.video.float(), video_feature)
+    return F.normalize(texts.sentence.float(), dim=-1) @ video.t()
 
 
 @torch.no_grad()
@@ -122,24 +123,25 @@ def evaluate_retrieval(
     device: torch.device | str,
     rerank_k: int = 0,
     dual_softmax_scale: float | None = None,
+    video_feature: str = "mean",
     pair_batch_size: int = 256,
 ) -> dict[str, float]:
     """Retrieval metrics of `model` on the captions and videos of `loader`.
 
-    Keys "t2v/R@1" ... "v2t/MnR" come from the contrastive similarity; with `rerank_k` > 0,
-    "t2v_rerank/..." and "v2t_rerank/..." from the fusion re-ranking of each query's top-k; with
-    `dual_softmax_scale`, "t2v_dsl/..." and "v2t_dsl/..." from dual softmax on the contrastive
-    similarity. Also "num_texts" and "num_videos".
+    Keys "t2v_r1", "t2v_r5", "t2v_r10", "t2v_mdr", "t2v_mnr" and "v2t_..." come from the
+    contrastive similarity; with `rerank_k` > 0, "t2v_rerank_..." and "v2t_rerank_..." from the
+    fusion re-ranking of each query's top-k; with `dual_softmax_scale`, "t2v_dsl_..." and
+    "v2t_dsl_..." from dual softmax on the contrastive similarity. Also "num_texts", "num_videos".
     """
     videos, texts, text_to_video = extract_features(model, loader, device)
-    similarity = contrastive_similarity(videos, texts).cpu()
+    similarity = contrastive_similarity(videos, texts, video_feature).cpu()
     metrics = retrieval_metrics(similarity, text_to_video, dual_softmax_scale)
     if rerank_k > 0:
         t2v, v2t = rerank_similarities(model, videos, texts, similarity, rerank_k, pair_batch_size)
         reranked_t2v = retrieval_metrics(t2v, text_to_video)
         reranked_v2t = retrieval_metrics(v2t.t(), text_to_video)
-        metrics.update({k.replace("t2v/", "t2v_rerank/"): v for k, v in reranked_t2v.items() if k.startswith("t2v/")})
-        metrics.update({k.replace("v2t/", "v2t_rerank/"): v for k, v in reranked_v2t.items() if k.startswith("v2t/")})
+        metrics.update({k.replace("t2v_", "t2v_rerank_"): v for k, v in reranked_t2v.items() if k.startswith("t2v_")})
+        metrics.update({k.replace("v2t_", "v2t_rerank_"): v for k, v in reranked_v2t.items() if k.startswith("v2t_")})
     metrics["num_texts"] = float(len(text_to_video))
     metrics["num_videos"] = float(videos.video.shape[0])
     return metrics
