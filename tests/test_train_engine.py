@@ -174,7 +174,7 @@ def test_keep_last_and_best_survive_pruning(tmp_path):
     assert ckpt.best_checkpoint(tmp_path / "run").name == "step_00000002"
     assert result.best == {"step": 2, "val/score": 0.9}
     val = [r for r in read_metrics(tmp_path / "run") if r["split"] == "val"]
-    assert [r["val/score"] for r in val] == [0.5, 0.9, 0.1, 0.2, 0.3]
+    assert [r["score"] for r in val] == [0.5, 0.9, 0.1, 0.2, 0.3]
 
 
 def test_nonfinite_stop_names_step_and_videos(tmp_path):

@@ -352,8 +352,9 @@ class Trainer:
         save = final or self.step % self.train.save_every == 0
         val_metrics: dict[str, float] = {}
         if validate:
-            val_metrics = {f"val/{name}": value for name, value in self.validate().items()}
-            logger.log("val", self.step, val_metrics)
+            raw = self.validate()
+            logger.log("val", self.step, raw)
+            val_metrics = {f"val/{name}": value for name, value in raw.items()}
             self.validations.append({"step": self.step, **val_metrics})
         is_best = self._is_best(val_metrics)
         if is_best:
