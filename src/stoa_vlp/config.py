@@ -1,6 +1,6 @@
 """Typed configuration: dataclasses, YAML presets and dotted overrides.
 
-A `Config` has four sections (model, loss, data, train). It is built from a preset
+A `Config` has five sections (model, loss, data, train, task). It is built from a preset
 (`tiny`, `base`) or a YAML file, then changed with dotted overrides such as
 `model.frames=8`. Unknown keys and values of the wrong type are errors that name the key.
 """
@@ -127,11 +127,26 @@ class TrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    # downstream fine-tuning and evaluation (stoa_vlp.tasks); data.train/val/test name the task's files
+    name: str = "retrieval"  # retrieval, captioning, qa, mc
+    rerank_k: int = 32  # retrieval: fusion (VTM) re-ranking of each query's contrastive top-k; 0 = off
+    dual_softmax: bool = False  # retrieval: also report dual-softmax numbers, next to the plain ones
+    beam_size: int = 1  # captioning: 1 = greedy
+    length_penalty: float = 1.0  # captioning: beam score = sum log p / length ** length_penalty
+    max_caption_tokens: int = 0  # captioning: generated tokens, end included; 0 = model.text_len - 1
+    meteor: bool = True  # captioning: METEOR (needs Java; ~8 s to start)
+    answers: int = 1500  # QA: answer vocabulary = the most frequent training answers
+    mc_scoring: str = "vtm"  # multiple-choice: option score from the matching head (vtm) or cosine (vtc)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
