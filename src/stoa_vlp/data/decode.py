@@ -1,0 +1,275 @@
+"""Decode the T frames of a clip that a model needs, with their timestamps.
+
+Sampling works on the frames whose timestamps fall in [start, end) seconds (the whole video
+when both are None): the range is cut into T equal segments and each segment gives one frame,
+its centre ("uniform", for evaluation) or a random frame inside it ("rand", for training). A video
+with fewer than T frames in the range repeats frames (segments share a frame), so every clip has
+exactly T frames in time order.
+
+The PyAV path reads the packet index first (demuxing without decoding is cheap), then decodes
+only the groups of pictures (GOPs) that hold a wanted frame, skipping the others the way a seek
+would but without its cost, and asks the decoder to skip non-reference frames that are not
+wanted. Only the wanted frames are converted to RGB. decord and torchcodec are used instead when
+`decoder` names them and they are installed.
+
+Timestamps are seconds from the start of the video stream; detections use the same clock.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+DECODERS = ("pyav", "decord", "torchcodec")
+SAMPLING = ("uniform", "rand")
+
+
+class VideoError(RuntimeError):
+    """A video could not be read: missing, empty, not a video, truncated, or no frames in range."""
+
+    def __init__(self, source: str, problem: str):
+        super().__init__(f"{source}: {problem}")
+        self.source = source
+        self.problem = problem
+
+
+@dataclass
+class DecodedClip:
+    frames: torch.Tensor  # (T, 3, H, W) uint8 RGB
+    times: np.ndarray  # (T,) float64 seconds from the start of the stream
+    width: int  # of the decoded video, before any resize
+    height: int
+
+
+def segment_indices(
+    count: int, frames: int, sampling: str, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Indices into `count` frames: one per each of `frames` equal segments, in time order.
+
+    "uniform" takes each segment's centre; "rand" a uniformly random frame of the segment.
+    With count < frames, segments shorter than one frame share (repeat) a frame.
+    """
+    if count <= 0:
+        raise ValueError("cannot sample from zero frames")
+    if sampling not in SAMPLING:
+        raise ValueError(f"unknown sampling '{sampling}' (known: {', '.join(SAMPLING)})")
+    bounds = np.arange(frames + 1) * count / frames  # segment i covers [bounds[i], bounds[i+1])
+    if sampling == "uniform":
+        centres = (bounds[:-1] + bounds[1:]) / 2
+        return np.minimum(np.floor(centres).astype(np.int64), count - 1)
+    rng = rng if rng is not None else np.random.default_rng()
+    low = np.floor(bounds[:-1]).astype(np.int64)
+    high = np.maximum(np.ceil(bounds[1:]).astype(np.int64), low + 1)  # exclusive
+    return np.minimum(rng.integers(low, high), count - 1)
+
+
+def _select(
+    times: np.ndarray,
+    frames: int,
+    sampling: str,
+    start: float | None,
+    end: float | None,
+    rng: np.random.Generator | None,
+    source: str,
+) -> np.ndarray:
+    """Indices into the sorted frame `times` (seconds) of the frames to return."""
+    low = 0 if start is None else int(np.searchsorted(times, start - 1e-6, side="left"))
+    high = len(times) if end is None else int(np.searchsorted(times, end - 1e-6, side="left"))
+    if high <= low:
+        raise VideoError(
+            source,
+            f"no frames between {start}s and {end}s (video has {len(times)} frames, "
+            f"{times[0]:.2f}s to {times[-1]:.2f}s)",
+        )
+    return low + segment_indices(high - low, frames, sampling, rng)
+
+
+def _open_pyav(source: str | Path | BinaryIO, name: str):
+    import av
+
+    if isinstance(source, (str, Path)):
+        if not os.path.exists(source):
+            raise VideoError(name, "file does not exist")
+        if os.path.getsize(source) == 0:
+            raise VideoError(name, "file is empty (0 bytes)")
+    try:
+        container = av.open(source if not isinstance(source, Path) else str(source))
+    except (av.FFmpegError, ValueError, OSError) as error:
+        raise VideoError(name, f"not a readable video ({error})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(name, "has no video stream")
+    return container
+
+
+def _decode_pyav(
+    source: str | Path | BinaryIO,
+    name: str,
+    frames: int,
+    sampling: str,
+    start: float | None,
+    end: float | None,
+    rng: np.random.Generator | None,
+    threads: int,
+) -> DecodedClip:
+    import av
+
+    container = _open_pyav(source, name)
+    try:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = threads
+        try:
+            packets = [p for p in container.demux(stream) if p.size > 0]
+        except av.FFmpegError as error:
+            raise VideoError(name, f"cannot read packets, file damaged or truncated ({error})") from None
+        stamps = [p.pts if p.pts is not None else p.dts for p in packets]
+        if not packets:
+            raise VideoError(name, "has no video frames")
+        if any(s is None for s in stamps):
+            raise VideoError(name, "has video packets without timestamps")
+        time_base = float(stream.time_base)
+        origin = stream.start_time if stream.start_time is not None else min(stamps)
+        sorted_stamps = np.sort(np.asarray(stamps, dtype=np.int64))
+        times = (sorted_stamps - origin) * time_base
+        chosen = _select(times, frames, sampling, start, end, rng, name)
+        wanted = set(sorted_stamps[chosen].tolist())
+        decoded = _decode_wanted(stream, packets, stamps, wanted, name)
+        missing = wanted - decoded.keys()
+        if missing:
+            raise VideoError(
+                name, f"{len(missing)} of {len(wanted)} wanted frames did not decode (damaged stream)"
+            )
+        images = [decoded[int(s)] for s in sorted_stamps[chosen]]
+        pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (T, 3, H, W)
+        return DecodedClip(pixels, times[chosen], stream.codec_context.width, stream.codec_context.height)
+    finally:
+        container.close()
+
+
+def _decode_wanted(stream, packets: list, stamps: list[int], wanted: set[int], name: str) -> dict:
+    """RGB arrays (H, W, 3) of the `wanted` timestamps, decoding only the GOPs that hold them.
+
+    A GOP with no wanted frame is skipped unless frames of an earlier GOP are still held in the
+    decoder's reorder buffer; non-reference frames that are not wanted are not decoded.
+    """
+    import av
+
+    gop_starts = [i for i, p in enumerate(packets) if p.is_keyframe] or [0]
+    if gop_starts[0] != 0:
+        gop_starts.insert(0, 0)
+    gop_bounds = list(zip(gop_starts, gop_starts[1:] + [len(packets)]))
+    codec = stream.codec_context
+    decoded: dict[int, np.ndarray] = {}
+    fed: set[int] = set()  # wanted stamps whose packets went into the decoder
+    skipped = False
+
+    def receive(frames) -> None:
+        for frame in frames:
+            stamp = frame.pts if frame.pts is not None else frame.dts
+            if stamp in wanted and stamp not in decoded:
+                decoded[stamp] = frame.to_ndarray(format="rgb24")
+
+    try:
+        for first, stop in gop_bounds:
+            gop_wanted = wanted.intersection(stamps[first:stop])
+            pending = fed - decoded.keys()
+            if not gop_wanted and not pending:
+                skipped = True
+                continue
+            if skipped:
+                codec.flush_buffers()
+                skipped = False
+            for index in range(first, stop):
+                is_wanted = stamps[index] in wanted
+                codec.skip_frame = "DEFAULT" if is_wanted else "NONREF"
+                if is_wanted:
+                    fed.add(stamps[index])
+                receive(codec.decode(packets[index]))
+                if len(decoded) == len(wanted):
+                    return decoded
+        codec.skip_frame = "DEFAULT"
+        receive(codec.decode(None))
+    except av.FFmpegError as error:
+        raise VideoError(name, f"decoding failed, file damaged or truncated ({error})") from None
+    return decoded
+
+
+def _decode_decord(source, name, frames, sampling, start, end, rng, threads) -> DecodedClip:
+    try:
+        import decord
+    except ImportError:
+        raise VideoError(name, "data.decoder=decord but decord is not installed (pip install decord)") from None
+    if isinstance(source, (str, Path)) and not os.path.exists(source):
+        raise VideoError(name, "file does not exist")
+    handle = source if isinstance(source, (str, Path)) else io.BytesIO(source.read())
+    try:
+        reader = decord.VideoReader(str(handle) if isinstance(handle, Path) else handle, num_threads=threads)
+    except decord.DECORDError as error:
+        raise VideoError(name, f"not a readable video ({error})") from None
+    if len(reader) == 0:
+        raise VideoError(name, "has no video frames")
+    times = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0].astype(np.float64)
+    chosen = _select(times, frames, sampling, start, end, rng, name)
+    pixels = torch.from_numpy(reader.get_batch(chosen.tolist()).asnumpy()).permute(0, 3, 1, 2)
+    return DecodedClip(pixels, times[chosen], pixels.shape[3], pixels.shape[2])
+
+
+def _decode_torchcodec(source, name, frames, sampling, start, end, rng, threads) -> DecodedClip:
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except (ImportError, RuntimeError, OSError) as error:
+        raise VideoError(name, f"data.decoder=torchcodec but torchcodec cannot be loaded ({error})") from None
+    if isinstance(source, (str, Path)) and not os.path.exists(source):
+        raise VideoError(name, "file does not exist")
+    try:
+        decoder = VideoDecoder(str(source) if isinstance(source, Path) else source, seek_mode="exact")
+    except (RuntimeError, ValueError) as error:
+        raise VideoError(name, f"not a readable video ({error})") from None
+    count = decoder.metadata.num_frames or 0
+    if count == 0:
+        raise VideoError(name, "has no video frames")
+    fps = decoder.metadata.average_fps
+    begin = decoder.metadata.begin_stream_seconds or 0.0
+    times = np.arange(count) / fps  # used only to choose frames; returned times come from the decoder
+    chosen = _select(times, frames, sampling, start, end, rng, name)
+    batch = decoder.get_frames_at(indices=chosen.tolist())
+    pixels = batch.data  # (T, 3, H, W) uint8
+    stamps = batch.pts_seconds.double().numpy() - begin
+    return DecodedClip(pixels, stamps, pixels.shape[3], pixels.shape[2])
+
+
+_BACKENDS = {"pyav": _decode_pyav, "decord": _decode_decord, "torchcodec": _decode_torchcodec}
+
+
+def decode_clip(
+    source: str | Path | bytes | BinaryIO,
+    frames: int,
+    sampling: str = "uniform",
+    start: float | None = None,
+    end: float | None = None,
+    rng: np.random.Generator | None = None,
+    decoder: str = "pyav",
+    threads: int = 1,
+    name: str | None = None,
+) -> DecodedClip:
+    """Decode `frames` frames of a video file (path, bytes or file object) in [start, end) seconds.
+
+    Raises VideoError naming the file (or `name`) when it cannot give the frames. `threads` is
+    the decoder's thread count: 1 inside DataLoader workers, which already run in parallel.
+    """
+    if decoder not in _BACKENDS:
+        raise ValueError(f"unknown decoder '{decoder}' (known: {', '.join(DECODERS)})")
+    if frames < 1:
+        raise ValueError(f"frames must be at least 1, got {frames}")
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    label = name or (str(source) if isinstance(source, (str, Path)) else "<video bytes>")
+    if isinstance(source, io.BytesIO) and source.getbuffer().nbytes == 0:
+        raise VideoError(label, "file is empty (0 bytes)")
+    return _BACKENDS[decoder](source, label, frames, sampling, start, end, rng, threads)

@@ -1,0 +1,258 @@
+"""Re-encode a video collection into a training-friendly form, resumably, writing a manifest.
+
+Each video is decoded with PyAV, resampled to `fps` (output frame k shows the source frame
+on screen at time k / fps), resized so its short side is `short_side` (aspect kept, even
+dimensions) and encoded with libx264 with a keyframe every `keyframe_interval` seconds. Audio is
+dropped. Outputs are written to a temporary name and renamed when complete, so an interrupted run
+leaves no half-written video; a rerun skips videos whose output exists.
+
+The manifest (`manifest.jsonl`, one JSON object per video) records video_id, source, output,
+duration (s), fps, frames, status ("ok" or "failed") and error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from stoa_vlp.data.decode import VideoError, _open_pyav
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
+
+
+@dataclass
+class PrepareOptions:
+    fps: float = 2.0
+    short_side: int = 256
+    keyframe_interval: float = 1.0  # seconds between keyframes
+    crf: int = 23
+    preset: str = "veryfast"
+
+
+@dataclass
+class ManifestEntry:
+    video_id: str
+    source: str
+    output: str
+    duration: float = 0.0
+    fps: float = 0.0
+    frames: int = 0
+    status: str = "ok"
+    error: str = ""
+
+
+def even_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side = short_side, aspect kept, both even (for yuv420p)."""
+    scale = short_side / min(width, height)
+    new_width = max(2, int(round(width * scale / 2)) * 2)
+    new_height = max(2, int(round(height * scale / 2)) * 2)
+    return new_width, new_height
+
+
+def encode_video(
+    path: str | Path,
+    frames: Iterable[np.ndarray],
+    fps: float,
+    keyframe_interval: float = 1.0,
+    crf: int = 23,
+    preset: str = "veryfast",
+) -> int:
+    """Encode RGB uint8 arrays (H, W, 3), H and W even, as H.264 mp4; returns the frame count.
+
+    The first frame fixes the size. Timestamps are frame k at k / fps seconds.
+    """
+    import av
+
+    rate = Fraction(fps).limit_denominator(1001)
+    count = 0
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = None
+        for image in frames:
+            if stream is None:
+                stream = container.add_stream("libx264", rate=rate)
+                stream.height, stream.width = image.shape[:2]
+                stream.pix_fmt = "yuv420p"
+                gop = max(1, int(round(keyframe_interval * fps)))
+                stream.codec_context.gop_size = gop
+                stream.options = {
+                    "crf": str(crf),
+                    "preset": preset,
+                    "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0",
+                }
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = count
+            frame.time_base = 1 / rate
+            container.mux(stream.encode(frame))
+            count += 1
+        if stream is not None:
+            container.mux(stream.encode(None))
+    return count
+
+
+def _resampled_frames(container, fps: float, size: tuple[int, int]) -> Iterator[np.ndarray]:
+    """RGB frames (H, W, 3) at `fps`: output frame k is the source frame on screen at k / fps.
+
+    Only emitted frames are converted (and resized by swscale); a source frame shown for
+    several output frames is converted once.
+    """
+    stream = container.streams.video[0]
+    origin = stream.start_time or 0
+    time_base = float(stream.time_base)
+    step = 1 / fps
+    next_time = 0.0
+    held, held_image, held_time = None, None, 0.0
+
+    def image() -> np.ndarray:
+        nonlocal held_image
+        if held_image is None:
+            held_image = held.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="AREA")
+        return held_image
+
+    for frame in container.decode(stream):
+        stamp = frame.pts if frame.pts is not None else frame.dts
+        time = (stamp - origin) * time_base if stamp is not None else held_time + step
+        while held is not None and time > next_time + 1e-6:
+            yield image()
+            next_time += step
+        held, held_image, held_time = frame, None, time
+    shown_for = 1 / float(stream.average_rate) if stream.average_rate else step
+    while held is not None and next_time < held_time + shown_for - 1e-6:
+        yield image()
+        next_time += step
+
+
+def prepare_one(video_id: str, source: str, output: str, options: PrepareOptions) -> ManifestEntry:
+    """Re-encode one video; never raises: failures come back as a 'failed' entry."""
+    temporary = f"{output}.tmp-{os.getpid()}.mp4"
+    try:
+        container = _open_pyav(source, source)
+        try:
+            codec = container.streams.video[0].codec_context
+            size = even_size(codec.width, codec.height, options.short_side)
+            frames = encode_video(
+                temporary,
+                _resampled_frames(container, options.fps, size),
+                options.fps,
+                options.keyframe_interval,
+                options.crf,
+                options.preset,
+            )
+        finally:
+            container.close()
+        if frames == 0:
+            raise VideoError(source, "has no decodable video frames")
+        os.replace(temporary, output)
+        return ManifestEntry(video_id, source, output, frames / options.fps, options.fps, frames)
+    except Exception as error:  # a worker reports every failure in the manifest instead of dying
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        message = str(error) if isinstance(error, VideoError) else f"{source}: {type(error).__name__}: {error}"
+        return ManifestEntry(video_id, source, output, status="failed", error=message)
+
+
+def probe(video_id: str, source: str, output: str) -> ManifestEntry:
+    """Manifest entry for an output that already exists (a resumed run)."""
+    container = _open_pyav(output, output)
+    try:
+        stream = container.streams.video[0]
+        frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
+        fps = float(stream.average_rate or 0)
+    finally:
+        container.close()
+    return ManifestEntry(video_id, source, output, frames / fps if fps else 0.0, fps, frames)
+
+
+def read_manifest(path: str | Path) -> dict[str, ManifestEntry]:
+    """Latest entry per video_id of a manifest JSONL; errors name the file and line."""
+    entries: dict[str, ManifestEntry] = {}
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                values = json.loads(line)
+                entries[values["video_id"]] = ManifestEntry(**values)
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{path}:{number}: not a manifest entry ({error})") from None
+    return entries
+
+
+def find_videos(folder: str | Path) -> list[tuple[str, str]]:
+    """(video_id, path) of every video file under `folder`; the id is the file name's stem."""
+    found: dict[str, str] = {}
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            stem, extension = os.path.splitext(name)
+            if extension.lower() not in VIDEO_EXTENSIONS:
+                continue
+            path = os.path.join(root, name)
+            if stem in found:
+                raise ValueError(f"two videos share the id '{stem}': {found[stem]} and {path}")
+            found[stem] = path
+    return sorted(found.items())
+
+
+def prepare_videos(
+    videos: list[tuple[str, str]],
+    out_dir: str | Path,
+    options: PrepareOptions,
+    workers: int = 1,
+    progress: bool = True,
+) -> list[ManifestEntry]:
+    """Re-encode (video_id, source) pairs into out_dir/videos/<id>.mp4 and write out_dir/manifest.jsonl.
+
+    Finished outputs (from an earlier, maybe interrupted, run) are skipped.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / "manifest.jsonl"
+    previous = read_manifest(manifest_path) if manifest_path.exists() else {}
+    entries: dict[str, ManifestEntry] = {}
+    todo = []
+    for video_id, source in videos:
+        output = str(out_dir / "videos" / f"{video_id}.mp4")
+        if os.path.exists(output):
+            old = previous.get(video_id)
+            entries[video_id] = old if old and old.status == "ok" else probe(video_id, source, output)
+        else:
+            todo.append((video_id, source, output))
+    log.info("prepare: %d videos, %d already done, %d to encode", len(videos), len(entries), len(todo))
+    with open(manifest_path, "a") as journal, tqdm(total=len(todo), disable=not progress, unit="video") as bar:
+
+        def record(entry: ManifestEntry) -> None:
+            entries[entry.video_id] = entry
+            journal.write(json.dumps(asdict(entry)) + "\n")
+            journal.flush()
+            if entry.status != "ok":
+                log.warning("prepare: %s", entry.error)
+            bar.update(1)
+
+        if workers <= 1:
+            for job in todo:
+                record(prepare_one(*job, options))
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for entry in pool.map(prepare_one, *zip(*todo), [options] * len(todo), chunksize=1):
+                    record(entry)
+    ordered = [entries[video_id] for video_id, _ in videos if video_id in entries]
+    temporary = manifest_path.with_suffix(".jsonl.tmp")
+    with open(temporary, "w") as handle:
+        for entry in ordered:
+            handle.write(json.dumps(asdict(entry)) + "\n")
+    os.replace(temporary, manifest_path)
+    failed = sum(entry.status != "ok" for entry in ordered)
+    if failed:
+        log.warning("prepare: %d of %d videos failed; see %s", failed, len(ordered), manifest_path)
+    return ordered

@@ -1,0 +1,158 @@
+"""Frame sampling and decoding against a decode-everything PyAV reference; bad video files."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import av
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from stoa_vlp.data.decode import VideoError, decode_clip, segment_indices
+from stoa_vlp.data.geometry import resize_crop
+from stoa_vlp.data.prepare import encode_video
+from stoa_vlp.data.transforms import CLIP_MEAN, CLIP_STD, FrameTransform
+
+
+def moving_frames(count: int, width: int = 64, height: int = 48, seed: int = 0):
+    """Frames with a bar whose position encodes the frame index, plus texture."""
+    rng = np.random.default_rng(seed)
+    texture = rng.integers(0, 120, (height, width, 3), dtype=np.uint8)
+    for index in range(count):
+        image = texture.copy()
+        column = (index * 3) % (width - 4)
+        image[:, column : column + 4] = 255
+        yield image
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    paths = {}
+    for name, keyframe_interval in (("long_gop", 5.0), ("short_gop", 0.25)):
+        paths[name] = folder / f"{name}.mp4"
+        encode_video(paths[name], moving_frames(60), fps=12, keyframe_interval=keyframe_interval)
+    return paths
+
+
+def reference_frames(path) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Every frame decoded in order by PyAV: times (s) and RGB arrays."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        decoded = [(frame.pts, frame.to_ndarray(format="rgb24")) for frame in container.decode(stream)]
+        time_base = float(stream.time_base)
+    decoded.sort(key=lambda item: item[0])
+    return np.array([pts * time_base for pts, _ in decoded]), [image for _, image in decoded]
+
+
+def test_segment_indices_hand_computed():
+    # 10 frames, 4 segments [0,2.5) [2.5,5) [5,7.5) [7.5,10): centres 1.25, 3.75, 6.25, 8.75
+    assert segment_indices(10, 4, "uniform").tolist() == [1, 3, 6, 8]
+    # fewer frames than segments: frames repeat, in order
+    assert segment_indices(2, 4, "uniform").tolist() == [0, 0, 1, 1]
+    assert segment_indices(1, 3, "rand", np.random.default_rng(0)).tolist() == [0, 0, 0]
+    draws = np.stack([segment_indices(10, 4, "rand", np.random.default_rng(seed)) for seed in range(200)])
+    for segment, (low, high) in enumerate([(0, 2), (2, 4), (5, 7), (7, 9)]):
+        assert draws[:, segment].min() == low and draws[:, segment].max() == high
+    with pytest.raises(ValueError, match="unknown sampling"):
+        segment_indices(10, 4, "middle")
+
+
+@pytest.mark.parametrize("gop", ["long_gop", "short_gop"])
+@pytest.mark.parametrize("sampling", ["uniform", "rand"])
+def test_decode_matches_full_decode(clips, gop, sampling):
+    times, images = reference_frames(clips[gop])
+    assert len(images) == 60
+    for frames in (1, 4, 7):
+        clip = decode_clip(clips[gop], frames, sampling, rng=np.random.default_rng(frames))
+        assert clip.frames.shape == (frames, 3, 48, 64) and clip.frames.dtype == torch.uint8
+        assert (clip.width, clip.height) == (64, 48)
+        expected = segment_indices(60, frames, sampling, np.random.default_rng(frames))
+        np.testing.assert_allclose(clip.times, times[expected])
+        for k, index in enumerate(expected):
+            assert np.array_equal(clip.frames[k].permute(1, 2, 0).numpy(), images[index])
+
+
+def test_decode_start_end_and_bytes(clips):
+    times, images = reference_frames(clips["short_gop"])
+    clip = decode_clip(clips["short_gop"], 4, start=1.0, end=3.0)
+    inside = np.flatnonzero((times >= 1.0 - 1e-6) & (times < 3.0 - 1e-6))  # 24 frames
+    expected = inside[segment_indices(len(inside), 4, "uniform")]
+    np.testing.assert_allclose(clip.times, times[expected])
+    from_bytes = decode_clip(clips["short_gop"].read_bytes(), 4, start=1.0, end=3.0)
+    assert torch.equal(from_bytes.frames, clip.frames)
+    with pytest.raises(VideoError, match="no frames between 9.0s and 10.0s"):
+        decode_clip(clips["short_gop"], 4, start=9.0, end=10.0)
+
+
+def test_short_video_repeats_frames(tmp_path):
+    path = tmp_path / "three.mp4"
+    encode_video(path, moving_frames(3), fps=10)
+    times, images = reference_frames(path)
+    clip = decode_clip(path, 8)
+    assert clip.frames.shape[0] == 8
+    assert np.all(np.diff(clip.times) >= 0)
+    for k, index in enumerate(segment_indices(3, 8, "uniform")):
+        assert np.array_equal(clip.frames[k].permute(1, 2, 0).numpy(), images[index])
+
+
+def test_bad_files_name_the_file(tmp_path, clips):
+    with pytest.raises(VideoError, match="missing.mp4: file does not exist"):
+        decode_clip(tmp_path / "missing.mp4", 4)
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(VideoError, match="empty.mp4: file is empty"):
+        decode_clip(empty, 4)
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video\n" * 50)
+    with pytest.raises(VideoError, match="notes.mp4: not a readable video"):
+        decode_clip(text, 4)
+    truncated = tmp_path / "truncated.mp4"
+    data = clips["long_gop"].read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VideoError, match="truncated.mp4"):
+        decode_clip(truncated, 4)
+    no_frames = tmp_path / "no_frames.mp4"
+    with av.open(str(no_frames), "w") as container:  # a zero-length video: header, no frames
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        container.start_encoding()
+    assert no_frames.stat().st_size > 0
+    with pytest.raises(VideoError, match="no_frames.mp4: has no video (stream|frames)"):
+        decode_clip(no_frames, 4)
+
+
+@pytest.mark.parametrize("decoder", ["decord", "torchcodec"])
+def test_missing_optional_decoder_is_a_clear_error(clips, decoder):
+    if importlib.util.find_spec(decoder) is not None:
+        pytest.skip(f"{decoder} is installed; this test covers the missing-library error")
+    with pytest.raises(VideoError, match=f"data.decoder={decoder}"):
+        decode_clip(clips["short_gop"], 4, decoder=decoder)
+
+
+def test_frame_transform_matches_torchvision_functional():
+    frames = torch.randint(0, 256, (3, 3, 48, 80), dtype=torch.uint8)
+    out = FrameTransform(32)(frames)
+    resized = F.resize(frames, [32], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    expected = F.center_crop(resized, [32, 32]).float() / 255
+    expected = (expected - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    assert out.shape == (3, 3, 32, 32) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="expected uint8 frames"):
+        FrameTransform(32)(frames.float())
+
+
+def test_frame_transform_agrees_with_box_geometry():
+    # a white rectangle in an 80x48 frame must land where resize_crop maps its box
+    frame = torch.zeros(1, 3, 48, 80, dtype=torch.uint8)
+    frame[..., 10:30, 30:50] = 255
+    out = FrameTransform(32).resize_crop(frame)[0, 0].float()
+    (box,), keep = resize_crop(80, 48, 32).map_boxes(np.array([[30, 10, 50, 30]]))
+    assert keep[0]
+    rows = torch.nonzero(out.amax(dim=1) > 127).flatten()
+    cols = torch.nonzero(out.amax(dim=0) > 127).flatten()
+    assert abs(cols.min().item() - box[0]) <= 1 and abs(cols.max().item() + 1 - box[2]) <= 1
+    assert abs(rows.min().item() - box[1]) <= 1 and abs(rows.max().item() + 1 - box[3]) <= 1
