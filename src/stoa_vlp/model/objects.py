@@ -40,6 +40,17 @@ class ObjectTokens(nn.Module):
         with torch.no_grad():
             self.label_embedding.weight[0].zero_()
 
+    def regions(self, patch_map: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """RoIAlign of every box on its frame's patch map: (B*T, W, g, g), (B, T, K, 4) -> (B*T*K, W, s, s)."""
+        slots = boxes.shape[2]
+        frame_index = torch.arange(patch_map.shape[0], device=boxes.device, dtype=patch_map.dtype)
+        rois = torch.cat(
+            [frame_index.repeat_interleave(slots)[:, None], boxes.reshape(-1, 4).to(patch_map.dtype)], dim=1
+        )  # (B*T*K, 5): frame row in patch_map, x0, y0, x1, y1
+        return roi_align(
+            patch_map, rois, ROI_OUTPUT_SIZE, spatial_scale=self.spatial_scale, sampling_ratio=2, aligned=True
+        )
+
     def forward(
         self, patch_map: torch.Tensor, boxes: torch.Tensor, box_labels: torch.Tensor, box_mask: torch.Tensor
     ) -> torch.Tensor:
@@ -48,14 +59,8 @@ class ObjectTokens(nn.Module):
         if slots != self.slot_embedding.shape[0]:
             raise ValueError(f"object tokens built for {self.slot_embedding.shape[0]} boxes per frame, got {slots}")
         # padded boxes become empty boxes at the origin, so their content cannot reach any output
-        safe_boxes = torch.where(box_mask[..., None], boxes, torch.zeros_like(boxes)).to(patch_map.dtype)
-        frame_index = torch.arange(batch * frames, device=boxes.device, dtype=patch_map.dtype)
-        rois = torch.cat(
-            [frame_index.repeat_interleave(slots)[:, None], safe_boxes.reshape(-1, 4)], dim=1
-        )  # (B*T*K, 5): frame row in patch_map, x0, y0, x1, y1
-        regions = roi_align(
-            patch_map, rois, ROI_OUTPUT_SIZE, spatial_scale=self.spatial_scale, sampling_ratio=2, aligned=True
-        )  # (B*T*K, W, s, s)
+        safe_boxes = torch.where(box_mask[..., None], boxes, torch.zeros_like(boxes))
+        regions = self.regions(patch_map, safe_boxes)  # (B*T*K, W, s, s)
         regions = self.region_mlp(regions.flatten(2).transpose(1, 2)).amax(dim=1)  # (B*T*K, W)
         tokens = regions.reshape(batch, frames, slots, -1)
         tokens = tokens + self.box_mlp(safe_boxes / self.image_size)
@@ -104,6 +109,7 @@ class TrajectoryEncoder(nn.Module):
         real = torch.arange(length, device=counts.device) < counts[..., None]  # (B, N, S)
         cls = self.cls_embedding.to(gathered.dtype).expand(batch, categories, 1, width)
         sequence = torch.cat([cls, gathered], dim=2).flatten(0, 1)  # (B*N, 1+S, W)
-        valid = torch.cat([torch.ones_like(real[..., :1]), real], dim=2).flatten(0, 1)  # (B*N, 1+S)
+        cls_valid = torch.ones(batch, categories, 1, dtype=torch.bool, device=real.device)
+        valid = torch.cat([cls_valid, real], dim=2).flatten(0, 1)  # (B*N, 1+S)
         out = self.transformer(sequence, key_padding_mask(valid))
         return (self.ln(out[:, 0]) @ self.proj).reshape(batch, categories, -1)

@@ -1,0 +1,371 @@
+"""STOAVLP behaviour on the tiny preset: shapes, masks, temporal order, prefix-LM mask, gradients,
+parameter groups, ablations, autocast, and the batched trajectory/RoI code against brute force."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stoa_vlp.config import load_config
+from stoa_vlp.model import STOAVLP, VideoFeatures
+from stoa_vlp.model.objects import ROI_OUTPUT_SIZE
+from stoa_vlp.tokenizer import Tokenizer
+
+CAPTIONS = ["a man is riding a horse on the beach", "a red ball rolls to the left", "two dogs"]
+
+
+def tiny(*overrides: str):
+    return load_config("tiny", list(overrides)).model
+
+
+def make_model(*overrides: str, seed: int = 0) -> STOAVLP:
+    torch.manual_seed(seed)
+    return STOAVLP(tiny(*overrides)).eval()
+
+
+def make_inputs(config, batch: int = 3, seed: int = 0) -> dict:
+    """Random clips with a mix of real and padded boxes, categories and text tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, config.frames, config.boxes_per_frame)
+    corner = torch.rand(*shape, 2, generator=generator) * config.image_size * 0.6
+    size = 4 + torch.rand(*shape, 2, generator=generator) * config.image_size * 0.4
+    box_labels = torch.randint(1, 5, shape, generator=generator)
+    box_mask = torch.rand(shape, generator=generator) < 0.7
+    box_labels = box_labels * box_mask
+    traj_labels = torch.tensor([[1, 2, 3, 0], [4, 1, 0, 0], [2, 0, 0, 0]])[:batch, : config.trajectories]
+    tokens, text_mask = Tokenizer(config.text_len)(CAPTIONS[:batch])
+    return dict(
+        frames=torch.randn(batch, config.frames, 3, config.image_size, config.image_size, generator=generator),
+        boxes=torch.cat([corner, corner + size], dim=-1),
+        box_labels=box_labels,
+        box_mask=box_mask,
+        traj_labels=traj_labels,
+        traj_mask=traj_labels > 0,
+        tokens=tokens,
+        text_mask=text_mask,
+    )
+
+
+def video_args(inputs: dict) -> tuple:
+    return tuple(inputs[k] for k in ("frames", "boxes", "box_labels", "box_mask", "traj_labels", "traj_mask"))
+
+
+def run_all(model: STOAVLP, inputs: dict) -> dict:
+    video = model.encode_video(*video_args(inputs))
+    text = model.encode_text(inputs["tokens"], inputs["text_mask"])
+    out = {"video": video, "text": text}
+    for mode in ("bidirectional", "prefix"):
+        out[mode] = model.fuse(video, text.tokens, inputs["text_mask"], mode)
+    return out
+
+
+def real_fusion_positions(model: STOAVLP, video: VideoFeatures, text_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool of the real (non-padded) fusion positions."""
+    batch, frames = video.frames.shape[:2]
+    ones = torch.ones(batch, frames + 1, dtype=torch.bool)
+    actions = torch.ones(batch, video.actions.shape[1], dtype=torch.bool)
+    return torch.cat([ones, video.traj_mask, actions, text_mask], dim=1)
+
+
+def assert_same_real_outputs(model, first: dict, second: dict, text_mask) -> None:
+    for name in ("frames", "video", "actions", "traj_mask"):
+        assert torch.equal(getattr(first["video"], name), getattr(second["video"], name)), name
+    traj_mask = first["video"].traj_mask
+    assert torch.equal(first["video"].trajectories[traj_mask], second["video"].trajectories[traj_mask])
+    assert torch.equal(first["text"].tokens[text_mask], second["text"].tokens[text_mask])
+    assert torch.equal(first["text"].sentence, second["text"].sentence)
+    real = real_fusion_positions(model, first["video"], text_mask)
+    for mode in ("bidirectional", "prefix"):
+        assert torch.equal(first[mode].hidden[real], second[mode].hidden[real]), mode
+        assert torch.equal(first[mode].video_sep, second[mode].video_sep)
+        assert torch.equal(first[mode].sentence, second[mode].sentence)
+
+
+def test_output_shapes_follow_the_api():
+    model = make_model()
+    config = model.config
+    inputs = make_inputs(config)
+    with torch.no_grad():
+        out = run_all(model, inputs)
+        extra = model.fuse(out["video"], out["text"].tokens, inputs["text_mask"], "bidirectional", torch.zeros(3, 1, 64))
+    batch, T, N, M, L, E = 3, config.frames, config.trajectories, config.action_queries, config.text_len, config.embed_dim
+    video = out["video"]
+    assert video.frames.shape == (batch, T, E) and video.video.shape == (batch, E)
+    assert video.trajectories.shape == (batch, N, E) and video.actions.shape == (batch, M, E)
+    assert torch.equal(video.traj_mask, inputs["traj_mask"])
+    torch.testing.assert_close(video.video, video.frames.mean(dim=1))
+    assert out["text"].tokens.shape == (batch, L, E) and out["text"].sentence.shape == (batch, E)
+    fused = out["prefix"]
+    assert fused.hidden.shape == (batch, T + 1 + N + M + L, E)
+    assert fused.text.shape == (batch, L, E) and fused.video_sep.shape == (batch, E)
+    assert torch.equal(fused.video_sep, fused.hidden[:, T])
+    assert extra.hidden.shape == (batch, T + 1 + N + M + L + 1, E)
+    assert model.match_logits(fused).shape == (batch, 2)
+    assert model.lm_logits(fused.text).shape == (batch, L, config.vocab_size)
+    picked = video.index_select(torch.tensor([2, 0]))
+    assert torch.equal(picked.actions, video.actions[[2, 0]]) and torch.equal(picked.traj_mask, video.traj_mask[[2, 0]])
+    assert not video.detach().frames.requires_grad
+
+
+def test_sentence_is_the_end_token_feature():
+    model = make_model()
+    inputs = make_inputs(model.config)
+    with torch.no_grad():
+        text = model.encode_text(inputs["tokens"], inputs["text_mask"])
+    end = (inputs["tokens"] == Tokenizer().eot_id).int().argmax(dim=1)
+    assert torch.equal(text.sentence, text.tokens[torch.arange(3), end])
+
+
+def test_padded_boxes_and_categories_change_no_output():
+    model = make_model()
+    inputs = make_inputs(model.config)
+    changed = dict(inputs)
+    pads = ~inputs["box_mask"]
+    changed["boxes"] = torch.where(pads[..., None], torch.tensor([5.0, 7.0, 60.0, 61.0]), inputs["boxes"])
+    changed["box_labels"] = torch.where(pads, 3, inputs["box_labels"])
+    changed["traj_labels"] = torch.where(inputs["traj_mask"], inputs["traj_labels"], 2)
+    with torch.no_grad():
+        assert_same_real_outputs(model, run_all(model, inputs), run_all(model, changed), inputs["text_mask"])
+        # the features at padded trajectory slots cannot reach any real fusion position either
+        first = run_all(model, inputs)
+        video = first["video"]
+        noisy = VideoFeatures(
+            video.frames, video.video, torch.where(video.traj_mask[..., None], video.trajectories, 1e3), video.traj_mask, video.actions
+        )
+        real = real_fusion_positions(model, video, inputs["text_mask"])
+        for mode in ("bidirectional", "prefix"):
+            again = model.fuse(noisy, first["text"].tokens, inputs["text_mask"], mode)
+            assert torch.equal(again.hidden[real], first[mode].hidden[real])
+
+
+def test_padded_text_tokens_change_no_output():
+    model = make_model()
+    inputs = make_inputs(model.config)
+    changed = dict(inputs, tokens=torch.where(inputs["text_mask"], inputs["tokens"], 1234))
+    with torch.no_grad():
+        first, second = run_all(model, inputs), run_all(model, changed)
+    assert not torch.equal(first["text"].tokens, second["text"].tokens)  # the padded rows did change
+    assert_same_real_outputs(model, first, second, inputs["text_mask"])
+
+
+def test_zero_detections_give_masked_trajectories_and_no_nan():
+    model = make_model().train()
+    inputs = make_inputs(model.config)
+    inputs["box_mask"][0] = False
+    inputs["box_labels"][0] = 0
+    inputs["traj_mask"][0] = False
+    inputs["traj_labels"][0] = 0
+    out = run_all(model, inputs)
+    assert not out["video"].traj_mask[0].any()
+    loss = 0
+    for mode in ("bidirectional", "prefix"):
+        assert torch.isfinite(out[mode].hidden).all()
+        loss = loss + model.lm_logits(out[mode].text).logsumexp(-1).mean() + model.match_logits(out[mode]).sum()
+    loss = loss + out["video"].trajectories.square().sum() + out["video"].actions.square().sum()
+    assert torch.isfinite(out["video"].trajectories).all() and torch.isfinite(out["video"].actions).all()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    # a batch in which no clip has any detection runs too
+    inputs["box_mask"][:] = False
+    inputs["traj_mask"][:] = False
+    with torch.no_grad():
+        assert torch.isfinite(run_all(model, inputs)["prefix"].hidden).all()
+
+
+def reverse_frames(inputs: dict) -> dict:
+    return dict(inputs, **{k: inputs[k].flip(1) for k in ("frames", "boxes", "box_labels", "box_mask")})
+
+
+def test_temporal_embedding_makes_the_video_feature_order_sensitive():
+    model = make_model("model.objects=false")
+    inputs = make_inputs(model.config)
+    with torch.no_grad():
+        forward = model.encode_video(*video_args(inputs))
+        backward = model.encode_video(*video_args(reverse_frames(inputs)))
+    assert (forward.video - backward.video).abs().max() > 1e-4
+    assert (forward.actions - backward.actions).abs().max() > 1e-4
+
+
+def test_without_temporal_embedding_and_objects_video_and_actions_ignore_frame_order():
+    model = make_model("model.temporal_embedding=false", "model.objects=false")
+    inputs = make_inputs(model.config)
+    with torch.no_grad():
+        forward = model.encode_video(*video_args(inputs))
+        backward = model.encode_video(*video_args(reverse_frames(inputs)))
+    torch.testing.assert_close(forward.video, backward.video, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(forward.actions, backward.actions, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(forward.frames.flip(1), backward.frames, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_mask_hides_later_text():
+    model = make_model()
+    inputs = make_inputs(model.config)
+    config = model.config
+    visual = config.frames + 1 + config.trajectories + config.action_queries
+    position = 2  # a real word token of every caption
+    assert inputs["text_mask"][:, position].all()
+    changed = dict(inputs, tokens=inputs["tokens"].clone())
+    changed["tokens"][:, position] = 999
+    with torch.no_grad():
+        first, second = run_all(model, inputs), run_all(model, changed)
+    prefix_a, prefix_b = first["prefix"].hidden, second["prefix"].hidden
+    assert torch.equal(prefix_a[:, : visual + position], prefix_b[:, : visual + position])
+    assert not torch.allclose(prefix_a[:, visual + position], prefix_b[:, visual + position])
+    # in bidirectional mode the same change does reach the visual positions
+    assert not torch.allclose(first["bidirectional"].hidden[:, :visual], second["bidirectional"].hidden[:, :visual])
+
+
+def pretraining_style_loss(model: STOAVLP, inputs: dict) -> torch.Tensor:
+    """A sum touching every output: VTC-like, VTM, MLM-like and PLM-like LM terms, trajectories, actions."""
+    video = model.encode_video(*video_args(inputs))
+    text = model.encode_text(inputs["tokens"], inputs["text_mask"])
+    mask = inputs["text_mask"]
+    similarity = model.logit_scale.exp() * F.normalize(text.sentence, dim=-1) @ F.normalize(video.video, dim=-1).T
+    targets = torch.arange(len(similarity))
+    loss = F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.T, targets)
+    masked = torch.zeros_like(mask)
+    masked[:, 2] = True
+    mlm_input = torch.where(masked[..., None], model.mask_embedding.expand_as(text.tokens), text.tokens)
+    bidirectional = model.fuse(video, mlm_input, mask, "bidirectional")
+    loss = loss + F.cross_entropy(model.match_logits(bidirectional), torch.ones(len(mask), dtype=torch.long))
+    loss = loss + F.cross_entropy(model.lm_logits(bidirectional.text[masked]), inputs["tokens"][masked])
+    prefix = model.fuse(video, text.tokens, mask, "prefix")
+    next_mask = mask[:, 1:]
+    loss = loss + F.cross_entropy(model.lm_logits(prefix.text[:, :-1][next_mask]), inputs["tokens"][:, 1:][next_mask])
+    loss = loss + F.mse_loss(video.trajectories[video.traj_mask], text.sentence.detach()[:, None].expand_as(video.trajectories)[video.traj_mask])
+    return loss + F.mse_loss(video.actions, text.sentence.detach()[:, None].expand_as(video.actions))
+
+
+def test_every_trainable_parameter_gets_a_gradient_with_and_without_checkpointing():
+    grads = {}
+    for checkpointing in (False, True):
+        model = make_model(f"model.grad_checkpointing={str(checkpointing).lower()}").train()
+        pretraining_style_loss(model, make_inputs(model.config)).backward()
+        without = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert without == [], f"no gradient for {without}"
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters()}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_parameter_groups():
+    model = make_model()
+    groups = {g["name"]: g for g in model.param_groups(lr=1e-4, tower_lr_scale=0.01, weight_decay=0.2)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    members = {name: {names[id(p)] for p in g["params"]} for name, g in groups.items()}
+    all_listed = [n for group in members.values() for n in group]
+    assert sorted(all_listed) == sorted(names.values())  # each parameter exactly once
+    assert groups["tower_decay"]["lr"] == pytest.approx(1e-6) and groups["tower_no_decay"]["lr"] == pytest.approx(1e-6)
+    assert groups["new_decay"]["lr"] == 1e-4 and groups["new_no_decay"]["lr"] == 1e-4
+    assert groups["tower_decay"]["weight_decay"] == 0.2 and groups["new_decay"]["weight_decay"] == 0.2
+    assert groups["tower_no_decay"]["weight_decay"] == 0.0 and groups["new_no_decay"]["weight_decay"] == 0.0
+    assert {"visual.proj", "text.text_projection", "visual.conv1.weight"} <= members["tower_decay"]
+    assert {"logit_scale", "text.token_embedding.weight", "visual.ln_pre.bias", "visual.class_embedding"} <= members["tower_no_decay"]
+    assert {"fusion.transformer.resblocks.0.attn.in_proj_weight", "lm_transform.weight", "match_head.weight"} <= members["new_decay"]
+    assert {"visual.temporal_embedding", "mask_embedding", "object_tokens.label_embedding.weight", "lm_bias"} <= members["new_no_decay"]
+    assert all(not n.startswith(("visual.", "text.")) or n == "visual.temporal_embedding" for n in members["new_decay"] | members["new_no_decay"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model.objects=false",),
+        ("model.actions=false",),
+        ("model.objects=false", "model.actions=false", "model.temporal_embedding=false"),
+        ("model.joint_blocks=0",),
+        ("model.joint_blocks=2", "model.action_tap_layer=2"),
+    ],
+)
+def test_ablations_run(overrides):
+    model = make_model(*overrides)
+    config = model.config
+    inputs = make_inputs(config)
+    with torch.no_grad():
+        out = run_all(model, inputs)
+    N = config.trajectories if config.objects else 0
+    M = config.action_queries if config.actions else 0
+    assert out["video"].trajectories.shape == (3, N, 64) and out["video"].traj_mask.shape == (3, N)
+    assert out["video"].actions.shape == (3, M, 64)
+    assert out["prefix"].hidden.shape[1] == config.frames + 1 + N + M + config.text_len
+    assert torch.isfinite(out["bidirectional"].hidden).all()
+    assert not any("temporal_embedding" in n for n, _ in model.named_parameters()) or config.temporal_embedding
+
+
+def test_bf16_autocast_runs_close_to_fp32():
+    model = make_model()
+    inputs = make_inputs(model.config)
+    with torch.no_grad():
+        full = run_all(model, inputs)["prefix"].hidden
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run_all(model, inputs)
+            logits = model.lm_logits(out["prefix"].text)
+    assert torch.isfinite(logits).all()
+    assert (out["prefix"].hidden.float() - full).abs().mean() < 0.1 * full.abs().mean()
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match=r"model.embed_dim \(32\) must equal model.text_width \(64\)"):
+        STOAVLP(tiny("model.embed_dim=32"))
+    with pytest.raises(ValueError, match="object_tap_layer must be in 1..2"):
+        STOAVLP(tiny("model.object_tap_layer=3"))
+    model = make_model("model.fusion_positions=20")
+    inputs = make_inputs(model.config)
+    with torch.no_grad(), pytest.raises(ValueError, match="exceeds model.fusion_positions=20"):
+        run_all(model, inputs)
+
+
+def test_trajectories_match_one_sequence_per_category_brute_force():
+    model = make_model()
+    inputs = make_inputs(model.config)
+    encoder = model.trajectory_encoder
+    with torch.no_grad():
+        tower = model.visual(inputs["frames"])
+        tokens = model.object_tokens(tower.object_tap, inputs["boxes"], inputs["box_labels"], inputs["box_mask"])
+        batched = encoder(tokens, inputs["box_labels"], inputs["box_mask"], inputs["traj_labels"], inputs["traj_mask"])
+        for b in range(tokens.shape[0]):
+            for n in range(inputs["traj_labels"].shape[1]):
+                if not inputs["traj_mask"][b, n]:
+                    continue
+                member = inputs["box_mask"][b] & (inputs["box_labels"][b] == inputs["traj_labels"][b, n])
+                sequence = torch.cat([encoder.cls_embedding[None], tokens[b][member]])[None]  # no padding at all
+                expected = encoder.ln(encoder.transformer(sequence)[0, 0]) @ encoder.proj
+                torch.testing.assert_close(batched[b, n], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_action_encoder_matches_per_frame_brute_force():
+    model = make_model()
+    inputs = make_inputs(model.config)
+    actions = model.action_encoder
+    with torch.no_grad():
+        tower = model.visual(inputs["frames"])
+        tokens = model.object_tokens(tower.object_tap, inputs["boxes"], inputs["box_labels"], inputs["box_mask"])
+        batched = actions(tower.action_tap, tokens, inputs["box_mask"])
+        queries = actions.ln_query(actions.query_embedding)  # (M, W)
+        width = queries.shape[1]
+        for b in range(tokens.shape[0]):
+            per_frame = []
+            for t in range(model.config.frames):
+                context = actions.ln_context(torch.cat([tower.action_tap[b, t, 1:], tokens[b, t][inputs["box_mask"][b, t]]]))
+                weights = torch.softmax(queries @ context.T / math.sqrt(width), dim=-1)
+                per_frame.append(weights @ context + actions.temporal_embedding[t])
+            sequence = torch.cat([tower.action_tap[b, :, 0].mean(0).expand(len(queries), 1, width), torch.stack(per_frame, 1)], dim=1)
+            expected = actions.ln(actions.transformer(sequence)[:, 0]) @ actions.proj
+            torch.testing.assert_close(batched[b], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_roi_align_uses_the_patch_grid_of_the_input_frame():
+    """On a patch map linear in (column, row), a box's mean RoI feature is the map at the box centre."""
+    model = make_model()
+    objects = model.object_tokens
+    grid = model.config.image_size // model.config.patch_size
+    rows, columns = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    patch_map = (3 * columns + 7 * rows)[None, None].expand(1, 2, grid, grid).contiguous()
+    boxes = torch.tensor([[[[16.0, 16.0, 32.0, 48.0], [20.0, 12.0, 44.0, 28.0]]]])  # (1, 1, 2, 4) pixels
+    regions = objects.regions(patch_map, boxes)
+    assert regions.shape == (2, 2, ROI_OUTPUT_SIZE, ROI_OUTPUT_SIZE)
+    scale = grid / model.config.image_size
+    centre_x = (boxes[0, 0, :, 0] + boxes[0, 0, :, 2]) / 2 * scale - 0.5  # aligned=True: pixel centres
+    centre_y = (boxes[0, 0, :, 1] + boxes[0, 0, :, 3]) / 2 * scale - 0.5
+    torch.testing.assert_close(regions[:, 0].mean(dim=(1, 2)), 3 * centre_x + 7 * centre_y)
+
