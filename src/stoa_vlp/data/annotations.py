@@ -1,0 +1,412 @@
+"""Annotation readers: every supported format becomes a list of `VideoRecord`.
+
+Formats (design.md §3), with the file `path` points at:
+- msrvtt: CLIP4Clip's `MSRVTT_data.json` ({"videos": [{"video_id", "split"}], "sentences":
+  [{"video_id", "caption"}]}), split train / val ("validate" in the file) / test;
+  `MSRVTT_train.9k.csv` (column video_id; captions from MSRVTT_data.json beside it);
+  `MSRVTT_JSFUSION_test.csv` (columns key, vid_key, video_id, sentence: one caption per video).
+- msvd: `raw-captions.pkl` ({video_id: [[word, ...], ...]}) with `<split>_list.txt` beside it.
+- didemo: CLIP4Clip's `<split>_data.json` (list of {"video", "description", "times"}) with
+  `<split>_list.txt` beside it when present. Paragraph mode (format "didemo", as CLIP4Clip):
+  one record per video, its sentences joined in file order, seconds 0 to 30. Format
+  "didemo-moments": one record per sentence with the annotators' mean 5-second segment times.
+- lsmdc: `LSMDC16_annos_*.csv`, tab-separated clip_id, start/end aligned, start/end extracted,
+  sentence (no header); one record per clip id collecting its sentences.
+- webvid: CSV with header including videoid, name and page_dir; video at <root>/<page_dir>/<videoid>.mp4.
+- webdataset: video2dataset shards (`.tar`, a folder of them, or a list file): members
+  <key>.mp4 with <key>.txt or <key>.json ("caption"). Record path is "<shard>::<key>".
+- jsonl: one {"video_id", "video", "caption"} per line ("caption" may be a list; "start"/"end"
+  optional); lines with the same video_id merge their captions.
+
+Video files are found under `video_root` (default: a `videos` folder beside the annotation file
+if there is one, else its folder) by file name stem, in any video extension, searching subfolders.
+Empty captions are dropped with a warning naming file and line (an error with strict=True);
+structural problems (malformed JSON, missing columns) are always errors naming file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import pickle
+import tarfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stoa_vlp.data.prepare import VIDEO_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("msrvtt", "msvd", "didemo", "didemo-moments", "lsmdc", "webvid", "webdataset", "jsonl")
+SPLITS = ("train", "val", "test")
+
+
+class AnnotationError(ValueError):
+    """An annotation file is malformed; the message names the file and, where known, the line."""
+
+
+@dataclass
+class VideoRecord:
+    video_id: str
+    path: str  # video file, or "<shard.tar>::<key>" for WebDataset shards
+    start: float | None = None  # seconds; None = from the beginning
+    end: float | None = None  # seconds; None = to the end
+    captions: list[str] = field(default_factory=list)
+
+
+def detect_format(path: str | Path) -> str:
+    """The format of an annotation file from its name (see the module docstring)."""
+    path = Path(path)
+    name = path.name.lower()
+    if path.is_dir() or name.endswith(".tar") or name.endswith(".shards"):
+        return "webdataset"
+    if name.startswith("msrvtt"):
+        return "msrvtt"
+    if name == "raw-captions.pkl":
+        return "msvd"
+    if name.endswith("_data.json"):
+        return "didemo"
+    if name.startswith("lsmdc"):
+        return "lsmdc"
+    if name.endswith(".jsonl"):
+        return "jsonl"
+    if name.endswith(".csv"):
+        return "webvid"
+    raise AnnotationError(f"{path}: cannot tell the annotation format from the name; set data.format")
+
+
+class _Captions:
+    """Collects captions per video, dropping (or refusing) empty ones with file:line."""
+
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.dropped: list[str] = []
+
+    def clean(self, caption, where: str) -> str | None:
+        if not isinstance(caption, str):
+            raise AnnotationError(f"{where}: caption is not a string ({caption!r})")
+        text = " ".join(caption.split())
+        if text:
+            return text
+        if self.strict:
+            raise AnnotationError(f"{where}: empty caption")
+        self.dropped.append(where)
+        return None
+
+    def report(self, path: Path) -> None:
+        if self.dropped:
+            log.warning(
+                "%s: dropped %d empty captions (first at %s)", path, len(self.dropped), self.dropped[0]
+            )
+
+
+class _VideoFiles:
+    """Finds video files under a root by id (file name stem, or the exact file name)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.by_stem: dict[str, str] = {}
+        self.by_name: dict[str, str] = {}
+        for folder, _, names in os.walk(root):
+            for name in names:
+                stem, extension = os.path.splitext(name)
+                if extension.lower() in VIDEO_EXTENSIONS:
+                    self.by_stem.setdefault(stem, os.path.join(folder, name))
+                    self.by_name.setdefault(name, os.path.join(folder, name))
+        self.missing: list[str] = []
+
+    def path(self, video_id: str) -> str:
+        found = self.by_name.get(video_id) or self.by_stem.get(video_id)
+        if found is None:
+            self.missing.append(video_id)
+            return str(self.root / (video_id if os.path.splitext(video_id)[1] else f"{video_id}.mp4"))
+        return found
+
+    def report(self, count: int) -> None:
+        if self.missing:
+            log.warning(
+                "%d of %d videos not found under %s (e.g. %s); they will fail when read",
+                len(self.missing), count, self.root, self.missing[0],
+            )
+
+
+def _json(path: Path):
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise AnnotationError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from None
+
+
+def _need_split(split: str | None, path: Path) -> str:
+    if split not in SPLITS:
+        raise AnnotationError(f"{path}: this format needs split to be one of {', '.join(SPLITS)}, got {split!r}")
+    return split
+
+
+def _id_list(path: Path) -> list[str]:
+    if not path.exists():
+        raise AnnotationError(f"{path}: split list not found")
+    with open(path) as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+def _csv_rows(path: Path, required: tuple[str, ...], delimiter: str = ",") -> list[tuple[int, dict]]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        missing = [column for column in required if column not in (reader.fieldnames or [])]
+        if missing:
+            raise AnnotationError(f"{path}:1: missing column(s) {', '.join(missing)} (header: {reader.fieldnames})")
+        return [(reader.line_num, row) for row in reader]
+
+
+def _msrvtt_sentences(data: dict, path: Path, captions: _Captions) -> dict[str, list[str]]:
+    if not isinstance(data, dict) or "sentences" not in data or "videos" not in data:
+        raise AnnotationError(f"{path}: expected an object with 'videos' and 'sentences'")
+    by_video: dict[str, list[str]] = defaultdict(list)
+    for number, sentence in enumerate(data["sentences"]):
+        where = f"{path}: sentences[{number}]"
+        if not isinstance(sentence, dict) or "video_id" not in sentence or "caption" not in sentence:
+            raise AnnotationError(f"{where}: needs video_id and caption")
+        text = captions.clean(sentence["caption"], where)
+        if text:
+            by_video[sentence["video_id"]].append(text)
+    return by_video
+
+
+def _read_msrvtt(path: Path, split: str | None, captions: _Captions) -> list[tuple[str, list[str], None, None]]:
+    name = path.name.lower()
+    if name.endswith(".json"):
+        split = _need_split(split, path)
+        data = _json(path)
+        by_video = _msrvtt_sentences(data, path, captions)
+        file_split = {"train": "train", "val": "validate", "test": "test"}[split]
+        ids = [video["video_id"] for video in data["videos"] if video.get("split") == file_split]
+        return [(video_id, by_video.get(video_id, []), None, None) for video_id in ids]
+    if "jsfusion" in name:
+        rows = _csv_rows(path, ("video_id", "sentence"))
+        items = []
+        for line, row in rows:
+            text = captions.clean(row["sentence"], f"{path}:{line}")
+            items.append((row["video_id"], [text] if text else [], None, None))
+        return items
+    rows = _csv_rows(path, ("video_id",))
+    data_path = path.parent / "MSRVTT_data.json"
+    if not data_path.exists():
+        raise AnnotationError(f"{path}: needs MSRVTT_data.json beside it for the captions")
+    by_video = _msrvtt_sentences(_json(data_path), data_path, captions)
+    return [(row["video_id"], by_video.get(row["video_id"], []), None, None) for _, row in rows]
+
+
+def _read_msvd(path: Path, split: str | None, captions: _Captions):
+    split = _need_split(split, path)
+    ids = _id_list(path.parent / f"{split}_list.txt")
+    try:
+        with open(path, "rb") as handle:
+            raw = pickle.load(handle)
+    except (pickle.UnpicklingError, EOFError) as error:
+        raise AnnotationError(f"{path}: not a readable pickle ({error})") from None
+    items = []
+    for video_id in ids:
+        if video_id not in raw:
+            raise AnnotationError(f"{path}: video '{video_id}' of {split}_list.txt has no captions")
+        texts = []
+        for number, words in enumerate(raw[video_id]):
+            sentence = " ".join(words) if isinstance(words, (list, tuple)) else words
+            text = captions.clean(sentence, f"{path}: {video_id}[{number}]")
+            if text:
+                texts.append(text)
+        items.append((video_id, texts, None, None))
+    return items
+
+
+def _read_didemo(path: Path, split: str | None, captions: _Captions, paragraph: bool):
+    data = _json(path)
+    if not isinstance(data, list):
+        raise AnnotationError(f"{path}: expected a list of {{video, description, times}}")
+    split_name = path.name[: -len("_data.json")]
+    list_path = path.parent / f"{split_name}_list.txt"
+    keep = set(_id_list(list_path)) if list_path.exists() else None
+    paragraphs: dict[str, list[str]] = {}
+    items = []
+    for number, entry in enumerate(data):
+        where = f"{path}: [{number}]"
+        if not isinstance(entry, dict) or not {"video", "description", "times"} <= entry.keys():
+            raise AnnotationError(f"{where}: needs video, description and times")
+        video_id = entry["video"]
+        if keep is not None and video_id not in keep:
+            continue
+        text = captions.clean(entry["description"], where)
+        if paragraph:
+            paragraphs.setdefault(video_id, [])
+            if text:
+                paragraphs[video_id].append(text)
+            continue
+        times = entry["times"]
+        if not times or not all(isinstance(t, (list, tuple)) and len(t) == 2 for t in times):
+            raise AnnotationError(f"{where}: times must be a list of [start, end] segment pairs")
+        start = 5.0 * sum(t[0] for t in times) / len(times)
+        end = 5.0 * (sum(t[1] for t in times) / len(times) + 1)
+        items.append((video_id, [text] if text else [], start, end))
+    if paragraph:
+        items = [(video_id, [" ".join(texts)] if texts else [], 0.0, 30.0) for video_id, texts in paragraphs.items()]
+    return items
+
+
+def _read_lsmdc(path: Path, captions: _Captions):
+    by_clip: dict[str, list[str]] = {}
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != 6:
+                raise AnnotationError(f"{path}:{number}: expected 6 tab-separated fields, got {len(fields)}")
+            clip_id, sentence = fields[0], fields[5]
+            texts = by_clip.setdefault(clip_id, [])
+            text = captions.clean(sentence, f"{path}:{number}")
+            if text:
+                texts.append(text)
+    return [(clip_id, texts, None, None) for clip_id, texts in by_clip.items()]
+
+
+def _read_jsonl(path: Path, captions: _Captions):
+    merged: dict[str, list] = {}
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise AnnotationError(f"{where}: malformed JSON ({error.msg})") from None
+            if not isinstance(entry, dict) or "video_id" not in entry or "caption" not in entry:
+                raise AnnotationError(f"{where}: needs video_id and caption")
+            video_id = str(entry["video_id"])
+            texts = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+            slot = merged.setdefault(video_id, [entry.get("video", video_id), [], entry.get("start"), entry.get("end")])
+            slot[1].extend(text for text in (captions.clean(t, where) for t in texts) if text)
+    return [(video_id, texts, start, end, video) for video_id, (video, texts, start, end) in merged.items()]
+
+
+def _read_webvid(path: Path, captions: _Captions):
+    rows = _csv_rows(path, ("videoid", "name", "page_dir"))
+    items = []
+    for line, row in rows:
+        text = captions.clean(row["name"], f"{path}:{line}")
+        relative = os.path.join(row["page_dir"], f"{row['videoid']}.mp4")
+        items.append((row["videoid"], [text] if text else [], None, None, relative))
+    return items
+
+
+def shard_list(path: Path) -> list[str]:
+    """WebDataset shards named by a .tar, a folder of .tar files or a text file listing them."""
+    if path.is_dir():
+        shards = sorted(str(p) for p in path.glob("*.tar"))
+    elif path.name.endswith(".tar"):
+        shards = [str(path)]
+    else:
+        shards = [str(path.parent / line) for line in _id_list(path)]
+    if not shards:
+        raise AnnotationError(f"{path}: no .tar shards found")
+    return shards
+
+
+def shard_caption(name: str, data: bytes, where: str) -> str:
+    """The caption held by a shard member <key>.txt or <key>.json ({"caption": ...})."""
+    if name.endswith(".txt"):
+        return data.decode("utf-8")
+    try:
+        values = json.loads(data)
+    except json.JSONDecodeError as error:
+        raise AnnotationError(f"{where}: malformed JSON ({error.msg})") from None
+    if not isinstance(values, dict) or not isinstance(values.get("caption"), str):
+        raise AnnotationError(f"{where}: JSON has no 'caption' string")
+    return values["caption"]
+
+
+def _read_webdataset(path: Path, captions: _Captions):
+    items = []
+    for shard in shard_list(path):
+        keys: dict[str, dict[str, str]] = defaultdict(dict)
+        try:
+            with tarfile.open(shard) as archive:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    key, _, extension = member.name.partition(".")
+                    if extension in ("txt", "json"):
+                        data = archive.extractfile(member).read()
+                        keys[key][extension] = shard_caption(member.name, data, f"{shard}::{member.name}")
+                    elif extension == "mp4":
+                        keys[key]["mp4"] = ""
+        except tarfile.TarError as error:
+            raise AnnotationError(f"{shard}: not a readable tar shard ({error})") from None
+        for key, parts in keys.items():
+            if "mp4" not in parts:
+                continue
+            raw = parts.get("txt", parts.get("json"))
+            text = captions.clean(raw, f"{shard}::{key}") if raw is not None else None
+            items.append((os.path.basename(key), [text] if text else [], None, None, f"{shard}::{key}"))
+    return items
+
+
+def read_annotations(
+    path: str | Path,
+    format: str = "auto",
+    split: str | None = None,
+    video_root: str | Path | None = None,
+    strict: bool = False,
+) -> list[VideoRecord]:
+    """Read an annotation file of any supported format into VideoRecords (videos without a
+    usable caption are dropped with a warning)."""
+    path = Path(path)
+    if not path.exists():
+        raise AnnotationError(f"{path}: annotation file does not exist")
+    format = detect_format(path) if format == "auto" else format
+    if format not in FORMATS:
+        raise AnnotationError(f"unknown annotation format '{format}' (known: {', '.join(FORMATS)})")
+    captions = _Captions(strict)
+    if format == "msrvtt":
+        items = _read_msrvtt(path, split, captions)
+    elif format == "msvd":
+        items = _read_msvd(path, split, captions)
+    elif format in ("didemo", "didemo-moments"):
+        items = _read_didemo(path, split, captions, paragraph=format == "didemo")
+    elif format == "lsmdc":
+        items = _read_lsmdc(path, captions)
+    elif format == "jsonl":
+        items = _read_jsonl(path, captions)
+    elif format == "webdataset":
+        items = _read_webdataset(path, captions)
+    else:
+        items = _read_webvid(path, captions)
+    captions.report(path)
+
+    base = path if path.is_dir() else path.parent
+    root = Path(video_root) if video_root else (base / "videos" if (base / "videos").is_dir() else base)
+    files = _VideoFiles(root) if format not in ("webdataset", "webvid") else None
+    records = []
+    without = []
+    for item in items:
+        video_id, texts, start, end = item[:4]
+        if not texts:
+            without.append(video_id)
+            continue
+        if len(item) == 5:  # the item names its own file (jsonl, webvid, webdataset)
+            given = item[4]
+            location = given if "::" in given or os.path.isabs(given) else str(root / given)
+            if files is not None and not os.path.exists(location):
+                location = files.path(os.path.basename(given))
+        else:
+            location = files.path(video_id)
+        records.append(VideoRecord(video_id, location, start, end, texts))
+    if without:
+        log.warning("%s: %d videos have no caption and are left out (e.g. %s)", path, len(without), without[0])
+    if files is not None:
+        files.report(len(records))
+    return records
