@@ -17,7 +17,7 @@ from stoa_vlp.batch import Batch
 from stoa_vlp.metrics.captioning import CaptionScorer
 from stoa_vlp.objectives.plm import plm_loss
 from stoa_vlp.tasks.decoding import Hypothesis, StepFunction, beam_search, greedy_decode
-from stoa_vlp.tasks.retrieval import concat_features, encode_batch_videos
+from stoa_vlp.tasks.retrieval import encode_videos
 from stoa_vlp.tokenizer import Tokenizer
 
 
@@ -73,30 +73,6 @@ def generate_captions(
     return [tokenizer.decode(h.tokens) for h in hypotheses]
 
 
-@torch.no_grad()
-def encode_unique_videos(model, loader: Iterable[Batch], device) -> tuple[list[str], object]:
-    """(video ids in first-seen order, VideoFeatures of each unique video) over a loader."""
-    was_training = model.training
-    model.eval()
-    ids: list[str] = []
-    parts = []
-    seen: set[str] = set()
-    for batch in loader:
-        batch = batch.to(device)
-        rows = []
-        for row, video_id in enumerate(batch.video_ids):
-            if video_id not in seen:
-                seen.add(video_id)
-                ids.append(video_id)
-                rows.append(row)
-        if rows:
-            parts.append(encode_batch_videos(model, batch, torch.tensor(rows, device=batch.frames.device)))
-    model.train(was_training)
-    if not parts:
-        raise ValueError("the evaluation loader yielded no batches")
-    return ids, concat_features(parts)
-
-
 def evaluate_captioning(
     model,
     loader: Iterable[Batch],
@@ -113,7 +89,7 @@ def evaluate_captioning(
 
     Returns (metrics, {video_id: generated caption}).
     """
-    ids, videos = encode_unique_videos(model, loader, device)
+    ids, videos = encode_videos(model, loader, device)
     missing = [video_id for video_id in ids if video_id not in references]
     if missing:
         raise ValueError(f"no reference captions for {len(missing)} videos (first: {missing[:5]})")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from stoa_vlp.batch import Batch
 from stoa_vlp.metrics.retrieval import rerank_top_k, retrieval_metrics
 from stoa_vlp.objectives.vtc import MAX_LOGIT_SCALE, video_embedding
+from stoa_vlp.tokenizer import Tokenizer
 
 Features = TypeVar("Features")
 
@@ -38,13 +39,26 @@ def encode_batch_videos(model, batch: Batch, rows: torch.Tensor | None = None):
 
 
 @torch.no_grad()
-def extract_features(model, loader: Iterable[Batch], device: torch.device | str):
-    """Encode each unique video once and every caption.
+def encode_videos(model, loader: Iterable[Batch], device) -> tuple[list[str], object]:
+    """(video ids in first-seen order, VideoFeatures of each unique video) over a loader of Batches."""
+    videos, _, _, ids = _encode(model, loader, device, texts=False)
+    return ids, videos
 
-    Returns (VideoFeatures of the unique videos in first-seen order, TextFeatures of all captions
-    in loader order, text_to_video (num_texts,) long index into the videos). Videos are told apart
-    by `Batch.video_ids`. Features stay on `device`.
-    """
+
+@torch.no_grad()
+def encode_texts(model, tokens: torch.Tensor, mask: torch.Tensor, device, batch_size: int = 256):
+    """TextFeatures of token rows (N, L) with their masks, in batches."""
+    was_training = model.training
+    model.eval()
+    parts = [
+        model.encode_text(tokens[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
+        for i in range(0, len(tokens), batch_size)
+    ]
+    model.train(was_training)
+    return concat_features(parts)
+
+
+def _encode(model, loader: Iterable[Batch], device, texts: bool):
     was_training = model.training
     model.eval()
     video_parts, text_parts, text_to_video = [], [], []
@@ -60,11 +74,25 @@ def extract_features(model, loader: Iterable[Batch], device: torch.device | str)
         if new_rows:
             rows = torch.tensor(new_rows, device=batch.frames.device)
             video_parts.append(encode_batch_videos(model, batch, rows))
-        text_parts.append(model.encode_text(batch.tokens, batch.text_mask))
+        if texts:
+            text_parts.append(model.encode_text(batch.tokens, batch.text_mask))
     model.train(was_training)
-    if not text_parts:
+    if not video_parts:
         raise ValueError("the evaluation loader yielded no batches")
-    return concat_features(video_parts), concat_features(text_parts), torch.tensor(text_to_video, dtype=torch.long)
+    text_features = concat_features(text_parts) if texts else None
+    return concat_features(video_parts), text_features, torch.tensor(text_to_video, dtype=torch.long), list(video_position)
+
+
+@torch.no_grad()
+def extract_features(model, loader: Iterable[Batch], device: torch.device | str):
+    """Encode each unique video once and every caption.
+
+    Returns (VideoFeatures of the unique videos in first-seen order, TextFeatures of all captions
+    in loader order, text_to_video (num_texts,) long index into the videos). Videos are told apart
+    by `Batch.video_ids`. Features stay on `device`.
+    """
+    videos, texts, text_to_video, _ = _encode(model, loader, device, texts=True)
+    return videos, texts, text_to_video
 
 
 def contrastive_similarity(videos, texts, video_feature: str = "mean") -> torch.Tensor:
@@ -117,23 +145,17 @@ def rerank_similarities(
     return t2v, v2t
 
 
-def evaluate_retrieval(
+def retrieval_metrics_of_features(
     model,
-    loader: Iterable[Batch],
-    device: torch.device | str,
+    videos,
+    texts,
+    text_to_video: torch.Tensor,
     rerank_k: int = 0,
     dual_softmax_scale: float | None = None,
     video_feature: str = "mean",
     pair_batch_size: int = 256,
 ) -> dict[str, float]:
-    """Retrieval metrics of `model` on the captions and videos of `loader`.
-
-    Keys "t2v_r1", "t2v_r5", "t2v_r10", "t2v_mdr", "t2v_mnr" and "v2t_..." come from the
-    contrastive similarity; with `rerank_k` > 0, "t2v_rerank_..." and "v2t_rerank_..." from the
-    fusion re-ranking of each query's top-k; with `dual_softmax_scale`, "t2v_dsl_..." and
-    "v2t_dsl_..." from dual softmax on the contrastive similarity. Also "num_texts", "num_videos".
-    """
-    videos, texts, text_to_video = extract_features(model, loader, device)
+    """Metrics from encoded videos and captions (see `evaluate_retrieval` for the keys)."""
     similarity = contrastive_similarity(videos, texts, video_feature).cpu()
     metrics = retrieval_metrics(similarity, text_to_video, dual_softmax_scale)
     if rerank_k > 0:
@@ -145,3 +167,50 @@ def evaluate_retrieval(
     metrics["num_texts"] = float(len(text_to_video))
     metrics["num_videos"] = float(videos.video.shape[0])
     return metrics
+
+
+def evaluate_retrieval(
+    model,
+    loader: Iterable[Batch],
+    device: torch.device | str,
+    rerank_k: int = 0,
+    dual_softmax_scale: float | None = None,
+    video_feature: str = "mean",
+    pair_batch_size: int = 256,
+) -> dict[str, float]:
+    """Retrieval metrics of `model` on the captions and videos of `loader` (one row per caption).
+
+    Keys "t2v_r1", "t2v_r5", "t2v_r10", "t2v_mdr", "t2v_mnr" and "v2t_..." come from the
+    contrastive similarity; with `rerank_k` > 0, "t2v_rerank_..." and "v2t_rerank_..." from the
+    fusion re-ranking of each query's top-k; with `dual_softmax_scale`, "t2v_dsl_..." and
+    "v2t_dsl_..." from dual softmax on the contrastive similarity. Also "num_texts", "num_videos".
+    """
+    videos, texts, text_to_video = extract_features(model, loader, device)
+    return retrieval_metrics_of_features(
+        model, videos, texts, text_to_video, rerank_k, dual_softmax_scale, video_feature, pair_batch_size
+    )
+
+
+def evaluate_retrieval_records(
+    model,
+    video_loader: Iterable[Batch],
+    records,
+    tokenizer: Tokenizer,
+    device,
+    rerank_k: int = 0,
+    dual_softmax_scale: float | None = None,
+    video_feature: str = "mean",
+    pair_batch_size: int = 256,
+) -> dict[str, float]:
+    """Like `evaluate_retrieval`, but decodes each record's clip once (`video_loader` has one row per
+    record, in record order) and takes every caption of every record as a query."""
+    ids, videos = encode_videos(model, video_loader, device)
+    if ids != [record.video_id for record in records]:
+        raise ValueError("the video loader must hold one row per record, in record order, with distinct video ids")
+    captions = [caption for record in records for caption in record.captions]
+    text_to_video = torch.tensor([i for i, record in enumerate(records) for _ in record.captions], dtype=torch.long)
+    tokens, mask = tokenizer(captions)
+    texts = encode_texts(model, tokens, mask, device, pair_batch_size)
+    return retrieval_metrics_of_features(
+        model, videos, texts, text_to_video, rerank_k, dual_softmax_scale, video_feature, pair_batch_size
+    )

@@ -1,0 +1,80 @@
+"""Inputs of the downstream tasks: detections and label vocabulary, video files by id, loaders
+that decode each clip once, and batches that carry a class label per row (QA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from stoa_vlp.batch import Batch
+from stoa_vlp.config import Config
+from stoa_vlp.data.annotations import VideoRecord
+from stoa_vlp.data.dataset import VideoTextDataset, collate
+from stoa_vlp.data.prepare import find_videos
+
+
+def load_detections(config: Config):
+    """(detections by video id, LabelVocab) named by data.detections / data.label_vocab, or (None, None).
+
+    Without data.label_vocab the vocabulary is built from the detections, as the dataset does.
+    """
+    if not (config.data.detections and config.model.objects):
+        return None, None
+    from stoa_vlp.data.detections import LabelVocab, read_detections
+
+    detections = read_detections(config.data.detections)
+    if config.data.label_vocab and Path(config.data.label_vocab).exists():
+        return detections, LabelVocab.load(config.data.label_vocab)
+    return detections, LabelVocab.from_detections(detections)
+
+
+def video_root(config: Config, annotation_file: str | Path) -> Path:
+    """data.video_root, else a `videos` folder beside the file, else the file's folder."""
+    if config.data.video_root:
+        return Path(config.data.video_root)
+    base = Path(annotation_file).parent
+    return base / "videos" if (base / "videos").is_dir() else base
+
+
+def find_video_paths(video_ids: list[str], root: Path, source: str | Path) -> dict[str, str]:
+    """{video_id: file} for every id, or a ValueError naming `source` and the missing ids."""
+    found = dict(find_videos(root))
+    missing = sorted({video_id for video_id in video_ids if video_id not in found})
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} videos not found under {root} (e.g. {', '.join(missing[:3])})")
+    return {video_id: found[video_id] for video_id in video_ids}
+
+
+def evaluation_loader(dataset, config: Config, collate_fn=collate) -> DataLoader:
+    """Sequential loader over an evaluation dataset."""
+    return DataLoader(
+        dataset, batch_size=config.data.batch_size, shuffle=False, num_workers=config.data.num_workers,
+        collate_fn=collate_fn,
+    )
+
+
+def video_loader(records: list[VideoRecord], config: Config, detections=None, label_vocab=None) -> DataLoader:
+    """One evaluation item per record (its first caption), so each clip is decoded once."""
+    dataset = VideoTextDataset(records, config, False, detections, label_vocab, None, items="videos")
+    return evaluation_loader(dataset, config)
+
+
+@dataclass
+class LabelledBatch(Batch):
+    labels: torch.Tensor  # (B,) long class label per row, -1 = none (e.g. an answer outside the vocabulary)
+
+
+class LabelledCollate:
+    """Collates samples into a LabelledBatch; row labels come from `labels[sample.video_index]`
+    (the dataset's record index: one record per labelled item)."""
+
+    def __init__(self, labels: list[int]):
+        self.labels = torch.tensor(labels, dtype=torch.long)
+
+    def __call__(self, samples) -> LabelledBatch:
+        batch = collate(samples)
+        values = {f.name: getattr(batch, f.name) for f in fields(batch)}
+        return LabelledBatch(**values, labels=self.labels[batch.video_index])

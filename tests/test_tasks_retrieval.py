@@ -1,0 +1,128 @@
+"""Retrieval task: features computed once per video, contrastive metrics, VTM re-ranking of the top-k."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stoa_vlp.batch import Batch
+from stoa_vlp.config import load_config
+from stoa_vlp.metrics.retrieval import retrieval_metrics
+from stoa_vlp.model import build_model
+from stoa_vlp.data.annotations import VideoRecord
+from stoa_vlp.tasks.retrieval import (
+    contrastive_similarity,
+    evaluate_retrieval,
+    evaluate_retrieval_records,
+    extract_features,
+)
+from stoa_vlp.tokenizer import Tokenizer
+
+CAPTIONS = ["a red square moves left", "a blue circle grows", "a green triangle spins", "two shapes move apart",
+            "a yellow square falls", "nothing moves at all"]
+
+
+def clip_tensors(config, video_id: str):
+    """Deterministic frames and boxes for a video id; some clips have no detections."""
+    seed = int(video_id.strip("v"))
+    generator = torch.Generator().manual_seed(seed)
+    m = config.model
+    frames = torch.randn(m.frames, 3, m.image_size, m.image_size, generator=generator)
+    corner = torch.rand(m.frames, m.boxes_per_frame, 2, generator=generator) * m.image_size / 2
+    boxes = torch.cat([corner, corner + m.image_size / 3], dim=-1)
+    labels = torch.randint(1, 4, (m.frames, m.boxes_per_frame), generator=generator) * (seed % 3 != 0)
+    traj_labels = torch.zeros(m.trajectories, dtype=torch.long)
+    present = labels.unique()
+    present = present[present > 0][: m.trajectories]
+    traj_labels[: len(present)] = present
+    return frames, boxes, labels, labels > 0, traj_labels, traj_labels > 0
+
+
+def make_batch(config, tokenizer, video_ids, captions):
+    parts = [clip_tensors(config, video_id) for video_id in video_ids]
+    tokens, mask = tokenizer(captions)
+    stacked = [torch.stack([p[i] for p in parts]) for i in range(6)]
+    return Batch(*stacked, tokens=tokens, text_mask=mask, pos_tags=torch.zeros_like(tokens),
+                 video_index=torch.tensor([int(v.strip("v")) for v in video_ids]), video_ids=list(video_ids))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    config = load_config("tiny")
+    model = build_model(config.model).eval()
+    tokenizer = Tokenizer(config.model.text_len)
+    loader = [
+        make_batch(config, tokenizer, ["v1", "v2", "v1"], CAPTIONS[:3]),
+        make_batch(config, tokenizer, ["v3", "v2", "v4"], CAPTIONS[3:]),
+    ]
+    return config, model, tokenizer, loader
+
+
+def test_extract_features_encodes_each_video_once(setup, monkeypatch):
+    config, model, tokenizer, loader = setup
+    encoded = []
+    original = model.encode_video
+    monkeypatch.setattr(model, "encode_video", lambda *a: encoded.append(a[0].shape[0]) or original(*a))
+    videos, texts, text_to_video = extract_features(model, loader, "cpu")
+    assert sum(encoded) == 4
+    assert text_to_video.tolist() == [0, 1, 0, 2, 1, 3]
+    assert videos.video.shape == (4, config.model.embed_dim) and texts.sentence.shape[0] == 6
+    with torch.no_grad():
+        alone = original(*[t.unsqueeze(0) for t in clip_tensors(config, "v3")])
+        caption = model.encode_text(*tokenizer(CAPTIONS[4]))
+    torch.testing.assert_close(videos.frames[2], alone.frames[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(videos.trajectories[2], alone.trajectories[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(texts.sentence[4], caption.sentence[0], atol=1e-5, rtol=1e-4)
+
+
+def test_evaluate_retrieval_matches_brute_force_reranking(setup, monkeypatch):
+    config, model, tokenizer, loader = setup
+    videos, texts, text_to_video = extract_features(model, loader, "cpu")
+    meanp = F.normalize(F.normalize(videos.frames, dim=-1).mean(dim=1), dim=-1)
+    similarity = F.normalize(texts.sentence, dim=-1) @ meanp.t()
+    torch.testing.assert_close(contrastive_similarity(videos, texts), similarity)
+    with torch.no_grad():  # P(matched) of every text-video pair
+        pairs = [(t, v) for t in range(6) for v in range(4)]
+        t_index = torch.tensor([t for t, _ in pairs])
+        v_index = torch.tensor([v for _, v in pairs])
+        fused = model.fuse(videos.index_select(v_index), texts.tokens[t_index], texts.mask[t_index], "bidirectional")
+        match = torch.softmax(model.match_logits(fused), dim=-1)[:, 1].view(6, 4)
+    scale = float(model.logit_scale.detach().exp().clamp(max=100))
+    k = 2
+
+    def expected(sim, prob):
+        out = sim.clone()
+        for row in range(sim.shape[0]):
+            top = sim[row].topk(k).indices
+            fused_scores = torch.softmax(scale * sim[row, top], dim=0) * prob[row, top]
+            out[row, top] = 10.0 + fused_scores  # any placement above the untouched entries
+        return out
+
+    fused_pairs = []
+    original_fuse = model.fuse
+    monkeypatch.setattr(model, "fuse", lambda v, *a, **kw: fused_pairs.append(v.video.shape[0]) or original_fuse(v, *a, **kw))
+    metrics = evaluate_retrieval(model, loader, "cpu", rerank_k=k, dual_softmax_scale=100.0)
+    assert sum(fused_pairs) == (6 + 4) * k  # only the top-k pairs of each query are fused
+    plain = retrieval_metrics(similarity, text_to_video, 100.0)
+    t2v = retrieval_metrics(expected(similarity, match), text_to_video)
+    v2t = retrieval_metrics(expected(similarity.t(), match.t()).t(), text_to_video)
+    for key, value in plain.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-4)
+    for key in ("r1", "r5", "r10", "mdr", "mnr"):
+        assert metrics[f"t2v_rerank_{key}"] == pytest.approx(t2v[f"t2v_{key}"], abs=1e-4)
+        assert metrics[f"v2t_rerank_{key}"] == pytest.approx(v2t[f"v2t_{key}"], abs=1e-4)
+    assert metrics["num_texts"] == 6 and metrics["num_videos"] == 4
+
+
+def test_records_path_decodes_each_clip_once_and_agrees(setup):
+    config, model, tokenizer, loader = setup
+    records = [VideoRecord("v1", "v1.mp4", captions=[CAPTIONS[0], CAPTIONS[2]]),
+               VideoRecord("v2", "v2.mp4", captions=[CAPTIONS[1], CAPTIONS[4]]),
+               VideoRecord("v3", "v3.mp4", captions=[CAPTIONS[3]]),
+               VideoRecord("v4", "v4.mp4", captions=[CAPTIONS[5]])]
+    video_rows = [make_batch(config, tokenizer, ["v1", "v2"], CAPTIONS[:2]), make_batch(config, tokenizer, ["v3", "v4"], CAPTIONS[:2])]
+    by_records = evaluate_retrieval_records(model, video_rows, records, tokenizer, "cpu", rerank_k=2)
+    reordered = [make_batch(config, tokenizer, ["v1", "v1", "v2", "v2"], [CAPTIONS[i] for i in (0, 2, 1, 4)]),
+                 make_batch(config, tokenizer, ["v3", "v4"], [CAPTIONS[3], CAPTIONS[5]])]
+    by_loader = evaluate_retrieval(model, reordered, "cpu", rerank_k=2)
+    assert by_records == pytest.approx(by_loader, abs=1e-4)
