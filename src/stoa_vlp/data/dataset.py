@@ -1,0 +1,508 @@
+"""Datasets of (clip, caption) samples and their collation into a `stoa_vlp.batch.Batch`.
+
+`VideoTextDataset` (map-style, for annotation files) has one item per caption, in training and
+in evaluation alike (CLIP4Clip's "unfold sentences"): an epoch sees every caption once, and two
+captions of one video in a batch share `video_index`, so VTC treats both as positives. With
+items="videos" it has one item per video instead (a random caption in training, the first in
+evaluation), for encoding each video once.
+
+`WebDatasetShards` (iterable, for video2dataset shards) splits shards over ranks and DataLoader
+workers; in training it resamples shards at random without end and shuffles samples in a buffer.
+
+Records live in one numpy byte buffer with offsets (as detectron2 serialises its dataset
+lists), so DataLoader workers share the pages instead of each touching (and so copying) Python
+objects through reference counts.
+
+Bad samples: in evaluation every problem is an error naming the file. In training a sample whose
+video is missing or unreadable, or whose caption is empty, is skipped (another sample is drawn),
+logged and counted in a `SkipCounter` shared with the workers; training stops with
+`TooManyBadSamples` once the skipped share exceeds data.max_bad_samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import pickle
+import random
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+
+from stoa_vlp.batch import TAG_NONE, Batch
+from stoa_vlp.config import Config
+from stoa_vlp.data.annotations import VideoRecord, detect_format, read_annotations, shard_caption, shard_list
+from stoa_vlp.data.decode import VideoError, decode_clip
+from stoa_vlp.data.geometry import resize_crop
+from stoa_vlp.data.transforms import FrameTransform
+from stoa_vlp.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("missing_file", "bad_video", "empty_caption")
+WARNINGS_PER_REASON = 10  # skips logged one by one per process; later ones only counted
+
+
+class TooManyBadSamples(RuntimeError):
+    """The share of skipped training samples went over data.max_bad_samples."""
+
+
+class BadSample(ValueError):
+    """A sample that cannot be built; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class SkipCounter:
+    """Counts drawn and skipped samples per reason, in shared memory visible to all workers.
+
+    Create it in the main process before the DataLoader starts its workers.
+    """
+
+    def __init__(self, max_share: float, min_seen: int = 100):
+        self.max_share = max_share
+        self.min_seen = min_seen  # the share is not judged before this many samples were drawn
+        self._counts = multiprocessing.get_context().Array("q", 1 + len(SKIP_REASONS))  # seen, skips...
+        self._logged = dict.fromkeys(SKIP_REASONS, 0)
+
+    def seen(self) -> None:
+        with self._counts.get_lock():
+            self._counts[0] += 1
+
+    def skip(self, reason: str, message: str) -> None:
+        """Count and log a skip; raise TooManyBadSamples when the share goes over max_share."""
+        with self._counts.get_lock():
+            self._counts[1 + SKIP_REASONS.index(reason)] += 1
+        if self._logged[reason] < WARNINGS_PER_REASON:
+            self._logged[reason] += 1
+            log.warning("skipped sample (%s): %s", reason, message)
+        self.check()
+
+    @property
+    def total(self) -> int:
+        return int(self._counts[0])
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return {reason: int(self._counts[1 + i]) for i, reason in enumerate(SKIP_REASONS)}
+
+    def share(self) -> float:
+        return sum(self.skipped.values()) / max(1, self.total)
+
+    def check(self) -> None:
+        if self.total >= self.min_seen and self.share() > self.max_share:
+            raise TooManyBadSamples(f"{self.summary()}: more than data.max_bad_samples={self.max_share:.2%}")
+
+    def summary(self) -> str:
+        skipped = self.skipped
+        detail = ", ".join(f"{reason} {count}" for reason, count in skipped.items() if count)
+        return f"skipped {sum(skipped.values())} of {self.total} samples ({self.share():.2%})" + (
+            f": {detail}" if detail else ""
+        )
+
+
+class SerializedList:
+    """A read-only list of picklable objects stored as one numpy byte buffer plus offsets."""
+
+    def __init__(self, items: list):
+        blobs = [np.frombuffer(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8) for item in items]
+        self._ends = np.cumsum([len(blob) for blob in blobs], dtype=np.int64)
+        self._bytes = np.concatenate(blobs) if blobs else np.zeros(0, dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, index: int) -> Any:
+        start = int(self._ends[index - 1]) if index > 0 else 0
+        return pickle.loads(memoryview(self._bytes[start : int(self._ends[index])]))
+
+
+@dataclass
+class Sample:
+    frames: torch.Tensor  # (T, 3, S, S) float32, CLIP-normalised
+    boxes: np.ndarray  # (T, K, 4) float32, input-frame pixels
+    box_labels: np.ndarray  # (T, K) int64
+    box_mask: np.ndarray  # (T, K) bool
+    traj_labels: np.ndarray  # (N,) int64
+    traj_mask: np.ndarray  # (N,) bool
+    tokens: torch.Tensor  # (L,) int64
+    text_mask: torch.Tensor  # (L,) bool
+    pos_tags: np.ndarray  # (L,) int64
+    video_index: int
+    video_id: str
+
+
+def collate(samples: list[Sample]) -> Batch:
+    """Stack samples into a Batch (shapes in stoa_vlp.batch)."""
+
+    def stack(name: str) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(getattr(sample, name)) for sample in samples])
+
+    return Batch(
+        frames=stack("frames"),
+        boxes=stack("boxes"),
+        box_labels=stack("box_labels"),
+        box_mask=stack("box_mask"),
+        traj_labels=stack("traj_labels"),
+        traj_mask=stack("traj_mask"),
+        tokens=stack("tokens"),
+        text_mask=stack("text_mask"),
+        pos_tags=stack("pos_tags"),
+        video_index=torch.tensor([sample.video_index for sample in samples], dtype=torch.long),
+        video_ids=[sample.video_id for sample in samples],
+    )
+
+
+def _no_objects(frames: int, boxes: int, trajectories: int) -> dict[str, np.ndarray]:
+    """All-padding object targets (no detections, or objects switched off)."""
+    return {
+        "boxes": np.zeros((frames, boxes, 4), dtype=np.float32),
+        "box_labels": np.zeros((frames, boxes), dtype=np.int64),
+        "box_mask": np.zeros((frames, boxes), dtype=bool),
+        "traj_labels": np.zeros(trajectories, dtype=np.int64),
+        "traj_mask": np.zeros(trajectories, dtype=bool),
+    }
+
+
+class SampleBuilder:
+    """Turns (video source, caption) into a Sample: decode, transform, objects, tokens, tags."""
+
+    def __init__(self, config: Config, training: bool, detections=None, label_vocab=None, tag_cache=None):
+        self.config = config
+        self.training = training
+        self.detections = detections if config.model.objects else None
+        self.label_vocab = label_vocab
+        self.tag_cache = tag_cache
+        self.sampling = config.data.train_sampling if training else config.data.eval_sampling
+        self.transform = FrameTransform(config.model.image_size)
+        self.tokenizer = Tokenizer(config.model.text_len)
+        self.untagged = 0
+        if self.detections is not None and label_vocab is None:
+            raise ValueError("detections need a label vocabulary (data.label_vocab or LabelVocab.from_detections)")
+
+    def build(self, source, name: str, video_id: str, caption: str, start, end, video_index: int,
+              rng: np.random.Generator) -> Sample:
+        model = self.config.model
+        if not caption or not caption.strip():
+            raise BadSample("empty_caption", f"{name}: empty caption")
+        try:
+            clip = decode_clip(source, model.frames, self.sampling, start, end, rng, self.config.data.decoder, name=name)
+        except VideoError as error:
+            reason = "missing_file" if error.problem == "file does not exist" else "bad_video"
+            raise BadSample(reason, str(error)) from None
+        tokens, text_mask = self.tokenizer(caption)
+        return Sample(
+            frames=self.transform(clip.frames),
+            **self._objects(video_id, clip),
+            tokens=tokens[0],
+            text_mask=text_mask[0],
+            pos_tags=self._tags(caption),
+            video_index=video_index,
+            video_id=video_id,
+        )
+
+    def _objects(self, video_id: str, clip) -> dict[str, np.ndarray]:
+        model = self.config.model
+        if self.detections is None:
+            return _no_objects(model.frames, model.boxes_per_frame, model.trajectories)
+        from stoa_vlp.data.detections import select_objects
+
+        dets = self.detections.get(video_id)
+        # boxes are in pixels of the video the detector saw; its aspect matches the decoded one
+        width, height = (dets.width, dets.height) if dets is not None else (clip.width, clip.height)
+        targets = select_objects(
+            dets, clip.times.tolist(), resize_crop(width, height, model.image_size), self.label_vocab,
+            model.boxes_per_frame, model.trajectories,
+        )
+        return {
+            "boxes": targets.boxes,
+            "box_labels": targets.labels,
+            "box_mask": targets.mask,
+            "traj_labels": targets.traj_labels,
+            "traj_mask": targets.traj_mask,
+        }
+
+    def _tags(self, caption: str) -> np.ndarray:
+        length = self.config.model.text_len
+        tags = self.tag_cache.get(caption) if self.tag_cache is not None else None
+        if tags is None:
+            if self.tag_cache is not None:
+                self.untagged += 1
+                if self.untagged == 1:
+                    log.warning("caption not in the tag cache, no noun/verb tags for it (and later ones): %r", caption)
+            return np.full(length, TAG_NONE, dtype=np.int64)
+        tags = np.asarray(tags, dtype=np.int64)[:length]
+        return np.pad(tags, (0, length - len(tags)), constant_values=TAG_NONE)
+
+
+def _rng(index: int) -> np.random.Generator:
+    """Per-sample generator from the worker's torch seed (differs per worker and epoch)."""
+    return np.random.default_rng((torch.initial_seed() % 2**63, index))
+
+
+def _video_source(path: str):
+    """A path, or the bytes of <key>.mp4 inside a shard for "<shard>::<key>" paths."""
+    if "::" not in path:
+        return path
+    shard, key = path.split("::", 1)
+    try:
+        with tarfile.open(shard) as archive:
+            return archive.extractfile(f"{key}.mp4").read()
+    except (OSError, KeyError, tarfile.TarError) as error:
+        raise BadSample("missing_file", f"{path}: cannot read from shard ({error})") from None
+
+
+class VideoTextDataset(Dataset):
+    """Map-style dataset over VideoRecords; see the module docstring for items and skips."""
+
+    def __init__(
+        self,
+        records: list[VideoRecord],
+        config: Config,
+        training: bool,
+        detections=None,
+        label_vocab=None,
+        tag_cache=None,
+        items: str = "captions",
+        skips: SkipCounter | None = None,
+    ):
+        if items not in ("captions", "videos"):
+            raise ValueError(f"items must be 'captions' or 'videos', got {items!r}")
+        self.records = SerializedList(records)
+        pairs = [
+            (record_index, caption_index)
+            for record_index, record in enumerate(records)
+            for caption_index in (range(len(record.captions)) if items == "captions" else [-1])
+        ]
+        self.items = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)  # (record, caption or -1)
+        self.training = training
+        self.builder = SampleBuilder(config, training, detections, label_vocab, tag_cache)
+        self.label_vocab = label_vocab
+        self.skips = skips if skips is not None else SkipCounter(config.data.max_bad_samples)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int, rng: np.random.Generator) -> Sample:
+        record_index, caption_index = (int(v) for v in self.items[index])
+        record: VideoRecord = self.records[record_index]
+        if caption_index < 0:
+            caption_index = int(rng.integers(len(record.captions))) if self.training else 0
+        return self.builder.build(
+            _video_source(record.path), record.path, record.video_id, record.captions[caption_index],
+            record.start, record.end, record_index, rng,
+        )
+
+    def __getitem__(self, index: int) -> Sample:
+        rng = _rng(index)
+        if not self.training:
+            return self.load(index, rng)  # BadSample (a ValueError) names the file
+        while True:
+            self.skips.seen()
+            try:
+                return self.load(index, rng)
+            except BadSample as error:
+                self.skips.skip(error.reason, str(error))
+                index = int(rng.integers(len(self)))
+
+
+def _video_index(key: str) -> int:
+    """A stable 63-bit id for a shard key (the same video gets the same index on every rank)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+class WebDatasetShards(IterableDataset):
+    """Samples streamed from video2dataset .tar shards (<key>.mp4 with <key>.txt or <key>.json)."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        config: Config,
+        training: bool,
+        detections=None,
+        label_vocab=None,
+        tag_cache=None,
+        rank: int = 0,
+        world_size: int = 1,
+        resample: bool | None = None,
+        shuffle_buffer: int = 64,
+        skips: SkipCounter | None = None,
+    ):
+        if not shards:
+            raise ValueError("no shards given")
+        self.shards = list(shards)
+        self.training = training
+        self.rank, self.world_size = rank, world_size
+        self.resample = training if resample is None else resample
+        self.shuffle_buffer = shuffle_buffer if training else 0
+        self.seed = config.train.seed
+        self.epoch = 0
+        self.builder = SampleBuilder(config, training, detections, label_vocab, tag_cache)
+        self.label_vocab = label_vocab
+        self.skips = skips if skips is not None else SkipCounter(config.data.max_bad_samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _consumer(self) -> tuple[int, int]:
+        """This reader's index among all (rank, worker) readers, and their count."""
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        return self.rank * workers + worker_id, self.world_size * workers
+
+    def _shard_order(self, rng: random.Random) -> Iterator[str]:
+        consumer, consumers = self._consumer()
+        if self.resample:
+            while True:
+                yield rng.choice(self.shards)
+        mine = self.shards[consumer::consumers]
+        if not mine:
+            log.warning("reader %d of %d has no shard (%d shards): it yields nothing", consumer, consumers, len(self.shards))
+        yield from mine
+
+    def _raw_samples(self, shard: str) -> Iterator[tuple[str, bytes | None, str | None]]:
+        """(key, mp4 bytes, caption) per key of a shard, streaming the tar once."""
+        key, video, caption = None, None, None
+        try:
+            with tarfile.open(shard, mode="r|*") as archive:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    member_key, _, extension = member.name.partition(".")
+                    if member_key != key:
+                        if key is not None:
+                            yield key, video, caption
+                        key, video, caption = member_key, None, None
+                    if extension == "mp4":
+                        video = archive.extractfile(member).read()
+                    elif extension in ("txt", "json") and caption is None:
+                        data = archive.extractfile(member).read()
+                        caption = shard_caption(member.name, data, f"{shard}::{member.name}")
+        except (OSError, tarfile.TarError) as error:
+            raise BadSample("bad_video", f"{shard}: not a readable tar shard ({error})") from None
+        if key is not None:
+            yield key, video, caption
+
+    def _build(self, shard: str, key: str, video: bytes | None, caption: str | None, rng) -> Sample:
+        name = f"{shard}::{key}"
+        if video is None:
+            raise BadSample("missing_file", f"{name}: shard has no {key}.mp4")
+        return self.builder.build(video, name, key, caption or "", None, None, _video_index(key), rng)
+
+    def __iter__(self) -> Iterator[Sample]:
+        consumer, _ = self._consumer()
+        rng = random.Random(f"{self.seed}-{self.epoch}-{consumer}-{torch.initial_seed() if self.resample else 0}")
+        sample_rng = np.random.default_rng(rng.getrandbits(63))
+        buffer: list[tuple[str, str, bytes | None, str | None]] = []
+        for shard in self._shard_order(rng):
+            try:
+                for key, video, caption in self._raw_samples(shard):
+                    buffer.append((shard, key, video, caption))
+                    if len(buffer) > self.shuffle_buffer:
+                        sample = self._take(buffer, rng, sample_rng)
+                        if sample is not None:
+                            yield sample
+            except BadSample as error:
+                if not self.training:
+                    raise
+                self.skips.seen()
+                self.skips.skip(error.reason, str(error))
+        while buffer:
+            sample = self._take(buffer, rng, sample_rng)
+            if sample is not None:
+                yield sample
+
+    def _take(self, buffer: list, rng: random.Random, sample_rng: np.random.Generator) -> Sample | None:
+        """Build a random (training) or the oldest (evaluation) buffered sample; None if skipped."""
+        item = buffer.pop(rng.randrange(len(buffer)) if self.shuffle_buffer else 0)
+        if not self.training:
+            return self._build(*item, sample_rng)
+        self.skips.seen()
+        try:
+            return self._build(*item, sample_rng)
+        except BadSample as error:
+            self.skips.skip(error.reason, str(error))
+            return None
+
+
+def _load_side_data(config: Config, records: list[VideoRecord] | None, source: str):
+    """Detections, label vocabulary and tag cache named by the config (each may be None)."""
+    detections = label_vocab = tag_cache = None
+    if config.data.detections and config.model.objects:
+        from stoa_vlp.data.detections import LabelVocab, read_detections
+
+        detections = read_detections(config.data.detections)
+        if config.data.label_vocab and Path(config.data.label_vocab).exists():
+            label_vocab = LabelVocab.load(config.data.label_vocab)
+        else:
+            label_vocab = LabelVocab.from_detections(detections)
+        if records is not None:
+            known = {record.video_id for record in records}
+            unknown = sorted(set(detections) - known)
+            if unknown:
+                log.warning(
+                    "%s: %d detection lines are for videos not in %s (e.g. %s); they are ignored",
+                    config.data.detections, len(unknown), source, unknown[0],
+                )
+            without = len(known - set(detections))
+            if without:
+                log.warning("%s: %d of %d videos have no detections (empty object targets)",
+                            config.data.detections, without, len(known))
+    if config.data.tags:
+        from stoa_vlp.data.tags import TagCache
+
+        tag_cache = TagCache(config.data.tags)
+    return detections, label_vocab, tag_cache
+
+
+def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1):
+    """The dataset of a split ("train", "val" or "test") as the config names it."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    path = getattr(config.data, split)
+    if not path:
+        raise ValueError(f"data.{split} is not set: give the annotation file of the {split} split")
+    training = split == "train"
+    if config.data.format == "webdataset" or (config.data.format == "auto" and detect_format(path) == "webdataset"):
+        detections, label_vocab, tag_cache = _load_side_data(config, None, path)
+        return WebDatasetShards(shard_list(Path(path)), config, training, detections, label_vocab, tag_cache,
+                                rank=rank, world_size=world_size)
+    records = read_annotations(path, config.data.format, split, config.data.video_root or None, strict=not training)
+    if not records:
+        raise ValueError(f"{path}: no usable (video, caption) records for split {split}")
+    detections, label_vocab, tag_cache = _load_side_data(config, records, path)
+    return VideoTextDataset(records, config, training, detections, label_vocab, tag_cache)
+
+
+def build_loader(config: Config, split: str, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """DataLoader of Batches for a split; training shuffles (per rank with DistributedSampler).
+
+    The dataset (with `.skips` and `.label_vocab`) is `loader.dataset`.
+    """
+    dataset = build_dataset(config, split, rank, world_size)
+    training = split == "train"
+    workers = config.data.num_workers
+    common = dict(
+        batch_size=config.data.batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        drop_last=training,
+    )
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, **common)
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, world_size, rank, shuffle=training, seed=config.train.seed,
+                                     drop_last=training)
+        return DataLoader(dataset, sampler=sampler, **common)
+    generator = torch.Generator().manual_seed(config.train.seed)
+    return DataLoader(dataset, shuffle=training, generator=generator if training else None, **common)

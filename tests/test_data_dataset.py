@@ -1,0 +1,194 @@
+"""Datasets and collation: items, Batch shapes, reference frames, tags, shards, and bad-sample handling."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from stoa_vlp.batch import TAG_NOUN, TAG_VERB, Batch
+from stoa_vlp.config import load_config
+from stoa_vlp.data.annotations import VideoRecord, read_annotations
+from stoa_vlp.data.dataset import (
+    BadSample,
+    SerializedList,
+    SkipCounter,
+    TooManyBadSamples,
+    VideoTextDataset,
+    WebDatasetShards,
+    build_loader,
+    collate,
+)
+from stoa_vlp.data.decode import decode_clip
+from stoa_vlp.data.synth import render_world
+from stoa_vlp.data.tags import TagCache
+from stoa_vlp.data.transforms import FrameTransform
+from stoa_vlp.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return render_world(tmp_path_factory.mktemp("world"), train=4, val=0, test=2, seconds=1.0, fps=8, captions_per_clip=3)
+
+
+def tiny(world, *overrides):
+    return load_config("tiny", [f"data.train={world.annotations}", f"data.test={world.annotations}", *overrides])
+
+
+def test_serialized_list_round_trip():
+    items = [VideoRecord("a", "/x/a.mp4", None, 2.5, ["one", "two"]), {"k": [1, 2]}, "text"]
+    stored = SerializedList(items)
+    assert len(stored) == 3 and [stored[i] for i in range(3)] == items
+    assert stored._bytes.dtype == np.uint8 and stored._ends.dtype == np.int64
+
+
+def test_train_loader_batch_shapes_and_video_index(world):
+    config = tiny(world, "data.batch_size=5", "model.text_len=16")
+    loader = build_loader(config, "train")
+    assert len(loader.dataset) == 4 * 3  # one item per caption
+    batch = next(iter(loader))
+    assert isinstance(batch, Batch) and len(batch) == 5
+    assert batch.frames.shape == (5, 4, 3, 64, 64) and batch.frames.dtype == torch.float32
+    assert batch.boxes.shape == (5, 4, 4, 4) and batch.box_labels.shape == (5, 4, 4) and batch.box_mask.shape == (5, 4, 4)
+    assert batch.traj_labels.shape == (5, 4) and batch.traj_mask.shape == (5, 4)
+    assert batch.tokens.shape == batch.text_mask.shape == batch.pos_tags.shape == (5, 16)
+    assert not batch.box_mask.any()  # no detections configured: all padding
+    for i in range(5):
+        for j in range(5):
+            assert (batch.video_ids[i] == batch.video_ids[j]) == (batch.video_index[i] == batch.video_index[j]).item()
+    videos = VideoTextDataset(read_annotations(world.annotations, split="train"), config, True, items="videos")
+    assert len(videos) == 4
+
+
+def test_eval_sample_matches_reference_pipeline(world):
+    config = tiny(world)
+    dataset = build_loader(config, "test").dataset
+    records = read_annotations(world.annotations, split="test")
+    assert len(dataset) == sum(len(r.captions) for r in records)
+    sample = dataset[1]  # second caption of the first test video
+    clip = decode_clip(records[0].path, 4, "uniform")
+    torch.testing.assert_close(sample.frames, FrameTransform(64)(clip.frames))
+    tokens, mask = Tokenizer(24)(records[0].captions[1])
+    assert torch.equal(sample.tokens, tokens[0]) and torch.equal(sample.text_mask, mask[0])
+    assert sample.video_index == 0 and sample.video_id == records[0].video_id
+    assert torch.equal(dataset[1].frames, sample.frames)  # evaluation is deterministic
+
+
+def test_tags_come_from_the_cache(world, tmp_path):
+    records = read_annotations(world.annotations, split="train")[:1]
+    caption = records[0].captions[0]
+    pieces = len(Tokenizer(24).encode_words(caption))
+    cache = TagCache(tmp_path / "tags.json", length=24)
+    piece_tags = np.zeros(pieces, dtype=np.int64)
+    piece_tags[0], piece_tags[-1] = TAG_NOUN, TAG_VERB
+    cache.update({caption: piece_tags})
+    dataset = VideoTextDataset(records, tiny(world), False, tag_cache=cache)
+    tags = dataset[0].pos_tags
+    assert tags[1] == TAG_NOUN and tags[pieces] == TAG_VERB and tags[0] == 0 and tags[pieces + 1 :].sum() == 0
+    assert dataset[1].pos_tags.sum() == 0  # a caption missing from the cache has no tags
+
+
+def bad_records(world, tmp_path):
+    good = read_annotations(world.annotations, split="train")
+    text = tmp_path / "text.mp4"
+    text.write_text("not a video")
+    truncated = tmp_path / "truncated.mp4"
+    data = open(good[0].path, "rb").read()
+    truncated.write_bytes(data[: len(data) // 3])
+    return good + [
+        VideoRecord("gone", str(tmp_path / "gone.mp4"), None, None, ["a missing video"]),
+        VideoRecord("text", str(text), None, None, ["a text file named .mp4"]),
+        VideoRecord("cut", str(truncated), None, None, ["a truncated video"]),
+        VideoRecord("silent", good[1].path, None, None, [""]),
+    ]
+
+
+def test_training_skips_bad_samples_and_counts_them(world, tmp_path, caplog):
+    records = bad_records(world, tmp_path)
+    skips = SkipCounter(max_share=1.0, min_seen=1)
+    dataset = VideoTextDataset(records, tiny(world), True, skips=skips)
+    with caplog.at_level(logging.WARNING):
+        samples = [dataset[len(dataset) - 4 + k] for k in range(4)]  # the four bad items
+    assert all(sample.video_id not in ("gone", "text", "cut", "silent") for sample in samples)
+    assert skips.skipped["missing_file"] >= 1 and skips.skipped["bad_video"] >= 2 and skips.skipped["empty_caption"] >= 1
+    assert "gone.mp4: file does not exist" in caplog.text and "text.mp4: not a readable video" in caplog.text
+    assert skips.summary().startswith(f"skipped {sum(skips.skipped.values())} of {skips.total} samples")
+    strict = VideoTextDataset(records, tiny(world), True, skips=SkipCounter(max_share=0.1, min_seen=1))
+    with pytest.raises(TooManyBadSamples, match="data.max_bad_samples"):
+        strict[len(strict) - 4]
+
+
+def test_evaluation_errors_name_the_file(world, tmp_path):
+    records = bad_records(world, tmp_path)
+    dataset = VideoTextDataset(records, tiny(world), False)
+    with pytest.raises(BadSample, match="gone.mp4: file does not exist"):
+        dataset[len(dataset) - 4]
+    with pytest.raises(BadSample, match="truncated.mp4"):
+        dataset[len(dataset) - 2]
+    with pytest.raises(BadSample, match="empty caption"):
+        dataset[len(dataset) - 1]
+
+
+def test_worker_skips_are_visible_in_the_main_process(world, tmp_path):
+    records = bad_records(world, tmp_path)
+    skips = SkipCounter(max_share=1.0, min_seen=1)
+    dataset = VideoTextDataset(records, tiny(world), True, skips=skips)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate)
+    seen = sum(len(batch) for batch in loader)
+    assert seen == len(dataset)
+    assert skips.total >= len(dataset) and sum(skips.skipped.values()) >= 4
+
+
+def add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def shards(world, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    records = read_annotations(world.annotations, split="train") + read_annotations(world.annotations, split="test")
+    paths = []
+    for index in range(3):
+        path = folder / f"{index:05d}.tar"
+        with tarfile.open(path, "w") as archive:
+            for record in records[2 * index : 2 * index + 2]:
+                add_member(archive, f"{record.video_id}.mp4", open(record.path, "rb").read())
+                add_member(archive, f"{record.video_id}.json", json.dumps({"caption": record.captions[0]}).encode())
+        paths.append(str(path))
+    return paths
+
+
+def test_shards_split_over_ranks_without_overlap(world, shards):
+    config = tiny(world)
+    seen = []
+    for rank in range(2):
+        dataset = WebDatasetShards(shards, config, training=False, rank=rank, world_size=2)
+        seen.append([sample.video_id for sample in dataset])
+    assert sorted(seen[0] + seen[1]) == sorted(f"video{i}" for i in range(6))
+    assert not set(seen[0]) & set(seen[1])
+    loader = build_loader(load_config("tiny", [f"data.test={shards[0]}", "data.batch_size=2"]), "test")
+    batch = next(iter(loader))
+    assert batch.video_ids == ["video0", "video1"] and batch.frames.shape == (2, 4, 3, 64, 64)
+
+
+def test_shards_resample_in_training_and_skip_bad_members(world, shards, tmp_path):
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as archive:
+        add_member(archive, "junk.mp4", b"not a video at all")
+        add_member(archive, "junk.txt", b"a caption")
+    skips = SkipCounter(max_share=1.0, min_seen=1)
+    dataset = WebDatasetShards(shards + [str(bad)], tiny(world), training=True, shuffle_buffer=4, skips=skips)
+    stream = iter(dataset)
+    drawn = [next(stream).video_id for _ in range(20)]  # more than the 6 videos: shards are resampled
+    assert set(drawn) <= {f"video{i}" for i in range(6)} and len(set(drawn)) >= 4
+    assert skips.skipped["bad_video"] >= 1
+    evaluation = WebDatasetShards([str(bad)], tiny(world), training=False)
+    with pytest.raises(BadSample, match="bad.tar::junk: not a readable video"):
+        list(evaluation)
