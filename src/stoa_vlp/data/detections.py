@@ -4,16 +4,28 @@ per-clip selection of boxes and trajectory categories.
 File format (design.md §3), one video per line, boxes x0,y0,x1,y1 in pixels of the original video:
     {"video_id": "video17", "width": 320, "height": 240,
      "frames": [{"time": 0.50, "objects": [{"class": "dog", "rect": [12, 40, 88, 120], "conf": 0.93}]}]}
+
+Selection for one clip (`select_objects`): each sampled frame takes the nearest detected frame in
+time; its boxes are mapped through the frame transform (boxes leaving the crop are dropped), a box
+overlapping (IoU >= 0.5) a more confident kept box of another class is suppressed, and the K most
+confident remaining boxes are kept (several of one class allowed). The N trajectory categories are
+the label ids with the highest confidence summed over the kept boxes of all sampled frames.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from stoa_vlp.data.geometry import CropGeometry
 
 
 class DetectionsError(ValueError):
@@ -136,3 +148,202 @@ def write_detections(path: str | Path, videos: Iterable[VideoDetections]) -> int
             handle.write(json.dumps(video_to_json(video)) + "\n")
             count += 1
     return count
+
+
+# ---------------------------------------------------------------- VinVL conversion
+
+VINVL_KEY = re.compile(r"^(?P<video>.+?)[/_](?P<frame>\d+)(\.\w+)?$")
+
+
+def convert_vinvl(
+    video_id: str,
+    frames: Sequence[tuple[float, dict | list]],
+    width: int | None = None,
+    height: int | None = None,
+) -> VideoDetections:
+    """One video from VinVL-style per-frame outputs.
+
+    `frames` holds (time in seconds, prediction) where a prediction is VinVL's
+    {"objects": [{"class", "rect": [x0, y0, x1, y1], "conf", ...}], "image_w", "image_h"} or just its
+    list of objects (then `width` and `height` are required). Attributes are ignored.
+    """
+    converted = []
+    for number, (time, prediction) in enumerate(frames):
+        where = f"video {video_id} frame {number}"
+        if isinstance(prediction, dict):
+            width = prediction.get("image_w", width)
+            height = prediction.get("image_h", height)
+            objects = prediction.get("objects")
+        else:
+            objects = prediction
+        converted.append(_frame_from_json({"time": time, "objects": objects}, where))
+    if width is None or height is None:
+        raise DetectionsError(f"video {video_id}: no image_w/image_h in the predictions; pass width and height")
+    converted.sort(key=lambda frame: frame.time)
+    return VideoDetections(video_id, int(width), int(height), converted)
+
+
+def read_vinvl_tsv(path: str | Path, fps: float) -> list[VideoDetections]:
+    """VinVL's prediction TSV (`<key>\\t<json>` per image) with keys `<video_id>_<frame index>` or
+    `<video_id>/<frame index>.<ext>`; a frame's time is its index / `fps`."""
+    path = Path(path)
+    by_video: dict[str, list[tuple[float, dict]]] = {}
+    with open(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            key, _, payload = line.rstrip("\n").partition("\t")
+            match = VINVL_KEY.match(key)
+            if match is None:
+                raise DetectionsError(f"{where}: key {key!r} is not <video_id>_<frame> or <video_id>/<frame>.<ext>")
+            try:
+                prediction = json.loads(payload)
+            except json.JSONDecodeError as error:
+                raise DetectionsError(f"{where}: malformed JSON ({error.msg})") from None
+            if not isinstance(prediction, dict) or "image_w" not in prediction or "image_h" not in prediction:
+                raise DetectionsError(f"{where}: prediction needs 'objects', 'image_w' and 'image_h'")
+            by_video.setdefault(match["video"], []).append((int(match["frame"]) / fps, prediction))
+    videos = []
+    for video_id, frames in by_video.items():
+        try:
+            videos.append(convert_vinvl(video_id, frames))
+        except DetectionsError as error:
+            raise DetectionsError(f"{path}: {error}") from None
+    return videos
+
+
+# ---------------------------------------------------------------- label vocabulary
+
+PAD_ID, UNKNOWN_ID = 0, 1
+VOCAB_FORMAT = "stoa-vlp labels"
+
+
+class LabelVocab:
+    """Object class names <-> ids; id 0 is padding, id 1 every class not in the vocabulary."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = ["<pad>", "<unknown>", *names]
+        self.ids = {name: index for index, name in enumerate(self.names)}
+        if len(self.ids) != len(self.names):
+            raise ValueError("duplicate class names in the label vocabulary")
+
+    @classmethod
+    def from_detections(
+        cls, detections: dict[str, VideoDetections] | Iterable[VideoDetections], max_size: int | None = None
+    ) -> "LabelVocab":
+        """Classes by descending box count (then name); with `max_size` (ids included) the rarest
+        classes are left out and become unknown."""
+        videos = detections.values() if isinstance(detections, dict) else detections
+        counts = Counter(name for video in videos for frame in video.frames for name in frame.classes)
+        names = sorted(counts, key=lambda name: (-counts[name], name))
+        if max_size is not None:
+            names = names[: max(max_size - 2, 0)]
+        return cls(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def id(self, name: str) -> int:
+        return self.ids.get(name, UNKNOWN_ID)
+
+    def name(self, index: int) -> str:
+        return self.names[index]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"format": VOCAB_FORMAT, "names": self.names[2:]}, indent=0))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LabelVocab":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: malformed JSON at line {error.lineno} ({error.msg})") from None
+        if not isinstance(data, dict) or data.get("format") != VOCAB_FORMAT or not isinstance(data.get("names"), list):
+            raise ValueError(f"{path}: not a stoa-vlp label vocabulary")
+        return cls(data["names"])
+
+
+# ---------------------------------------------------------------- selection per clip
+
+
+@dataclass
+class ObjectTargets:
+    boxes: np.ndarray  # (T, K, 4) float32, crop pixels
+    labels: np.ndarray  # (T, K) int64, 0 = padding
+    mask: np.ndarray  # (T, K) bool
+    traj_labels: np.ndarray  # (N,) int64, 0 = padding
+    traj_mask: np.ndarray  # (N,) bool
+
+
+def empty_targets(frames: int, boxes_per_frame: int, trajectories: int) -> ObjectTargets:
+    return ObjectTargets(
+        boxes=np.zeros((frames, boxes_per_frame, 4), dtype=np.float32),
+        labels=np.zeros((frames, boxes_per_frame), dtype=np.int64),
+        mask=np.zeros((frames, boxes_per_frame), dtype=bool),
+        traj_labels=np.zeros(trajectories, dtype=np.int64),
+        traj_mask=np.zeros(trajectories, dtype=bool),
+    )
+
+
+def nearest_frames(frames: Sequence[FrameDetections], times: Sequence[float]) -> list[int]:
+    """Index of the detected frame nearest in time to each time (the earlier one on a tie)."""
+    detected = np.array([frame.time for frame in frames], dtype=np.float64)
+    wanted = np.asarray(times, dtype=np.float64)
+    after = np.clip(np.searchsorted(detected, wanted), 0, len(detected) - 1)
+    before = np.clip(after - 1, 0, len(detected) - 1)
+    take_before = np.abs(wanted - detected[before]) <= np.abs(detected[after] - wanted)
+    return np.where(take_before, before, after).tolist()
+
+
+def suppress_across_classes(boxes: np.ndarray, labels: np.ndarray, confs: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    """Indices of kept boxes, most confident first: a box is dropped when it overlaps a kept box of
+    another class with IoU >= `iou`; boxes of one class never suppress each other."""
+    order = np.argsort(-confs, kind="stable")
+    overlaps = box_iou(torch.from_numpy(boxes[order]).double(), torch.from_numpy(boxes[order]).double()).numpy()
+    kept: list[int] = []
+    for rank in range(len(order)):
+        if not any(overlaps[rank, k] >= iou and labels[order[k]] != labels[order[rank]] for k in kept):
+            kept.append(rank)
+    return order[kept]
+
+
+def select_objects(
+    detections: VideoDetections | None,
+    frame_times: Sequence[float],
+    geometry: CropGeometry,
+    vocab: LabelVocab,
+    boxes_per_frame: int,
+    trajectories: int,
+) -> ObjectTargets:
+    """Boxes, labels and trajectory categories for a clip sampled at `frame_times` (seconds).
+
+    Detections made on a video of another size (e.g. before `stoa-vlp prepare` resized it) are
+    rescaled to the size `geometry` was computed for. No detections -> all-padding targets.
+    """
+    targets = empty_targets(len(frame_times), boxes_per_frame, trajectories)
+    if detections is None or not detections.frames or len(frame_times) == 0:
+        return targets
+    rescale = np.array(
+        [geometry.width / detections.width, geometry.height / detections.height] * 2, dtype=np.float32
+    )
+    confidence_sum: Counter[int] = Counter()
+    for t, index in enumerate(nearest_frames(detections.frames, frame_times)):
+        frame = detections.frames[index]
+        if not frame.classes:
+            continue
+        boxes, inside = geometry.map_boxes(frame.rects * rescale)
+        labels = np.array([vocab.id(name) for name in frame.classes], dtype=np.int64)[inside]
+        boxes, confs = boxes[inside], frame.confs[inside]
+        kept = suppress_across_classes(boxes, labels, confs)[:boxes_per_frame]
+        count = len(kept)
+        targets.boxes[t, :count] = boxes[kept]
+        targets.labels[t, :count] = labels[kept]
+        targets.mask[t, :count] = True
+        for label, conf in zip(labels[kept], confs[kept]):
+            confidence_sum[int(label)] += float(conf)
+    ranked = sorted(confidence_sum, key=lambda label: (-confidence_sum[label], label))[:trajectories]
+    targets.traj_labels[: len(ranked)] = ranked
+    targets.traj_mask[: len(ranked)] = True
+    return targets

@@ -17,6 +17,8 @@ import numpy as np
 class CropGeometry:
     """Original pixel (x, y) -> crop pixel (x * scale_x - offset_x, y * scale_y - offset_y)."""
 
+    width: int  # the original frame's size
+    height: int
     scale_x: float
     scale_y: float
     offset_x: int
@@ -59,6 +61,8 @@ def resize_crop(width: int, height: int, size: int) -> CropGeometry:
     """Geometry of Resize(size) + CenterCrop(size) on a width x height frame."""
     new_width, new_height = resized_size(width, height, size)
     return CropGeometry(
+        width=width,
+        height=height,
         scale_x=new_width / width,
         scale_y=new_height / height,
         offset_x=int(round((new_width - size) / 2.0)),

@@ -1,0 +1,230 @@
+"""Detections: file format, VinVL conversion, label vocabulary and per-clip selection."""
+
+import json
+
+import numpy as np
+import pytest
+
+from stoa_vlp.data.detections import (
+    DetectionsError,
+    FrameDetections,
+    LabelVocab,
+    VideoDetections,
+    convert_vinvl,
+    nearest_frames,
+    read_detections,
+    read_vinvl_tsv,
+    select_objects,
+    suppress_across_classes,
+    write_detections,
+)
+from stoa_vlp.data.geometry import resize_crop
+from stoa_vlp.data.synth import DetectionNoise, noisy_detections, sample_clip, true_boxes
+
+
+def _frame(time, *objects):
+    classes = [o[0] for o in objects]
+    rects = np.array([o[1] for o in objects], dtype=np.float32).reshape(-1, 4)
+    confs = np.array([o[2] for o in objects], dtype=np.float32)
+    return FrameDetections(time, classes, rects, confs)
+
+
+def test_write_read_round_trip(tmp_path):
+    videos = [
+        VideoDetections("a", 320, 240, [_frame(0.0, ("dog", [1, 2, 30, 40], 0.9)), _frame(0.5)]),
+        VideoDetections("b", 64, 48, [_frame(1.0, ("cat", [0, 0, 10, 10], 0.5), ("cat", [5, 5, 20, 20], 0.25))]),
+    ]
+    path = tmp_path / "dets.jsonl"
+    assert write_detections(path, videos) == 2
+    line = json.loads(path.read_text().splitlines()[0])
+    assert line == {
+        "video_id": "a",
+        "width": 320,
+        "height": 240,
+        "frames": [
+            {"time": 0.0, "objects": [{"class": "dog", "rect": [1.0, 2.0, 30.0, 40.0], "conf": 0.9}]},
+            {"time": 0.5, "objects": []},
+        ],
+    }
+    loaded = read_detections(path)
+    assert list(loaded) == ["a", "b"]
+    assert loaded["b"].frames[0].classes == ["cat", "cat"]
+    np.testing.assert_allclose(loaded["b"].frames[0].rects, videos[1].frames[0].rects)
+    np.testing.assert_allclose(loaded["b"].frames[0].confs, [0.5, 0.25])
+    assert loaded["a"].frames[1].rects.shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"video_id": "x", "width": 2', "malformed JSON"),
+        ('{"video_id": "x", "width": 2, "height": 2}', "missing frames"),
+        ('{"video_id": "x", "width": 0, "height": 2, "frames": []}', "positive integers"),
+        ('{"video_id": "x", "width": 2, "height": 2, "frames": [{"time": 0}]}', "frame 0: each frame needs"),
+        (
+            '{"video_id": "x", "width": 2, "height": 2, "frames": [{"time": 0, "objects": [{"class": "a", "rect": [1, 2, 3], "conf": 1}]}]}',
+            r"object 0 'rect' must be",
+        ),
+        (
+            '{"video_id": "x", "width": 2, "height": 2, "frames": [{"time": 0, "objects": [{"class": "a", "rect": [3, 2, 1, 4], "conf": 1}]}]}',
+            "x1 < x0",
+        ),
+        ('[1, 2]', "expected a JSON object"),
+    ],
+)
+def test_errors_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "dets.jsonl"
+    good = '{"video_id": "ok", "width": 2, "height": 2, "frames": []}'
+    path.write_text(good + "\n\n" + line + "\n")
+    with pytest.raises(DetectionsError, match=f"dets.jsonl:3.*{message}"):
+        read_detections(path)
+
+
+def test_duplicate_video_and_missing_file(tmp_path):
+    path = tmp_path / "dets.jsonl"
+    good = '{"video_id": "ok", "width": 2, "height": 2, "frames": []}'
+    path.write_text(good + "\n" + good + "\n")
+    with pytest.raises(DetectionsError, match="dets.jsonl:2: video 'ok' appears twice"):
+        read_detections(path)
+    with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
+        read_detections(tmp_path / "nothing.jsonl")
+
+
+def test_convert_vinvl(tmp_path):
+    prediction = {
+        "objects": [{"class": "man", "rect": [10, 20, 50, 90], "conf": 0.8, "attributes": ["tall"], "attr_scores": [0.5]}],
+        "image_w": 320,
+        "image_h": 240,
+    }
+    video = convert_vinvl("v1", [(1.0, prediction), (0.0, {"objects": [], "image_w": 320, "image_h": 240})])
+    assert (video.width, video.height) == (320, 240)
+    assert [f.time for f in video.frames] == [0.0, 1.0]
+    assert video.frames[1].classes == ["man"]
+    np.testing.assert_allclose(video.frames[1].rects, [[10, 20, 50, 90]])
+    bare = convert_vinvl("v2", [(0.0, prediction["objects"])], width=64, height=48)
+    assert bare.frames[0].classes == ["man"] and bare.width == 64
+    with pytest.raises(DetectionsError, match="v2.*width and height"):
+        convert_vinvl("v2", [(0.0, prediction["objects"])])
+
+    tsv = tmp_path / "predictions.tsv"
+    tsv.write_text(
+        f"clip7_0002\t{json.dumps(prediction)}\nclip7_0000\t{json.dumps(prediction)}\nother/5.jpg\t{json.dumps(prediction)}\n"
+    )
+    videos = {v.video_id: v for v in read_vinvl_tsv(tsv, fps=2.0)}
+    assert sorted(videos) == ["clip7", "other"]
+    assert [f.time for f in videos["clip7"].frames] == [0.0, 1.0]
+    assert [f.time for f in videos["other"].frames] == [2.5]
+    tsv.write_text("clip7_0002\t{not json\n")
+    with pytest.raises(DetectionsError, match="predictions.tsv:1: malformed JSON"):
+        read_vinvl_tsv(tsv, fps=1.0)
+
+
+def test_label_vocab(tmp_path):
+    frames = [_frame(0, ("dog", [0, 0, 1, 1], 1), ("cat", [0, 0, 1, 1], 1), ("dog", [0, 0, 1, 1], 1), ("ant", [0, 0, 1, 1], 1))]
+    vocab = LabelVocab.from_detections({"v": VideoDetections("v", 2, 2, frames)})
+    assert vocab.names == ["<pad>", "<unknown>", "dog", "ant", "cat"]
+    assert len(vocab) == 5 and vocab.id("dog") == 2 and vocab.id("zebra") == 1 and vocab.name(4) == "cat"
+    vocab.save(tmp_path / "labels.json")
+    assert LabelVocab.load(tmp_path / "labels.json").names == vocab.names
+    small = LabelVocab.from_detections([VideoDetections("v", 2, 2, frames)], max_size=3)
+    assert small.names == ["<pad>", "<unknown>", "dog"] and small.id("cat") == 1
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ValueError, match="bad.json: not a stoa-vlp label vocabulary"):
+        LabelVocab.load(tmp_path / "bad.json")
+
+
+def test_nearest_frames():
+    frames = [_frame(t) for t in (0.0, 1.0, 2.0, 4.0)]
+    assert nearest_frames(frames, [-1.0, 0.4, 0.5, 0.6, 2.9, 3.0, 3.1, 9.0]) == [0, 0, 0, 1, 2, 2, 3, 3]
+
+
+def _iou(a, b):
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_suppression_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n = int(rng.integers(1, 15))
+        corners = rng.uniform(0, 50, size=(n, 2))
+        boxes = np.concatenate([corners, corners + rng.uniform(5, 30, size=(n, 2))], axis=1).astype(np.float32)
+        labels = rng.integers(2, 5, size=n)
+        confs = rng.permutation(n).astype(np.float32) / n  # distinct
+        kept = []
+        for i in sorted(range(n), key=lambda i: -confs[i]):
+            if all(labels[k] == labels[i] or _iou(boxes[k], boxes[i]) < 0.5 for k in kept):
+                kept.append(i)
+        assert suppress_across_classes(boxes, labels, confs).tolist() == kept
+
+
+def test_select_objects_hand_computed():
+    # 320x240 -> Resize(120): 160x120, scale 0.5, CenterCrop(120): x offset 20
+    geometry = resize_crop(320, 240, 120)
+    vocab = LabelVocab(["dog", "cat", "ball"])  # ids 2, 3, 4
+    video = VideoDetections(
+        "v",
+        320,
+        240,
+        [
+            _frame(
+                0.0,
+                ("dog", [100, 100, 200, 200], 0.9),
+                ("cat", [105, 100, 205, 200], 0.8),  # IoU 0.9 with the dog: suppressed
+                ("dog", [110, 100, 210, 200], 0.7),  # same class as the dog: kept
+                ("ball", [0, 0, 30, 30], 0.95),  # outside the crop (x < 40 original): dropped
+                ("zebra", [200, 10, 240, 50], 0.3),  # unknown class
+                ("cat", [260, 150, 300, 190], 0.2),  # fourth box, cut by K = 3
+            ),
+            _frame(1.0, ("cat", [60, 60, 100, 100], 0.6), ("ball", [150, 20, 190, 60], 0.6)),
+            _frame(2.0),
+        ],
+    )
+    targets = select_objects(video, [0.1, 0.9, 2.2, 1.2], geometry, vocab, boxes_per_frame=3, trajectories=3)
+    assert targets.labels.tolist() == [[2, 2, 1], [3, 4, 0], [0, 0, 0], [3, 4, 0]]
+    assert targets.mask.tolist() == [[True, True, True], [True, True, False], [False] * 3, [True, True, False]]
+    np.testing.assert_allclose(targets.boxes[0], [[30, 50, 80, 100], [35, 50, 85, 100], [80, 5, 100, 25]])
+    np.testing.assert_allclose(targets.boxes[1, :2], [[10, 30, 30, 50], [55, 10, 75, 30]])
+    assert np.all(targets.boxes[2] == 0)
+    # summed confidence: dog 1.6, cat 1.2, ball 1.2 (tie: lower id first), unknown 0.3
+    assert targets.traj_labels.tolist() == [2, 3, 4]
+    assert targets.traj_mask.all()
+    assert targets.boxes.dtype == np.float32 and targets.labels.dtype == np.int64
+
+
+def test_select_objects_without_detections_pads():
+    geometry = resize_crop(64, 64, 64)
+    vocab = LabelVocab(["dog"])
+    for video in (None, VideoDetections("v", 64, 64, []), VideoDetections("v", 64, 64, [_frame(0.0)])):
+        targets = select_objects(video, [0.0, 1.0], geometry, vocab, boxes_per_frame=2, trajectories=3)
+        assert targets.boxes.shape == (2, 2, 4) and targets.labels.shape == (2, 2)
+        assert not targets.mask.any() and not targets.traj_mask.any()
+        assert targets.traj_labels.shape == (3,) and np.all(targets.traj_labels == 0)
+
+
+def test_detections_of_another_size_are_rescaled():
+    # detected on a 640x480 original, frames decoded from a 320x240 prepared copy
+    geometry = resize_crop(320, 240, 240)
+    video = VideoDetections("v", 640, 480, [_frame(0.0, ("dog", [200, 100, 400, 300], 0.9))])
+    targets = select_objects(video, [0.0], geometry, LabelVocab(["dog"]), 1, 1)
+    np.testing.assert_allclose(targets.boxes[0, 0], [60, 50, 160, 150])
+
+
+def test_synthetic_true_boxes_survive_selection():
+    clip = sample_clip(np.random.default_rng(5), "v", "train", 64, 16, 8.0, 3)
+    video = noisy_detections(clip, np.random.default_rng(0), DetectionNoise.none())
+    vocab = LabelVocab.from_detections([video])
+    times = [0.0, 0.5, 1.0, 1.875]
+    targets = select_objects(video, times, resize_crop(64, 64, 32), vocab, boxes_per_frame=4, trajectories=4)
+    boxes = true_boxes(clip)
+    count = len(clip.objects)
+    for t, time in enumerate(times):
+        frame = int(round(time * 8))
+        expected = {vocab.id(o.name): b / 2 for o, b in zip(clip.objects, boxes[frame])}
+        got = {int(l): b for l, b, m in zip(targets.labels[t], targets.boxes[t], targets.mask[t]) if m}
+        assert got.keys() == expected.keys()
+        for label in got:
+            np.testing.assert_allclose(got[label], expected[label], atol=1e-3)
+    assert sorted(targets.traj_labels[:count].tolist()) == sorted(vocab.id(o.name) for o in clip.objects)
