@@ -1,0 +1,58 @@
+"""`stoa-vlp prepare`: re-encode a video collection for fast decoding, with a manifest."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+HELP = "re-encode videos (fps, short side, short keyframe interval) for fast training-time decoding"
+EXAMPLES = """examples:
+  stoa-vlp prepare raw_videos/ data/prepared
+  stoa-vlp prepare msrvtt/MSRVTT_data.json data/msrvtt --split train --video-root msrvtt/videos
+  stoa-vlp prepare raw_videos/ data/prepared --fps 2 --short-side 256 --keyframe-interval 1 --workers 8
+
+Writes OUT/videos/<video_id>.mp4 and OUT/manifest.jsonl; a rerun skips finished videos.
+Train on the result with data.video_root=OUT/videos.
+"""
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="a folder of videos (searched recursively) or an annotation file")
+    parser.add_argument("out_dir", help="output folder (created)")
+    parser.add_argument("--fps", type=float, default=2.0, help="output frame rate (default 2)")
+    parser.add_argument("--short-side", type=int, default=256, help="output short side in pixels (default 256)")
+    parser.add_argument("--keyframe-interval", type=float, default=1.0, help="seconds between keyframes (default 1)")
+    parser.add_argument("--crf", type=int, default=23, help="libx264 quality, lower is better (default 23)")
+    parser.add_argument("--preset", default="veryfast", help="libx264 speed preset (default veryfast)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
+    parser.add_argument("--format", default="auto", help="annotation format when INPUT is a file (default auto)")
+    parser.add_argument("--split", default=None, help="annotation split (train, val, test) where the format needs one")
+    parser.add_argument("--video-root", default=None, help="where the annotation file's videos are")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from stoa_vlp.data.annotations import read_annotations
+    from stoa_vlp.data.prepare import PrepareOptions, find_videos, prepare_videos
+
+    if os.path.isdir(args.input):
+        videos = find_videos(args.input)
+    else:
+        records = read_annotations(args.input, args.format, args.split, args.video_root)
+        unique = {record.video_id: record.path for record in records}
+        shard_paths = [path for path in unique.values() if "::" in path]
+        if shard_paths:
+            log.error("%s: WebDataset shards are streamed as they are; prepare works on video files", args.input)
+            return 2
+        videos = sorted(unique.items())
+    if not videos:
+        log.error("%s: no videos found", args.input)
+        return 2
+    options = PrepareOptions(args.fps, args.short_side, args.keyframe_interval, args.crf, args.preset)
+    entries = prepare_videos(videos, args.out_dir, options, args.workers, progress=not args.no_progress)
+    failed = sum(entry.status != "ok" for entry in entries)
+    log.info("prepared %d videos into %s (%d failed)", len(entries) - failed, args.out_dir, failed)
+    return 1 if failed == len(entries) else 0

@@ -1,0 +1,98 @@
+"""`stoa-vlp prepare`: resampled, resized, short-GOP outputs, manifest, failures and resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import av
+import numpy as np
+import pytest
+
+from stoa_vlp.cli import main
+from stoa_vlp.data.prepare import encode_video, even_size, read_manifest
+
+
+def grey_ramp(count: int, width: int, height: int):
+    """Frame i is uniformly grey at level 8 * i, so its brightness names its index."""
+    for index in range(count):
+        yield np.full((height, width, 3), 8 * index, dtype=np.uint8)
+
+
+@pytest.fixture()
+def collection(tmp_path):
+    source = tmp_path / "raw"
+    (source / "nested").mkdir(parents=True)
+    encode_video(source / "ramp.mp4", grey_ramp(25, 96, 64), fps=10)  # 2.5 s
+    encode_video(source / "nested" / "tall.mp4", grey_ramp(12, 48, 80), fps=12)  # 1 s
+    (source / "broken.mp4").write_text("definitely not a video")
+    (source / "readme.txt").write_text("ignored: not a video extension")
+    return source
+
+
+def read_output(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        keyframes = [packet.is_keyframe for packet in container.demux(stream) if packet.size]
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        rate = float(stream.average_rate)
+    return frames, keyframes, rate
+
+
+def run_prepare(source, out, *extra):
+    return main(["prepare", str(source), str(out), "--fps", "2", "--short-side", "32", "--no-progress", *extra])
+
+
+def test_prepare_resamples_resizes_and_writes_manifest(collection, tmp_path):
+    out = tmp_path / "prepared"
+    assert run_prepare(collection, out, "--workers", "2") == 0
+    manifest = read_manifest(out / "manifest.jsonl")
+    assert sorted(manifest) == ["broken", "ramp", "tall"]
+    ramp = manifest["ramp"]
+    assert (ramp.status, ramp.frames, ramp.fps, ramp.duration) == ("ok", 5, 2.0, 2.5)
+    assert ramp.source == str(collection / "ramp.mp4") and ramp.output == str(out / "videos" / "ramp.mp4")
+    frames, keyframes, rate = read_output(ramp.output)
+    assert rate == 2.0 and frames[0].shape == (32, 48, 3)
+    assert keyframes == [True, False, True, False, True]  # one keyframe per second at 2 fps
+    # output frame k shows the source frame on screen at k / 2 s: source index 5k, grey 40k
+    brightness = [frame.mean() for frame in frames]
+    np.testing.assert_allclose(brightness, [40 * k for k in range(5)], atol=3)
+    tall, _, _ = read_output(manifest["tall"].output)
+    assert manifest["tall"].frames == 2 and tall[0].shape == (54, 32, 3)
+    broken = manifest["broken"]
+    assert broken.status == "failed" and "broken.mp4: not a readable video" in broken.error
+    assert not os.path.exists(broken.output)
+    assert not [name for name in os.listdir(out / "videos") if "tmp" in name]
+
+
+def test_prepare_resumes_and_skips_finished_outputs(collection, tmp_path):
+    out = tmp_path / "prepared"
+    run_prepare(collection, out, "--workers", "1")
+    ramp, tall = out / "videos" / "ramp.mp4", out / "videos" / "tall.mp4"
+    stamps = {path: path.stat().st_mtime_ns for path in (ramp, tall)}
+    os.remove(tall)
+    run_prepare(collection, out, "--workers", "1")
+    assert ramp.stat().st_mtime_ns == stamps[ramp]  # untouched
+    assert tall.exists()
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and {json.loads(line)["video_id"] for line in lines} == {"ramp", "tall", "broken"}
+    (out / "manifest.jsonl").write_text(lines[0] + "\n{broken json\n")
+    with pytest.raises(ValueError, match="manifest.jsonl:2: not a manifest entry"):
+        read_manifest(out / "manifest.jsonl")
+
+
+def test_prepare_from_annotation_file(collection, tmp_path):
+    annotations = tmp_path / "train.jsonl"
+    annotations.write_text(json.dumps({"video_id": "ramp", "video": "ramp.mp4", "caption": "grey"}) + "\n")
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(annotations), str(out), "--video-root", str(collection), "--fps", "1",
+                 "--short-side", "16", "--no-progress", "--workers", "1"]) == 0
+    assert read_manifest(out / "manifest.jsonl")["ramp"].frames == 3
+
+
+def test_even_size_keeps_aspect():
+    assert even_size(320, 240, 256) == (342, 256)
+    assert even_size(240, 320, 256) == (256, 342)
+    assert even_size(1920, 1080, 256) == (456, 256)
