@@ -128,6 +128,16 @@ def test_tiny_towers_match_open_clip(tmp_path, quick_gelu):
     model = STOAVLP(config)
     load_clip_weights(model, path)
     assert_tower_parity(model, reference, config.image_size)
+    # the new transformers start from the loaded CLIP blocks
+    pairs = [
+        (model.fusion.transformer.resblocks[0], reference.transformer.resblocks[0]),
+        (model.trajectory_encoder.transformer.resblocks[-1], reference.visual.transformer.resblocks[-1]),
+        (model.action_encoder.transformer.resblocks[0], reference.visual.transformer.resblocks[-config.action_layers]),
+    ]
+    for ours, theirs in pairs:
+        torch.testing.assert_close(ours.mlp.c_fc.weight, theirs.mlp.c_fc.weight)
+        torch.testing.assert_close(ours.attn.in_proj_weight, theirs.attn.in_proj_weight)
+    torch.testing.assert_close(model.fusion.position_embedding[:64], reference.positional_embedding[:64])
 
 
 def test_clip_loading_names_missing_unexpected_and_mismatched_keys(tmp_path):

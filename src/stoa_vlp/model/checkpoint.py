@@ -105,14 +105,14 @@ def load_state_checked(
 
 
 def load_clip_weights(model: STOAVLP, path: str | Path) -> list[str]:
-    """Load CLIP weights into the towers, then re-initialise the fusion encoder from the text tower.
+    """Load CLIP weights into the towers, then re-initialise the new transformers from the loaded blocks.
 
     Returns the model keys left at their initialisation (the new STOA modules).
     """
     state = clip_to_model_keys(read_clip_state_dict(path))
     new_keys = {key for key in model.state_dict() if not model.is_tower_parameter(key)}
     load_state_checked(model, state, f"CLIP checkpoint {path}", expected_missing=new_keys)
-    model.fusion.initialise_from_text(model.text)
+    model.initialise_from_towers()
     return sorted(new_keys)
 
 

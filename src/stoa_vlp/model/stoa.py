@@ -99,7 +99,20 @@ class STOAVLP(nn.Module):
         self.lm_bias = nn.Parameter(torch.zeros(config.vocab_size))
         with torch.no_grad():
             self.lm_transform.weight.copy_(torch.eye(width))
+        self.initialise_from_towers()
+
+    @torch.no_grad()
+    def initialise_from_towers(self) -> None:
+        """Start the new transformers from CLIP blocks: fusion from the first text blocks, the trajectory
+        and action encoders from the last visual blocks (as the reference code does)."""
         self.fusion.initialise_from_text(self.text)
+        visual_blocks = self.visual.transformer.resblocks
+        for encoder in (self.trajectory_encoder, self.action_encoder):
+            if encoder is None:
+                continue
+            blocks = encoder.transformer.resblocks
+            for block, source in zip(blocks, visual_blocks[len(visual_blocks) - len(blocks) :]):
+                block.load_state_dict(source.state_dict())
 
     @property
     def embed_dim(self) -> int:
