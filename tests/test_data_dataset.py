@@ -25,7 +25,7 @@ from stoa_vlp.data.dataset import (
     collate,
 )
 from stoa_vlp.data.decode import decode_clip
-from stoa_vlp.data.synth import render_world
+from stoa_vlp.data.synth import DetectionNoise, render_world
 from stoa_vlp.data.tags import TagCache
 from stoa_vlp.data.transforms import FrameTransform
 from stoa_vlp.tokenizer import Tokenizer
@@ -61,6 +61,8 @@ def test_train_loader_batch_shapes_and_video_index(world):
     for i in range(5):
         for j in range(5):
             assert (batch.video_ids[i] == batch.video_ids[j]) == (batch.video_index[i] == batch.video_index[j]).item()
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        build_loader(tiny(world, "data.batch_size=13"), "train")
     videos = VideoTextDataset(read_annotations(world.annotations, split="train"), config, True, items="videos")
     assert len(videos) == 4
 
@@ -192,3 +194,39 @@ def test_shards_resample_in_training_and_skip_bad_members(world, shards, tmp_pat
     evaluation = WebDatasetShards([str(bad)], tiny(world), training=False)
     with pytest.raises(BadSample, match="bad.tar::junk: not a readable video"):
         list(evaluation)
+
+
+def test_objects_follow_the_decoded_frame_times(tmp_path):
+    # noise-free detections of a 64x64 world: the crop is the identity, so each sampled frame's
+    # boxes are the detections at exactly that frame's time
+    exact = render_world(tmp_path / "exact", train=2, val=0, test=2, seconds=1.0, fps=8, captions_per_clip=1,
+                         noise=DetectionNoise.none())
+    config = load_config("tiny", [f"data.test={exact.annotations}", f"data.detections={exact.detections}",
+                                  "model.frames=3"])
+    dataset = build_loader(config, "test").dataset
+    sample = dataset[0]
+    lines = {json.loads(line)["video_id"]: json.loads(line) for line in open(exact.detections)}
+    clip = decode_clip(read_annotations(exact.annotations, split="test")[0].path, 3)
+    assert sample.box_mask.any() and sample.traj_mask.any()
+    for t, time in enumerate(clip.times):
+        (frame,) = [f for f in lines[sample.video_id]["frames"] if abs(f["time"] - time) < 1e-3]
+        expected = sorted(tuple(np.clip(o["rect"], 0, 64)) for o in frame["objects"])
+        got = sorted(tuple(box) for box in sample.boxes[t][sample.box_mask[t]].tolist())
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        names = sorted(dataset.label_vocab.name(int(i)) for i in sample.box_labels[t][sample.box_mask[t]])
+        assert names == sorted(o["class"] for o in frame["objects"])
+
+
+def test_detection_lines_for_unknown_videos_are_reported(world, tmp_path, caplog):
+    detections = tmp_path / "detections.jsonl"
+    lines = open(world.detections).read().splitlines()
+    extra = {"video_id": "video999", "width": 64, "height": 64, "frames": []}
+    detections.write_text("\n".join(lines + [json.dumps(extra)]) + "\n")
+    with caplog.at_level(logging.WARNING):
+        loader = build_loader(tiny(world, f"data.detections={detections}", "data.batch_size=4"), "train")
+    assert f"{detections}: 3 detection lines are for videos not in" in caplog.text  # video4, video5 (test) and video999
+    assert "video999" in caplog.text or "video4" in caplog.text
+    assert next(iter(loader)).box_mask.any()
+    detections.write_text(lines[0] + "\n{not json\n")
+    with pytest.raises(ValueError, match="detections.jsonl:2"):
+        build_loader(tiny(world, f"data.detections={detections}"), "train")

@@ -38,8 +38,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from stoa_vlp.batch import TAG_NONE, Batch
 from stoa_vlp.config import Config
 from stoa_vlp.data.annotations import VideoRecord, detect_format, read_annotations, shard_caption, shard_list
-from stoa_vlp.data.decode import VideoError, decode_clip
+from stoa_vlp.data.decode import DecodedClip, VideoError, decode_clip
+from stoa_vlp.data.detections import LabelVocab, empty_targets, read_detections, select_objects
 from stoa_vlp.data.geometry import resize_crop
+from stoa_vlp.data.tags import TagCache
 from stoa_vlp.data.transforms import FrameTransform
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -161,17 +163,6 @@ def collate(samples: list[Sample]) -> Batch:
     )
 
 
-def _no_objects(frames: int, boxes: int, trajectories: int) -> dict[str, np.ndarray]:
-    """All-padding object targets (no detections, or objects switched off)."""
-    return {
-        "boxes": np.zeros((frames, boxes, 4), dtype=np.float32),
-        "box_labels": np.zeros((frames, boxes), dtype=np.int64),
-        "box_mask": np.zeros((frames, boxes), dtype=bool),
-        "traj_labels": np.zeros(trajectories, dtype=np.int64),
-        "traj_mask": np.zeros(trajectories, dtype=bool),
-    }
-
-
 class SampleBuilder:
     """Turns (video source, caption) into a Sample: decode, transform, objects, tokens, tags."""
 
@@ -209,19 +200,19 @@ class SampleBuilder:
             video_id=video_id,
         )
 
-    def _objects(self, video_id: str, clip) -> dict[str, np.ndarray]:
+    def _objects(self, video_id: str, clip: DecodedClip) -> dict[str, np.ndarray]:
         model = self.config.model
         if self.detections is None:
-            return _no_objects(model.frames, model.boxes_per_frame, model.trajectories)
-        from stoa_vlp.data.detections import select_objects
-
-        dets = self.detections.get(video_id)
-        # boxes are in pixels of the video the detector saw; its aspect matches the decoded one
-        width, height = (dets.width, dets.height) if dets is not None else (clip.width, clip.height)
-        targets = select_objects(
-            dets, clip.times.tolist(), resize_crop(width, height, model.image_size), self.label_vocab,
-            model.boxes_per_frame, model.trajectories,
-        )
+            targets = empty_targets(model.frames, model.boxes_per_frame, model.trajectories)
+        else:
+            targets = select_objects(
+                self.detections.get(video_id),  # None (no detections for this video) -> padding
+                clip.times.tolist(),
+                resize_crop(clip.width, clip.height, model.image_size),
+                self.label_vocab,
+                model.boxes_per_frame,
+                model.trajectories,
+            )
         return {
             "boxes": targets.boxes,
             "box_labels": targets.labels,
@@ -437,13 +428,15 @@ def _load_side_data(config: Config, records: list[VideoRecord] | None, source: s
     """Detections, label vocabulary and tag cache named by the config (each may be None)."""
     detections = label_vocab = tag_cache = None
     if config.data.detections and config.model.objects:
-        from stoa_vlp.data.detections import LabelVocab, read_detections
-
         detections = read_detections(config.data.detections)
+        classes = config.model.num_object_classes
         if config.data.label_vocab and Path(config.data.label_vocab).exists():
             label_vocab = LabelVocab.load(config.data.label_vocab)
+            if len(label_vocab) > classes:
+                raise ValueError(f"{config.data.label_vocab}: {len(label_vocab)} classes (with padding and unknown) "
+                                 f"do not fit model.num_object_classes={classes}")
         else:
-            label_vocab = LabelVocab.from_detections(detections)
+            label_vocab = LabelVocab.from_detections(detections, max_size=classes)
         if records is not None:
             known = {record.video_id for record in records}
             unknown = sorted(set(detections) - known)
@@ -457,9 +450,7 @@ def _load_side_data(config: Config, records: list[VideoRecord] | None, source: s
                 log.warning("%s: %d of %d videos have no detections (empty object targets)",
                             config.data.detections, without, len(known))
     if config.data.tags:
-        from stoa_vlp.data.tags import TagCache
-
-        tag_cache = TagCache(config.data.tags)
+        tag_cache = TagCache(config.data.tags, length=config.model.text_len)
     return detections, label_vocab, tag_cache
 
 
@@ -500,6 +491,9 @@ def build_loader(config: Config, split: str, rank: int = 0, world_size: int = 1)
     )
     if isinstance(dataset, IterableDataset):
         return DataLoader(dataset, **common)
+    if training and len(dataset) < config.data.batch_size * world_size:
+        raise ValueError(f"data.train has {len(dataset)} items, fewer than one global batch "
+                         f"(data.batch_size={config.data.batch_size} x {world_size} ranks)")
     if world_size > 1:
         sampler = DistributedSampler(dataset, world_size, rank, shuffle=training, seed=config.train.seed,
                                      drop_last=training)
