@@ -1,0 +1,85 @@
+"""`stoa-vlp detect`: frame sampling, batching across videos and the JSONL it writes (random weights)."""
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2
+
+from stoa_vlp.cli import main
+from stoa_vlp.data.detect import COCO_CATEGORIES, DetectSettings, build_detector, sample_frames
+from stoa_vlp.data.detections import read_detections
+from stoa_vlp.data.synth import write_video
+
+SETTINGS = dict(min_size=64, max_size=64, score_threshold=0.0, max_boxes=3, proposals=2)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91)
+    path = tmp_path_factory.mktemp("weights") / "frcnn.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _video(path, frames, fps=4, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 255, size=(frames, size, size, 3), dtype=np.uint8)
+    write_video(path, images, fps=fps, keyframe_interval=4)
+    return path
+
+
+def test_sample_frames_picks_nearest_frames_once(tmp_path):
+    path = _video(tmp_path / "a.mp4", frames=24, fps=8)  # frames at 0, 0.125, ..., 2.875
+    width, height, frames = sample_frames(path, fps=3.0)
+    assert (width, height) == (64, 64)
+    times = [time for time, _ in frames]
+    # targets 0, 1/3, 2/3, ..., 8/3: nearest frames (2.875 s is the last frame)
+    assert times == pytest.approx([0.0, 0.375, 0.625, 1.0, 1.375, 1.625, 2.0, 2.375, 2.625])
+    assert frames[0][1].shape == (64, 64, 3) and frames[0][1].dtype == np.uint8
+    _, _, dense = sample_frames(path, fps=20.0)
+    assert len(dense) == 24  # never the same frame twice
+
+
+def test_detect_command_writes_detections(tmp_path, weights):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _video(videos / "one.mp4", frames=8, seed=1)  # 2 s at 4 fps: frames detected at 0, 0.5, 1.0, 1.5
+    _video(videos / "two.mp4", frames=3, seed=2)  # 0.75 s: frames at 0, 0.5
+    (videos / "broken.mp4").write_text("not a video")
+    out = tmp_path / "dets.jsonl"
+    argv = ["detect", str(videos), "--weights", str(weights), "--out", str(out), "--fps", "2", "--batch-size", "3"]
+    argv += ["--min-size", "64", "--max-size", "64", "--score-threshold", "0", "--max-boxes", "3", "--proposals", "2"]
+    assert main(argv) == 0
+    detected = read_detections(out)
+    assert list(detected) == ["one", "two"]  # the broken file is skipped
+    assert [f.time for f in detected["one"].frames] == [0.0, 0.5, 1.0, 1.5]
+    assert [f.time for f in detected["two"].frames] == [0.0, 0.5]
+    names = set(COCO_CATEGORIES) - {"__background__", "N/A"}
+    total = 0
+    for video in detected.values():
+        assert (video.width, video.height) == (64, 64)
+        for frame in video.frames:
+            assert set(frame.classes) <= names and len(frame.classes) <= 3
+            assert np.all(frame.rects >= 0) and np.all(frame.rects <= 64)
+            total += len(frame.classes)
+    assert total > 0
+
+    # batching across videos gives what the detector gives one frame at a time
+    model = build_detector(weights, DetectSettings(**SETTINGS), torch.device("cpu"))
+    _, _, frames = sample_frames(videos / "two.mp4", fps=2.0)
+    with torch.inference_mode():
+        for (time, image), frame in zip(frames, detected["two"].frames):
+            (output,) = model([torch.from_numpy(image).permute(2, 0, 1).float() / 255])
+            keep = [COCO_CATEGORIES[int(label)] in names for label in output["labels"]]
+            np.testing.assert_allclose(frame.rects, output["boxes"][keep].numpy(), atol=0.02)
+            np.testing.assert_allclose(frame.confs, output["scores"][keep].numpy(), atol=1e-3)
+
+
+def test_wrong_weights_are_an_error(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(ValueError, match="other.pth: not Faster R-CNN ResNet-50 FPN v2 weights"):
+        build_detector(path, DetectSettings(**SETTINGS), torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        build_detector(tmp_path / "missing.pth", DetectSettings(**SETTINGS), torch.device("cpu"))
