@@ -101,3 +101,15 @@ def evaluate_captioning(
     metrics = scorer.score(predictions, {video_id: references[video_id] for video_id in ids})
     metrics["num_videos"] = float(len(ids))
     return metrics, predictions
+
+
+class CaptioningModule(torch.nn.Module):
+    """The Trainer's module for caption fine-tuning: `forward(batch)` -> {"loss", "plm"}."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        loss = caption_loss(self.model, batch)
+        return {"loss": loss, "plm": loss.detach()}

@@ -1,0 +1,104 @@
+"""Shared by the downstream commands (finetune, evaluate, caption, answer, index, search):
+finding a checkpoint, rebuilding its config with overrides, loading weights into a task module,
+and printing which split and which preprocessing every number comes from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stoa_vlp.config import Config, from_dict, parse_override
+
+PREPROCESSING = ("model.frames", "model.image_size", "model.text_len", "data.eval_sampling", "data.decoder")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (its best-on-validation checkpoint, else its newest)."""
+    from stoa_vlp.train.checkpointing import best_checkpoint, is_complete, list_checkpoints
+
+    path = Path(path)
+    if is_complete(path):
+        return path
+    best = best_checkpoint(path)
+    if best is not None:
+        return best
+    found = list_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path}: neither a checkpoint folder (with state.json) nor a run folder with checkpoints")
+    return found[-1]
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """RUN for RUN/checkpoints/step_N."""
+    return checkpoint.parent.parent
+
+
+def merge_overrides(values: dict, overrides: list[str]) -> dict:
+    """Dotted overrides applied onto a nested config dict (a new dict)."""
+    merged = json.loads(json.dumps(values))
+    for text in overrides:
+        stack = [(merged, parse_override(text))]
+        while stack:
+            target, update = stack.pop()
+            for key, value in update.items():
+                if isinstance(value, dict) and isinstance(target.get(key), dict):
+                    stack.append((target[key], value))
+                else:
+                    target[key] = value
+    return merged
+
+
+def checkpoint_config(checkpoint: Path, overrides: list[str]) -> tuple[Config, Config]:
+    """(the config the checkpoint was trained with, the same with `overrides` applied)."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    trained = state["config"]
+    return from_dict(trained), from_dict(merge_overrides(trained, overrides))
+
+
+def load_task_weights(module: nn.Module, checkpoint: Path) -> None:
+    """Strictly load a checkpoint's model.safetensors into the task module that wrote it."""
+    from stoa_vlp.train.checkpointing import load_module_state, load_weights
+    from stoa_vlp.train.loop import weights_prefix
+
+    prefix = weights_prefix(module)
+    weights = load_weights(checkpoint / "model.safetensors")
+    load_module_state(module, {prefix + name: value for name, value in weights.items()}, str(checkpoint))
+
+
+def load_model_weights_from(model: nn.Module, path: str | Path) -> Path:
+    """Initialise a STOAVLP from a pre-training checkpoint (folder or run folder) or a save_pretrained folder."""
+    from stoa_vlp.train.checkpointing import load_module_state, load_weights
+
+    path = Path(path)
+    folder = path if (path / "model.safetensors").is_file() else resolve_checkpoint(path)
+    load_module_state(model, load_weights(folder / "model.safetensors"), str(folder))
+    return folder
+
+
+def device_of(config: Config) -> torch.device:
+    from stoa_vlp.train.distributed import choose_device
+
+    return choose_device(config.train.device, 0)
+
+
+def setting(config: Config, dotted: str):
+    section, name = dotted.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def preprocessing_rows(trained: Config, evaluated: Config) -> list[list[object]]:
+    """[setting, training value, evaluation value] for the settings that shape the inputs."""
+    return [[name, setting(trained, name), setting(evaluated, name)] for name in PREPROCESSING]
+
+
+def metric_rows(results: list[tuple[str, dict[str, float]]]) -> tuple[list[str], list[list[object]]]:
+    """(header, rows) of a metrics table with one column per (split label, metrics)."""
+    names = []
+    for _, metrics in results:
+        names += [name for name in metrics if name not in names]
+    header = ["metric"] + [label for label, _ in results]
+    rows = [[name] + [metrics.get(name, "") for _, metrics in results] for name in names]
+    return header, rows

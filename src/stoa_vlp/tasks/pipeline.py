@@ -1,0 +1,197 @@
+"""One downstream task from a Config: its training module and data, and its evaluation on a split.
+
+Used by `stoa-vlp finetune`, `stoa-vlp evaluate` and the demo. What data.train / data.val /
+data.test name depends on `task.name`:
+- retrieval, captioning: annotation files of any supported format (data.format);
+- qa: ALPRO/ClipBERT QA JSONL files (videos under data.video_root);
+- mc: data.train an annotation file (MC fine-tunes like retrieval), data.val / data.test
+  multiple-choice JSONL files.
+Model selection uses the validation split only; the test split is evaluated by the caller once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stoa_vlp.config import Config, TrainConfig
+from stoa_vlp.data.annotations import VideoRecord, read_annotations
+from stoa_vlp.tasks.data import evaluation_loader, find_video_paths, load_detections, video_loader, video_root
+from stoa_vlp.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+TASKS = ("retrieval", "captioning", "qa", "mc")
+SELECTION_METRIC = {"retrieval": "t2v_r1", "captioning": "CIDEr", "qa": "accuracy", "mc": "accuracy"}
+RETRIEVAL_LOSSES = ("vtc", "vtm")
+ANSWERS_FILE = "answers.json"
+DUAL_SOFTMAX_SCALE = 100.0
+
+
+def selection_metric(config: Config) -> str:
+    """The validation metric (without the "val/" prefix) that picks the best checkpoint."""
+    name = SELECTION_METRIC[config.task.name]
+    if config.task.name == "retrieval" and config.task.rerank_k > 0:
+        return "t2v_rerank_r1"
+    return name
+
+
+def task_config(config: Config, task: str) -> Config:
+    """A copy of `config` set up for `task`: task.name, the retrieval losses only (retrieval, mc),
+    and train.best_metric = the task's validation metric unless it was changed from the default."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    config = dataclasses.replace(
+        config, task=dataclasses.replace(config.task, name=task), loss=dataclasses.replace(config.loss),
+        train=dataclasses.replace(config.train),
+    )
+    if task in ("retrieval", "mc"):
+        for name in ("mlm", "plm", "dota", "stasp"):
+            setattr(config.loss, name, 0.0)
+        if not any(getattr(config.loss, name) > 0 for name in RETRIEVAL_LOSSES):
+            raise ValueError("retrieval fine-tuning needs loss.vtc or loss.vtm above 0")
+    if config.train.best_metric == TrainConfig().best_metric:
+        config.train.best_metric = f"val/{selection_metric(config)}"
+    return config
+
+
+class TaskRunner:
+    """Builds the task's module, training data and evaluations from a Config.
+
+    run_dir: where the QA answer vocabulary is saved (finetune) or read from (evaluate).
+    """
+
+    def __init__(self, config: Config, device, run_dir: str | Path | None = None):
+        self.config = config
+        self.task = config.task.name
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r} (known: {', '.join(TASKS)})")
+        self.device = torch.device(device)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.tokenizer = Tokenizer(config.model.text_len)
+        self.detections, self.label_vocab = load_detections(config)
+        self.scorer = None
+        if self.task == "captioning":
+            from stoa_vlp.metrics.captioning import CaptionScorer
+
+            self.scorer = CaptionScorer(meteor=config.task.meteor)  # fails early, naming what is missing
+            log.info("caption metrics: %s", self.scorer.java_version)
+        self.answers = self._answer_vocab() if self.task == "qa" else None
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    def _answer_vocab(self):
+        from stoa_vlp.tasks.qa import AnswerVocab, read_questions
+
+        saved = self.run_dir / ANSWERS_FILE if self.run_dir is not None else None
+        if saved is not None and saved.exists():
+            return AnswerVocab.load(saved)
+        if not self.config.data.train:
+            raise ValueError(f"QA needs its answer vocabulary: set data.train (QA JSONL) or keep {ANSWERS_FILE} in the run folder")
+        vocab = AnswerVocab.from_answers((q.answer for q in read_questions(self.config.data.train)), self.config.task.answers)
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            vocab.save(saved)
+        return vocab
+
+    def module(self, model: nn.Module) -> nn.Module:
+        """The module the Trainer optimises (and whose state dict a checkpoint holds)."""
+        if self.task in ("retrieval", "mc"):
+            from stoa_vlp.objectives import Pretrainer
+
+            return Pretrainer(model, self.config.loss)
+        if self.task == "captioning":
+            from stoa_vlp.tasks.captioning import CaptioningModule
+
+            return CaptioningModule(model)
+        from stoa_vlp.tasks.qa import QAModel
+
+        return QAModel(model, len(self.answers))
+
+    def train_data(self):
+        """(dataset, collate) of the training split."""
+        if self.task == "qa":
+            from stoa_vlp.tasks.qa import question_dataset, read_questions
+
+            questions = read_questions(self.config.data.train)
+            paths = self._video_paths([q.video_id for q in questions], self.config.data.train)
+            dataset, collate, _ = question_dataset(
+                questions, self.answers, self.config, True, paths, self.detections, self.label_vocab
+            )
+            return dataset, collate
+        from stoa_vlp.data.dataset import build_dataset, collate
+
+        return build_dataset(self.config, "train"), collate
+
+    def _video_paths(self, video_ids: list[str], source: str) -> dict[str, str]:
+        return find_video_paths(video_ids, video_root(self.config, source), source)
+
+    def _records(self, split: str) -> list[VideoRecord]:
+        path = self._split_file(split)
+        data = self.config.data
+        return read_annotations(path, data.format, split, data.video_root or None, strict=True)
+
+    def _split_file(self, split: str) -> str:
+        path = getattr(self.config.data, split)
+        if not path:
+            raise ValueError(f"data.{split} is not set: give the {split} file of the {self.task} task")
+        return path
+
+    # ---- evaluation --------------------------------------------------------------------------
+
+    def evaluator(self, split: str):
+        """`evaluate(module) -> metrics` on `split`, for the Trainer's validation."""
+        return lambda module: self.evaluate(module, split)
+
+    def evaluate(self, module: nn.Module, split: str) -> dict[str, float]:
+        model = getattr(module, "model", module)
+        config = self.config
+        if self.task == "retrieval":
+            from stoa_vlp.tasks.retrieval import evaluate_retrieval_records
+
+            records = self._records(split)
+            loader = video_loader(records, config, self.detections, self.label_vocab)
+            return evaluate_retrieval_records(
+                model, loader, records, self.tokenizer, self.device, config.task.rerank_k,
+                DUAL_SOFTMAX_SCALE if config.task.dual_softmax else None, config.loss.vtc_video_feature,
+            )
+        if self.task == "captioning":
+            from stoa_vlp.tasks.captioning import evaluate_captioning
+
+            records = self._records(split)
+            loader = video_loader(records, config, self.detections, self.label_vocab)
+            references = {}
+            for record in records:
+                references.setdefault(record.video_id, []).extend(record.captions)
+            metrics, _ = evaluate_captioning(
+                model, loader, self.device, references, self.scorer, self.tokenizer, config.task.beam_size,
+                config.task.length_penalty, config.task.max_caption_tokens or None,
+            )
+            return metrics
+        if self.task == "qa":
+            from stoa_vlp.tasks.qa import evaluate_qa, question_dataset, read_questions
+
+            path = self._split_file(split)
+            questions = read_questions(path)
+            paths = self._video_paths([q.video_id for q in questions], path)
+            dataset, collate, kept = question_dataset(
+                questions, self.answers, config, False, paths, self.detections, self.label_vocab
+            )
+            return evaluate_qa(module, evaluation_loader(dataset, config, collate), self.device, kept)
+        from stoa_vlp.tasks.multiple_choice import evaluate_multiple_choice, read_choices
+
+        path = self._split_file(split)
+        choices = read_choices(path)
+        paths = self._video_paths([c.video_id for c in choices], path)
+        first_option = {}
+        for choice in choices:
+            first_option.setdefault(choice.video_id, choice.options[0])
+        records = [VideoRecord(video_id, paths[video_id], None, None, [text]) for video_id, text in first_option.items()]
+        loader = video_loader(records, config, self.detections, self.label_vocab)
+        return evaluate_multiple_choice(
+            model, loader, choices, self.tokenizer, self.device, config.task.mc_scoring, config.loss.vtc_video_feature
+        )

@@ -1,0 +1,208 @@
+"""Open-ended video QA (MSRVTT-QA, MSVD-QA in the ALPRO/ClipBERT JSONL format) as classification.
+
+File format, one JSON object per line: {"video_id", "question", "answer", "answer_type"}
+("answer_type" optional, e.g. what/who/how or the synthetic world's colour/shape/...).
+
+Model: the fusion encoder runs bidirectionally over [visual tokens | question tokens | answer
+slot]; the answer slot is a learned vector (zero-initialised, as the reference's zero vector) and
+its output goes through a 2-layer classifier over an answer vocabulary: the `task.answers` most
+frequent training answers (ties broken alphabetically). Training uses only questions whose answer
+is in the vocabulary; in evaluation an out-of-vocabulary answer always counts as wrong.
+Accuracy is reported overall and per answer type.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stoa_vlp.data.annotations import VideoRecord
+from stoa_vlp.data.dataset import VideoTextDataset
+from stoa_vlp.tasks.data import LabelledBatch, LabelledCollate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Question:
+    video_id: str
+    question: str
+    answer: str
+    answer_type: str
+
+
+def normalise_answer(answer: str) -> str:
+    return " ".join(str(answer).lower().split())
+
+
+def read_questions(path: str | Path) -> list[Question]:
+    """Questions of a QA JSONL file; errors name the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: QA file does not exist")
+    questions = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+            missing = [key for key in ("video_id", "question", "answer") if key not in row]
+            if missing:
+                raise ValueError(f"{path}:{number}: missing {', '.join(missing)}")
+            if not str(row["question"]).strip():
+                raise ValueError(f"{path}:{number}: empty question")
+            questions.append(
+                Question(str(row["video_id"]), str(row["question"]), normalise_answer(row["answer"]),
+                         str(row.get("answer_type", "all")))
+            )
+    if not questions:
+        raise ValueError(f"{path}: no questions")
+    return questions
+
+
+class AnswerVocab:
+    """Answer strings <-> class ids; saved as ALPRO's {answer: label} JSON."""
+
+    def __init__(self, answers: list[str]):
+        self.answers = list(answers)
+        self.index = {answer: label for label, answer in enumerate(self.answers)}
+        if len(self.index) != len(self.answers):
+            raise ValueError("answer vocabulary holds duplicates")
+
+    @classmethod
+    def from_answers(cls, answers: Iterable[str], size: int) -> "AnswerVocab":
+        counts = Counter(normalise_answer(a) for a in answers)
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        return cls([answer for answer, _ in ranked[:size]])
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def label(self, answer: str) -> int:
+        """Class id, or -1 for an answer outside the vocabulary."""
+        return self.index.get(normalise_answer(answer), -1)
+
+    def save(self, path: str | Path) -> None:
+        with open(path, "w") as handle:
+            json.dump(self.index, handle, indent=0)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AnswerVocab":
+        with open(path) as handle:
+            mapping = json.load(handle)
+        if sorted(mapping.values()) != list(range(len(mapping))):
+            raise ValueError(f"{path}: labels must be 0..{len(mapping) - 1}, each once")
+        return cls([answer for answer, _ in sorted(mapping.items(), key=lambda item: item[1])])
+
+
+class QAHead(nn.Module):
+    """Answer slot plus classifier: Linear(E, 2E) - GELU - LayerNorm - Linear(2E, A)."""
+
+    def __init__(self, width: int, num_answers: int):
+        super().__init__()
+        self.answer_slot = nn.Parameter(torch.zeros(width))
+        self.classifier = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.LayerNorm(2 * width), nn.Linear(2 * width, num_answers)
+        )
+
+    def forward(self, model, video, text) -> torch.Tensor:
+        """(B, A) answer logits for VideoFeatures `video` and question TextFeatures `text`."""
+        slots = self.answer_slot.to(text.tokens.dtype).expand(text.tokens.shape[0], 1, -1)  # (B, 1, E)
+        fused = model.fuse(video, text.tokens, text.mask, mode="bidirectional", extra_slots=slots)
+        return self.classifier(fused.hidden[:, -1])
+
+
+class QAModel(nn.Module):
+    """STOA-VLP with a QA head; `forward(batch)` gives the Trainer {"loss", "accuracy"}."""
+
+    def __init__(self, model: nn.Module, num_answers: int):
+        super().__init__()
+        self.model = model
+        self.head = QAHead(model.config.text_width, num_answers)
+
+    def logits(self, batch) -> torch.Tensor:
+        video, text = self.model(batch)
+        return self.head(self.model, video, text)
+
+    def forward(self, batch: LabelledBatch) -> dict[str, torch.Tensor]:
+        logits = self.logits(batch)
+        if bool((batch.labels < 0).any()):
+            raise ValueError("QA training batch holds questions whose answer is outside the vocabulary")
+        loss = F.cross_entropy(logits.float(), batch.labels)
+        accuracy = (logits.argmax(dim=-1) == batch.labels).float().mean()
+        return {"loss": loss, "accuracy": accuracy.detach()}
+
+
+def accuracy_by_type(correct: list[bool], answer_types: list[str]) -> dict[str, float]:
+    """{"accuracy": overall percent, "accuracy_<type>": percent per answer type, "num_questions"}."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for hit, kind in zip(correct, answer_types):
+        groups[kind].append(hit)
+    metrics = {"accuracy": 100.0 * sum(correct) / max(1, len(correct)), "num_questions": float(len(correct))}
+    for kind in sorted(groups):
+        metrics[f"accuracy_{kind}"] = 100.0 * sum(groups[kind]) / len(groups[kind])
+    return metrics
+
+
+@torch.no_grad()
+def predict(qa_model: QAModel, loader: Iterable[LabelledBatch], device) -> tuple[list[int], list[int]]:
+    """(predicted class ids, true labels with -1 for out-of-vocabulary) over an evaluation loader."""
+    was_training = qa_model.training
+    qa_model.eval()
+    predicted, labels = [], []
+    for batch in loader:
+        batch = batch.to(device)
+        predicted += qa_model.logits(batch).argmax(dim=-1).tolist()
+        labels += batch.labels.tolist()
+    qa_model.train(was_training)
+    return predicted, labels
+
+
+def evaluate_qa(qa_model: QAModel, loader: Iterable[LabelledBatch], device, questions: list[Question]) -> dict[str, float]:
+    """Accuracy overall and per answer type; `questions` in loader order."""
+    predicted, labels = predict(qa_model, loader, device)
+    if len(predicted) != len(questions):
+        raise ValueError(f"loader gave {len(predicted)} rows for {len(questions)} questions")
+    correct = [p == label for p, label in zip(predicted, labels)]  # label -1 never matches
+    metrics = accuracy_by_type(correct, [q.answer_type for q in questions])
+    metrics["out_of_vocabulary"] = 100.0 * sum(label < 0 for label in labels) / len(labels)
+    return metrics
+
+
+def question_dataset(
+    questions: list[Question],
+    vocab: AnswerVocab,
+    config,
+    training: bool,
+    video_paths: dict[str, str],
+    detections=None,
+    label_vocab=None,
+):
+    """(dataset, collate, kept questions): one item per question, labels from `vocab`.
+
+    In training, questions whose answer is outside the vocabulary are left out (and counted in the
+    log); in evaluation all are kept.
+    """
+    kept = [q for q in questions if vocab.label(q.answer) >= 0] if training else list(questions)
+    if training:
+        if not kept:
+            raise ValueError("no training question has its answer in the answer vocabulary")
+        if len(kept) < len(questions):
+            log.info(
+                "QA training: %d of %d questions have answers outside the %d-answer vocabulary and are left out",
+                len(questions) - len(kept), len(questions), len(vocab),
+            )
+    records = [VideoRecord(q.video_id, video_paths[q.video_id], None, None, [q.question]) for q in kept]
+    dataset = VideoTextDataset(records, config, training, detections, label_vocab, None, items="captions")
+    return dataset, LabelledCollate([vocab.label(q.answer) for q in kept]), kept

@@ -1,0 +1,101 @@
+"""Text-to-video search over a saved index of encoded videos.
+
+An index is a folder: `features.safetensors` (the VideoFeatures fields of every video) and
+`index.json` ({"video_ids", "paths", "checkpoint", "config"}: the model config and preprocessing
+the features were computed with). A query is ranked by the contrastive cosine against every
+video, then its top `rerank_k` are re-ranked by the fusion encoder's matching head with the same
+fusion as retrieval evaluation (softmax over the top-k of the scaled cosine times P(matched)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from stoa_vlp.model import VideoFeatures
+from stoa_vlp.tasks.retrieval import contrastive_similarity, encode_texts, logit_scale_value, match_probability
+from stoa_vlp.tokenizer import Tokenizer
+
+FEATURES_FILE = "features.safetensors"
+INDEX_FILE = "index.json"
+
+
+@dataclass
+class SearchIndex:
+    video_ids: list[str]
+    paths: list[str]
+    videos: VideoFeatures
+    info: dict  # "checkpoint", "config" (as saved)
+
+
+@dataclass
+class SearchHit:
+    video_id: str
+    path: str
+    score: float  # final ranking score (re-ranked fusion score for the top-k, else cosine)
+    cosine: float  # contrastive similarity
+    match: float | None  # P(matched) from the matching head, for re-ranked hits
+
+
+def save_index(folder: str | Path, index: SearchIndex) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f.name: getattr(index.videos, f.name).detach().cpu().contiguous() for f in dataclasses.fields(index.videos)}
+    save_file(tensors, str(folder / FEATURES_FILE))
+    with open(folder / INDEX_FILE, "w") as handle:
+        json.dump({"video_ids": index.video_ids, "paths": index.paths, **index.info}, handle, indent=1)
+
+
+def load_index(folder: str | Path, device="cpu") -> SearchIndex:
+    folder = Path(folder)
+    for name in (INDEX_FILE, FEATURES_FILE):
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder}: not a search index (missing {name}; build one with `stoa-vlp index`)")
+    with open(folder / INDEX_FILE) as handle:
+        info = json.load(handle)
+    tensors = load_file(str(folder / FEATURES_FILE), device=str(device))
+    expected = {f.name for f in dataclasses.fields(VideoFeatures)}
+    if set(tensors) != expected:
+        raise ValueError(f"{folder / FEATURES_FILE}: fields {sorted(tensors)} differ from VideoFeatures {sorted(expected)}")
+    videos = VideoFeatures(**tensors)
+    ids, paths = info.pop("video_ids"), info.pop("paths")
+    if not len(ids) == len(paths) == videos.video.shape[0]:
+        raise ValueError(f"{folder}: {len(ids)} ids, {len(paths)} paths and {videos.video.shape[0]} feature rows differ")
+    return SearchIndex(ids, paths, videos, info)
+
+
+@torch.no_grad()
+def search(
+    model,
+    index: SearchIndex,
+    query: str,
+    tokenizer: Tokenizer,
+    device,
+    top: int = 10,
+    rerank_k: int = 32,
+    video_feature: str = "mean",
+) -> list[SearchHit]:
+    """The `top` best videos for `query`, best first."""
+    tokens, mask = tokenizer([query])
+    text = encode_texts(model, tokens, mask, device)
+    videos = index.videos
+    cosine = contrastive_similarity(videos, text, video_feature)[0].cpu()  # (num_videos,)
+    order = cosine.argsort(descending=True)
+    k = min(rerank_k, len(order))
+    hits = []
+    if k > 0:
+        candidates = order[:k]
+        match = match_probability(model, videos, text, torch.zeros(k, dtype=torch.long), candidates)
+        fused = torch.softmax(logit_scale_value(model) * cosine[candidates], dim=0) * match
+        for rank in fused.argsort(descending=True).tolist():
+            row = int(candidates[rank])
+            hits.append(SearchHit(index.video_ids[row], index.paths[row], float(fused[rank]), float(cosine[row]),
+                                  float(match[rank])))
+    for row in order[k:top].tolist():
+        hits.append(SearchHit(index.video_ids[row], index.paths[row], float(cosine[row]), float(cosine[row]), None))
+    return hits[:top]
