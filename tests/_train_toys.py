@@ -58,3 +58,59 @@ class ToyModel(nn.Module):
             error = error * float("nan")
         loss = error.mean()
         return {"loss": loss, "mse": loss.detach()}
+
+
+class RandomClips(Dataset):
+    """Clips for the real tiny STOA model without video files: fixed random frames, boxes and
+    captions per index (every caption has 2 nouns and 1 verb, so every rank matches as many DOTA /
+    STASP pairs); each load adds frame noise from torch's global RNG, as random frame sampling would."""
+
+    def __init__(self, config, size: int = 16):
+        from stoa_vlp.batch import TAG_NOUN, TAG_VERB
+
+        m = config.model
+        generator = torch.Generator().manual_seed(99)
+        self.config, self.size = config, size
+        self.frames = torch.randn(size, m.frames, 3, m.image_size, m.image_size, generator=generator)
+        corner = torch.rand(size, m.frames, m.boxes_per_frame, 2, generator=generator) * m.image_size / 2
+        self.boxes = torch.cat([corner, corner + m.image_size / 4], dim=-1)
+        self.box_labels = torch.randint(1, m.num_object_classes, (size, m.frames, m.boxes_per_frame), generator=generator)
+        self.traj_labels = torch.randint(1, m.num_object_classes, (size, m.trajectories), generator=generator)
+        words = 6
+        self.tokens = torch.zeros(size, m.text_len, dtype=torch.long)
+        self.tokens[:, 0] = 49406
+        self.tokens[:, 1 : 1 + words] = torch.randint(300, 3000, (size, words), generator=generator)
+        self.tokens[:, 1 + words] = 49407
+        self.text_mask = self.tokens > 0
+        self.pos_tags = torch.zeros(size, m.text_len, dtype=torch.long)
+        self.pos_tags[:, 2] = self.pos_tags[:, 4] = TAG_NOUN
+        self.pos_tags[:, 3] = TAG_VERB
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        from stoa_vlp.data.dataset import Sample
+
+        m = self.config.model
+        return Sample(
+            frames=self.frames[index] + 0.1 * torch.randn_like(self.frames[index]),
+            boxes=self.boxes[index].numpy(),
+            box_labels=self.box_labels[index].numpy(),
+            box_mask=torch.ones(m.frames, m.boxes_per_frame, dtype=torch.bool).numpy(),
+            traj_labels=self.traj_labels[index].numpy(),
+            traj_mask=torch.ones(m.trajectories, dtype=torch.bool).numpy(),
+            tokens=self.tokens[index],
+            text_mask=self.text_mask[index],
+            pos_tags=self.pos_tags[index].numpy(),
+            video_index=index,
+            video_id=f"clip{index}",
+        )
+
+
+def tiny_pretrainer(config):
+    from stoa_vlp.model import build_model
+    from stoa_vlp.objectives import Pretrainer
+
+    torch.manual_seed(config.train.seed)
+    return Pretrainer(build_model(config.model), config.loss)

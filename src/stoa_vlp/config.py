@@ -124,6 +124,7 @@ class TrainConfig:
     val_max_clips: int = 0  # validate on at most this many val clips (0 = all)
     tensorboard: bool = True
     progress: bool = True  # tqdm progress bar on rank 0
+    find_unused_parameters: bool = False  # DDP; the pretrain command turns it on when a loss weight is 0
 
 
 @dataclass

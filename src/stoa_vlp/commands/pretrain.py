@@ -29,13 +29,15 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.commands.common import config_from_args, seed_everything
     from stoa_vlp.data.dataset import build_dataset, collate
     from stoa_vlp.model import build_model
-    from stoa_vlp.objectives import Pretrainer
+    from stoa_vlp.objectives import OBJECTIVES, Pretrainer
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
     from stoa_vlp.train.checkpointing import prepare_run_dir
     from stoa_vlp.train.distributed import barrier
     from stoa_vlp.train.evaluation import RetrievalEvaluator
 
     config = config_from_args(args)
+    if any(getattr(config.loss, name) == 0 for name in OBJECTIVES):
+        config.train.find_unused_parameters = True  # a disabled objective leaves parameters without gradient
     env = init_distributed(config.train.device)
     try:
         run_dir = Path(config.train.output_dir)

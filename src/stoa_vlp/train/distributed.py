@@ -112,15 +112,18 @@ def _comm_device(env: DistEnv) -> torch.device:
     return env.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def wrap_model(module: nn.Module, strategy: str, env: DistEnv) -> nn.Module:
-    """DDP or FSDP around `module` (already on env.device); the module itself for one rank."""
+def wrap_model(module: nn.Module, strategy: str, env: DistEnv, find_unused_parameters: bool = False) -> nn.Module:
+    """DDP or FSDP around `module` (already on env.device); the module itself for one rank.
+    `find_unused_parameters` lets DDP cope with parameters that get no gradient (a disabled objective)."""
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"train.distributed must be ddp or fsdp, got {strategy!r}")
     if not env.distributed:
         return module
     if strategy == "ddp":
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+        return nn.parallel.DistributedDataParallel(
+            module, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+        )
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     device_id = env.device if env.device.type == "cuda" else None

@@ -82,7 +82,7 @@ class Trainer:
         self.collate = collate
         self.module = module.to(self.env.device)  # the unwrapped module: evaluation
         self.weights_prefix = weights_prefix(module)  # the checkpoint holds module.model's weights if it has one
-        self.wrapped = wrap_model(self.module, self.train.distributed, self.env)
+        self.wrapped = wrap_model(self.module, self.train.distributed, self.env, self.train.find_unused_parameters)
         self.fsdp = self.env.distributed and self.train.distributed == "fsdp"
         self.optimizer = build_optimizer(self.wrapped if self.fsdp else self.module, self.train, self.env.device)
         self.scheduler = build_scheduler(self.optimizer, self.train)
