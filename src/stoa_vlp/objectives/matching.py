@@ -1,0 +1,114 @@
+"""Dynamic Object-Text Alignment (DOTA) and Spatial-Temporal Action Set Prediction (STASP).
+
+Both objectives match a set of visual features to a set of text targets with the Hungarian
+algorithm and pull matched pairs together with an MSE:
+- DOTA: the valid trajectory features (B, N, E) against the noun-tagged tokens of the caption.
+- STASP: the M action features (B, M, E) against the verb-tagged tokens.
+Decisions (paper.md §2.5-2.6, §6.6, §6.10):
+- Targets are the clean caption's projected text-token features, detached. The caption's
+  sentence (end-token) feature is always a candidate too, so a caption without nouns (verbs)
+  still pulls one trajectory (action) to its sentence feature.
+- Cost: the row-softmax over candidates of the trajectory-candidate similarity; the similarity is
+  the dot product of the unnormalised features as in the reference ("dot") or the cosine
+  ("cosine"), `loss.match_similarity`. `scipy.optimize.linear_sum_assignment(maximize=True)`
+  matches min(#rows, #candidates) pairs per sample.
+- MSE on the unnormalised features over all matched pairs of the batch, one mean per objective.
+- Each sample and objective is matched independently: a clip without any valid trajectory gets no
+  DOTA pair but keeps its STASP pairs (the reference's early `continue` skips both). A batch
+  without any pair gives a loss of 0 that is still attached to the graph.
+- Host traffic: the cost matrices of every sample of both objectives are padded into one tensor
+  (NaN where a row or column is invalid) and moved to the host with one `.cpu()`; the matched
+  index pairs come back as one tensor with one `.to(device)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+SIMILARITIES = ("dot", "cosine")
+
+
+@dataclass
+class AlignmentTask:
+    """One objective's sets for a batch: rows to match (predictions) and candidate targets."""
+
+    predictions: torch.Tensor  # (B, R, E) trajectory or action features
+    prediction_mask: torch.Tensor  # (B, R) bool
+    targets: torch.Tensor  # (B, C, E) candidate features, detached
+    target_mask: torch.Tensor  # (B, C) bool
+
+
+def text_candidates(text_tokens: torch.Tensor, sentence: torch.Tensor, text_mask: torch.Tensor,
+                    pos_tags: torch.Tensor, tag: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Detached candidates (B, L+1, E): the caption's tokens then its sentence feature; mask (B, L+1)
+    True at the tokens tagged `tag` and always at the sentence feature."""
+    candidates = torch.cat([text_tokens, sentence[:, None]], dim=1).detach()
+    tagged = (pos_tags == tag) & text_mask
+    return candidates, torch.cat([tagged, torch.ones_like(tagged[:, :1])], dim=1)
+
+
+def alignment_costs(task: AlignmentTask, similarity: str) -> torch.Tensor:
+    """(B, R, C) row-softmax over valid candidates of the similarity; NaN at invalid rows/columns."""
+    predictions, targets = task.predictions.detach().float(), task.targets.float()
+    if similarity == "cosine":
+        predictions, targets = F.normalize(predictions, dim=-1), F.normalize(targets, dim=-1)
+    elif similarity != "dot":
+        raise ValueError(f"loss.match_similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    scores = (predictions @ targets.transpose(1, 2)).masked_fill(~task.target_mask[:, None, :], float("-inf"))
+    costs = torch.softmax(scores, dim=-1)
+    valid = task.prediction_mask[:, :, None] & task.target_mask[:, None, :]
+    return costs.masked_fill(~valid, float("nan"))
+
+
+def hungarian_on_host(costs: np.ndarray) -> np.ndarray:
+    """Max-weight matching of each (R, C) matrix of `costs` (G, R, C), NaN marking invalid entries.
+
+    Returns the matched pairs (P, 3) int64 as (group, row, column), ordered by group. A row is valid
+    when it has a finite entry, a column when it has one in some row.
+    """
+    finite = np.isfinite(costs)
+    pairs = []
+    for group in range(costs.shape[0]):
+        valid_rows = np.flatnonzero(finite[group].any(axis=1))
+        valid_columns = np.flatnonzero(finite[group].any(axis=0))
+        if valid_rows.size == 0 or valid_columns.size == 0:
+            continue
+        row, column = linear_sum_assignment(costs[group][np.ix_(valid_rows, valid_columns)], maximize=True)
+        pairs.append(np.stack([np.full_like(row, group), valid_rows[row], valid_columns[column]], axis=1))
+    return np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 3), dtype=np.int64)
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int, value) -> torch.Tensor:
+    """Pad dim 1 of `tensor` to `rows` entries with `value`."""
+    missing = rows - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    padding = tensor.new_full((tensor.shape[0], missing, *tensor.shape[2:]), value)
+    return torch.cat([tensor, padding], dim=1)
+
+
+def alignment_losses(tasks: list[AlignmentTask], similarity: str) -> list[torch.Tensor]:
+    """The MSE over Hungarian-matched pairs for each task, with one host round trip for all of them.
+
+    All tasks share the batch size B; group g of the stacked costs is sample g % B of task g // B.
+    """
+    batch = tasks[0].predictions.shape[0]
+    rows = max(task.predictions.shape[1] for task in tasks)
+    costs = torch.cat([_pad_rows(alignment_costs(task, similarity), rows, float("nan")) for task in tasks])
+    host_pairs = hungarian_on_host(costs.cpu().numpy())  # (P, 3) group, row, column
+    pairs_per_task = np.bincount(host_pairs[:, 0] // batch, minlength=len(tasks)).tolist()
+    pairs = torch.from_numpy(host_pairs).to(costs.device)
+    predictions = torch.cat([_pad_rows(task.predictions, rows, 0.0) for task in tasks])  # (G, R, E)
+    targets = torch.cat([task.targets for task in tasks])  # (G, C, E)
+    matched_predictions = predictions[pairs[:, 0], pairs[:, 1]].float()  # (P, E)
+    matched_targets = targets[pairs[:, 0], pairs[:, 2]].float()
+    squared_errors = (matched_predictions - matched_targets).pow(2).mean(dim=1).split(pairs_per_task)
+    return [
+        errors.mean() if count else task.predictions.sum() * 0.0
+        for task, errors, count in zip(tasks, squared_errors, pairs_per_task)
+    ]

@@ -1,0 +1,44 @@
+"""Prefix language modelling (PLM): next-token loss over a random suffix, in one fusion pass.
+
+Decisions (paper.md §2.4 and §6.7):
+- One fusion pass in "prefix" mode (visual positions never see text; text sees all visual
+  positions and earlier text). The reference runs one pass per prefix length; with this mask the
+  single pass gives the same predictions (tested against the prefix-by-prefix loop).
+- Per caption a start s is drawn uniformly from its word positions 1..e-1 (e = the end token's
+  position); the targets are the tokens s..e, end token included, each predicted from the
+  fusion output one position earlier. A caption without word tokens scores its end token only.
+- The loss is the mean cross-entropy over all scored tokens of the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_suffix_starts(text_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) long start position s per caption, uniform over the word positions 1..e-1."""
+    end = text_mask.sum(dim=1) - 1  # (B,) end-token position e
+    words = (end - 1).clamp(min=1)  # number of word positions; at least 1 so s = e when there are none
+    offsets = (torch.rand(end.shape, device=end.device) * words).long().clamp(max=words - 1)
+    return 1 + offsets
+
+
+def scored_positions(text_mask: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool target positions s..e of each caption."""
+    end = text_mask.sum(dim=1, keepdim=True) - 1
+    position = torch.arange(text_mask.shape[1], device=text_mask.device)[None, :]
+    return (position >= starts[:, None]) & (position <= end)
+
+
+def plm_loss(model, video, text_tokens: torch.Tensor, text_mask: torch.Tensor, tokens: torch.Tensor,
+             starts: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy at the targets s..e.
+
+    text_tokens: (B, L, E) text-tower features of the clean caption; tokens: (B, L) ids.
+    """
+    fused = model.fuse(video, text_tokens, text_mask, mode="prefix")
+    targets = scored_positions(text_mask, starts)  # (B, L), never position 0
+    predictors = targets.roll(-1, dims=1)  # the position before each target
+    logits = model.lm_logits(fused.text[predictors])  # (P, V), same row-major order as the targets
+    return F.cross_entropy(logits.float(), tokens[targets])

@@ -1,0 +1,72 @@
+"""Video-text matching (VTM) with hard negatives drawn from the global similarity (ALBEF style).
+
+For each caption of this rank a negative video, and for each video of this rank a negative
+caption, is drawn from the whole (all-gathered) batch with probability softmax(scaled
+similarity) over the non-positives: a sample of the same video id has probability 0. A row whose
+every candidate is a positive (the whole global batch shows one video) has no negative; it is
+dropped explicitly, so that step scores its positive pair and the other rows' negatives only.
+Draws use torch's RNG on the similarity's device, so a seeded run repeats exactly.
+
+The fusion encoder runs once, bidirectionally, on [positives; caption-negatives; video-negatives]
+(B + up to 2B pairs) and `model.match_logits` gives the 2-way logits; the loss is the mean
+cross-entropy over all pairs. Negatives from other ranks come through `gather_features`, with
+gradient, so their owning rank's towers get the gradient as on one rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from stoa_vlp.objectives.distributed import map_tensor_fields
+
+
+def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one negative column per row of `similarity` (B, G) ∝ softmax over the non-positive columns.
+
+    Returns (column index (B,) long, has_negative (B,) bool); the index of a row without any
+    non-positive column is meaningless and must be dropped with `has_negative`.
+    """
+    has_negative = ~positives.all(dim=1)
+    logits = similarity.float().masked_fill(positives, float("-inf"))
+    # rows without a candidate get uniform weights so multinomial accepts them; they are dropped
+    logits = logits.masked_fill(~has_negative[:, None], 0.0)
+    probabilities = torch.softmax(logits, dim=1)
+    return torch.multinomial(probabilities, 1).squeeze(1), has_negative
+
+
+def concat_rows(parts: list):
+    """Concatenate feature dataclasses of the same type along their batch dimension."""
+    first = parts[0]
+    names = [f.name for f in dataclasses.fields(first) if isinstance(getattr(first, f.name), torch.Tensor)]
+    return dataclasses.replace(first, **{name: torch.cat([getattr(p, name) for p in parts]) for name in names})
+
+
+def select_rows(features, index: torch.Tensor):
+    return map_tensor_fields(lambda tensor: tensor.index_select(0, index), features)
+
+
+def vtm_loss(model, video, text, all_video, all_text, negative_video, negative_text) -> torch.Tensor:
+    """2-way matching cross-entropy on positive pairs and hard negatives.
+
+    video, text: this rank's VideoFeatures / TextFeatures (B rows); all_video, all_text: gathered
+    over ranks (W*B rows). negative_video: (index (B,), valid (B,)) into all_video, one per caption;
+    negative_text: (index, valid) into all_text, one per video.
+    """
+    video_index, video_valid = negative_video
+    text_index, text_valid = negative_text
+    caption_rows = video_valid.nonzero().squeeze(1)  # captions that got a negative video
+    clip_rows = text_valid.nonzero().squeeze(1)  # videos that got a negative caption
+    pair_video = concat_rows(
+        [video, select_rows(all_video, video_index[caption_rows]), select_rows(video, clip_rows)]
+    )
+    pair_text = concat_rows(
+        [text, select_rows(text, caption_rows), select_rows(all_text, text_index[clip_rows])]
+    )
+    fused = model.fuse(pair_video, pair_text.tokens, pair_text.mask, mode="bidirectional")
+    logits = model.match_logits(fused)  # (P, 2)
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    labels[: text.tokens.shape[0]] = 1
+    return F.cross_entropy(logits, labels)
