@@ -22,6 +22,7 @@ from stoa_vlp.data.synth import (
     reverse_clip,
     sample_clip,
     true_boxes,
+    write_video,
 )
 
 
@@ -98,14 +99,26 @@ def test_videos_are_h264_with_the_rendered_frames(world):
     with av.open(str(world.videos / "video0.mp4")) as container:
         stream = container.streams.video[0]
         assert stream.codec_context.name == "h264"
-        decoded = [(frame.to_ndarray(format="rgb24"), frame.key_frame) for frame in container.decode(stream)]
+        decoded, times = [], []
+        for frame in container.decode(stream):
+            decoded.append((frame.to_ndarray(format="rgb24"), frame.key_frame))
+            times.append(frame.time)
     assert len(decoded) == 16
+    detected = read_detections(world.detections)["video0"]
+    assert times == pytest.approx([frame.time for frame in detected.frames])  # boxes are matched by time
     assert sum(key for _, key in decoded) >= 2  # keyframe every 8 frames
     clip = sample_clip(np.random.default_rng([7, 0, 0]), "video0", "train", 64, 16, 8.0, 3)
     rendered = render_frames(clip)
     for (image, _), expected in zip(decoded, rendered):
         assert image.shape == (64, 64, 3)
         assert np.abs(image.astype(int) - expected).mean() < 3.0
+
+
+def test_fractional_frame_rate_keeps_frame_times(tmp_path):
+    write_video(tmp_path / "v.mp4", np.zeros((5, 16, 16, 3), dtype=np.uint8), fps=7.5)
+    with av.open(str(tmp_path / "v.mp4")) as container:
+        times = [frame.time for frame in container.decode(video=0)]
+    assert times == pytest.approx([i / 7.5 for i in range(5)], abs=1e-3)
 
 
 def test_annotations_name_every_object_and_split(world):

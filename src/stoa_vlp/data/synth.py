@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from fractions import Fraction
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -325,7 +326,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, keyframe_inter
     if height % 2 or width % 2:
         raise ValueError(f"H.264 (yuv420p) needs even frame sizes, got {width}x{height}")
     with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=int(round(fps)))
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = keyframe_interval
