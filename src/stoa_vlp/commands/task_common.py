@@ -102,3 +102,35 @@ def metric_rows(results: list[tuple[str, dict[str, float]]]) -> tuple[list[str],
     header = ["metric"] + [label for label, _ in results]
     rows = [[name] + [metrics.get(name, "") for _, metrics in results] for name in names]
     return header, rows
+
+
+def add_inference_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder, or run folder (its best)")
+    parser.add_argument("--detections", metavar="JSONL", help="object detections of the videos (design.md §3 format)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override on top of the checkpoint's config (repeatable)")
+
+
+def inference_config(args) -> tuple[Path, Config]:
+    """(checkpoint folder, its config with --set and --detections applied)."""
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    overrides = list(args.overrides)
+    overrides.append(f"data.detections={args.detections or ''}")
+    _, config = checkpoint_config(checkpoint, overrides)
+    return checkpoint, config
+
+
+def file_records(paths: list[str], text: str):
+    """One VideoRecord per video file (id = file name stem), each with `text` as its caption."""
+    from stoa_vlp.data.annotations import VideoRecord
+
+    records, seen = [], {}
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such video file")
+        video_id = Path(path).stem
+        if video_id in seen:
+            raise ValueError(f"{seen[video_id]} and {path} share the video id '{video_id}' (the file name stem)")
+        seen[video_id] = path
+        records.append(VideoRecord(video_id, str(path), None, None, [text]))
+    return records

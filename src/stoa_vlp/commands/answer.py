@@ -1,0 +1,55 @@
+"""`stoa-vlp answer`: answer a question about a video with a QA-fine-tuned checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "answer a question about a video with a fine-tuned video-QA checkpoint"
+EXAMPLES = """examples:
+  stoa-vlp answer --checkpoint runs/qa clip.mp4 "what colour is the shape that moves left?"
+  stoa-vlp answer --checkpoint runs/msrvtt-qa --top 5 video7010.mp4 "what is the man doing?"
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from stoa_vlp.commands.task_common import add_inference_arguments
+
+    parser.add_argument("video", help="video file")
+    parser.add_argument("question", help="the question, in quotes")
+    add_inference_arguments(parser)
+    parser.add_argument("--top", type=int, default=3, help="answers to print, most probable first (default 3)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from stoa_vlp.commands.task_common import (
+        device_of,
+        file_records,
+        inference_config,
+        load_task_weights,
+        run_dir_of,
+    )
+    from stoa_vlp.data.dataset import VideoTextDataset
+    from stoa_vlp.model import build_model
+    from stoa_vlp.tasks.data import LabelledCollate, evaluation_loader, load_detections
+    from stoa_vlp.tasks.pipeline import TaskRunner
+
+    checkpoint, config = inference_config(args)
+    if config.task.name != "qa":
+        raise SystemExit(f"{checkpoint} was fine-tuned for {config.task.name!r}, not qa")
+    device = device_of(config)
+    runner = TaskRunner(config, device, run_dir_of(checkpoint))
+    qa_model = runner.module(build_model(config.model))
+    load_task_weights(qa_model, checkpoint)
+    qa_model.to(device).eval()
+    detections, label_vocab = load_detections(config)
+    dataset = VideoTextDataset(file_records([args.video], args.question), config, False, detections, label_vocab)
+    batch = next(iter(evaluation_loader(dataset, config, LabelledCollate([-1])))).to(device)
+    with torch.no_grad():
+        probabilities = torch.softmax(qa_model.logits(batch).float(), dim=-1)[0]
+    top = probabilities.topk(min(args.top, len(probabilities)))
+    print(f"Q: {args.question}")
+    for probability, label in zip(top.values.tolist(), top.indices.tolist()):
+        print(f"A: {runner.answers.answers[label]}\t{probability:.3f}")
+    return 0

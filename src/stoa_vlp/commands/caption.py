@@ -1,0 +1,48 @@
+"""`stoa-vlp caption`: print a caption for each video file with a caption-fine-tuned checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "caption video files with a fine-tuned captioning checkpoint"
+EXAMPLES = """examples:
+  stoa-vlp caption --checkpoint runs/cap clip1.mp4 clip2.mp4
+  stoa-vlp caption --checkpoint runs/cap --beam 5 --detections dets.jsonl videos/*.mp4
+Frames and preprocessing are the checkpoint's training settings (override with --set).
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from stoa_vlp.commands.task_common import add_inference_arguments
+
+    parser.add_argument("videos", nargs="+", help="video files")
+    add_inference_arguments(parser)
+    parser.add_argument("--beam", type=int, help="beam size (default task.beam_size of the checkpoint; 1 = greedy)")
+    parser.add_argument("--length-penalty", type=float, help="beam length penalty (default task.length_penalty)")
+    parser.add_argument("--max-tokens", type=int, help="most generated tokens (default model.text_len - 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from stoa_vlp.commands.task_common import device_of, file_records, inference_config, load_task_weights
+    from stoa_vlp.model import build_model
+    from stoa_vlp.tasks.captioning import generate_captions
+    from stoa_vlp.tasks.data import load_detections, video_loader
+    from stoa_vlp.tasks.retrieval import encode_videos
+    from stoa_vlp.tokenizer import Tokenizer
+
+    checkpoint, config = inference_config(args)
+    device = device_of(config)
+    model = build_model(config.model)
+    load_task_weights(model, checkpoint)
+    model.to(device)
+    records = file_records(args.videos, "video")
+    detections, label_vocab = load_detections(config)
+    ids, videos = encode_videos(model, video_loader(records, config, detections, label_vocab), device)
+    beam = args.beam or config.task.beam_size
+    penalty = config.task.length_penalty if args.length_penalty is None else args.length_penalty
+    captions = generate_captions(model, videos, Tokenizer(config.model.text_len), beam, penalty,
+                                 args.max_tokens or config.task.max_caption_tokens or None)
+    by_id = dict(zip(ids, captions))
+    for record in records:
+        print(f"{record.path}\t{by_id[record.video_id]}")
+    return 0

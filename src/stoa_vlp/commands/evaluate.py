@@ -1,0 +1,67 @@
+"""`stoa-vlp evaluate`: evaluate a fine-tuned checkpoint on one split of its task."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "evaluate a fine-tuned checkpoint (retrieval, captioning, QA, multiple-choice) on a split"
+EXAMPLES = """examples:
+  stoa-vlp evaluate runs/msrvtt-ret --split test
+  stoa-vlp evaluate runs/msrvtt-ret --split test --set task.dual_softmax=true --set task.rerank_k=0
+  stoa-vlp evaluate runs/cap --split test --set task.beam_size=5 --set data.test=msrvtt/MSRVTT_data.json
+  stoa-vlp evaluate runs/pretrain --task retrieval --split test --set data.test=msrvtt/MSRVTT_JSFUSION_test.csv
+The checkpoint's training config is used (same frames and preprocessing) unless --set overrides it;
+the output shows both. A run folder means its best-on-validation checkpoint.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint folder, or run folder (its best checkpoint)")
+    parser.add_argument("--split", choices=["val", "test"], default="val", help="split to evaluate (default val)")
+    parser.add_argument("--task", choices=["retrieval", "captioning", "qa", "mc"],
+                        help="task (default: the one the checkpoint was fine-tuned for)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted config override on top of the checkpoint's config (repeatable)")
+    parser.add_argument("--report", metavar="JSON", help="also write the results to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from stoa_vlp.commands.task_common import (
+        checkpoint_config,
+        device_of,
+        load_task_weights,
+        metric_rows,
+        preprocessing_rows,
+        resolve_checkpoint,
+        run_dir_of,
+    )
+    from stoa_vlp.model import build_model
+    from stoa_vlp.tasks.pipeline import TaskRunner, task_config
+    from stoa_vlp.train.logging import format_table
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    trained, config = checkpoint_config(checkpoint, args.overrides)
+    task = args.task or config.task.name
+    fine_tuned_for = trained.task.name
+    config = task_config(config, task)
+    device = device_of(config)
+    runner = TaskRunner(config, device, run_dir_of(checkpoint))
+    model = build_model(config.model)
+    module = runner.module(model)
+    if task == fine_tuned_for or task in ("retrieval", "mc") and fine_tuned_for in ("retrieval", "mc"):
+        load_task_weights(module, checkpoint)
+    else:  # e.g. a pre-training or retrieval checkpoint evaluated zero-shot: the model's weights only
+        load_task_weights(model, checkpoint)
+    metrics = runner.evaluate(module.to(device), args.split)
+    print(f"checkpoint: {checkpoint} (fine-tuned for {fine_tuned_for}); task: {task}; split: {args.split} "
+          f"(file {getattr(config.data, args.split)})")
+    print(format_table(["setting", "training", "evaluation"], preprocessing_rows(trained, config)))
+    print(format_table(*metric_rows([(args.split, metrics)])))
+    if args.report:
+        with open(args.report, "w") as handle:
+            json.dump({"checkpoint": str(checkpoint), "task": task, "split": args.split, "metrics": metrics,
+                       "preprocessing": {row[0]: {"training": row[1], "evaluation": row[2]}
+                                         for row in preprocessing_rows(trained, config)}}, handle, indent=2)
+    return 0

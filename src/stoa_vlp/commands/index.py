@@ -1,0 +1,49 @@
+"""`stoa-vlp index`: encode every video of a folder into a search index."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "encode every video in a folder (with optional detections) into a search index"
+EXAMPLES = """examples:
+  stoa-vlp index my_videos --checkpoint runs/msrvtt-ret --output my_index
+  stoa-vlp index my_videos --checkpoint runs/msrvtt-ret --detections my_videos/detections.jsonl --output my_index
+Then: stoa-vlp search my_index "a dog catches a frisbee"
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from stoa_vlp.commands.task_common import add_inference_arguments
+
+    parser.add_argument("folder", help="folder of video files (searched recursively; id = file name stem)")
+    parser.add_argument("--output", required=True, help="index folder to write")
+    add_inference_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stoa_vlp.commands.task_common import device_of, file_records, inference_config, load_task_weights
+    from stoa_vlp.data.prepare import find_videos
+    from stoa_vlp.model import build_model
+    from stoa_vlp.tasks.data import load_detections, video_loader
+    from stoa_vlp.tasks.retrieval import encode_videos
+    from stoa_vlp.tasks.search import SearchIndex, save_index
+
+    checkpoint, config = inference_config(args)
+    found = find_videos(args.folder)
+    if not found:
+        raise SystemExit(f"{args.folder}: no video files")
+    device = device_of(config)
+    model = build_model(config.model)
+    load_task_weights(model, checkpoint)
+    model.to(device)
+    records = file_records([path for _, path in found], "video")
+    detections, label_vocab = load_detections(config)
+    ids, videos = encode_videos(model, video_loader(records, config, detections, label_vocab), device)
+    paths = {record.video_id: str(Path(record.path).resolve()) for record in records}
+    info = {"checkpoint": str(checkpoint.resolve()), "config": config.to_dict()}
+    save_index(args.output, SearchIndex(ids, [paths[i] for i in ids], videos, info))
+    print(f"indexed {len(ids)} videos from {args.folder} into {args.output} "
+          f"({config.model.frames} frames at {config.model.image_size} px, checkpoint {checkpoint})")
+    return 0

@@ -1,0 +1,48 @@
+"""`stoa-vlp search`: the videos of an index that best match a text query."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "search an index built by `stoa-vlp index` with a text query"
+EXAMPLES = """examples:
+  stoa-vlp search my_index "a red square moves left"
+  stoa-vlp search my_index "a man is cooking" --top 20 --rerank-k 50
+Scores: contrastive cosine for every video, then fusion (matching head) re-ranking of the top --rerank-k.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("index", help="index folder written by `stoa-vlp index`")
+    parser.add_argument("query", help="the text query, in quotes")
+    parser.add_argument("--top", type=int, default=10, help="videos to print (default 10)")
+    parser.add_argument("--rerank-k", type=int, help="re-rank this many contrastive top videos (default task.rerank_k)")
+    parser.add_argument("--checkpoint", help="model checkpoint (default: the one the index was built with)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stoa_vlp.commands.task_common import device_of, load_task_weights, resolve_checkpoint
+    from stoa_vlp.config import from_dict
+    from stoa_vlp.model import build_model
+    from stoa_vlp.tasks.search import load_index, search
+    from stoa_vlp.tokenizer import Tokenizer
+    from stoa_vlp.train.logging import format_table
+
+    index = load_index(args.index)
+    config = from_dict(index.info["config"])
+    checkpoint = resolve_checkpoint(Path(args.checkpoint or index.info["checkpoint"]))
+    device = device_of(config)
+    model = build_model(config.model)
+    load_task_weights(model, checkpoint)
+    model.to(device)
+    index.videos = type(index.videos)(**{k: v.to(device) for k, v in vars(index.videos).items()})
+    rerank_k = config.task.rerank_k if args.rerank_k is None else args.rerank_k
+    hits = search(model, index, args.query, Tokenizer(config.model.text_len), device, args.top, rerank_k,
+                  config.loss.vtc_video_feature)
+    rows = [[rank, hit.video_id, round(hit.score, 4), round(hit.cosine, 4),
+             "" if hit.match is None else round(hit.match, 4), hit.path] for rank, hit in enumerate(hits, 1)]
+    print(f"query: {args.query!r} ({len(index.video_ids)} videos; top {rerank_k} re-ranked by the matching head)")
+    print(format_table(["rank", "video", "score", "cosine", "P(match)", "path"], rows))
+    return 0
