@@ -2,7 +2,7 @@
 folder and resumption.
 
     --config PRESET|YAML     a preset name (tiny, base) or a YAML file with model/loss/data/train sections
-    --set KEY=VALUE          a dotted override, repeatable (`--set train.lr=3e-4 --set data.batch_size=32`)
+    --set KEY=VALUE          a dotted override, repeatable (`--set train.lr=3.0e-4 --set data.batch_size=32`)
     --output DIR             the run folder (sets train.output_dir)
     --resume PATH|latest     continue from a checkpoint folder, a run folder, or the run's newest checkpoint
     --overwrite              replace a run folder that already holds a run
@@ -24,7 +24,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str = 
     parser.add_argument("--config", default=default_config, metavar="PRESET|YAML",
                         help=f"preset name (tiny, base) or YAML config file (default {default_config})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted config override, e.g. --set train.lr=3e-4 (repeatable)")
+                        help="dotted config override, e.g. --set train.lr=3.0e-4 (repeatable)")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,217 @@
+"""`stoa-vlp demo`, the main job: the whole system on the synthetic world, on a CPU, in minutes.
+
+The demo is a list of stages, `DEMO_STAGES`, run in order over one `DemoRun`:
+  world      render the synthetic moving-objects world (videos, captions, detections)
+  tags       noun/verb tags of every caption (spaCy), for DOTA and STASP
+  pretrain   pre-train the tiny model with the six objectives (the Trainer, checkpoints, metrics)
+  retrieval  zero-shot text-to-video and video-to-text retrieval on the test clips, against chance
+Each stage records its metrics in `run.metrics[name]`, adds a Markdown section to `run.report`
+and may print a table. A later task adds its own stage by appending `(name, function)` to
+`DEMO_STAGES` (the trained model is `run.model`, the config `run.config`, the world `run.world`).
+At the end the folder holds report.md, demo_metrics.json, the world, the tag cache, the run's
+checkpoints, metrics.jsonl and TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from stoa_vlp.config import Config, load_config
+from stoa_vlp.train.logging import format_table
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.md"
+METRICS_FILE = "demo_metrics.json"
+
+# The tiny preset with what the demo needs to learn within its time budget on 2 CPU cores.
+DEMO_OVERRIDES = [
+    "train.steps=300",
+    "train.warmup_steps=20",
+    "train.lr=1.0e-3",
+    "train.eval_every=150",
+    "train.save_every=150",
+    "train.log_every=10",
+    "train.device=cpu",
+    "data.batch_size=16",
+    "data.num_workers=0",
+]
+
+
+@dataclass
+class DemoSettings:
+    train_clips: int = 300
+    val_clips: int = 20
+    test_clips: int = 100
+    seed: int = 0
+    render_workers: int = max(1, min(4, os.cpu_count() or 1))
+    overrides: list[str] = field(default_factory=list)  # dotted config overrides after DEMO_OVERRIDES
+
+
+@dataclass
+class DemoRun:
+    settings: DemoSettings
+    folder: Path
+    config: Config | None = None
+    world: Any = None  # stoa_vlp.data.synth.WorldPaths
+    model: Any = None  # the trained stoa_vlp.model.STOAVLP (CPU, eval mode)
+    checkpoint: Path | None = None
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    report: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+DemoStage = Callable[[DemoRun], None]
+
+
+def demo_config(run: DemoRun) -> Config:
+    world = run.world
+    data = [
+        f"data.train={world.annotations}",
+        f"data.val={world.annotations}",
+        f"data.test={world.annotations}",
+        "data.format=msrvtt",
+        f"data.video_root={world.videos}",
+        f"data.detections={world.detections}",
+        f"data.tags={run.folder / 'tags.json'}",
+        f"data.label_vocab={run.folder / 'label_vocab.json'}",
+        f"train.output_dir={run.folder / 'pretrain'}",
+        f"train.seed={run.settings.seed}",
+    ]
+    return load_config("tiny", DEMO_OVERRIDES + data + list(run.settings.overrides))
+
+
+def render_stage(run: DemoRun) -> None:
+    from stoa_vlp.data.synth import render_world
+
+    s = run.settings
+    run.world = render_world(
+        run.folder / "world", train=s.train_clips, val=s.val_clips, test=s.test_clips, seed=s.seed,
+        workers=s.render_workers,
+    )
+    run.config = demo_config(run)
+    run.metrics["world"] = {"train_clips": s.train_clips, "val_clips": s.val_clips, "test_clips": s.test_clips}
+    run.report.append(
+        "## Synthetic world\n\n"
+        f"{s.train_clips} training, {s.val_clips} validation and {s.test_clips} test clips (seed {s.seed}) "
+        f"in `world/`: H.264 videos, MSR-VTT-format captions, noisy detections.\n"
+    )
+
+
+def tag_stage(run: DemoRun) -> None:
+    from stoa_vlp.data.tags import tag_file
+
+    cache = tag_file(run.world.annotations, run.folder / "tags.json", run.config.model.text_len,
+                     run.config.data.spacy_model, format="msrvtt")
+    run.metrics["tags"] = {"captions": float(len(cache))}
+    run.report.append(f"## Tags\n\n{len(cache)} distinct captions tagged (spaCy) into `tags.json`.\n")
+
+
+def pretrain_stage(run: DemoRun) -> None:
+    from stoa_vlp.commands.common import seed_everything
+    from stoa_vlp.data.dataset import build_dataset, collate
+    from stoa_vlp.model import build_model
+    from stoa_vlp.objectives import Pretrainer
+    from stoa_vlp.train.distributed import DistEnv
+    from stoa_vlp.train.evaluation import RetrievalEvaluator
+    from stoa_vlp.train.loop import Trainer
+
+    config = run.config
+    seed_everything(config.train.seed)
+    module = Pretrainer(build_model(config.model), config.loss)
+    train_set = build_dataset(config, "train")
+    if getattr(train_set, "label_vocab", None) is not None and not Path(config.data.label_vocab).exists():
+        train_set.label_vocab.save(config.data.label_vocab)  # val and test use the training vocabulary
+    env = DistEnv.current(config.train.device)
+    evaluate = RetrievalEvaluator(config, "val", env.device) if run.settings.val_clips > 0 else None
+    trainer = Trainer(config, module, train_set, collate, config.train.output_dir, env, evaluate)
+    result = trainer.fit()
+    run.model = module.model.eval()
+    run.checkpoint = result.last_checkpoint
+    first, last = result.history[0], result.history[-1]
+    run.metrics["pretrain"] = {
+        "steps": float(result.step), "seconds": result.seconds, "clips_per_s": result.clips_per_s,
+        "first_loss": first["loss"], "final_loss": last["loss"], "skipped_batches": float(result.skipped_batches),
+    }
+    losses = [name for name in ("vtc", "vtm", "mlm", "plm", "dota", "stasp") if name in last]
+    table = format_table(["loss", "step 1", f"step {result.step}"],
+                         [[name, first[name], last[name]] for name in ["loss", *losses]])
+    run.report.append(
+        "## Pre-training\n\n"
+        f"{result.step} steps of {config.data.batch_size} clips in {result.seconds:.0f} s "
+        f"({result.clips_per_s:.1f} clips/s) on {env.device}; checkpoints in `pretrain/checkpoints/`.\n\n"
+        f"{table}\n"
+    )
+
+
+def chance_metrics(text_to_video: torch.Tensor, num_videos: int, draws: int = 200, seed: int = 0) -> dict[str, float]:
+    """Retrieval metrics of random scores (mean over `draws` uniform similarity matrices)."""
+    from stoa_vlp.metrics.retrieval import retrieval_metrics
+
+    generator = torch.Generator().manual_seed(seed)
+    total: dict[str, float] = {}
+    for _ in range(draws):
+        scores = torch.rand(len(text_to_video), num_videos, generator=generator)
+        for name, value in retrieval_metrics(scores, text_to_video).items():
+            total[name] = total.get(name, 0.0) + value / draws
+    return total
+
+
+def retrieval_stage(run: DemoRun) -> None:
+    from stoa_vlp.metrics.retrieval import retrieval_metrics
+    from stoa_vlp.tasks.retrieval import contrastive_similarity, extract_features
+    from stoa_vlp.train.evaluation import retrieval_loader
+
+    loader = retrieval_loader(run.config, "test")
+    with torch.no_grad():
+        videos, texts, text_to_video = extract_features(run.model, loader, "cpu")
+        metrics = retrieval_metrics(contrastive_similarity(videos, texts), text_to_video)
+    chance = chance_metrics(text_to_video, videos.video.shape[0])
+    run.metrics["retrieval"] = {**metrics, **{f"chance_{k}": v for k, v in chance.items()}}
+    rows = []
+    for direction in ("t2v", "v2t"):
+        rows.append([direction] + [metrics[f"{direction}_{k}"] for k in ("r1", "r5", "r10", "mdr")])
+        rows.append([f"{direction} chance"] + [chance[f"{direction}_{k}"] for k in ("r1", "r5", "r10", "mdr")])
+    table = format_table(["zero-shot retrieval", "R@1", "R@5", "R@10", "MdR"], rows)
+    print(f"\nZero-shot retrieval on {videos.video.shape[0]} test clips ({len(text_to_video)} captions):\n{table}")
+    run.report.append(
+        "## Zero-shot retrieval (test clips)\n\n"
+        f"{videos.video.shape[0]} test clips, {len(text_to_video)} captions; recalls in percent, "
+        "tie-robust ranks, chance = the mean over random similarity matrices.\n\n"
+        f"{table}\n"
+    )
+
+
+DEMO_STAGES: list[tuple[str, DemoStage]] = [
+    ("world", render_stage),
+    ("tags", tag_stage),
+    ("pretrain", pretrain_stage),
+    ("retrieval", retrieval_stage),
+]
+
+
+def run_demo(settings: DemoSettings, folder: Path, stages: list[tuple[str, DemoStage]] | None = None) -> DemoRun:
+    """Run the stages into `folder`, then write report.md and demo_metrics.json there."""
+    run = DemoRun(settings=settings, folder=Path(folder))
+    run.folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for name, stage in stages if stages is not None else DEMO_STAGES:
+        log.info("demo stage: %s", name)
+        stage_started = time.perf_counter()
+        stage(run)
+        run.seconds[name] = time.perf_counter() - stage_started
+    run.seconds["total"] = time.perf_counter() - started
+    timing = format_table(["stage", "seconds"], [[name, round(value, 1)] for name, value in run.seconds.items()])
+    report = ["# stoa-vlp demo\n", *run.report, f"## Time\n\n{timing}\n"]
+    (run.folder / REPORT_FILE).write_text("\n".join(report))
+    with open(run.folder / METRICS_FILE, "w") as handle:
+        json.dump({"metrics": run.metrics, "seconds": run.seconds}, handle, indent=2)
+    return run
