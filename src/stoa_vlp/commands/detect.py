@@ -33,7 +33,14 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from stoa_vlp.data.detect import DetectReport, DetectSettings, build_detector, detect_videos, find_videos, pick_device
+    from stoa_vlp.data.detect import (
+        DetectReport,
+        DetectSettings,
+        build_detector,
+        detect_videos,
+        find_videos,
+        pick_device,
+    )
     from stoa_vlp.data.detections import write_detections
 
     log = logging.getLogger("stoa_vlp.detect")

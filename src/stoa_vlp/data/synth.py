@@ -152,7 +152,9 @@ class WorldPaths:
 # ---------------------------------------------------------------- sampling scenes
 
 
-def _sample_object(rng: np.random.Generator, shape: str, colour: str, action: str, width: int, height: int) -> WorldObject:
+def _sample_object(
+    rng: np.random.Generator, shape: str, colour: str, action: str, width: int, height: int
+) -> WorldObject:
     short = min(width, height)
     radius = float(rng.uniform(0.08, 0.12) * short)
     angle = float(rng.uniform(0, 2 * math.pi))
@@ -175,7 +177,9 @@ def _sample_object(rng: np.random.Generator, shape: str, colour: str, action: st
         return WorldObject(shape, colour, action, start, end)
     x = float(rng.uniform(radius + 1, width - radius - 1))
     y = float(rng.uniform(radius + 1, height - radius - 1))
-    turn = float(rng.uniform(math.radians(30), math.radians(60)) * rng.choice([-1.0, 1.0])) if action == "rotate" else 0.0
+    turn = 0.0
+    if action == "rotate":
+        turn = float(rng.uniform(math.radians(30), math.radians(60)) * rng.choice([-1.0, 1.0]))
     return WorldObject(shape, colour, action, Pose(x, y, radius, angle), Pose(x, y, radius, angle + turn))
 
 
@@ -387,6 +391,11 @@ def make_captions(clip: ClipSpec, rng: np.random.Generator, count: int) -> list[
     return captions
 
 
+def _other_action(action: str) -> str:
+    """The opposite action where there is one, else a fixed different one."""
+    return OPPOSITE.get(action, "grow" if action == "still" else "still")
+
+
 def make_questions(clip: ClipSpec, rng: np.random.Generator, count: int) -> list[dict]:
     """Up to `count` open-ended questions with one-word answers, drawn from all that apply."""
     candidates = [
@@ -403,7 +412,7 @@ def make_questions(clip: ClipSpec, rng: np.random.Generator, count: int) -> list
             candidates.append(
                 {"question": f"which way does the {obj.name} move?", "answer": obj.action, "answer_type": "direction"}
             )
-        asked = obj.action if rng.random() < 0.5 else OPPOSITE.get(obj.action, "still" if obj.action != "still" else "grow")
+        asked = obj.action if rng.random() < 0.5 else _other_action(obj.action)
         candidates.append(
             {
                 "question": f"does the {obj.name} {BASE_VERB[asked]}?",
@@ -441,10 +450,10 @@ def make_choice(clip: ClipSpec, others: list[ClipSpec], rng: np.random.Generator
     true_facts = [(o.colour, o.shape, o.action) for o in clip.objects]
     options = [canonical_caption(true_facts)]
     seen = {frozenset(true_facts)}
-    for _attempt in range(200):
+    for attempt in range(200):
         if len(options) == 5:
             break
-        if len(options) == 4 or _attempt >= 100:
+        if len(options) == 4 or attempt >= 100:
             other = others[int(rng.integers(len(others)))] if others else clip
             candidate = [(o.colour, o.shape, o.action) for o in other.objects]
         else:
@@ -587,7 +596,8 @@ def render_world(
         video_ids={split: [c.video_id for c in clips if c.split == split] for split in SPLITS},
     )
     with open(paths.annotations, "w") as handle:
-        json.dump({"info": {"description": f"stoa-vlp synthetic world, seed {seed}"}, "videos": videos, "sentences": sentences}, handle)
+        info = {"description": f"stoa-vlp synthetic world, seed {seed}"}
+        json.dump({"info": info, "videos": videos, "sentences": sentences}, handle)
     write_detections(
         paths.detections,
         (

@@ -135,7 +135,8 @@ class TagCache:
                 data = json.loads(self.path.read_text())
             except json.JSONDecodeError as error:
                 raise ValueError(f"{self.path}: malformed JSON at line {error.lineno} ({error.msg})") from None
-            if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("tags"), dict):
+            valid = isinstance(data, dict) and data.get("format") == CACHE_FORMAT and isinstance(data.get("tags"), dict)
+            if not valid:
                 raise ValueError(f"{self.path}: not a stoa-vlp tag cache")
             self.tags = data["tags"]
             stored_length = data.get("length")
@@ -154,7 +155,8 @@ class TagCache:
         text = self.tags.get(caption)
         if text is None:
             return None
-        return align_to_tokens(np.frombuffer(text.encode("ascii"), dtype=np.uint8).astype(np.int64) - ord("0"), self.length)
+        digits = np.frombuffer(text.encode("ascii"), dtype=np.uint8).astype(np.int64) - ord("0")
+        return align_to_tokens(digits, self.length)
 
     def update(self, piece_tags: dict[str, np.ndarray]) -> None:
         """Add word-piece tags (as returned by `tag_pieces`) per caption."""
