@@ -1,0 +1,55 @@
+"""Multiple-choice: file reading and option scoring against brute-force model calls."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stoa_vlp.batch import Batch
+from stoa_vlp.config import load_config
+from stoa_vlp.model import build_model
+from stoa_vlp.tasks.multiple_choice import Choice, evaluate_multiple_choice, read_choices
+from stoa_vlp.tokenizer import Tokenizer
+
+OPTIONS = [["a red square moves left", "a blue circle grows", "a green triangle spins"],
+           ["two shapes move apart", "a yellow square falls", "nothing moves"]]
+
+
+def test_read_choices_accepts_clip_name_and_checks_answers(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps({"clip_name": "video9", "options": ["a", "b"], "answer": 1}) + "\n")
+    assert read_choices(path) == [Choice("video9", ["a", "b"], 1)]
+    path.write_text(json.dumps({"video_id": "v", "options": ["a", "b"], "answer": 2}) + "\n")
+    with pytest.raises(ValueError, match=r"mc.jsonl:1: answer must be an option index"):
+        read_choices(path)
+
+
+def test_multiple_choice_scores_match_brute_force():
+    torch.manual_seed(0)
+    config = load_config("tiny", ["model.objects=false"])
+    model = build_model(config.model).eval()
+    tokenizer = Tokenizer(config.model.text_len)
+    m = config.model
+    frames = torch.randn(2, m.frames, 3, m.image_size, m.image_size)
+    tokens, mask = tokenizer(["x", "y"])
+    empty = torch.zeros(2, 0)
+    loader = [Batch(frames, empty, empty, empty, empty, empty, tokens, mask, torch.zeros_like(tokens),
+                    torch.arange(2), ["v0", "v1"])]
+    with torch.no_grad():
+        videos = model.encode_video(frames, *[None] * 5)
+        vtm_pick, vtc_pick = [], []
+        for item in range(2):
+            texts = model.encode_text(*tokenizer(OPTIONS[item]))
+            video = videos.index_select(torch.tensor([item] * 3))
+            fused = model.fuse(video, texts.tokens, texts.mask, mode="bidirectional")
+            vtm_pick.append(int(torch.softmax(model.match_logits(fused), -1)[:, 1].argmax()))
+            meanp = F.normalize(F.normalize(video.frames, dim=-1).mean(1), dim=-1)
+            vtc_pick.append(int((F.normalize(texts.sentence, dim=-1) * meanp).sum(-1).argmax()))
+    choices = [Choice("v1", OPTIONS[1], vtm_pick[1]), Choice("v0", OPTIONS[0], vtm_pick[0])]  # order differs
+    metrics = evaluate_multiple_choice(model, loader, choices, tokenizer, "cpu", scoring="vtm")
+    assert metrics["accuracy_vtm"] == 100.0 and metrics["accuracy"] == 100.0
+    expected_vtc = 100.0 * sum(vtc_pick[i] == vtm_pick[i] for i in range(2)) / 2
+    assert metrics["accuracy_vtc"] == expected_vtc and metrics["num_items"] == 2.0
+    vtc_metrics = evaluate_multiple_choice(model, loader, choices, tokenizer, "cpu", scoring="vtc")
+    assert vtc_metrics["accuracy"] == expected_vtc

@@ -1,0 +1,91 @@
+"""Video QA pieces: file reading, answer vocabulary, answer-slot head, per-type accuracy."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stoa_vlp.batch import Batch
+from stoa_vlp.config import load_config
+from stoa_vlp.model import build_model
+from stoa_vlp.tasks.data import LabelledBatch
+from stoa_vlp.tasks.qa import AnswerVocab, QAModel, accuracy_by_type, evaluate_qa, read_questions
+from stoa_vlp.tokenizer import Tokenizer
+
+
+def write_lines(path, rows):
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def test_read_questions_and_errors_name_file_and_line(tmp_path):
+    good = write_lines(tmp_path / "qa.jsonl", [
+        {"video_id": "video1", "question": "what is it?", "answer": " Red ", "answer_type": "what"},
+        {"video_id": 7, "question": "who?", "answer": "man"},
+    ])
+    questions = read_questions(good)
+    assert [(q.video_id, q.answer, q.answer_type) for q in questions] == [("video1", "red", "what"), ("7", "man", "all")]
+    bad = write_lines(tmp_path / "bad.jsonl", [{"video_id": "v", "question": "q", "answer": "a"}, "{not json"])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not JSON"):
+        read_questions(bad)
+    missing = write_lines(tmp_path / "missing.jsonl", [{"video_id": "v", "question": "q"}])
+    with pytest.raises(ValueError, match=r"missing.jsonl:1: missing answer"):
+        read_questions(missing)
+
+
+def test_answer_vocab_top_k_ties_alphabetical_and_round_trip(tmp_path):
+    vocab = AnswerVocab.from_answers(["dog", "cat", "cat", "bird", "dog", "ant", "Cat"], size=3)
+    assert vocab.answers == ["cat", "dog", "ant"]  # cat 3, dog 2, then ant/bird tie -> ant
+    assert vocab.label("DOG") == 1 and vocab.label("bird") == -1
+    vocab.save(tmp_path / "answers.json")
+    assert json.loads((tmp_path / "answers.json").read_text()) == {"cat": 0, "dog": 1, "ant": 2}
+    assert AnswerVocab.load(tmp_path / "answers.json").answers == vocab.answers
+
+
+def test_accuracy_overall_and_per_type_hand_computed():
+    metrics = accuracy_by_type([True, False, True, True], ["what", "what", "who", "how"])
+    assert metrics == {"accuracy": 75.0, "num_questions": 4.0, "accuracy_how": 100.0, "accuracy_what": 50.0,
+                       "accuracy_who": 100.0}
+
+
+def make_batch(config, tokenizer, questions, labels, seed=0):
+    m = config.model
+    frames = torch.randn(len(questions), m.frames, 3, m.image_size, m.image_size, generator=torch.Generator().manual_seed(seed))
+    tokens, mask = tokenizer(questions)
+    empty = torch.zeros(len(questions), 0)
+    base = Batch(frames, empty, empty, empty, empty, empty, tokens, mask, torch.zeros_like(tokens),
+                 torch.arange(len(questions)), [f"v{i}" for i in range(len(questions))])
+    return LabelledBatch(**vars(base), labels=torch.tensor(labels))
+
+
+def test_answer_slot_head_loss_and_evaluation():
+    torch.manual_seed(0)
+    config = load_config("tiny", ["model.objects=false"])
+    tokenizer = Tokenizer(config.model.text_len)
+    qa = QAModel(build_model(config.model), num_answers=5).eval()
+    batch = make_batch(config, tokenizer, ["what colour is it?", "how many shapes?", "does it spin?"], [1, 4, 0])
+    with torch.no_grad():
+        out = qa(batch)
+        video, text = qa.model(batch)
+        slots = qa.head.answer_slot.expand(3, 1, -1)
+        fused = qa.model.fuse(video, text.tokens, text.mask, mode="bidirectional", extra_slots=slots)
+        logits = qa.head.classifier(fused.hidden[:, -1])  # the answer slot is the last position
+    torch.testing.assert_close(out["loss"], F.cross_entropy(logits, batch.labels))
+    assert torch.count_nonzero(qa.head.answer_slot) == 0  # zero-initialised like the reference's slot
+    predicted = logits.argmax(dim=-1).tolist()
+    eval_batch = make_batch(config, tokenizer, ["what colour is it?", "how many shapes?", "does it spin?"],
+                            [predicted[0], -1, (predicted[2] + 1) % 5])
+    questions = read_questions_like([("colour", "x"), ("count", "y"), ("yesno", "z")])
+    metrics = evaluate_qa(qa, [eval_batch], "cpu", questions)
+    assert metrics["accuracy"] == pytest.approx(100 / 3)  # right, out-of-vocabulary (always wrong), wrong
+    assert metrics["accuracy_colour"] == 100.0 and metrics["accuracy_count"] == 0.0
+    assert metrics["out_of_vocabulary"] == pytest.approx(100 / 3)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        qa(eval_batch)
+
+
+def read_questions_like(types_and_answers):
+    from stoa_vlp.tasks.qa import Question
+
+    return [Question(f"v{i}", "q", answer, kind) for i, (kind, answer) in enumerate(types_and_answers)]

@@ -1,0 +1,49 @@
+"""Search index round trip and ranking: contrastive order, then fusion re-ranking of the top-k only."""
+
+import pytest
+import torch
+
+from stoa_vlp.config import load_config
+from stoa_vlp.model import build_model
+from stoa_vlp.tasks.retrieval import contrastive_similarity, encode_texts, logit_scale_value, match_probability
+from stoa_vlp.tasks.search import SearchIndex, load_index, save_index, search
+from stoa_vlp.tokenizer import Tokenizer
+
+
+def test_index_round_trip_and_ranking(tmp_path):
+    torch.manual_seed(0)
+    config = load_config("tiny")
+    model = build_model(config.model).eval()
+    tokenizer = Tokenizer(config.model.text_len)
+    m = config.model
+    count = 6
+    frames = torch.randn(count, m.frames, 3, m.image_size, m.image_size)
+    boxes = torch.tensor([2.0, 2.0, 40.0, 40.0]).expand(count, m.frames, m.boxes_per_frame, 4).clone()
+    labels = torch.ones(count, m.frames, m.boxes_per_frame, dtype=torch.long)
+    traj = torch.zeros(count, m.trajectories, dtype=torch.long)
+    traj[:, 0] = 1
+    with torch.no_grad():
+        videos = model.encode_video(frames, boxes, labels, labels > 0, traj, traj > 0)
+    ids = [f"clip{i}" for i in range(count)]
+    save_index(tmp_path / "idx", SearchIndex(ids, [f"/videos/{i}.mp4" for i in ids], videos, {"note": "x"}))
+    index = load_index(tmp_path / "idx")
+    assert index.video_ids == ids and index.info == {"note": "x"}
+    torch.testing.assert_close(index.videos.trajectories, videos.trajectories)
+
+    hits = search(model, index, "a red square moves left", tokenizer, "cpu", top=5, rerank_k=3)
+    with torch.no_grad():
+        text = encode_texts(model, *tokenizer(["a red square moves left"]), "cpu")
+        cosine = contrastive_similarity(videos, text)[0]
+        top3 = cosine.argsort(descending=True)[:3]
+        match = match_probability(model, videos, text, torch.zeros(3, dtype=torch.long), top3)
+    fused = torch.softmax(logit_scale_value(model) * cosine[top3], 0) * match
+    expected_head = [ids[int(top3[i])] for i in fused.argsort(descending=True)]
+    expected_tail = [ids[int(i)] for i in cosine.argsort(descending=True)[3:5]]
+    assert [h.video_id for h in hits] == expected_head + expected_tail
+    assert [h.match is None for h in hits] == [False] * 3 + [True] * 2
+    assert hits[3].cosine == pytest.approx(float(cosine.sort(descending=True).values[3]), abs=1e-5)
+
+
+def test_load_index_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing index.json"):
+        load_index(tmp_path)
