@@ -47,7 +47,7 @@ def run_prepare(source, out, *extra):
 
 def test_prepare_resamples_resizes_and_writes_manifest(collection, tmp_path):
     out = tmp_path / "prepared"
-    assert run_prepare(collection, out, "--workers", "2") == 0
+    assert run_prepare(collection, out, "--workers", "2", "--keyframe-interval", "1") == 0
     manifest = read_manifest(out / "manifest.jsonl")
     assert sorted(manifest) == ["broken", "ramp", "tall"]
     ramp = manifest["ramp"]
@@ -93,6 +93,7 @@ def test_prepare_from_annotation_file(collection, tmp_path):
 
 
 def test_even_size_keeps_aspect():
-    assert even_size(320, 240, 256) == (342, 256)
-    assert even_size(240, 320, 256) == (256, 342)
+    assert even_size(480, 360, 256) == (342, 256)
+    assert even_size(360, 480, 256) == (256, 342)
     assert even_size(1920, 1080, 256) == (456, 256)
+    assert even_size(320, 240, 256) == (320, 240)  # never enlarged

@@ -10,7 +10,7 @@ HELP = "re-encode videos (fps, short side, short keyframe interval) for fast tra
 EXAMPLES = """examples:
   stoa-vlp prepare raw_videos/ data/prepared
   stoa-vlp prepare msrvtt/MSRVTT_data.json data/msrvtt --split train --video-root msrvtt/videos
-  stoa-vlp prepare raw_videos/ data/prepared --fps 2 --short-side 256 --keyframe-interval 1 --workers 8
+  stoa-vlp prepare raw_videos/ data/prepared --fps 4 --short-side 224 --keyframe-interval 1 --crf 23 --workers 8
 
 Writes OUT/videos/<video_id>.mp4 and OUT/manifest.jsonl; a rerun skips finished videos.
 Train on the result with data.video_root=OUT/videos.
@@ -24,9 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="output folder (created)")
     parser.add_argument("--fps", type=float, default=2.0, help="output frame rate (default 2)")
     parser.add_argument("--short-side", type=int, default=256, help="output short side in pixels (default 256)")
-    parser.add_argument("--keyframe-interval", type=float, default=1.0, help="seconds between keyframes (default 1)")
-    parser.add_argument("--crf", type=int, default=23, help="libx264 quality, lower is better (default 23)")
+    parser.add_argument("--keyframe-interval", type=float, default=0.5,
+                        help="seconds between keyframes (default 0.5: at 2 fps every frame is a keyframe)")
+    parser.add_argument("--crf", type=int, default=26, help="libx264 quality, lower is better (default 26)")
     parser.add_argument("--preset", default="veryfast", help="libx264 speed preset (default veryfast)")
+    parser.add_argument("--tune", default="fastdecode", help="libx264 tune (default fastdecode; '' for none)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
     parser.add_argument("--format", default="auto", help="annotation format when INPUT is a file (default auto)")
     parser.add_argument("--split", default=None, help="annotation split (train, val, test) where the format needs one")
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if not videos:
         log.error("%s: no videos found", args.input)
         return 2
-    options = PrepareOptions(args.fps, args.short_side, args.keyframe_interval, args.crf, args.preset)
+    options = PrepareOptions(args.fps, args.short_side, args.keyframe_interval, args.crf, args.preset, args.tune)
     entries = prepare_videos(videos, args.out_dir, options, args.workers, progress=not args.no_progress)
     failed = sum(entry.status != "ok" for entry in entries)
     log.info("prepared %d videos into %s (%d failed)", len(entries) - failed, args.out_dir, failed)

@@ -6,10 +6,12 @@ its centre ("uniform", for evaluation) or a random frame inside it ("rand", for 
 with fewer than T frames in the range repeats frames (segments share a frame), so every clip has
 exactly T frames in time order.
 
-The PyAV path reads the packet index first (demuxing without decoding is cheap), then decodes
-only the groups of pictures (GOPs) that hold a wanted frame, skipping the others the way a seek
-would but without its cost, and asks the decoder to skip non-reference frames that are not
-wanted. Only the wanted frames are converted to RGB. decord and torchcodec are used instead when
+The PyAV path reads the packets first (demuxing without decoding is cheap), then decodes only
+the groups of pictures (GOPs) that hold a wanted frame, each only up to its last wanted frame,
+skipping the other GOPs the way a seek would but without its cost, and asks the decoder to skip
+non-reference frames that are not wanted. Only the wanted frames are converted to RGB. (As with
+seeking, a wanted frame of an open GOP that references the previous GOP may not decode; it is
+then reported as damaged.) decord and torchcodec are used instead when
 `decoder` names them and they are installed.
 
 Timestamps are seconds from the start of the video stream; detections use the same clock.
@@ -153,48 +155,42 @@ def _decode_pyav(
 
 
 def _decode_wanted(stream, packets: list, stamps: list[int], wanted: set[int], name: str) -> dict:
-    """RGB arrays (H, W, 3) of the `wanted` timestamps, decoding only the GOPs that hold them.
+    """RGB arrays (H, W, 3) of the `wanted` timestamps, decoding as little as possible.
 
-    A GOP with no wanted frame is skipped unless frames of an earlier GOP are still held in the
-    decoder's reorder buffer; non-reference frames that are not wanted are not decoded.
+    For each GOP holding a wanted frame, its packets are fed up to the last wanted one in decode
+    order (later packets cannot be references of earlier ones), with non-reference frames that
+    are not wanted skipped; the decoder is then drained of wanted frames still held for
+    reordering, if any, and reset.
+    GOPs without a wanted frame are never decoded.
     """
     import av
 
-    gop_starts = [i for i, p in enumerate(packets) if p.is_keyframe] or [0]
-    if gop_starts[0] != 0:
-        gop_starts.insert(0, 0)
-    gop_bounds = list(zip(gop_starts, gop_starts[1:] + [len(packets)]))
+    last_wanted: dict[int, int] = {}  # first packet of a GOP -> its last wanted packet
+    gop_start = 0
+    for index, packet in enumerate(packets):
+        if packet.is_keyframe:
+            gop_start = index
+        if stamps[index] in wanted:
+            last_wanted[gop_start] = index
     codec = stream.codec_context
     decoded: dict[int, np.ndarray] = {}
-    fed: set[int] = set()  # wanted stamps whose packets went into the decoder
-    skipped = False
 
     def receive(frames) -> None:
         for frame in frames:
             stamp = frame.pts if frame.pts is not None else frame.dts
             if stamp in wanted and stamp not in decoded:
-                decoded[stamp] = frame.to_ndarray(format="rgb24")
+                # an explicit interpolation keeps PyAV on its cached fast converter (same pixels, ~8x faster)
+                decoded[stamp] = frame.to_ndarray(format="rgb24", interpolation="BILINEAR")
 
     try:
-        for first, stop in gop_bounds:
-            gop_wanted = wanted.intersection(stamps[first:stop])
-            pending = fed - decoded.keys()
-            if not gop_wanted and not pending:
-                skipped = True
-                continue
-            if skipped:
-                codec.flush_buffers()
-                skipped = False
-            for index in range(first, stop):
-                is_wanted = stamps[index] in wanted
-                codec.skip_frame = "DEFAULT" if is_wanted else "NONREF"
-                if is_wanted:
-                    fed.add(stamps[index])
+        for first, last in sorted(last_wanted.items()):
+            for index in range(first, last + 1):
+                codec.skip_frame = "DEFAULT" if stamps[index] in wanted else "NONREF"
                 receive(codec.decode(packets[index]))
-                if len(decoded) == len(wanted):
-                    return decoded
-        codec.skip_frame = "DEFAULT"
-        receive(codec.decode(None))
+            if len(decoded) < len(wanted.intersection(stamps[: last + 1])):
+                codec.skip_frame = "DEFAULT"
+                receive(codec.decode(None))  # drain frames held for reordering
+            codec.flush_buffers()  # reset for the next GOP
     except av.FFmpegError as error:
         raise VideoError(name, f"decoding failed, file damaged or truncated ({error})") from None
     return decoded

@@ -2,9 +2,10 @@
 
 Each video is decoded with PyAV, resampled to `fps` (output frame k shows the source frame
 on screen at time k / fps), resized so its short side is `short_side` (aspect kept, even
-dimensions) and encoded with libx264 with a keyframe every `keyframe_interval` seconds. Audio is
-dropped. Outputs are written to a temporary name and renamed when complete, so an interrupted run
-leaves no half-written video; a rerun skips videos whose output exists.
+dimensions; smaller videos are not enlarged) and encoded with libx264, tuned for fast decoding,
+with a keyframe every `keyframe_interval` seconds. Audio is dropped. Outputs are written to a
+temporary name and renamed when complete, so an interrupted run leaves no half-written video;
+a rerun skips videos whose output exists (failed ones are tried again).
 
 The manifest (`manifest.jsonl`, one JSON object per video) records video_id, source, output,
 duration (s), fps, frames, status ("ok" or "failed") and error.
@@ -34,9 +35,10 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".m
 class PrepareOptions:
     fps: float = 2.0
     short_side: int = 256
-    keyframe_interval: float = 1.0  # seconds between keyframes
-    crf: int = 23
+    keyframe_interval: float = 0.5  # seconds between keyframes: at 2 fps every frame is one
+    crf: int = 26
     preset: str = "veryfast"
+    tune: str = "fastdecode"  # x264 tune: no CABAC, no deblocking; about 2x faster decoding ("" for none)
 
 
 @dataclass
@@ -52,8 +54,8 @@ class ManifestEntry:
 
 
 def even_size(width: int, height: int, short_side: int) -> tuple[int, int]:
-    """(width, height) with the short side = short_side, aspect kept, both even (for yuv420p)."""
-    scale = short_side / min(width, height)
+    """(width, height) with the short side = short_side (never enlarged), aspect kept, both even."""
+    scale = min(1.0, short_side / min(width, height))
     new_width = max(2, int(round(width * scale / 2)) * 2)
     new_height = max(2, int(round(height * scale / 2)) * 2)
     return new_width, new_height
@@ -66,6 +68,7 @@ def encode_video(
     keyframe_interval: float = 1.0,
     crf: int = 23,
     preset: str = "veryfast",
+    tune: str = "",
 ) -> int:
     """Encode RGB uint8 arrays (H, W, 3), H and W even, as H.264 mp4; returns the frame count.
 
@@ -88,6 +91,7 @@ def encode_video(
                     "crf": str(crf),
                     "preset": preset,
                     "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0",
+                    **({"tune": tune} if tune else {}),
                 }
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = count
@@ -146,6 +150,7 @@ def prepare_one(video_id: str, source: str, output: str, options: PrepareOptions
                 options.keyframe_interval,
                 options.crf,
                 options.preset,
+                options.tune,
             )
         finally:
             container.close()
