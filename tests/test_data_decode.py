@@ -76,12 +76,20 @@ def test_decode_matches_full_decode(clips, gop, sampling):
             assert np.array_equal(clip.frames[k].permute(1, 2, 0).numpy(), images[index])
 
 
-def test_decode_start_end_and_bytes(clips):
-    times, images = reference_frames(clips["short_gop"])
-    clip = decode_clip(clips["short_gop"], 4, start=1.0, end=3.0)
-    inside = np.flatnonzero((times >= 1.0 - 1e-6) & (times < 3.0 - 1e-6))  # 24 frames
+@pytest.mark.parametrize("gop", ["long_gop", "short_gop"])
+@pytest.mark.parametrize("start, end", [(1.0, 3.0), (2.5, None), (None, 1.5)])
+def test_decode_start_end(clips, gop, start, end):
+    times, images = reference_frames(clips[gop])
+    clip = decode_clip(clips[gop], 4, start=start, end=end)
+    inside = np.flatnonzero((times >= (start or 0) - 1e-6) & (times < (end or 99) - 1e-6))
     expected = inside[segment_indices(len(inside), 4, "uniform")]
     np.testing.assert_allclose(clip.times, times[expected])
+    for k, index in enumerate(expected):
+        assert np.array_equal(clip.frames[k].permute(1, 2, 0).numpy(), images[index])
+
+
+def test_decode_bytes_and_empty_range(clips):
+    clip = decode_clip(clips["short_gop"], 4, start=1.0, end=3.0)
     from_bytes = decode_clip(clips["short_gop"].read_bytes(), 4, start=1.0, end=3.0)
     assert torch.equal(from_bytes.frames, clip.frames)
     with pytest.raises(VideoError, match="no frames between 9.0s and 10.0s"):

@@ -86,8 +86,7 @@ def _select(
     if high <= low:
         raise VideoError(
             source,
-            f"no frames between {start}s and {end}s (video has {len(times)} frames, "
-            f"{times[0]:.2f}s to {times[-1]:.2f}s)",
+            f"no frames between {start}s and {end}s (frames read: {times[0]:.2f}s to {times[-1]:.2f}s)",
         )
     return low + segment_indices(high - low, frames, sampling, rng)
 
@@ -127,7 +126,7 @@ def _decode_pyav(
         stream = container.streams.video[0]
         stream.codec_context.thread_count = threads
         try:
-            packets = [p for p in container.demux(stream) if p.size > 0]
+            packets = _read_packets(container, stream, start, end)
         except av.FFmpegError as error:
             raise VideoError(name, f"cannot read packets, file damaged or truncated ({error})") from None
         stamps = [p.pts if p.pts is not None else p.dts for p in packets]
@@ -136,7 +135,7 @@ def _decode_pyav(
         if any(s is None for s in stamps):
             raise VideoError(name, "has video packets without timestamps")
         time_base = float(stream.time_base)
-        origin = stream.start_time if stream.start_time is not None else min(stamps)
+        origin = stream.start_time if stream.start_time is not None else 0
         sorted_stamps = np.sort(np.asarray(stamps, dtype=np.int64))
         times = (sorted_stamps - origin) * time_base
         chosen = _select(times, frames, sampling, start, end, rng, name)
@@ -152,6 +151,28 @@ def _decode_pyav(
         return DecodedClip(pixels, times[chosen], stream.codec_context.width, stream.codec_context.height)
     finally:
         container.close()
+
+
+def _read_packets(container, stream, start: float | None, end: float | None) -> list:
+    """The stream's non-empty packets in decode order; with `start`, from the keyframe before it,
+    with `end`, up to the first keyframe after it (so long videos are not read whole)."""
+    import av
+
+    origin = stream.start_time if stream.start_time is not None else 0
+    if start:
+        try:
+            container.seek(origin + int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+        except av.FFmpegError:
+            pass  # not seekable: read from the beginning
+    limit = None if end is None else origin + end / stream.time_base
+    packets = []
+    for packet in container.demux(stream):
+        if packet.size == 0:
+            continue
+        if limit is not None and packet.is_keyframe and packet.pts is not None and packet.pts > limit and packets:
+            break
+        packets.append(packet)
+    return packets
 
 
 def _decode_wanted(stream, packets: list, stamps: list[int], wanted: set[int], name: str) -> dict:
@@ -206,7 +227,7 @@ def _decode_decord(source, name, frames, sampling, start, end, rng, threads) -> 
     handle = source if isinstance(source, (str, Path)) else io.BytesIO(source.read())
     try:
         reader = decord.VideoReader(str(handle) if isinstance(handle, Path) else handle, num_threads=threads)
-    except decord.DECORDError as error:
+    except RuntimeError as error:  # decord's DECORDError
         raise VideoError(name, f"not a readable video ({error})") from None
     if len(reader) == 0:
         raise VideoError(name, "has no video frames")
