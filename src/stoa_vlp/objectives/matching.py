@@ -100,7 +100,7 @@ def alignment_losses(tasks: list[AlignmentTask], similarity: str) -> list[torch.
     batch = tasks[0].predictions.shape[0]
     rows = max(task.predictions.shape[1] for task in tasks)
     costs = torch.cat([_pad_rows(alignment_costs(task, similarity), rows, float("nan")) for task in tasks])
-    host_pairs = hungarian_on_host(costs.cpu().numpy())  # (P, 3) group, row, column
+    host_pairs = hungarian_on_host(costs.float().cpu().numpy())  # (P, 3) group, row, column
     pairs_per_task = np.bincount(host_pairs[:, 0] // batch, minlength=len(tasks)).tolist()
     pairs = torch.from_numpy(host_pairs).to(costs.device)
     predictions = torch.cat([_pad_rows(task.predictions, rows, 0.0) for task in tasks])  # (G, R, E)
