@@ -161,7 +161,7 @@ def test_zero_detections_give_masked_trajectories_and_no_nan():
     loss = 0
     for mode in ("bidirectional", "prefix"):
         assert torch.isfinite(out[mode].hidden).all()
-        loss = loss + model.lm_logits(out[mode].text).logsumexp(-1).mean() + model.match_logits(out[mode]).sum()
+        loss = loss + model.lm_logits(out[mode].sentence).logsumexp(-1).mean() + model.match_logits(out[mode]).sum()
     loss = loss + out["video"].trajectories.square().sum() + out["video"].actions.square().sum()
     assert torch.isfinite(out["video"].trajectories).all() and torch.isfinite(out["video"].actions).all()
     loss.backward()
