@@ -1,0 +1,75 @@
+"""Every downstream task fine-tunes a few steps and evaluates end to end on the synthetic world,
+through the command line: finetune (validation selection, one test evaluation), evaluate, caption,
+answer, index and search."""
+
+import json
+
+import pytest
+
+from stoa_vlp.cli import main
+from stoa_vlp.data.synth import render_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return render_world(tmp_path_factory.mktemp("world"), train=4, val=2, test=2, seconds=1.0, fps=6.0,
+                        captions_per_clip=2, questions_per_clip=3)
+
+
+def common(world, output):
+    return ["--config", "tiny", "--output", str(output),
+            "--set", f"data.video_root={world.videos}", "--set", f"data.detections={world.detections}",
+            "--set", "model.image_size=32", "--set", "train.steps=1", "--set", "train.eval_every=1",
+            "--set", "train.save_every=1", "--set", "train.warmup_steps=1", "--set", "data.batch_size=4",
+            "--set", "train.progress=false",
+            "--set", "train.tensorboard=false"]
+
+
+SPLIT_FILES = {
+    "retrieval": lambda w: (w.annotations, w.annotations, w.annotations),
+    "captioning": lambda w: (w.annotations, w.annotations, w.annotations),
+    "qa": lambda w: (w.qa["train"], w.qa["val"], w.qa["test"]),
+    "mc": lambda w: (w.annotations, w.mc["val"], w.mc["test"]),
+}
+HEADLINE = {"retrieval": "t2v_rerank_r1", "captioning": "CIDEr", "qa": "accuracy", "mc": "accuracy"}
+
+
+@pytest.mark.parametrize("task", ["retrieval", "captioning", "qa", "mc"])
+def test_finetune_then_evaluate(world, tmp_path, task, capsys):
+    train, val, test = SPLIT_FILES[task](world)
+    extra = ["--set", "task.rerank_k=2"] if task == "retrieval" else []
+    if task == "captioning":
+        extra = ["--set", "task.meteor=false", "--set", "task.max_caption_tokens=4"]
+    run = tmp_path / "run"
+    args = ["finetune", "--task", task, *common(world, run), "--set", f"data.train={train}",
+            "--set", f"data.val={val}", "--set", f"data.test={test}", *extra, "--test"]
+    assert main(args) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert [r["split"] for r in report["results"]] == ["val", "test"]
+    assert report["selection_metric"] == f"val/{HEADLINE[task]}"
+    test_metrics = report["results"][1]["metrics"]
+    assert HEADLINE[task] in test_metrics
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--split", "test", "--report", str(tmp_path / "eval.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "model.frames" in printed and "split: test" in printed
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["metrics"] == pytest.approx(test_metrics, abs=1e-6)  # the same checkpoint, the same numbers
+    assert again["preprocessing"]["model.frames"] == {"training": 4, "evaluation": 4}
+    if task == "captioning":
+        video = world.videos / f"{world.video_ids['test'][0]}.mp4"
+        assert main(["caption", "--checkpoint", str(run), str(video), "--max-tokens", "3"]) == 0
+        assert capsys.readouterr().out.startswith(f"{video}\t")
+    if task == "qa":
+        video = world.videos / f"{world.video_ids['test'][0]}.mp4"
+        assert main(["answer", "--checkpoint", str(run), str(video), "what shape moves left?", "--top", "2"]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert lines[0] == "Q: what shape moves left?" and len(lines) == 3 and lines[1].startswith("A: ")
+    if task == "retrieval":
+        index = tmp_path / "index"
+        assert main(["index", str(world.videos), "--checkpoint", str(run), "--output", str(index),
+                     "--detections", str(world.detections)]) == 0
+        capsys.readouterr()
+        assert main(["search", str(index), "a red circle moves left", "--top", "3", "--rerank-k", "2"]) == 0
+        rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "video" in line]
+        assert len(rows) == 4  # header + 3 hits
