@@ -230,3 +230,13 @@ def test_detection_lines_for_unknown_videos_are_reported(world, tmp_path, caplog
     detections.write_text(lines[0] + "\n{not json\n")
     with pytest.raises(ValueError, match="detections.jsonl:2"):
         build_loader(tiny(world, f"data.detections={detections}"), "train")
+
+
+def test_training_frames_are_random_per_draw_and_reproducible_per_seed(world):
+    dataset = VideoTextDataset(read_annotations(world.annotations, split="train"), tiny(world), True)
+    draws = []
+    for seed in (3, 3, 4, 5, 6):
+        torch.manual_seed(seed)
+        draws.append(dataset[0].frames)
+    assert torch.equal(draws[0], draws[1])
+    assert any(not torch.equal(draws[0], other) for other in draws[2:])

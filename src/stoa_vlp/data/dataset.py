@@ -168,7 +168,6 @@ class SampleBuilder:
 
     def __init__(self, config: Config, training: bool, detections=None, label_vocab=None, tag_cache=None):
         self.config = config
-        self.training = training
         self.detections = detections if config.model.objects else None
         self.label_vocab = label_vocab
         self.tag_cache = tag_cache
@@ -234,9 +233,10 @@ class SampleBuilder:
         return np.pad(tags, (0, length - len(tags)), constant_values=TAG_NONE)
 
 
-def _rng(index: int) -> np.random.Generator:
-    """Per-sample generator from the worker's torch seed (differs per worker and epoch)."""
-    return np.random.default_rng((torch.initial_seed() % 2**63, index))
+def _sample_rng() -> np.random.Generator:
+    """A generator drawn from torch's RNG: reproducible under a per-sample seed (the trainer's
+    SeededDataset), different per worker, epoch and draw otherwise."""
+    return np.random.default_rng(int(torch.randint(2**62, ()).item()))
 
 
 def _video_source(path: str):
@@ -293,7 +293,7 @@ class VideoTextDataset(Dataset):
         )
 
     def __getitem__(self, index: int) -> Sample:
-        rng = _rng(index)
+        rng = _sample_rng()
         if not self.training:
             return self.load(index, rng)  # BadSample (a ValueError) names the file
         while True:
