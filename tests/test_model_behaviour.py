@@ -309,6 +309,11 @@ def test_config_errors_are_clear():
         STOAVLP(tiny("model.embed_dim=32"))
     with pytest.raises(ValueError, match="object_tap_layer must be in 1..2"):
         STOAVLP(tiny("model.object_tap_layer=3"))
+    model = make_model()
+    inputs = make_inputs(model.config)
+    inputs["box_labels"][0, 0, 0] = model.config.num_object_classes
+    with torch.no_grad(), pytest.raises(ValueError, match=r"box labels must be in 0..63 \(model.num_object_classes=64\)"):
+        run_all(model, inputs)
     model = make_model("model.fusion_positions=20")
     inputs = make_inputs(model.config)
     with torch.no_grad(), pytest.raises(ValueError, match="exceeds model.fusion_positions=20"):

@@ -58,6 +58,9 @@ class ObjectTokens(nn.Module):
         batch, frames, slots = box_mask.shape
         if slots != self.slot_embedding.shape[0]:
             raise ValueError(f"object tokens built for {self.slot_embedding.shape[0]} boxes per frame, got {slots}")
+        classes = self.label_embedding.num_embeddings
+        if not torch.compiler.is_compiling() and bool(((box_labels < 0) | (box_labels >= classes)).any()):
+            raise ValueError(f"box labels must be in 0..{classes - 1} (model.num_object_classes={classes})")
         # padded boxes become empty boxes at the origin, so their content cannot reach any output
         safe_boxes = torch.where(box_mask[..., None], boxes, torch.zeros_like(boxes))
         regions = self.regions(patch_map, safe_boxes)  # (B*T*K, W, s, s)
