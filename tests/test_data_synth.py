@@ -7,6 +7,7 @@ import av
 import numpy as np
 import pytest
 
+from stoa_vlp.cli import main
 from stoa_vlp.data.detections import read_detections
 from stoa_vlp.data.synth import (
     CANONICAL,
@@ -16,6 +17,7 @@ from stoa_vlp.data.synth import (
     Pose,
     WorldObject,
     canonical_caption,
+    make_choice,
     noisy_detections,
     render_frames,
     render_world,
@@ -212,3 +214,30 @@ def test_multiple_choice_has_one_true_option(world):
             assert len(item["options"]) == len(set(item["options"])) == 5
             assert item["options"][item["answer"]] == correct
             assert item["options"].count(correct) == 1
+
+
+def test_choices_include_swapped_actions_for_several_objects():
+    red = WorldObject("circle", "red", "left", Pose(48, 20, 6, 0), Pose(16, 20, 6, 0))
+    blue = WorldObject("square", "blue", "grow", Pose(32, 46, 4, 0), Pose(32, 46, 10, 0))
+    clip = _clip(red, blue)
+    swapped = canonical_caption([("red", "circle", "grow"), ("blue", "square", "left")])
+    reversed_red = canonical_caption([("red", "circle", "right"), ("blue", "square", "grow")])
+    seen = set()
+    for seed in range(10):
+        item = make_choice(clip, [], np.random.default_rng(seed))
+        assert item["options"][item["answer"]] == "a red circle moves left while a blue square grows"
+        seen.update(item["options"])
+    assert swapped in seen and reversed_red in seen
+
+
+def test_synth_command(tmp_path):
+    out = tmp_path / "world"
+    argv = ["synth", str(out), "--train", "2", "--val", "1", "--test", "1", "--no-noise", "--workers", "1"]
+    argv += ["--size", "32", "--seconds", "1", "--fps", "4", "--max-objects", "1", "--detection-classes", "shape"]
+    assert main(argv) == 0
+    assert sorted(p.name for p in (out / "videos").iterdir()) == ["video0.mp4", "video1.mp4", "video2.mp4", "video3.mp4"]
+    videos = read_detections(out / "detections.jsonl")
+    for video in videos.values():
+        assert (video.width, video.height) == (32, 32) and len(video.frames) == 4
+        assert all(len(f.classes) == 1 and f.classes[0] in ("circle", "square", "triangle") for f in video.frames)
+        assert all(np.all(f.confs == 1.0) for f in video.frames)

@@ -337,7 +337,9 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, keyframe_inter
         stream.codec_context.thread_count = 1
         stream.options = {"crf": "18", "preset": "veryfast", "x264-params": f"keyint={keyframe_interval}:scenecut=0"}
         for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+            # converting to yuv420p here, not inside encode(), keeps the output byte-identical run to run
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -443,9 +445,10 @@ def _perturb(clip: ClipSpec, rng: np.random.Generator) -> list[tuple[str, str, s
     return facts
 
 
-def make_choice(clip: ClipSpec, others: list[ClipSpec], rng: np.random.Generator) -> dict:
-    """A 5-way multiple-choice item: the true canonical caption and 4 false ones (4 perturbations of
-    this clip, or 3 and one other clip's caption when the perturbations run out)."""
+def make_choice(clip: ClipSpec, world: list[ClipSpec], rng: np.random.Generator) -> dict:
+    """A 5-way multiple-choice item: the true canonical caption and 4 false ones, 3 perturbations
+    of this clip and one caption of another clip of `world` (more perturbations where no other
+    clip's caption is false for this one)."""
     truth = clip.facts
     true_facts = [(o.colour, o.shape, o.action) for o in clip.objects]
     options = [canonical_caption(true_facts)]
@@ -453,13 +456,13 @@ def make_choice(clip: ClipSpec, others: list[ClipSpec], rng: np.random.Generator
     for attempt in range(200):
         if len(options) == 5:
             break
-        if len(options) == 4 or attempt >= 100:
-            other = others[int(rng.integers(len(others)))] if others else clip
+        if len(options) == 4 and world and attempt % 2 == 0:
+            other = world[int(rng.integers(len(world)))]
             candidate = [(o.colour, o.shape, o.action) for o in other.objects]
         else:
             candidate = _perturb(clip, rng)
         key = frozenset(candidate)
-        if key in seen or key <= truth:
+        if key in seen or key <= truth:  # already an option, or true of this clip
             continue
         seen.add(key)
         options.append(canonical_caption(candidate))
@@ -582,8 +585,7 @@ def render_world(
             sentences.append({"caption": caption, "video_id": clip.video_id, "sen_id": len(sentences)})
         questions[clip.split] += make_questions(clip, np.random.default_rng([seed, index, 2]), questions_per_clip)
         if clip.split in choices:
-            others = [c for c in clips if c.split == clip.split and c.video_id != clip.video_id]
-            choices[clip.split].append(make_choice(clip, others, np.random.default_rng([seed, index, 3])))
+            choices[clip.split].append(make_choice(clip, clips, np.random.default_rng([seed, index, 3])))
 
     paths = WorldPaths(
         root=root,
