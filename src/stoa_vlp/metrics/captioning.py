@@ -9,6 +9,8 @@ across evaluations. Scores are pycocoevalcap's fractions (papers print them x100
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import subprocess
 from functools import cached_property
@@ -79,7 +81,8 @@ class CaptionScorer:
         keys = sorted(references)
         gts = ptb_tokenize({k: references[k] for k in keys})
         res = ptb_tokenize({k: [predictions[k]] for k in keys})
-        bleu, _ = Bleu(4).compute_score(gts, res)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocoevalcap's BLEU prints its n-gram counts
+            bleu, _ = Bleu(4).compute_score(gts, res)
         scores = {f"BLEU-{n + 1}": float(value) for n, value in enumerate(bleu)}
         if self.use_meteor:
             scores["METEOR"] = float(self.meteor.compute_score(gts, res)[0])

@@ -1,0 +1,113 @@
+"""The demo's downstream stages (appended to `stoa_vlp.train.demo.DEMO_STAGES`): captioning and
+video QA fine-tuned from the pre-trained demo model on the synthetic world, each evaluated once
+on the test clips with the final weights (no model selection), next to a trivial baseline."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+STEPS_SHARE = 3  # each downstream stage trains for pre-training steps / STEPS_SHARE (at least 20)
+EXAMPLES_SHOWN = 3
+
+
+def stage_config(run, task: str, overrides: list[str]):
+    from stoa_vlp.commands.task_common import merge_overrides
+    from stoa_vlp.config import from_dict
+    from stoa_vlp.tasks.pipeline import task_config
+
+    steps = max(20, run.config.train.steps // STEPS_SHARE)
+    values = merge_overrides(run.config.to_dict(), [
+        f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}", f"train.save_every={steps}",
+        f"train.eval_every={steps}", f"train.output_dir={run.folder / task}", *overrides,
+    ])
+    return task_config(from_dict(values), task)
+
+
+def fine_tune(run, config, runner):
+    """Train the task module from the pre-trained demo weights; returns (module, TrainResult)."""
+    from stoa_vlp.commands.common import seed_everything
+    from stoa_vlp.model import build_model
+    from stoa_vlp.train.distributed import DistEnv
+    from stoa_vlp.train.loop import Trainer
+
+    seed_everything(config.train.seed)
+    model = build_model(config.model)
+    model.load_state_dict(run.model.state_dict())
+    module = runner.module(model)
+    dataset, collate = runner.train_data()
+    env = DistEnv.current(config.train.device)
+    result = Trainer(config, module, dataset, collate, config.train.output_dir, env, None).fit()
+    return module.eval(), result
+
+
+def captioning_stage(run) -> None:
+    import torch
+
+    from stoa_vlp.data.annotations import read_annotations
+    from stoa_vlp.metrics.captioning import CaptionScorer, JavaMissingError
+    from stoa_vlp.tasks.captioning import generate_captions
+    from stoa_vlp.tasks.data import video_loader
+    from stoa_vlp.tasks.pipeline import TaskRunner
+    from stoa_vlp.tasks.retrieval import encode_videos
+    from stoa_vlp.train.logging import format_table
+
+    config = stage_config(run, "captioning", ["task.meteor=false"])
+    try:
+        CaptionScorer(meteor=False)
+    except JavaMissingError as error:
+        print(f"\nCaptioning stage skipped: {error}")
+        run.report.append(f"## Captioning\n\nSkipped: {error}\n")
+        return
+    runner = TaskRunner(config, "cpu")
+    module, result = fine_tune(run, config, runner)
+    metrics = runner.evaluate(module, "test")
+    records = read_annotations(config.data.test, config.data.format, "test", config.data.video_root or None)[:EXAMPLES_SHOWN]
+    with torch.no_grad():
+        _, videos = encode_videos(module.model, video_loader(records, config, runner.detections, runner.label_vocab), "cpu")
+    generated = generate_captions(module.model, videos, runner.tokenizer)
+    run.metrics["captioning"] = {"steps": float(result.step), **metrics}
+    scores = format_table(["captioning (test, greedy)", "BLEU-4", "ROUGE-L", "CIDEr"],
+                          [["fine-tuned", metrics["BLEU-4"], metrics["ROUGE-L"], metrics["CIDEr"]]])
+    examples = format_table(["video", "generated", "a reference"],
+                            [[r.video_id, caption, r.captions[0]] for r, caption in zip(records, generated)])
+    print(f"\nCaptioning after {result.step} fine-tuning steps (test clips):\n{scores}\n{examples}")
+    run.report.append(
+        "## Captioning (test clips)\n\n"
+        f"Prefix-LM fine-tuning for {result.step} steps from the pre-trained model, greedy decoding, "
+        f"pycocoevalcap scores (fractions) on {int(metrics['num_videos'])} test clips, final weights.\n\n"
+        f"{scores}\n\n{examples}\n"
+    )
+
+
+def qa_stage(run) -> None:
+    from stoa_vlp.tasks.pipeline import TaskRunner
+    from stoa_vlp.tasks.qa import accuracy_by_type, read_questions
+    from stoa_vlp.train.logging import format_table
+
+    world = run.world
+    config = stage_config(run, "qa", [f"data.train={world.qa['train']}", f"data.val={world.qa['val']}",
+                                      f"data.test={world.qa['test']}"])
+    runner = TaskRunner(config, "cpu", Path(config.train.output_dir))
+    module, result = fine_tune(run, config, runner)
+    metrics = runner.evaluate(module, "test")
+    train_questions = read_questions(config.data.train)
+    majority = {kind: Counter(q.answer for q in train_questions if q.answer_type == kind).most_common(1)[0][0]
+                for kind in {q.answer_type for q in train_questions}}
+    test_questions = read_questions(config.data.test)
+    baseline = accuracy_by_type([majority.get(q.answer_type) == q.answer for q in test_questions],
+                                [q.answer_type for q in test_questions])
+    run.metrics["qa"] = {"steps": float(result.step), **metrics, **{f"majority_{k}": v for k, v in baseline.items()}}
+    kinds = sorted(k for k in metrics if k.startswith("accuracy"))
+    table = format_table(["QA accuracy (test, %)", "fine-tuned", "majority answer per type"],
+                         [[k, metrics[k], baseline.get(k, "")] for k in kinds])
+    print(f"\nVideo QA after {result.step} fine-tuning steps ({int(metrics['num_questions'])} test questions):\n{table}")
+    run.report.append(
+        "## Video QA (test clips)\n\n"
+        f"Answer-slot classifier over {len(runner.answers)} training answers, {result.step} fine-tuning steps "
+        f"from the pre-trained model, final weights; baseline = the most frequent training answer of the "
+        f"question's type.\n\n{table}\n"
+    )
+
+
+DOWNSTREAM_STAGES = [("captioning", captioning_stage), ("qa", qa_stage)]
