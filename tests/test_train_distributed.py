@@ -6,6 +6,7 @@ all-gather, DOTA, STASP), since MLM/VTM/PLM draws differ by construction between
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -73,3 +74,13 @@ def test_two_gloo_ranks_match_one_rank(tmp_path):
     assert one.history[-1]["loss"] > 0
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step_00000003").glob("rng_rank*.pt")) == [
         "rng_rank0.pt", "rng_rank1.pt"]
+
+
+def test_fsdp_on_cpu_is_refused_with_a_clear_error():
+    from stoa_vlp.train.distributed import wrap_model
+
+    two_cpu_ranks = DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="fsdp needs GPUs"):
+        wrap_model(torch.nn.Linear(2, 2), "fsdp", two_cpu_ranks)
+    with pytest.raises(ValueError, match="ddp or fsdp"):
+        wrap_model(torch.nn.Linear(2, 2), "zero", two_cpu_ranks)

@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-clips", type=int, default=300, help="training clips (default 300)")
     parser.add_argument("--val-clips", type=int, default=20, help="validation clips, 0 for none (default 20)")
     parser.add_argument("--test-clips", type=int, default=100, help="test clips for retrieval (default 100)")
+    parser.add_argument("--world", metavar="DIR", default="",
+                        help="reuse a world rendered earlier (a demo's world/ or `stoa-vlp synth` output) instead of rendering")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and the training run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override on top of the demo's (tiny preset), e.g. --set train.steps=600")
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(folder)
     settings = DemoSettings(
         train_clips=args.train_clips, val_clips=args.val_clips, test_clips=args.test_clips, seed=args.seed,
-        overrides=args.overrides,
+        overrides=args.overrides, world=args.world,
     )
     demo = run_demo(settings, folder)
     print(f"\ndemo finished in {demo.seconds['total']:.0f} s; everything is in {folder}/ "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class DemoSettings:
     test_clips: int = 100
     seed: int = 0
     render_workers: int = max(1, min(4, os.cpu_count() or 1))
+    world: str = ""  # reuse this rendered world folder (and its tags.json) instead of rendering one
     overrides: list[str] = field(default_factory=list)  # dotted config overrides after DEMO_OVERRIDES
 
 
@@ -81,7 +83,7 @@ def demo_config(run: DemoRun) -> Config:
         "data.format=msrvtt",
         f"data.video_root={world.videos}",
         f"data.detections={world.detections}",
-        f"data.tags={run.folder / 'tags.json'}",
+        f"data.tags={world.root / 'tags.json'}",
         f"data.label_vocab={run.folder / 'label_vocab.json'}",
         f"train.output_dir={run.folder / 'pretrain'}",
         f"train.seed={run.settings.seed}",
@@ -89,30 +91,56 @@ def demo_config(run: DemoRun) -> Config:
     return load_config("tiny", DEMO_OVERRIDES + data + list(run.settings.overrides))
 
 
+def existing_world(root: Path):
+    """The WorldPaths of a world that `render_world` wrote into `root` earlier."""
+    from stoa_vlp.data.synth import SPLITS, WorldPaths
+
+    if not (root / "world.json").is_file():
+        raise FileNotFoundError(f"{root}: no world.json; not a folder written by `stoa-vlp synth` or the demo")
+    clips = json.loads((root / "world.json").read_text())["clips"]
+    return WorldPaths(
+        root=root,
+        videos=root / "videos",
+        annotations=root / "MSRVTT_data.json",
+        detections=root / "detections.jsonl",
+        qa={split: root / f"qa_{split}.jsonl" for split in SPLITS},
+        mc={split: root / f"mc_{split}.jsonl" for split in ("val", "test")},
+        world=root / "world.json",
+        video_ids={split: [c["video_id"] for c in clips if c["split"] == split] for split in SPLITS},
+    )
+
+
 def render_stage(run: DemoRun) -> None:
     from stoa_vlp.data.synth import render_world
 
     s = run.settings
-    run.world = render_world(
-        run.folder / "world", train=s.train_clips, val=s.val_clips, test=s.test_clips, seed=s.seed,
-        workers=s.render_workers,
-    )
+    if s.world:
+        run.world = existing_world(Path(s.world))
+        counts = {split: len(ids) for split, ids in run.world.video_ids.items()}
+        s.train_clips, s.val_clips, s.test_clips = counts["train"], counts["val"], counts["test"]
+        where = f"`{s.world}` (rendered earlier)"
+    else:
+        run.world = render_world(
+            run.folder / "world", train=s.train_clips, val=s.val_clips, test=s.test_clips, seed=s.seed,
+            workers=s.render_workers,
+        )
+        where = "`world/`"
     run.config = demo_config(run)
     run.metrics["world"] = {"train_clips": s.train_clips, "val_clips": s.val_clips, "test_clips": s.test_clips}
     run.report.append(
         "## Synthetic world\n\n"
-        f"{s.train_clips} training, {s.val_clips} validation and {s.test_clips} test clips (seed {s.seed}) "
-        f"in `world/`: H.264 videos, MSR-VTT-format captions, noisy detections.\n"
+        f"{s.train_clips} training, {s.val_clips} validation and {s.test_clips} test clips in {where}: "
+        "H.264 videos, MSR-VTT-format captions, noisy detections.\n"
     )
 
 
 def tag_stage(run: DemoRun) -> None:
     from stoa_vlp.data.tags import tag_file
 
-    cache = tag_file(run.world.annotations, run.folder / "tags.json", run.config.model.text_len,
+    cache = tag_file(run.world.annotations, run.world.root / "tags.json", run.config.model.text_len,
                      run.config.data.spacy_model, format="msrvtt")
     run.metrics["tags"] = {"captions": float(len(cache))}
-    run.report.append(f"## Tags\n\n{len(cache)} distinct captions tagged (spaCy) into `tags.json`.\n")
+    run.report.append(f"## Tags\n\n{len(cache)} distinct captions tagged (spaCy) into `{run.world.root / 'tags.json'}`.\n")
 
 
 def pretrain_stage(run: DemoRun) -> None:
@@ -152,17 +180,32 @@ def pretrain_stage(run: DemoRun) -> None:
     )
 
 
-def chance_metrics(text_to_video: torch.Tensor, num_videos: int, draws: int = 200, seed: int = 0) -> dict[str, float]:
-    """Retrieval metrics of random scores (mean over `draws` uniform similarity matrices)."""
-    from stoa_vlp.metrics.retrieval import retrieval_metrics
+def chance_rank_cdf(candidates: int, positives: int, k: int) -> float:
+    """P(rank <= k) under random scores for a query with `positives` among `candidates`: the rank
+    (1 + negatives above the best positive) exceeds k only when the first k candidates are negatives."""
+    negatives = candidates - positives
+    if k > negatives:
+        return 1.0
+    return 1.0 - math.comb(negatives, k) / math.comb(candidates, k)
 
-    generator = torch.Generator().manual_seed(seed)
-    total: dict[str, float] = {}
-    for _ in range(draws):
-        scores = torch.rand(len(text_to_video), num_videos, generator=generator)
-        for name, value in retrieval_metrics(scores, text_to_video).items():
-            total[name] = total.get(name, 0.0) + value / draws
-    return total
+
+def chance_metrics(text_to_video: torch.Tensor, num_videos: int) -> dict[str, float]:
+    """R@1/5/10, MdR and MnR of random scores, in closed form (same keys as retrieval_metrics).
+    t2v: one positive video among num_videos; v2t: a video's captions among all captions.
+    MdR is the median of the rank distribution pooled over queries."""
+    captions_per_video = torch.bincount(torch.as_tensor(text_to_video), minlength=num_videos).tolist()
+    num_texts = len(text_to_video)
+    queries = {"t2v": [(num_videos, 1)] * num_texts, "v2t": [(num_texts, p) for p in captions_per_video]}
+    metrics: dict[str, float] = {}
+    for direction, cases in queries.items():
+        def pooled_cdf(k: int) -> float:
+            return sum(chance_rank_cdf(n, p, k) for n, p in cases) / len(cases)
+
+        for k in (1, 5, 10):
+            metrics[f"{direction}_r{k}"] = 100.0 * pooled_cdf(k)
+        metrics[f"{direction}_mdr"] = float(next(k for k in range(1, max(n for n, _ in cases) + 1) if pooled_cdf(k) >= 0.5))
+        metrics[f"{direction}_mnr"] = sum(1 + (n - p) / (p + 1) for n, p in cases) / len(cases)
+    return metrics
 
 
 def retrieval_stage(run: DemoRun) -> None:
@@ -171,8 +214,9 @@ def retrieval_stage(run: DemoRun) -> None:
     from stoa_vlp.train.evaluation import retrieval_loader
 
     loader = retrieval_loader(run.config, "test")
+    device = next(run.model.parameters()).device
     with torch.no_grad():
-        videos, texts, text_to_video = extract_features(run.model, loader, "cpu")
+        videos, texts, text_to_video = extract_features(run.model, loader, device)
         metrics = retrieval_metrics(contrastive_similarity(videos, texts), text_to_video)
     chance = chance_metrics(text_to_video, videos.video.shape[0])
     run.metrics["retrieval"] = {**metrics, **{f"chance_{k}": v for k, v in chance.items()}}
@@ -185,7 +229,7 @@ def retrieval_stage(run: DemoRun) -> None:
     run.report.append(
         "## Zero-shot retrieval (test clips)\n\n"
         f"{videos.video.shape[0]} test clips, {len(text_to_video)} captions; recalls in percent, "
-        "tie-robust ranks, chance = the mean over random similarity matrices.\n\n"
+        "tie-robust ranks, chance = the expected value under random scores.\n\n"
         f"{table}\n"
     )
 

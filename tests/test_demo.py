@@ -1,0 +1,61 @@
+"""`stoa-vlp demo` end to end at a reduced size: world, tags, pre-training, retrieval, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stoa_vlp.cli import main
+from stoa_vlp.train.checkpointing import CheckpointError
+from stoa_vlp.train.demo import DEMO_STAGES, chance_metrics
+from stoa_vlp.train.logging import read_metrics
+
+SMALL = [
+    "--train-clips", "12", "--val-clips", "3", "--test-clips", "6",
+    "--set", "train.steps=3", "--set", "train.eval_every=3", "--set", "train.save_every=3",
+    "--set", "train.warmup_steps=1", "--set", "train.progress=false", "--set", "data.batch_size=4",
+    "--set", "model.frames=2", "--set", "model.image_size=32",
+]
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    folder = tmp_path / "demo"
+    assert main(["demo", "--output", str(folder), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "Zero-shot retrieval on 6 test clips (30 captions)" in printed and str(folder) in printed
+
+    report = (folder / "report.md").read_text()
+    for heading in ("## Synthetic world", "## Tags", "## Pre-training", "## Zero-shot retrieval", "## Time"):
+        assert heading in report
+    results = json.loads((folder / "demo_metrics.json").read_text())
+    assert [name for name, _ in DEMO_STAGES] == ["world", "tags", "pretrain", "retrieval"]
+    assert set(results["metrics"]) == {"world", "tags", "pretrain", "retrieval"}
+    retrieval = results["metrics"]["retrieval"]
+    assert retrieval["t2v_r10"] == 100.0  # 6 videos: every caption's video is in the top 10
+    assert retrieval["chance_t2v_r1"] == pytest.approx(100 / 6)
+    assert results["metrics"]["pretrain"]["steps"] == 3
+
+    train_rows = [r for r in read_metrics(folder / "pretrain") if r["split"] == "train"]
+    assert train_rows and {"vtc", "vtm", "mlm", "plm", "dota", "stasp"} <= set(train_rows[-1])
+    assert [r["split"] for r in read_metrics(folder / "pretrain")][-1] == "val"
+    assert (folder / "pretrain" / "checkpoints" / "step_00000003" / "model.safetensors").exists()
+    assert len(list((folder / "world" / "videos").glob("*.mp4"))) == 21
+
+    with pytest.raises(CheckpointError, match="overwrite"):
+        main(["demo", "--output", str(folder), *SMALL])
+
+
+def test_chance_closed_form_matches_random_scores():
+    from stoa_vlp.metrics.retrieval import retrieval_metrics
+
+    text_to_video = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5, 6, 7, 7, 8, 9, 10, 11, 11])  # 1-4 captions each
+    exact = chance_metrics(text_to_video, 12)
+    assert exact["t2v_r1"] == pytest.approx(100 / 12) and exact["t2v_r10"] == pytest.approx(1000 / 12)
+    assert exact["t2v_mdr"] == 6 and exact["t2v_mnr"] == pytest.approx(6.5)  # uniform rank on 1..12
+    generator = torch.Generator().manual_seed(0)
+    draws = [retrieval_metrics(torch.rand(20, 12, generator=generator), text_to_video) for _ in range(120)]
+    for name in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5", "v2t_r10", "v2t_mnr"):
+        simulated = sum(d[name] for d in draws) / len(draws)
+        assert simulated == pytest.approx(exact[name], rel=0.12, abs=1.0), name
