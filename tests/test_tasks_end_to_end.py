@@ -47,6 +47,7 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys):
     report = json.loads((run / "report.json").read_text())
     assert [r["split"] for r in report["results"]] == ["val", "test"]
     assert report["selection_metric"] == f"val/{HEADLINE[task]}"
+    assert report["preprocessing"]["model.frames"] == 4
     test_metrics = report["results"][1]["metrics"]
     assert HEADLINE[task] in test_metrics
     capsys.readouterr()

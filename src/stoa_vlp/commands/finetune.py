@@ -34,7 +34,13 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from stoa_vlp.commands.common import config_from_args, seed_everything
-    from stoa_vlp.commands.task_common import load_model_weights_from, load_task_weights, metric_rows
+    from stoa_vlp.commands.task_common import (
+        PREPROCESSING,
+        load_model_weights_from,
+        load_task_weights,
+        metric_rows,
+        setting,
+    )
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.pipeline import TaskRunner, task_config
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
@@ -70,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
         if not env.is_main:
             return 0
         selected = best_checkpoint(run_dir) or list_checkpoints(run_dir)[-1]
+        preprocessing = {name: setting(config, name) for name in PREPROCESSING}  # training = evaluation here
         report = {"task": args.task, "selection_metric": config.train.best_metric, "checkpoint": str(selected),
-                  "results": []}
+                  "preprocessing": preprocessing, "results": []}
         results = []
         if result.best:
             val = {k[len("val/"):]: v for k, v in result.best.items() if k.startswith("val/")}
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         with open(run_dir / "report.json", "w") as handle:
             json.dump(report, handle, indent=2)
         if results:
+            print("training and evaluation preprocessing: " + ", ".join(f"{k}={v}" for k, v in preprocessing.items()))
             print(format_table(*metric_rows(results)))
         print(f"selected checkpoint: {selected}\nreport: {run_dir / 'report.json'}")
     finally:
