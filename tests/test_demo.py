@@ -27,11 +27,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "Zero-shot retrieval on 6 test clips (30 captions)" in printed and str(folder) in printed
 
     report = (folder / "report.md").read_text()
-    for heading in ("## Synthetic world", "## Tags", "## Pre-training", "## Zero-shot retrieval", "## Time"):
+    for heading in ("## Synthetic world", "## Tags", "## Pre-training", "## Zero-shot retrieval", "## Captioning",
+                    "## Video QA", "## Time"):
         assert heading in report
     results = json.loads((folder / "demo_metrics.json").read_text())
-    assert [name for name, _ in DEMO_STAGES] == ["world", "tags", "pretrain", "retrieval"]
-    assert set(results["metrics"]) == {"world", "tags", "pretrain", "retrieval"}
+    assert [name for name, _ in DEMO_STAGES] == ["world", "tags", "pretrain", "retrieval", "captioning", "qa"]
+    assert set(results["metrics"]) == {"world", "tags", "pretrain", "retrieval", "captioning", "qa"}
+    assert "CIDEr" in results["metrics"]["captioning"] and "accuracy" in results["metrics"]["qa"]
     retrieval = results["metrics"]["retrieval"]
     assert retrieval["t2v_r10"] == 100.0  # 6 videos: every caption's video is in the top 10
     assert retrieval["chance_t2v_r1"] == pytest.approx(100 / 6)

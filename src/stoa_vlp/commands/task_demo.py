@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-STEPS_SHARE = 3  # each downstream stage trains for pre-training steps / STEPS_SHARE (at least 20)
+STEPS_SHARE = 3  # each downstream stage trains for pre-training steps / STEPS_SHARE (at least 1)
 EXAMPLES_SHOWN = 3
 
 
@@ -16,7 +16,7 @@ def stage_config(run, task: str, overrides: list[str]):
     from stoa_vlp.config import from_dict
     from stoa_vlp.tasks.pipeline import task_config
 
-    steps = max(20, run.config.train.steps // STEPS_SHARE)
+    steps = max(1, run.config.train.steps // STEPS_SHARE)
     values = merge_overrides(run.config.to_dict(), [
         f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}", f"train.save_every={steps}",
         f"train.eval_every={steps}", f"train.output_dir={run.folder / task}", *overrides,

@@ -5,6 +5,8 @@ The demo is a list of stages, `DEMO_STAGES`, run in order over one `DemoRun`:
   tags       noun/verb tags of every caption (spaCy), for DOTA and STASP
   pretrain   pre-train the tiny model with the six objectives (the Trainer, checkpoints, metrics)
   retrieval  zero-shot text-to-video and video-to-text retrieval on the test clips, against chance
+  captioning, qa  short downstream fine-tuning from the pre-trained model, scored on the test clips
+             (stoa_vlp.commands.task_demo)
 Each stage records its metrics in `run.metrics[name]`, adds a Markdown section to `run.report`
 and may print a table. A later task adds its own stage by appending `(name, function)` to
 `DEMO_STAGES` (the trained model is `run.model`, the config `run.config`, the world `run.world`).
@@ -25,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from stoa_vlp.commands.task_demo import DOWNSTREAM_STAGES
 from stoa_vlp.config import Config, load_config
 from stoa_vlp.train.logging import format_table
 
@@ -135,12 +138,18 @@ def render_stage(run: DemoRun) -> None:
 
 
 def tag_stage(run: DemoRun) -> None:
-    from stoa_vlp.data.tags import tag_file
+    from stoa_vlp.data.tags import TagCache, read_captions, tag_file
 
-    cache = tag_file(run.world.annotations, run.world.root / "tags.json", run.config.model.text_len,
-                     run.config.data.spacy_model, format="msrvtt")
+    path = run.world.root / "tags.json"
+    captions = set(read_captions(run.world.annotations, format="msrvtt"))
+    if path.exists() and captions <= TagCache(path).tags.keys():
+        cache, done = TagCache(path), "were already tagged"  # a reused world: no spaCy, no write
+    else:
+        cache = tag_file(run.world.annotations, path, run.config.model.text_len, run.config.data.spacy_model,
+                         format="msrvtt")
+        done = "tagged (spaCy)"
     run.metrics["tags"] = {"captions": float(len(cache))}
-    run.report.append(f"## Tags\n\n{len(cache)} distinct captions tagged (spaCy) into `{run.world.root / 'tags.json'}`.\n")
+    run.report.append(f"## Tags\n\n{len(cache)} distinct captions {done}, in `{path}`.\n")
 
 
 def pretrain_stage(run: DemoRun) -> None:
@@ -239,6 +248,7 @@ DEMO_STAGES: list[tuple[str, DemoStage]] = [
     ("tags", tag_stage),
     ("pretrain", pretrain_stage),
     ("retrieval", retrieval_stage),
+    *DOWNSTREAM_STAGES,
 ]
 
 
