@@ -58,6 +58,7 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys):
     assert again["metrics"] == pytest.approx(test_metrics, abs=1e-6)  # the same checkpoint, the same numbers
     assert again["preprocessing"]["model.frames"] == {"training": 4, "evaluation": 4}
     if task == "captioning":
+        assert set(again["captions"]) == set(world.video_ids["test"])
         video = world.videos / f"{world.video_ids['test'][0]}.mp4"
         assert main(["caption", "--checkpoint", str(run), str(video), "--max-tokens", "3"]) == 0
         assert capsys.readouterr().out.startswith(f"{video}\t")

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="task (default: the one the checkpoint was fine-tuned for)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override on top of the checkpoint's config (repeatable)")
-    parser.add_argument("--report", metavar="JSON", help="also write the results to this JSON file")
+    parser.add_argument("--report", metavar="JSON",
+                        help="also write the results (and, for captioning, the generated captions) to this JSON file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,5 +64,6 @@ def run(args: argparse.Namespace) -> int:
         with open(args.report, "w") as handle:
             json.dump({"checkpoint": str(checkpoint), "task": task, "split": args.split, "metrics": metrics,
                        "preprocessing": {row[0]: {"training": row[1], "evaluation": row[2]}
-                                         for row in preprocessing_rows(trained, config)}}, handle, indent=2)
+                                         for row in preprocessing_rows(trained, config)},
+                       **({"captions": runner.captions} if runner.captions else {})}, handle, indent=2)
     return 0

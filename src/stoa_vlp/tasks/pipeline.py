@@ -75,6 +75,7 @@ class TaskRunner:
         self.tokenizer = Tokenizer(config.model.text_len)
         self.detections, self.label_vocab = load_detections(config)
         self.scorer = None
+        self.captions: dict[str, str] = {}  # the last captioning evaluation's {video_id: generated caption}
         if self.task == "captioning":
             from stoa_vlp.metrics.captioning import CaptionScorer
 
@@ -167,7 +168,7 @@ class TaskRunner:
             references = {}
             for record in records:
                 references.setdefault(record.video_id, []).extend(record.captions)
-            metrics, _ = evaluate_captioning(
+            metrics, self.captions = evaluate_captioning(
                 model, loader, self.device, references, self.scorer, self.tokenizer, config.task.beam_size,
                 config.task.length_penalty, config.task.max_caption_tokens or None,
             )
