@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     config = load_config("base" if on_gpu else "tiny", args.set)
-    warmup, repeats = (3, max(args.repeats, 10)) if on_gpu else (1, 2)
+    warmup, repeats = (3, max(args.repeats, 10)) if on_gpu else (0, 1)
     compile_too = on_gpu and not args.no_compile
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else nullcontext
     if on_gpu:

@@ -1,0 +1,47 @@
+"""The GPU benchmark's CPU smoke mode: builds the tiny model, times every variant, prints the table."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+
+def load_bench():
+    path = Path(__file__).parent.parent / "bench" / "gpu_step.py"
+    spec = importlib.util.spec_from_file_location("gpu_step", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_mode_prints_every_variant(capsys):
+    load_bench().main([])
+    table = capsys.readouterr().out.split("\n\n")[-1]
+    rows = [line for line in table.splitlines() if line and not line.startswith(("what", "-"))]
+    names = [row[:44].strip() for row in rows]
+    assert names == [
+        "timm vit_base_patch16_clip_224",
+        "STOA video encoder",
+        "STOA-VLP step without DOTA/STASP",
+        "STOA-VLP full step (6 objectives)",
+    ]
+    for row in rows:
+        ms_per_step, clips_per_second, _, gflop = (float(v) for v in row[44:].split()[:4])
+        assert ms_per_step > 0 and gflop > 0
+        assert abs(clips_per_second - 2 / (ms_per_step / 1e3)) < 0.01 * clips_per_second + 0.1
+
+
+def test_synthetic_batch_is_well_formed():
+    bench = load_bench()
+    from stoa_vlp.config import load_config
+
+    config = load_config("tiny")
+    batch = bench.synthetic_batch(config, 3, torch.device("cpu"))
+    assert batch.frames.shape == (3, 4, 3, 64, 64)
+    assert torch.all(batch.box_labels[~batch.box_mask] == 0) and torch.all(batch.box_labels[batch.box_mask] > 0)
+    assert torch.all(batch.boxes[..., 2:] > batch.boxes[..., :2])
+    ends = (batch.tokens == bench.EOT).int().argmax(1)
+    assert torch.all(batch.text_mask.sum(1) == ends + 1)
+    assert torch.all(batch.pos_tags[~batch.text_mask] == 0) and torch.all(batch.pos_tags[:, 0] == 0)
