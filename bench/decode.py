@@ -88,7 +88,7 @@ def timed_rounds(methods: dict, path: str, frames: int, rounds: int, seconds: fl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=0.4, help="CPU seconds of one timed round per method")
+    parser.add_argument("--seconds", type=float, default=0.3, help="CPU seconds of one timed round per method")
     parser.add_argument("--workdir", default=None, help="where clips are written (default: a temp folder)")
     args = parser.parse_args()
     torch.set_num_threads(1)
