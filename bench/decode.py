@@ -96,7 +96,7 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
     if cores != 1:
-        print(f"warning: running on {cores} cores; pin to one with `taskset -c 0` for per-core figures", file=sys.stderr)
+        print(f"warning: running on {cores} cores; pin to one with `taskset -c 0`", file=sys.stderr)
 
     clips = {}
     for label, keyframe_seconds in (("raw, GOP 250 (8.3 s)", 250 / 30), ("raw, GOP 30 (1 s)", 1.0)):
@@ -128,7 +128,8 @@ def main() -> int:
     for label, size_kb, frames, rates in rows:
         a, n, s = rates["stoa-vlp"], rates["naive (all to RGB)"], rates["sequential (wanted to RGB)"]
         print(f"| {label} | {size_kb:.0f} KB | {frames} | {a:.1f} | {n:.1f} | {s:.1f} | {a / n:.2f}x | {a / s:.2f}x |")
-    print(f"\nprepared clip (defaults), 12 frames, decode + Resize/CenterCrop 224 + normalise: {full['full']:.1f} clips/s")
+    print(f"\nprepared clip (defaults), 12 frames, decode + Resize/CenterCrop 224 + normalise: "
+          f"{full['full']:.1f} clips/s")
     return 0
 
 

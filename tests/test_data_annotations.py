@@ -177,6 +177,12 @@ def test_webdataset_shards(tmp_path):
     ]
     assert detect_format(tmp_path) == "webdataset"
     assert len(read_annotations(tmp_path)) == 2  # a folder of shards
+    (tmp_path / "00001.tar").write_bytes(shard.read_bytes())
+    assert len(read_annotations(tmp_path / "{00000..00001}.tar")) == 4  # a brace range
+    (tmp_path / "train.shards").write_text("00000.tar\n00001.tar\n")
+    assert len(read_annotations(tmp_path / "train.shards")) == 4  # a list file
+    with pytest.raises(AnnotationError, match=r"1 of 3 shards do not exist \(e.g. .*00002.tar\)"):
+        read_annotations(tmp_path / "{00000..00002}.tar")
     bad = tmp_path / "bad" / "00001.tar"
     bad.parent.mkdir()
     with tarfile.open(bad, "w") as archive:

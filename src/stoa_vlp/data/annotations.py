@@ -13,7 +13,8 @@ Formats (design.md §3), with the file `path` points at:
 - lsmdc: `LSMDC16_annos_*.csv`, tab-separated clip_id, start/end aligned, start/end extracted,
   sentence (no header); one record per clip id collecting its sentences.
 - webvid: CSV with header including videoid, name and page_dir; video at <root>/<page_dir>/<videoid>.mp4.
-- webdataset: video2dataset shards (`.tar`, a folder of them, or a list file): members
+- webdataset: video2dataset shards (`.tar`, a brace range `{00000..00099}.tar`, a folder of
+  them, or a `.shards` list file): members
   <key>.mp4 with <key>.txt or <key>.json ("caption"). Record path is "<shard>::<key>".
 - jsonl: one {"video_id", "video", "caption"} per line ("caption" may be a list; "start"/"end"
   optional); lines with the same video_id merge their captions.
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -61,7 +63,7 @@ def detect_format(path: str | Path) -> str:
     """The format of an annotation file from its name (see the module docstring)."""
     path = Path(path)
     name = path.name.lower()
-    if path.is_dir() or name.endswith(".tar") or name.endswith(".shards"):
+    if path.is_dir() or name.endswith(".tar") or name.endswith(".shards") or "{" in str(path):
         return "webdataset"
     if name.startswith("msrvtt"):
         return "msrvtt"
@@ -303,9 +305,26 @@ def _read_webvid(path: Path, captions: _Captions):
     return items
 
 
+def _expand_braces(pattern: str) -> list[str]:
+    """webdataset-style shard ranges: "data/{00000..00002}.tar" -> three names, zero padding kept."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if match is None:
+        return [pattern]
+    first, last = match.group(1), match.group(2)
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    names = [f"{head}{n:0{len(first)}d}{tail}" for n in range(int(first), int(last) + 1)]
+    return [expanded for name in names for expanded in _expand_braces(name)]
+
+
 def shard_list(path: Path) -> list[str]:
-    """WebDataset shards named by a .tar, a folder of .tar files or a text file listing them."""
-    if path.is_dir():
+    """WebDataset shards named by a .tar, a brace range ("{00000..00099}.tar"), a folder of .tar
+    files, or a text file (*.shards) listing one shard per line."""
+    if "{" in str(path):
+        shards = _expand_braces(str(path))
+        missing = [shard for shard in shards if not os.path.exists(shard)]
+        if missing:
+            raise AnnotationError(f"{path}: {len(missing)} of {len(shards)} shards do not exist (e.g. {missing[0]})")
+    elif path.is_dir():
         shards = sorted(str(p) for p in path.glob("*.tar"))
     elif path.name.endswith(".tar"):
         shards = [str(path)]
@@ -365,7 +384,7 @@ def read_annotations(
     """Read an annotation file of any supported format into VideoRecords (videos without a
     usable caption are dropped with a warning)."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and "{" not in str(path):
         raise AnnotationError(f"{path}: annotation file does not exist")
     format = detect_format(path) if format == "auto" else format
     if format not in FORMATS:

@@ -184,7 +184,9 @@ class SampleBuilder:
         if not caption or not caption.strip():
             raise BadSample("empty_caption", f"{name}: empty caption")
         try:
-            clip = decode_clip(source, model.frames, self.sampling, start, end, rng, self.config.data.decoder, name=name)
+            clip = decode_clip(
+                source, model.frames, self.sampling, start, end, rng, self.config.data.decoder, name=name
+            )
         except VideoError as error:
             reason = "missing_file" if error.problem == "file does not exist" else "bad_video"
             raise BadSample(reason, str(error)) from None
@@ -356,7 +358,9 @@ class WebDatasetShards(IterableDataset):
                 yield rng.choice(self.shards)
         mine = self.shards[consumer::consumers]
         if not mine:
-            log.warning("reader %d of %d has no shard (%d shards): it yields nothing", consumer, consumers, len(self.shards))
+            log.warning(
+                "reader %d of %d has no shard (%d shards): it yields nothing", consumer, consumers, len(self.shards)
+            )
         yield from mine
 
     def _raw_samples(self, shard: str) -> Iterator[tuple[str, bytes | None, str | None]]:
