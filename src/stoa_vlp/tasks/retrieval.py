@@ -2,8 +2,8 @@
 
 Evaluation encodes every unique video and every caption once, scores all pairs by the VTC
 similarity (cosine of the sentence feature and the clip embedding chosen by
-`loss.vtc_video_feature`, meanP by default), then optionally re-ranks
-each query's contrastive top-k with the fusion encoder's matching head (VTM), in both directions.
+`loss.vtc_video_feature`, meanP by default), then optionally re-ranks each query's contrastive
+top-k with the fusion encoder's matching head (VTM), in both directions.
 Only the top-k pairs are fused; the other candidates keep their (lower) contrastive scores.
 """
 
@@ -38,27 +38,8 @@ def encode_batch_videos(model, batch: Batch, rows: torch.Tensor | None = None):
     return model.encode_video(*fields)
 
 
-@torch.no_grad()
-def encode_videos(model, loader: Iterable[Batch], device) -> tuple[list[str], object]:
-    """(video ids in first-seen order, VideoFeatures of each unique video) over a loader of Batches."""
-    videos, _, _, ids = _encode(model, loader, device, texts=False)
-    return ids, videos
-
-
-@torch.no_grad()
-def encode_texts(model, tokens: torch.Tensor, mask: torch.Tensor, device, batch_size: int = 256):
-    """TextFeatures of token rows (N, L) with their masks, in batches."""
-    was_training = model.training
-    model.eval()
-    parts = [
-        model.encode_text(tokens[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
-        for i in range(0, len(tokens), batch_size)
-    ]
-    model.train(was_training)
-    return concat_features(parts)
-
-
 def _encode(model, loader: Iterable[Batch], device, texts: bool):
+    """(unique VideoFeatures, TextFeatures of every row or None, text_to_video, video ids) over a loader."""
     was_training = model.training
     model.eval()
     video_parts, text_parts, text_to_video = [], [], []
@@ -81,6 +62,26 @@ def _encode(model, loader: Iterable[Batch], device, texts: bool):
         raise ValueError("the evaluation loader yielded no batches")
     text_features = concat_features(text_parts) if texts else None
     return concat_features(video_parts), text_features, torch.tensor(text_to_video, dtype=torch.long), list(video_position)
+
+
+@torch.no_grad()
+def encode_videos(model, loader: Iterable[Batch], device) -> tuple[list[str], object]:
+    """(video ids in first-seen order, VideoFeatures of each unique video) over a loader of Batches."""
+    videos, _, _, ids = _encode(model, loader, device, texts=False)
+    return ids, videos
+
+
+@torch.no_grad()
+def encode_texts(model, tokens: torch.Tensor, mask: torch.Tensor, device, batch_size: int = 256):
+    """TextFeatures of token rows (N, L) with their masks, in batches."""
+    was_training = model.training
+    model.eval()
+    parts = [
+        model.encode_text(tokens[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
+        for i in range(0, len(tokens), batch_size)
+    ]
+    model.train(was_training)
+    return concat_features(parts)
 
 
 @torch.no_grad()
