@@ -325,7 +325,7 @@ def true_boxes(clip: ClipSpec) -> np.ndarray:
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float, keyframe_interval: int = 8) -> None:
-    """Encode (T, H, W, 3) uint8 frames as H.264 mp4 (one encoder thread: deterministic output)."""
+    """Encode (T, H, W, 3) uint8 frames as H.264 mp4, byte-identical for identical frames."""
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
         raise ValueError(f"H.264 (yuv420p) needs even frame sizes, got {width}x{height}")
@@ -335,11 +335,12 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, keyframe_inter
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = keyframe_interval
         stream.codec_context.thread_count = 1
-        stream.options = {"crf": "18", "preset": "veryfast", "x264-params": f"keyint={keyframe_interval}:scenecut=0"}
+        # x264's lookahead (B-frame decisions, macroblock tree) gave different bytes from run to run
+        # under CPU load, so it is off: the same frames always encode to the same file
+        params = f"keyint={keyframe_interval}:scenecut=0:bframes=0:rc-lookahead=0:mbtree=0"
+        stream.options = {"crf": "18", "preset": "veryfast", "x264-params": params}
         for image in frames:
-            # converting to yuv420p here, not inside encode(), keeps the output byte-identical run to run
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
-            for packet in stream.encode(frame):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
