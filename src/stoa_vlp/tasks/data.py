@@ -3,6 +3,7 @@ that decode each clip once, and batches that carry a class label per row (QA).""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from stoa_vlp.config import Config
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.data.dataset import VideoTextDataset, collate
 from stoa_vlp.data.prepare import find_videos
+
+log = logging.getLogger(__name__)
 
 
 def load_detections(config: Config):
@@ -28,6 +31,9 @@ def load_detections(config: Config):
     detections = read_detections(config.data.detections)
     if config.data.label_vocab and Path(config.data.label_vocab).exists():
         return detections, LabelVocab.load(config.data.label_vocab)
+    if config.data.label_vocab:
+        log.warning("%s does not exist: object class ids are rebuilt from %s and may differ from training",
+                    config.data.label_vocab, config.data.detections)
     return detections, LabelVocab.from_detections(detections)
 
 
