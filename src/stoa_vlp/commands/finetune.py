@@ -61,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
         barrier(env)
         seed_everything(config.train.seed)
         runner = TaskRunner(config, env.device, run_dir)
-        if runner.label_vocab is not None and not config.data.label_vocab and env.is_main:
-            vocab_path = run_dir / "label_vocab.json"  # evaluation must see the same object class ids
-            run_dir.mkdir(parents=True, exist_ok=True)
+        saved_vocab = config.data.label_vocab and Path(config.data.label_vocab).exists()
+        if runner.label_vocab is not None and not saved_vocab and env.is_main:
+            vocab_path = Path(config.data.label_vocab or run_dir / "label_vocab.json")  # evaluation needs these ids
+            vocab_path.parent.mkdir(parents=True, exist_ok=True)
             runner.label_vocab.save(vocab_path)
             config.data.label_vocab = str(vocab_path)
         model = build_model(config.model)
