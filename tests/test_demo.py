@@ -9,7 +9,7 @@ import torch
 
 from stoa_vlp.cli import main
 from stoa_vlp.train.checkpointing import CheckpointError
-from stoa_vlp.train.demo import DEMO_STAGES, chance_metrics
+from stoa_vlp.train.demo import DEMO_STAGES, DemoSettings, chance_metrics, run_demo
 from stoa_vlp.train.logging import read_metrics
 
 SMALL = [
@@ -47,6 +47,14 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 
     with pytest.raises(CheckpointError, match="overwrite"):
         main(["demo", "--output", str(folder), *SMALL])
+
+    # a second demo reuses the world and its tags (no rendering, no spaCy, no write into the world)
+    tags_before = (folder / "world" / "tags.json").stat().st_mtime_ns
+    reuse = run_demo(DemoSettings(world=str(folder / "world")), tmp_path / "again", stages=DEMO_STAGES[:2])
+    assert reuse.metrics["world"] == {"train_clips": 12, "val_clips": 3, "test_clips": 6}
+    assert reuse.config.data.tags == str(folder / "world" / "tags.json")
+    assert "already tagged" in (tmp_path / "again" / "report.md").read_text()
+    assert (folder / "world" / "tags.json").stat().st_mtime_ns == tags_before
 
 
 def test_chance_closed_form_matches_random_scores():

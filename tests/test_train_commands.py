@@ -1,0 +1,37 @@
+"""`stoa-vlp pretrain` from the command line: config + overrides, run folder rules, --resume latest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from stoa_vlp.cli import main
+from stoa_vlp.data.synth import render_world
+from stoa_vlp.train.checkpointing import CheckpointError, list_checkpoints
+from stoa_vlp.train.logging import read_metrics
+
+
+def test_pretrain_command_resumes_and_guards_finished_runs(tmp_path):
+    world = render_world(tmp_path / "world", train=8, val=3, test=0, seed=1)
+    run = tmp_path / "run"
+    common = [
+        "pretrain", "--config", "tiny", "--output", str(run),
+        "--set", f"data.train={world.annotations}", "--set", f"data.val={world.annotations}",
+        "--set", f"data.video_root={world.videos}", "--set", f"data.detections={world.detections}",
+        "--set", "data.batch_size=4", "--set", "model.frames=2", "--set", "model.image_size=32",
+        "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.save_every=1",
+        "--set", "train.eval_every=2", "--set", "train.warmup_steps=1", "--set", "train.lr=1.0e-3", "--set", "train.log_every=1",
+    ]
+    assert main(common + ["--set", "train.steps=2"]) == 0
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000001", "step_00000002"]
+    with pytest.raises(CheckpointError, match="finished run"):
+        main(common + ["--set", "train.steps=3"])
+
+    assert main(common + ["--set", "train.steps=3", "--resume", "latest"]) == 0
+    state = json.loads((run / "checkpoints" / "step_00000003" / "state.json").read_text())
+    assert state["step"] == 3 and state["config"]["train"]["steps"] == 3
+    train_steps = [r["step"] for r in read_metrics(run) if r["split"] == "train"]
+    assert train_steps == [1, 2, 3]  # the resumed run appended step 3 only
+    val = [r for r in read_metrics(run) if r["split"] == "val"]
+    assert [r["step"] for r in val] == [2, 3] and val[0]["num_videos"] == 3.0
