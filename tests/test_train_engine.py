@@ -233,3 +233,22 @@ def test_metrics_file_and_state_json(tmp_path):
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "state.json").read_text())
     assert state["step"] == 3 and state["epoch"] == 0 and state["data_position"] == 3
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+class ToyStream(torch.utils.data.IterableDataset):
+    """An endless stream (like WebDataset shards in training)."""
+
+    def __iter__(self):
+        base = ToyDataset()
+        index = 0
+        while True:
+            yield base[index % len(base)]
+            index += 1
+
+
+def test_streamed_dataset_trains_and_counts_its_position(tmp_path):
+    trainer = toy_trainer(toy_config("train.steps=3", "train.grad_accum=2"), tmp_path / "run", dataset=ToyStream())
+    result = trainer.fit()
+    assert result.step == 3 and trainer.sampler.start_batch == 6
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "state.json").read_text())
+    assert state["data_position"] == 6

@@ -54,16 +54,19 @@ class WorkerSeeder:
 
 
 class ResumableSampler(Sampler):
-    def __init__(self, dataset_size: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, dataset_size: int | None, batch_size: int, rank: int, world_size: int, seed: int,
+                 shuffle: bool = True):
+        """`dataset_size` None: a stream of unknown length; the sampler then only counts the position."""
         self.global_batch = batch_size * world_size
-        if dataset_size < self.global_batch:
+        if dataset_size is not None and dataset_size < self.global_batch:
             raise ValueError(
                 f"the training set has {dataset_size} samples, fewer than one global batch "
                 f"({batch_size} per rank x {world_size} ranks)"
             )
         self.dataset_size, self.batch_size = dataset_size, batch_size
         self.rank, self.seed, self.shuffle = rank, seed, shuffle
-        self.batches_per_epoch = dataset_size // self.global_batch  # the last partial batch is dropped
+        # the last partial batch is dropped
+        self.batches_per_epoch = dataset_size // self.global_batch if dataset_size is not None else 2**62
         self.epoch = 0
         self.start_batch = 0  # global batches of this epoch already consumed
 

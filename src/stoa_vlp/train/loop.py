@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from stoa_vlp.config import Config, save_config
 from stoa_vlp.train import checkpointing as ckpt
@@ -88,10 +88,15 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.train)
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.train.precision == "amp_fp16")
         self.forward = torch.compile(self.wrapped) if self.train.compile else self.wrapped
-        self.dataset = SeededDataset(train_dataset)
+        # a streamed dataset (WebDataset shards) orders and splits its samples itself: its position
+        # is counted but not restored (see load_checkpoint)
+        self.streamed = isinstance(train_dataset, IterableDataset)
+        self.dataset = train_dataset if self.streamed else SeededDataset(train_dataset)
         self.sampler = ResumableSampler(
-            len(train_dataset), config.data.batch_size, self.env.rank, self.env.world_size, self.train.seed
+            None if self.streamed else len(train_dataset), config.data.batch_size, self.env.rank,
+            self.env.world_size, self.train.seed,
         )
+        self.data_skips = getattr(train_dataset, "skips", None)  # the data module's SkipCounter, if any
         self.step = 0
         self.skipped_batches = 0
         self.best_value: float | None = None
@@ -105,11 +110,12 @@ class Trainer:
         return DataLoader(
             self.dataset,
             batch_size=self.config.data.batch_size,
-            sampler=self.sampler,
+            sampler=None if self.streamed else self.sampler,
             collate_fn=self.collate,
             num_workers=workers,
             worker_init_fn=WorkerSeeder(self.train.seed, self.env.rank, epoch) if workers else None,
             generator=torch.Generator().manual_seed(loader_seed(self.train.seed, self.env.rank, epoch)),
+            drop_last=True,
             pin_memory=self.env.device.type == "cuda",
         )
 
@@ -202,7 +208,9 @@ class Trainer:
         self.step = state["step"]
         self.skipped_batches = state["skipped_batches"]
         self.best_value = state["best_value"]
-        if state["world_size"] == self.env.world_size:
+        if self.streamed:
+            log.warning("%s: streamed training data restarts its stream on resume (no exact data position)", folder)
+        elif state["world_size"] == self.env.world_size:
             self.sampler.set_position(state["epoch"], state["data_position"])
         else:
             log.warning(
@@ -331,7 +339,10 @@ class Trainer:
                 result.history.append({"step": self.step, **metrics})
                 progress.update(metrics["loss"], metrics["clips_per_s"], self.skipped_batches)
                 if self.step % self.train.log_every == 0 or self.step == self.train.steps:
-                    logger.log("train", self.step, {**metrics, "skipped_batches": self.skipped_batches})
+                    counts = {"skipped_batches": self.skipped_batches}
+                    if self.data_skips is not None:
+                        counts["skipped_samples"] = sum(self.data_skips.skipped.values())
+                    logger.log("train", self.step, {**metrics, **counts})
                 self._after_step(logger, result, metrics)
         finally:
             progress.close()
