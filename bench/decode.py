@@ -7,7 +7,8 @@ same at crf 23), then times, for 8 and 12 uniformly sampled frames:
 - stoa-vlp `decode_clip` (GOP skipping, non-reference frames skipped, wanted frames to RGB),
 - naive: decode every frame and convert every frame to RGB, then pick the wanted ones,
 - sequential: decode every frame, convert only the wanted ones (a fairer hand-written baseline).
-Every clip is opened from scratch; decoders use 1 thread. Run pinned to one core:
+Every clip is opened from scratch; decoders use 1 thread; malloc keeps freed memory (as in the
+data-loading processes, `keep_freed_memory`) for every method. Run pinned to one core:
 
     taskset -c 0 .venv/bin/python bench/decode.py
 
@@ -30,6 +31,7 @@ import av
 import numpy as np
 import torch
 
+from stoa_vlp.data.dataset import keep_freed_memory
 from stoa_vlp.data.decode import decode_clip, segment_indices
 from stoa_vlp.data.prepare import PrepareOptions, encode_video, prepare_one
 from stoa_vlp.data.transforms import FrameTransform
@@ -92,6 +94,7 @@ def main() -> int:
     parser.add_argument("--workdir", default=None, help="where clips are written (default: a temp folder)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    kept = keep_freed_memory()  # as data-loading processes do (data.keep_freed_memory), for all methods
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="stoa_decode_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
@@ -122,7 +125,8 @@ def main() -> int:
             rows.append((label, size_kb, frames, rates))
     full = timed_rounds({"full": lambda p, t: transform(ours(p, t))}, default_prepared, 12, args.rounds, args.seconds)
 
-    print(f"\nclips per CPU-second on {cores} core(s), best of {args.rounds} interleaved rounds of {args.seconds}s\n")
+    print(f"\nclips per CPU-second on {cores} core(s), best of {args.rounds} interleaved rounds of {args.seconds}s"
+          f"{', malloc keeps freed memory' if kept else ''}\n")
     print("| clip | size | frames | stoa-vlp | naive | sequential | stoa-vlp / naive | stoa-vlp / sequential |")
     print("|---|---|---|---|---|---|---|---|")
     for label, size_kb, frames, rates in rows:

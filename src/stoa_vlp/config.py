@@ -95,6 +95,7 @@ class DataConfig:
     num_workers: int = 2
     spacy_model: str = "en_core_web_sm"
     max_bad_samples: float = 0.01  # share of skipped (unreadable) samples tolerated before training stops
+    keep_freed_memory: bool = True  # processes that load samples keep freed memory (glibc) instead of re-faulting it
 
 
 @dataclass

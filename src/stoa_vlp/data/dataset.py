@@ -21,6 +21,8 @@ logged and counted in a `SkipCounter` shared with the workers; training stops wi
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import logging
 import multiprocessing
@@ -163,6 +165,29 @@ def collate(samples: list[Sample]) -> Batch:
     )
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_memory_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Make this process's glibc malloc keep freed blocks (up to 32 MB each) instead of returning
+    them to the system; returns whether it applied (False off glibc).
+
+    Each clip allocates a few MB of frames (decoder output, RGB, transform); returned to the
+    system after every sample, they are page-faulted in again for the next one, which costs as
+    much as decoding (bench/RESULTS.md). Data-loading processes call this once, on first use.
+    """
+    global _memory_kept
+    if not _memory_kept:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = getattr(libc, "mallopt", None)
+        if mallopt is None:
+            log.debug("no glibc mallopt: freed memory is returned to the system as usual")
+            return False
+        _memory_kept = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1
+    return _memory_kept
+
+
 class SampleBuilder:
     """Turns (video source, caption) into a Sample: decode, transform, objects, tokens, tags."""
 
@@ -181,6 +206,8 @@ class SampleBuilder:
     def build(self, source, name: str, video_id: str, caption: str, start, end, video_index: int,
               rng: np.random.Generator) -> Sample:
         model = self.config.model
+        if self.config.data.keep_freed_memory:
+            keep_freed_memory()
         if not caption or not caption.strip():
             raise BadSample("empty_caption", f"{name}: empty caption")
         try:
