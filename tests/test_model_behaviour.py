@@ -88,8 +88,10 @@ def test_output_shapes_follow_the_api():
     inputs = make_inputs(config)
     with torch.no_grad():
         out = run_all(model, inputs)
-        extra = model.fuse(out["video"], out["text"].tokens, inputs["text_mask"], "bidirectional", torch.zeros(3, 1, 64))
-    batch, T, N, M, L, E = 3, config.frames, config.trajectories, config.action_queries, config.text_len, config.embed_dim
+        slot = torch.zeros(3, 1, 64)
+        extra = model.fuse(out["video"], out["text"].tokens, inputs["text_mask"], "bidirectional", slot)
+    batch, T, N, M = 3, config.frames, config.trajectories, config.action_queries
+    L, E = config.text_len, config.embed_dim
     video = out["video"]
     assert video.frames.shape == (batch, T, E) and video.video.shape == (batch, E)
     assert video.trajectories.shape == (batch, N, E) and video.actions.shape == (batch, M, E)
@@ -130,9 +132,8 @@ def test_padded_boxes_and_categories_change_no_output():
         # the features at padded trajectory slots cannot reach any real fusion position either
         first = run_all(model, inputs)
         video = first["video"]
-        noisy = VideoFeatures(
-            video.frames, video.video, torch.where(video.traj_mask[..., None], video.trajectories, 1e3), video.traj_mask, video.actions
-        )
+        noisy_trajectories = torch.where(video.traj_mask[..., None], video.trajectories, 1e3)
+        noisy = VideoFeatures(video.frames, video.video, noisy_trajectories, video.traj_mask, video.actions)
         real = real_fusion_positions(model, video, inputs["text_mask"])
         for mode in ("bidirectional", "prefix"):
             again = model.fuse(noisy, first["text"].tokens, inputs["text_mask"], mode)
@@ -233,8 +234,9 @@ def pretraining_style_loss(model: STOAVLP, inputs: dict) -> torch.Tensor:
     prefix = model.fuse(video, text.tokens, mask, "prefix")
     next_mask = mask[:, 1:]
     loss = loss + F.cross_entropy(model.lm_logits(prefix.text[:, :-1][next_mask]), inputs["tokens"][:, 1:][next_mask])
-    loss = loss + F.mse_loss(video.trajectories[video.traj_mask], text.sentence.detach()[:, None].expand_as(video.trajectories)[video.traj_mask])
-    return loss + F.mse_loss(video.actions, text.sentence.detach()[:, None].expand_as(video.actions))
+    target = text.sentence.detach()[:, None]
+    loss = loss + F.mse_loss(video.trajectories[video.traj_mask], target.expand_as(video.trajectories)[video.traj_mask])
+    return loss + F.mse_loss(video.actions, target.expand_as(video.actions))
 
 
 def test_every_trainable_parameter_gets_a_gradient_with_and_without_checkpointing():
@@ -261,10 +263,14 @@ def test_parameter_groups():
     assert groups["tower_decay"]["weight_decay"] == 0.2 and groups["new_decay"]["weight_decay"] == 0.2
     assert groups["tower_no_decay"]["weight_decay"] == 0.0 and groups["new_no_decay"]["weight_decay"] == 0.0
     assert {"visual.proj", "text.text_projection", "visual.conv1.weight"} <= members["tower_decay"]
-    assert {"logit_scale", "text.token_embedding.weight", "visual.ln_pre.bias", "visual.class_embedding"} <= members["tower_no_decay"]
-    assert {"fusion.transformer.resblocks.0.attn.in_proj_weight", "lm_transform.weight", "match_head.weight"} <= members["new_decay"]
-    assert {"visual.temporal_embedding", "mask_embedding", "object_tokens.label_embedding.weight", "lm_bias"} <= members["new_no_decay"]
-    assert all(not n.startswith(("visual.", "text.")) or n == "visual.temporal_embedding" for n in members["new_decay"] | members["new_no_decay"])
+    tower_no_decay = {"logit_scale", "text.token_embedding.weight", "visual.ln_pre.bias", "visual.class_embedding"}
+    assert tower_no_decay <= members["tower_no_decay"]
+    new_decay = {"fusion.transformer.resblocks.0.attn.in_proj_weight", "lm_transform.weight", "match_head.weight"}
+    assert new_decay <= members["new_decay"]
+    new_no_decay = {"visual.temporal_embedding", "mask_embedding", "object_tokens.label_embedding.weight", "lm_bias"}
+    assert new_no_decay <= members["new_no_decay"]
+    new = members["new_decay"] | members["new_no_decay"]
+    assert all(not n.startswith(("visual.", "text.")) or n == "visual.temporal_embedding" for n in new)
 
 
 @pytest.mark.parametrize(
@@ -312,7 +318,8 @@ def test_config_errors_are_clear():
     model = make_model()
     inputs = make_inputs(model.config)
     inputs["box_labels"][0, 0, 0] = model.config.num_object_classes
-    with torch.no_grad(), pytest.raises(ValueError, match=r"box labels must be in 0..63 \(model.num_object_classes=64\)"):
+    message = r"box labels must be in 0..63 \(model.num_object_classes=64\)"
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
         run_all(model, inputs)
     model = make_model("model.fusion_positions=20")
     inputs = make_inputs(model.config)
@@ -351,10 +358,12 @@ def test_action_encoder_matches_per_frame_brute_force():
         for b in range(tokens.shape[0]):
             per_frame = []
             for t in range(model.config.frames):
-                context = actions.ln_context(torch.cat([tower.action_tap[b, t, 1:], tokens[b, t][inputs["box_mask"][b, t]]]))
+                real_objects = tokens[b, t][inputs["box_mask"][b, t]]
+                context = actions.ln_context(torch.cat([tower.action_tap[b, t, 1:], real_objects]))
                 weights = torch.softmax(queries @ context.T / math.sqrt(width), dim=-1)
                 per_frame.append(weights @ context + actions.temporal_embedding[t])
-            sequence = torch.cat([tower.action_tap[b, :, 0].mean(0).expand(len(queries), 1, width), torch.stack(per_frame, 1)], dim=1)
+            cls = tower.action_tap[b, :, 0].mean(0).expand(len(queries), 1, width)
+            sequence = torch.cat([cls, torch.stack(per_frame, 1)], dim=1)
             expected = actions.ln(actions.transformer(sequence)[:, 0]) @ actions.proj
             torch.testing.assert_close(batched[b], expected, atol=1e-5, rtol=1e-5)
 
@@ -364,7 +373,8 @@ def test_roi_align_uses_the_patch_grid_of_the_input_frame():
     model = make_model()
     objects = model.object_tokens
     grid = model.config.image_size // model.config.patch_size
-    rows, columns = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    steps = torch.arange(grid, dtype=torch.float32)
+    rows, columns = torch.meshgrid(steps, steps, indexing="ij")
     patch_map = (3 * columns + 7 * rows)[None, None].expand(1, 2, grid, grid).contiguous()
     boxes = torch.tensor([[[[16.0, 16.0, 32.0, 48.0], [20.0, 12.0, 44.0, 28.0]]]])  # (1, 1, 2, 4) pixels
     regions = objects.regions(patch_map, boxes)

@@ -108,14 +108,21 @@ def test_openai_torchscript_vit_b16_matches_open_clip(tmp_path):
     assert_tower_parity(model, reference, 224)
     # the fusion encoder starts as the first text block of the loaded tower
     torch.testing.assert_close(
-        model.fusion.transformer.resblocks[0].attn.in_proj_weight, model.text.transformer.resblocks[0].attn.in_proj_weight
+        model.fusion.transformer.resblocks[0].attn.in_proj_weight,
+        model.text.transformer.resblocks[0].attn.in_proj_weight,
     )
 
 
 def tiny_open_clip(config) -> CLIP:
     return CLIP(
         config.embed_dim,
-        CLIPVisionCfg(layers=config.vision_layers, width=config.vision_width, head_width=config.vision_width // config.vision_heads, patch_size=config.patch_size, image_size=config.image_size),
+        CLIPVisionCfg(
+            layers=config.vision_layers,
+            width=config.vision_width,
+            head_width=config.vision_width // config.vision_heads,
+            patch_size=config.patch_size,
+            image_size=config.image_size,
+        ),
         CLIPTextCfg(layers=config.text_layers, width=config.text_width, heads=config.text_heads),
         quick_gelu=config.quick_gelu,
     )
@@ -208,7 +215,8 @@ def test_save_load_round_trip_is_exact(tmp_path):
 
 def test_loading_a_checkpoint_of_another_shape_names_the_keys(tmp_path):
     save_pretrained(STOAVLP(load_config("tiny", ["model.action_queries=3"]).model), tmp_path / "ckpt")
-    with pytest.raises(CheckpointError, match=r"action_encoder.query_embedding \(checkpoint \(3, 64\), model \(2, 64\)\)"):
+    mismatch = r"action_encoder.query_embedding \(checkpoint \(3, 64\), model \(2, 64\)\)"
+    with pytest.raises(CheckpointError, match=mismatch):
         load_model_weights(STOAVLP(load_config("tiny").model), tmp_path / "ckpt" / "model.safetensors")
     save_pretrained(STOAVLP(load_config("tiny", ["model.objects=false"]).model), tmp_path / "no_objects")
     with pytest.raises(CheckpointError, match=r"missing keys: object_tokens\.") as error:

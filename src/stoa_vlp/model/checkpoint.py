@@ -65,7 +65,8 @@ def read_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # the readers raise many error types for a damaged or foreign file
-        raise CheckpointError(f"{path}: cannot read it as a CLIP checkpoint ({type(error).__name__}: {error})") from error
+        reason = f"{type(error).__name__}: {error}"
+        raise CheckpointError(f"{path}: cannot read it as a CLIP checkpoint ({reason})") from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -131,15 +131,16 @@ class STOAVLP(nn.Module):
         tower = self.visual(frames)
         batch = frames.shape[0]
         empty = tower.frames.new_zeros(batch, 0, self.embed_dim)
-        object_tokens = None
+        object_tokens = object_mask = None
         if self.object_tokens is not None:
             object_tokens = self.object_tokens(tower.object_tap, boxes, box_labels, box_mask)  # (B, T, K, W)
+            object_mask = box_mask
             trajectories = self.trajectory_encoder(object_tokens, box_labels, box_mask, traj_labels, traj_mask)
         else:
             trajectories = empty
             traj_mask = torch.zeros(batch, 0, dtype=torch.bool, device=frames.device)
         if self.action_encoder is not None:
-            actions = self.action_encoder(tower.action_tap, object_tokens, box_mask if object_tokens is not None else None)
+            actions = self.action_encoder(tower.action_tap, object_tokens, object_mask)
         else:
             actions = empty
         return VideoFeatures(
