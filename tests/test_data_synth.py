@@ -24,6 +24,7 @@ from stoa_vlp.data.synth import (
     reverse_clip,
     sample_clip,
     true_boxes,
+    world_paths,
     write_video,
 )
 
@@ -241,3 +242,11 @@ def test_synth_command(tmp_path):
         assert (video.width, video.height) == (32, 32) and len(video.frames) == 4
         assert all(len(f.classes) == 1 and f.classes[0] in ("circle", "square", "triangle") for f in video.frames)
         assert all(np.all(f.confs == 1.0) for f in video.frames)
+
+
+def test_world_paths_of_a_rendered_world(world, tmp_path):
+    assert world_paths(world.root) == world
+    assert world.video_ids == {"train": [f"video{i}" for i in range(6)], "val": ["video6", "video7", "video8"],
+                               "test": ["video9", "video10", "video11"]}
+    with pytest.raises(FileNotFoundError, match="no world.json"):
+        world_paths(tmp_path)

@@ -149,6 +149,27 @@ class WorldPaths:
     video_ids: dict[str, list[str]] = field(default_factory=dict)  # split -> ids
 
 
+def world_paths(root: str | Path, video_ids: dict[str, list[str]] | None = None) -> WorldPaths:
+    """The files of a world in `root`; without `video_ids`, they are read from its world.json."""
+    root = Path(root)
+    if video_ids is None:
+        world_file = root / "world.json"
+        if not world_file.is_file():
+            raise FileNotFoundError(f"{root}: no world.json; not a folder written by `stoa-vlp synth`")
+        clips = json.loads(world_file.read_text())["clips"]
+        video_ids = {split: [c["video_id"] for c in clips if c["split"] == split] for split in SPLITS}
+    return WorldPaths(
+        root=root,
+        videos=root / "videos",
+        annotations=root / "MSRVTT_data.json",
+        detections=root / "detections.jsonl",
+        qa={split: root / f"qa_{split}.jsonl" for split in SPLITS},
+        mc={split: root / f"mc_{split}.jsonl" for split in ("val", "test")},
+        world=root / "world.json",
+        video_ids=video_ids,
+    )
+
+
 # ---------------------------------------------------------------- sampling scenes
 
 
@@ -588,16 +609,7 @@ def render_world(
         if clip.split in choices:
             choices[clip.split].append(make_choice(clip, clips, np.random.default_rng([seed, index, 3])))
 
-    paths = WorldPaths(
-        root=root,
-        videos=video_dir,
-        annotations=root / "MSRVTT_data.json",
-        detections=root / "detections.jsonl",
-        qa={split: root / f"qa_{split}.jsonl" for split in SPLITS},
-        mc={split: root / f"mc_{split}.jsonl" for split in choices},
-        world=root / "world.json",
-        video_ids={split: [c.video_id for c in clips if c.split == split] for split in SPLITS},
-    )
+    paths = world_paths(root, {split: [c.video_id for c in clips if c.split == split] for split in SPLITS})
     with open(paths.annotations, "w") as handle:
         info = {"description": f"stoa-vlp synthetic world, seed {seed}"}
         json.dump({"info": info, "videos": videos, "sentences": sentences}, handle)
