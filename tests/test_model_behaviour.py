@@ -315,6 +315,8 @@ def test_config_errors_are_clear():
         STOAVLP(tiny("model.embed_dim=32"))
     with pytest.raises(ValueError, match="object_tap_layer must be in 1..2"):
         STOAVLP(tiny("model.object_tap_layer=3"))
+    with pytest.raises(ValueError, match="model.actions needs action_queries of at least 1"):
+        STOAVLP(tiny("model.action_queries=0"))
     model = make_model()
     inputs = make_inputs(model.config)
     inputs["box_labels"][0, 0, 0] = model.config.num_object_classes

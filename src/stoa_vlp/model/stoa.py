@@ -73,6 +73,10 @@ def check_config(config: ModelConfig) -> None:
     for name in ("action_tap_layer", "object_tap_layer"):
         if not 1 <= getattr(config, name) <= config.vision_layers:
             problems.append(f"model.{name} must be in 1..{config.vision_layers}, got {getattr(config, name)}")
+    if config.objects and min(config.trajectories, config.boxes_per_frame, config.num_object_classes) < 1:
+        problems.append("model.objects needs trajectories, boxes_per_frame and num_object_classes of at least 1")
+    if config.actions and config.action_queries < 1:
+        problems.append("model.actions needs action_queries of at least 1")
     if config.text_len > config.context_length:
         problems.append(f"model.text_len {config.text_len} exceeds model.context_length {config.context_length}")
     if problems:
