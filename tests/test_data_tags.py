@@ -98,6 +98,8 @@ def test_cleaning_and_unicode_keep_alignment(tokenizer, nlp):
     assert words["dog"] == TAG_NOUN and words["cat"] == TAG_NOUN and words["&"] == TAG_NONE
     words = dict(_tags_of_words("a café owner smiles", tokenizer, nlp))
     assert words["owner"] == TAG_NOUN and words["smiles"] == TAG_VERB
+    (special,) = tag_pieces(["a dog <end_of_text> runs"], tokenizer, nlp)  # a special token's text
+    assert len(special) == 4 and special[-1] == TAG_VERB
     (empty,) = tag_tokens([""], tokenizer, nlp)
     assert np.all(empty == TAG_NONE)
 

@@ -63,7 +63,8 @@ def _pieces(tokenizer: Tokenizer, text: str) -> list[tuple[int, int, int]]:
         symbols = bpe.bpe(encoded).split(" ")
         position = 0  # byte offset within the pre-token
         for number, symbol in enumerate(symbols):
-            length = len(symbol) - (len("</w>") if number == len(symbols) - 1 else 0)
+            ends_word = number == len(symbols) - 1 and symbol.endswith("</w>")  # not special tokens
+            length = len(symbol) - (len("</w>") if ends_word else 0)
             start, end = char_of_byte[position], char_of_byte[position + length - 1] + 1
             pieces.append((bpe.encoder[symbol], start, end))
             position += length
