@@ -11,7 +11,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from stoa_vlp.data.decode import VideoError, decode_clip, segment_indices
+from stoa_vlp.data.decode import VideoError, check_decoder, decode_clip, segment_indices
 from stoa_vlp.data.geometry import resize_crop
 from stoa_vlp.data.prepare import encode_video
 from stoa_vlp.data.transforms import CLIP_MEAN, CLIP_STD, FrameTransform
@@ -139,6 +139,11 @@ def test_missing_optional_decoder_is_a_clear_error(clips, decoder):
         pytest.skip(f"{decoder} is installed; this test covers the missing-library error")
     with pytest.raises(VideoError, match=f"data.decoder={decoder}"):
         decode_clip(clips["short_gop"], 4, decoder=decoder)
+    with pytest.raises(ValueError, match=f"data.decoder={decoder} but its library cannot be loaded"):
+        check_decoder(decoder)
+    check_decoder("pyav")
+    with pytest.raises(ValueError, match="unknown decoder 'ffmpeg'"):
+        check_decoder("ffmpeg")
 
 
 def test_frame_transform_matches_torchvision_functional():

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from stoa_vlp.batch import TAG_NONE, Batch
 from stoa_vlp.config import Config
 from stoa_vlp.data.annotations import VideoRecord, detect_format, read_annotations, shard_caption, shard_list
-from stoa_vlp.data.decode import DecodedClip, VideoError, decode_clip
+from stoa_vlp.data.decode import DecodedClip, VideoError, check_decoder, decode_clip
 from stoa_vlp.data.detections import LabelVocab, empty_targets, read_detections, select_objects
 from stoa_vlp.data.geometry import resize_crop
 from stoa_vlp.data.tags import TagCache
@@ -192,6 +192,7 @@ class SampleBuilder:
     """Turns (video source, caption) into a Sample: decode, transform, objects, tokens, tags."""
 
     def __init__(self, config: Config, training: bool, detections=None, label_vocab=None, tag_cache=None):
+        check_decoder(config.data.decoder)
         self.config = config
         self.detections = detections if config.model.objects else None
         self.label_vocab = label_vocab

@@ -19,6 +19,7 @@ Timestamps are seconds from the start of the video stream; detections use the sa
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 from dataclasses import dataclass
@@ -272,6 +273,17 @@ def _decode_torchcodec(source, name, frames, sampling, start, end, rng, threads)
 
 
 _BACKENDS = {"pyav": _decode_pyav, "decord": _decode_decord, "torchcodec": _decode_torchcodec}
+_MODULES = {"pyav": "av", "decord": "decord", "torchcodec": "torchcodec.decoders"}
+
+
+def check_decoder(decoder: str) -> None:
+    """Raise ValueError unless `decoder` is known and its library loads (a setup error, not a bad video)."""
+    if decoder not in _BACKENDS:
+        raise ValueError(f"unknown decoder '{decoder}' (known: {', '.join(DECODERS)})")
+    try:
+        importlib.import_module(_MODULES[decoder])
+    except (ImportError, RuntimeError, OSError) as error:
+        raise ValueError(f"data.decoder={decoder} but its library cannot be loaded ({error})") from None
 
 
 def decode_clip(
