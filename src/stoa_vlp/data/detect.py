@@ -18,10 +18,10 @@ import torch
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights, fasterrcnn_resnet50_fpn_v2
 
 from stoa_vlp.data.detections import FrameDetections, VideoDetections
+from stoa_vlp.data.prepare import VIDEO_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
 # index -> COCO name; "__background__" and the "N/A" gaps are never reported
 COCO_CATEGORIES: list[str] = list(FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1.meta["categories"])
 NOT_A_CLASS = {"__background__", "N/A"}
@@ -92,7 +92,7 @@ def find_videos(inputs: Iterable[str | Path]) -> list[Path]:
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
+            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
         elif item.exists():
             found.append(item)
         else:
