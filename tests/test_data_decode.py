@@ -169,3 +169,25 @@ def test_frame_transform_agrees_with_box_geometry():
     cols = torch.nonzero(out.amax(dim=0) > 127).flatten()
     assert abs(cols.min().item() - box[0]) <= 1 and abs(cols.max().item() + 1 - box[2]) <= 1
     assert abs(rows.min().item() - box[1]) <= 1 and abs(rows.max().item() + 1 - box[3]) <= 1
+
+
+@pytest.mark.parametrize("b_frames", [0, 2])
+def test_avi_mpeg4_like_msvd(tmp_path, b_frames):
+    # MSVD ships AVI files; with B-frames, AVI packs them and adds packets without timestamps
+    path = tmp_path / f"clip{b_frames}.avi"
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.max_b_frames, stream.codec_context.gop_size = b_frames, 12
+        for index, image in enumerate(moving_frames(40)):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    times, images = reference_frames(path)
+    for frames in (4, 7):
+        clip = decode_clip(path, frames)
+        expected = segment_indices(len(images), frames, "uniform")
+        np.testing.assert_allclose(clip.times, times[expected])
+        for k, index in enumerate(expected):
+            assert np.array_equal(clip.frames[k].permute(1, 2, 0).numpy(), images[index])

@@ -8,10 +8,9 @@ exactly T frames in time order.
 
 The PyAV path reads the packets first (demuxing without decoding is cheap), then decodes only
 the groups of pictures (GOPs) that hold a wanted frame, each only up to its last wanted frame,
-skipping the other GOPs the way a seek would but without its cost, and asks the decoder to skip
-non-reference frames that are not wanted. Only the wanted frames are converted to RGB. (As with
-seeking, a wanted frame of an open GOP that references the previous GOP may not decode; it is
-then reported as damaged.) decord and torchcodec are used instead when
+skipping the other GOPs the way a seek would but without its cost (a leading frame of an open
+GOP starts from the previous GOP), and asks the decoder to skip non-reference frames that are not
+wanted. Only the wanted frames are converted to RGB. decord and torchcodec are used instead when
 `decoder` names them and they are installed.
 
 Timestamps are seconds from the start of the video stream; detections use the same clock.
@@ -130,14 +129,18 @@ def _decode_pyav(
             packets = _read_packets(container, stream, start, end)
         except av.FFmpegError as error:
             raise VideoError(name, f"cannot read packets, file damaged or truncated ({error})") from None
-        stamps = [p.pts if p.pts is not None else p.dts for p in packets]
         if not packets:
             raise VideoError(name, "has no video frames")
-        if any(s is None for s in stamps):
+        # presentation stamps; decode stamps only when no packet has one. A packet without a stamp
+        # (e.g. AVI's placeholders for packed B-frames) is decoded but is not a frame to choose
+        have_pts = any(p.pts is not None for p in packets)
+        stamps = [p.pts if have_pts else p.dts for p in packets]
+        frame_stamps = [s for s in stamps if s is not None]
+        if not frame_stamps:
             raise VideoError(name, "has video packets without timestamps")
         time_base = float(stream.time_base)
         origin = stream.start_time if stream.start_time is not None else 0
-        sorted_stamps = np.sort(np.asarray(stamps, dtype=np.int64))
+        sorted_stamps = np.sort(np.asarray(frame_stamps, dtype=np.int64))
         times = (sorted_stamps - origin) * time_base
         chosen = _select(times, frames, sampling, start, end, rng, name)
         wanted = set(sorted_stamps[chosen].tolist())
@@ -187,24 +190,42 @@ def _to_array(images: list) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
 
+def _decode_runs(packets: list, stamps: list, wanted: set[int]) -> list[tuple[int, int]]:
+    """Packet index ranges [first, last] to decode, each from a keyframe to a wanted packet.
+
+    A wanted frame that follows its GOP's keyframe in decode order but is shown before it (a
+    leading frame of an open GOP) may reference the previous GOP, whose decoding it then starts
+    from. Ranges that overlap or touch are merged, so no reference is lost between them.
+    """
+    runs = []
+    gop_start, previous_start = 0, None
+    for index, packet in enumerate(packets):
+        if packet.is_keyframe and index > 0:
+            gop_start, previous_start = index, gop_start
+        if stamps[index] in wanted:
+            key_stamp = stamps[gop_start]
+            leading = key_stamp is not None and stamps[index] < key_stamp and previous_start is not None
+            runs.append((previous_start if leading else gop_start, index))
+    merged: list[list[int]] = []
+    for first, last in sorted(runs):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    return [(first, last) for first, last in merged]
+
+
 def _decode_wanted(stream, packets: list, stamps: list[int], wanted: set[int], name: str) -> dict:
     """rgb24 VideoFrames of the `wanted` timestamps, decoding as little as possible.
 
-    For each GOP holding a wanted frame, its packets are fed up to the last wanted one in decode
-    order (later packets cannot be references of earlier ones), with non-reference frames that
-    are not wanted skipped; the decoder is then drained of wanted frames still held for
-    reordering, if any, and reset.
+    Each run of packets (see `_decode_runs`) is fed from its keyframe up to its last wanted
+    packet in decode order (later packets cannot be references of earlier ones), with
+    non-reference frames that are not wanted skipped; the decoder is then drained of wanted
+    frames still held for reordering, if any, and reset.
     GOPs without a wanted frame are never decoded.
     """
     import av
 
-    last_wanted: dict[int, int] = {}  # first packet of a GOP -> its last wanted packet
-    gop_start = 0
-    for index, packet in enumerate(packets):
-        if packet.is_keyframe:
-            gop_start = index
-        if stamps[index] in wanted:
-            last_wanted[gop_start] = index
     codec = stream.codec_context
     decoded: dict = {}
 
@@ -215,14 +236,14 @@ def _decode_wanted(stream, packets: list, stamps: list[int], wanted: set[int], n
                 decoded[stamp] = frame.reformat(format="rgb24", interpolation="BILINEAR")
 
     try:
-        for first, last in sorted(last_wanted.items()):
+        for first, last in _decode_runs(packets, stamps, wanted):
             for index in range(first, last + 1):
                 codec.skip_frame = "DEFAULT" if stamps[index] in wanted else "NONREF"
                 receive(codec.decode(packets[index]))
             if len(decoded) < len(wanted.intersection(stamps[: last + 1])):
                 codec.skip_frame = "DEFAULT"
                 receive(codec.decode(None))  # drain frames held for reordering
-            codec.flush_buffers()  # reset for the next GOP
+            codec.flush_buffers()  # reset for the next run
     except av.FFmpegError as error:
         raise VideoError(name, f"decoding failed, file damaged or truncated ({error})") from None
     return decoded
