@@ -46,7 +46,7 @@ DEMO_OVERRIDES = [
     "train.log_every=10",
     "train.device=cpu",
     "data.batch_size=16",
-    "data.num_workers=0",
+    "data.num_workers=1",  # one process decodes while the main process trains
 ]
 
 
@@ -170,7 +170,14 @@ def pretrain_stage(run: DemoRun) -> None:
     env = DistEnv.current(config.train.device)
     evaluate = RetrievalEvaluator(config, "val", env.device) if run.settings.val_clips > 0 else None
     trainer = Trainer(config, module, train_set, collate, config.train.output_dir, env, evaluate)
-    result = trainer.fit()
+    threads = torch.get_num_threads()
+    if env.device.type == "cpu" and config.data.num_workers > 0:
+        # leave a core to the decoding worker: oversubscribed OpenMP threads spin and waste the CPU
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - config.data.num_workers))
+    try:
+        result = trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
     run.model = module.model.eval()
     run.checkpoint = result.last_checkpoint
     first, last = result.history[0], result.history[-1]
