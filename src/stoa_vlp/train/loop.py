@@ -145,7 +145,9 @@ class Trainer:
         weights, optimizer_state = self._state_dicts()
         temporary = ckpt.start_checkpoint(self.run_dir, self.step) if self.env.is_main else None
         barrier(self.env)
-        temporary = temporary or self.run_dir / ckpt.CHECKPOINTS / f".tmp-{ckpt.checkpoint_name(self.step)}"
+        if temporary is None:  # other ranks: the same folder (checkpoints need a filesystem shared by all nodes)
+            temporary = self.run_dir / ckpt.CHECKPOINTS / f".tmp-{ckpt.checkpoint_name(self.step)}"
+            temporary.mkdir(parents=True, exist_ok=True)
         main = self.env.is_main
         state = {
             "format": 1,
@@ -221,6 +223,8 @@ class Trainer:
             self.sampler.set_position(state["epoch"] + 1, 0)
         if loaded["rng"] is not None and state["world_size"] == self.env.world_size:
             ckpt.set_rng_state(loaded["rng"])
+        elif loaded["rng"] is None:
+            log.warning("%s holds no RNG state for rank %d: its random draws will differ", folder, self.env.rank)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, *self._position())
 
     def _position(self) -> tuple[int, int]:
