@@ -1,14 +1,10 @@
-"""VTC: hand-written and open_clip references, several captions per video, 2 gloo ranks = 1 rank."""
+"""VTC: hand-written and open_clip references, several captions per video, temperature, video feature."""
 
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from stoa_vlp.objectives.distributed import gather_features
 from stoa_vlp.objectives.vtc import ContrastiveEmbeddings, multi_positive_cross_entropy, video_embedding, vtc_loss
 
 
@@ -81,75 +77,3 @@ def test_video_feature_mean_is_meanp_and_sep_is_the_plain_mean():
     meanp = F.normalize(sum(F.normalize(frames[:, t], dim=-1) for t in range(3)) / 3, dim=-1)
     torch.testing.assert_close(video_embedding(frames, frames.mean(1), "mean"), meanp)
     torch.testing.assert_close(video_embedding(frames, frames.mean(1), "sep"), F.normalize(frames.mean(1), dim=-1))
-
-
-# --- two gloo ranks against one rank on the concatenated batch --------------------------------------
-
-
-@dataclass
-class Rows:
-    tokens: torch.Tensor
-    mask: torch.Tensor
-
-GLOBAL_INDEX = torch.tensor([10, 10, 3, 7, 11, 12, 12, 4])  # 8 captions, two ranks of 4; repeats within a rank
-
-
-def build_problem():
-    """Fixed inputs and a small trainable projection: frames (8, 3, 6), captions (8, 6)."""
-    generator = torch.Generator().manual_seed(5)
-    frames = torch.randn(8, 3, 6, generator=generator)
-    captions = torch.randn(8, 6, generator=generator)
-    torch.manual_seed(6)
-    projection = torch.nn.ModuleDict({"video": torch.nn.Linear(6, 5), "text": torch.nn.Linear(6, 5)})
-    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-    return frames, captions, projection, logit_scale
-
-
-def loss_and_gradients(rows: slice, local_loss: bool):
-    frames, captions, projection, logit_scale = build_problem()
-    video_frames = projection["video"](frames[rows])
-    embeddings = ContrastiveEmbeddings.gather(
-        video_embedding(video_frames, video_frames.mean(1), "mean"),
-        F.normalize(projection["text"](captions[rows]), dim=-1),
-        GLOBAL_INDEX[rows],
-    )
-    loss = vtc_loss(embeddings, logit_scale, local_loss)
-    loss.backward()
-    parameters = [*projection.parameters(), logit_scale]
-    return loss.detach(), [parameter.grad for parameter in parameters]
-
-
-def rank_worker(rank: int, init_file: str, out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    results = {}
-    rows = slice(4 * rank, 4 * rank + 4)
-    for local_loss in (False, True):
-        loss, gradients = loss_and_gradients(rows, local_loss)
-        dist.all_reduce(loss)  # the global loss is the mean of the rank losses
-        for gradient in gradients:
-            dist.all_reduce(gradient)  # DDP averages gradients over ranks
-        results[local_loss] = (loss / 2, [gradient / 2 for gradient in gradients])
-    # gathered rows (float with gradient, bool without) equal the concatenation in rank order
-    values = torch.arange(8.0).reshape(2, 4)[rank].clone().requires_grad_()
-    gathered = gather_features(Rows(values, torch.tensor([rank == 0, True, False, rank == 1])))
-    (gathered.tokens * torch.arange(8.0)).sum().backward()
-    results["gather"] = (gathered.tokens.detach(), gathered.mask, values.grad)
-    if rank == 0:
-        torch.save(results, out_file)
-    dist.destroy_process_group()
-
-
-def test_two_gloo_ranks_equal_one_rank_on_the_whole_batch(tmp_path):
-    out_file = tmp_path / "rank0.pt"
-    mp.spawn(rank_worker, args=(str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
-    results = torch.load(out_file)
-    for local_loss in (False, True):
-        expected_loss, expected_gradients = loss_and_gradients(slice(0, 8), local_loss)
-        loss, gradients = results[local_loss]
-        torch.testing.assert_close(loss, expected_loss, atol=1e-6, rtol=1e-6)
-        for gradient, expected in zip(gradients, expected_gradients):
-            torch.testing.assert_close(gradient, expected, atol=1e-6, rtol=1e-6)
-    tokens, mask, gradient = results["gather"]
-    torch.testing.assert_close(tokens, torch.arange(8.0))
-    assert mask.tolist() == [True, True, False, False, False, True, False, True]
-    torch.testing.assert_close(gradient, torch.arange(4.0) * 2)  # both ranks' gradients for rank 0's rows
