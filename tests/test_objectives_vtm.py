@@ -3,6 +3,7 @@
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 from _objectives_batch import make_batch, tiny_config, tiny_model
 from stoa_vlp.objectives import Pretrainer
@@ -61,13 +62,16 @@ def test_fusion_sees_positives_then_caption_and_video_negatives_with_their_label
     with mock.patch.object(model, "fuse", side_effect=recording_fuse):
         loss = vtm_loss(model, video, text, video, text, negative_video, negative_text)
     assert calls["mode"] == "bidirectional"
-    # positives 0..3, then captions 0, 2, 3 with videos 2, 0, 1, then videos 0, 1, 3 with captions 3, 2, 0
-    assert torch.equal(calls["video"].frames, video.frames[[0, 1, 2, 3, 2, 0, 1, 0, 1, 3]])
-    assert torch.equal(calls["text_tokens"], text.tokens[[0, 1, 2, 3, 0, 2, 3, 3, 2, 0]])
-    assert torch.equal(calls["video"].traj_mask, video.traj_mask[[0, 1, 2, 3, 2, 0, 1, 0, 1, 3]])
-    fused = real_fuse(calls["video"], calls["text_tokens"], text.mask[[0, 1, 2, 3, 0, 2, 3, 3, 2, 0]], "bidirectional")
-    labels = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(model.match_logits(fused), labels))
+    # positives 0..3, then captions 0..3 with videos 2, 3, 0, 1, then videos 0..3 with captions 3, 2, 3, 0
+    video_rows, text_rows = [0, 1, 2, 3, 2, 3, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 0, 1, 2, 3, 3, 2, 3, 0]
+    assert torch.equal(calls["video"].frames, video.frames[video_rows])
+    assert torch.equal(calls["video"].traj_mask, video.traj_mask[video_rows])
+    assert torch.equal(calls["text_tokens"], text.tokens[text_rows])
+    # pairs whose negative is not valid (caption 1's video, video 2's caption) weigh nothing
+    scored = [0, 1, 2, 3, 4, 6, 7, 8, 9, 11]
+    logits = model.match_logits(real_fuse(calls["video"], calls["text_tokens"], text.mask[text_rows], "bidirectional"))
+    labels = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    torch.testing.assert_close(loss, F.cross_entropy(logits[scored], labels[scored]))
 
 
 def test_one_video_batch_scores_positives_only():
@@ -76,7 +80,7 @@ def test_one_video_batch_scores_positives_only():
     batch = make_batch(config, video_index=(5, 5, 5))  # three captions of one video: no negative exists
     losses = Pretrainer(model, config.loss)(batch)
     video, text = model(batch)
-    expected = torch.nn.functional.cross_entropy(
+    expected = F.cross_entropy(
         model.match_logits(model.fuse(video, text.tokens, text.mask, "bidirectional")), torch.ones(3, dtype=torch.long)
     )
     torch.testing.assert_close(losses["vtm"], expected)

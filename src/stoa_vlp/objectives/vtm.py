@@ -3,14 +3,15 @@
 For each caption of this rank a negative video, and for each video of this rank a negative
 caption, is drawn from the whole (all-gathered) batch with probability softmax(scaled
 similarity) over the non-positives: a sample of the same video id has probability 0. A row whose
-every candidate is a positive (the whole global batch shows one video) has no negative; it is
-dropped explicitly, so that step scores its positive pair and the other rows' negatives only.
+every candidate is a positive (the whole global batch shows one video) has no negative; its
+negative pair gets weight 0 (explicitly flagged), so that step scores its positive pair and the
+other rows' negatives only.
 Draws use torch's RNG on the similarity's device, so a seeded run repeats exactly.
 
 The fusion encoder runs once, bidirectionally, on [positives; caption-negatives; video-negatives]
-(B + up to 2B pairs) and `model.match_logits` gives the 2-way logits; the loss is the mean
-cross-entropy over all pairs. Negatives from other ranks come through `gather_features`, with
-gradient, so their owning rank's towers get the gradient as on one rank.
+(3B pairs, fixed shapes: no host sync) and `model.match_logits` gives the 2-way logits; the loss
+is the mean cross-entropy over the pairs of weight 1. Negatives from other ranks come through
+`gather_features`, with gradient, so their owning rank's towers get the gradient as on one rank.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor) -> 
     """Draw one negative column per row of `similarity` (B, G) ∝ softmax over the non-positive columns.
 
     Returns (column index (B,) long, has_negative (B,) bool); the index of a row without any
-    non-positive column is meaningless and must be dropped with `has_negative`.
+    non-positive column is meaningless and must be masked out with `has_negative`.
     """
     has_negative = ~positives.all(dim=1)
     logits = similarity.float().masked_fill(positives, float("-inf"))
-    # rows without a candidate get uniform weights so multinomial accepts them; they are dropped
+    # rows without a candidate get uniform weights so multinomial accepts them; they are masked out
     logits = logits.masked_fill(~has_negative[:, None], 0.0)
     probabilities = torch.softmax(logits, dim=1)
     return torch.multinomial(probabilities, 1).squeeze(1), has_negative
@@ -49,24 +50,21 @@ def select_rows(features, index: torch.Tensor):
 
 
 def vtm_loss(model, video, text, all_video, all_text, negative_video, negative_text) -> torch.Tensor:
-    """2-way matching cross-entropy on positive pairs and hard negatives.
+    """2-way matching cross-entropy on B positive pairs and 2B hard-negative pairs.
 
     video, text: this rank's VideoFeatures / TextFeatures (B rows); all_video, all_text: gathered
     over ranks (W*B rows). negative_video: (index (B,), valid (B,)) into all_video, one per caption;
-    negative_text: (index, valid) into all_text, one per video.
+    negative_text: (index, valid) into all_text, one per video. A pair whose negative is not valid
+    is still fused (fixed shapes, no host sync) but weighs 0 in the mean.
     """
     video_index, video_valid = negative_video
     text_index, text_valid = negative_text
-    caption_rows = video_valid.nonzero().squeeze(1)  # captions that got a negative video
-    clip_rows = text_valid.nonzero().squeeze(1)  # videos that got a negative caption
-    pair_video = concat_rows(
-        [video, select_rows(all_video, video_index[caption_rows]), select_rows(video, clip_rows)]
-    )
-    pair_text = concat_rows(
-        [text, select_rows(text, caption_rows), select_rows(all_text, text_index[clip_rows])]
-    )
+    pair_video = concat_rows([video, select_rows(all_video, video_index), video])
+    pair_text = concat_rows([text, text, select_rows(all_text, text_index)])
     fused = model.fuse(pair_video, pair_text.tokens, pair_text.mask, mode="bidirectional")
-    logits = model.match_logits(fused)  # (P, 2)
-    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    labels[: text.tokens.shape[0]] = 1
-    return F.cross_entropy(logits, labels)
+    logits = model.match_logits(fused)  # (3B, 2)
+    positives = torch.ones_like(video_valid)
+    labels = torch.cat([positives, torch.zeros_like(video_valid), torch.zeros_like(text_valid)]).long()
+    weights = torch.cat([positives, video_valid, text_valid]).float()
+    pair_losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (pair_losses * weights).sum() / weights.sum()
