@@ -225,7 +225,7 @@ def _read_msvd(path: Path, split: str | None, captions: _Captions):
     return items
 
 
-def _read_didemo(path: Path, split: str | None, captions: _Captions, paragraph: bool):
+def _read_didemo(path: Path, captions: _Captions, paragraph: bool):
     data = _json(path)
     if not isinstance(data, list):
         raise AnnotationError(f"{path}: expected a list of {{video, description, times}}")
@@ -395,7 +395,7 @@ def read_annotations(
     elif format == "msvd":
         items = _read_msvd(path, split, captions)
     elif format in ("didemo", "didemo-moments"):
-        items = _read_didemo(path, split, captions, paragraph=format == "didemo")
+        items = _read_didemo(path, captions, paragraph=format == "didemo")
     elif format == "lsmdc":
         items = _read_lsmdc(path, captions)
     elif format == "jsonl":
