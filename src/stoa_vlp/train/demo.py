@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "report.md"
 METRICS_FILE = "demo_metrics.json"
 
+DEMO_WORKERS = 1  # one process decodes while the main process trains
 # The tiny preset with what the demo needs to learn within its time budget on 2 CPU cores.
 DEMO_OVERRIDES = [
     "train.steps=300",
@@ -46,7 +47,7 @@ DEMO_OVERRIDES = [
     "train.log_every=10",
     "train.device=cpu",
     "data.batch_size=16",
-    "data.num_workers=1",  # one process decodes while the main process trains
+    f"data.num_workers={DEMO_WORKERS}",
 ]
 
 
@@ -170,14 +171,7 @@ def pretrain_stage(run: DemoRun) -> None:
     env = DistEnv.current(config.train.device)
     evaluate = RetrievalEvaluator(config, "val", env.device) if run.settings.val_clips > 0 else None
     trainer = Trainer(config, module, train_set, collate, config.train.output_dir, env, evaluate)
-    threads = torch.get_num_threads()
-    if env.device.type == "cpu" and config.data.num_workers > 0:
-        # leave a core to the decoding worker: oversubscribed OpenMP threads spin and waste the CPU
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - config.data.num_workers))
-    try:
-        result = trainer.fit()
-    finally:
-        torch.set_num_threads(threads)
+    result = trainer.fit()
     run.model = module.model.eval()
     run.checkpoint = result.last_checkpoint
     first, last = result.history[0], result.history[-1]
@@ -264,11 +258,17 @@ def run_demo(settings: DemoSettings, folder: Path, stages: list[tuple[str, DemoS
     run = DemoRun(settings=settings, folder=Path(folder))
     run.folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    for name, stage in stages if stages is not None else DEMO_STAGES:
-        log.info("demo stage: %s", name)
-        stage_started = time.perf_counter()
-        stage(run)
-        run.seconds[name] = time.perf_counter() - stage_started
+    threads = torch.get_num_threads()
+    # leave a core to the decoding worker (data.num_workers=1): oversubscribed OpenMP threads spin
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) - DEMO_WORKERS))
+    try:
+        for name, stage in stages if stages is not None else DEMO_STAGES:
+            log.info("demo stage: %s", name)
+            stage_started = time.perf_counter()
+            stage(run)
+            run.seconds[name] = time.perf_counter() - stage_started
+    finally:
+        torch.set_num_threads(threads)
     run.seconds["total"] = time.perf_counter() - started
     timing = format_table(["stage", "seconds"], [[name, round(value, 1)] for name, value in run.seconds.items()])
     report = ["# stoa-vlp demo\n", *run.report, f"## Time\n\n{timing}\n"]
