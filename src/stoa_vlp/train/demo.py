@@ -238,8 +238,8 @@ def retrieval_stage(run: DemoRun) -> None:
     print(f"\nZero-shot retrieval on {videos.video.shape[0]} test clips ({len(text_to_video)} captions):\n{table}")
     run.report.append(
         "## Zero-shot retrieval (test clips)\n\n"
-        f"{videos.video.shape[0]} test clips, {len(text_to_video)} captions; recalls in percent, "
-        "tie-robust ranks, chance = the expected value under random scores.\n\n"
+        f"{videos.video.shape[0]} test clips, {len(text_to_video)} captions, scored with the final pre-trained "
+        "weights; recalls in percent, tie-robust ranks, chance = the expected value under random scores.\n\n"
         f"{table}\n"
     )
 
