@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 
@@ -29,15 +28,6 @@ COMMANDS = [
 ]
 
 
-def available_commands() -> list[str]:
-    """Command modules that exist in this installation, in COMMANDS order."""
-    names = []
-    for name in COMMANDS:
-        if importlib.util.find_spec(f"stoa_vlp.commands.{name}") is not None:
-            names.append(name)
-    return names
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stoa-vlp",
@@ -45,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in available_commands():
+    for name in COMMANDS:
         module = importlib.import_module(f"stoa_vlp.commands.{name}")
         sub = subparsers.add_parser(
             name,
