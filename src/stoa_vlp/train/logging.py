@@ -48,8 +48,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 class Progress:
     """The rank-0 progress bar over optimiser steps."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True) if enabled else None
+    def __init__(self, total: int, initial: int, enabled: bool, name: str = "train"):
+        self.bar = tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True) if enabled else None
 
     def update(self, loss: float, clips_per_s: float, skipped: int) -> None:
         if self.bar is None:
