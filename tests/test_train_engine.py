@@ -252,3 +252,9 @@ def test_streamed_dataset_trains_and_counts_its_position(tmp_path):
     assert result.step == 3 and trainer.sampler.start_batch == 6
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "state.json").read_text())
     assert state["data_position"] == 6
+
+
+def test_worker_count_does_not_change_the_run(tmp_path):
+    in_process = toy_trainer(toy_config("train.steps=3", "data.num_workers=0"), tmp_path / "w0").fit()
+    two_workers = toy_trainer(toy_config("train.steps=3", "data.num_workers=2"), tmp_path / "w2").fit()
+    assert [h["loss"] for h in two_workers.history] == pytest.approx([h["loss"] for h in in_process.history], abs=1e-7)
