@@ -258,3 +258,23 @@ def test_worker_count_does_not_change_the_run(tmp_path):
     in_process = toy_trainer(toy_config("train.steps=3", "data.num_workers=0"), tmp_path / "w0").fit()
     two_workers = toy_trainer(toy_config("train.steps=3", "data.num_workers=2"), tmp_path / "w2").fit()
     assert [h["loss"] for h in two_workers.history] == pytest.approx([h["loss"] for h in in_process.history], abs=1e-7)
+
+
+@pytest.mark.parametrize("precision", ["amp_bf16", "amp_fp16"])
+def test_mixed_precision_trains_and_checkpoints_the_scaler(tmp_path, precision):
+    trainer = toy_trainer(toy_config("train.steps=2", f"train.precision={precision}"), tmp_path / "run")
+    result = trainer.fit()
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    scaler = torch.load(tmp_path / "run" / "checkpoints" / "step_00000002" / "training_state.pt",
+                        weights_only=False)["scaler"]
+    if precision == "amp_fp16":
+        assert trainer.scaler.is_enabled() and scaler["scale"] > 0  # GradScaler state travels with the checkpoint
+    else:
+        assert not trainer.scaler.is_enabled()
+
+
+def test_bad_train_settings_are_named():
+    with pytest.raises(ValueError, match="train.precision"):
+        toy_trainer(toy_config("train.precision=fp8"), "unused")
+    with pytest.raises(ValueError, match="train.nonfinite"):
+        toy_trainer(toy_config("train.nonfinite=ignore"), "unused")
