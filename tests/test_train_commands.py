@@ -21,7 +21,8 @@ def test_pretrain_command_resumes_and_guards_finished_runs(tmp_path):
         "--set", f"data.video_root={world.videos}", "--set", f"data.detections={world.detections}",
         "--set", "data.batch_size=4", "--set", "model.frames=2", "--set", "model.image_size=32",
         "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.save_every=1",
-        "--set", "train.eval_every=2", "--set", "train.warmup_steps=1", "--set", "train.lr=1.0e-3", "--set", "train.log_every=1",
+        "--set", "train.eval_every=2", "--set", "train.warmup_steps=1", "--set", "train.lr=1.0e-3",
+        "--set", "train.log_every=1", "--set", "train.val_max_clips=2",
     ]
     assert main(common + ["--set", "train.steps=2"]) == 0
     assert [p.name for p in list_checkpoints(run)] == ["step_00000001", "step_00000002"]
@@ -34,4 +35,4 @@ def test_pretrain_command_resumes_and_guards_finished_runs(tmp_path):
     train_steps = [r["step"] for r in read_metrics(run) if r["split"] == "train"]
     assert train_steps == [1, 2, 3]  # the resumed run appended step 3 only
     val = [r for r in read_metrics(run) if r["split"] == "val"]
-    assert [r["step"] for r in val] == [2, 3] and val[0]["num_videos"] == 3.0
+    assert [r["step"] for r in val] == [2, 3] and val[0]["num_videos"] == 2.0  # train.val_max_clips
