@@ -114,3 +114,15 @@ def tiny_pretrainer(config):
 
     torch.manual_seed(config.train.seed)
     return Pretrainer(build_model(config.model), config.loss)
+
+
+class one_thread:
+    """Context manager: torch on one thread (tiny matrices gain nothing from more, and on a shared
+    machine idle OpenMP threads spin), restored afterwards."""
+
+    def __enter__(self):
+        self.previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.previous)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _train_toys import RandomClips, tiny_pretrainer
+from _train_toys import RandomClips, one_thread, tiny_pretrainer
 
 from stoa_vlp.config import load_config
 from stoa_vlp.data.dataset import collate
@@ -59,7 +59,8 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
 
 def test_two_gloo_ranks_match_one_rank(tmp_path):
     config = load_config("tiny", overrides(GLOBAL_BATCH))
-    one = Trainer(config, tiny_pretrainer(config), RandomClips(config), collate, tmp_path / "one").fit()
+    with one_thread():
+        one = Trainer(config, tiny_pretrainer(config), RandomClips(config), collate, tmp_path / "one").fit()
     mp.spawn(run_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "two"), "ddp"), nprocs=2, join=True)
 
     two_history = [r for r in __import__("stoa_vlp.train.logging", fromlist=["x"]).read_metrics(tmp_path / "two")]

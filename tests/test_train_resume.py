@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _train_toys import RandomClips, tiny_pretrainer
+from _train_toys import RandomClips, one_thread, tiny_pretrainer
 
 from stoa_vlp.config import load_config
 from stoa_vlp.data.dataset import collate
@@ -34,6 +34,11 @@ class Killed(Exception):
 
 
 def test_tiny_stoa_kill_and_resume_is_exact(tmp_path):
+    with one_thread():
+        kill_and_resume(tmp_path)
+
+
+def kill_and_resume(tmp_path):
     config = load_config("tiny", OVERRIDES)
     dataset = RandomClips(config)
     straight = Trainer(config, tiny_pretrainer(config), dataset, collate, tmp_path / "straight").fit()
