@@ -100,7 +100,7 @@ def test_kill_and_resume_matches_straight_run(tmp_path):
 
     def dying_collate(samples):
         calls["n"] += 1
-        if calls["n"] == 4:  # the 4th step's batch: the run dies after the step-3 checkpoint
+        if calls["n"] == 5:  # the 5th step's batch: the run dies after logging step 4, checkpoint at 3
             raise Killed
         return collate(samples)
 
@@ -113,6 +113,7 @@ def test_kill_and_resume_matches_straight_run(tmp_path):
     torch.manual_seed(99)  # resume must not depend on the RNG state of the new process
     resumed = resumed_trainer.fit(resume="latest")
     assert [h["step"] for h in resumed.history] == [4, 5, 6]
+    assert [r["step"] for r in read_metrics(tmp_path / "killed")] == [1, 2, 3, 4, 5, 6]  # step 4 redone, once
     for a, b in zip(straight.history[3:], resumed.history):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
     for a, b in zip(straight_params(tmp_path / "straight"), straight_params(tmp_path / "killed")):

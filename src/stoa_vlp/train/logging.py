@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -15,15 +16,23 @@ METRICS_FILE = "metrics.jsonl"
 
 class MetricsLogger:
     """Appends one JSON object per record to RUN/metrics.jsonl and mirrors scalars to TensorBoard
-    under RUN/tensorboard (tags `split/name`)."""
+    under RUN/tensorboard (tags `split/name`). A fresh run (`resumed_step` None) starts both anew;
+    a resumed one drops the records of steps after its checkpoint, which it is about to redo."""
 
-    def __init__(self, run_dir: Path | None, tensorboard: bool):
+    def __init__(self, run_dir: Path | None, tensorboard: bool, resumed_step: int | None = None):
         self.path = Path(run_dir) / METRICS_FILE if run_dir is not None else None
         self.writer = None
+        if self.path is not None and self.path.exists():
+            kept = [r for r in read_metrics(run_dir) if resumed_step is not None and r["step"] <= resumed_step]
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         if run_dir is not None and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            log_dir = Path(run_dir) / "tensorboard"
+            if resumed_step is None and log_dir.exists():
+                shutil.rmtree(log_dir)
+            purge = None if resumed_step is None else resumed_step + 1
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
 
     def log(self, split: str, step: int, values: dict[str, float]) -> None:
         if self.path is None:

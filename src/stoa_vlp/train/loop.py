@@ -322,7 +322,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml")
             ckpt.write_json_atomic(self.run_dir / ckpt.RUN_MARKER, {"world_size": self.env.world_size})
-        logger = MetricsLogger(self.run_dir if self.env.is_main else None, self.train.tensorboard)
+        logger = MetricsLogger(
+            self.run_dir if self.env.is_main else None, self.train.tensorboard,
+            resumed_step=self.step if resume is not None else None,
+        )
         progress = Progress(self.train.steps, self.step, self.env.is_main and self.train.progress, self.run_dir.name)
         result = TrainResult(step=self.step)
         self.module.train()
