@@ -38,6 +38,21 @@ def test_bad_overrides_name_the_key(override, message):
         load_config("tiny", [override])
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    config = load_config("tiny", ["train.lr=3e-4"])
+    assert config.train.lr == 3e-4
+    path = tmp_path / "lr.yaml"
+    path.write_text("train:\n  lr: 1e-5\n")
+    assert load_config(str(path)).train.lr == 1e-5
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got 'fast'"):
+        load_config("tiny", ["train.lr=fast"])
+
+
+def test_override_errors_name_the_override_not_the_preset():
+    with pytest.raises(ConfigError, match=r"^override 'model.frames=x': model.frames: expected an integer"):
+        load_config("tiny", ["model.frames=x"])
+
+
 def test_unknown_preset_and_yaml_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         load_config("huge")

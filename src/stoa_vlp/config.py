@@ -171,6 +171,8 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):
+            value = _yaml_float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -179,6 +181,14 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported field type {annotation!r}")
+
+
+def _yaml_float(text: str) -> float | str:
+    """'3e-4' -> 0.0003; any other string is returned unchanged."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _update(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
@@ -235,10 +245,13 @@ def load_config(preset_or_path: str = "tiny", overrides: list[str] | None = None
     config = Config()
     try:
         _update(config, values)
-        for override in overrides or []:
-            _update(config, parse_override(override))
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+    for override in overrides or []:
+        try:
+            _update(config, parse_override(override))
+        except ConfigError as error:
+            raise ConfigError(f"override '{override}': {error}") from None
     return config
 
 
