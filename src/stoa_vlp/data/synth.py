@@ -155,7 +155,7 @@ def world_paths(root: str | Path, video_ids: dict[str, list[str]] | None = None)
     if video_ids is None:
         world_file = root / "world.json"
         if not world_file.is_file():
-            raise FileNotFoundError(f"{root}: no world.json; not a folder written by `stoa-vlp synth`")
+            raise FileNotFoundError(f"{root}: no world.json; not a folder written by `stoa-vlp synth` or the demo")
         clips = json.loads(world_file.read_text())["clips"]
         video_ids = {split: [c["video_id"] for c in clips if c["split"] == split] for split in SPLITS}
     return WorldPaths(

@@ -95,31 +95,12 @@ def demo_config(run: DemoRun) -> Config:
     return load_config("tiny", DEMO_OVERRIDES + data + list(run.settings.overrides))
 
 
-def existing_world(root: Path):
-    """The WorldPaths of a world that `render_world` wrote into `root` earlier."""
-    from stoa_vlp.data.synth import SPLITS, WorldPaths
-
-    if not (root / "world.json").is_file():
-        raise FileNotFoundError(f"{root}: no world.json; not a folder written by `stoa-vlp synth` or the demo")
-    clips = json.loads((root / "world.json").read_text())["clips"]
-    return WorldPaths(
-        root=root,
-        videos=root / "videos",
-        annotations=root / "MSRVTT_data.json",
-        detections=root / "detections.jsonl",
-        qa={split: root / f"qa_{split}.jsonl" for split in SPLITS},
-        mc={split: root / f"mc_{split}.jsonl" for split in ("val", "test")},
-        world=root / "world.json",
-        video_ids={split: [c["video_id"] for c in clips if c["split"] == split] for split in SPLITS},
-    )
-
-
 def render_stage(run: DemoRun) -> None:
-    from stoa_vlp.data.synth import render_world
+    from stoa_vlp.data.synth import render_world, world_paths
 
     s = run.settings
     if s.world:
-        run.world = existing_world(Path(s.world))
+        run.world = world_paths(s.world)
         counts = {split: len(ids) for split, ids in run.world.video_ids.items()}
         s.train_clips, s.val_clips, s.test_clips = counts["train"], counts["val"], counts["test"]
         where = f"`{s.world}` (rendered earlier)"
