@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,3 +47,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def prepare_run(config: Config, env, args: argparse.Namespace) -> Path:
+    """The run folder (train.output_dir), prepared by the main rank (--overwrite, --resume) while the
+    other ranks wait; then every rank seeds its generators with train.seed."""
+    from stoa_vlp.train.checkpointing import prepare_run_dir
+    from stoa_vlp.train.distributed import barrier
+
+    run_dir = Path(config.train.output_dir)
+    if env.is_main:
+        prepare_run_dir(run_dir, overwrite=args.overwrite, resume=bool(args.resume))
+    barrier(env)
+    seed_everything(config.train.seed)
+    return run_dir

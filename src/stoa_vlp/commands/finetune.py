@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from stoa_vlp.commands.common import config_from_args, seed_everything
+    from stoa_vlp.commands.common import config_from_args, prepare_run
     from stoa_vlp.commands.task_common import (
         PREPROCESSING,
         load_model_weights_from,
@@ -44,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.pipeline import TaskRunner, task_config
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
-    from stoa_vlp.train.checkpointing import best_checkpoint, list_checkpoints, prepare_run_dir
-    from stoa_vlp.train.distributed import barrier
+    from stoa_vlp.train.checkpointing import best_checkpoint, list_checkpoints
     from stoa_vlp.train.logging import format_table
 
     config = task_config(config_from_args(args), args.task)
@@ -55,11 +54,7 @@ def run(args: argparse.Namespace) -> int:
         print("warning: data.val is not set: no validation, the last checkpoint counts as the best")
     env = init_distributed(config.train.device)
     try:
-        run_dir = Path(config.train.output_dir)
-        if env.is_main:
-            prepare_run_dir(run_dir, overwrite=args.overwrite, resume=bool(args.resume))
-        barrier(env)
-        seed_everything(config.train.seed)
+        run_dir = prepare_run(config, env, args)
         runner = TaskRunner(config, env.device, run_dir)
         saved_vocab = config.data.label_vocab and Path(config.data.label_vocab).exists()
         if runner.label_vocab is not None and not saved_vocab and env.is_main:

@@ -24,15 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from stoa_vlp.commands.common import config_from_args, seed_everything
+    from stoa_vlp.commands.common import config_from_args, prepare_run
     from stoa_vlp.data.dataset import build_dataset, collate
     from stoa_vlp.model import build_model
     from stoa_vlp.objectives import OBJECTIVES, Pretrainer
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
-    from stoa_vlp.train.checkpointing import prepare_run_dir
-    from stoa_vlp.train.distributed import barrier
     from stoa_vlp.train.evaluation import RetrievalEvaluator
 
     config = config_from_args(args)
@@ -40,11 +36,7 @@ def run(args: argparse.Namespace) -> int:
         config.train.find_unused_parameters = True  # a disabled objective leaves parameters without gradient
     env = init_distributed(config.train.device)
     try:
-        run_dir = Path(config.train.output_dir)
-        if env.is_main:
-            prepare_run_dir(run_dir, overwrite=args.overwrite, resume=bool(args.resume))
-        barrier(env)
-        seed_everything(config.train.seed)
+        run_dir = prepare_run(config, env, args)
         module = Pretrainer(build_model(config.model), config.loss)
         train_set = build_dataset(config, "train", env.rank, env.world_size)
         evaluate = None
