@@ -32,6 +32,11 @@ def test_read_questions_and_errors_name_file_and_line(tmp_path):
     missing = write_lines(tmp_path / "missing.jsonl", [{"video_id": "v", "question": "q"}])
     with pytest.raises(ValueError, match=r"missing.jsonl:1: missing answer"):
         read_questions(missing)
+    listed = write_lines(tmp_path / "listed.jsonl", [["video1", "what?", "red"]])
+    with pytest.raises(ValueError, match=r"listed.jsonl:1: not a JSON object"):
+        read_questions(listed)
+    with pytest.raises(FileNotFoundError, match=r"absent.jsonl: QA file does not exist"):
+        read_questions(tmp_path / "absent.jsonl")
 
 
 def test_answer_vocab_top_k_ties_alphabetical_and_round_trip(tmp_path):

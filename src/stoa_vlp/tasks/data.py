@@ -1,8 +1,9 @@
-"""Inputs of the downstream tasks: detections and label vocabulary, video files by id, loaders
-that decode each clip once, and batches that carry a class label per row (QA)."""
+"""Inputs of the downstream tasks: JSONL task files, detections and label vocabulary, video files
+by id, loaders that decode each clip once, and batches that carry a class label per row (QA)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -17,6 +18,27 @@ from stoa_vlp.data.dataset import VideoTextDataset, collate
 from stoa_vlp.data.prepare import find_videos
 
 log = logging.getLogger(__name__)
+
+
+def read_jsonl_rows(path: str | Path, kind: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a task's JSONL file; `kind` names the file
+    in errors ("QA file does not exist"), which also name the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {kind} file does not exist")
+    rows = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: not a JSON object")
+            rows.append((number, row))
+    return rows
 
 
 def load_detections(config: Config):

@@ -9,7 +9,6 @@ Fine-tuning for MC is retrieval fine-tuning (VTC + VTM on captions), as in the r
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -17,6 +16,7 @@ from typing import Iterable
 import torch
 
 from stoa_vlp.batch import Batch
+from stoa_vlp.tasks.data import read_jsonl_rows
 from stoa_vlp.tasks.retrieval import contrastive_similarity, encode_texts, encode_videos, match_probability
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -32,26 +32,16 @@ class Choice:
 
 def read_choices(path: str | Path) -> list[Choice]:
     """Items of a multiple-choice JSONL file; errors name the file and line."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: multiple-choice file does not exist")
     choices = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-            video_id = row.get("video_id", row.get("clip_name"))
-            options = row.get("options")
-            answer = row.get("answer")
-            if video_id is None or not isinstance(options, list) or len(options) < 2:
-                raise ValueError(f"{path}:{number}: needs video_id (or clip_name) and a list of 2+ options")
-            if not isinstance(answer, int) or not 0 <= answer < len(options):
-                raise ValueError(f"{path}:{number}: answer must be an option index in 0..{len(options) - 1}, got {answer!r}")
-            choices.append(Choice(str(video_id), [str(o) for o in options], answer))
+    for number, row in read_jsonl_rows(path, "multiple-choice"):
+        video_id = row.get("video_id", row.get("clip_name"))
+        options = row.get("options")
+        answer = row.get("answer")
+        if video_id is None or not isinstance(options, list) or len(options) < 2:
+            raise ValueError(f"{path}:{number}: needs video_id (or clip_name) and a list of 2+ options")
+        if not isinstance(answer, int) or not 0 <= answer < len(options):
+            raise ValueError(f"{path}:{number}: answer must be an option index in 0..{len(options) - 1}, got {answer!r}")
+        choices.append(Choice(str(video_id), [str(o) for o in options], answer))
     if not choices:
         raise ValueError(f"{path}: no multiple-choice items")
     return choices

@@ -26,7 +26,7 @@ from torch import nn
 
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.data.dataset import VideoTextDataset
-from stoa_vlp.tasks.data import LabelledBatch, LabelledCollate
+from stoa_vlp.tasks.data import LabelledBatch, LabelledCollate, read_jsonl_rows
 
 log = logging.getLogger(__name__)
 
@@ -45,27 +45,17 @@ def normalise_answer(answer: str) -> str:
 
 def read_questions(path: str | Path) -> list[Question]:
     """Questions of a QA JSONL file; errors name the file and line."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: QA file does not exist")
     questions = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-            missing = [key for key in ("video_id", "question", "answer") if key not in row]
-            if missing:
-                raise ValueError(f"{path}:{number}: missing {', '.join(missing)}")
-            if not str(row["question"]).strip():
-                raise ValueError(f"{path}:{number}: empty question")
-            questions.append(
-                Question(str(row["video_id"]), str(row["question"]), normalise_answer(row["answer"]),
-                         str(row.get("answer_type", "all")))
-            )
+    for number, row in read_jsonl_rows(path, "QA"):
+        missing = [key for key in ("video_id", "question", "answer") if key not in row]
+        if missing:
+            raise ValueError(f"{path}:{number}: missing {', '.join(missing)}")
+        if not str(row["question"]).strip():
+            raise ValueError(f"{path}:{number}: empty question")
+        questions.append(
+            Question(str(row["video_id"]), str(row["question"]), normalise_answer(row["answer"]),
+                     str(row.get("answer_type", "all")))
+        )
     if not questions:
         raise ValueError(f"{path}: no questions")
     return questions
