@@ -2,8 +2,8 @@
 
 Generates 10 s clips (30 fps, 480x360 like web video, moving shapes plus noise, libx264 veryfast crf 23, no
 scene-cut keyframes) at two keyframe intervals, re-encodes one with `stoa-vlp prepare` settings
-(defaults: 2 fps, short side 256, every frame a keyframe, crf 26, x264 tune fastdecode; and the
-same at crf 23), then times, for 8 and 12 uniformly sampled frames:
+(defaults: 2 fps, short side 256, every frame a keyframe, crf 28, x264 tune fastdecode; and the
+same at crf 26 and 23), then times, for 8 and 12 uniformly sampled frames:
 - stoa-vlp `decode_clip` (GOP skipping, non-reference frames skipped, wanted frames to RGB),
 - naive: decode every frame and convert every frame to RGB, then pick the wanted ones,
 - sequential: decode every frame, convert only the wanted ones (a fairer hand-written baseline).
@@ -107,7 +107,8 @@ def main() -> int:
         encode_video(path, synthetic_frames(10, 30, 480, 360), 30, keyframe_seconds, crf=23, preset="veryfast")
         clips[label] = str(path)
     for label, options in (
-        ("prepared (defaults: 2 fps, short side 256, all keyframes, crf 26)", PrepareOptions()),
+        ("prepared (defaults: 2 fps, short side 256, all keyframes, crf 28)", PrepareOptions()),
+        ("prepared as above but crf 26", PrepareOptions(crf=26)),
         ("prepared as above but crf 23", PrepareOptions(crf=23)),
     ):
         prepared = prepare_one("prep", clips["raw, GOP 30 (1 s)"], str(workdir / f"prepared{options.crf}.mp4"), options)

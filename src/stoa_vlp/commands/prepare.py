@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--short-side", type=int, default=256, help="output short side in pixels (default 256)")
     parser.add_argument("--keyframe-interval", type=float, default=0.5,
                         help="seconds between keyframes (default 0.5: at 2 fps every frame is a keyframe)")
-    parser.add_argument("--crf", type=int, default=26, help="libx264 quality, lower is better (default 26)")
+    parser.add_argument("--crf", type=int, default=28, help="libx264 quality, lower is better (default 28)")
     parser.add_argument("--preset", default="veryfast", help="libx264 speed preset (default veryfast)")
     parser.add_argument("--tune", default="fastdecode", help="libx264 tune (default fastdecode; '' for none)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")

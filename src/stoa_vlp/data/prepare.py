@@ -36,7 +36,7 @@ class PrepareOptions:
     fps: float = 2.0
     short_side: int = 256
     keyframe_interval: float = 0.5  # seconds between keyframes: at 2 fps every frame is one
-    crf: int = 26
+    crf: int = 28
     preset: str = "veryfast"
     tune: str = "fastdecode"  # x264 tune: no CABAC, no deblocking; about 2x faster decoding ("" for none)
 
