@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
@@ -11,10 +12,12 @@ import torch
 from _train_toys import ToyDataset, ToyModel, collate
 
 from stoa_vlp.config import load_config
+from stoa_vlp.data.dataset import SkipCounter
 from stoa_vlp.train import NonFiniteLossError, Trainer
 from stoa_vlp.train import checkpointing as ckpt
 from stoa_vlp.train.data_position import ResumableSampler, SeededDataset
 from stoa_vlp.train.logging import read_metrics
+from stoa_vlp.train.loop import summary_table
 from stoa_vlp.train.optim import warmup_cosine
 
 
@@ -253,6 +256,34 @@ def test_streamed_dataset_trains_and_counts_its_position(tmp_path):
     assert result.step == 3 and trainer.sampler.start_batch == 6
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "state.json").read_text())
     assert state["data_position"] == 6
+
+
+class SkippingToyDataset(ToyDataset):
+    """Counts every load in a SkipCounter, every third one as a skipped bad video (as the video
+    dataset does when it replaces a sample it could not decode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.skips = SkipCounter(max_share=1.0, min_seen=1)
+        self.loads = 0
+
+    def __getitem__(self, index: int):
+        self.loads += 1
+        self.skips.seen()
+        if self.loads % 3 == 0:
+            self.skips.skip("bad_video", f"video{index}: toy decoding error")
+        return super().__getitem__(index)
+
+
+def test_data_skip_summary_is_logged_and_in_the_final_table(tmp_path, caplog):
+    dataset = SkippingToyDataset()
+    with caplog.at_level(logging.INFO, logger="stoa_vlp.train.loop"):
+        result = toy_trainer(toy_config("train.steps=3"), tmp_path / "run", dataset=dataset).fit()
+    expected = "skipped 4 of 12 samples (33.33%): bad_video 4"  # 3 steps x 4 clips, every third skipped
+    assert dataset.skips.summary() == expected and result.data_skips == expected
+    assert f"training data: {expected}" in caplog.text
+    assert any("training data" in line and expected in line for line in summary_table(result).splitlines())
+    assert toy_trainer(toy_config("train.steps=1"), tmp_path / "plain").fit().data_skips is None
 
 
 def test_worker_count_does_not_change_the_run(tmp_path):

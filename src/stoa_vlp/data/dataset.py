@@ -106,11 +106,14 @@ class SkipCounter:
             raise TooManyBadSamples(f"{self.summary()}: more than data.max_bad_samples={self.max_share:.2%}")
 
     def summary(self) -> str:
-        skipped = self.skipped
-        detail = ", ".join(f"{reason} {count}" for reason, count in skipped.items() if count)
-        return f"skipped {sum(skipped.values())} of {self.total} samples ({self.share():.2%})" + (
-            f": {detail}" if detail else ""
-        )
+        return skip_summary(self.total, self.skipped)
+
+
+def skip_summary(total: int, skipped: dict[str, int]) -> str:
+    """"skipped K of N samples (P%): reason count, ..." for `total` samples drawn and skips per reason."""
+    detail = ", ".join(f"{reason} {count}" for reason, count in skipped.items() if count)
+    share = sum(skipped.values()) / max(1, total)
+    return f"skipped {sum(skipped.values())} of {total} samples ({share:.2%})" + (f": {detail}" if detail else "")
 
 
 class SerializedList:

@@ -56,6 +56,7 @@ class TrainResult:
     seconds: float = 0.0
     clips_per_s: float = 0.0
     last_checkpoint: Path | None = None
+    data_skips: str | None = None  # the training data's skip summary over all ranks (a SkipCounter's)
 
 
 class Trainer:
@@ -359,10 +360,23 @@ class Trainer:
         result.seconds = time.perf_counter() - started
         result.clips_per_s = clips_done / max(result.seconds, 1e-9)
         result.validations = self.validations
+        result.data_skips = self._data_skip_summary()
         if self.env.is_main:
+            if result.data_skips is not None:
+                log.info("training data: %s", result.data_skips)
             ckpt.write_json_atomic(self.run_dir / ckpt.FINISHED_MARKER, {"step": self.step, "best": result.best})
             log.info("\n%s", summary_table(result))
         return result
+
+    def _data_skip_summary(self) -> str | None:
+        """The training data's SkipCounter summary, its counts summed over the ranks; None without one."""
+        if self.data_skips is None:
+            return None
+        from stoa_vlp.data.dataset import skip_summary
+
+        counts = gather_objects((self.data_skips.total, self.data_skips.skipped), self.env)
+        skipped = {reason: sum(rank_skipped[reason] for _, rank_skipped in counts) for reason in counts[0][1]}
+        return skip_summary(sum(total for total, _ in counts), skipped)
 
     def _after_step(self, logger: MetricsLogger, result: TrainResult, train_metrics: dict[str, float]) -> None:
         final = self.step == self.train.steps
@@ -397,6 +411,8 @@ def summary_table(result: TrainResult) -> str:
     rows: list[list[object]] = [["steps", result.step], ["seconds", round(result.seconds, 1)]]
     rows.append(["clips/s", round(result.clips_per_s, 2)])
     rows.append(["skipped batches", result.skipped_batches])
+    if result.data_skips is not None:
+        rows.append(["training data", result.data_skips])
     if result.history:
         for name, value in result.history[-1].items():
             if name != "step":
