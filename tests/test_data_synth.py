@@ -242,6 +242,11 @@ def test_synth_command(tmp_path):
         assert (video.width, video.height) == (32, 32) and len(video.frames) == 4
         assert all(len(f.classes) == 1 and f.classes[0] in ("circle", "square", "triangle") for f in video.frames)
         assert all(np.all(f.confs == 1.0) for f in video.frames)
+    # a world of fewer than 5 clips still gets 5-way multiple-choice items (distractors are perturbations)
+    for split, video_id in (("val", "video2"), ("test", "video3")):
+        items = [json.loads(line) for line in (out / f"mc_{split}.jsonl").read_text().splitlines()]
+        assert [item["video_id"] for item in items] == [video_id]
+        assert len(set(items[0]["options"])) == 5 and 0 <= items[0]["answer"] < 5
 
 
 def test_world_paths_of_a_rendered_world(world, tmp_path):
