@@ -1,11 +1,15 @@
 """`stoa-vlp detect`: frame sampling, batching across videos and the JSONL it writes (random weights)."""
 
+from fractions import Fraction
+
+import av
 import numpy as np
 import pytest
 import torch
 from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2
 
 from stoa_vlp.cli import main
+from stoa_vlp.data.decode import decode_clip
 from stoa_vlp.data.detect import COCO_CATEGORIES, DetectSettings, build_detector, sample_frames
 from stoa_vlp.data.detections import read_detections
 from stoa_vlp.data.synth import write_video
@@ -39,6 +43,28 @@ def test_sample_frames_picks_nearest_frames_once(tmp_path):
     assert frames[0][1].shape == (64, 64, 3) and frames[0][1].dtype == np.uint8
     _, _, dense = sample_frames(path, fps=20.0)
     assert len(dense) == 24  # never the same frame twice
+
+
+def test_frame_times_count_from_the_stream_start_as_the_decoder_does(tmp_path):
+    path = tmp_path / "late.ts"  # MPEG-TS: the first frame's stamp is not 0 (the muxer's start delay)
+    with av.open(str(path), "w", format="mpegts") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for index in range(8):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 30 * index, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = index, Fraction(1, 8)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].start_time > 0  # else this test checks nothing
+    _, _, frames = sample_frames(path, fps=4.0)
+    times = [time for time, _ in frames]
+    assert times == pytest.approx([0.0, 0.25, 0.5, 0.75])  # frames at 0, 0.125, ..., 0.875 s
+    decoded = decode_clip(path, 8, "uniform")
+    assert decoded.times[::2].tolist() == pytest.approx(times)
 
 
 def test_detect_command_writes_detections(tmp_path, weights):

@@ -139,7 +139,7 @@ def _decode_pyav(
         if not frame_stamps:
             raise VideoError(name, "has video packets without timestamps")
         time_base = float(stream.time_base)
-        origin = stream.start_time if stream.start_time is not None else 0
+        origin = stream_origin(stream)
         sorted_stamps = np.sort(np.asarray(frame_stamps, dtype=np.int64))
         times = (sorted_stamps - origin) * time_base
         chosen = _select(times, frames, sampling, start, end, rng, name)
@@ -156,12 +156,17 @@ def _decode_pyav(
         container.close()
 
 
+def stream_origin(stream) -> int:
+    """The stamp (in stream.time_base units) that is time 0: the stream's start time, else 0."""
+    return stream.start_time if stream.start_time is not None else 0
+
+
 def _read_packets(container, stream, start: float | None, end: float | None) -> list:
     """The stream's non-empty packets in decode order; with `start`, from the keyframe before it,
     with `end`, up to the first keyframe after it (so long videos are not read whole)."""
     import av
 
-    origin = stream.start_time if stream.start_time is not None else 0
+    origin = stream_origin(stream)
     if start:
         try:
             container.seek(origin + int(start / stream.time_base), stream=stream, backward=True, any_frame=False)

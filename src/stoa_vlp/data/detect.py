@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights, fasterrcnn_resnet50_fpn_v2
 
+from stoa_vlp.data.decode import stream_origin
 from stoa_vlp.data.detections import FrameDetections, VideoDetections
 from stoa_vlp.data.prepare import VIDEO_EXTENSIONS
 
@@ -102,18 +103,21 @@ def find_videos(inputs: Iterable[str | Path]) -> list[Path]:
 
 def sample_frames(path: Path, fps: float) -> tuple[int, int, list[tuple[float, np.ndarray]]]:
     """(width, height, [(time, RGB frame (H, W, 3) uint8)]): for each of 0, 1/fps, 2/fps, ... up to
-    the last frame's time, the frame nearest to it (each frame at most once)."""
+    the last frame's time, the frame nearest to it (each frame at most once). Times are seconds from
+    the stream's start, as decode_clip gives them."""
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         rate = float(stream.average_rate or 25)
+        origin, time_base = stream_origin(stream), float(stream.time_base)
         picked: list[tuple[float, np.ndarray]] = []
         previous = None  # (time, frame)
         step = 0
         for index, frame in enumerate(container.decode(stream)):
-            time = frame.time if frame.time is not None else index / rate
+            stamp = frame.pts if frame.pts is not None else frame.dts
+            time = (stamp - origin) * time_base if stamp is not None else index / rate  # the decoder's clock
             while time >= step / fps:
                 target = step / fps
                 best = previous if previous is not None and target - previous[0] < time - target else (time, frame)
