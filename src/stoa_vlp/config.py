@@ -50,6 +50,7 @@ class ModelConfig:
     trajectories: int = 20  # N categories per clip
     num_object_classes: int = 1600  # size of the class-label embedding table (0 is padding)
     object_layers: int = 2
+    trajectory_length: int = 0  # boxes per trajectory sequence; 0 = T*K (exact); fewer subsample evenly
     # spatial-temporal actions
     actions: bool = True
     action_queries: int = 4  # M

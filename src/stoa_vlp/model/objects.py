@@ -5,6 +5,9 @@ Object token o_{t,k} = maxpool(MLP(RoIAlign(patch map_t, box))) + MLP(box / imag
 Trajectories: for each of the N categories of a clip, the tokens of that category's boxes (across all
 frames) are gathered into one short sequence behind a learnable [CLS]; a transformer runs over all
 B * N sequences at once, and the [CLS] output (ln, proj) is the trajectory feature.
+Every sequence has the fixed length 1 + S, S = `model.trajectory_length` (T*K when 0, which is exact),
+so no shape depends on the data (no host sync, one compiled graph). A category with more than S boxes
+keeps S of them evenly spaced in frame order.
 """
 
 from __future__ import annotations
@@ -51,6 +54,19 @@ class ObjectTokens(nn.Module):
             patch_map, rois, ROI_OUTPUT_SIZE, spatial_scale=self.spatial_scale, sampling_ratio=2, aligned=True
         )
 
+    def check_labels(self, box_labels: torch.Tensor) -> None:
+        """ValueError for labels outside the table; on an accelerator an asynchronous assert (no host sync)."""
+        if torch.compiler.is_compiling():
+            return
+        classes = self.label_embedding.num_embeddings
+        message = f"box labels must be in 0..{classes - 1} (model.num_object_classes={classes})"
+        in_range = ((box_labels >= 0) & (box_labels < classes)).all()
+        if box_labels.device.type == "cpu":
+            if not bool(in_range):
+                raise ValueError(message)
+        else:
+            torch._assert_async(in_range, message)
+
     def forward(
         self, patch_map: torch.Tensor, boxes: torch.Tensor, box_labels: torch.Tensor, box_mask: torch.Tensor
     ) -> torch.Tensor:
@@ -58,9 +74,7 @@ class ObjectTokens(nn.Module):
         batch, frames, slots = box_mask.shape
         if slots != self.slot_embedding.shape[0]:
             raise ValueError(f"object tokens built for {self.slot_embedding.shape[0]} boxes per frame, got {slots}")
-        classes = self.label_embedding.num_embeddings
-        if not torch.compiler.is_compiling() and bool(((box_labels < 0) | (box_labels >= classes)).any()):
-            raise ValueError(f"box labels must be in 0..{classes - 1} (model.num_object_classes={classes})")
+        self.check_labels(box_labels)
         # padded boxes become empty boxes at the origin, so their content cannot reach any output
         safe_boxes = torch.where(box_mask[..., None], boxes, torch.zeros_like(boxes))
         regions = self.regions(patch_map, safe_boxes)  # (B*T*K, W, s, s)
@@ -78,6 +92,7 @@ class TrajectoryEncoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         width = config.vision_width
+        self.length = config.trajectory_length or config.frames * config.boxes_per_frame  # S
         self.cls_embedding = nn.Parameter(width**-0.5 * torch.randn(width))
         self.transformer = Transformer(
             width, config.object_layers, config.vision_heads, config.quick_gelu, config.grad_checkpointing
@@ -103,13 +118,18 @@ class TrajectoryEncoder(nn.Module):
             & traj_mask[:, :, None]
         )  # (B, N, T*K): box j belongs to category n
         counts = members.sum(dim=-1)  # (B, N)
-        length = flat_tokens.shape[1] if torch.compiler.is_compiling() else int(counts.max())
+        length = min(self.length, flat_tokens.shape[1])  # S
         # members first, in frame order: a stable sort of "not member"
-        order = torch.sort((~members).to(torch.uint8), dim=-1, stable=True).indices[..., :length]  # (B, N, S)
+        members_first = torch.sort((~members).to(torch.uint8), dim=-1, stable=True).indices  # (B, N, T*K)
+        slot = torch.arange(length, device=counts.device)  # (S,)
+        # slot s takes member s, or member floor(s * count / S) of a category with more than S members
+        spread = torch.div(slot * counts[..., None], length, rounding_mode="floor")  # (B, N, S)
+        pick = torch.where(counts[..., None] > length, spread, slot)
+        order = torch.gather(members_first, 2, pick)  # (B, N, S) box index per slot
         gathered = torch.gather(
             flat_tokens[:, None].expand(-1, categories, -1, -1), 2, order[..., None].expand(-1, -1, -1, width)
         )  # (B, N, S, W)
-        real = torch.arange(length, device=counts.device) < counts[..., None]  # (B, N, S)
+        real = slot < counts[..., None]  # (B, N, S)
         cls = self.cls_embedding.to(gathered.dtype).expand(batch, categories, 1, width)
         sequence = torch.cat([cls, gathered], dim=2).flatten(0, 1)  # (B*N, 1+S, W)
         cls_valid = torch.ones(batch, categories, 1, dtype=torch.bool, device=real.device)

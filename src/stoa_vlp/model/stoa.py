@@ -75,6 +75,8 @@ def check_config(config: ModelConfig) -> None:
             problems.append(f"model.{name} must be in 1..{config.vision_layers}, got {getattr(config, name)}")
     if config.objects and min(config.trajectories, config.boxes_per_frame, config.num_object_classes) < 1:
         problems.append("model.objects needs trajectories, boxes_per_frame and num_object_classes of at least 1")
+    if config.trajectory_length < 0:
+        problems.append(f"model.trajectory_length must be >= 0 (0 = T*K), got {config.trajectory_length}")
     if config.actions and config.action_queries < 1:
         problems.append("model.actions needs action_queries of at least 1")
     if config.text_len > config.context_length:

@@ -12,7 +12,8 @@ Decisions (paper.md §2.3 and §6.8):
   taken for the start/end token (CLIP locates the end token as the largest id).
 - At the fusion input the masked positions hold `model.mask_embedding` (a learned [MASK] vector)
   instead of the reference's zero vector; the fusion runs bidirectionally.
-- The loss is the cross-entropy of `model.lm_logits` at the masked positions only.
+- The loss is the cross-entropy of `model.lm_logits` at the masked positions only, computed as a
+  weighted mean over all B x L positions (weight 1 at masked ones): fixed shapes, no host sync.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def choose_mlm_positions(text_mask: torch.Tensor, probability: float) -> torch.T
     masked = words & (torch.rand(words.shape, device=words.device) < probability)
     # one word uniformly at random for captions whose draw came out empty
     scores = torch.rand(words.shape, device=words.device).masked_fill(~words, -1.0)
-    fallback = F.one_hot(scores.argmax(dim=1), words.shape[1]).bool() & words
+    position = torch.arange(words.shape[1], device=words.device)
+    fallback = (position[None, :] == scores.argmax(dim=1, keepdim=True)) & words  # (one_hot would sync)
     empty = ~masked.any(dim=1, keepdim=True)
     return masked | (fallback & empty)
 
@@ -46,19 +48,25 @@ def masked_input_ids(tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor
     return tokens.masked_fill(masked, MASK_INPUT_ID)
 
 
-def mlm_logits(model, video, masked_text_tokens: torch.Tensor, text_mask: torch.Tensor, masked: torch.Tensor):
-    """Vocabulary logits (P, V) at the P masked positions (row-major order of `masked`).
+def position_logits(model, video, masked_text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                    masked: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits (B, L, V) at every text position of the bidirectional fusion of the masked caption.
 
     masked_text_tokens: (B, L, E) text-tower features of the masked caption.
     """
     fusion_text = torch.where(masked[..., None], model.mask_embedding.to(masked_text_tokens.dtype), masked_text_tokens)
     fused = model.fuse(video, fusion_text, text_mask, mode="bidirectional")
-    return model.lm_logits(fused.text[masked])
+    return model.lm_logits(fused.text)
+
+
+def mlm_logits(model, video, masked_text_tokens: torch.Tensor, text_mask: torch.Tensor, masked: torch.Tensor):
+    """Vocabulary logits (P, V) at the P masked positions (row-major order of `masked`; syncs: not for the step)."""
+    return position_logits(model, video, masked_text_tokens, text_mask, masked)[masked]
 
 
 def mlm_loss(model, video, masked_text_tokens, text_mask, masked, tokens) -> torch.Tensor:
-    """Cross-entropy at the masked positions; 0 (still attached to the graph) when nothing is masked."""
-    logits = mlm_logits(model, video, masked_text_tokens, text_mask, masked)
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), tokens[masked])
+    """Mean cross-entropy at the masked positions; 0 (still attached to the graph) when nothing is masked."""
+    logits = position_logits(model, video, masked_text_tokens, text_mask, masked)  # (B, L, V)
+    errors = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")  # (B*L,)
+    weights = masked.flatten().to(errors.dtype)
+    return (errors * weights).sum() / weights.sum().clamp(min=1.0)

@@ -7,7 +7,8 @@ Decisions (paper.md §2.4 and §6.7):
 - Per caption a start s is drawn uniformly from its word positions 1..e-1 (e = the end token's
   position); the targets are the tokens s..e, end token included, each predicted from the
   fusion output one position earlier. A caption without word tokens scores its end token only.
-- The loss is the mean cross-entropy over all scored tokens of the batch.
+- The loss is the mean cross-entropy over all scored tokens of the batch, computed as a weighted
+  mean over every position (weight 1 at the scored ones): fixed shapes, no host sync.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def plm_loss(model, video, text_tokens: torch.Tensor, text_mask: torch.Tensor, t
     text_tokens: (B, L, E) text-tower features of the clean caption; tokens: (B, L) ids.
     """
     fused = model.fuse(video, text_tokens, text_mask, mode="prefix")
-    targets = scored_positions(text_mask, starts)  # (B, L), never position 0
-    predictors = targets.roll(-1, dims=1)  # the position before each target
-    logits = model.lm_logits(fused.text[predictors])  # (P, V), same row-major order as the targets
-    return F.cross_entropy(logits.float(), tokens[targets])
+    targets = scored_positions(text_mask, starts)[:, 1:]  # (B, L-1): position 0 is never a target
+    logits = model.lm_logits(fused.text[:, :-1])  # (B, L-1, V): position i predicts token i+1
+    errors = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+    weights = targets.flatten().to(errors.dtype)
+    return (errors * weights).sum() / weights.sum().clamp(min=1.0)

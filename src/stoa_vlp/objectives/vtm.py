@@ -6,7 +6,10 @@ similarity) over the non-positives: a sample of the same video id has probabilit
 every candidate is a positive (the whole global batch shows one video) has no negative; its
 negative pair gets weight 0 (explicitly flagged), so that step scores its positive pair and the
 other rows' negatives only.
-Draws use torch's RNG on the similarity's device, so a seeded run repeats exactly.
+Draws use torch's RNG on the similarity's device, so a seeded run repeats exactly. They use the
+exponential-race form of sampling, argmax(p / q) with q ~ Exp(1), which is what
+`torch.multinomial(p, 1)` computes (the same draws) minus the validity check that older torch
+versions make with a host sync.
 
 The fusion encoder runs once, bidirectionally, on [positives; caption-negatives; video-negatives]
 (3B pairs, fixed shapes: no host sync) and `model.match_logits` gives the 2-way logits; the loss
@@ -35,7 +38,8 @@ def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor) -> 
     # rows without a candidate get uniform weights so multinomial accepts them; they are masked out
     logits = logits.masked_fill(~has_negative[:, None], 0.0)
     probabilities = torch.softmax(logits, dim=1)
-    return torch.multinomial(probabilities, 1).squeeze(1), has_negative
+    race = torch.empty_like(probabilities).exponential_(1.0)  # (B, G)
+    return (probabilities / race).argmax(dim=1), has_negative
 
 
 def concat_rows(parts: list):

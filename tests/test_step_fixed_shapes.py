@@ -1,0 +1,130 @@
+"""The eager pre-training step has fixed shapes: no host sync but the matching, capped trajectories exact."""
+
+from unittest import mock
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from _objectives_batch import make_batch, tiny_config, tiny_model
+from stoa_vlp.model import objects
+from stoa_vlp.objectives import Pretrainer, matching
+from stoa_vlp.objectives.distributed import global_video_index
+
+aten = torch.ops.aten
+# ops whose output size or result the host must read from the device (each is a sync on CUDA);
+# multinomial: torch versions before the asynchronous asserts check its input with .item()
+SYNCING = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten.repeat_interleave.Tensor,
+    aten.multinomial.default,
+}
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Records every syncing op (and boolean-mask indexing) dispatched while not paused."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs, self.paused = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            bool_index = func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and any(
+                index is not None and index.dtype == torch.bool for index in args[1]
+            )
+            if func in SYNCING or bool_index:
+                self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def paused_while(recorder: SyncRecorder, function):
+    """`function` run with recording paused: the host parts that are allowed to sync."""
+
+    def run(*args, **kwargs):
+        recorder.paused = True
+        try:
+            return function(*args, **kwargs)
+        finally:
+            recorder.paused = False
+
+    return run
+
+
+def test_the_full_step_syncs_only_in_the_label_check_and_the_matching():
+    config = tiny_config()
+    pretrainer = Pretrainer(tiny_model(config), config.loss)
+    batch = make_batch(config)
+    recorder = SyncRecorder()
+    labels = objects.ObjectTokens.check_labels
+    with mock.patch.object(
+        objects.ObjectTokens, "check_labels", lambda self, x: paused_while(recorder, labels)(self, x)
+    ), mock.patch.object(
+        matching, "hungarian_on_host", wraps=paused_while(recorder, matching.hungarian_on_host)
+    ) as host:
+        with recorder:
+            losses = pretrainer(batch)
+            losses["loss"].backward()
+    assert host.call_count == 1
+    assert recorder.syncs == []
+    assert torch.isfinite(losses["loss"])
+
+
+@pytest.mark.parametrize("cap", [3, 5])
+def test_capped_trajectories_keep_evenly_spaced_boxes(cap):
+    config = tiny_config(f"model.trajectory_length={cap}")
+    model = tiny_model(config).eval()
+    batch = make_batch(config, no_detections=())
+    encoder = model.trajectory_encoder
+    with torch.no_grad():
+        tower = model.visual(batch.frames)
+        tokens = model.object_tokens(tower.object_tap, batch.boxes, batch.box_labels, batch.box_mask)
+        capped = encoder(tokens, batch.box_labels, batch.box_mask, batch.traj_labels, batch.traj_mask)
+        truncated = 0
+        for b in range(tokens.shape[0]):
+            for n in range(batch.traj_labels.shape[1]):
+                if not batch.traj_mask[b, n]:
+                    continue
+                member = batch.box_mask[b] & (batch.box_labels[b] == batch.traj_labels[b, n])
+                member_tokens = tokens[b][member]  # (count, W) in frame order
+                count = member_tokens.shape[0]
+                if count > cap:
+                    truncated += 1
+                    member_tokens = member_tokens[[s * count // cap for s in range(cap)]]
+                sequence = torch.cat([encoder.cls_embedding[None], member_tokens])[None]
+                expected = encoder.ln(encoder.transformer(sequence)[0, 0]) @ encoder.proj
+                torch.testing.assert_close(capped[b, n], expected, atol=1e-5, rtol=1e-5)
+    assert truncated > 0  # the cap was exercised
+
+
+def test_a_cap_at_or_above_t_times_k_is_the_exact_encoder():
+    exact_config = tiny_config()
+    total = exact_config.model.frames * exact_config.model.boxes_per_frame
+    large_config = tiny_config(f"model.trajectory_length={total + 5}")
+    batch = make_batch(exact_config)
+    outputs = []
+    for config in (exact_config, large_config):
+        model = tiny_model(config).eval()
+        with torch.no_grad():
+            video = model.encode_video(
+                batch.frames, batch.boxes, batch.box_labels, batch.box_mask, batch.traj_labels, batch.traj_mask
+            )
+        outputs.append(video.trajectories)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
+
+
+def test_negative_trajectory_length_is_rejected():
+    with pytest.raises(ValueError, match="model.trajectory_length must be >= 0"):
+        tiny_model(tiny_config("model.trajectory_length=-1"))
+
+
+def test_global_video_ids_keep_equality_without_unique():
+    ids = torch.tensor([7, 3, 7, 9, 3])
+    local, everything = global_video_index(ids)
+    assert torch.equal(local[:, None] == local[None, :], ids[:, None] == ids[None, :])
+    assert torch.equal(everything, local) and int(local.max()) < ids.shape[0]
