@@ -504,7 +504,7 @@ def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1
     records = read_annotations(path, config.data.format, split, config.data.video_root or None, strict=not training)
     if not records:
         raise ValueError(f"{path}: no usable (video, caption) records for split {split}")
-    detections, label_vocab, tag_cache = _load_side_data(config, records, path)
+    detections, label_vocab, tag_cache = _load_side_data(config, records, f"the {split} split of {path}")
     return VideoTextDataset(records, config, training, detections, label_vocab, tag_cache)
 
 
