@@ -64,9 +64,7 @@ def test_the_full_step_syncs_only_in_the_label_check_and_the_matching():
     labels = objects.ObjectTokens.check_labels
     with mock.patch.object(
         objects.ObjectTokens, "check_labels", lambda self, x: paused_while(recorder, labels)(self, x)
-    ), mock.patch.object(
-        matching, "hungarian_on_host", wraps=paused_while(recorder, matching.hungarian_on_host)
-    ) as host:
+    ), mock.patch.object(matching, "matched_columns", wraps=paused_while(recorder, matching.matched_columns)) as host:
         with recorder:
             losses = pretrainer(batch)
             losses["loss"].backward()
@@ -128,3 +126,31 @@ def test_global_video_ids_keep_equality_without_unique():
     local, everything = global_video_index(ids)
     assert torch.equal(local[:, None] == local[None, :], ids[:, None] == ids[None, :])
     assert torch.equal(everything, local) and int(local.max()) < ids.shape[0]
+
+
+def alignment_tasks(seed: int):
+    """Two tasks with random validity masks (so the number of matched pairs varies with the seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, rows, candidates, width = 3, 4, 6, 8
+    tasks = []
+    for _ in range(2):
+        predictions = torch.randn(batch, rows, width, generator=generator, requires_grad=True)
+        prediction_mask = torch.rand(batch, rows, generator=generator) < 0.6
+        target_mask = torch.rand(batch, candidates, generator=generator) < 0.5
+        targets = torch.randn(batch, candidates, width, generator=generator)
+        tasks.append(matching.AlignmentTask(predictions, prediction_mask, targets, target_mask))
+    return tasks
+
+
+def test_compiled_alignment_does_not_recompile_when_the_pair_count_changes():
+    compiled = torch.compile(matching.alignment_losses, backend="eager", dynamic=False)
+    pair_counts = set()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(4):
+            tasks = alignment_tasks(seed)
+            costs = torch.cat([matching.alignment_costs(task, "dot") for task in tasks])
+            pair_counts.add(int((matching.matched_columns(costs) >= 0).sum()))
+            for got, expected in zip(compiled(tasks, "dot"), matching.alignment_losses(tasks, "dot")):
+                torch.testing.assert_close(got, expected)
+    assert len(pair_counts) > 1

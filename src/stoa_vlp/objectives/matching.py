@@ -17,8 +17,11 @@ Decisions (paper.md §2.5-2.6, §6.6, §6.10):
   DOTA pair but keeps its STASP pairs (the reference's early `continue` skips both). A batch
   without any pair gives a loss of 0 that is still attached to the graph.
 - Host traffic: the cost matrices of every sample of both objectives are padded into one tensor
-  (NaN where a row or column is invalid) and moved to the host with one `.cpu()`; the matched
-  index pairs come back as one tensor with one `.to(device)`.
+  (NaN where a row or column is invalid) and moved to the host with one `.cpu()`; the matches come
+  back as one fixed-shape (G, R) tensor of matched columns (-1 = unmatched row) with one
+  `.to(device)`. The host part is kept out of `torch.compile` graphs (`torch.compiler.disable`), and
+  the MSE is a masked mean over all G x R rows, so no shape downstream depends on the pair count
+  (one compiled graph instead of a recompilation per pair count).
 """
 
 from __future__ import annotations
@@ -92,23 +95,38 @@ def _pad_rows(tensor: torch.Tensor, rows: int, value) -> torch.Tensor:
     return torch.cat([tensor, padding], dim=1)
 
 
+@torch.compiler.disable
+def matched_columns(costs: torch.Tensor) -> torch.Tensor:
+    """(G, R, C) costs (NaN = invalid) -> (G, R) long on the costs' device: each row's matched column, -1 if none.
+
+    The step's one host round trip: one transfer of all costs to the host, one of the matches back.
+    """
+    host_pairs = hungarian_on_host(costs.float().cpu().numpy())  # (P, 3) group, row, column
+    columns = np.full(costs.shape[:2], -1, dtype=np.int64)
+    columns[host_pairs[:, 0], host_pairs[:, 1]] = host_pairs[:, 2]
+    return torch.from_numpy(columns).to(costs.device)
+
+
 def alignment_losses(tasks: list[AlignmentTask], similarity: str) -> list[torch.Tensor]:
     """The MSE over Hungarian-matched pairs for each task, with one host round trip for all of them.
 
     All tasks share the batch size B; group g of the stacked costs is sample g % B of task g // B.
+    A task without any matched pair gives 0, still attached to the graph.
     """
     batch = tasks[0].predictions.shape[0]
     rows = max(task.predictions.shape[1] for task in tasks)
     costs = torch.cat([_pad_rows(alignment_costs(task, similarity), rows, float("nan")) for task in tasks])
-    host_pairs = hungarian_on_host(costs.float().cpu().numpy())  # (P, 3) group, row, column
-    pairs_per_task = np.bincount(host_pairs[:, 0] // batch, minlength=len(tasks)).tolist()
-    pairs = torch.from_numpy(host_pairs).to(costs.device)
-    predictions = torch.cat([_pad_rows(task.predictions, rows, 0.0) for task in tasks])  # (G, R, E)
-    targets = torch.cat([task.targets for task in tasks])  # (G, C, E)
-    matched_predictions = predictions[pairs[:, 0], pairs[:, 1]].float()  # (P, E)
-    matched_targets = targets[pairs[:, 0], pairs[:, 2]].float()
-    squared_errors = (matched_predictions - matched_targets).pow(2).mean(dim=1).split(pairs_per_task)
-    return [
-        errors.mean() if count else task.predictions.sum() * 0.0
-        for task, errors, count in zip(tasks, squared_errors, pairs_per_task)
-    ]
+    columns = matched_columns(costs)  # (G, R)
+    matched = columns >= 0
+    predictions = torch.cat([_pad_rows(task.predictions, rows, 0.0) for task in tasks]).float()  # (G, R, E)
+    targets = torch.cat([task.targets for task in tasks]).float()  # (G, C, E)
+    matched_targets = torch.gather(
+        targets, 1, columns.clamp(min=0)[..., None].expand(-1, -1, targets.shape[-1])
+    )  # (G, R, E): the target of each row's match (column 0 for unmatched rows, weighted out)
+    squared_errors = torch.where(matched, (predictions - matched_targets).pow(2).mean(dim=-1), 0.0)  # (G, R)
+    losses = []
+    for index in range(len(tasks)):
+        task_rows = slice(index * batch, (index + 1) * batch)
+        pairs = matched[task_rows].sum().to(squared_errors.dtype)
+        losses.append(squared_errors[task_rows].sum() / pairs.clamp(min=1.0))
+    return losses
