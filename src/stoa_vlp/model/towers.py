@@ -106,6 +106,5 @@ class TextTower(nn.Module):
         if length > self.positional_embedding.shape[0]:
             raise ValueError(f"text of {length} tokens exceeds the context length {self.positional_embedding.shape[0]}")
         x = self.token_embedding(tokens) + self.positional_embedding[:length]
-        causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
-        x = self.transformer(x, causal)
+        x = self.transformer(x, is_causal=True)  # no padding mask: padding sits after the end token
         return self.ln_final(x) @ self.text_projection

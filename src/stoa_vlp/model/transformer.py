@@ -3,6 +3,7 @@
 Parameter names equal open_clip's (`ln_1`, `attn.in_proj_weight`, `attn.in_proj_bias`, `attn.out_proj`,
 `ln_2`, `mlp.c_fc`, `mlp.c_proj`), so CLIP weights load into these blocks by name.
 Attention masks are boolean, True = may attend, broadcastable to (B, heads, queries, keys).
+`is_causal=True` (with no mask) is the causal mask without materialising it, so SDPA may use flash attention.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ class SelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         batch, length, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, S, 3W)
         qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)  # (B, H, S, W/H)
+        out = F.scaled_dot_product_attention(
+            qkv[0], qkv[1], qkv[2], attn_mask=attn_mask, is_causal=is_causal
+        )  # (B, H, S, W/H)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -60,8 +63,8 @@ class ResidualBlock(nn.Module):
             )
         )
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -74,15 +77,17 @@ class Transformer(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.resblocks = nn.ModuleList(ResidualBlock(width, heads, quick_gelu) for _ in range(layers))
 
-    def run_block(self, index: int, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def run_block(
+        self, index: int, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
         block = self.resblocks[index]
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, attn_mask, use_reentrant=False)
-        return block(x, attn_mask)
+            return checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+        return block(x, attn_mask, is_causal)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         for index in range(len(self.resblocks)):
-            x = self.run_block(index, x, attn_mask)
+            x = self.run_block(index, x, attn_mask, is_causal)
         return x
 
 
