@@ -56,8 +56,17 @@ def paused_while(recorder: SyncRecorder, function):
     return run
 
 
-def test_the_full_step_syncs_only_in_the_label_check_and_the_matching():
-    config = tiny_config()
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("loss.fusion_stop_gradient=true", "loss.local_loss=true", "loss.vtc_video_feature=sep",
+         "loss.match_similarity=cosine", "model.trajectory_length=3"),
+        ("model.objects=false", "loss.dota=0", "model.grad_checkpointing=true"),
+    ],
+)
+def test_the_full_step_syncs_only_in_the_label_check_and_the_matching(overrides):
+    config = tiny_config(*overrides)
     pretrainer = Pretrainer(tiny_model(config), config.loss)
     batch = make_batch(config)
     recorder = SyncRecorder()
