@@ -180,7 +180,7 @@ class STOAVLP(nn.Module):
         if extra_slots is not None:
             parts.append(extra_slots)
             valid.append(ones.expand(-1, extra_slots.shape[1]))
-        dtype = torch.result_type(video.frames, text_tokens)
+        dtype = torch.promote_types(video.frames.dtype, text_tokens.dtype)  # torch.result_type breaks a compiled graph
         sequence = torch.cat([part.to(dtype) for part in parts], dim=1)  # (B, S, E)
         hidden = self.fusion(sequence, torch.cat(valid, dim=1), visual_length, mode)
         text = hidden[:, visual_length : visual_length + text_tokens.shape[1]]
