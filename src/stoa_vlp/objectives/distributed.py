@@ -62,8 +62,9 @@ def global_video_index(video_index: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """Make `video_index` unique across ranks; returns (this rank's ids (B,), all ranks' ids (W*B,)).
 
     The ids of one rank are first renumbered as the position of their first occurrence in the batch
-    (0..B-1, equal ids stay equal; fixed shapes, no host sync), then offset by rank * B. Captions of one video on one rank stay positives of each other; the same
-    video on two ranks counts as two videos (a distributed sampler that shards by video avoids it).
+    (0..B-1, equal ids stay equal; fixed shapes, no host sync), then offset by rank * B. Captions of
+    one video on one rank stay positives of each other; the same video on two ranks counts as two
+    videos (a distributed sampler that shards by video avoids it).
     This is right whether the data pipeline numbers videos per batch or per dataset.
     """
     rank, _ = rank_and_world()
