@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from _objectives_batch import make_batch, tiny_config, tiny_model
 from stoa_vlp.objectives import Pretrainer
-from stoa_vlp.objectives.mlm import MASK_INPUT_ID, choose_mlm_positions, masked_input_ids, mlm_logits, word_positions
+from stoa_vlp.objectives.mlm import MASK_INPUT_ID, choose_mlm_positions, masked_input_ids, position_logits, word_positions
 
 
 def test_masks_only_words_at_least_one_per_caption_at_the_configured_rate():
@@ -31,7 +31,7 @@ def test_masked_ids_use_the_documented_id():
 
 def masked_logits(pretrainer, batch, positions):
     video, _, masked = pretrainer.encode(batch, positions)
-    return mlm_logits(pretrainer.model, video, masked.tokens, batch.text_mask, positions)
+    return position_logits(pretrainer.model, video, masked.tokens, batch.text_mask, positions)[positions]  # (P, V)
 
 
 def test_changing_the_true_token_at_a_masked_position_does_not_change_the_logits():

@@ -59,11 +59,6 @@ def position_logits(model, video, masked_text_tokens: torch.Tensor, text_mask: t
     return model.lm_logits(fused.text)
 
 
-def mlm_logits(model, video, masked_text_tokens: torch.Tensor, text_mask: torch.Tensor, masked: torch.Tensor):
-    """Vocabulary logits (P, V) at the P masked positions (row-major order of `masked`; syncs: not for the step)."""
-    return position_logits(model, video, masked_text_tokens, text_mask, masked)[masked]
-
-
 def mlm_loss(model, video, masked_text_tokens, text_mask, masked, tokens) -> torch.Tensor:
     """Mean cross-entropy at the masked positions; 0 (still attached to the graph) when nothing is masked."""
     logits = position_logits(model, video, masked_text_tokens, text_mask, masked)  # (B, L, V)
