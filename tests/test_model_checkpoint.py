@@ -229,3 +229,38 @@ def test_bad_checkpoint_config_is_named(tmp_path):
     (tmp_path / "ckpt" / CONFIG_FILE).write_text('{"model": {"frames": "many"}}')
     with pytest.raises(CheckpointError, match="config.json: not a valid model config.*frames"):
         load_pretrained(tmp_path / "ckpt")
+
+
+def test_a_checkpoint_loads_at_another_frame_count_with_resampled_frame_tables(tmp_path, caplog):
+    saved = STOAVLP(load_config("tiny").model)  # 4 frames
+    save_pretrained(saved, tmp_path / "ckpt")
+    config = load_config("tiny", ["model.frames=8"]).model
+    model = STOAVLP(config)
+    with caplog.at_level("INFO", logger="stoa_vlp.model.checkpoint"):
+        load_model_weights(model, tmp_path / "ckpt" / "model.safetensors")
+    tables = ["action_encoder.temporal_embedding", "object_tokens.frame_embedding", "visual.temporal_embedding"]
+    assert [r.getMessage().split(": frame tables ")[1] for r in caplog.records] == [
+        ", ".join(tables) + " resampled along time from 4 to 8 frames (linear interpolation)"
+    ]
+    old, new = saved.state_dict(), model.state_dict()
+    for name in tables:
+        before, after = old[name], new[name]
+        assert after.shape == (8, 64)
+        assert torch.equal(after[0], before[0]) and torch.equal(after[7], before[3])
+        # new row j sits at old position 3j/7: row 2 at 6/7 (between rows 0 and 1), row 5 at 2 + 1/7
+        torch.testing.assert_close(after[2], before[0] / 7 + 6 * before[1] / 7)
+        torch.testing.assert_close(after[5], 6 * before[2] / 7 + before[3] / 7)
+    for name, value in old.items():
+        if name not in tables:
+            assert torch.equal(new[name], value), name
+    video = all_outputs(model, *random_inputs(config))[0]
+    assert video.shape == (2, 8, config.embed_dim) and torch.isfinite(video).all()
+
+
+def test_another_frame_count_does_not_excuse_another_width(tmp_path):
+    save_pretrained(STOAVLP(load_config("tiny").model), tmp_path / "ckpt")
+    model = STOAVLP(load_config("tiny", ["model.frames=8", "model.vision_width=32"]).model)
+    with pytest.raises(CheckpointError, match="shape mismatch: ") as error:
+        load_model_weights(model, tmp_path / "ckpt" / "model.safetensors")
+    for name in ("action_encoder.temporal_embedding", "object_tokens.frame_embedding"):
+        assert f"{name} (checkpoint (4, 64), model (8, 32))" in str(error.value)

@@ -57,6 +57,12 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys):
     again = json.loads((tmp_path / "eval.json").read_text())
     assert again["metrics"] == pytest.approx(test_metrics, abs=1e-6)  # the same checkpoint, the same numbers
     assert again["preprocessing"]["model.frames"] == {"training": 4, "evaluation": 4}
+    if task == "mc":  # another frame count: the frame tables are resampled at loading
+        assert main(["evaluate", str(run), "--split", "test", "--set", "model.frames=6",
+                     "--report", str(tmp_path / "eval6.json")]) == 0
+        at_six = json.loads((tmp_path / "eval6.json").read_text())
+        assert at_six["preprocessing"]["model.frames"] == {"training": 4, "evaluation": 6}
+        assert HEADLINE[task] in at_six["metrics"]
     if task == "captioning":
         assert set(again["captions"]) == set(world.video_ids["test"])
         video = world.videos / f"{world.video_ids['test'][0]}.mp4"

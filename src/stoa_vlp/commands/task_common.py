@@ -59,22 +59,28 @@ def checkpoint_config(checkpoint: Path, overrides: list[str]) -> tuple[Config, C
 
 
 def load_task_weights(module: nn.Module, checkpoint: Path) -> None:
-    """Strictly load a checkpoint's model.safetensors into the task module that wrote it."""
+    """Strictly load a checkpoint's model.safetensors into the task module that wrote it
+    (frame tables resampled when the module was built with another `model.frames`)."""
+    from stoa_vlp.model.checkpoint import resample_frame_tables
     from stoa_vlp.train.checkpointing import load_module_state, load_weights
     from stoa_vlp.train.loop import weights_prefix
 
     prefix = weights_prefix(module)
     weights = load_weights(checkpoint / "model.safetensors")
-    load_module_state(module, {prefix + name: value for name, value in weights.items()}, str(checkpoint))
+    state = resample_frame_tables(module, {prefix + name: value for name, value in weights.items()}, str(checkpoint))
+    load_module_state(module, state, str(checkpoint))
 
 
 def load_model_weights_from(model: nn.Module, path: str | Path) -> Path:
-    """Initialise a STOAVLP from a pre-training checkpoint (folder or run folder) or a save_pretrained folder."""
+    """Initialise a STOAVLP from a pre-training checkpoint (folder or run folder) or a save_pretrained folder
+    (frame tables resampled when `model` was built with another `model.frames`)."""
+    from stoa_vlp.model.checkpoint import resample_frame_tables
     from stoa_vlp.train.checkpointing import load_module_state, load_weights
 
     path = Path(path)
     folder = path if (path / "model.safetensors").is_file() else resolve_checkpoint(path)
-    load_module_state(model, load_weights(folder / "model.safetensors"), str(folder))
+    state = resample_frame_tables(model, load_weights(folder / "model.safetensors"), str(folder))
+    load_module_state(model, state, str(folder))
     return folder
 
 

@@ -10,17 +10,21 @@ CLIP's text keys (`token_embedding.*`, `transformer.*`, ...) map to `text.*`; `v
 in the error, except the new STOA modules, which are expected to be missing from CLIP weights.
 
 Our checkpoints are a directory with `model.safetensors` (weights) and `config.json` (`{"model": ...}`).
+Loaded into a model built with another `model.frames`, the frame-indexed tables (FRAME_TABLES) are
+resampled along time by linear interpolation (first and last rows kept); every other mismatch is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import warnings
 import zipfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,6 +36,10 @@ CONFIG_FILE = "config.json"
 OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 CLIP_TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 MAX_NAMED_KEYS = 40
+# STOAVLP parameters with one row per frame (first dimension `model.frames`)
+FRAME_TABLES = ("visual.temporal_embedding", "object_tokens.frame_embedding", "action_encoder.temporal_embedding")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -105,6 +113,45 @@ def load_state_checked(
     model.load_state_dict(state, strict=False)
 
 
+def resample_along_time(table: torch.Tensor, frames: int) -> torch.Tensor:
+    """(T, W) -> (frames, W) by linear interpolation between rows, the first and last rows kept."""
+    rows = table.detach().float().t()[None]  # (1, W, T)
+    resampled = F.interpolate(rows, size=frames, mode="linear", align_corners=True)  # (1, W, frames)
+    return resampled[0].t().contiguous().to(table.dtype)
+
+
+def frame_table_keys(module: nn.Module) -> list[str]:
+    """State-dict keys of the frame-indexed tables of every STOAVLP inside `module` (itself included)."""
+    own = module.state_dict(keep_vars=True)
+    keys = []
+    for prefix, submodule in module.named_modules():
+        if isinstance(submodule, STOAVLP):
+            keys += [key for key in (f"{prefix}.{name}" if prefix else name for name in FRAME_TABLES) if key in own]
+    return keys
+
+
+def resample_frame_tables(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """`state` with its frame tables resampled to the frame count `module` was built with.
+
+    Only a table whose width matches and whose row count differs is resampled, so any other shape
+    mismatch is left for the strict load to report.
+    """
+    own = module.state_dict(keep_vars=True)
+    resampled = {}
+    for key in frame_table_keys(module):
+        saved, wanted = state.get(key), own[key].shape
+        if saved is not None and saved.ndim == 2 and saved.shape[1] == wanted[1] and saved.shape[0] != wanted[0]:
+            resampled[key] = resample_along_time(saved, wanted[0])
+    if resampled:
+        old = sorted({state[key].shape[0] for key in resampled})
+        new = sorted({own[key].shape[0] for key in resampled})
+        log.info(
+            "%s: frame tables %s resampled along time from %s to %s frames (linear interpolation)",
+            source, ", ".join(sorted(resampled)), "/".join(map(str, old)), "/".join(map(str, new)),
+        )
+    return {**state, **resampled}
+
+
 def load_clip_weights(model: STOAVLP, path: str | Path) -> list[str]:
     """Load CLIP weights into the towers, then re-initialise the new transformers from the loaded blocks.
 
@@ -154,9 +201,10 @@ def load_pretrained(directory: str | Path) -> STOAVLP:
 
 
 def load_model_weights(model: STOAVLP, path: str | Path) -> None:
-    """Strictly load a full STOAVLP safetensors file into `model`."""
+    """Strictly load a full STOAVLP safetensors file into `model` (frame tables resampled to its frames)."""
     try:
         state = load_file(path)
     except Exception as error:  # safetensors raises its own error types for a damaged file
         raise CheckpointError(f"{path}: cannot read safetensors weights ({error})") from error
-    load_state_checked(model, state, f"checkpoint {path}")
+    source = f"checkpoint {path}"
+    load_state_checked(model, resample_frame_tables(model, state, source), source)
