@@ -9,9 +9,10 @@ evaluation), for encoding each video once.
 `WebDatasetShards` (iterable, for video2dataset shards) splits shards over ranks and DataLoader
 workers; in training it resamples shards at random without end and shuffles samples in a buffer.
 
-Records live in one numpy byte buffer with offsets (as detectron2 serialises its dataset
-lists), so DataLoader workers share the pages instead of each touching (and so copying) Python
-objects through reference counts.
+Records, detections and caption tags live in numpy arrays (stoa_vlp.data.serialized: one byte
+buffer with offsets, as detectron2 serialises its dataset lists), built once in the main
+process, so DataLoader workers share the pages instead of each touching (and so copying) Python
+objects through reference counts; each sample rebuilds the objects it reads.
 
 Bad samples: in evaluation every problem is an error naming the file. In training a sample whose
 video is missing or unreadable, or whose caption is empty, is skipped (another sample is drawn),
@@ -26,12 +27,11 @@ import ctypes.util
 import hashlib
 import logging
 import multiprocessing
-import pickle
 import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,7 +43,8 @@ from stoa_vlp.data.annotations import VideoRecord, detect_format, read_annotatio
 from stoa_vlp.data.decode import DecodedClip, VideoError, check_decoder, decode_clip
 from stoa_vlp.data.detections import LabelVocab, empty_targets, read_detections, select_objects
 from stoa_vlp.data.geometry import resize_crop
-from stoa_vlp.data.tags import TagCache
+from stoa_vlp.data.serialized import SerializedDict, SerializedList
+from stoa_vlp.data.tags import PackedTags, TagCache
 from stoa_vlp.data.transforms import FrameTransform
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -116,22 +117,6 @@ def skip_summary(total: int, skipped: dict[str, int]) -> str:
     return f"skipped {sum(skipped.values())} of {total} samples ({share:.2%})" + (f": {detail}" if detail else "")
 
 
-class SerializedList:
-    """A read-only list of picklable objects stored as one numpy byte buffer plus offsets."""
-
-    def __init__(self, items: list):
-        blobs = [np.frombuffer(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8) for item in items]
-        self._ends = np.cumsum([len(blob) for blob in blobs], dtype=np.int64)
-        self._bytes = np.concatenate(blobs) if blobs else np.zeros(0, dtype=np.uint8)
-
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    def __getitem__(self, index: int) -> Any:
-        start = int(self._ends[index - 1]) if index > 0 else 0
-        return pickle.loads(memoryview(self._bytes[start : int(self._ends[index])]))
-
-
 @dataclass
 class Sample:
     frames: torch.Tensor  # (T, 3, S, S) float32, CLIP-normalised
@@ -192,14 +177,22 @@ def keep_freed_memory() -> bool:
 
 
 class SampleBuilder:
-    """Turns (video source, caption) into a Sample: decode, transform, objects, tokens, tags."""
+    """Turns (video source, caption) into a Sample: decode, transform, objects, tokens, tags.
+
+    `detections` (VideoDetections by video id) and `tag_cache` (a TagCache) are kept packed
+    (SerializedDict, PackedTags); already packed ones are used as they are.
+    """
 
     def __init__(self, config: Config, training: bool, detections=None, label_vocab=None, tag_cache=None):
         check_decoder(config.data.decoder)
         self.config = config
-        self.detections = detections if config.model.objects else None
+        if not config.model.objects:
+            detections = None
+        elif detections is not None and not isinstance(detections, SerializedDict):
+            detections = SerializedDict(detections)
+        self.detections = detections
         self.label_vocab = label_vocab
-        self.tag_cache = tag_cache
+        self.tag_cache = PackedTags(tag_cache) if isinstance(tag_cache, TagCache) else tag_cache
         self.sampling = config.data.train_sampling if training else config.data.eval_sampling
         self.transform = FrameTransform(config.model.image_size)
         self.tokenizer = Tokenizer(config.model.text_len)

@@ -20,6 +20,7 @@ import numpy as np
 from open_clip.tokenizer import basic_clean, whitespace_clean
 
 from stoa_vlp.batch import TAG_NONE, TAG_NOUN, TAG_VERB
+from stoa_vlp.data.serialized import SerializedDict
 from stoa_vlp.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,12 @@ def align_to_tokens(piece_tags: np.ndarray, length: int) -> np.ndarray:
     return tags
 
 
+def tags_from_digits(digits: str, length: int) -> np.ndarray:
+    """(length,) int64 tags aligned with the token ids from a cache's digit string ("0120")."""
+    pieces = np.frombuffer(digits.encode("ascii"), dtype=np.uint8).astype(np.int64) - ord("0")
+    return align_to_tokens(pieces, length)
+
+
 def tag_tokens(captions: list[str], tokenizer: Tokenizer, nlp) -> list[np.ndarray]:
     """Tags (L,) int64 per caption aligned with `tokenizer(caption)`; L = tokenizer.length."""
     return [align_to_tokens(tags, tokenizer.length) for tags in tag_pieces(captions, tokenizer, nlp)]
@@ -153,11 +160,8 @@ class TagCache:
 
     def get(self, caption: str) -> np.ndarray | None:
         """(length,) int64 tags aligned with the token ids, or None when the caption is not cached."""
-        text = self.tags.get(caption)
-        if text is None:
-            return None
-        digits = np.frombuffer(text.encode("ascii"), dtype=np.uint8).astype(np.int64) - ord("0")
-        return align_to_tokens(digits, self.length)
+        digits = self.tags.get(caption)
+        return None if digits is None else tags_from_digits(digits, self.length)
 
     def update(self, piece_tags: dict[str, np.ndarray]) -> None:
         """Add word-piece tags (as returned by `tag_pieces`) per caption."""
@@ -176,6 +180,26 @@ class TagCache:
         temporary = self.path.with_name(self.path.name + ".tmp")
         temporary.write_text(json.dumps(data))
         temporary.replace(self.path)
+
+
+class PackedTags:
+    """A read-only TagCache (same `get`) whose tags are kept in numpy arrays (a SerializedDict),
+    so DataLoader workers share them instead of copying (stoa_vlp.data.serialized)."""
+
+    def __init__(self, cache: TagCache):
+        self.length = cache.length
+        self._digits = SerializedDict(cache.tags)  # caption -> "0120"
+
+    def __len__(self) -> int:
+        return len(self._digits)
+
+    def __contains__(self, caption: str) -> bool:
+        return caption in self._digits
+
+    def get(self, caption: str) -> np.ndarray | None:
+        """(length,) int64 tags aligned with the token ids, or None when the caption is not cached."""
+        digits = self._digits.get(caption)
+        return None if digits is None else tags_from_digits(digits, self.length)
 
 
 def read_captions(path: str | Path, format: str = "auto", splits: list[str] | None = None) -> list[str]:
