@@ -250,7 +250,10 @@ def test_keep_freed_memory_stops_page_faults_per_clip(world):
     assert keep_freed_memory()
     for _ in range(2):
         FrameTransform(224)(decode_clip(path, 12).frames)  # warm up the heap
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        FrameTransform(224)(decode_clip(path, 12).frames)  # ~7 MB allocated and freed per clip
-    assert (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5 < 100  # 4 KB pages
+    faults_per_clip = []
+    for _ in range(3):  # the quietest of 3 rounds: other threads of the process (loggers, pools) fault too
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            FrameTransform(224)(decode_clip(path, 12).frames)  # ~7 MB allocated and freed per clip
+        faults_per_clip.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+    assert min(faults_per_clip) < 100  # 4 KB pages; without the setting about 1,600-2,000
