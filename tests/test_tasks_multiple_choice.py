@@ -24,7 +24,7 @@ def test_read_choices_accepts_clip_name_and_checks_answers(tmp_path):
     with pytest.raises(ValueError, match=r"mc.jsonl:1: answer must be an option index"):
         read_choices(path)
     path.write_text(json.dumps({"video_id": "v", "options": ["a", "b"], "answer": 0}) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"mc.jsonl:2: not JSON"):
+    with pytest.raises(ValueError, match=r"mc.jsonl:2: malformed JSON"):
         read_choices(path)
     with pytest.raises(FileNotFoundError, match=r"absent.jsonl: multiple-choice file does not exist"):
         read_choices(tmp_path / "absent.jsonl")

@@ -27,7 +27,7 @@ def test_read_questions_and_errors_name_file_and_line(tmp_path):
     questions = read_questions(good)
     assert [(q.video_id, q.answer, q.answer_type) for q in questions] == [("video1", "red", "what"), ("7", "man", "all")]
     bad = write_lines(tmp_path / "bad.jsonl", [{"video_id": "v", "question": "q", "answer": "a"}, "{not json"])
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
         read_questions(bad)
     missing = write_lines(tmp_path / "missing.jsonl", [{"video_id": "v", "question": "q"}])
     with pytest.raises(ValueError, match=r"missing.jsonl:1: missing answer"):

@@ -38,6 +38,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stoa_vlp.data.jsonl import read_jsonl
 from stoa_vlp.data.prepare import VIDEO_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -277,21 +278,14 @@ def _read_lsmdc(path: Path, captions: _Captions):
 
 def _read_jsonl(path: Path, captions: _Captions):
     merged: dict[str, list] = {}
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise AnnotationError(f"{where}: malformed JSON ({error.msg})") from None
-            if not isinstance(entry, dict) or "video_id" not in entry or "caption" not in entry:
-                raise AnnotationError(f"{where}: needs video_id and caption")
-            video_id = str(entry["video_id"])
-            texts = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
-            slot = merged.setdefault(video_id, [entry.get("video", video_id), [], entry.get("start"), entry.get("end")])
-            slot[1].extend(text for text in (captions.clean(t, where) for t in texts) if text)
+    for number, entry in read_jsonl(path, AnnotationError):
+        where = f"{path}:{number}"
+        if not isinstance(entry, dict) or "video_id" not in entry or "caption" not in entry:
+            raise AnnotationError(f"{where}: needs video_id and caption")
+        video_id = str(entry["video_id"])
+        texts = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+        slot = merged.setdefault(video_id, [entry.get("video", video_id), [], entry.get("start"), entry.get("end")])
+        slot[1].extend(text for text in (captions.clean(t, where) for t in texts) if text)
     return [(video_id, texts, start, end, video) for video_id, (video, texts, start, end) in merged.items()]
 
 

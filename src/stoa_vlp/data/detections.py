@@ -26,6 +26,7 @@ import torch
 from torchvision.ops import box_iou
 
 from stoa_vlp.data.geometry import CropGeometry
+from stoa_vlp.data.jsonl import read_jsonl
 
 
 class DetectionsError(ValueError):
@@ -124,19 +125,12 @@ def read_detections(path: str | Path) -> dict[str, VideoDetections]:
     if not path.exists():
         raise FileNotFoundError(f"detections file {path} does not exist")
     videos: dict[str, VideoDetections] = {}
-    with open(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DetectionsError(f"{where}: malformed JSON ({error.msg})") from None
-            video = video_from_json(value, where)
-            if video.video_id in videos:
-                raise DetectionsError(f"{where}: video '{video.video_id}' appears twice")
-            videos[video.video_id] = video
+    for line_number, value in read_jsonl(path, DetectionsError):
+        where = f"{path}:{line_number}"
+        video = video_from_json(value, where)
+        if video.video_id in videos:
+            raise DetectionsError(f"{where}: video '{video.video_id}' appears twice")
+        videos[video.video_id] = video
     return videos
 
 

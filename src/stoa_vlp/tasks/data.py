@@ -3,7 +3,6 @@ by id, loaders that decode each clip once, and batches that carry a class label 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,6 +14,7 @@ from stoa_vlp.batch import Batch
 from stoa_vlp.config import Config
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.data.dataset import VideoTextDataset, collate
+from stoa_vlp.data.jsonl import read_jsonl
 from stoa_vlp.data.prepare import find_videos
 
 log = logging.getLogger(__name__)
@@ -26,18 +26,10 @@ def read_jsonl_rows(path: str | Path, kind: str) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: {kind} file does not exist")
-    rows = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: not a JSON object")
-            rows.append((number, row))
+    rows = list(read_jsonl(path))
+    for number, row in rows:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object")
     return rows
 
 
