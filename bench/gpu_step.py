@@ -1,17 +1,20 @@
 """Pre-training step speed: the full STOA-VLP step against a timm ViT-B/16 baseline, in one run.
 
 On a CUDA device it builds the `base` model, sizes the batch to the card and times (CUDA events,
-warm-up, median of at least 10 steps):
-  - the full pre-training step (all six objectives, bf16 autocast, fused AdamW), eager and compiled;
-  - the project's video tower alone (forward + backward) on the same frames, eager and compiled;
+warm-up, median of at least 10 steps) each variant of VARIANTS chosen by --eager and --compiled:
+  - the full pre-training step (all six objectives, bf16 autocast, fused AdamW), eager and compiled,
+    and the step without some objectives (what the fusion objectives and the matching cost);
+  - the project's video tower alone (forward + backward) on the same frames, the whole video side
+    (objects and actions too) and the text tower;
   - timm's `vit_base_patch16_clip_224` (random init) forward + backward on the same frames, eager
-    and compiled (the baseline);
-  - the Hungarian matching with its host transfer, as a share of the step.
+    and compiled (the baseline).
 Model FLOPs come from `torch.utils.flop_counter.FlopCounterMode`; MFU is measured against a bf16
-matrix product timed in the same run. On the CPU it runs the `tiny` configuration as a smoke test.
+matrix product timed in the same run. --profile prints where the device time of a variant goes
+(kernel families and top kernels, torch.profiler); --sync-check lists the host syncs of an eager
+step (`torch.cuda.set_sync_debug_mode`). On the CPU it runs the `tiny` configuration as a smoke test.
 
     python bench/gpu_step.py                 # CUDA: base model; CPU: tiny smoke test
-    python bench/gpu_step.py --clips 16 --no-compile
+    python bench/gpu_step.py --clips 16 --compiled '' --profile full --sync-check
 """
 
 from __future__ import annotations
@@ -159,19 +162,129 @@ def print_table(timings: list[Timing], peak: float, frames: int) -> None:
         )
 
 
+def tower_loss(model: STOAVLP, batch: Batch) -> torch.Tensor:
+    """The CLIP video tower alone (ViT with its joint blocks): what timm's ViT is compared against."""
+    return model.visual(batch.frames).frames.float().square().mean()
+
+
+def encoder_loss(model: STOAVLP, batch: Batch) -> torch.Tensor:
+    """The whole video side: tower, object tokens, trajectories and actions, every output in the loss."""
+    video = model.encode_video(
+        batch.frames, batch.boxes, batch.box_labels, batch.box_mask, batch.traj_labels, batch.traj_mask
+    )
+    return sum(part.float().square().mean() for part in (video.frames, video.trajectories, video.actions))
+
+
+def text_loss(model: STOAVLP, batch: Batch) -> torch.Tensor:
+    """The text tower on the clean and the masked caption stacked (2B captions), as the step runs it."""
+    tokens = torch.cat([batch.tokens, batch.tokens])
+    return model.encode_text(tokens, torch.cat([batch.text_mask, batch.text_mask])).tokens.float().square().mean()
+
+
+# name -> (table label, what runs: a loss of (model, batch), or a dict of loss-weight overrides for the Pretrainer)
+VARIANTS = {
+    "timm": ("timm vit_base_patch16_clip_224", None),
+    "tower": ("STOA video tower (ViT + joint blocks)", tower_loss),
+    "encoder": ("STOA video side (+ objects, actions)", encoder_loss),
+    "text": ("STOA text tower (2B captions)", text_loss),
+    "no-fusion": ("step without VTM/MLM/PLM", {"vtm": 0.0, "mlm": 0.0, "plm": 0.0}),
+    "no-align": ("step without DOTA/STASP", {"dota": 0.0, "stasp": 0.0}),
+    "full": ("STOA-VLP full step (6 objectives)", {}),
+}
+EAGER_DEFAULT = "timm,tower,encoder,text,no-fusion,no-align,full"
+COMPILED_DEFAULT = "timm,tower,full"
+
+
+def variant_names(text: str) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    return names
+
+
+def kernel_summary(profiler, steps: int, wall_seconds: float, top: int) -> str:
+    """Device time by kernel family and the top kernels, from a torch.profiler run of `steps` steps."""
+    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        return "no device kernels recorded (CPU run)\n"
+    families = {"gemm": ("gemm", "xmma", "cutlass", "nvjet", "cublas"), "attention": ("flash", "fmha", "attention"),
+                "triton (compiled)": ("triton",)}
+    per_family: dict[str, float] = {}
+    per_kernel: dict[str, list[float]] = {}
+    for event in kernels:
+        micros = event.time_range.elapsed_us()
+        lower = event.name.lower()
+        family = next((f for f, keys in families.items() if any(k in lower for k in keys)), "other")
+        per_family[family] = per_family.get(family, 0.0) + micros
+        per_kernel.setdefault(event.name, []).append(micros)
+    busy = sum(per_family.values()) / 1e3 / steps
+    lines = [f"per step: wall {wall_seconds * 1e3 / steps:.1f} ms, device busy {busy:.1f} ms, "
+             f"{len(kernels) / steps:.0f} kernels"]
+    for family, micros in sorted(per_family.items(), key=lambda item: -item[1]):
+        lines.append(f"  {family:20s} {micros / 1e3 / steps:8.1f} ms/step")
+    lines.append(f"top {top} kernels (ms/step, calls/step):")
+    ranked = sorted(per_kernel.items(), key=lambda item: -sum(item[1]))[:top]
+    for name, times in ranked:
+        lines.append(f"  {sum(times) / 1e3 / steps:8.2f} {len(times) // steps:5d}  {name[:110]}")
+    return "\n".join(lines) + "\n"
+
+
+def profile_step(step, device: torch.device, steps: int = 3, top: int = 30) -> tuple[str, str]:
+    """(kernel summary, op table) of `steps` calls of `step` under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    with profile(activities=activities) as profiler:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - begin
+    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort_key, row_limit=60, max_name_column_width=90)
+    return kernel_summary(profiler, steps, wall, top), table
+
+
+def sync_report(step) -> list[str]:
+    """Where one call of `step` synchronises with the device: `torch.cuda.set_sync_debug_mode` warnings."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught
+            if "synchroniz" in str(w.message)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=0, help="clips per step (0: largest of 64, 32, 16, ... that fits)")
+    parser.add_argument("--clips", type=int, default=0, help="clips per step (0: largest of 48, 32, 16, ... that fits)")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--eager", default=EAGER_DEFAULT, help=f"variants timed eagerly, of {list(VARIANTS)}")
+    parser.add_argument("--compiled", default=COMPILED_DEFAULT, help="variants timed under torch.compile ('' = none)")
+    parser.add_argument("--no-compile", action="store_true", help="same as --compiled ''")
+    parser.add_argument("--profile", default="", help="variants to profile (eager, and compiled when timed so)")
+    parser.add_argument("--sync-check", action="store_true", help="list the host syncs of one eager full step")
+    parser.add_argument("--out", default="", help="folder for the profiler op tables")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. model.joint_blocks=0")
     args = parser.parse_args(argv)
+    eager_names, profiled = variant_names(args.eager), variant_names(args.profile)
+    compiled_names = [] if args.no_compile else variant_names(args.compiled)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     config = load_config("base" if on_gpu else "tiny", args.set)
     warmup, repeats = (3, max(args.repeats, 10)) if on_gpu else (0, 1)
-    compile_too = on_gpu and not args.no_compile
+    compiled_names = compiled_names if on_gpu else []
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else nullcontext
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -181,43 +294,35 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'CPU (tiny smoke test)'}; "
           f"torch {torch.__version__}; measured bf16 matmul {peak / 1e12:.1f} TFLOP/s", flush=True)
 
-    def pretrain_step(clips: int, compiled: bool, loss_overrides: dict[str, float]):
+    def build(name: str, clips: int, compiled: bool):
+        """A zero-argument training step of variant `name`."""
         torch.manual_seed(0)
         batch = synthetic_batch(config, clips, device)
-        model = STOAVLP(config.model).to(device)
-        loss_config = dataclasses.replace(config.loss, **loss_overrides)
-        pretrainer = Pretrainer(model, loss_config).to(device)
-        runner = torch.compile(pretrainer) if compiled else pretrainer
-        return make_train_step(lambda: runner(batch)["loss"], model.param_groups(1e-5, 0.01, 0.2), autocast)
+        if name == "timm":
+            import timm
 
-    def tower_step(clips: int, compiled: bool):
-        torch.manual_seed(0)
-        batch = synthetic_batch(config, clips, device)
+            frames = batch.frames.flatten(0, 1)  # (B*T, 3, H, W)
+            shape = {} if on_gpu else dict(img_size=config.model.image_size, depth=2, embed_dim=64, num_heads=2)
+            vit = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=0, **shape).to(device)
+            runner = torch.compile(vit) if compiled else vit
+            return make_train_step(
+                lambda: runner(frames).float().square().mean(), [{"params": list(vit.parameters())}], autocast
+            )
         model = STOAVLP(config.model).to(device)
-        encode = torch.compile(model.encode_video) if compiled else model.encode_video
-        boxes = (batch.boxes, batch.box_labels, batch.box_mask, batch.traj_labels, batch.traj_mask)
+        what = VARIANTS[name][1]
+        if isinstance(what, dict):
+            pretrainer = Pretrainer(model, dataclasses.replace(config.loss, **what)).to(device)
+            runner = torch.compile(pretrainer) if compiled else pretrainer
+            return make_train_step(lambda: runner(batch)["loss"], model.param_groups(1e-5, 0.01, 0.2), autocast)
+        loss = torch.compile(what) if compiled else what
         trainable = [p for p in model.parameters() if p.requires_grad]
-        return make_train_step(
-            lambda: encode(batch.frames, *boxes).frames.float().square().mean(), [{"params": trainable}], autocast
-        )
-
-    def timm_step(clips: int, compiled: bool):
-        import timm
-
-        torch.manual_seed(0)
-        frames = synthetic_batch(config, clips, device).frames.flatten(0, 1)  # (B*T, 3, H, W)
-        shape = {} if on_gpu else dict(img_size=config.model.image_size, depth=2, embed_dim=64, num_heads=2)
-        vit = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=0, **shape).to(device)
-        runner = torch.compile(vit) if compiled else vit
-        return make_train_step(
-            lambda: runner(frames).float().square().mean(), [{"params": list(vit.parameters())}], autocast
-        )
+        return make_train_step(lambda: loss(model, batch), [{"params": trainable}], autocast)
 
     clips = args.clips or (2 if not on_gpu else 0)
     candidates = [clips] if clips else [48, 32, 16, 8, 4]
     for clips in candidates:
         try:
-            pretrain_step(clips, False, {})()
+            build("full", clips, False)()
             break
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -225,27 +330,31 @@ def main(argv: list[str] | None = None) -> None:
     print(f"config: {'base' if on_gpu else 'tiny'} {args.set}; {clips} clips x {config.model.frames} frames per step",
           flush=True)
 
-    # (name, builder, also compiled?)
-    variants = [
-        ("timm vit_base_patch16_clip_224", lambda c: timm_step(clips, c), True),
-        ("STOA video encoder", lambda c: tower_step(clips, c), True),
-        ("STOA-VLP step without DOTA/STASP", lambda c: pretrain_step(clips, c, {"dota": 0.0, "stasp": 0.0}), False),
-        ("STOA-VLP full step (6 objectives)", lambda c: pretrain_step(clips, c, {}), True),
-    ]
+    if args.sync_check and on_gpu:
+        syncs = sync_report(build("full", clips, False))
+        print(f"host syncs in one eager full step: {len(syncs)}", *syncs, sep="\n  ", flush=True)
+
     timings: list[Timing] = []
     eager_flops: dict[str, float] = {}
-    for compiled in (False, True) if compile_too else (False,):
-        for name, build, compile_it in variants:
-            if compiled and not compile_it:
-                continue
-            label = name + (" (compiled)" if compiled else "")
+    for compiled, names in ((False, eager_names), (True, compiled_names)):
+        for name in names:
+            label = VARIANTS[name][0] + (", compiled" if compiled else "")
+            began = time.perf_counter()
             try:
-                timings.append(measure(label, build(compiled), device, clips, warmup, repeats, eager_flops.get(name)))
+                step = build(name, clips, compiled)
+                timings.append(measure(label, step, device, clips, warmup, repeats, eager_flops.get(name)))
                 eager_flops.setdefault(name, timings[-1].flops)
+                print(f"{label}: {timings[-1].seconds * 1e3:.1f} ms/step "
+                      f"({time.perf_counter() - began:.0f} s to build and time)", flush=True)
+                if name in profiled:
+                    summary, table = profile_step(step, device)
+                    print(f"profile of {label}:\n{summary}", flush=True)
+                    if args.out:
+                        tag = name + ("-compiled" if compiled else "")
+                        with open(f"{args.out}/profile-{tag}.txt", "w") as file:
+                            file.write(summary + "\n" + table)
             except Exception as error:  # report and go on: one failing variant must not hide the others
                 print(f"{label}: failed with {type(error).__name__}: {error}", flush=True)
-                continue
-            print(f"{label}: {timings[-1].seconds * 1e3:.1f} ms/step", flush=True)
             if on_gpu:
                 torch.cuda.empty_cache()
     print()
