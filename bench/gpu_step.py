@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from stoa_vlp.batch import TAG_NOUN, TAG_VERB, Batch
 from stoa_vlp.config import Config, load_config
 from stoa_vlp.model import STOAVLP
-from stoa_vlp.objectives import Pretrainer
+from stoa_vlp.objectives import Pretrainer, matching
 
 SOT, EOT = 49406, 49407
 
@@ -87,21 +87,27 @@ class Timing:
 
 
 def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median time of one call of `fn` over `repeats` calls after `warmup`.
+
+    On CUDA the calls run back to back as in a training loop (no host sync between them; a sync
+    inside `fn` stays), each bracketed by CUDA events that are read once all have run.
+    """
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
             start.record()
             fn()
             end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin)
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) / 1e3 for start, end in events)
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - begin)
     return statistics.median(times)
 
 
@@ -265,9 +271,31 @@ def sync_report(step) -> list[str]:
             if "synchroniz" in str(w.message)]
 
 
+class HostMatchingClock:
+    """Records the host time of every Hungarian matching call (`matching.hungarian_on_host`) while installed."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self.solve = matching.hungarian_on_host
+
+    def timed(self, costs):
+        begin = time.perf_counter()
+        pairs = self.solve(costs)
+        self.seconds.append(time.perf_counter() - begin)
+        return pairs
+
+    def __enter__(self):
+        self.seconds.clear()
+        matching.hungarian_on_host = self.timed
+        return self
+
+    def __exit__(self, *exc):
+        matching.hungarian_on_host = self.solve
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=0, help="clips per step (0: largest of 48, 32, 16, ... that fits)")
+    parser.add_argument("--clips", type=int, default=0, help="clips per step (0: largest of 96, 64, 48, 32, ... that fits)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--eager", default=EAGER_DEFAULT, help=f"variants timed eagerly, of {list(VARIANTS)}")
     parser.add_argument("--compiled", default=COMPILED_DEFAULT, help="variants timed under torch.compile ('' = none)")
@@ -275,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="", help="variants to profile (eager, and compiled when timed so)")
     parser.add_argument("--sync-check", action="store_true", help="list the host syncs of one eager full step")
     parser.add_argument("--out", default="", help="folder for the profiler op tables")
+    parser.add_argument("--no-cudnn-attention", action="store_true", help="keep SDPA off its cuDNN backend")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. model.joint_blocks=0")
     args = parser.parse_args(argv)
     eager_names, profiled = variant_names(args.eager), variant_names(args.profile)
@@ -289,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.enable_cudnn_sdp(not args.no_cudnn_attention)
 
     peak = matmul_peak(device)
     print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'CPU (tiny smoke test)'}; "
@@ -319,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         return make_train_step(lambda: loss(model, batch), [{"params": trainable}], autocast)
 
     clips = args.clips or (2 if not on_gpu else 0)
-    candidates = [clips] if clips else [48, 32, 16, 8, 4]
+    candidates = [clips] if clips else [96, 64, 48, 32, 16, 8, 4]
     for clips in candidates:
         try:
             build("full", clips, False)()
@@ -327,8 +357,8 @@ def main(argv: list[str] | None = None) -> None:
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             print(f"{clips} clips per step do not fit; trying fewer", flush=True)
-    print(f"config: {'base' if on_gpu else 'tiny'} {args.set}; {clips} clips x {config.model.frames} frames per step",
-          flush=True)
+    print(f"config: {'base' if on_gpu else 'tiny'} {args.set}; {clips} clips x {config.model.frames} frames per step; "
+          f"SDPA cuDNN backend {'off' if args.no_cudnn_attention else 'allowed'}", flush=True)
 
     if args.sync_check and on_gpu:
         syncs = sync_report(build("full", clips, False))
@@ -342,10 +372,15 @@ def main(argv: list[str] | None = None) -> None:
             began = time.perf_counter()
             try:
                 step = build(name, clips, compiled)
-                timings.append(measure(label, step, device, clips, warmup, repeats, eager_flops.get(name)))
+                with HostMatchingClock() as clock:
+                    timings.append(measure(label, step, device, clips, warmup, repeats, eager_flops.get(name)))
                 eager_flops.setdefault(name, timings[-1].flops)
                 print(f"{label}: {timings[-1].seconds * 1e3:.1f} ms/step "
                       f"({time.perf_counter() - began:.0f} s to build and time)", flush=True)
+                if clock.seconds:
+                    host = statistics.median(clock.seconds)
+                    print(f"  Hungarian matching on the host: median {host * 1e3:.2f} ms per call, "
+                          f"{host / timings[-1].seconds:.1%} of the step", flush=True)
                 if name in profiled:
                     summary, table = profile_step(step, device)
                     print(f"profile of {label}:\n{summary}", flush=True)

@@ -4,6 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -17,20 +18,24 @@ def load_bench():
 
 
 def test_smoke_mode_prints_every_variant(capsys):
-    load_bench().main([])
-    table = capsys.readouterr().out.split("\n\n")[-1]
+    bench = load_bench()
+    bench.main(["--profile", "full"])
+    output = capsys.readouterr().out
+    table = output.split("\n\n")[-1]
     rows = [line for line in table.splitlines() if line and not line.startswith(("what", "-"))]
     names = [row[:44].strip() for row in rows]
-    assert names == [
-        "timm vit_base_patch16_clip_224",
-        "STOA video encoder",
-        "STOA-VLP step without DOTA/STASP",
-        "STOA-VLP full step (6 objectives)",
-    ]
+    assert names == [label for label, _ in bench.VARIANTS.values()]
     for row in rows:
         ms_per_step, clips_per_second, _, gflop = (float(v) for v in row[44:].split()[:4])
         assert ms_per_step > 0 and gflop > 0
         assert abs(clips_per_second - 2 / (ms_per_step / 1e3)) < 0.01 * clips_per_second + 0.1
+    assert "Hungarian matching on the host: median" in output  # timed on the steps with DOTA/STASP
+    assert "profile of STOA-VLP full step" in output
+
+
+def test_unknown_variants_are_rejected():
+    with pytest.raises(SystemExit, match="unknown variant"):
+        load_bench().main(["--eager", "full,fast"])
 
 
 def test_synthetic_batch_is_well_formed():

@@ -386,3 +386,13 @@ def test_roi_align_uses_the_patch_grid_of_the_input_frame():
     centre_y = (boxes[0, 0, :, 1] + boxes[0, 0, :, 3]) / 2 * scale - 0.5
     torch.testing.assert_close(regions[:, 0].mean(dim=(1, 2)), 3 * centre_x + 7 * centre_y)
 
+
+
+def test_patch_embedding_is_the_strided_convolution():
+    config = load_config("tiny").model
+    tower = STOAVLP(config).visual
+    images = torch.randn(3, 3, config.image_size, config.image_size)
+    expected = F.conv2d(images, tower.conv1.weight, stride=config.patch_size).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(tower.patch_embed(images), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="built for 64 px frames, got 48x64"):
+        tower.patch_embed(images[:, :, :48])

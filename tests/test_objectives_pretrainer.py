@@ -31,7 +31,7 @@ def test_a_zero_weight_skips_the_computation():
     pretrainer = Pretrainer(model, config.loss)
     failing = mock.Mock(side_effect=AssertionError("disabled objective computed"))
     with contextlib.ExitStack() as patches:
-        for name in ("vtm_loss", "mlm_loss", "choose_mlm_positions", "sample_hard_negatives"):
+        for name in ("vtm_rows", "mlm_rows", "choose_mlm_positions", "sample_hard_negatives"):
             patches.enter_context(mock.patch(f"stoa_vlp.objectives.pretrainer.{name}", failing))
         encode_text = patches.enter_context(mock.patch.object(model, "encode_text", wraps=model.encode_text))
         losses = pretrainer(make_batch(config))

@@ -10,7 +10,6 @@ with `temporal_embedding`). The CLS output (ln, proj) is the action feature A_m.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from stoa_vlp.config import ModelConfig
@@ -46,9 +45,10 @@ class ActionEncoder(nn.Module):
             valid = torch.cat([valid, box_mask], dim=2)
         context = self.ln_context(context)
         queries = self.ln_query(self.query_embedding).to(context.dtype).expand(batch, frames, -1, -1)  # (B, T, M, W)
-        per_frame = F.scaled_dot_product_attention(
-            queries, context, context, attn_mask=valid[:, :, None, :]
-        )  # (B, T, M, W)
+        # one head as wide as the model: written out, since SDPA's kernels for such a head dim are slow
+        scores = (queries @ context.transpose(-1, -2)) * width**-0.5  # (B, T, M, P+K)
+        scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+        per_frame = torch.softmax(scores.float(), dim=-1).to(context.dtype) @ context  # (B, T, M, W)
         if self.temporal_embedding is not None:
             per_frame = per_frame + self.temporal_embedding.to(per_frame.dtype)[None, :, None, :]
         queries_count = per_frame.shape[2]

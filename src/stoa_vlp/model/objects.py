@@ -126,9 +126,10 @@ class TrajectoryEncoder(nn.Module):
         spread = torch.div(slot * counts[..., None], length, rounding_mode="floor")  # (B, N, S)
         pick = torch.where(counts[..., None] > length, spread, slot)
         order = torch.gather(members_first, 2, pick)  # (B, N, S) box index per slot
-        gathered = torch.gather(
-            flat_tokens[:, None].expand(-1, categories, -1, -1), 2, order[..., None].expand(-1, -1, -1, width)
-        )  # (B, N, S, W)
+        boxes_per_clip = flat_tokens.shape[1]
+        rows = order + torch.arange(batch, device=order.device)[:, None, None] * boxes_per_clip  # into B*T*K rows
+        gathered = flat_tokens.reshape(-1, width).index_select(0, rows.flatten())
+        gathered = gathered.reshape(batch, categories, length, width)  # (B, N, S, W)
         real = slot < counts[..., None]  # (B, N, S)
         cls = self.cls_embedding.to(gathered.dtype).expand(batch, categories, 1, width)
         sequence = torch.cat([cls, gathered], dim=2).flatten(0, 1)  # (B*N, 1+S, W)

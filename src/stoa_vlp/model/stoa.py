@@ -168,9 +168,10 @@ class STOAVLP(nn.Module):
         video: VideoFeatures,
         text_tokens: torch.Tensor,
         text_mask: torch.Tensor,
-        mode: str,
+        mode: str | torch.Tensor,
         extra_slots: torch.Tensor | None = None,
     ) -> FusionOutput:
+        """mode: "bidirectional", "prefix", or a (B,) bool tensor, True at the rows fused in prefix mode."""
         batch, frames = video.frames.shape[:2]
         parts = [video.frames, video.video[:, None, :], video.trajectories, video.actions]
         visual_length = sum(part.shape[1] for part in parts)

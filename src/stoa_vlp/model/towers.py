@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stoa_vlp.config import ModelConfig
@@ -37,6 +38,7 @@ class VideoTower(nn.Module):
         self.action_tap_layer = config.action_tap_layer
         self.object_tap_layer = config.object_tap_layer
         scale = width**-0.5
+        # a Conv2d so that CLIP's `conv1.weight` loads by name; `patch_embed` uses its weight as a matrix
         self.conv1 = nn.Conv2d(3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, width))
@@ -51,9 +53,24 @@ class VideoTower(nn.Module):
         else:
             self.temporal_embedding = None
 
+    def patch_embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, P, W): `conv1` (stride = kernel = patch) computed as one matrix product.
+
+        Cutting the images into patches and multiplying by the flattened kernel is the same
+        function as the convolution; a GPU runs it as a plain GEMM, where cuDNN's convolution
+        kernels for this shape were several times slower (bench/RESULTS.md).
+        """
+        count, channels, height, width = images.shape
+        patch = self.conv1.kernel_size[0]
+        if (height, width) != (self.grid * patch, self.grid * patch):
+            raise ValueError(f"video tower built for {self.grid * patch} px frames, got {height}x{width}")
+        patches = images.reshape(count, channels, self.grid, patch, self.grid, patch)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(count, self.grid**2, -1)  # (N, P, 3*p*p)
+        return F.linear(patches, self.conv1.weight.flatten(1))
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, 1 + P, W) tokens after ln_pre."""
-        x = self.conv1(images).flatten(2).transpose(1, 2)  # (N, P, W)
+        x = self.patch_embed(images)  # (N, P, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         return self.ln_pre(x)

@@ -17,11 +17,13 @@ Decisions (paper.md §2.5-2.6, §6.6, §6.10):
   DOTA pair but keeps its STASP pairs (the reference's early `continue` skips both). A batch
   without any pair gives a loss of 0 that is still attached to the graph.
 - Host traffic: the cost matrices of every sample of both objectives are padded into one tensor
-  (NaN where a row or column is invalid) and moved to the host with one `.cpu()`; the matches come
-  back as one fixed-shape (G, R) tensor of matched columns (-1 = unmatched row) with one
-  `.to(device)`. The host part is kept out of `torch.compile` graphs (`torch.compiler.disable`), and
-  the MSE is a masked mean over all G x R rows, so no shape downstream depends on the pair count
-  (one compiled graph instead of a recompilation per pair count).
+  (NaN where a row or column is invalid) and copied to the host once (`costs_to_host`: on CUDA an
+  asynchronous copy into pinned memory, so the caller can queue more device work, e.g. the fusion
+  objectives, before `matched_columns` waits for it); the matches come back as one fixed-shape
+  (G, R) tensor of matched columns (-1 = unmatched row), asynchronously on CUDA. Both host parts
+  are kept out of `torch.compile` graphs (`torch.compiler.disable`), and the MSE is a masked mean
+  over all G x R rows, so no shape downstream depends on the pair count (one compiled graph
+  instead of a recompilation per pair count).
 """
 
 from __future__ import annotations
@@ -95,28 +97,58 @@ def _pad_rows(tensor: torch.Tensor, rows: int, value) -> torch.Tensor:
     return torch.cat([tensor, padding], dim=1)
 
 
+# copies to the host still in flight: pinned host tensor's address -> CUDA event recorded after the copy
+_copies_in_flight: dict[int, torch.cuda.Event] = {}
+
+
 @torch.compiler.disable
-def matched_columns(costs: torch.Tensor) -> torch.Tensor:
-    """(G, R, C) costs (NaN = invalid) -> (G, R) long on the costs' device: each row's matched column, -1 if none.
+def costs_to_host(costs: torch.Tensor) -> torch.Tensor:
+    """Start the one transfer of the (G, R, C) costs to the host; returns the host tensor (float32).
 
-    The step's one host round trip: one transfer of all costs to the host, one of the matches back.
+    On CUDA the copy goes asynchronously into pinned memory: the host tensor must not be read before
+    `matched_columns` has waited for it. Elsewhere this is a plain copy.
     """
-    host_pairs = hungarian_on_host(costs.float().cpu().numpy())  # (P, 3) group, row, column
-    columns = np.full(costs.shape[:2], -1, dtype=np.int64)
+    costs = costs.detach().float()
+    if costs.device.type != "cuda":
+        return costs.cpu()
+    host = torch.empty(costs.shape, dtype=costs.dtype, pin_memory=True)
+    host.copy_(costs, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    _copies_in_flight[host.data_ptr()] = done
+    return host
+
+
+@torch.compiler.disable
+def matched_columns(host_costs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(G, R, C) host costs from `costs_to_host` (NaN = invalid) -> (G, R) long on `device`: each row's
+    matched column, -1 if none. Waits for the copy (the step's one wait for the device), solves on the
+    host and sends the matches back (asynchronously on CUDA)."""
+    done = _copies_in_flight.pop(host_costs.data_ptr(), None)
+    if done is not None:
+        done.synchronize()
+    host_pairs = hungarian_on_host(host_costs.numpy())  # (P, 3) group, row, column
+    columns = np.full(host_costs.shape[:2], -1, dtype=np.int64)
     columns[host_pairs[:, 0], host_pairs[:, 1]] = host_pairs[:, 2]
-    return torch.from_numpy(columns).to(costs.device)
+    columns = torch.from_numpy(columns)
+    if device.type == "cuda":
+        return columns.pin_memory().to(device, non_blocking=True)
+    return columns.to(device)
 
 
-def alignment_losses(tasks: list[AlignmentTask], similarity: str) -> list[torch.Tensor]:
-    """The MSE over Hungarian-matched pairs for each task, with one host round trip for all of them.
+def stacked_costs(tasks: list[AlignmentTask], similarity: str) -> torch.Tensor:
+    """(G, R, C) costs of every task, G = len(tasks) * B: group g is sample g % B of task g // B."""
+    rows = max(task.predictions.shape[1] for task in tasks)
+    return torch.cat([_pad_rows(alignment_costs(task, similarity), rows, float("nan")) for task in tasks])
 
-    All tasks share the batch size B; group g of the stacked costs is sample g % B of task g // B.
+
+def matched_losses(tasks: list[AlignmentTask], columns: torch.Tensor) -> list[torch.Tensor]:
+    """The MSE over the matched pairs of each task, given the (G, R) matched columns of `stacked_costs`.
+
     A task without any matched pair gives 0, still attached to the graph.
     """
     batch = tasks[0].predictions.shape[0]
-    rows = max(task.predictions.shape[1] for task in tasks)
-    costs = torch.cat([_pad_rows(alignment_costs(task, similarity), rows, float("nan")) for task in tasks])
-    columns = matched_columns(costs)  # (G, R)
+    rows = columns.shape[1]
     matched = columns >= 0
     predictions = torch.cat([_pad_rows(task.predictions, rows, 0.0) for task in tasks]).float()  # (G, R, E)
     targets = torch.cat([task.targets for task in tasks]).float()  # (G, C, E)
@@ -130,3 +162,9 @@ def alignment_losses(tasks: list[AlignmentTask], similarity: str) -> list[torch.
         pairs = matched[task_rows].sum().to(squared_errors.dtype)
         losses.append(squared_errors[task_rows].sum() / pairs.clamp(min=1.0))
     return losses
+
+
+def alignment_losses(tasks: list[AlignmentTask], similarity: str) -> list[torch.Tensor]:
+    """The MSE over Hungarian-matched pairs for each task, with one host round trip for all of them."""
+    host_costs = costs_to_host(stacked_costs(tasks, similarity))
+    return matched_losses(tasks, matched_columns(host_costs, tasks[0].predictions.device))

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stoa_vlp.objectives.fusion_rows import FusionRows, fuse_rows
+
 MASK_INPUT_ID = 0
 
 
@@ -48,20 +50,32 @@ def masked_input_ids(tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor
     return tokens.masked_fill(masked, MASK_INPUT_ID)
 
 
-def position_logits(model, video, masked_text_tokens: torch.Tensor, text_mask: torch.Tensor,
-                    masked: torch.Tensor) -> torch.Tensor:
-    """Vocabulary logits (B, L, V) at every text position of the bidirectional fusion of the masked caption.
+def mlm_rows(model, video, masked_text_tokens: torch.Tensor, text_mask: torch.Tensor,
+             masked: torch.Tensor) -> FusionRows:
+    """The bidirectional fusion rows of the masked caption: [MASK] embeddings at the masked positions.
 
     masked_text_tokens: (B, L, E) text-tower features of the masked caption.
     """
     fusion_text = torch.where(masked[..., None], model.mask_embedding.to(masked_text_tokens.dtype), masked_text_tokens)
-    fused = model.fuse(video, fusion_text, text_mask, mode="bidirectional")
-    return model.lm_logits(fused.text)
+    return FusionRows(video, fusion_text, text_mask, prefix=False)
 
 
-def mlm_loss(model, video, masked_text_tokens, text_mask, masked, tokens) -> torch.Tensor:
-    """Mean cross-entropy at the masked positions; 0 (still attached to the graph) when nothing is masked."""
-    logits = position_logits(model, video, masked_text_tokens, text_mask, masked)  # (B, L, V)
+def position_logits(model, video, masked_text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                    masked: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits (B, L, V) at every text position of the bidirectional fusion of the masked caption."""
+    return model.lm_logits(fuse_rows(model, mlm_rows(model, video, masked_text_tokens, text_mask, masked)).text)
+
+
+def mlm_loss_from_fused(model, fused_text: torch.Tensor, masked: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy at the masked positions given the fused text outputs (B, L, E) of `mlm_rows`;
+    0 (still attached to the graph) when nothing is masked."""
+    logits = model.lm_logits(fused_text)  # (B, L, V)
     errors = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")  # (B*L,)
     weights = masked.flatten().to(errors.dtype)
     return (errors * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def mlm_loss(model, video, masked_text_tokens, text_mask, masked, tokens) -> torch.Tensor:
+    """`mlm_loss_from_fused` of the masked caption fused on its own."""
+    fused = fuse_rows(model, mlm_rows(model, video, masked_text_tokens, text_mask, masked))
+    return mlm_loss_from_fused(model, fused.text, masked, tokens)

@@ -2,8 +2,9 @@
 
 Decisions (paper.md §2.4 and §6.7):
 - One fusion pass in "prefix" mode (visual positions never see text; text sees all visual
-  positions and earlier text). The reference runs one pass per prefix length; with this mask the
-  single pass gives the same predictions (tested against the prefix-by-prefix loop).
+  positions and earlier text); the pre-training step stacks these rows with the VTM and MLM rows.
+  The reference runs one pass per prefix length; with this mask the single pass gives the same
+  predictions (tested against the prefix-by-prefix loop).
 - Per caption a start s is drawn uniformly from its word positions 1..e-1 (e = the end token's
   position); the targets are the tokens s..e, end token included, each predicted from the
   fusion output one position earlier. A caption without word tokens scores its end token only.
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from stoa_vlp.objectives.fusion_rows import FusionRows, fuse_rows
 
 
 def sample_suffix_starts(text_mask: torch.Tensor) -> torch.Tensor:
@@ -32,15 +35,24 @@ def scored_positions(text_mask: torch.Tensor, starts: torch.Tensor) -> torch.Ten
     return (position >= starts[:, None]) & (position <= end)
 
 
-def plm_loss(model, video, text_tokens: torch.Tensor, text_mask: torch.Tensor, tokens: torch.Tensor,
-             starts: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy at the targets s..e.
+def plm_rows(video, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> FusionRows:
+    """The prefix-mode fusion rows of the clean caption; text_tokens (B, L, E) text-tower features."""
+    return FusionRows(video, text_tokens, text_mask, prefix=True)
 
-    text_tokens: (B, L, E) text-tower features of the clean caption; tokens: (B, L) ids.
-    """
-    fused = model.fuse(video, text_tokens, text_mask, mode="prefix")
+
+def plm_loss_from_fused(model, fused_text: torch.Tensor, text_mask: torch.Tensor, tokens: torch.Tensor,
+                        starts: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy at the targets s..e, given the fused text outputs (B, L, E) of
+    `plm_rows`; tokens: (B, L) ids."""
     targets = scored_positions(text_mask, starts)[:, 1:]  # (B, L-1): position 0 is never a target
-    logits = model.lm_logits(fused.text[:, :-1])  # (B, L-1, V): position i predicts token i+1
+    logits = model.lm_logits(fused_text[:, :-1])  # (B, L-1, V): position i predicts token i+1
     errors = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
     weights = targets.flatten().to(errors.dtype)
     return (errors * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def plm_loss(model, video, text_tokens: torch.Tensor, text_mask: torch.Tensor, tokens: torch.Tensor,
+             starts: torch.Tensor) -> torch.Tensor:
+    """`plm_loss_from_fused` of the clean caption fused on its own."""
+    fused = fuse_rows(model, plm_rows(video, text_tokens, text_mask))
+    return plm_loss_from_fused(model, fused.text, text_mask, tokens, starts)

@@ -7,13 +7,15 @@ DDP wraps the Pretrainer, so the towers, every fusion pass and every loss run in
 One step:
 1. The video tower (with trajectories and actions) runs once. The text tower runs once on the
    clean caption stacked with its MLM-masked copy (the copy only when MLM is on).
-2. VTC and VTM share the all-gathered normalised embeddings; VTM draws its hard negatives from
+2. DOTA and STASP start their one shared transfer of cost matrices to the host (asynchronous on
+   CUDA), so the device keeps working on steps 3-4 while the host waits for it and matches.
+3. VTC and VTM share the all-gathered normalised embeddings; VTM draws its hard negatives from
    their similarity (no gradient) and gathers the negatives' features from all ranks.
-3. MLM (bidirectional fusion of the masked copy) and PLM (prefix fusion of the clean caption)
-   reuse the tower outputs.
-4. DOTA and STASP share one host round trip for their Hungarian matchings.
-Random draws (MLM positions, VTM negatives, PLM suffix starts) use torch's global RNG, in this
-order, so a seeded step repeats exactly. With `loss.fusion_stop_gradient` the frame and
+4. VTM (3B pairs), MLM (bidirectional rows of the masked copy) and PLM (prefix rows of the clean
+   caption) reuse the tower outputs and run through the fusion encoder as one batch of 5B rows.
+5. The Hungarian matchings finish on the host; their matches come back for the DOTA/STASP MSE.
+Random draws (MLM positions, VTM negatives, then head dropout and PLM suffix starts in the order
+of the losses) use torch's global RNG, so a seeded step repeats exactly. With `loss.fusion_stop_gradient` the frame and
 text-token features entering the VTM/MLM/PLM fusion are detached, as in the reference code
 (trajectories and actions stay attached); by default the towers learn from every objective.
 """
@@ -29,11 +31,20 @@ from torch import nn
 from stoa_vlp.batch import TAG_NOUN, TAG_VERB, Batch
 from stoa_vlp.config import LossConfig
 from stoa_vlp.objectives.distributed import gather_features, map_tensor_fields
-from stoa_vlp.objectives.matching import SIMILARITIES, AlignmentTask, alignment_losses, text_candidates
-from stoa_vlp.objectives.mlm import choose_mlm_positions, masked_input_ids, mlm_loss
-from stoa_vlp.objectives.plm import plm_loss, sample_suffix_starts
+from stoa_vlp.objectives.fusion_rows import FusionRows, fuse_together
+from stoa_vlp.objectives.matching import (
+    SIMILARITIES,
+    AlignmentTask,
+    costs_to_host,
+    matched_columns,
+    matched_losses,
+    stacked_costs,
+    text_candidates,
+)
+from stoa_vlp.objectives.mlm import choose_mlm_positions, masked_input_ids, mlm_loss_from_fused, mlm_rows
+from stoa_vlp.objectives.plm import plm_loss_from_fused, plm_rows, sample_suffix_starts
 from stoa_vlp.objectives.vtc import VIDEO_FEATURES, ContrastiveEmbeddings, clamped_scale, video_embedding, vtc_loss
-from stoa_vlp.objectives.vtm import sample_hard_negatives, vtm_loss
+from stoa_vlp.objectives.vtm import sample_hard_negatives, vtm_loss_from_fused, vtm_rows
 
 OBJECTIVES = ("vtc", "vtm", "mlm", "plm", "dota", "stasp")
 
@@ -92,8 +103,8 @@ class Pretrainer(nn.Module):
         video = dataclasses.replace(video, frames=video.frames.detach(), video=video.video.detach())
         return video, dataclasses.replace(text, tokens=text.tokens.detach(), sentence=text.sentence.detach())
 
-    def contrastive(self, video, text, batch: Batch, losses: dict) -> None:
-        """VTC and/or VTM, which share the gathered embeddings."""
+    def contrastive(self, video, text, batch: Batch, losses: dict):
+        """VTC into `losses`; with VTM, (its fusion rows, valid caption-negatives, valid video-negatives)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and "vtc" in self.weights):
             embeddings = ContrastiveEmbeddings.gather(
                 video_embedding(video.frames, video.video, self.loss_config.vtc_video_feature),
@@ -102,19 +113,19 @@ class Pretrainer(nn.Module):
             )
         if "vtc" in self.weights:
             losses["vtc"] = vtc_loss(embeddings, self.model.logit_scale, self.loss_config.local_loss)
-        if "vtm" in self.weights:
-            with torch.no_grad():
-                scale = clamped_scale(self.model.logit_scale)
-                positives = embeddings.positives()  # (B, W*B)
-                negative_video = sample_hard_negatives(scale * embeddings.text @ embeddings.all_video.T, positives)
-                negative_text = sample_hard_negatives(scale * embeddings.video @ embeddings.all_text.T, positives)
-            video, text = self.fusion_inputs(video, text)
-            losses["vtm"] = vtm_loss(
-                self.model, video, text, gather_features(video), gather_features(text), negative_video, negative_text
-            )
+        if "vtm" not in self.weights:
+            return None
+        with torch.no_grad():
+            scale = clamped_scale(self.model.logit_scale)
+            positives = embeddings.positives()  # (B, W*B)
+            negative_video = sample_hard_negatives(scale * embeddings.text @ embeddings.all_video.T, positives)
+            negative_text = sample_hard_negatives(scale * embeddings.video @ embeddings.all_text.T, positives)
+        video, text = self.fusion_inputs(video, text)
+        rows = vtm_rows(video, text, gather_features(video), gather_features(text), negative_video, negative_text)
+        return rows, negative_video[1], negative_text[1]
 
-    def alignment(self, video, text, batch: Batch, losses: dict) -> None:
-        """DOTA and/or STASP with one host round trip for both matchings."""
+    def start_alignment(self, video, text, batch: Batch) -> tuple[list[str], list[AlignmentTask], torch.Tensor]:
+        """DOTA and/or STASP: (names, tasks, host costs) with the costs' transfer to the host started."""
         names, tasks = [], []
         for name, predictions, prediction_mask, tag in (
             ("dota", video.trajectories, video.traj_mask, TAG_NOUN),
@@ -124,7 +135,7 @@ class Pretrainer(nn.Module):
                 targets, target_mask = text_candidates(text.tokens, text.sentence, batch.text_mask, batch.pos_tags, tag)
                 names.append(name)
                 tasks.append(AlignmentTask(predictions, prediction_mask, targets, target_mask))
-        losses.update(zip(names, alignment_losses(tasks, self.loss_config.match_similarity)))
+        return names, tasks, costs_to_host(stacked_costs(tasks, self.loss_config.match_similarity))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         mlm_positions = None
@@ -132,20 +143,36 @@ class Pretrainer(nn.Module):
             mlm_positions = choose_mlm_positions(batch.text_mask, self.loss_config.mlm_probability)
         video, clean, masked = self.encode(batch, mlm_positions)
         losses: dict[str, torch.Tensor] = {}
+        alignment = None
+        if "dota" in self.weights or "stasp" in self.weights:
+            alignment = self.start_alignment(video, clean, batch)
+        rows: dict[str, FusionRows] = {}
+        vtm = None
         if "vtc" in self.weights or "vtm" in self.weights:
-            self.contrastive(video, clean, batch, losses)
+            vtm = self.contrastive(video, clean, batch, losses)
+        if vtm is not None:
+            rows["vtm"] = vtm[0]
         if "mlm" in self.weights:
             fusion_video, fusion_masked = self.fusion_inputs(video, masked)
-            losses["mlm"] = mlm_loss(
-                self.model, fusion_video, fusion_masked.tokens, batch.text_mask, mlm_positions, batch.tokens
-            )
+            rows["mlm"] = mlm_rows(self.model, fusion_video, fusion_masked.tokens, batch.text_mask, mlm_positions)
+        if "plm" in self.weights:
+            fusion_video, fusion_clean = self.fusion_inputs(video, clean)
+            rows["plm"] = plm_rows(fusion_video, fusion_clean.tokens, batch.text_mask)
+        fused = {}
+        if rows:
+            for name, output in zip(rows, fuse_together(self.model, list(rows.values()))):
+                fused[name] = output
+        if vtm is not None:
+            losses["vtm"] = vtm_loss_from_fused(self.model, fused["vtm"], vtm[1], vtm[2])
+        if "mlm" in self.weights:
+            losses["mlm"] = mlm_loss_from_fused(self.model, fused["mlm"].text, mlm_positions, batch.tokens)
         if "plm" in self.weights:
             starts = sample_suffix_starts(batch.text_mask)
-            fusion_video, fusion_clean = self.fusion_inputs(video, clean)
-            losses["plm"] = plm_loss(
-                self.model, fusion_video, fusion_clean.tokens, batch.text_mask, batch.tokens, starts
-            )
-        if "dota" in self.weights or "stasp" in self.weights:
-            self.alignment(video, clean, batch, losses)
+            losses["plm"] = plm_loss_from_fused(self.model, fused["plm"].text, batch.text_mask, batch.tokens, starts)
+        if alignment is not None:
+            names, tasks, host_costs = alignment
+            columns = matched_columns(host_costs, batch.tokens.device)  # (G, R): the one wait for the device
+            for name, loss in zip(names, matched_losses(tasks, columns)):
+                losses[name] = loss
         total = sum(self.weights[name] * losses[name] for name in OBJECTIVES if name in losses)
         return {"loss": total, **{name: losses[name].detach() for name in OBJECTIVES if name in losses}}

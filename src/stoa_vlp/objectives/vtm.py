@@ -11,20 +11,21 @@ exponential-race form of sampling, argmax(p / q) with q ~ Exp(1), which is what
 `torch.multinomial(p, 1)` computes (the same draws) minus the validity check that older torch
 versions make with a host sync.
 
-The fusion encoder runs once, bidirectionally, on [positives; caption-negatives; video-negatives]
-(3B pairs, fixed shapes: no host sync) and `model.match_logits` gives the 2-way logits; the loss
-is the mean cross-entropy over the pairs of weight 1. Negatives from other ranks come through
+The fusion encoder runs bidirectionally on [positives; caption-negatives; video-negatives]
+(3B pairs, fixed shapes: no host sync; `vtm_rows`), in the pre-training step together with the
+MLM and PLM rows, and `model.match_logits` gives the 2-way logits; the loss is the mean
+cross-entropy over the pairs of weight 1 (`vtm_loss_from_fused`). Negatives from other ranks come through
 `gather_features`, with gradient, so their owning rank's towers get the gradient as on one rank.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
+from stoa_vlp.model.stoa import FusionOutput
 from stoa_vlp.objectives.distributed import map_tensor_fields
+from stoa_vlp.objectives.fusion_rows import FusionRows, concat_rows, fuse_rows
 
 
 def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,33 +43,34 @@ def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor) -> 
     return (probabilities / race).argmax(dim=1), has_negative
 
 
-def concat_rows(parts: list):
-    """Concatenate feature dataclasses of the same type along their batch dimension."""
-    first = parts[0]
-    names = [f.name for f in dataclasses.fields(first) if isinstance(getattr(first, f.name), torch.Tensor)]
-    return dataclasses.replace(first, **{name: torch.cat([getattr(p, name) for p in parts]) for name in names})
-
-
 def select_rows(features, index: torch.Tensor):
     return map_tensor_fields(lambda tensor: tensor.index_select(0, index), features)
 
 
-def vtm_loss(model, video, text, all_video, all_text, negative_video, negative_text) -> torch.Tensor:
-    """2-way matching cross-entropy on B positive pairs and 2B hard-negative pairs.
+def vtm_rows(video, text, all_video, all_text, negative_video, negative_text) -> FusionRows:
+    """The 3B pairs to fuse: [positives; (negative video, caption); (video, negative caption)].
 
     video, text: this rank's VideoFeatures / TextFeatures (B rows); all_video, all_text: gathered
     over ranks (W*B rows). negative_video: (index (B,), valid (B,)) into all_video, one per caption;
-    negative_text: (index, valid) into all_text, one per video. A pair whose negative is not valid
-    is still fused (fixed shapes, no host sync) but weighs 0 in the mean.
+    negative_text: (index, valid) into all_text, one per video.
     """
-    video_index, video_valid = negative_video
-    text_index, text_valid = negative_text
-    pair_video = concat_rows([video, select_rows(all_video, video_index), video])
-    pair_text = concat_rows([text, text, select_rows(all_text, text_index)])
-    fused = model.fuse(pair_video, pair_text.tokens, pair_text.mask, mode="bidirectional")
+    pair_video = concat_rows([video, select_rows(all_video, negative_video[0]), video])
+    pair_text = concat_rows([text, text, select_rows(all_text, negative_text[0])])
+    return FusionRows(pair_video, pair_text.tokens, pair_text.mask, prefix=False)
+
+
+def vtm_loss_from_fused(model, fused: FusionOutput, video_valid: torch.Tensor, text_valid: torch.Tensor):
+    """2-way matching cross-entropy over the fused pairs of `vtm_rows`; a pair whose negative is not
+    valid (video_valid / text_valid False) weighs 0 in the mean."""
     logits = model.match_logits(fused)  # (3B, 2)
     positives = torch.ones_like(video_valid)
     labels = torch.cat([positives, torch.zeros_like(video_valid), torch.zeros_like(text_valid)]).long()
     weights = torch.cat([positives, video_valid, text_valid]).float()
     pair_losses = F.cross_entropy(logits.float(), labels, reduction="none")
     return (pair_losses * weights).sum() / weights.sum()
+
+
+def vtm_loss(model, video, text, all_video, all_text, negative_video, negative_text) -> torch.Tensor:
+    """2-way matching cross-entropy on B positive pairs and 2B hard-negative pairs, fused on their own."""
+    fused = fuse_rows(model, vtm_rows(video, text, all_video, all_text, negative_video, negative_text))
+    return vtm_loss_from_fused(model, fused, negative_video[1], negative_text[1])
