@@ -268,7 +268,7 @@ def sync_report(step) -> list[str]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught
-            if "synchroniz" in str(w.message)]
+            if "called a synchronizing" in str(w.message)]
 
 
 class HostMatchingClock:
@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
                 with HostMatchingClock() as clock:
                     timings.append(measure(label, step, device, clips, warmup, repeats, eager_flops.get(name)))
                 eager_flops.setdefault(name, timings[-1].flops)
-                print(f"{label}: {timings[-1].seconds * 1e3:.1f} ms/step "
+                done = timings[-1]
+                print(f"{label}: {done.seconds * 1e3:.1f} ms/step, MFU {done.flops / done.seconds / peak:.1%} "
                       f"({time.perf_counter() - began:.0f} s to build and time)", flush=True)
                 if clock.seconds:
                     host = statistics.median(clock.seconds)

@@ -396,3 +396,21 @@ def test_patch_embedding_is_the_strided_convolution():
     torch.testing.assert_close(tower.patch_embed(images), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="built for 64 px frames, got 48x64"):
         tower.patch_embed(images[:, :, :48])
+
+
+def test_layer_norm_keeps_the_input_dtype_under_autocast_as_clip_does():
+    config = load_config("tiny").model
+    model = STOAVLP(config)
+    frames = torch.randn(1, config.frames, 3, config.image_size, config.image_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tower = model.visual(frames)
+        normalised = model.visual.ln_pre(torch.randn(2, 8, config.vision_width, dtype=torch.bfloat16))
+    assert normalised.dtype == torch.bfloat16
+    assert tower.action_tap.dtype == torch.bfloat16  # the residual stream was never promoted to float32
+    torch.testing.assert_close(
+        model.visual.ln_pre(torch.ones(2, config.vision_width) * torch.arange(config.vision_width)),
+        torch.nn.functional.layer_norm(
+            torch.ones(2, config.vision_width) * torch.arange(config.vision_width), (config.vision_width,),
+            model.visual.ln_pre.weight, model.visual.ln_pre.bias,
+        ),
+    )

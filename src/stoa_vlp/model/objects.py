@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from stoa_vlp.config import ModelConfig
-from stoa_vlp.model.transformer import Transformer, key_padding_mask
+from stoa_vlp.model.transformer import LayerNorm, Transformer, key_padding_mask
 
 ROI_OUTPUT_SIZE = 2  # RoIAlign output cells per side; the region MLP's outputs are max-pooled over them
 
@@ -97,7 +97,7 @@ class TrajectoryEncoder(nn.Module):
         self.transformer = Transformer(
             width, config.object_layers, config.vision_heads, config.quick_gelu, config.grad_checkpointing
         )
-        self.ln = nn.LayerNorm(width)
+        self.ln = LayerNorm(width)
         self.proj = nn.Parameter(width**-0.5 * torch.randn(width, config.embed_dim))
 
     def forward(
