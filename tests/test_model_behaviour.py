@@ -398,19 +398,14 @@ def test_patch_embedding_is_the_strided_convolution():
         tower.patch_embed(images[:, :, :48])
 
 
-def test_layer_norm_keeps_the_input_dtype_under_autocast_as_clip_does():
+def test_roi_align_reads_the_right_frame_beyond_256_frames_with_bf16_features():
+    """Frame rows and boxes go to RoIAlign in float32: in bf16, row 299 would round to 300."""
     config = load_config("tiny").model
-    model = STOAVLP(config)
-    frames = torch.randn(1, config.frames, 3, config.image_size, config.image_size)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        tower = model.visual(frames)
-        normalised = model.visual.ln_pre(torch.randn(2, 8, config.vision_width, dtype=torch.bfloat16))
-    assert normalised.dtype == torch.bfloat16
-    assert tower.action_tap.dtype == torch.bfloat16  # the residual stream was never promoted to float32
-    torch.testing.assert_close(
-        model.visual.ln_pre(torch.ones(2, config.vision_width) * torch.arange(config.vision_width)),
-        torch.nn.functional.layer_norm(
-            torch.ones(2, config.vision_width) * torch.arange(config.vision_width), (config.vision_width,),
-            model.visual.ln_pre.weight, model.visual.ln_pre.bias,
-        ),
-    )
+    tokens = STOAVLP(config).object_tokens
+    frames, grid = 300, config.image_size // config.patch_size
+    labels = (torch.arange(frames) % 5 + 1).float()  # exact in bf16; a neighbouring frame has another label
+    patch_map = labels[:, None, None, None].expand(frames, 2, grid, grid)
+    boxes = torch.tensor([8.0, 8.0, 40.0, 40.0]).expand(1, frames, 1, 4)  # one box per frame
+    regions = tokens.regions(patch_map.to(torch.bfloat16), boxes)  # (frames, 2, s, s)
+    assert regions.dtype == torch.bfloat16
+    assert torch.equal(regions.float().amax(dim=(1, 2, 3)), labels)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from stoa_vlp.config import ModelConfig
-from stoa_vlp.model.transformer import LayerNorm, Transformer
+from stoa_vlp.model.transformer import Transformer
 
 
 class ActionEncoder(nn.Module):
@@ -21,8 +21,8 @@ class ActionEncoder(nn.Module):
         super().__init__()
         width = config.vision_width
         self.query_embedding = nn.Parameter(width**-0.5 * torch.randn(config.action_queries, width))
-        self.ln_query = LayerNorm(width)
-        self.ln_context = LayerNorm(width)
+        self.ln_query = nn.LayerNorm(width)
+        self.ln_context = nn.LayerNorm(width)
         if config.temporal_embedding:
             self.temporal_embedding = nn.Parameter(0.01 * torch.randn(config.frames, width))
         else:
@@ -30,7 +30,7 @@ class ActionEncoder(nn.Module):
         self.transformer = Transformer(
             width, config.action_layers, config.vision_heads, config.quick_gelu, config.grad_checkpointing
         )
-        self.ln = LayerNorm(width)
+        self.ln = nn.LayerNorm(width)
         self.proj = nn.Parameter(width**-0.5 * torch.randn(width, config.embed_dim))
 
     def forward(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from stoa_vlp.config import ModelConfig
-from stoa_vlp.model.transformer import LayerNorm, Transformer
+from stoa_vlp.model.transformer import Transformer
 
 MODES = ("bidirectional", "prefix")
 
@@ -28,7 +28,7 @@ class FusionEncoder(nn.Module):
         self.transformer = Transformer(
             width, config.fusion_layers, config.text_heads, config.quick_gelu, config.grad_checkpointing
         )
-        self.ln_final = LayerNorm(width)
+        self.ln_final = nn.LayerNorm(width)
 
     @torch.no_grad()
     def initialise_from_text(self, text_tower: nn.Module) -> None:

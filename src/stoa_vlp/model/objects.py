@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from stoa_vlp.config import ModelConfig
-from stoa_vlp.model.transformer import LayerNorm, Transformer, key_padding_mask
+from stoa_vlp.model.transformer import Transformer, key_padding_mask
 
 ROI_OUTPUT_SIZE = 2  # RoIAlign output cells per side; the region MLP's outputs are max-pooled over them
 
@@ -46,13 +46,13 @@ class ObjectTokens(nn.Module):
     def regions(self, patch_map: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """RoIAlign of every box on its frame's patch map: (B*T, W, g, g), (B, T, K, 4) -> (B*T*K, W, s, s)."""
         slots = boxes.shape[2]
-        frame_index = torch.arange(patch_map.shape[0], device=boxes.device, dtype=patch_map.dtype)
-        rois = torch.cat(
-            [frame_index.repeat_interleave(slots)[:, None], boxes.reshape(-1, 4).to(patch_map.dtype)], dim=1
-        )  # (B*T*K, 5): frame row in patch_map, x0, y0, x1, y1
-        return roi_align(
-            patch_map, rois, ROI_OUTPUT_SIZE, spatial_scale=self.spatial_scale, sampling_ratio=2, aligned=True
+        # in float32 whatever the features' dtype: bf16 holds integers exactly only up to 256 (frame rows)
+        frame_index = torch.arange(patch_map.shape[0], device=boxes.device, dtype=torch.float32)
+        rois = torch.cat([frame_index.repeat_interleave(slots)[:, None], boxes.reshape(-1, 4).float()], dim=1)
+        regions = roi_align(  # (B*T*K, W, s, s); rois: frame row in patch_map, x0, y0, x1, y1
+            patch_map.float(), rois, ROI_OUTPUT_SIZE, spatial_scale=self.spatial_scale, sampling_ratio=2, aligned=True
         )
+        return regions.to(patch_map.dtype)
 
     def check_labels(self, box_labels: torch.Tensor) -> None:
         """ValueError for labels outside the table; on an accelerator an asynchronous assert (no host sync)."""
@@ -97,7 +97,7 @@ class TrajectoryEncoder(nn.Module):
         self.transformer = Transformer(
             width, config.object_layers, config.vision_heads, config.quick_gelu, config.grad_checkpointing
         )
-        self.ln = LayerNorm(width)
+        self.ln = nn.LayerNorm(width)
         self.proj = nn.Parameter(width**-0.5 * torch.randn(width, config.embed_dim))
 
     def forward(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stoa_vlp.config import ModelConfig
-from stoa_vlp.model.transformer import LayerNorm, Transformer
+from stoa_vlp.model.transformer import Transformer
 
 
 @dataclass
@@ -42,11 +42,11 @@ class VideoTower(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, width))
-        self.ln_pre = LayerNorm(width)
+        self.ln_pre = nn.LayerNorm(width)
         self.transformer = Transformer(
             width, config.vision_layers, config.vision_heads, config.quick_gelu, config.grad_checkpointing
         )
-        self.ln_post = LayerNorm(width)
+        self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, config.embed_dim))
         if config.temporal_embedding and config.joint_blocks > 0:
             self.temporal_embedding = nn.Parameter(0.01 * torch.randn(config.frames, width))
@@ -113,7 +113,7 @@ class TextTower(nn.Module):
         self.transformer = Transformer(
             width, config.text_layers, config.text_heads, config.quick_gelu, config.grad_checkpointing
         )
-        self.ln_final = LayerNorm(width)
+        self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(width**-0.5 * torch.randn(width, config.embed_dim))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 

@@ -16,17 +16,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-class LayerNorm(nn.LayerNorm):
-    """CLIP's LayerNorm: normalises in float32 under autocast and returns the input's dtype.
-
-    So under bf16 autocast a residual stream that starts in bf16 (the video tower's) stays in bf16, as
-    in OpenAI CLIP and open_clip, instead of being promoted to float32 by the first normalisation.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x).to(x.dtype)
-
-
 class QuickGELU(nn.Module):
     """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
 
@@ -63,9 +52,9 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, width: int, heads: int, quick_gelu: bool):
         super().__init__()
-        self.ln_1 = LayerNorm(width)
+        self.ln_1 = nn.LayerNorm(width)
         self.attn = SelfAttention(width, heads)
-        self.ln_2 = LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(
             OrderedDict(
                 c_fc=nn.Linear(width, 4 * width),
