@@ -10,8 +10,9 @@ warm-up, median of at least 10 steps) each variant of VARIANTS chosen by --eager
     and compiled (the baseline).
 Model FLOPs come from `torch.utils.flop_counter.FlopCounterMode`; MFU is measured against a bf16
 matrix product timed in the same run. --profile prints where the device time of a variant goes
-(kernel families and top kernels, torch.profiler); --sync-check lists the host syncs of an eager
-step (`torch.cuda.set_sync_debug_mode`). On the CPU it runs the `tiny` configuration as a smoke test.
+(kernel families and top kernels, torch.profiler; with --out also the op table and a gzipped
+Chrome trace of the timeline); --sync-check lists the host syncs of an eager step
+(`torch.cuda.set_sync_debug_mode`); --compile-mode picks the torch.compile mode. On the CPU it runs the `tiny` configuration as a smoke test.
 
     python bench/gpu_step.py                 # CUDA: base model; CPU: tiny smoke test
     python bench/gpu_step.py --clips 16 --compiled '' --profile full --sync-check
@@ -21,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
+import os
+import shutil
 import statistics
 import time
 from contextlib import nullcontext
@@ -142,6 +146,7 @@ def make_train_step(loss_of, parameters, autocast):
     optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=parameters[0]["params"][0].is_cuda)
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (reduce-overhead); else a no-op
         with autocast():
             loss = loss_of()
         loss.backward()
@@ -236,8 +241,9 @@ def kernel_summary(profiler, steps: int, wall_seconds: float, top: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def profile_step(step, device: torch.device, steps: int = 3, top: int = 30) -> tuple[str, str]:
-    """(kernel summary, op table) of `steps` calls of `step` under torch.profiler."""
+def profile_step(step, device: torch.device, steps: int = 3, top: int = 30, trace: str = "") -> tuple[str, str]:
+    """(kernel summary, op table) of `steps` calls of `step` under torch.profiler; with `trace`, the
+    timeline is also written there as a gzipped Chrome trace (chrome://tracing, Perfetto)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -251,6 +257,12 @@ def profile_step(step, device: torch.device, steps: int = 3, top: int = 30) -> t
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - begin
+    if trace:
+        plain = trace.removesuffix(".gz")
+        profiler.export_chrome_trace(plain)
+        with open(plain, "rb") as raw, gzip.open(trace, "wb") as packed:
+            shutil.copyfileobj(raw, packed)
+        os.remove(plain)
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort_key, row_limit=60, max_name_column_width=90)
     return kernel_summary(profiler, steps, wall, top), table
@@ -302,7 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="same as --compiled ''")
     parser.add_argument("--profile", default="", help="variants to profile (eager, and compiled when timed so)")
     parser.add_argument("--sync-check", action="store_true", help="list the host syncs of one eager full step")
-    parser.add_argument("--out", default="", help="folder for the profiler op tables")
+    parser.add_argument("--out", default="", help="folder for the profiler op tables and timelines (.json.gz)")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode, e.g. reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs")
     parser.add_argument("--no-cudnn-attention", action="store_true", help="keep SDPA off its cuDNN backend")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. model.joint_blocks=0")
     args = parser.parse_args(argv)
@@ -334,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
             frames = batch.frames.flatten(0, 1)  # (B*T, 3, H, W)
             shape = {} if on_gpu else dict(img_size=config.model.image_size, depth=2, embed_dim=64, num_heads=2)
             vit = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=0, **shape).to(device)
-            runner = torch.compile(vit) if compiled else vit
+            runner = torch.compile(vit, mode=args.compile_mode) if compiled else vit
             return make_train_step(
                 lambda: runner(frames).float().square().mean(), [{"params": list(vit.parameters())}], autocast
             )
@@ -342,9 +356,9 @@ def main(argv: list[str] | None = None) -> None:
         what = VARIANTS[name][1]
         if isinstance(what, dict):
             pretrainer = Pretrainer(model, dataclasses.replace(config.loss, **what)).to(device)
-            runner = torch.compile(pretrainer) if compiled else pretrainer
+            runner = torch.compile(pretrainer, mode=args.compile_mode) if compiled else pretrainer
             return make_train_step(lambda: runner(batch)["loss"], model.param_groups(1e-5, 0.01, 0.2), autocast)
-        loss = torch.compile(what) if compiled else what
+        loss = torch.compile(what, mode=args.compile_mode) if compiled else what
         trainable = [p for p in model.parameters() if p.requires_grad]
         return make_train_step(lambda: loss(model, batch), [{"params": trainable}], autocast)
 
@@ -383,10 +397,11 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  Hungarian matching on the host: median {host * 1e3:.2f} ms per call, "
                           f"{host / timings[-1].seconds:.1%} of the step", flush=True)
                 if name in profiled:
-                    summary, table = profile_step(step, device)
+                    tag = name + ("-compiled" if compiled else "")
+                    trace = f"{args.out}/trace-{tag}.json.gz" if args.out else ""
+                    summary, table = profile_step(step, device, trace=trace)
                     print(f"profile of {label}:\n{summary}", flush=True)
                     if args.out:
-                        tag = name + ("-compiled" if compiled else "")
                         with open(f"{args.out}/profile-{tag}.txt", "w") as file:
                             file.write(summary + "\n" + table)
             except Exception as error:  # report and go on: one failing variant must not hide the others

@@ -1,6 +1,8 @@
 """The GPU benchmark's CPU smoke mode: builds the tiny model, times every variant, prints the table."""
 
+import gzip
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -50,3 +52,11 @@ def test_synthetic_batch_is_well_formed():
     ends = (batch.tokens == bench.EOT).int().argmax(1)
     assert torch.all(batch.text_mask.sum(1) == ends + 1)
     assert torch.all(batch.pos_tags[~batch.text_mask] == 0) and torch.all(batch.pos_tags[:, 0] == 0)
+
+
+def test_profile_files_hold_the_op_table_and_a_chrome_trace(tmp_path):
+    load_bench().main(["--eager", "full", "--profile", "full", "--out", str(tmp_path)])
+    assert "Self CPU" in (tmp_path / "profile-full.txt").read_text()
+    with gzip.open(tmp_path / "trace-full.json.gz", "rt") as file:
+        trace = json.load(file)
+    assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
