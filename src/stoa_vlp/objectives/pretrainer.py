@@ -15,9 +15,10 @@ One step:
    caption) reuse the tower outputs and run through the fusion encoder as one batch of 5B rows.
 5. The Hungarian matchings finish on the host; their matches come back for the DOTA/STASP MSE.
 Random draws (MLM positions, VTM negatives, then head dropout and PLM suffix starts in the order
-of the losses) use torch's global RNG, so a seeded step repeats exactly. With `loss.fusion_stop_gradient` the frame and
-text-token features entering the VTM/MLM/PLM fusion are detached, as in the reference code
-(trajectories and actions stay attached); by default the towers learn from every objective.
+of the losses) use torch's global RNG, so a seeded step repeats exactly. With
+`loss.fusion_stop_gradient` the frame and text-token features entering the VTM/MLM/PLM fusion are
+detached, as in the reference code (trajectories and actions stay attached); by default the towers
+learn from every objective.
 """
 
 from __future__ import annotations
