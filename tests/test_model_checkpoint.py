@@ -257,6 +257,17 @@ def test_a_checkpoint_loads_at_another_frame_count_with_resampled_frame_tables(t
     assert video.shape == (2, 8, config.embed_dim) and torch.isfinite(video).all()
 
 
+def test_load_pretrained_takes_model_overrides_such_as_another_frame_count(tmp_path):
+    saved = STOAVLP(load_config("tiny").model)  # 4 frames
+    save_pretrained(saved, tmp_path / "ckpt")
+    model = load_pretrained(tmp_path / "ckpt", frames=6)
+    assert model.config.frames == 6 and model.visual.temporal_embedding.shape == (6, 64)
+    torch.testing.assert_close(model.visual.temporal_embedding[5], saved.visual.temporal_embedding[3])
+    torch.testing.assert_close(model.text.token_embedding.weight, saved.text.token_embedding.weight)
+    with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['frame'\]"):
+        load_pretrained(tmp_path / "ckpt", frame=6)
+
+
 def test_another_frame_count_does_not_excuse_another_width(tmp_path):
     save_pretrained(STOAVLP(load_config("tiny").model), tmp_path / "ckpt")
     model = STOAVLP(load_config("tiny", ["model.frames=8", "model.vision_width=32"]).model)

@@ -182,8 +182,12 @@ def save_pretrained(model: STOAVLP, directory: str | Path) -> None:
         json.dump({"model": dataclasses.asdict(model.config)}, handle, indent=2)
 
 
-def load_pretrained(directory: str | Path) -> STOAVLP:
-    """The model saved by `save_pretrained` in `directory` (in train mode, as built)."""
+def load_pretrained(directory: str | Path, **model_overrides) -> STOAVLP:
+    """The model saved by `save_pretrained` in `directory` (in train mode, as built).
+
+    `model_overrides` change its model config before the weights load, e.g. `frames=8`: the frame
+    tables are then resampled along time (`load_model_weights`); a key ModelConfig lacks is an error.
+    """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for needed in (config_path, weights_path):
@@ -195,7 +199,10 @@ def load_pretrained(directory: str | Path) -> STOAVLP:
         config = from_dict({"model": values["model"]}).model
     except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as error:
         raise CheckpointError(f"{config_path}: not a valid model config ({error})") from error
-    model = STOAVLP(config)
+    unknown = sorted(set(model_overrides) - {field.name for field in dataclasses.fields(config)})
+    if unknown:
+        raise ValueError(f"load_pretrained: unknown model config key(s) {unknown}")
+    model = STOAVLP(dataclasses.replace(config, **model_overrides))
     load_model_weights(model, weights_path)
     return model
 
