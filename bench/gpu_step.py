@@ -10,9 +10,11 @@ warm-up, median of at least 10 steps) each variant of VARIANTS chosen by --eager
     and compiled (the baseline).
 Model FLOPs come from `torch.utils.flop_counter.FlopCounterMode`; MFU is measured against a bf16
 matrix product timed in the same run. --profile prints where the device time of a variant goes
-(kernel families and top kernels, torch.profiler; with --out also the op table and a gzipped
-Chrome trace of the timeline); --sync-check lists the host syncs of an eager step
-(`torch.cuda.set_sync_debug_mode`); --compile-mode picks the torch.compile mode. On the CPU it runs the `tiny` configuration as a smoke test.
+(kernel families and top kernels, torch.profiler) and where the device idles (gaps between
+kernels, named by the host ops running meanwhile); with --out also the op table and a gzipped
+Chrome trace of the timeline; --sync-check lists the host syncs of an eager step
+(`torch.cuda.set_sync_debug_mode`); --compile-mode picks the torch.compile mode. On the CPU it
+runs the `tiny` configuration as a smoke test.
 
     python bench/gpu_step.py                 # CUDA: base model; CPU: tiny smoke test
     python bench/gpu_step.py --clips 16 --compiled '' --profile full --sync-check
@@ -30,6 +32,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -241,6 +244,51 @@ def kernel_summary(profiler, steps: int, wall_seconds: float, top: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def idle_gaps(spans: list[tuple[float, float]], min_gap: float) -> list[tuple[float, float]]:
+    """The stretches of at least `min_gap` between the first start and the last end of `spans`
+    ((start, end) pairs, e.g. kernels on any stream) that no span covers, in time order."""
+    gaps, covered_until = [], None
+    for start, end in sorted(spans):
+        if covered_until is not None and start - covered_until >= min_gap:
+            gaps.append((covered_until, start))
+        covered_until = end if covered_until is None else max(covered_until, end)
+    return gaps
+
+
+def ops_running_at(starts: np.ndarray, ends: np.ndarray, names: list[str], moment: float) -> list[str]:
+    """Names of the host ops whose span holds `moment`, outermost first."""
+    holding = np.flatnonzero((starts <= moment) & (ends >= moment))
+    return [names[i] for i in sorted(holding, key=lambda i: (starts[i], -ends[i]))]
+
+
+def idle_summary(events, steps: int, min_gap_us: float = 20.0, top: int = 12) -> str:
+    """Where the device idles: gaps between kernels (any stream) of at least `min_gap_us`, each named
+    by the host ops running in its middle (what the CPU was doing while the GPU waited)."""
+    device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    gaps = idle_gaps([(e.time_range.start, e.time_range.end) for e in device], min_gap_us)
+    starts = np.array([e.time_range.start for e in host], dtype=np.float64)
+    ends = np.array([e.time_range.end for e in host], dtype=np.float64)
+    names = [e.name for e in host]
+    total = sum(end - start for start, end in gaps)
+    lines = [f"device idle: {total / 1e3 / steps:.1f} ms/step in gaps of at least {min_gap_us:.0f} us "
+             f"({len(gaps) / steps:.0f} per step)"]
+    by_op: dict[str, float] = {}
+    largest = sorted(gaps, key=lambda gap: gap[0] - gap[1])
+    for start, end in largest:
+        running = ops_running_at(starts, ends, names, (start + end) / 2)
+        innermost = running[-1] if running else "(no host op)"
+        by_op[innermost] = by_op.get(innermost, 0.0) + end - start
+    lines.append("  idle by the innermost host op running (ms/step):")
+    for name, micros in sorted(by_op.items(), key=lambda item: -item[1])[:top]:
+        lines.append(f"    {micros / 1e3 / steps:7.2f}  {name[:100]}")
+    lines.append("  largest gaps (ms; host ops, outermost first):")
+    for start, end in largest[:top]:
+        running = ops_running_at(starts, ends, names, (start + end) / 2)
+        lines.append(f"    {(end - start) / 1e3:7.2f}  {' > '.join(name[:40] for name in running[-4:]) or '(no host op)'}")
+    return "\n".join(lines) + "\n"
+
+
 def profile_step(step, device: torch.device, steps: int = 3, top: int = 30, trace: str = "") -> tuple[str, str]:
     """(kernel summary, op table) of `steps` calls of `step` under torch.profiler; with `trace`, the
     timeline is also written there as a gzipped Chrome trace (chrome://tracing, Perfetto)."""
@@ -265,7 +313,10 @@ def profile_step(step, device: torch.device, steps: int = 3, top: int = 30, trac
         os.remove(plain)
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort_key, row_limit=60, max_name_column_width=90)
-    return kernel_summary(profiler, steps, wall, top), table
+    summary = kernel_summary(profiler, steps, wall, top)
+    if device.type == "cuda":
+        summary += idle_summary(profiler.events(), steps)
+    return summary, table
 
 
 def sync_report(step) -> list[str]:

@@ -4,6 +4,7 @@ import gzip
 import importlib.util
 import json
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,30 @@ def test_profile_files_hold_the_op_table_and_a_chrome_trace(tmp_path):
     with gzip.open(tmp_path / "trace-full.json.gz", "rt") as file:
         trace = json.load(file)
     assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
+
+
+def test_idle_gaps_merge_overlapping_kernels_and_skip_short_gaps():
+    bench = load_bench()
+    spans = [(50, 60), (0, 10), (5, 30), (32, 40), (100, 120), (110, 115)]
+    assert bench.idle_gaps(spans, min_gap=5) == [(40, 50), (60, 100)]
+    assert bench.idle_gaps(spans, min_gap=1) == [(30, 32), (40, 50), (60, 100)]
+
+
+def test_idle_summary_names_what_the_host_did_while_the_device_waited():
+    bench = load_bench()
+
+    def event(name, start, end, device):
+        kind = torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=kind)
+
+    events = [
+        event("gemm", 0, 100, True), event("Memcpy DtoH", 100, 110, True), event("gemm", 510, 600, True),
+        event("gemm", 640, 700, True),
+        event("step", 0, 700, False), event("matched_columns", 105, 505, False),
+        event("hungarian", 200, 480, False), event("optimizer", 605, 650, False),
+    ]
+    summary = bench.idle_summary(events, steps=1, min_gap_us=20)
+    assert "device idle: 0.4 ms/step" in summary  # 400 us + 40 us
+    lines = summary.splitlines()
+    assert lines[2].split() == ["0.40", "hungarian"] and lines[3].split() == ["0.04", "optimizer"]
+    assert "step > matched_columns > hungarian" in summary
