@@ -438,15 +438,15 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 step = build(name, clips, compiled)
                 with HostMatchingClock() as clock:
-                    timings.append(measure(label, step, device, clips, warmup, repeats, eager_flops.get(name)))
-                eager_flops.setdefault(name, timings[-1].flops)
-                done = timings[-1]
+                    done = measure(label, step, device, clips, warmup, repeats, eager_flops.get(name))
+                timings.append(done)
+                eager_flops.setdefault(name, done.flops)
                 print(f"{label}: {done.seconds * 1e3:.1f} ms/step, MFU {done.flops / done.seconds / peak:.1%} "
                       f"({time.perf_counter() - began:.0f} s to build and time)", flush=True)
                 if clock.seconds:
                     host = statistics.median(clock.seconds)
                     print(f"  Hungarian matching on the host: median {host * 1e3:.2f} ms per call, "
-                          f"{host / timings[-1].seconds:.1%} of the step", flush=True)
+                          f"{host / done.seconds:.1%} of the step", flush=True)
                 if name in profiled:
                     tag = name + ("-compiled" if compiled else "")
                     trace = f"{args.out}/trace-{tag}.json.gz" if args.out else ""

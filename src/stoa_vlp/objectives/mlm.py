@@ -73,9 +73,3 @@ def mlm_loss_from_fused(model, fused_text: torch.Tensor, masked: torch.Tensor, t
     errors = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")  # (B*L,)
     weights = masked.flatten().to(errors.dtype)
     return (errors * weights).sum() / weights.sum().clamp(min=1.0)
-
-
-def mlm_loss(model, video, masked_text_tokens, text_mask, masked, tokens) -> torch.Tensor:
-    """`mlm_loss_from_fused` of the masked caption fused on its own."""
-    fused = fuse_rows(model, mlm_rows(model, video, masked_text_tokens, text_mask, masked))
-    return mlm_loss_from_fused(model, fused.text, masked, tokens)

@@ -14,8 +14,9 @@ versions make with a host sync.
 The fusion encoder runs bidirectionally on [positives; caption-negatives; video-negatives]
 (3B pairs, fixed shapes: no host sync; `vtm_rows`), in the pre-training step together with the
 MLM and PLM rows, and `model.match_logits` gives the 2-way logits; the loss is the mean
-cross-entropy over the pairs of weight 1 (`vtm_loss_from_fused`). Negatives from other ranks come through
-`gather_features`, with gradient, so their owning rank's towers get the gradient as on one rank.
+cross-entropy over the pairs of weight 1 (`vtm_loss_from_fused`). Negatives from other ranks come
+through `gather_features`, with gradient, so their owning rank's towers get the gradient as on one
+rank.
 """
 
 from __future__ import annotations
