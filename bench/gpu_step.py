@@ -133,9 +133,8 @@ def matmul_peak(device: torch.device) -> float:
     return 2 * n**3 / seconds
 
 
-def measure(name, fn, device, items, warmup, repeats, flops: float | None = None) -> Timing:
-    """Median time of `fn`; its FLOPs are counted on this call unless given (compiled variants reuse eager counts)."""
-    flops = count_flops(fn) if flops is None else flops
+def measure(name, fn, device, items, warmup, repeats, flops: float) -> Timing:
+    """Median time of `fn`, which does `flops` model FLOPs per call."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = median_seconds(fn, device, warmup, repeats)
@@ -195,15 +194,24 @@ def text_loss(model: STOAVLP, batch: Batch) -> torch.Tensor:
     return model.encode_text(tokens, torch.cat([batch.text_mask, batch.text_mask])).tokens.float().square().mean()
 
 
-# name -> (table label, what runs: a loss of (model, batch), or a dict of loss-weight overrides for the Pretrainer)
+@dataclass(frozen=True)
+class Variant:
+    label: str  # table label
+    run: object  # a loss of (model, batch); a dict of loss-weight overrides for the Pretrainer; None = timm
+    model: tuple = ()  # model-config overrides, (name, value) pairs
+
+
+LOW_PRECISION = (("low_precision_residual", True),)
 VARIANTS = {
-    "timm": ("timm vit_base_patch16_clip_224", None),
-    "tower": ("STOA video tower (ViT + joint blocks)", tower_loss),
-    "encoder": ("STOA video side (+ objects, actions)", encoder_loss),
-    "text": ("STOA text tower (2B captions)", text_loss),
-    "no-fusion": ("step without VTM/MLM/PLM", {"vtm": 0.0, "mlm": 0.0, "plm": 0.0}),
-    "no-align": ("step without DOTA/STASP", {"dota": 0.0, "stasp": 0.0}),
-    "full": ("STOA-VLP full step (6 objectives)", {}),
+    "timm": Variant("timm vit_base_patch16_clip_224", None),
+    "tower": Variant("STOA video tower (ViT + joint blocks)", tower_loss),
+    "tower-lowp": Variant("STOA video tower, bf16 residual", tower_loss, LOW_PRECISION),
+    "encoder": Variant("STOA video side (+ objects, actions)", encoder_loss),
+    "text": Variant("STOA text tower (2B captions)", text_loss),
+    "no-fusion": Variant("step without VTM/MLM/PLM", {"vtm": 0.0, "mlm": 0.0, "plm": 0.0}),
+    "no-align": Variant("step without DOTA/STASP", {"dota": 0.0, "stasp": 0.0}),
+    "full": Variant("STOA-VLP full step (6 objectives)", {}),
+    "full-lowp": Variant("full step, bf16 residual", {}, LOW_PRECISION),
 }
 EAGER_DEFAULT = "timm,tower,encoder,text,no-fusion,no-align,full"
 COMPILED_DEFAULT = "timm,tower,full"
@@ -403,8 +411,9 @@ def main(argv: list[str] | None = None) -> None:
             return make_train_step(
                 lambda: runner(frames).float().square().mean(), [{"params": list(vit.parameters())}], autocast
             )
-        model = STOAVLP(config.model).to(device)
-        what = VARIANTS[name][1]
+        variant = VARIANTS[name]
+        model = STOAVLP(dataclasses.replace(config.model, **dict(variant.model))).to(device)
+        what = variant.run
         if isinstance(what, dict):
             pretrainer = Pretrainer(model, dataclasses.replace(config.loss, **what)).to(device)
             runner = torch.compile(pretrainer, mode=args.compile_mode) if compiled else pretrainer
@@ -433,14 +442,19 @@ def main(argv: list[str] | None = None) -> None:
     eager_flops: dict[str, float] = {}
     for compiled, names in ((False, eager_names), (True, compiled_names)):
         for name in names:
-            label = VARIANTS[name][0] + (", compiled" if compiled else "")
+            label = VARIANTS[name].label + (", compiled" if compiled else "")
             began = time.perf_counter()
             try:
+                if compiled and name not in eager_flops:  # FLOPs are counted on an eager step
+                    eager_flops[name] = count_flops(build(name, clips, False))
+                    if on_gpu:
+                        torch.cuda.empty_cache()
                 step = build(name, clips, compiled)
+                if name not in eager_flops:
+                    eager_flops[name] = count_flops(step)
                 with HostMatchingClock() as clock:
-                    done = measure(label, step, device, clips, warmup, repeats, eager_flops.get(name))
+                    done = measure(label, step, device, clips, warmup, repeats, eager_flops[name])
                 timings.append(done)
-                eager_flops.setdefault(name, done.flops)
                 print(f"{label}: {done.seconds * 1e3:.1f} ms/step, MFU {done.flops / done.seconds / peak:.1%} "
                       f"({time.perf_counter() - began:.0f} s to build and time)", flush=True)
                 if clock.seconds:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from stoa_vlp.config import load_config
 from stoa_vlp.model import STOAVLP, VideoFeatures
 from stoa_vlp.model.objects import ROI_OUTPUT_SIZE
+from stoa_vlp.model.transformer import InputDtypeLayerNorm
 from stoa_vlp.tokenizer import Tokenizer
 
 CAPTIONS = ["a man is riding a horse on the beach", "a red ball rolls to the left", "two dogs"]
@@ -308,6 +309,20 @@ def test_bf16_autocast_runs_close_to_fp32():
             logits = model.lm_logits(out["prefix"].text)
     assert torch.isfinite(logits).all()
     assert (out["prefix"].hidden.float() - full).abs().mean() < 0.1 * full.abs().mean()
+
+
+def test_low_precision_residual_changes_only_the_video_tower_layer_norms_and_nothing_without_autocast():
+    plain = make_model()
+    low = make_model("model.low_precision_residual=true")
+    low.load_state_dict(plain.state_dict())
+    inputs = make_inputs(plain.config)
+    with torch.no_grad():
+        assert_same_real_outputs(plain, run_all(plain, inputs), run_all(low, inputs), inputs["text_mask"])
+    # CUDA autocast computes layer_norm in float32; these cast the result back (CPU autocast keeps bf16 anyway)
+    casting = {name for name, module in low.named_modules() if isinstance(module, InputDtypeLayerNorm)}
+    blocks = [f"visual.transformer.resblocks.{i}.ln_{j}" for i in range(low.config.vision_layers) for j in (1, 2)]
+    assert casting == {"visual.ln_pre", *blocks}
+    assert not any(isinstance(module, InputDtypeLayerNorm) for module in plain.modules())
 
 
 def test_config_errors_are_clear():

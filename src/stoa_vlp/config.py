@@ -61,6 +61,9 @@ class ModelConfig:
     head_dropout: float = 0.1
     # execution
     grad_checkpointing: bool = False
+    # under autocast, keep the video tower's residual stream in bf16/fp16 (open_clip) instead of
+    # float32 (timm); the same function without autocast
+    low_precision_residual: bool = False
     init_checkpoint: str = ""  # OpenAI CLIP .pt or open_clip checkpoint to initialise the towers from
 
 

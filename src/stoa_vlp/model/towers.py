@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stoa_vlp.config import ModelConfig
-from stoa_vlp.model.transformer import Transformer
+from stoa_vlp.model.transformer import Transformer, layer_norm
 
 
 @dataclass
@@ -42,9 +42,10 @@ class VideoTower(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=config.patch_size, stride=config.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid**2 + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
+        self.ln_pre = layer_norm(width, config.low_precision_residual)
         self.transformer = Transformer(
-            width, config.vision_layers, config.vision_heads, config.quick_gelu, config.grad_checkpointing
+            width, config.vision_layers, config.vision_heads, config.quick_gelu, config.grad_checkpointing,
+            config.low_precision_residual,
         )
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, config.embed_dim))

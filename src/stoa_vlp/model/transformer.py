@@ -23,6 +23,18 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class InputDtypeLayerNorm(nn.LayerNorm):
+    """LayerNorm whose output has its input's dtype (open_clip's): under autocast, F.layer_norm computes
+    in float32 and this casts back, so a bf16 residual stream stays bf16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).to(x.dtype)
+
+
+def layer_norm(width: int, low_precision_residual: bool) -> nn.LayerNorm:
+    return InputDtypeLayerNorm(width) if low_precision_residual else nn.LayerNorm(width)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a packed input projection (nn.MultiheadAttention's layout)."""
 
@@ -48,13 +60,18 @@ class SelfAttention(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """x + attn(ln_1(x)); x + mlp(ln_2(x)), MLP 4x wide."""
+    """x + attn(ln_1(x)); x + mlp(ln_2(x)), MLP 4x wide.
 
-    def __init__(self, width: int, heads: int, quick_gelu: bool):
+    With `low_precision_residual` the LayerNorms return their input's dtype, so under autocast x stays
+    in bf16/fp16 between blocks (half the bytes per elementwise op); otherwise float32 LayerNorm
+    outputs make it float32 after the first block. Without autocast both are the same function.
+    """
+
+    def __init__(self, width: int, heads: int, quick_gelu: bool, low_precision_residual: bool = False):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = layer_norm(width, low_precision_residual)
         self.attn = SelfAttention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = layer_norm(width, low_precision_residual)
         self.mlp = nn.Sequential(
             OrderedDict(
                 c_fc=nn.Linear(width, 4 * width),
@@ -71,11 +88,21 @@ class ResidualBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of residual blocks; `grad_checkpointing` recomputes each block in the backward pass."""
 
-    def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool, grad_checkpointing: bool = False):
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        quick_gelu: bool,
+        grad_checkpointing: bool = False,
+        low_precision_residual: bool = False,
+    ):
         super().__init__()
         self.width = width
         self.grad_checkpointing = grad_checkpointing
-        self.resblocks = nn.ModuleList(ResidualBlock(width, heads, quick_gelu) for _ in range(layers))
+        self.resblocks = nn.ModuleList(
+            ResidualBlock(width, heads, quick_gelu, low_precision_residual) for _ in range(layers)
+        )
 
     def run_block(
         self, index: int, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
