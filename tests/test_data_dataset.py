@@ -197,6 +197,19 @@ def test_shards_resample_in_training_and_skip_bad_members(world, shards, tmp_pat
         list(evaluation)
 
 
+def test_stream_order_follows_the_data_position(world, shards):
+    def drawn(resample: bool, epoch: int, start_batch: int, count: int = 12) -> list[str]:
+        dataset = WebDatasetShards(shards, tiny(world), training=True, resample=resample, shuffle_buffer=4)
+        dataset.set_position(epoch, start_batch)
+        return [sample.video_id for _, sample in zip(range(count), dataset)]
+
+    assert drawn(True, 0, 0) == drawn(True, 0, 0)  # a position gives one stream
+    assert drawn(True, 0, 5) != drawn(True, 0, 0)  # a resumed run does not replay the start
+    epochs = [drawn(False, epoch, 0) for epoch in range(3)]  # without resampling: all 6 videos per epoch
+    assert all(sorted(order) == [f"video{i}" for i in range(6)] for order in epochs)
+    assert len({tuple(order) for order in epochs}) > 1  # shuffled anew each epoch
+
+
 def test_objects_follow_the_decoded_frame_times(tmp_path):
     # noise-free detections of a 64x64 world: the crop is the identity, so each sampled frame's
     # boxes are the detections at exactly that frame's time

@@ -250,12 +250,30 @@ class ToyStream(torch.utils.data.IterableDataset):
             index += 1
 
 
-def test_streamed_dataset_trains_and_counts_its_position(tmp_path):
-    trainer = toy_trainer(toy_config("train.steps=3", "train.grad_accum=2"), tmp_path / "run", dataset=ToyStream())
+class PositionedToyStream(ToyStream):
+    """A stream that records the positions the trainer seeds it from (as WebDatasetShards does)."""
+
+    def __init__(self):
+        self.positions = []
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        self.positions.append((epoch, start_batch))
+
+
+def test_streamed_dataset_trains_counts_its_position_and_resumes_from_it(tmp_path, caplog):
+    config = toy_config("train.steps=3", "train.grad_accum=2")
+    first = PositionedToyStream()
+    trainer = toy_trainer(config, tmp_path / "run", dataset=first)
     result = trainer.fit()
-    assert result.step == 3 and trainer.sampler.start_batch == 6
+    assert result.step == 3 and trainer.sampler.start_batch == 6 and first.positions == [(0, 0)]
     state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "state.json").read_text())
     assert state["data_position"] == 6
+    again = PositionedToyStream()
+    resumed = toy_trainer(toy_config("train.steps=5", "train.grad_accum=2"), tmp_path / "run", dataset=again)
+    with caplog.at_level(logging.WARNING, logger="stoa_vlp.train.loop"):
+        assert resumed.fit(resume="latest").step == 5
+    assert again.positions == [(0, 6)] and resumed.sampler.start_batch == 10
+    assert "resumed stream is seeded from batch 6" in caplog.text
 
 
 class SkippingToyDataset(ToyDataset):

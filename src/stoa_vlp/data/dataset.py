@@ -362,12 +362,17 @@ class WebDatasetShards(IterableDataset):
         self.shuffle_buffer = shuffle_buffer if training else 0
         self.seed = config.train.seed
         self.epoch = 0
+        self.start_batch = 0
         self.builder = SampleBuilder(config, training, detections, label_vocab, tag_cache)
         self.label_vocab = label_vocab
         self.skips = skips if skips is not None else SkipCounter(config.data.max_bad_samples)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        """Seed the next stream from the trainer's data position (epoch, batches already consumed):
+        each epoch of a non-resampled stream is shuffled anew, and a run resumed at batch S draws a
+        stream of its own instead of replaying the one its first run began with. A stream has no
+        exact position: the resumed samples differ from those of an uninterrupted run."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def _consumer(self) -> tuple[int, int]:
         """This reader's index among all (rank, worker) readers, and their count."""
@@ -418,7 +423,7 @@ class WebDatasetShards(IterableDataset):
 
     def __iter__(self) -> Iterator[Sample]:
         consumer, _ = self._consumer()
-        rng = random.Random(f"{self.seed}-{self.epoch}-{consumer}-{torch.initial_seed() if self.resample else 0}")
+        rng = random.Random(f"{self.seed}-{self.epoch}-{self.start_batch}-{consumer}")
         sample_rng = np.random.default_rng(rng.getrandbits(63))
         buffer: list[tuple[str, str, bytes | None, str | None]] = []
         for shard in self._shard_order(rng):

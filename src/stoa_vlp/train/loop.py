@@ -90,7 +90,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.train.precision == "amp_fp16")
         self.forward = torch.compile(self.wrapped) if self.train.compile else self.wrapped
         # a streamed dataset (WebDataset shards) orders and splits its samples itself: its position
-        # is counted but not restored (see load_checkpoint)
+        # is counted, and a resumed stream is seeded from it (`set_position`), not replayed exactly
         self.streamed = isinstance(train_dataset, IterableDataset)
         self.dataset = train_dataset if self.streamed else SeededDataset(train_dataset)
         self.sampler = ResumableSampler(
@@ -108,6 +108,8 @@ class Trainer:
     def _loader(self) -> DataLoader:
         workers = self.config.data.num_workers
         epoch = self.sampler.epoch
+        if self.streamed and hasattr(self.dataset, "set_position"):
+            self.dataset.set_position(epoch, self.sampler.start_batch)
         return DataLoader(
             self.dataset,
             batch_size=self.config.data.batch_size,
@@ -212,7 +214,14 @@ class Trainer:
         self.skipped_batches = state["skipped_batches"]
         self.best_value = state["best_value"]
         if self.streamed:
-            log.warning("%s: streamed training data restarts its stream on resume (no exact data position)", folder)
+            self.sampler.set_position(state["epoch"], state["data_position"])
+            if hasattr(self.dataset, "set_position"):
+                log.warning("%s: streamed training data has no exact position: the resumed stream is seeded "
+                            "from batch %d, so its samples differ from an uninterrupted run's", folder,
+                            state["data_position"])
+            else:
+                log.warning("%s: %s has no set_position: its stream restarts on resume", folder,
+                            type(self.dataset).__name__)
         elif state["world_size"] == self.env.world_size:
             self.sampler.set_position(state["epoch"], state["data_position"])
         else:
