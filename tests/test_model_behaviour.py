@@ -12,6 +12,7 @@ from stoa_vlp.model import STOAVLP, VideoFeatures
 from stoa_vlp.model.objects import ROI_OUTPUT_SIZE
 from stoa_vlp.model.transformer import InputDtypeLayerNorm
 from stoa_vlp.tokenizer import Tokenizer
+from torchvision.ops import roi_align
 
 CAPTIONS = ["a man is riding a horse on the beach", "a red ball rolls to the left", "two dogs"]
 
@@ -392,15 +393,56 @@ def test_roi_align_uses_the_patch_grid_of_the_input_frame():
     grid = model.config.image_size // model.config.patch_size
     steps = torch.arange(grid, dtype=torch.float32)
     rows, columns = torch.meshgrid(steps, steps, indexing="ij")
-    patch_map = (3 * columns + 7 * rows)[None, None].expand(1, 2, grid, grid).contiguous()
+    patch_tokens = (3 * columns + 7 * rows).reshape(1, grid * grid, 1).expand(1, grid * grid, 2)
     boxes = torch.tensor([[[[16.0, 16.0, 32.0, 48.0], [20.0, 12.0, 44.0, 28.0]]]])  # (1, 1, 2, 4) pixels
-    regions = objects.regions(patch_map, boxes)
-    assert regions.shape == (2, 2, ROI_OUTPUT_SIZE, ROI_OUTPUT_SIZE)
+    regions = objects.regions(patch_tokens, boxes)
+    assert regions.shape == (2, ROI_OUTPUT_SIZE**2, 2)
     scale = grid / model.config.image_size
     centre_x = (boxes[0, 0, :, 0] + boxes[0, 0, :, 2]) / 2 * scale - 0.5  # aligned=True: pixel centres
     centre_y = (boxes[0, 0, :, 1] + boxes[0, 0, :, 3]) / 2 * scale - 0.5
-    torch.testing.assert_close(regions[:, 0].mean(dim=(1, 2)), 3 * centre_x + 7 * centre_y)
+    torch.testing.assert_close(regions[:, :, 0].mean(dim=1), 3 * centre_x + 7 * centre_y)
+    with pytest.raises(ValueError, match="built for a 4x4 patch grid, got 9 patches"):
+        objects.regions(torch.zeros(1, 9, 2), boxes)
 
+
+def test_roi_align_equals_torchvision_forward_and_backward():
+    """The GEMM form against torchvision's roi_align (aligned, sampling ratio 2), borders included."""
+    objects = make_model().object_tokens
+    grid, size = objects.grid, objects.image_size
+    generator = torch.Generator().manual_seed(0)
+    frames, slots, width = 6, 5, 3
+    corner = torch.rand(frames, slots, 2, generator=generator) * size * 1.2 - size * 0.2  # some reach outside
+    boxes = torch.cat([corner, corner + torch.rand(frames, slots, 2, generator=generator) * size * 0.8], dim=-1)
+    boxes[0, 0] = torch.tensor([0.0, 0.0, 0.0, 0.0])  # a padded box
+    boxes[0, 1] = torch.tensor([0.0, 0.0, size, size])  # the whole frame
+    boxes[0, 2] = torch.tensor([size - 1.0, size - 1.0, size, size])  # a corner pixel: past the last centre
+    boxes[0, 3] = torch.tensor([-size, -size, -size / 2, -size / 2])  # wholly outside
+    boxes[0, 4] = torch.tensor([10.0, 12.0, 10.5, 12.5])  # smaller than a patch
+    patch_tokens = torch.randn(frames, grid * grid, width, generator=generator, requires_grad=True)
+    grad_out = torch.randn(frames * slots, ROI_OUTPUT_SIZE**2, width, generator=generator)
+    ours = objects.regions(patch_tokens, boxes[None])
+    (ours * grad_out).sum().backward()
+    patch_map = patch_tokens.detach().transpose(1, 2).reshape(frames, width, grid, grid).requires_grad_()
+    rois = torch.cat([torch.arange(frames).repeat_interleave(slots)[:, None].float(), boxes.reshape(-1, 4)], dim=1)
+    reference = roi_align(patch_map, rois, ROI_OUTPUT_SIZE, spatial_scale=grid / size, sampling_ratio=2, aligned=True)
+    reference = reference.flatten(2).transpose(1, 2)  # (R, s*s, W)
+    (reference * grad_out).sum().backward()
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(patch_tokens.grad, patch_map.grad.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    assert ours[3].abs().sum() == 0  # a box wholly outside the frame reads nothing
+
+
+def test_roi_align_in_bf16_reads_each_box_from_its_own_frame_beyond_256_frames():
+    """300 frames with neighbouring frames labelled apart: bf16 regions stay within 1% of their frame's label."""
+    config = load_config("tiny").model
+    tokens = STOAVLP(config).object_tokens
+    frames, patches = 300, tokens.grid**2
+    labels = (torch.arange(frames) % 5 + 1).float()
+    patch_tokens = labels[:, None, None].expand(frames, patches, 2)
+    boxes = torch.tensor([8.0, 8.0, 40.0, 40.0]).expand(1, frames, 1, 4)  # one box per frame
+    regions = tokens.regions(patch_tokens.to(torch.bfloat16), boxes)  # (frames, s*s, 2)
+    assert regions.dtype == torch.bfloat16
+    torch.testing.assert_close(regions.float().amax(dim=(1, 2)), labels, atol=0, rtol=0.01)
 
 
 def test_patch_embedding_is_the_strided_convolution():
@@ -411,16 +453,3 @@ def test_patch_embedding_is_the_strided_convolution():
     torch.testing.assert_close(tower.patch_embed(images), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="built for 64 px frames, got 48x64"):
         tower.patch_embed(images[:, :, :48])
-
-
-def test_roi_align_reads_the_right_frame_beyond_256_frames_with_bf16_features():
-    """Frame rows and boxes go to RoIAlign in float32: in bf16, row 299 would round to 300."""
-    config = load_config("tiny").model
-    tokens = STOAVLP(config).object_tokens
-    frames, grid = 300, config.image_size // config.patch_size
-    labels = (torch.arange(frames) % 5 + 1).float()  # exact in bf16; a neighbouring frame has another label
-    patch_map = labels[:, None, None, None].expand(frames, 2, grid, grid)
-    boxes = torch.tensor([8.0, 8.0, 40.0, 40.0]).expand(1, frames, 1, 4)  # one box per frame
-    regions = tokens.regions(patch_map.to(torch.bfloat16), boxes)  # (frames, 2, s, s)
-    assert regions.dtype == torch.bfloat16
-    assert torch.equal(regions.float().amax(dim=(1, 2, 3)), labels)

@@ -1,4 +1,4 @@
-"""Object tokens (RoIAlign on a ViT patch map) and the Object Trajectory Encoder.
+"""Object tokens (RoIAlign on a ViT block's patch tokens) and the Object Trajectory Encoder.
 
 Object token o_{t,k} = maxpool(MLP(RoIAlign(patch map_t, box))) + MLP(box / image_size)
                        + E_frame[t] + E_slot[k] + E_label[class]          (width W of the ViT)
@@ -14,16 +14,38 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.ops import roi_align
 
 from stoa_vlp.config import ModelConfig
 from stoa_vlp.model.transformer import Transformer, key_padding_mask
 
 ROI_OUTPUT_SIZE = 2  # RoIAlign output cells per side; the region MLP's outputs are max-pooled over them
+ROI_SAMPLES = 2  # bilinear samples per cell and axis (torchvision's sampling_ratio)
 
 
 def mlp(in_width: int, width: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_width, width), nn.GELU(), nn.Linear(width, width))
+
+
+def roi_axis_weights(low: torch.Tensor, high: torch.Tensor, size: int) -> torch.Tensor:
+    """RoIAlign along one axis as weights on the grid: box edges (R,) in grid units, cell centres at
+    integers (aligned=True) -> (R, ROI_OUTPUT_SIZE, size).
+
+    Output cell c averages ROI_SAMPLES bilinear samples spread evenly over its bin, with torchvision's
+    border rules: a sample beyond [-1, size] reads nothing, one in [-1, 0] reads cell 0, one past the
+    last cell centre reads the last cell.
+    """
+    bin_size = (high - low) / ROI_OUTPUT_SIZE  # (R,)
+    cell = torch.arange(ROI_OUTPUT_SIZE, device=low.device, dtype=low.dtype)
+    offset = (torch.arange(ROI_SAMPLES, device=low.device, dtype=low.dtype) + 0.5) / ROI_SAMPLES
+    position = low[:, None, None] + (cell[:, None] + offset) * bin_size[:, None, None]  # (R, cells, samples)
+    inside = (position >= -1) & (position <= size)
+    position = position.clamp(min=0)
+    below = position.floor().clamp(max=size - 1)
+    fraction = torch.where(position >= size - 1, 0.0, position - below)
+    above = (below + 1).clamp(max=size - 1)
+    grid = torch.arange(size, device=low.device, dtype=low.dtype)
+    weights = (1 - fraction)[..., None] * (grid == below[..., None]) + fraction[..., None] * (grid == above[..., None])
+    return (weights * inside[..., None]).mean(dim=2)  # (R, cells, size)
 
 
 class ObjectTokens(nn.Module):
@@ -33,7 +55,8 @@ class ObjectTokens(nn.Module):
         super().__init__()
         width = config.vision_width
         self.image_size = config.image_size
-        self.spatial_scale = (config.image_size // config.patch_size) / config.image_size
+        self.grid = config.image_size // config.patch_size
+        self.spatial_scale = self.grid / config.image_size
         self.region_mlp = mlp(width, width)
         self.box_mlp = mlp(4, width)
         self.frame_embedding = nn.Parameter(0.02 * torch.randn(config.frames, width))
@@ -43,16 +66,24 @@ class ObjectTokens(nn.Module):
         with torch.no_grad():
             self.label_embedding.weight[0].zero_()
 
-    def regions(self, patch_map: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """RoIAlign of every box on its frame's patch map: (B*T, W, g, g), (B, T, K, 4) -> (B*T*K, W, s, s)."""
-        slots = boxes.shape[2]
-        # in float32 whatever the features' dtype: bf16 holds integers exactly only up to 256 (frame rows)
-        frame_index = torch.arange(patch_map.shape[0], device=boxes.device, dtype=torch.float32)
-        rois = torch.cat([frame_index.repeat_interleave(slots)[:, None], boxes.reshape(-1, 4).float()], dim=1)
-        regions = roi_align(  # (B*T*K, W, s, s); rois: frame row in patch_map, x0, y0, x1, y1
-            patch_map.float(), rois, ROI_OUTPUT_SIZE, spatial_scale=self.spatial_scale, sampling_ratio=2, aligned=True
-        )
-        return regions.to(patch_map.dtype)
+    def regions(self, patch_tokens: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """RoIAlign of every box on its frame's patch tokens: (B*T, g*g, W), (B, T, K, 4) pixels -> (B*T*K, s*s, W).
+
+        torchvision's `roi_align` (aligned=True, sampling ratio ROI_SAMPLES) written as one batched
+        matrix product per frame: the bilinear weights are separable in rows and columns, so each box
+        is a (s*s, g*g) weight matrix on its frame's tokens. Forward and backward are then GEMMs,
+        where `roi_align`'s backward scatters with atomic adds into a float32 copy of the map.
+        """
+        frames, tokens, _ = patch_tokens.shape
+        if tokens != self.grid**2:
+            raise ValueError(f"object tokens built for a {self.grid}x{self.grid} patch grid, got {tokens} patches")
+        slots, cells = boxes.shape[2], ROI_OUTPUT_SIZE**2
+        edges = boxes.reshape(-1, 4).float() * self.spatial_scale - 0.5  # grid units; -0.5: aligned=True
+        rows = roi_axis_weights(edges[:, 1], edges[:, 3], self.grid)  # (B*T*K, s, g)
+        columns = roi_axis_weights(edges[:, 0], edges[:, 2], self.grid)  # (B*T*K, s, g)
+        weights = torch.einsum("rpy,rqx->rpqyx", rows, columns).reshape(frames, slots * cells, tokens)
+        regions = torch.bmm(weights.to(patch_tokens.dtype), patch_tokens)  # (B*T, K*s*s, W)
+        return regions.reshape(frames * slots, cells, -1)
 
     def check_labels(self, box_labels: torch.Tensor) -> None:
         """ValueError for labels outside the table; on an accelerator an asynchronous assert (no host sync)."""
@@ -68,17 +99,17 @@ class ObjectTokens(nn.Module):
             torch._assert_async(in_range, message)
 
     def forward(
-        self, patch_map: torch.Tensor, boxes: torch.Tensor, box_labels: torch.Tensor, box_mask: torch.Tensor
+        self, patch_tokens: torch.Tensor, boxes: torch.Tensor, box_labels: torch.Tensor, box_mask: torch.Tensor
     ) -> torch.Tensor:
-        """patch_map (B*T, W, g, g); boxes (B, T, K, 4) pixels; labels, mask (B, T, K) -> (B, T, K, W)."""
+        """patch_tokens (B*T, g*g, W); boxes (B, T, K, 4) pixels; labels, mask (B, T, K) -> (B, T, K, W)."""
         batch, frames, slots = box_mask.shape
         if slots != self.slot_embedding.shape[0]:
             raise ValueError(f"object tokens built for {self.slot_embedding.shape[0]} boxes per frame, got {slots}")
         self.check_labels(box_labels)
         # padded boxes become empty boxes at the origin, so their content cannot reach any output
         safe_boxes = torch.where(box_mask[..., None], boxes, torch.zeros_like(boxes))
-        regions = self.regions(patch_map, safe_boxes)  # (B*T*K, W, s, s)
-        regions = self.region_mlp(regions.flatten(2).transpose(1, 2)).amax(dim=1)  # (B*T*K, W)
+        regions = self.regions(patch_tokens, safe_boxes)  # (B*T*K, s*s, W)
+        regions = self.region_mlp(regions).amax(dim=1)  # (B*T*K, W)
         tokens = regions.reshape(batch, frames, slots, -1)
         tokens = tokens + self.box_mlp(safe_boxes / self.image_size)
         tokens = tokens + self.frame_embedding[:, None, :] + self.slot_embedding[None, :, :]

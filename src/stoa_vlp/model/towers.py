@@ -20,7 +20,7 @@ from stoa_vlp.model.transformer import Transformer, layer_norm
 class VideoTowerOutput:
     frames: torch.Tensor  # (B, T, E) ln_post(CLS) @ proj per frame
     action_tap: torch.Tensor  # (B, T, 1 + P, W) output of block `action_tap_layer`, detached
-    object_tap: torch.Tensor  # (B * T, W, grid, grid) patch map of block `object_tap_layer`
+    object_tap: torch.Tensor  # (B * T, grid * grid, W) patch tokens of block `object_tap_layer` (row-major grid)
 
 
 class VideoTower(nn.Module):
@@ -94,7 +94,7 @@ class VideoTower(nn.Module):
             if index + 1 == self.action_tap_layer:
                 action_tap = x.detach().reshape(batch, frames_per_clip, tokens, width)
             if index + 1 == self.object_tap_layer:
-                object_tap = x[:, 1:].transpose(1, 2).reshape(batch * frames_per_clip, width, self.grid, self.grid)
+                object_tap = x[:, 1:]
         frame_features = self.ln_post(x[:, 0]) @ self.proj  # (B*T, E)
         return VideoTowerOutput(
             frames=frame_features.reshape(batch, frames_per_clip, -1),
