@@ -30,6 +30,30 @@ def test_read_choices_accepts_clip_name_and_checks_answers(tmp_path):
         read_choices(tmp_path / "absent.jsonl")
 
 
+def test_read_choices_of_clipbert_string_answers_and_jsfusion_csv(tmp_path):
+    path = tmp_path / "msrvtt_mc_test.jsonl"
+    row = {"qid": 7, "clip_name": "video7010", "answer": "2", "options": ["a", "b", "c", "d", "e"]}
+    path.write_text(json.dumps(row) + "\n")
+    assert read_choices(path) == [Choice("video7010", ["a", "b", "c", "d", "e"], 2)]
+    path.write_text(json.dumps({**row, "answer": True}) + "\n")
+    with pytest.raises(ValueError, match=r"msrvtt_mc_test.jsonl:1: answer must be an option index"):
+        read_choices(path)
+
+    table = tmp_path / "MSR_MC_test.csv"
+    header = "key\tvid_key\ta1\ta2\ta3\ta4\ta5\tanswer\n"
+    table.write_text(header + "MC1\tmsr7010\tone\ttwo\tthree\tfour\tfive\t3\nMC2\tmsr9\tp\tq\tr\ts\tt\t0\n")
+    assert read_choices(table) == [Choice("video7010", ["one", "two", "three", "four", "five"], 3),
+                                   Choice("video9", ["p", "q", "r", "s", "t"], 0)]
+    table.write_text(header + "MC1\tmsr7010\tone\ttwo\tthree\tfour\tfive\t5\n")
+    with pytest.raises(ValueError, match=r"MSR_MC_test.csv:2: answer must be an option index in 0..4, got 5"):
+        read_choices(table)
+    table.write_text("key,vid_key,a1,a2,a3,a4,a5,answer\n")
+    with pytest.raises(ValueError, match=r"MSR_MC_test.csv: not a JSFusion MC file: no column\(s\) vid_key"):
+        read_choices(table)
+    with pytest.raises(FileNotFoundError, match=r"absent.csv: multiple-choice file does not exist"):
+        read_choices(tmp_path / "absent.csv")
+
+
 def test_multiple_choice_scores_match_brute_force():
     torch.manual_seed(0)
     config = load_config("tiny", ["model.objects=false"])

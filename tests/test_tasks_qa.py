@@ -39,6 +39,44 @@ def test_read_questions_and_errors_name_file_and_line(tmp_path):
         read_questions(tmp_path / "absent.jsonl")
 
 
+def test_read_questions_of_the_original_release_maps_video_ids(tmp_path):
+    records = [
+        {"answer": "Man", "id": 30934, "question": "who pours water into a bowl?", "video_id": 1201},
+        {"answer": "dance", "id": 1, "question": "What does a girl do?", "video_id": 2},
+        {"answer": "two", "id": 2, "question": "count the dogs", "video_id": "2"},
+    ]
+    msrvtt = tmp_path / "msrvtt" / "test_qa.json"
+    msrvtt.parent.mkdir()
+    msrvtt.write_text(json.dumps(records))
+    questions = read_questions(msrvtt)
+    assert [(q.video_id, q.answer, q.answer_type) for q in questions] == [
+        ("video1201", "man", "who"), ("video2", "dance", "what"), ("video2", "two", "other")]
+
+    msvd = tmp_path / "msvd" / "test_qa.json"
+    msvd.parent.mkdir()
+    msvd.write_text(json.dumps(records))
+    (msvd.parent / "youtube_mapping.txt").write_text("-4wsuPCjDBc_5_15 vid1\nzzit5b_-ukg_5_20 vid2\n\nabc_1_2 vid1201\n")
+    assert [q.video_id for q in read_questions(msvd)] == ["abc_1_2", "zzit5b_-ukg_5_20", "zzit5b_-ukg_5_20"]
+    (msvd.parent / "youtube_mapping.txt").write_text("-4wsuPCjDBc_5_15 vid1\n")
+    with pytest.raises(ValueError, match=r"test_qa.json: record 0: video_id 1201 has no line 'vid1201' in .*youtube_mapping.txt"):
+        read_questions(msvd)
+    (msvd.parent / "youtube_mapping.txt").write_text("-4wsuPCjDBc_5_15 1\n")
+    with pytest.raises(ValueError, match=r"youtube_mapping.txt:1: expected '<clip name> vid<N>'"):
+        read_questions(msvd)
+
+    bad = tmp_path / "bad" / "test_qa.json"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps([records[0], {"question": "q?", "answer": "a", "video_id": "video3"}]))
+    with pytest.raises(ValueError, match=r"test_qa.json: record 1: video_id must be an integer, got 'video3'"):
+        read_questions(bad)
+    bad.write_text(json.dumps([records[0], {"question": "q?", "video_id": 3}]))
+    with pytest.raises(ValueError, match=r"test_qa.json: record 1: missing answer"):
+        read_questions(bad)
+    bad.write_text("[{oops")
+    with pytest.raises(ValueError, match=r"test_qa.json: not valid JSON"):
+        read_questions(bad)
+
+
 def test_answer_vocab_top_k_ties_alphabetical_and_round_trip(tmp_path):
     vocab = AnswerVocab.from_answers(["dog", "cat", "cat", "bird", "dog", "ant", "Cat"], size=3)
     assert vocab.answers == ["cat", "dog", "ant"]  # cat 3, dog 2, then ant/bird tie -> ant

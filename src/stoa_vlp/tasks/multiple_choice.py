@@ -1,7 +1,11 @@
 """Multiple-choice video-text matching (the MSR-VTT MC test as JSFusion/ClipBERT ship it).
 
-File format, one JSON object per line: {"video_id" (or "clip_name"), "options": [caption, ...],
-"answer": index of the true option}. Each option is scored against its video by the fusion
+Two file formats:
+- ClipBERT's `msrvtt_mc_test.jsonl`, one JSON object per line: {"video_id" (or "clip_name"),
+  "options": [caption, ...], "answer": index of the true option (an integer or its digits)};
+- JSFusion's `MSR_MC_test.csv`, tab-separated with a header: key, vid_key (msr<N>, the clip
+  video<N>), a1..a5, answer (index into a1..a5).
+Each option is scored against its video by the fusion
 encoder's matching head (vtm: P(matched)) and by the contrastive cosine (vtc); the prediction is
 the best-scoring option. Both accuracies are reported; `task.mc_scoring` names the headline one.
 Fine-tuning for MC is retrieval fine-tuning (VTC + VTM on captions), as in the reference code.
@@ -9,6 +13,7 @@ Fine-tuning for MC is retrieval fine-tuning (VTC + VTM on captions), as in the r
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -31,20 +36,46 @@ class Choice:
 
 
 def read_choices(path: str | Path) -> list[Choice]:
-    """Items of a multiple-choice JSONL file; errors name the file and line."""
+    """Items of a multiple-choice JSONL or JSFusion CSV file; errors name the file and line."""
+    path = Path(path)
+    if path.suffix in (".csv", ".tsv"):
+        rows = _jsfusion_rows(path)
+    else:
+        rows = [(f"{path}:{number}", row) for number, row in read_jsonl_rows(path, "multiple-choice")]
     choices = []
-    for number, row in read_jsonl_rows(path, "multiple-choice"):
+    for where, row in rows:
         video_id = row.get("video_id", row.get("clip_name"))
         options = row.get("options")
         answer = row.get("answer")
         if video_id is None or not isinstance(options, list) or len(options) < 2:
-            raise ValueError(f"{path}:{number}: needs video_id (or clip_name) and a list of 2+ options")
-        if not isinstance(answer, int) or not 0 <= answer < len(options):
-            raise ValueError(f"{path}:{number}: answer must be an option index in 0..{len(options) - 1}, got {answer!r}")
+            raise ValueError(f"{where}: needs video_id (or clip_name) and a list of 2+ options")
+        if isinstance(answer, str) and answer.strip().isdigit():
+            answer = int(answer)
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
+            raise ValueError(f"{where}: answer must be an option index in 0..{len(options) - 1}, got {answer!r}")
         choices.append(Choice(str(video_id), [str(o) for o in options], answer))
     if not choices:
         raise ValueError(f"{path}: no multiple-choice items")
     return choices
+
+
+def _jsfusion_rows(path: Path) -> list[tuple[str, dict]]:
+    """(location, {video_id, options, answer}) per line of JSFusion's tab-separated MC file."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: multiple-choice file does not exist")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        option_columns = [f"a{i}" for i in range(1, 6)]
+        missing = [name for name in ("vid_key", *option_columns, "answer") if name not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: not a JSFusion MC file: no column(s) {', '.join(missing)} in the header")
+        rows = []
+        for number, line in enumerate(reader, 2):
+            video = line["vid_key"] or ""
+            video_id = "video" + video[3:] if video.startswith("msr") else video
+            rows.append((f"{path}:{number}", {"video_id": video_id, "answer": line["answer"],
+                                              "options": [line[name] for name in option_columns]}))
+    return rows
 
 
 @torch.no_grad()

@@ -1,7 +1,13 @@
-"""Open-ended video QA (MSRVTT-QA, MSVD-QA in the ALPRO/ClipBERT JSONL format) as classification.
+"""Open-ended video QA (MSRVTT-QA, MSVD-QA) as classification.
 
-File format, one JSON object per line: {"video_id", "question", "answer", "answer_type"}
-("answer_type" optional, e.g. what/who/how or the synthetic world's colour/shape/...).
+Two file formats:
+- the ALPRO/ClipBERT JSONL, one JSON object per line: {"video_id", "question", "answer",
+  "answer_type"} ("answer_type" optional, e.g. what/who/how or the synthetic world's colour/shape/...);
+- the original release (Xu et al. 2017: `train_qa.json`, `val_qa.json`, `test_qa.json`), a .json
+  file holding one JSON array of {"id", "video_id": integer, "question", "answer"}. MSVD-QA numbers its clips: a
+  `youtube_mapping.txt` beside the file ("<YouTube clip name> vid<N>" per line) gives the clip of
+  id N; without it, id N is MSR-VTT's "video<N>". The answer type is the question word
+  (what/who/how/where/when, else "other").
 
 Model: the fusion encoder runs bidirectionally over [visual tokens | question tokens | answer
 slot]; the answer slot is a learned vector (zero-initialised, as the reference's zero vector) and
@@ -43,15 +49,30 @@ def normalise_answer(answer: str) -> str:
     return " ".join(str(answer).lower().split())
 
 
+QUESTION_WORDS = ("what", "who", "how", "where", "when")
+VIDEO_MAPPING = "youtube_mapping.txt"  # MSVD-QA's clip numbering, beside its QA files
+
+
 def read_questions(path: str | Path) -> list[Question]:
-    """Questions of a QA JSONL file; errors name the file and line."""
+    """Questions of a QA file in either format; errors name the file and the line or record."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: QA file does not exist")
+    original = False
+    if path.suffix == ".json":  # the original release; ALPRO's files are .jsonl
+        with open(path, encoding="utf-8") as handle:
+            original = handle.read(64).lstrip().startswith("[")
+    if original:
+        rows = _original_rows(path)
+    else:
+        rows = [(f"{path}:{number}", row) for number, row in read_jsonl_rows(path, "QA")]
     questions = []
-    for number, row in read_jsonl_rows(path, "QA"):
+    for where, row in rows:
         missing = [key for key in ("video_id", "question", "answer") if key not in row]
         if missing:
-            raise ValueError(f"{path}:{number}: missing {', '.join(missing)}")
+            raise ValueError(f"{where}: missing {', '.join(missing)}")
         if not str(row["question"]).strip():
-            raise ValueError(f"{path}:{number}: empty question")
+            raise ValueError(f"{where}: empty question")
         questions.append(
             Question(str(row["video_id"]), str(row["question"]), normalise_answer(row["answer"]),
                      str(row.get("answer_type", "all")))
@@ -59,6 +80,59 @@ def read_questions(path: str | Path) -> list[Question]:
     if not questions:
         raise ValueError(f"{path}: no questions")
     return questions
+
+
+def _original_rows(path: Path) -> list[tuple[str, dict]]:
+    """(location, row) of the original release's JSON array, with video ids and answer types filled in."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            records = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    video_name = _video_names(path)
+    rows = []
+    for index, record in enumerate(records):
+        where = f"{path}: record {index}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: not a JSON object")
+        row = dict(record)
+        if "video_id" in row:
+            row["video_id"] = video_name(row["video_id"], where)
+        if "question" in row:
+            first_word = str(row["question"]).split(maxsplit=1)[:1]
+            row["answer_type"] = first_word[0].lower() if first_word and first_word[0].lower() in QUESTION_WORDS else "other"
+        rows.append((where, row))
+    return rows
+
+
+def _video_names(path: Path):
+    """A function (integer video id, location) -> video name: through youtube_mapping.txt when it lies
+    beside `path` (MSVD-QA), else "video<N>" (MSRVTT-QA)."""
+    mapping_file = path.parent / VIDEO_MAPPING
+    if not mapping_file.exists():
+        log.info("%s: no %s beside it: integer video ids name MSR-VTT clips (video<N>)", path, VIDEO_MAPPING)
+        mapping = None
+    else:
+        mapping = {}
+        for number, line in enumerate(mapping_file.read_text(encoding="utf-8").splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or not parts[1].startswith("vid"):
+                raise ValueError(f"{mapping_file}:{number}: expected '<clip name> vid<N>', got {line!r}")
+            mapping[parts[1]] = parts[0]
+
+    def name(video_id, where: str) -> str:
+        if isinstance(video_id, bool) or not isinstance(video_id, (int, str)) or not str(video_id).isdigit():
+            raise ValueError(f"{where}: video_id must be an integer, got {video_id!r}")
+        if mapping is None:
+            return f"video{int(video_id)}"
+        key = f"vid{int(video_id)}"
+        if key not in mapping:
+            raise ValueError(f"{where}: video_id {video_id} has no line '{key}' in {mapping_file}")
+        return mapping[key]
+
+    return name
 
 
 class AnswerVocab:
