@@ -15,14 +15,17 @@ a smoke test.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torchvision.ops import roi_align
 
 from stoa_vlp.config import load_config
 from stoa_vlp.model.objects import ROI_OUTPUT_SIZE, ROI_SAMPLES, ObjectTokens
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_step import median_seconds  # noqa: E402  (the same timing as the step benchmark)
 
 
 def torchvision_regions(objects: ObjectTokens, patch_tokens: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -34,26 +37,6 @@ def torchvision_regions(objects: ObjectTokens, patch_tokens: torch.Tensor, boxes
     regions = roi_align(patch_map.float(), rois, ROI_OUTPUT_SIZE, spatial_scale=objects.spatial_scale,
                         sampling_ratio=ROI_SAMPLES, aligned=True)
     return regions.to(patch_tokens.dtype).flatten(2).transpose(1, 2)
-
-
-def median_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(start.elapsed_time(end) for start, end in events)
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
@@ -94,7 +77,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'CPU (smoke test)'}; torch {torch.__version__}; "
           f"{clips} clips x {config.frames} frames x {slots} boxes, {config.vision_width} channels, "
           f"{objects.grid}x{objects.grid} grid; bf16 autocast; forward + backward", flush=True)
-    results = [(name, median_ms(step(fn), device, *((3, 20) if on_gpu else (1, 3)))) for name, fn in methods.items()]
+    warmup, repeats = (3, 20) if on_gpu else (1, 3)
+    results = [(name, 1e3 * median_seconds(step(fn), device, warmup, repeats)) for name, fn in methods.items()]
     baseline = dict(results)["torchvision roi_align (baseline)"]
     print(f"{'method':42s} {'ms':>9s} {'vs baseline':>12s}")
     for name, ms in results:
