@@ -93,6 +93,7 @@ class DataConfig:
     tags: str = ""  # noun/verb tag cache
     label_vocab: str = ""  # object class vocabulary file
     decoder: str = "pyav"  # pyav, decord, torchcodec
+    frame_rate: float = 1.0  # frames per second at which frame folders (videos given as images) were extracted
     train_sampling: str = "rand"  # rand (random within segment) or uniform
     eval_sampling: str = "uniform"
     batch_size: int = 8

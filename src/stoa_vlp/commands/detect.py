@@ -15,10 +15,12 @@ e.g. the file torchvision itself downloads for FasterRCNN_ResNet50_FPN_V2_Weight
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="video files or folders (searched recursively)")
+    parser.add_argument("inputs", nargs="+", help="video files, frame folders, or folders (searched recursively)")
     parser.add_argument("--weights", required=True, help="detector state dict (.pth/.pt/.safetensors)")
     parser.add_argument("--out", required=True, help="detections JSONL to write")
     parser.add_argument("--fps", type=float, default=1.0, help="frames per second to detect (default 1)")
+    parser.add_argument("--frame-rate", type=float, default=1.0,
+                        help="frames per second at which frame folders were extracted (default 1, as data.frame_rate)")
     parser.add_argument("--batch-size", type=int, default=8, help="frames per detector call")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="lowest confidence kept")
     parser.add_argument("--max-boxes", type=int, default=50, help="boxes per frame, at most")
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         min_size=args.min_size,
         max_size=args.max_size,
         proposals=args.proposals,
+        frame_rate=args.frame_rate,
     )
     device = pick_device(args.device)
     paths = find_videos(args.inputs)

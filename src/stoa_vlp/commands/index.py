@@ -31,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.tasks.search import SearchIndex, save_index
 
     checkpoint, config = inference_config(args)
-    found = find_videos(args.folder)
+    found = find_videos(args.folder, frame_folders=True)
     if not found:
-        raise SystemExit(f"{args.folder}: no video files")
+        raise SystemExit(f"{args.folder}: no video files or frame folders")
     device = device_of(config)
     model = build_model(config.model)
     load_task_weights(model, checkpoint)

@@ -127,13 +127,14 @@ def inference_config(args) -> tuple[Path, Config]:
 
 
 def file_records(paths: list[str], text: str):
-    """One VideoRecord per video file (id = file name stem), each with `text` as its caption."""
+    """One VideoRecord per video file or frame folder (id = file name stem / folder name), each with
+    `text` as its caption."""
     from stoa_vlp.data.annotations import VideoRecord
 
     records, seen = [], {}
     for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such video file")
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such video file or frame folder")
         video_id = Path(path).stem
         if video_id in seen:
             raise ValueError(f"{seen[video_id]} and {path} share the video id '{video_id}' (the file name stem)")

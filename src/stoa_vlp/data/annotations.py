@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stoa_vlp.data.jsonl import read_jsonl
+from stoa_vlp.data.decode import FRAME_EXTENSIONS
 from stoa_vlp.data.prepare import VIDEO_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -107,13 +108,16 @@ class _Captions:
 
 
 class _VideoFiles:
-    """Finds video files under a root by id (file name stem, or the exact file name)."""
+    """Finds videos under a root by id: video files (by file name stem, or the exact file name) and
+    frame folders (by folder name: a folder below the root holding frame images)."""
 
     def __init__(self, root: Path):
         self.root = root
         self.by_stem: dict[str, str] = {}
         self.by_name: dict[str, str] = {}
         for folder, _, names in os.walk(root):
+            if folder != str(root) and any(os.path.splitext(n)[1].lower() in FRAME_EXTENSIONS for n in names):
+                self.by_stem.setdefault(os.path.basename(folder), folder)
             for name in names:
                 stem, extension = os.path.splitext(name)
                 if extension.lower() in VIDEO_EXTENSIONS:

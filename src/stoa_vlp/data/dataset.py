@@ -185,6 +185,8 @@ class SampleBuilder:
 
     def __init__(self, config: Config, training: bool, detections=None, label_vocab=None, tag_cache=None):
         check_decoder(config.data.decoder)
+        if config.data.frame_rate <= 0:
+            raise ValueError(f"data.frame_rate must be positive, got {config.data.frame_rate}")
         self.config = config
         if not config.model.objects:
             detections = None
@@ -209,7 +211,8 @@ class SampleBuilder:
             raise BadSample("empty_caption", f"{name}: empty caption")
         try:
             clip = decode_clip(
-                source, model.frames, self.sampling, start, end, rng, self.config.data.decoder, name=name
+                source, model.frames, self.sampling, start, end, rng, self.config.data.decoder, name=name,
+                frame_rate=self.config.data.frame_rate,
             )
         except VideoError as error:
             reason = "missing_file" if error.problem == "file does not exist" else "bad_video"

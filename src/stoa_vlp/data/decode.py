@@ -13,6 +13,10 @@ GOP starts from the previous GOP), and asks the decoder to skip non-reference fr
 wanted. Only the wanted frames are converted to RGB. decord and torchcodec are used instead when
 `decoder` names them and they are installed.
 
+A video may also be a folder of frame images (pre-extracted frames, `frame_folder_images`): its
+frames are the images in the order of the numbers in their names, frame i at i / `frame_rate`
+seconds, and only the chosen images are read.
+
 Timestamps are seconds from the start of the video stream; detections use the same clock.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import importlib
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +35,7 @@ import torch
 
 DECODERS = ("pyav", "decord", "torchcodec")
 SAMPLING = ("uniform", "rand")
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class VideoError(RuntimeError):
@@ -298,6 +304,50 @@ def _decode_torchcodec(source, name, frames, sampling, start, end, rng, threads)
     return DecodedClip(pixels, stamps, pixels.shape[3], pixels.shape[2])
 
 
+def _natural_key(name: str) -> list:
+    """Sort key comparing the digit runs of a name as numbers: frame_2 before frame_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def frame_folder_images(folder: str | Path) -> list[str]:
+    """The frame images directly in `folder` (FRAME_EXTENSIONS), in frame order."""
+    names = [entry.name for entry in os.scandir(folder)
+             if entry.is_file() and os.path.splitext(entry.name)[1].lower() in FRAME_EXTENSIONS]
+    return sorted(names, key=_natural_key)
+
+
+def read_frame_image(path: Path) -> np.ndarray:
+    """An image file as RGB (H, W, 3) uint8 (Pillow); ValueError naming the file when unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path.name}: not a readable image ({error})") from None
+
+
+def _decode_frame_folder(folder: Path, name, frames, sampling, start, end, rng, frame_rate) -> DecodedClip:
+    if frame_rate <= 0:
+        raise ValueError(f"frame_rate must be positive, got {frame_rate}")
+    images = frame_folder_images(folder)
+    if not images:
+        raise VideoError(name, f"frame folder holds no images ({', '.join(FRAME_EXTENSIONS)})")
+    times = np.arange(len(images)) / frame_rate
+    chosen = _select(times, frames, sampling, start, end, rng, name)
+    pixels = []
+    for index in chosen:
+        try:
+            pixels.append(read_frame_image(folder / images[index]))
+        except ValueError as error:
+            raise VideoError(name, str(error)) from None
+    sizes = {image.shape[:2] for image in pixels}
+    if len(sizes) > 1:
+        raise VideoError(name, f"frames of different sizes (height, width): {sorted(sizes)}")
+    stacked = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
+    return DecodedClip(stacked, times[chosen], stacked.shape[3], stacked.shape[2])
+
+
 _BACKENDS = {"pyav": _decode_pyav, "decord": _decode_decord, "torchcodec": _decode_torchcodec}
 _MODULES = {"pyav": "av", "decord": "decord", "torchcodec": "torchcodec.decoders"}
 
@@ -322,16 +372,21 @@ def decode_clip(
     decoder: str = "pyav",
     threads: int = 1,
     name: str | None = None,
+    frame_rate: float = 1.0,
 ) -> DecodedClip:
-    """Decode `frames` frames of a video file (path, bytes or file object) in [start, end) seconds.
+    """Decode `frames` frames of a video file (path, bytes or file object) or frame folder in
+    [start, end) seconds.
 
     Raises VideoError naming the file (or `name`) when it cannot give the frames. `threads` is
     the decoder's thread count: 1 inside DataLoader workers, which already run in parallel.
+    `frame_rate` is the rate at which a frame folder's images were extracted.
     """
     if decoder not in _BACKENDS:
         raise ValueError(f"unknown decoder '{decoder}' (known: {', '.join(DECODERS)})")
     if frames < 1:
         raise ValueError(f"frames must be at least 1, got {frames}")
+    if isinstance(source, (str, Path)) and os.path.isdir(source):
+        return _decode_frame_folder(Path(source), name or str(source), frames, sampling, start, end, rng, frame_rate)
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     label = name or (str(source) if isinstance(source, (str, Path)) else "<video bytes>")

@@ -1,8 +1,9 @@
 """Run a torchvision object detector over videos and write the detections JSONL (design.md §3).
 
 The default detector is Faster R-CNN ResNet-50 FPN v2 with COCO's 91 categories; its weights come
-from a local file (nothing is downloaded). Frames are sampled at a fixed rate with PyAV, batched
-across videos, and boxes are reported in pixels of the original frames.
+from a local file (nothing is downloaded). Frames are sampled at a fixed rate with PyAV (or picked
+from a frame folder, whose images were extracted at `frame_rate`), batched across videos, and boxes
+are reported in pixels of the original frames.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights, fasterrcnn_resnet50_fpn_v2
 
-from stoa_vlp.data.decode import stream_origin
+from stoa_vlp.data.decode import frame_folder_images, read_frame_image, stream_origin
 from stoa_vlp.data.detections import FrameDetections, VideoDetections
 from stoa_vlp.data.prepare import VIDEO_EXTENSIONS
 
@@ -37,6 +38,7 @@ class DetectSettings:
     min_size: int = 800  # the detector's own resize (torchvision GeneralizedRCNNTransform)
     max_size: int = 1333
     proposals: int = 1000  # region proposals per image kept for the box head (torchvision's default)
+    frame_rate: float = 1.0  # frames per second at which frame folders were extracted
 
 
 @dataclass
@@ -89,11 +91,14 @@ def build_detector(weights: str | Path, settings: DetectSettings, device: torch.
 
 
 def find_videos(inputs: Iterable[str | Path]) -> list[Path]:
-    """Video files given directly or found (recursively, sorted) under folders."""
+    """Video files and frame folders given directly or found (recursively, sorted) under folders."""
     found = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+        if item.is_dir() and frame_folder_images(item):
+            found.append(item)
+        elif item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
+                            or (p.is_dir() and frame_folder_images(p)))
         elif item.exists():
             found.append(item)
         else:
@@ -101,10 +106,12 @@ def find_videos(inputs: Iterable[str | Path]) -> list[Path]:
     return found
 
 
-def sample_frames(path: Path, fps: float) -> tuple[int, int, list[tuple[float, np.ndarray]]]:
+def sample_frames(path: Path, fps: float, frame_rate: float = 1.0) -> tuple[int, int, list[tuple[float, np.ndarray]]]:
     """(width, height, [(time, RGB frame (H, W, 3) uint8)]): for each of 0, 1/fps, 2/fps, ... up to
     the last frame's time, the frame nearest to it (each frame at most once). Times are seconds from
-    the stream's start, as decode_clip gives them."""
+    the stream's start, as decode_clip gives them; a frame folder's image i is at i / frame_rate."""
+    if path.is_dir():
+        return _sample_folder_frames(path, fps, frame_rate)
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
@@ -128,6 +135,21 @@ def sample_frames(path: Path, fps: float) -> tuple[int, int, list[tuple[float, n
         width, height = stream.codec_context.width, stream.codec_context.height
     if not picked:
         raise ValueError("no frames decoded")
+    return width, height, picked
+
+
+def _sample_folder_frames(folder: Path, fps: float, frame_rate: float) -> tuple[int, int, list[tuple[float, np.ndarray]]]:
+    images = frame_folder_images(folder)
+    if not images:
+        raise ValueError("frame folder holds no images")
+    times = np.arange(len(images)) / frame_rate
+    targets = np.arange(0.0, times[-1] + 1e-9, 1.0 / fps)  # 0, 1/fps, ... up to the last frame's time
+    nearest = np.unique(np.abs(times[None, :] - targets[:, None]).argmin(axis=1))  # the first of a tie
+    picked = [(float(times[index]), read_frame_image(folder / images[index])) for index in nearest]
+    sizes = {image.shape[:2] for _, image in picked}
+    if len(sizes) > 1:
+        raise ValueError(f"frames of different sizes (height, width): {sorted(sizes)}")
+    height, width = picked[0][1].shape[:2]
     return width, height, picked
 
 
@@ -181,7 +203,7 @@ def detect_videos(
 
     for slot, path in enumerate(paths):
         try:
-            width, height, frames = sample_frames(path, settings.fps)
+            width, height, frames = sample_frames(path, settings.fps, settings.frame_rate)
         except (av.error.FFmpegError, OSError, ValueError) as error:
             log.warning("skipping %s: %s", path, error)
             report.failed.append(f"{path}: {error}")
@@ -189,7 +211,8 @@ def detect_videos(
             yield from finished()
             continue
         empty = [FrameDetections(time, [], np.zeros((0, 4), np.float32), np.zeros(0, np.float32)) for time, _ in frames]
-        videos[slot], remaining[slot] = VideoDetections(path.stem, width, height, empty), len(frames)
+        video_id = path.name if path.is_dir() else path.stem  # a frame folder's id is its name
+        videos[slot], remaining[slot] = VideoDetections(video_id, width, height, empty), len(frames)
         for frame_slot, (_, image) in enumerate(frames):
             pending.append((slot, frame_slot, image))
             if len(pending) == settings.batch_size:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stoa_vlp.data.decode import VideoError, _open_pyav
+from stoa_vlp.data.decode import FRAME_EXTENSIONS, VideoError, _open_pyav
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +192,17 @@ def read_manifest(path: str | Path) -> dict[str, ManifestEntry]:
     return entries
 
 
-def find_videos(folder: str | Path) -> list[tuple[str, str]]:
-    """(video_id, path) of every video file under `folder`; the id is the file name's stem."""
+def find_videos(folder: str | Path, frame_folders: bool = False) -> list[tuple[str, str]]:
+    """(video_id, path) of every video file under `folder`; the id is the file name's stem. With
+    `frame_folders`, also every folder below `folder` that holds frame images, by folder name."""
     found: dict[str, str] = {}
     for root, _, names in os.walk(folder):
+        if frame_folders and root != str(folder) and any(os.path.splitext(n)[1].lower() in FRAME_EXTENSIONS
+                                                         for n in names):
+            name = os.path.basename(root)
+            if name in found:
+                raise ValueError(f"two videos share the id '{name}': {found[name]} and {root}")
+            found[name] = root
         for name in sorted(names):
             stem, extension = os.path.splitext(name)
             if extension.lower() not in VIDEO_EXTENSIONS:

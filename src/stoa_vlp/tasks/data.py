@@ -60,8 +60,8 @@ def video_root(config: Config, annotation_file: str | Path) -> Path:
 
 
 def find_video_paths(video_ids: list[str], root: Path, source: str | Path) -> dict[str, str]:
-    """{video_id: file} for every id, or a ValueError naming `source` and the missing ids."""
-    found = dict(find_videos(root))
+    """{video_id: file or frame folder} for every id, or a ValueError naming `source` and the missing ids."""
+    found = dict(find_videos(root, frame_folders=True))
     missing = sorted({video_id for video_id in video_ids if video_id not in found})
     if missing:
         raise ValueError(f"{source}: {len(missing)} videos not found under {root} (e.g. {', '.join(missing[:3])})")

@@ -1,0 +1,119 @@
+"""Videos given as folders of frame images: decoding, discovery by annotations and tasks, detection."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stoa_vlp.data.annotations import read_annotations
+from stoa_vlp.data.decode import VideoError, decode_clip, frame_folder_images, segment_indices
+from stoa_vlp.data.detect import find_videos as detect_inputs
+from stoa_vlp.data.detect import sample_frames
+from stoa_vlp.data.prepare import find_videos
+
+
+def write_image(frame: torch.Tensor, path, **options) -> None:
+    Image.fromarray(frame.permute(1, 2, 0).numpy()).save(path, **options)
+
+
+def write_frames(folder, count: int, name="frame_{}.png", size=(24, 32), seed=0) -> torch.Tensor:
+    """`count` random RGB frames written as images numbered 1..count (unpadded); returns (count, 3, H, W)."""
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    frames = torch.randint(0, 256, (count, 3, *size), dtype=torch.uint8, generator=generator)
+    for index, frame in enumerate(frames, 1):
+        write_image(frame, folder / name.format(index))
+    return frames
+
+
+def test_frame_order_follows_the_numbers_in_the_names(tmp_path):
+    folder = tmp_path / "clip"
+    write_frames(folder, 12)
+    (folder / "notes.txt").write_text("not a frame")
+    assert frame_folder_images(folder)[:3] == ["frame_1.png", "frame_2.png", "frame_3.png"]
+    assert frame_folder_images(folder)[-1] == "frame_12.png" and len(frame_folder_images(folder)) == 12
+
+
+def test_decode_reads_the_sampled_frames_at_their_times(tmp_path):
+    folder = tmp_path / "clip"
+    frames = write_frames(folder, 20)
+    clip = decode_clip(folder, 5, frame_rate=2.0)
+    chosen = segment_indices(20, 5, "uniform")
+    assert torch.equal(clip.frames, frames[chosen])
+    np.testing.assert_allclose(clip.times, chosen / 2.0)
+    assert (clip.width, clip.height) == (32, 24)
+    window = decode_clip(str(folder), 4, start=2.0, end=6.0, frame_rate=2.0)  # frames 4..11
+    np.testing.assert_allclose(window.times, (4 + segment_indices(8, 4, "uniform")) / 2.0)
+    drawn = decode_clip(folder, 5, "rand", rng=np.random.default_rng(0), frame_rate=2.0)
+    assert torch.equal(drawn.frames, frames[np.round(drawn.times * 2).astype(int)])
+
+
+def test_jpeg_frames_decode_close_to_their_source(tmp_path):
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    frame = torch.full((3, 16, 16), 100, dtype=torch.uint8)
+    write_image(frame, folder / "00001.jpg", quality=95)
+    clip = decode_clip(folder, 2)
+    assert clip.frames.shape == (2, 3, 16, 16)
+    assert (clip.frames.float() - 100).abs().max() <= 2
+
+
+def test_bad_frame_folders_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(VideoError, match="empty: frame folder holds no images"):
+        decode_clip(empty, 4)
+    broken = tmp_path / "broken"
+    write_frames(broken, 4)
+    (broken / "frame_3.png").write_bytes(b"not an image")
+    with pytest.raises(VideoError, match="broken: frame_3.png: not a readable image"):
+        decode_clip(broken, 4)
+    mixed = tmp_path / "mixed"
+    write_frames(mixed, 2)
+    write_image(torch.zeros(3, 8, 8, dtype=torch.uint8), mixed / "frame_3.png")
+    with pytest.raises(VideoError, match=r"mixed: frames of different sizes \(height, width\): \[\(8, 8\), \(24, 32\)\]"):
+        decode_clip(mixed, 3)
+    with pytest.raises(VideoError, match="no frames between 10.0s and 20.0s"):
+        decode_clip(mixed, 3, start=10.0, end=20.0)
+
+
+def test_frame_folders_are_found_by_name(tmp_path):
+    root = tmp_path / "videos"
+    write_frames(root / "video0", 3)
+    write_frames(root / "nested" / "video1", 3)
+    (root / "video2.mp4").write_bytes(b"")
+    assert dict(find_videos(root, frame_folders=True)) == {
+        "video0": str(root / "video0"), "video1": str(root / "nested" / "video1"), "video2": str(root / "video2.mp4")}
+    assert dict(find_videos(root)) == {"video2": str(root / "video2.mp4")}
+    assert detect_inputs([root]) == [root / "nested" / "video1", root / "video0", root / "video2.mp4"]
+    assert detect_inputs([root / "video0"]) == [root / "video0"]
+    annotations = tmp_path / "clips.jsonl"
+    annotations.write_text('{"video_id": "video0", "caption": "a clip"}\n{"video_id": "video1", "caption": "b"}\n')
+    records = read_annotations(annotations, "jsonl", None, root)
+    assert [record.path for record in records] == [str(root / "video0"), str(root / "nested" / "video1")]
+
+
+def test_detection_frames_of_a_folder_are_the_nearest_images_once(tmp_path):
+    folder = tmp_path / "clip"
+    frames = write_frames(folder, 10)  # images at 0, 0.25, ..., 2.25 s with frame rate 4
+    width, height, picked = sample_frames(folder, fps=3.0, frame_rate=4.0)
+    assert (width, height) == (32, 24)
+    # targets 0, 1/3, 2/3, 1, 4/3, 5/3, 2: nearest images 0, 0.25, 0.75, 1.0, 1.25, 1.75, 2.0
+    assert [time for time, _ in picked] == pytest.approx([0.0, 0.25, 0.75, 1.0, 1.25, 1.75, 2.0])
+    assert np.array_equal(picked[2][1], frames[3].permute(1, 2, 0).numpy())
+    _, _, dense = sample_frames(folder, fps=20.0, frame_rate=4.0)
+    assert len(dense) == 10  # never the same image twice
+
+
+def test_dataset_samples_a_frame_folder_at_the_configured_rate(tmp_path):
+    from stoa_vlp.config import load_config
+    from stoa_vlp.data.annotations import VideoRecord
+    from stoa_vlp.data.dataset import VideoTextDataset
+
+    write_frames(tmp_path / "video0", 16, size=(48, 64))
+    record = VideoRecord("video0", str(tmp_path / "video0"), 4.0, 8.0, ["a clip of noise"])  # frames 8..15 at 2 fps
+    config = load_config("tiny", ["data.frame_rate=2"])
+    sample = VideoTextDataset([record], config, False)[0]
+    assert sample.frames.shape == (config.model.frames, 3, config.model.image_size, config.model.image_size)
+    with pytest.raises(ValueError, match="data.frame_rate must be positive, got 0"):
+        VideoTextDataset([record], load_config("tiny", ["data.frame_rate=0"]), False)
