@@ -7,6 +7,7 @@ import torch
 from stoa_vlp.metrics.retrieval import (
     dual_softmax,
     positive_mask,
+    querybank_normalise,
     rank_metrics,
     ranks,
     rerank_top_k,
@@ -103,6 +104,21 @@ def test_dual_softmax_is_reported_next_to_plain_numbers():
     assert metrics["t2v_r1"] == 50.0  # plain: caption 1 ranks video 1 second
     assert metrics["t2v_dsl_r1"] == 100.0  # re-ranked: video 0's prior goes to caption 0
     assert len(metrics) == 20 and {k.rsplit("_", 1)[0] for k in metrics} == {"t2v", "v2t", "t2v_dsl", "v2t_dsl"}
+
+
+def test_querybank_normalisation_demotes_a_hub_as_the_exp_ratio_does():
+    # video 0 is a hub: every bank query retrieves it first; test caption 1 (of video 1) does too
+    bank = np.array([[0.9, 0.2, 0.1], [0.8, 0.3, 0.2], [0.7, 0.1, 0.3]])
+    test = np.array([[0.5, 0.1, 0.6],    # top-1 video 2: no bank query retrieves it first -> unchanged
+                     [0.62, 0.6, 0.1]])  # top-1 video 0 (activated) -> normalised
+    scores = querybank_normalise(torch.tensor(test), torch.tensor(bank), beta=20.0)
+    np.testing.assert_array_equal(scores[0].numpy(), test[0])
+    ratio = np.exp(20 * test[1]) / np.exp(20 * bank).sum(axis=0)  # QB-Norm's dynamic inverted softmax
+    np.testing.assert_allclose(scores[1].numpy(), np.log(ratio), rtol=1e-12)
+    assert scores[1].argmax() == 1  # the hub no longer wins: caption 1 finds its own video
+    positives = positive_mask(torch.tensor([2, 1]), 3)
+    assert ranks(torch.tensor(test), positives).tolist() == [1, 2]
+    assert ranks(scores, positives).tolist() == [1, 1]
 
 
 def test_rerank_touches_only_top_k():

@@ -63,6 +63,11 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys):
         at_six = json.loads((tmp_path / "eval6.json").read_text())
         assert at_six["preprocessing"]["model.frames"] == {"training": 4, "evaluation": 6}
         assert HEADLINE[task] in at_six["metrics"]
+    if task == "retrieval":  # QB-Norm on request, with the training captions as the query bank
+        assert main(["evaluate", str(run), "--split", "test", "--set", "task.qb_norm=true",
+                     "--report", str(tmp_path / "qb.json")]) == 0
+        normalised = json.loads((tmp_path / "qb.json").read_text())["metrics"]
+        assert normalised["t2v_r1"] == test_metrics["t2v_r1"] and "t2v_qb_r1" in normalised
     if task == "captioning":
         assert set(again["captions"]) == set(world.video_ids["test"])
         video = world.videos / f"{world.video_ids['test'][0]}.mp4"

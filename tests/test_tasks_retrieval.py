@@ -6,11 +6,12 @@ import torch.nn.functional as F
 
 from stoa_vlp.batch import Batch
 from stoa_vlp.config import load_config
-from stoa_vlp.metrics.retrieval import retrieval_metrics
+from stoa_vlp.metrics.retrieval import querybank_normalise, retrieval_metrics
 from stoa_vlp.model import build_model
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.tasks.retrieval import (
     contrastive_similarity,
+    encode_texts,
     evaluate_retrieval,
     evaluate_retrieval_records,
     extract_features,
@@ -126,3 +127,23 @@ def test_records_path_decodes_each_clip_once_and_agrees(setup):
                  make_batch(config, tokenizer, ["v3", "v4"], [CAPTIONS[3], CAPTIONS[5]])]
     by_loader = evaluate_retrieval(model, reordered, "cpu", rerank_k=2)
     assert by_records == pytest.approx(by_loader, abs=1e-4)
+
+
+def test_querybank_numbers_come_from_the_bank_captions_and_leave_the_plain_ones(setup):
+    config, model, tokenizer, _ = setup
+    records = [VideoRecord("v1", "v1.mp4", captions=[CAPTIONS[0]]), VideoRecord("v2", "v2.mp4", captions=[CAPTIONS[1]]),
+               VideoRecord("v3", "v3.mp4", captions=[CAPTIONS[3]])]
+    video_rows = [make_batch(config, tokenizer, ["v1", "v2", "v3"], CAPTIONS[:3])]
+    plain = evaluate_retrieval_records(model, video_rows, records, tokenizer, "cpu")
+    bank = [CAPTIONS[2], CAPTIONS[4], CAPTIONS[5]]
+    with_bank = evaluate_retrieval_records(model, video_rows, records, tokenizer, "cpu", querybank_captions=bank,
+                                           qb_norm_beta=20.0)
+    assert {k: with_bank[k] for k in plain} == plain
+    videos, texts = extract_features(model, video_rows, "cpu")[:2]
+    captions = encode_texts(model, *tokenizer([c for r in records for c in r.captions]), "cpu")
+    bank_texts = encode_texts(model, *tokenizer(bank), "cpu")
+    scores = querybank_normalise(contrastive_similarity(videos, captions), contrastive_similarity(videos, bank_texts))
+    expected = retrieval_metrics(scores, torch.tensor([0, 1, 2]))
+    assert {k: with_bank[k.replace("t2v_", "t2v_qb_")] for k in expected if k.startswith("t2v_")} == pytest.approx(
+        {k: v for k, v in expected.items() if k.startswith("t2v_")})
+    assert not any(k.startswith("v2t_qb") for k in with_bank)

@@ -139,6 +139,8 @@ class TaskConfig:
     name: str = "retrieval"  # retrieval, captioning, qa, mc
     rerank_k: int = 32  # retrieval: fusion (VTM) re-ranking of each query's contrastive top-k; 0 = off
     dual_softmax: bool = False  # retrieval: also report dual-softmax numbers, next to the plain ones
+    qb_norm: bool = False  # retrieval: also report QB-Norm t2v numbers (query bank: data.train's captions)
+    qb_norm_beta: float = 20.0  # retrieval: QB-Norm's inverted-softmax temperature on cosine similarities
     beam_size: int = 1  # captioning: 1 = greedy
     length_penalty: float = 1.0  # captioning: beam score = sum log p / length ** length_penalty
     max_caption_tokens: int = 0  # captioning: generated tokens, end included; 0 = model.text_len - 1

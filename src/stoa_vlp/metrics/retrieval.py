@@ -14,6 +14,10 @@ the mean of the two middle ranks for an even count), MnR the mean rank.
 
 Dual-softmax re-ranking (CLIP4Clip's DSL) multiplies each similarity by a softmax over the
 queries of the same candidate; it is always reported next to the plain numbers, never instead.
+So is QB-Norm (Bogolin et al., CVPR 2022) with its dynamic inverted softmax: a query whose top
+candidate is the top candidate of some query in a bank of training queries gets its scores
+divided, per candidate, by the sum over the bank of exp(beta * bank similarity); this demotes
+"hub" candidates that many queries retrieve. Other queries keep their scores.
 """
 
 from __future__ import annotations
@@ -66,6 +70,22 @@ def dual_softmax(similarity: torch.Tensor, scale: float = 100.0) -> torch.Tensor
     """CLIP4Clip's dual-softmax: s * softmax over the queries (dim 0) of scale * s. (Q, C) -> (Q, C)."""
     similarity = similarity.float()
     return similarity * torch.softmax(similarity * scale, dim=0)
+
+
+def querybank_normalise(similarity: torch.Tensor, bank_similarity: torch.Tensor, beta: float = 20.0) -> torch.Tensor:
+    """QB-Norm's dynamic inverted softmax. similarity (Q, C), bank_similarity (B, C) of the bank's
+    queries to the same candidates -> (Q, C) scores to rank by.
+
+    A query whose top-1 candidate is the top-1 of some bank query gets beta * s - log sum_b
+    exp(beta * bank[b]) per candidate (the log of QB-Norm's exp-ratio, so the same ranking without
+    overflow); every other query keeps its row.
+    """
+    similarity, bank_similarity = similarity.double(), bank_similarity.double()
+    activated = torch.zeros(similarity.shape[1], dtype=torch.bool)
+    activated[bank_similarity.argmax(dim=1)] = True  # candidates some bank query retrieves first
+    normalised = beta * similarity - torch.logsumexp(beta * bank_similarity, dim=0)  # (Q, C)
+    rows = activated[similarity.argmax(dim=1)]  # (Q,)
+    return torch.where(rows[:, None], normalised, similarity)
 
 
 def retrieval_metrics(

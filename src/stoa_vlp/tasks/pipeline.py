@@ -156,9 +156,13 @@ class TaskRunner:
 
             records = self._records(split)
             loader = video_loader(records, config, self.detections, self.label_vocab)
+            querybank = None
+            if config.task.qb_norm:
+                querybank = [caption for record in self._records("train") for caption in record.captions]
             return evaluate_retrieval_records(
                 model, loader, records, self.tokenizer, self.device, config.task.rerank_k,
                 DUAL_SOFTMAX_SCALE if config.task.dual_softmax else None, config.loss.vtc_video_feature,
+                querybank_captions=querybank, qb_norm_beta=config.task.qb_norm_beta,
             )
         if self.task == "captioning":
             from stoa_vlp.tasks.captioning import evaluate_captioning

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from stoa_vlp.batch import Batch
-from stoa_vlp.metrics.retrieval import rerank_top_k, retrieval_metrics
+from stoa_vlp.metrics.retrieval import querybank_normalise, rerank_top_k, retrieval_metrics
 from stoa_vlp.objectives.vtc import MAX_LOGIT_SCALE, video_embedding
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -155,10 +155,18 @@ def retrieval_metrics_of_features(
     dual_softmax_scale: float | None = None,
     video_feature: str = "mean",
     pair_batch_size: int = 256,
+    querybank=None,
+    qb_norm_beta: float = 20.0,
 ) -> dict[str, float]:
-    """Metrics from encoded videos and captions (see `evaluate_retrieval` for the keys)."""
+    """Metrics from encoded videos and captions (see `evaluate_retrieval` for the keys); with
+    `querybank` (encoded training captions), also "t2v_qb_..." after QB-Norm."""
     similarity = contrastive_similarity(videos, texts, video_feature).cpu()
     metrics = retrieval_metrics(similarity, text_to_video, dual_softmax_scale)
+    if querybank is not None:
+        bank_similarity = contrastive_similarity(videos, querybank, video_feature).cpu()
+        normalised = querybank_normalise(similarity, bank_similarity, qb_norm_beta)
+        t2v = retrieval_metrics(normalised, text_to_video)
+        metrics.update({k.replace("t2v_", "t2v_qb_"): v for k, v in t2v.items() if k.startswith("t2v_")})
     if rerank_k > 0:
         t2v, v2t = rerank_similarities(model, videos, texts, similarity, rerank_k, pair_batch_size)
         reranked_t2v = retrieval_metrics(t2v, text_to_video)
@@ -202,9 +210,12 @@ def evaluate_retrieval_records(
     dual_softmax_scale: float | None = None,
     video_feature: str = "mean",
     pair_batch_size: int = 256,
+    querybank_captions: list[str] | None = None,
+    qb_norm_beta: float = 20.0,
 ) -> dict[str, float]:
     """Like `evaluate_retrieval`, but decodes each record's clip once (`video_loader` has one row per
-    record, in record order) and takes every caption of every record as a query."""
+    record, in record order) and takes every caption of every record as a query; with
+    `querybank_captions` (e.g. the training captions), also QB-Norm's "t2v_qb_..." numbers."""
     ids, videos = encode_videos(model, video_loader, device)
     if ids != [record.video_id for record in records]:
         raise ValueError("the video loader must hold one row per record, in record order, with distinct video ids")
@@ -212,6 +223,10 @@ def evaluate_retrieval_records(
     text_to_video = torch.tensor([i for i, record in enumerate(records) for _ in record.captions], dtype=torch.long)
     tokens, mask = tokenizer(captions)
     texts = encode_texts(model, tokens, mask, device, pair_batch_size)
+    querybank = None
+    if querybank_captions is not None:
+        querybank = encode_texts(model, *tokenizer(querybank_captions), device, pair_batch_size)
     return retrieval_metrics_of_features(
-        model, videos, texts, text_to_video, rerank_k, dual_softmax_scale, video_feature, pair_batch_size
+        model, videos, texts, text_to_video, rerank_k, dual_softmax_scale, video_feature, pair_batch_size,
+        querybank, qb_norm_beta,
     )
