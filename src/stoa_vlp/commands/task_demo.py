@@ -1,16 +1,15 @@
-"""The demo's downstream stages (appended to `stoa_vlp.train.demo.DEMO_STAGES`): zero-shot
-multiple-choice with the pre-trained model, then captioning and video QA fine-tuned from it on the
-synthetic world, each evaluated once on the test clips with the final weights (no model
-selection), next to chance or a trivial baseline."""
+"""The demo's downstream stages (appended to `stoa_vlp.train.demo.DEMO_STAGES`): captioning and
+video QA fine-tuned from the pre-trained demo model on the synthetic world, each evaluated once
+on the test clips with the final weights (no model selection), next to a trivial baseline."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
 
-# fine-tuning steps of the stages that train, as a share of the pre-training steps (at least 1):
-# QA trains its answer classifier from scratch, and 100 steps (one pass over the questions) left it
-# at the majority answer; 400 steps reached 44% against 36.5% (2026-11-27)
+# fine-tuning steps of each stage as a share of the pre-training steps (at least 1): QA trains its
+# answer classifier from scratch, and 100 steps (one pass over the questions) left it at the
+# majority answer; 400 steps reached 44% against 36.5% (2026-11-27)
 STEPS_SHARE = {"captioning": 1 / 3, "qa": 4 / 3}
 EXAMPLES_SHOWN = 3
 
@@ -20,12 +19,11 @@ def stage_config(run, task: str, overrides: list[str]):
     from stoa_vlp.config import from_dict
     from stoa_vlp.tasks.pipeline import task_config
 
-    training = []
-    if task in STEPS_SHARE:
-        steps = max(1, round(run.config.train.steps * STEPS_SHARE[task]))
-        training = [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
-                    f"train.save_every={steps}", f"train.eval_every={steps}"]
-    values = merge_overrides(run.config.to_dict(), [*training, f"train.output_dir={run.folder / task}", *overrides])
+    steps = max(1, round(run.config.train.steps * STEPS_SHARE[task]))
+    values = merge_overrides(run.config.to_dict(), [
+        f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}", f"train.save_every={steps}",
+        f"train.eval_every={steps}", f"train.output_dir={run.folder / task}", *overrides,
+    ])
     return task_config(from_dict(values), task)
 
 
@@ -44,29 +42,6 @@ def fine_tune(run, config, runner):
     env = DistEnv.current(config.train.device)
     result = Trainer(config, module, dataset, collate, config.train.output_dir, env, None).fit()
     return module.eval(), result
-
-
-def multiple_choice_stage(run) -> None:
-    from stoa_vlp.tasks.multiple_choice import read_choices
-    from stoa_vlp.tasks.pipeline import TaskRunner
-    from stoa_vlp.train.logging import format_table
-
-    world = run.world
-    config = stage_config(run, "mc", [f"data.val={world.mc['val']}", f"data.test={world.mc['test']}"])
-    metrics = TaskRunner(config, "cpu").evaluate(run.model.eval(), "test")
-    choices = read_choices(config.data.test)
-    chance = 100.0 * sum(1 / len(choice.options) for choice in choices) / len(choices)
-    run.metrics["mc"] = {**metrics, "chance": chance}
-    table = format_table(["multiple choice (test, %)", "accuracy"],
-                         [["matching head (vtm)", metrics["accuracy_vtm"]], ["cosine (vtc)", metrics["accuracy_vtc"]],
-                          ["chance", chance]])
-    print(f"\nZero-shot multiple choice ({int(metrics['num_items'])} test items):\n{table}")
-    run.report.append(
-        "## Zero-shot multiple choice (test clips)\n\n"
-        f"{int(metrics['num_items'])} items, each a clip and its true caption among wrong ones (an action "
-        "reversed, actions swapped, a colour or shape changed, or another clip's caption), scored by the "
-        f"pre-trained model without fine-tuning.\n\n{table}\n"
-    )
 
 
 def captioning_stage(run) -> None:
@@ -138,4 +113,4 @@ def qa_stage(run) -> None:
     )
 
 
-DOWNSTREAM_STAGES = [("mc", multiple_choice_stage), ("captioning", captioning_stage), ("qa", qa_stage)]
+DOWNSTREAM_STAGES = [("captioning", captioning_stage), ("qa", qa_stage)]

@@ -5,9 +5,8 @@ The demo is a list of stages, `DEMO_STAGES`, run in order over one `DemoRun`:
   tags       noun/verb tags of every caption (spaCy), for DOTA and STASP
   pretrain   pre-train the tiny model with the six objectives (the Trainer, checkpoints, metrics)
   retrieval  zero-shot text-to-video and video-to-text retrieval on the test clips, against chance
-  mc         zero-shot multiple choice on the test clips, against chance
   captioning, qa  short downstream fine-tuning from the pre-trained model, scored on the test clips
-             (mc, captioning and qa: stoa_vlp.commands.task_demo)
+             (stoa_vlp.commands.task_demo)
 Each stage records its metrics in `run.metrics[name]`, adds a Markdown section to `run.report`
 and may print a table. A later task adds its own stage by appending `(name, function)` to
 `DEMO_STAGES` (the trained model is `run.model`, the config `run.config`, the world `run.world`).
