@@ -4,6 +4,7 @@ answer, index and search."""
 
 import json
 
+import av
 import pytest
 
 from stoa_vlp.cli import main
@@ -73,6 +74,13 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys):
         video = world.videos / f"{world.video_ids['test'][0]}.mp4"
         assert main(["caption", "--checkpoint", str(run), str(video), "--max-tokens", "3"]) == 0
         assert capsys.readouterr().out.startswith(f"{video}\t")
+        frames = tmp_path / "frames" / video.stem  # the same clip as a frame folder
+        frames.mkdir(parents=True)
+        with av.open(str(video)) as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                frame.to_image().save(frames / f"{index:05d}.png")
+        assert main(["caption", "--checkpoint", str(run), str(frames), "--max-tokens", "3"]) == 0
+        assert capsys.readouterr().out.startswith(f"{frames}\t")
     if task == "qa":
         video = world.videos / f"{world.video_ids['test'][0]}.mp4"
         assert main(["answer", "--checkpoint", str(run), str(video), "what shape moves left?", "--top", "2"]) == 0

@@ -135,7 +135,7 @@ def file_records(paths: list[str], text: str):
     for path in paths:
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: no such video file or frame folder")
-        video_id = Path(path).stem
+        video_id = Path(path).name if Path(path).is_dir() else Path(path).stem
         if video_id in seen:
             raise ValueError(f"{seen[video_id]} and {path} share the video id '{video_id}' (the file name stem)")
         seen[video_id] = path
