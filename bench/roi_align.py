@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     }
     if on_gpu and not args.no_compile:
         methods.update({f"{name}, compiled": torch.compile(fn) for name, fn in list(methods.items())})
-    print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'CPU (smoke test)'}; torch {torch.__version__}; "
+    device_name = torch.cuda.get_device_name(device) if on_gpu else "CPU (smoke test)"
+    print(f"device: {device_name}; torch {torch.__version__}; "
           f"{clips} clips x {config.frames} frames x {slots} boxes, {config.vision_width} channels, "
           f"{objects.grid}x{objects.grid} grid; bf16 autocast; forward + backward", flush=True)
     warmup, repeats = (3, 20) if on_gpu else (1, 3)

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="detections JSONL to write")
     parser.add_argument("--fps", type=float, default=1.0, help="frames per second to detect (default 1)")
     parser.add_argument("--frame-rate", type=float, default=1.0,
-                        help="frames per second at which frame folders were extracted (default 1, as data.frame_rate)")
+                        help="frames per second at which frame folders were extracted (default 1; data.frame_rate)")
     parser.add_argument("--batch-size", type=int, default=8, help="frames per detector call")
     parser.add_argument("--score-threshold", type=float, default=0.3, help="lowest confidence kept")
     parser.add_argument("--max-boxes", type=int, default=50, help="boxes per frame, at most")

@@ -106,7 +106,10 @@ def find_videos(inputs: Iterable[str | Path]) -> list[Path]:
     return found
 
 
-def sample_frames(path: Path, fps: float, frame_rate: float = 1.0) -> tuple[int, int, list[tuple[float, np.ndarray]]]:
+SampledFrames = tuple[int, int, list[tuple[float, np.ndarray]]]  # width, height, [(time, RGB (H, W, 3) uint8)]
+
+
+def sample_frames(path: Path, fps: float, frame_rate: float = 1.0) -> SampledFrames:
     """(width, height, [(time, RGB frame (H, W, 3) uint8)]): for each of 0, 1/fps, 2/fps, ... up to
     the last frame's time, the frame nearest to it (each frame at most once). Times are seconds from
     the stream's start, as decode_clip gives them; a frame folder's image i is at i / frame_rate."""
@@ -138,7 +141,7 @@ def sample_frames(path: Path, fps: float, frame_rate: float = 1.0) -> tuple[int,
     return width, height, picked
 
 
-def _sample_folder_frames(folder: Path, fps: float, frame_rate: float) -> tuple[int, int, list[tuple[float, np.ndarray]]]:
+def _sample_folder_frames(folder: Path, fps: float, frame_rate: float) -> SampledFrames:
     images = frame_folder_images(folder)
     if not images:
         raise ValueError("frame folder holds no images")

@@ -44,7 +44,8 @@ def roi_axis_weights(low: torch.Tensor, high: torch.Tensor, size: int) -> torch.
     fraction = torch.where(position >= size - 1, 0.0, position - below)
     above = (below + 1).clamp(max=size - 1)
     grid = torch.arange(size, device=low.device, dtype=low.dtype)
-    weights = (1 - fraction)[..., None] * (grid == below[..., None]) + fraction[..., None] * (grid == above[..., None])
+    weights = (1 - fraction)[..., None] * (grid == below[..., None])
+    weights = weights + fraction[..., None] * (grid == above[..., None])  # (R, cells, samples, size)
     return (weights * inside[..., None]).mean(dim=2)  # (R, cells, size)
 
 

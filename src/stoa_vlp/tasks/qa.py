@@ -4,10 +4,10 @@ Two file formats:
 - the ALPRO/ClipBERT JSONL, one JSON object per line: {"video_id", "question", "answer",
   "answer_type"} ("answer_type" optional, e.g. what/who/how or the synthetic world's colour/shape/...);
 - the original release (Xu et al. 2017: `train_qa.json`, `val_qa.json`, `test_qa.json`), a .json
-  file holding one JSON array of {"id", "video_id": integer, "question", "answer"}. MSVD-QA numbers its clips: a
-  `youtube_mapping.txt` beside the file ("<YouTube clip name> vid<N>" per line) gives the clip of
-  id N; without it, id N is MSR-VTT's "video<N>". The answer type is the question word
-  (what/who/how/where/when, else "other").
+  file holding one JSON array of {"id", "video_id": integer, "question", "answer"}. MSVD-QA
+  numbers its clips: a `youtube_mapping.txt` beside the file ("<YouTube clip name> vid<N>" per
+  line) gives the clip of id N; without it, id N is MSR-VTT's "video<N>". The answer type is the
+  question word (what/who/how/where/when, else "other").
 
 Model: the fusion encoder runs bidirectionally over [visual tokens | question tokens | answer
 slot]; the answer slot is a learned vector (zero-initialised, as the reference's zero vector) and
@@ -99,8 +99,8 @@ def _original_rows(path: Path) -> list[tuple[str, dict]]:
         if "video_id" in row:
             row["video_id"] = video_name(row["video_id"], where)
         if "question" in row:
-            first_word = str(row["question"]).split(maxsplit=1)[:1]
-            row["answer_type"] = first_word[0].lower() if first_word and first_word[0].lower() in QUESTION_WORDS else "other"
+            words = str(row["question"]).lower().split(maxsplit=1)
+            row["answer_type"] = words[0] if words and words[0] in QUESTION_WORDS else "other"
         rows.append((where, row))
     return rows
 
