@@ -86,7 +86,16 @@ def read_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def clip_to_model_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CLIP key names -> STOAVLP key names (text tower keys gain the `text.` prefix)."""
-    return {(f"text.{key}" if key.startswith(CLIP_TEXT_KEYS) else key): value for key, value in state.items()}
+    renamed = {(f"text.{key}" if key.startswith(CLIP_TEXT_KEYS) else key): value for key, value in state.items()}
+    return with_vector_logit_scale(renamed)
+
+
+def with_vector_logit_scale(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with a 0-d `logit_scale` (CLIP's files, checkpoints before it became 1-D) as shape (1,)."""
+    scale = state.get("logit_scale")
+    if scale is None or scale.ndim != 0:
+        return state
+    return {**state, "logit_scale": scale.reshape(1)}
 
 
 def load_state_checked(
@@ -214,4 +223,4 @@ def load_model_weights(model: STOAVLP, path: str | Path) -> None:
     except Exception as error:  # safetensors raises its own error types for a damaged file
         raise CheckpointError(f"{path}: cannot read safetensors weights ({error})") from error
     source = f"checkpoint {path}"
-    load_state_checked(model, resample_frame_tables(model, state, source), source)
+    load_state_checked(model, resample_frame_tables(model, with_vector_logit_scale(state), source), source)

@@ -93,7 +93,8 @@ class STOAVLP(nn.Module):
         width = config.text_width
         self.visual = VideoTower(config)
         self.text = TextTower(config)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # shape (1,), not CLIP's 0-d: FSDP cannot shard 0-d parameters (checkpoint loading reshapes CLIP's)
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.object_tokens = ObjectTokens(config) if config.objects else None
         self.trajectory_encoder = TrajectoryEncoder(config) if config.objects else None
         self.action_encoder = ActionEncoder(config) if config.actions else None

@@ -83,6 +83,17 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def to_cpu(state: Any) -> Any:
+    """A nested state (dicts, lists, tuples) with every tensor moved to the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {key: to_cpu(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(value) for value in state)
+    return state
+
+
 def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict load that names the missing and unexpected keys."""
     result = module.load_state_dict(state, strict=False)

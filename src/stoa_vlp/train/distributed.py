@@ -124,8 +124,6 @@ def wrap_model(module: nn.Module, strategy: str, env: DistEnv, find_unused_param
         return nn.parallel.DistributedDataParallel(
             module, device_ids=device_ids, find_unused_parameters=find_unused_parameters
         )
-    if env.device.type != "cuda":
-        raise ValueError("train.distributed=fsdp needs GPUs (torch's FSDP has no CPU backend); use ddp on CPUs")
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel  # runs on CPUs too (gloo), as tested
 
     return FullyShardedDataParallel(module, device_id=env.device, use_orig_params=True)

@@ -137,8 +137,11 @@ class Trainer:
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            # not cpu_offload=True: with it, torch 2.14 returned Adam's exp_avg and exp_avg_sq as one
+            # shared tensor (found by tests/test_train_distributed.py); we copy to the CPU ourselves
+            options = StateDictOptions(full_state_dict=True)
             weights, optimizer_state = get_state_dict(self.wrapped, self.optimizer, options=options)
+            weights, optimizer_state = ckpt.to_cpu(weights), ckpt.to_cpu(optimizer_state)
         else:
             weights, optimizer_state = self.module.state_dict(), self.optimizer.state_dict()
         start = len(self.weights_prefix)
