@@ -21,8 +21,8 @@ from stoa_vlp.train import checkpointing as ckpt
 
 STEPS = 3
 GLOBAL_BATCH = 4
-# FSDP computes with views into its flat parameter buffers, which round differently in the last bits;
-# Adam turns that into differences of about 1e-5 on a few of the ~2.5e-3 updates (5 of 167 tensors)
+# FSDP's results differ from one rank's in the last bits (flat parameter buffers, reduce-scatter);
+# Adam turns that into differences of up to 1.2e-5 on a few of the ~2.5e-3 updates (5 of 167 tensors)
 TOLERANCE = {"ddp": 1e-5, "fsdp": 3e-5}
 
 
