@@ -1,4 +1,5 @@
-"""2 gloo ranks (DDP, FSDP) against 1 rank with the same global batch: the same parameters after 3 steps.
+"""2 gloo ranks (DDP, FSDP, compiled DDP) against 1 rank with the same global batch: the same
+parameters after 3 steps; and an FSDP run resumed from its checkpoint against the straight run.
 
 Uses the real tiny STOA model with the objectives that draw no random numbers (VTC with the
 all-gather, DOTA, STASP), since MLM/VTM/PLM draws differ by construction between 1 and 2 ranks.
@@ -63,12 +64,14 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
     return ckpt.load_weights(ckpt.list_checkpoints(run_dir)[-1] / "model.safetensors")
 
 
-@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
-def test_two_gloo_ranks_match_one_rank(tmp_path, distributed):
+@pytest.mark.parametrize("distributed, extra", [("ddp", ()), ("fsdp", ()), ("ddp", ("train.compile=true",))],
+                         ids=["ddp", "fsdp", "ddp-compiled"])
+def test_two_gloo_ranks_match_one_rank(tmp_path, distributed, extra):
     config = load_config("tiny", overrides(GLOBAL_BATCH))
     with one_thread():
         one = Trainer(config, tiny_pretrainer(config), RandomClips(config), collate, tmp_path / "one").fit()
-    mp.spawn(run_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "two"), distributed), nprocs=2, join=True)
+    run_args = (2, str(tmp_path / "init"), str(tmp_path / "two"), distributed, extra)
+    mp.spawn(run_rank, args=run_args, nprocs=2, join=True)
 
     two_history = [r for r in __import__("stoa_vlp.train.logging", fromlist=["x"]).read_metrics(tmp_path / "two")]
     assert [r["step"] for r in two_history if r["split"] == "train"][-1] == STEPS
