@@ -19,6 +19,7 @@ from stoa_vlp.config import load_config
 from stoa_vlp.data.dataset import collate
 from stoa_vlp.train import DistEnv, Trainer
 from stoa_vlp.train import checkpointing as ckpt
+from stoa_vlp.train.logging import read_metrics
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -33,6 +34,7 @@ def overrides(batch_size: int, distributed: str = "ddp") -> list[str]:
         "train.warmup_steps=1",
         "train.progress=false",
         "train.tensorboard=false",
+        f"train.eval_every={STEPS}",
         "train.device=cpu",
         f"train.distributed={distributed}",
         f"data.batch_size={batch_size}",
@@ -47,6 +49,13 @@ def overrides(batch_size: int, distributed: str = "ddp") -> list[str]:
     ]
 
 
+def weight_statistics(module) -> dict[str, float]:
+    """An evaluator that sees every weight: under FSDP it runs on rank 0 inside summon_full_params."""
+    parameters = list(module.model.parameters())
+    return {"weight_sum": float(sum(p.double().sum() for p in parameters)),
+            "weight_count": float(sum(p.numel() for p in parameters))}
+
+
 def run_rank(rank: int, world_size: int, init_file: str, run_dir: str, distributed: str,
              extra: tuple[str, ...] = (), resume: str | None = None) -> None:
     torch.set_num_threads(1)
@@ -54,7 +63,7 @@ def run_rank(rank: int, world_size: int, init_file: str, run_dir: str, distribut
     try:
         config = load_config("tiny", [*overrides(GLOBAL_BATCH // world_size, distributed), *extra])
         trainer = Trainer(config, tiny_pretrainer(config), RandomClips(config), collate, run_dir,
-                          env=DistEnv.current("cpu"))
+                          env=DistEnv.current("cpu"), evaluate=weight_statistics)
         trainer.fit(resume)
     finally:
         dist.destroy_process_group()
@@ -69,12 +78,17 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
 def test_two_gloo_ranks_match_one_rank(tmp_path, distributed, extra):
     config = load_config("tiny", overrides(GLOBAL_BATCH))
     with one_thread():
-        one = Trainer(config, tiny_pretrainer(config), RandomClips(config), collate, tmp_path / "one").fit()
+        one = Trainer(config, tiny_pretrainer(config), RandomClips(config), collate, tmp_path / "one",
+                      evaluate=weight_statistics).fit()
     run_args = (2, str(tmp_path / "init"), str(tmp_path / "two"), distributed, extra)
     mp.spawn(run_rank, args=run_args, nprocs=2, join=True)
 
-    two_history = [r for r in __import__("stoa_vlp.train.logging", fromlist=["x"]).read_metrics(tmp_path / "two")]
+    two_history = read_metrics(tmp_path / "two")
     assert [r["step"] for r in two_history if r["split"] == "train"][-1] == STEPS
+    (validation,) = [r for r in two_history if r["split"] == "val"]  # rank 0 saw every full weight
+    (reference,) = [r for r in read_metrics(tmp_path / "one") if r["split"] == "val"]
+    assert validation["weight_count"] == reference["weight_count"]
+    assert validation["weight_sum"] == pytest.approx(reference["weight_sum"], abs=1e-2)
     single, double = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     initial = tiny_pretrainer(config).model.state_dict()
     moved = 0
