@@ -97,3 +97,31 @@ def test_even_size_keeps_aspect():
     assert even_size(360, 480, 256) == (256, 342)
     assert even_size(1920, 1080, 256) == (456, 256)
     assert even_size(320, 240, 256) == (320, 240)  # never enlarged
+
+
+def test_prepare_turns_frame_folders_into_videos(tmp_path):
+    from PIL import Image
+
+    source = tmp_path / "raw"
+    folder = source / "clip7"
+    folder.mkdir(parents=True)
+    for index in range(6):  # extracted at 3 fps: image i on screen from i / 3 s, grey 40 * i
+        Image.fromarray(np.full((40, 60, 3), 40 * index, dtype=np.uint8)).save(folder / f"img_{index + 1}.png")
+    empty = source / "empty_frames"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    broken = source / "broken_frames"
+    broken.mkdir()
+    (broken / "0001.jpg").write_bytes(b"not an image")
+    out = tmp_path / "prepared"
+    assert run_prepare(source, out, "--frame-rate", "3") == 0
+    manifest = read_manifest(out / "manifest.jsonl")
+    assert sorted(manifest) == ["broken_frames", "clip7"]  # a folder without images is no frame folder
+    failed = manifest["broken_frames"]
+    assert failed.status == "failed" and "broken_frames: 0001.jpg: not a readable image" in failed.error
+    entry = manifest["clip7"]
+    assert (entry.status, entry.frames, entry.fps, entry.duration) == ("ok", 4, 2.0, 2.0)
+    frames, _, rate = read_output(entry.output)
+    assert rate == 2.0 and frames[0].shape == (32, 48, 3)
+    # output frame k shows the image on screen at k / 2 s: images 0, 1, 3, 4
+    np.testing.assert_allclose([frame.mean() for frame in frames], [0, 40, 120, 160], atol=3)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="a folder of videos (searched recursively) or an annotation file")
+    parser.add_argument("input", help="a folder of videos or frame folders (searched recursively) or an annotation file")
     parser.add_argument("out_dir", help="output folder (created)")
     parser.add_argument("--fps", type=float, default=2.0, help="output frame rate (default 2)")
     parser.add_argument("--short-side", type=int, default=256, help="output short side in pixels (default 256)")
@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crf", type=int, default=28, help="libx264 quality, lower is better (default 28)")
     parser.add_argument("--preset", default="veryfast", help="libx264 speed preset (default veryfast)")
     parser.add_argument("--tune", default="fastdecode", help="libx264 tune (default fastdecode; '' for none)")
+    parser.add_argument("--frame-rate", type=float, default=1.0,
+                        help="rate at which input frame folders were extracted (default 1; data.frame_rate)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
     parser.add_argument("--format", default="auto", help="annotation format when INPUT is a file (default auto)")
     parser.add_argument("--split", default=None, help="annotation split (train, val, test) where the format needs one")
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.data.prepare import PrepareOptions, find_videos, prepare_videos
 
     if os.path.isdir(args.input):
-        videos = find_videos(args.input)
+        videos = find_videos(args.input, frame_folders=True)
     else:
         records = read_annotations(args.input, args.format, args.split, args.video_root)
         unique = {record.video_id: record.path for record in records}
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if not videos:
         log.error("%s: no videos found", args.input)
         return 2
-    options = PrepareOptions(args.fps, args.short_side, args.keyframe_interval, args.crf, args.preset, args.tune)
+    options = PrepareOptions(args.fps, args.short_side, args.keyframe_interval, args.crf, args.preset, args.tune,
+                             args.frame_rate)
     entries = prepare_videos(videos, args.out_dir, options, args.workers, progress=not args.no_progress)
     failed = sum(entry.status != "ok" for entry in entries)
     log.info("prepared %d videos into %s (%d failed)", len(entries) - failed, args.out_dir, failed)

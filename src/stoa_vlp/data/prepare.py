@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stoa_vlp.data.decode import FRAME_EXTENSIONS, VideoError, _open_pyav
+from stoa_vlp.data.decode import FRAME_EXTENSIONS, VideoError, _open_pyav, frame_folder_images, read_frame_image
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class PrepareOptions:
     crf: int = 28
     preset: str = "veryfast"
     tune: str = "fastdecode"  # x264 tune: no CABAC, no deblocking; about 2x faster decoding ("" for none)
+    frame_rate: float = 1.0  # rate at which input frame folders were extracted (data.frame_rate)
 
 
 @dataclass
@@ -135,25 +136,51 @@ def _resampled_frames(container, fps: float, size: tuple[int, int]) -> Iterator[
         next_time += step
 
 
+def _folder_frames(folder: str, fps: float, frame_rate: float, short_side: int) -> Iterator[np.ndarray]:
+    """RGB frames (H, W, 3) at `fps` from a frame folder whose image i is on screen from i / frame_rate
+    seconds, resized (Pillow's box filter, as swscale's area) to even_size of the first image."""
+    from PIL import Image
+
+    images = frame_folder_images(folder)
+    if not images:
+        raise VideoError(folder, "frame folder holds no images")
+    size, shown, image = None, -1, None
+    duration = len(images) / frame_rate
+    for k in range(int(np.ceil(duration * fps - 1e-6))):
+        index = min(int(k / fps * frame_rate + 1e-6), len(images) - 1)  # the image on screen at k / fps
+        if index != shown:
+            try:
+                frame = Image.fromarray(read_frame_image(Path(folder) / images[index]))
+            except ValueError as error:
+                raise VideoError(folder, str(error)) from None
+            size = size or even_size(frame.width, frame.height, short_side)
+            image, shown = np.asarray(frame.resize(size, Image.Resampling.BOX)), index
+        yield image
+
+
 def prepare_one(video_id: str, source: str, output: str, options: PrepareOptions) -> ManifestEntry:
-    """Re-encode one video; never raises: failures come back as a 'failed' entry."""
+    """Re-encode one video (or frame folder); never raises: failures come back as a 'failed' entry."""
     temporary = f"{output}.tmp-{os.getpid()}.mp4"
     try:
-        container = _open_pyav(source, source)
-        try:
-            codec = container.streams.video[0].codec_context
-            size = even_size(codec.width, codec.height, options.short_side)
-            frames = encode_video(
-                temporary,
-                _resampled_frames(container, options.fps, size),
-                options.fps,
-                options.keyframe_interval,
-                options.crf,
-                options.preset,
-                options.tune,
-            )
-        finally:
-            container.close()
+        if os.path.isdir(source):
+            frames = encode_video(temporary, _folder_frames(source, options.fps, options.frame_rate, options.short_side),
+                                  options.fps, options.keyframe_interval, options.crf, options.preset, options.tune)
+        else:
+            container = _open_pyav(source, source)
+            try:
+                codec = container.streams.video[0].codec_context
+                size = even_size(codec.width, codec.height, options.short_side)
+                frames = encode_video(
+                    temporary,
+                    _resampled_frames(container, options.fps, size),
+                    options.fps,
+                    options.keyframe_interval,
+                    options.crf,
+                    options.preset,
+                    options.tune,
+                )
+            finally:
+                container.close()
         if frames == 0:
             raise VideoError(source, "has no decodable video frames")
         os.replace(temporary, output)
