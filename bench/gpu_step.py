@@ -7,7 +7,9 @@ warm-up, median of at least 10 steps) each variant of VARIANTS chosen by --eager
   - the project's video tower alone (forward + backward) on the same frames, the whole video side
     (objects and actions too) and the text tower;
   - timm's `vit_base_patch16_clip_224` (random init) forward + backward on the same frames, eager
-    and compiled (the baseline).
+    and compiled (the baseline);
+  - the tower and the full step with a bf16 residual stream (`model.low_precision_residual`:
+    tower-lowp, full-lowp), not timed unless named.
 Model FLOPs come from `torch.utils.flop_counter.FlopCounterMode`; MFU is measured against a bf16
 matrix product timed in the same run. --profile prints where the device time of a variant goes
 (kernel families and top kernels, torch.profiler) and where the device idles (gaps between
