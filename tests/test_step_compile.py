@@ -28,3 +28,44 @@ def test_compiled_step_compiles_once_and_breaks_only_for_the_host_matching():
     assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 2  # nothing recompiled after the first step
     breaks = list(counters["graph_break"])
     assert breaks and all(("costs_to_host" in r) or ("matched_columns" in r) for r in breaks), breaks
+
+
+def compile_on_rank(rank: int, world_size: int, init_file: str, report: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        config = tiny_config()
+        compiled = torch.compile(Pretrainer(tiny_model(config), config.loss), backend="eager", dynamic=False)
+        torch._dynamo.reset()
+        counters.clear()
+        batch = make_batch(config, video_index=(2 * rank, 2 * rank + 1))  # ids distinct across ranks
+        compiled(batch)["loss"].backward()
+        if rank == 0:
+            compiled_graphs = {"graphs": counters["stats"]["unique_graphs"], "breaks": list(counters["graph_break"])}
+            with open(report, "w") as handle:
+                json.dump(compiled_graphs, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_gather_inside_the_compiled_graphs(tmp_path):
+    """VTC and VTM gather features from every rank; those gathers are traced (functional collectives),
+    so 2 ranks compile into the same graphs as 1, broken only for the host matching."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    report = tmp_path / "report.json"
+    mp.spawn(compile_on_rank, args=(2, str(tmp_path / "init"), str(report)), nprocs=2, join=True)
+    compiled = json.loads(report.read_text())
+    assert compiled["breaks"] and all(("costs_to_host" in r) or ("matched_columns" in r) for r in compiled["breaks"])
+    config = tiny_config()
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(Pretrainer(tiny_model(config), config.loss), backend="eager", dynamic=False)(
+        make_batch(config, video_index=(0, 1)))["loss"].backward()
+    assert compiled["graphs"] == counters["stats"]["unique_graphs"]

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+from torch.distributed import _functional_collectives as funcol
 
 Features = TypeVar("Features")
 
@@ -27,16 +27,18 @@ def rank_and_world() -> tuple[int, int]:
 def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` of every rank along dim 0, rank order.
 
-    Floating tensors are gathered with gradient (torch.distributed.nn.functional.all_gather): the
-    backward pass sums, on each rank, the gradients every rank computed for that rank's rows, which
-    is what makes 2 ranks under DDP gradient averaging equal one rank on the whole batch.
+    Floating tensors are gathered with gradient (functional collectives' all_gather_single_autograd,
+    which torch.compile traces, where torch.distributed.nn's all_gather, deprecated, breaks the
+    graph): the backward pass sums, on each rank, the gradients every rank computed for that rank's
+    rows, which is what makes 2 ranks under DDP gradient averaging equal one rank on the whole batch.
     Other dtypes (masks, ids) are gathered without gradient; bools travel as uint8.
     """
     _, world = rank_and_world()
     if world == 1:
         return tensor
     if tensor.is_floating_point():
-        return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+        gathered = funcol.all_gather_single_autograd(tensor.contiguous(), 0, dist.group.WORLD)
+        return funcol.wait_tensor(gathered)  # a plain tensor, not the asynchronous wrapper
     payload = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor.contiguous()
     parts = [torch.empty_like(payload) for _ in range(world)]
     dist.all_gather(parts, payload)
