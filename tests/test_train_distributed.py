@@ -8,6 +8,7 @@ all-gather, DOTA, STASP), since MLM/VTM/PLM draws differ by construction between
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,34 @@ def test_fsdp_resumes_exactly_from_its_sharded_checkpoint(tmp_path):
     assert ckpt.list_checkpoints(tmp_path / "resumed")[-1].name == "step_00000003"
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=0, msg=name)
+
+
+def fsdp_groups_on_rank(rank: int, world_size: int, init_file: str, report: str) -> None:
+    import json
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        config = load_config("tiny", [*overrides(2, "fsdp"), "train.tower_lr_scale=0.1"])
+        trainer = Trainer(config, tiny_pretrainer(config), RandomClips(config), collate,
+                          Path(report).parent / "run", env=DistEnv.current("cpu"))
+        names = {id(p): n for n, p in trainer.module.named_parameters()}
+        groups = [[names[id(p)] for p in g["params"]] for g in trainer.optimizer.param_groups]
+        if rank == 0:
+            with open(report, "w") as handle:
+                json.dump(groups, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_keeps_the_weight_decay_and_learning_rate_groups(tmp_path):
+    """FSDP flattens parameter shapes; the groups (chosen by shape and name) are those of one rank."""
+    import json
+
+    report = tmp_path / "groups.json"
+    mp.spawn(fsdp_groups_on_rank, args=(2, str(tmp_path / "init"), str(report)), nprocs=2, join=True)
+    config = load_config("tiny", [*overrides(GLOBAL_BATCH), "train.tower_lr_scale=0.1"])
+    single = Trainer(config, tiny_pretrainer(config), RandomClips(config), collate, tmp_path / "one")
+    names = {id(p): n for n, p in single.module.named_parameters()}
+    expected = [[names[id(p)] for p in g["params"]] for g in single.optimizer.param_groups]
+    assert len(expected) == 4  # tower / new x decay / no decay
+    assert json.loads(report.read_text()) == expected

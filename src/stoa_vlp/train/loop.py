@@ -26,7 +26,7 @@ from stoa_vlp.train import checkpointing as ckpt
 from stoa_vlp.train.data_position import ResumableSampler, SeededDataset, WorkerSeeder, loader_seed, worker_seed
 from stoa_vlp.train.distributed import DistEnv, all_reduce_mean, any_rank, barrier, gather_objects, wrap_model
 from stoa_vlp.train.logging import MetricsLogger, Progress, format_table
-from stoa_vlp.train.optim import build_optimizer, build_scheduler
+from stoa_vlp.train.optim import build_optimizer, build_scheduler, parameter_groups
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,12 @@ class Trainer:
         self.collate = collate
         self.module = module.to(self.env.device)  # the unwrapped module: evaluation
         self.weights_prefix = weights_prefix(module)  # the checkpoint holds module.model's weights if it has one
+        # grouped before wrapping: FSDP keeps the parameter objects but flattens their shapes, and the
+        # weight-decay groups are chosen by shape
+        groups = parameter_groups(self.module, self.train)
         self.wrapped = wrap_model(self.module, self.train.distributed, self.env, self.train.find_unused_parameters)
         self.fsdp = self.env.distributed and self.train.distributed == "fsdp"
-        self.optimizer = build_optimizer(self.wrapped if self.fsdp else self.module, self.train, self.env.device)
+        self.optimizer = build_optimizer(groups, self.train, self.env.device)
         self.scheduler = build_scheduler(self.optimizer, self.train)
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.train.precision == "amp_fp16")
         self.forward = torch.compile(self.wrapped) if self.train.compile else self.wrapped

@@ -37,11 +37,12 @@ def parameter_groups(module: nn.Module, train: TrainConfig) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(module: nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused where the device has fused kernels (CUDA and CPU in torch >= 2.4)."""
+def build_optimizer(groups: list[dict], train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `parameter_groups(...)`, fused where the device has fused kernels (CUDA and CPU in
+    torch >= 2.4)."""
     fused = device.type in _get_fused_kernels_supported_devices()
     return torch.optim.AdamW(
-        parameter_groups(module, train),
+        groups,
         lr=train.lr,
         betas=train.betas,
         eps=train.eps,
