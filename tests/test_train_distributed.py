@@ -134,7 +134,7 @@ def fsdp_groups_on_rank(rank: int, world_size: int, init_file: str, report: str)
         config = load_config("tiny", [*overrides(2, "fsdp"), "train.tower_lr_scale=0.1"])
         trainer = Trainer(config, tiny_pretrainer(config), RandomClips(config), collate,
                           Path(report).parent / "run", env=DistEnv.current("cpu"))
-        names = {id(p): n for n, p in trainer.module.named_parameters()}
+        names = {id(p): n.replace("_fsdp_wrapped_module.", "") for n, p in trainer.module.named_parameters()}
         groups = [[names[id(p)] for p in g["params"]] for g in trainer.optimizer.param_groups]
         if rank == 0:
             with open(report, "w") as handle:

@@ -125,5 +125,12 @@ def wrap_model(module: nn.Module, strategy: str, env: DistEnv, find_unused_param
             module, device_ids=device_ids, find_unused_parameters=find_unused_parameters
         )
     from torch.distributed.fsdp import FullyShardedDataParallel  # runs on CPUs too (gloo), as tested
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    return FullyShardedDataParallel(module, device_id=env.device, use_orig_params=True)
+    from stoa_vlp.model.transformer import ResidualBlock
+
+    # one FSDP unit per transformer block (the root holds the rest), so that only one block's full
+    # weights live at a time in the forward and backward passes
+    return FullyShardedDataParallel(
+        module, auto_wrap_policy=ModuleWrapPolicy({ResidualBlock}), device_id=env.device, use_orig_params=True
+    )

@@ -202,15 +202,17 @@ class Trainer:
         state = loaded["state"]
         weights = {self.weights_prefix + name: value for name, value in loaded["weights"].items()}
         if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            set_state_dict(
-                self.wrapped,
-                self.optimizer,
-                model_state_dict=weights,
-                optim_state_dict=loaded["training_state"]["optimizer"],
-                options=StateDictOptions(full_state_dict=True),
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
             )
+
+            set_model_state_dict(self.wrapped, weights, options=StateDictOptions(full_state_dict=True))
+            # not strict: a parameter that never had a gradient (a block of a disabled objective) has
+            # no optimiser state in the checkpoint, as in the run that wrote it
+            set_optimizer_state_dict(self.wrapped, self.optimizer, loaded["training_state"]["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
         else:
             ckpt.load_module_state(self.module, weights, str(folder))
             self.optimizer.load_state_dict(loaded["training_state"]["optimizer"])
