@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stoa_vlp.data.jsonl import read_jsonl
-from stoa_vlp.data.decode import FRAME_EXTENSIONS
+from stoa_vlp.data.decode import is_frame_image
 from stoa_vlp.data.prepare import VIDEO_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class _VideoFiles:
         self.by_stem: dict[str, str] = {}
         self.by_name: dict[str, str] = {}
         for folder, _, names in os.walk(root):
-            if folder != str(root) and any(os.path.splitext(n)[1].lower() in FRAME_EXTENSIONS for n in names):
+            if folder != str(root) and any(map(is_frame_image, names)):
                 self.by_stem.setdefault(os.path.basename(folder), folder)
             for name in names:
                 stem, extension = os.path.splitext(name)

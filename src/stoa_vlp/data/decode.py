@@ -309,10 +309,14 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+def is_frame_image(name: str) -> bool:
+    """Whether a file name is a frame image (FRAME_EXTENSIONS): a folder holding one is a frame folder."""
+    return os.path.splitext(name)[1].lower() in FRAME_EXTENSIONS
+
+
 def frame_folder_images(folder: str | Path) -> list[str]:
-    """The frame images directly in `folder` (FRAME_EXTENSIONS), in frame order."""
-    names = [entry.name for entry in os.scandir(folder)
-             if entry.is_file() and os.path.splitext(entry.name)[1].lower() in FRAME_EXTENSIONS]
+    """The frame images directly in `folder`, in frame order."""
+    names = [entry.name for entry in os.scandir(folder) if entry.is_file() and is_frame_image(entry.name)]
     return sorted(names, key=_natural_key)
 
 
@@ -327,6 +331,16 @@ def read_frame_image(path: Path) -> np.ndarray:
         raise ValueError(f"{path.name}: not a readable image ({error})") from None
 
 
+def read_frame_images(folder: Path, names: list[str]) -> np.ndarray:
+    """The named images of a frame folder as RGB (N, H, W, 3) uint8; ValueError naming the file when one
+    is unreadable, or the sizes when they differ."""
+    images = [read_frame_image(folder / name) for name in names]
+    sizes = {image.shape[:2] for image in images}
+    if len(sizes) > 1:
+        raise ValueError(f"frames of different sizes (height, width): {sorted(sizes)}")
+    return np.stack(images)
+
+
 def _decode_frame_folder(folder: Path, name, frames, sampling, start, end, rng, frame_rate) -> DecodedClip:
     if frame_rate <= 0:
         raise ValueError(f"frame_rate must be positive, got {frame_rate}")
@@ -335,16 +349,11 @@ def _decode_frame_folder(folder: Path, name, frames, sampling, start, end, rng, 
         raise VideoError(name, f"frame folder holds no images ({', '.join(FRAME_EXTENSIONS)})")
     times = np.arange(len(images)) / frame_rate
     chosen = _select(times, frames, sampling, start, end, rng, name)
-    pixels = []
-    for index in chosen:
-        try:
-            pixels.append(read_frame_image(folder / images[index]))
-        except ValueError as error:
-            raise VideoError(name, str(error)) from None
-    sizes = {image.shape[:2] for image in pixels}
-    if len(sizes) > 1:
-        raise VideoError(name, f"frames of different sizes (height, width): {sorted(sizes)}")
-    stacked = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
+    try:
+        pixels = read_frame_images(folder, [images[index] for index in chosen])
+    except ValueError as error:
+        raise VideoError(name, str(error)) from None
+    stacked = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
     return DecodedClip(stacked, times[chosen], stacked.shape[3], stacked.shape[2])
 
 

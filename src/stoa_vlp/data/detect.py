@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights, fasterrcnn_resnet50_fpn_v2
 
-from stoa_vlp.data.decode import frame_folder_images, read_frame_image, stream_origin
+from stoa_vlp.data.decode import frame_folder_images, read_frame_images, stream_origin
 from stoa_vlp.data.detections import FrameDetections, VideoDetections
 from stoa_vlp.data.prepare import VIDEO_EXTENSIONS
 
@@ -148,12 +148,9 @@ def _sample_folder_frames(folder: Path, fps: float, frame_rate: float) -> Sample
     times = np.arange(len(images)) / frame_rate
     targets = np.arange(0.0, times[-1] + 1e-9, 1.0 / fps)  # 0, 1/fps, ... up to the last frame's time
     nearest = np.unique(np.abs(times[None, :] - targets[:, None]).argmin(axis=1))  # the first of a tie
-    picked = [(float(times[index]), read_frame_image(folder / images[index])) for index in nearest]
-    sizes = {image.shape[:2] for _, image in picked}
-    if len(sizes) > 1:
-        raise ValueError(f"frames of different sizes (height, width): {sorted(sizes)}")
-    height, width = picked[0][1].shape[:2]
-    return width, height, picked
+    pixels = read_frame_images(folder, [images[index] for index in nearest])  # (N, H, W, 3)
+    height, width = pixels.shape[1:3]
+    return width, height, [(float(times[index]), image) for index, image in zip(nearest, pixels)]
 
 
 @torch.inference_mode()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stoa_vlp.data.decode import FRAME_EXTENSIONS, VideoError, _open_pyav, frame_folder_images, read_frame_image
+from stoa_vlp.data.decode import VideoError, _open_pyav, frame_folder_images, is_frame_image, read_frame_image
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,7 @@ def find_videos(folder: str | Path, frame_folders: bool = False) -> list[tuple[s
     `frame_folders`, also every folder below `folder` that holds frame images, by folder name."""
     found: dict[str, str] = {}
     for root, _, names in os.walk(folder):
-        if frame_folders and root != str(folder) and any(os.path.splitext(n)[1].lower() in FRAME_EXTENSIONS
-                                                         for n in names):
+        if frame_folders and root != str(folder) and any(map(is_frame_image, names)):
             name = os.path.basename(root)
             if name in found:
                 raise ValueError(f"two videos share the id '{name}': {found[name]} and {root}")
