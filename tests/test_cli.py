@@ -18,3 +18,36 @@ def test_unknown_command_is_an_error(capsys):
         cli.main(["frobnicate"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["detect", "v.mp4", "--weights", "w.pth", "--out", "d.jsonl", "--frame-rate", "0"],
+         "argument --frame-rate: must be > 0 and finite, got 0"),
+        (["detect", "v.mp4", "--weights", "w.pth", "--out", "d.jsonl", "--score-threshold", "1.5"],
+         "argument --score-threshold: must be between 0 and 1, got 1.5"),
+        (["prepare", "videos", "out", "--fps", "-2"], "argument --fps: must be > 0 and finite, got -2"),
+        (["prepare", "videos", "out", "--fps", "nan"], "argument --fps: must be > 0 and finite, got nan"),
+        (["prepare", "videos", "out", "--crf", "60"], "argument --crf: must be between 0 and 51"),
+        (["prepare", "videos", "out", "--workers", "two"], "argument --workers: expected an integer, got 'two'"),
+        (["synth", "world", "--miss-rate", "-0.1"], "argument --miss-rate: must be between 0 and 1, got -0.1"),
+        (["synth", "world", "--val", "-1"], "argument --val: must be >= 0, got -1"),
+        (["demo", "--train-clips", "0"], "argument --train-clips: must be > 0, got 0"),
+        (["search", "index", "a dog", "--top", "0"], "argument --top: must be > 0, got 0"),
+        (["caption", "--checkpoint", "run", "a.mp4", "--beam", "0"], "argument --beam: must be > 0, got 0"),
+    ],
+)
+def test_numeric_options_out_of_range_are_errors_naming_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_numeric_options_in_range_parse_to_numbers():
+    from stoa_vlp.commands.arguments import fraction, non_negative_int, positive_float
+
+    assert positive_float("2.5") == 2.5
+    assert non_negative_int("0") == 0
+    assert fraction("1") == 1.0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from stoa_vlp.commands.arguments import positive_int
+
 HELP = "answer a question about a video with a fine-tuned video-QA checkpoint"
 EXAMPLES = """examples:
   stoa-vlp answer --checkpoint runs/qa clip.mp4 "what colour is the shape that moves left?"
@@ -17,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("video", help="video file")
     parser.add_argument("question", help="the question, in quotes")
     add_inference_arguments(parser)
-    parser.add_argument("--top", type=int, default=3, help="answers to print, most probable first (default 3)")
+    parser.add_argument("--top", type=positive_int, default=3, help="answers to print, most probable first (default 3)")
 
 
 def run(args: argparse.Namespace) -> int:

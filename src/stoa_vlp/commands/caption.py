@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from stoa_vlp.commands.arguments import positive_int
+
 HELP = "caption video files with a fine-tuned captioning checkpoint"
 EXAMPLES = """examples:
   stoa-vlp caption --checkpoint runs/cap clip1.mp4 clip2.mp4
@@ -17,9 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("videos", nargs="+", help="video files")
     add_inference_arguments(parser)
-    parser.add_argument("--beam", type=int, help="beam size (default task.beam_size of the checkpoint; 1 = greedy)")
+    parser.add_argument("--beam", type=positive_int, help="beam size (default task.beam_size of the checkpoint; 1 = greedy)")
     parser.add_argument("--length-penalty", type=float, help="beam length penalty (default task.length_penalty)")
-    parser.add_argument("--max-tokens", type=int, help="most generated tokens (default model.text_len - 1)")
+    parser.add_argument("--max-tokens", type=positive_int, help="most generated tokens (default model.text_len - 1)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from stoa_vlp.commands.arguments import non_negative_int, positive_int
+
 HELP = "render a synthetic world, pre-train the tiny model on the CPU and evaluate zero-shot retrieval"
 EXAMPLES = """examples:
   stoa-vlp demo
@@ -16,9 +18,9 @@ EXAMPLES = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR", help="folder for everything the demo writes (default runs/demo-<time>)")
     parser.add_argument("--overwrite", action="store_true", help="replace a folder that holds a previous demo")
-    parser.add_argument("--train-clips", type=int, default=300, help="training clips (default 300)")
-    parser.add_argument("--val-clips", type=int, default=20, help="validation clips, 0 for none (default 20)")
-    parser.add_argument("--test-clips", type=int, default=100, help="test clips for retrieval (default 100)")
+    parser.add_argument("--train-clips", type=positive_int, default=300, help="training clips (default 300)")
+    parser.add_argument("--val-clips", type=non_negative_int, default=20, help="validation clips, 0 for none (default 20)")
+    parser.add_argument("--test-clips", type=positive_int, default=100, help="test clips for retrieval (default 100)")
     parser.add_argument("--world", metavar="DIR", default="",
                         help="reuse a world rendered earlier (a demo's world/ or `stoa-vlp synth` output) instead of rendering")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and the training run")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from stoa_vlp.commands.arguments import fraction, positive_float, positive_int
+
 HELP = "detect objects in videos (torchvision Faster R-CNN, local weights) and write detections JSONL"
 EXAMPLES = """examples:
   stoa-vlp detect videos/ --weights fasterrcnn_resnet50_fpn_v2_coco.pth --out detections.jsonl
@@ -18,15 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="video files, frame folders, or folders (searched recursively)")
     parser.add_argument("--weights", required=True, help="detector state dict (.pth/.pt/.safetensors)")
     parser.add_argument("--out", required=True, help="detections JSONL to write")
-    parser.add_argument("--fps", type=float, default=1.0, help="frames per second to detect (default 1)")
-    parser.add_argument("--frame-rate", type=float, default=1.0,
+    parser.add_argument("--fps", type=positive_float, default=1.0, help="frames per second to detect (default 1)")
+    parser.add_argument("--frame-rate", type=positive_float, default=1.0,
                         help="frames per second at which frame folders were extracted (default 1; data.frame_rate)")
-    parser.add_argument("--batch-size", type=int, default=8, help="frames per detector call")
-    parser.add_argument("--score-threshold", type=float, default=0.3, help="lowest confidence kept")
-    parser.add_argument("--max-boxes", type=int, default=50, help="boxes per frame, at most")
-    parser.add_argument("--min-size", type=int, default=800, help="detector input short side")
-    parser.add_argument("--max-size", type=int, default=1333, help="detector input long side, at most")
-    parser.add_argument("--proposals", type=int, default=1000, help="region proposals per frame (fewer: faster)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="frames per detector call")
+    parser.add_argument("--score-threshold", type=fraction, default=0.3, help="lowest confidence kept")
+    parser.add_argument("--max-boxes", type=positive_int, default=50, help="boxes per frame, at most")
+    parser.add_argument("--min-size", type=positive_int, default=800, help="detector input short side")
+    parser.add_argument("--max-size", type=positive_int, default=1333, help="detector input long side, at most")
+    parser.add_argument("--proposals", type=positive_int, default=1000, help="region proposals per frame (fewer: faster)")
     parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1 ...")
 
 

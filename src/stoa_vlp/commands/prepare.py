@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 
+from stoa_vlp.commands.arguments import crf, positive_float, positive_int
+
 HELP = "re-encode videos (fps, short side, short keyframe interval) for fast training-time decoding"
 EXAMPLES = """examples:
   stoa-vlp prepare raw_videos/ data/prepared
@@ -22,16 +24,16 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="a folder of videos or frame folders (searched recursively) or an annotation file")
     parser.add_argument("out_dir", help="output folder (created)")
-    parser.add_argument("--fps", type=float, default=2.0, help="output frame rate (default 2)")
-    parser.add_argument("--short-side", type=int, default=256, help="output short side in pixels (default 256)")
-    parser.add_argument("--keyframe-interval", type=float, default=0.5,
+    parser.add_argument("--fps", type=positive_float, default=2.0, help="output frame rate (default 2)")
+    parser.add_argument("--short-side", type=positive_int, default=256, help="output short side in pixels (default 256)")
+    parser.add_argument("--keyframe-interval", type=positive_float, default=0.5,
                         help="seconds between keyframes (default 0.5: at 2 fps every frame is a keyframe)")
-    parser.add_argument("--crf", type=int, default=28, help="libx264 quality, lower is better (default 28)")
+    parser.add_argument("--crf", type=crf, default=28, help="libx264 quality, lower is better (default 28)")
     parser.add_argument("--preset", default="veryfast", help="libx264 speed preset (default veryfast)")
     parser.add_argument("--tune", default="fastdecode", help="libx264 tune (default fastdecode; '' for none)")
-    parser.add_argument("--frame-rate", type=float, default=1.0,
+    parser.add_argument("--frame-rate", type=positive_float, default=1.0,
                         help="rate at which input frame folders were extracted (default 1; data.frame_rate)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="encoding processes")
     parser.add_argument("--format", default="auto", help="annotation format when INPUT is a file (default auto)")
     parser.add_argument("--split", default=None, help="annotation split (train, val, test) where the format needs one")
     parser.add_argument("--video-root", default=None, help="where the annotation file's videos are")

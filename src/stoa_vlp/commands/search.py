@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from stoa_vlp.commands.arguments import non_negative_int, positive_int
+
 HELP = "search an index built by `stoa-vlp index` with a text query"
 EXAMPLES = """examples:
   stoa-vlp search my_index "a red square moves left"
@@ -15,8 +17,8 @@ Scores: contrastive cosine for every video, then fusion (matching head) re-ranki
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index", help="index folder written by `stoa-vlp index`")
     parser.add_argument("query", help="the text query, in quotes")
-    parser.add_argument("--top", type=int, default=10, help="videos to print (default 10)")
-    parser.add_argument("--rerank-k", type=int, help="re-rank this many contrastive top videos (default task.rerank_k)")
+    parser.add_argument("--top", type=positive_int, default=10, help="videos to print (default 10)")
+    parser.add_argument("--rerank-k", type=non_negative_int, help="re-rank this many contrastive top videos (default task.rerank_k)")
     parser.add_argument("--checkpoint", help="model checkpoint (default: the one the index was built with)")
 
 
