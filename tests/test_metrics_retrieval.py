@@ -159,3 +159,14 @@ def test_bad_inputs_raise_clear_errors():
         positive_mask(torch.tensor([0, 3]), 3)
     with pytest.raises(ValueError, match="videos without any caption"):
         retrieval_metrics(torch.zeros(2, 3), torch.tensor([0, 1]))
+
+
+def test_one_direction_gives_the_same_numbers_as_both():
+    generator = torch.Generator().manual_seed(1)
+    sim = torch.rand(9, 4, generator=generator)
+    t2v = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 3])
+    both = retrieval_metrics(sim, t2v, dual_softmax_scale=100.0)
+    for direction in ("t2v", "v2t"):
+        one = retrieval_metrics(sim, t2v, dual_softmax_scale=100.0, directions=(direction,))
+        assert one == {key: value for key, value in both.items() if key.startswith(direction)}
+        assert len(one) == 10  # r1, r5, r10, mdr, mnr, plain and dual softmax

@@ -1,5 +1,7 @@
 """Retrieval task: features computed once per video, contrastive metrics, VTM re-ranking of the top-k."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,3 +149,20 @@ def test_querybank_numbers_come_from_the_bank_captions_and_leave_the_plain_ones(
     assert {k: with_bank[k.replace("t2v_", "t2v_qb_")] for k in expected if k.startswith("t2v_")} == pytest.approx(
         {k: v for k, v in expected.items() if k.startswith("t2v_")})
     assert not any(k.startswith("v2t_qb") for k in with_bank)
+
+
+def test_querybank_captions_are_the_training_captions_read_once(tmp_path, monkeypatch):
+    from stoa_vlp.tasks import pipeline
+
+    train = tmp_path / "train.jsonl"
+    rows = [{"video_id": "a", "video": "a.mp4", "caption": "a red disc"},
+            {"video_id": "b", "video": "b.mp4", "caption": ["a blue square", "a square moves"]}]
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = load_config("tiny", ["task.name=retrieval", f"data.train={train}", "task.qb_norm=true"])
+    reads = []
+    read = pipeline.read_annotations
+    monkeypatch.setattr(pipeline, "read_annotations", lambda *args, **kwargs: reads.append(args) or read(*args, **kwargs))
+    runner = pipeline.TaskRunner(config, "cpu")
+    assert runner.querybank_captions == ["a red disc", "a blue square", "a square moves"]
+    assert runner.querybank_captions is runner.querybank_captions
+    assert len(reads) == 1

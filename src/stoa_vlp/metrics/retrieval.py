@@ -92,8 +92,9 @@ def retrieval_metrics(
     similarity: torch.Tensor,
     text_to_video: torch.Tensor,
     dual_softmax_scale: float | None = None,
+    directions: tuple[str, ...] = ("t2v", "v2t"),
 ) -> dict[str, float]:
-    """Metrics of both directions from a (num_texts, num_videos) similarity matrix.
+    """Metrics of each of `directions` from a (num_texts, num_videos) similarity matrix.
 
     text_to_video: (num_texts,) index of each caption's video. Several captions per video give the
     MSR-VTT full protocol; one caption per video the 1k-A protocol. Keys: "t2v_r1", "t2v_r5",
@@ -105,9 +106,10 @@ def retrieval_metrics(
     if not bool(positives.any(dim=0).all()):
         missing = torch.nonzero(~positives.any(dim=0)).flatten()[:5].tolist()
         raise ValueError(f"videos without any caption (first: {missing})")
-    directions = {"t2v": (similarity, positives), "v2t": (similarity.t(), positives.t())}
+    oriented = {"t2v": (similarity, positives), "v2t": (similarity.t(), positives.t())}
     metrics: dict[str, float] = {}
-    for name, (scores, mask) in directions.items():
+    for name in directions:
+        scores, mask = oriented[name]
         for key, value in rank_metrics(ranks(scores, mask)).items():
             metrics[f"{name}_{key}"] = value
         if dual_softmax_scale is not None:

@@ -12,6 +12,7 @@ Model selection uses the validation split only; the test split is evaluated by t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 
@@ -136,6 +137,11 @@ class TaskRunner:
         data = self.config.data
         return read_annotations(path, data.format, split, data.video_root or None, strict=True)
 
+    @functools.cached_property
+    def querybank_captions(self) -> list[str]:
+        """QB-Norm's query bank: the training captions, read once however often the model is evaluated."""
+        return [caption for record in self._records("train") for caption in record.captions]
+
     def _split_file(self, split: str) -> str:
         path = getattr(self.config.data, split)
         if not path:
@@ -156,9 +162,7 @@ class TaskRunner:
 
             records = self._records(split)
             loader = video_loader(records, config, self.detections, self.label_vocab)
-            querybank = None
-            if config.task.qb_norm:
-                querybank = [caption for record in self._records("train") for caption in record.captions]
+            querybank = self.querybank_captions if config.task.qb_norm else None
             return evaluate_retrieval_records(
                 model, loader, records, self.tokenizer, self.device, config.task.rerank_k,
                 DUAL_SOFTMAX_SCALE if config.task.dual_softmax else None, config.loss.vtc_video_feature,

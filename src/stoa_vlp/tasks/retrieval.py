@@ -165,14 +165,14 @@ def retrieval_metrics_of_features(
     if querybank is not None:
         bank_similarity = contrastive_similarity(videos, querybank, video_feature).cpu()
         normalised = querybank_normalise(similarity, bank_similarity, qb_norm_beta)
-        t2v = retrieval_metrics(normalised, text_to_video)
-        metrics.update({k.replace("t2v_", "t2v_qb_"): v for k, v in t2v.items() if k.startswith("t2v_")})
+        t2v = retrieval_metrics(normalised, text_to_video, directions=("t2v",))
+        metrics.update({k.replace("t2v_", "t2v_qb_"): v for k, v in t2v.items()})
     if rerank_k > 0:
         t2v, v2t = rerank_similarities(model, videos, texts, similarity, rerank_k, pair_batch_size)
-        reranked_t2v = retrieval_metrics(t2v, text_to_video)
-        reranked_v2t = retrieval_metrics(v2t.t(), text_to_video)
-        metrics.update({k.replace("t2v_", "t2v_rerank_"): v for k, v in reranked_t2v.items() if k.startswith("t2v_")})
-        metrics.update({k.replace("v2t_", "v2t_rerank_"): v for k, v in reranked_v2t.items() if k.startswith("v2t_")})
+        reranked_t2v = retrieval_metrics(t2v, text_to_video, directions=("t2v",))
+        reranked_v2t = retrieval_metrics(v2t.t(), text_to_video, directions=("v2t",))
+        metrics.update({k.replace("t2v_", "t2v_rerank_"): v for k, v in reranked_t2v.items()})
+        metrics.update({k.replace("v2t_", "v2t_rerank_"): v for k, v in reranked_v2t.items()})
     metrics["num_texts"] = float(len(text_to_video))
     metrics["num_videos"] = float(videos.video.shape[0])
     return metrics
