@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from stoa_vlp.cli import main
-from stoa_vlp.data.prepare import encode_video, even_size, read_manifest
+from stoa_vlp.data.prepare import describe_preparation, encode_video, even_size, read_manifest
 
 
 def grey_ramp(count: int, width: int, height: int):
@@ -83,6 +83,22 @@ def test_prepare_resumes_and_skips_finished_outputs(collection, tmp_path):
         read_manifest(out / "manifest.jsonl")
 
 
+def test_prepare_records_its_settings_and_refuses_a_rerun_with_others(collection, tmp_path):
+    out = tmp_path / "prepared"
+    run_prepare(collection, out, "--workers", "1", "--crf", "30")
+    settings = json.loads((out / "prepare.json").read_text())
+    assert (settings["fps"], settings["short_side"], settings["crf"], settings["tune"]) == (2.0, 32, 30, "fastdecode")
+    assert describe_preparation(str(out / "videos")) == describe_preparation(str(out))
+    assert describe_preparation(str(out)).startswith("prepared: fps=2.0, short_side=32, keyframe_interval=0.5, crf=30")
+    assert describe_preparation(str(collection)) == "as given" and describe_preparation("") == ""
+    assert run_prepare(collection, out, "--workers", "1", "--crf", "30") == 0  # same settings: resumes
+    with pytest.raises(ValueError, match=r"prepared with other settings \(crf 30 -> 23\); a rerun keeps"):
+        run_prepare(collection, out, "--workers", "1", "--crf", "23")
+    (out / "prepare.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"prepare.json: expected a JSON object"):
+        describe_preparation(str(out))
+
+
 def test_prepare_from_annotation_file(collection, tmp_path):
     annotations = tmp_path / "train.jsonl"
     annotations.write_text(json.dumps({"video_id": "ramp", "video": "ramp.mp4", "caption": "grey"}) + "\n")
@@ -125,3 +141,20 @@ def test_prepare_turns_frame_folders_into_videos(tmp_path):
     assert rate == 2.0 and frames[0].shape == (32, 48, 3)
     # output frame k shows the image on screen at k / 2 s: images 0, 1, 3, 4
     np.testing.assert_allclose([frame.mean() for frame in frames], [0, 40, 120, 160], atol=3)
+
+
+def test_evaluation_shows_videos_prepared_otherwise_than_the_training_videos(tmp_path):
+    from stoa_vlp.commands.task_common import VIDEOS, preprocessing_rows
+    from stoa_vlp.config import load_config
+    from stoa_vlp.data.prepare import PrepareOptions, record_settings
+
+    prepared, raw = tmp_path / "prepared", tmp_path / "raw"
+    for folder in (prepared / "videos", raw):
+        folder.mkdir(parents=True)
+    record_settings(prepared, PrepareOptions(crf=26))
+    trained = load_config("tiny", [f"data.video_root={prepared / 'videos'}"])
+    evaluated = load_config("tiny", [f"data.video_root={raw}"])
+    rows = {name: (training, evaluation) for name, training, evaluation in preprocessing_rows(trained, evaluated)}
+    assert rows[VIDEOS] == ("prepared: fps=2.0, short_side=256, keyframe_interval=0.5, crf=26, preset=veryfast, "
+                            "tune=fastdecode", "as given")
+    assert rows["model.frames"] == (4, 4)

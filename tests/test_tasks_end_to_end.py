@@ -36,7 +36,7 @@ HEADLINE = {"retrieval": "t2v_rerank_r1", "captioning": "CIDEr", "qa": "accuracy
 
 
 @pytest.mark.parametrize("task", ["retrieval", "captioning", "qa", "mc"])
-def test_finetune_then_evaluate(world, tmp_path, task, capsys):
+def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
     train, val, test = SPLIT_FILES[task](world)
     extra = ["--set", "task.rerank_k=2"] if task == "retrieval" else []
     if task == "captioning":
@@ -63,6 +63,7 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys):
                      "--report", str(tmp_path / "eval6.json")]) == 0
         at_six = json.loads((tmp_path / "eval6.json").read_text())
         assert at_six["preprocessing"]["model.frames"] == {"training": 4, "evaluation": 6}
+        assert "other inputs than the model was trained on: model.frames (4 in training, 6 here)" in caplog.text
         assert HEADLINE[task] in at_six["metrics"]
     if task == "retrieval":  # QB-Norm on request, with the training captions as the query bank
         assert main(["evaluate", str(run), "--split", "test", "--set", "task.qb_norm=true",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 HELP = "evaluate a fine-tuned checkpoint (retrieval, captioning, QA, multiple-choice) on a split"
 EXAMPLES = """examples:
@@ -11,8 +12,11 @@ EXAMPLES = """examples:
   stoa-vlp evaluate runs/cap --split test --set task.beam_size=5 --set data.test=msrvtt/MSRVTT_data.json
   stoa-vlp evaluate runs/pretrain --task retrieval --split test --set data.test=msrvtt/MSRVTT_JSFUSION_test.csv
 The checkpoint's training config is used (same frames and preprocessing) unless --set overrides it;
-the output shows both. A run folder means its best-on-validation checkpoint.
+the output shows both and warns where they differ, including videos prepared with other `prepare`
+settings than the training videos. A run folder means its best-on-validation checkpoint.
 """
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,12 +62,16 @@ def run(args: argparse.Namespace) -> int:
     metrics = runner.evaluate(module.to(device), args.split)
     print(f"checkpoint: {checkpoint} (fine-tuned for {fine_tuned_for}); task: {task}; split: {args.split} "
           f"(file {getattr(config.data, args.split)})")
-    print(format_table(["setting", "training", "evaluation"], preprocessing_rows(trained, config)))
+    preprocessing = preprocessing_rows(trained, config)
+    print(format_table(["setting", "training", "evaluation"], preprocessing))
+    differing = [f"{name} ({training} in training, {evaluation} here)" for name, training, evaluation in preprocessing
+                 if training != evaluation]
+    if differing:
+        log.warning("evaluated with other inputs than the model was trained on: %s", "; ".join(differing))
     print(format_table(*metric_rows([(args.split, metrics)])))
     if args.report:
         with open(args.report, "w") as handle:
             json.dump({"checkpoint": str(checkpoint), "task": task, "split": args.split, "metrics": metrics,
-                       "preprocessing": {row[0]: {"training": row[1], "evaluation": row[2]}
-                                         for row in preprocessing_rows(trained, config)},
+                       "preprocessing": {row[0]: {"training": row[1], "evaluation": row[2]} for row in preprocessing},
                        **({"captions": runner.captions} if runner.captions else {})}, handle, indent=2)
     return 0

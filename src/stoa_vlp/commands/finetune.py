@@ -35,11 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     from stoa_vlp.commands.common import config_from_args, prepare_run
     from stoa_vlp.commands.task_common import (
-        PREPROCESSING,
         load_model_weights_from,
         load_task_weights,
         metric_rows,
-        setting,
+        preprocessing_settings,
     )
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.pipeline import TaskRunner, task_config
@@ -72,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         if not env.is_main:
             return 0
         selected = best_checkpoint(run_dir) or list_checkpoints(run_dir)[-1]
-        preprocessing = {name: setting(config, name) for name in PREPROCESSING}  # training = evaluation here
+        preprocessing = preprocessing_settings(config)  # training = evaluation here
         report = {"task": args.task, "selection_metric": config.train.best_metric, "checkpoint": str(selected),
                   "preprocessing": preprocessing, "results": []}
         results = []

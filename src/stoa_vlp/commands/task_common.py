@@ -13,6 +13,7 @@ from torch import nn
 from stoa_vlp.config import Config, from_dict, parse_override
 
 PREPROCESSING = ("model.frames", "model.image_size", "model.text_len", "data.eval_sampling", "data.decoder")
+VIDEOS = "videos (data.video_root)"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -95,9 +96,20 @@ def setting(config: Config, dotted: str):
     return getattr(getattr(config, section), name)
 
 
+def preprocessing_settings(config: Config) -> dict[str, object]:
+    """The settings that shape the inputs, and how the videos of data.video_root were made (the
+    `prepare` settings when they come from `stoa-vlp prepare`)."""
+    from stoa_vlp.data.prepare import describe_preparation
+
+    settings = {name: setting(config, name) for name in PREPROCESSING}
+    settings[VIDEOS] = describe_preparation(config.data.video_root)
+    return settings
+
+
 def preprocessing_rows(trained: Config, evaluated: Config) -> list[list[object]]:
-    """[setting, training value, evaluation value] for the settings that shape the inputs."""
-    return [[name, setting(trained, name), setting(evaluated, name)] for name in PREPROCESSING]
+    """[setting, training value, evaluation value] of each of `preprocessing_settings`."""
+    training, evaluation = preprocessing_settings(trained), preprocessing_settings(evaluated)
+    return [[name, training[name], evaluation[name]] for name in training]
 
 
 def metric_rows(results: list[tuple[str, dict[str, float]]]) -> tuple[list[str], list[list[object]]]:

@@ -8,7 +8,10 @@ temporary name and renamed when complete, so an interrupted run leaves no half-w
 a rerun skips videos whose output exists (failed ones are tried again).
 
 The manifest (`manifest.jsonl`, one JSON object per video) records video_id, source, output,
-duration (s), fps, frames, status ("ok" or "failed") and error.
+duration (s), fps, frames, status ("ok" or "failed") and error. `prepare.json` records the
+settings; a rerun into the same folder must ask for the same ones (the videos it skips were made
+with them), and `describe_preparation` reads them back, so that evaluation can show whether its
+videos were prepared like the training videos.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ class PrepareOptions:
     preset: str = "veryfast"
     tune: str = "fastdecode"  # x264 tune: no CABAC, no deblocking; about 2x faster decoding ("" for none)
     frame_rate: float = 1.0  # rate at which input frame folders were extracted (data.frame_rate)
+
+
+SETTINGS_FILE = "prepare.json"
 
 
 @dataclass
@@ -255,6 +261,7 @@ def prepare_videos(
 
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    record_settings(out_dir, options)
     manifest_path = out_dir / "manifest.jsonl"
     previous = read_manifest(manifest_path) if manifest_path.exists() else {}
     entries: dict[str, ManifestEntry] = {}
@@ -294,3 +301,51 @@ def prepare_videos(
     if failed:
         log.warning("prepare: %d of %d videos failed; see %s", failed, len(ordered), manifest_path)
     return ordered
+
+
+def read_settings(out_dir: str | Path) -> dict | None:
+    """The settings recorded in OUT/prepare.json, or None where there is none."""
+    path = Path(out_dir) / SETTINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        with open(path) as handle:
+            settings = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a JSON object of prepare settings")
+    return settings
+
+
+def record_settings(out_dir: Path, options: PrepareOptions) -> None:
+    """Write OUT/prepare.json, or check that a rerun asks for the settings it records."""
+    wanted = asdict(options)
+    recorded = read_settings(out_dir)
+    if recorded is None:
+        if (out_dir / "manifest.jsonl").exists():
+            log.warning("prepare: %s has videos but no %s; recording this run's settings for all of them",
+                        out_dir, SETTINGS_FILE)
+        temporary = out_dir / (SETTINGS_FILE + ".tmp")
+        temporary.write_text(json.dumps(wanted, indent=2) + "\n")
+        os.replace(temporary, out_dir / SETTINGS_FILE)
+        return
+    changed = [f"{name} {recorded.get(name)!r} -> {value!r}" for name, value in wanted.items() if recorded.get(name) != value]
+    if changed:
+        raise ValueError(
+            f"{out_dir} holds videos prepared with other settings ({'; '.join(changed)}); a rerun keeps the videos "
+            "already there, so use another output folder, or delete this one to prepare everything again"
+        )
+
+
+def describe_preparation(video_root: str) -> str:
+    """How the videos under `video_root` were made: "prepared: fps=2.0, short_side=256, ..." when it is a
+    folder written by `stoa-vlp prepare` (OUT or OUT/videos), "as given" otherwise, "" when it is not set."""
+    if not video_root:
+        return ""
+    root = Path(video_root)
+    for folder in (root, root.parent) if root.name == "videos" else (root,):
+        settings = read_settings(folder)
+        if settings is not None:
+            return "prepared: " + ", ".join(f"{name}={value}" for name, value in settings.items() if name != "frame_rate")
+    return "as given"
