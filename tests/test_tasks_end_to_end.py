@@ -1,6 +1,6 @@
 """Every downstream task fine-tunes a few steps and evaluates end to end on the synthetic world,
 through the command line: finetune (validation selection, one test evaluation), evaluate, caption,
-answer, index and search."""
+answer, index, search and visualise."""
 
 import json
 
@@ -71,6 +71,16 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
         normalised = json.loads((tmp_path / "qb.json").read_text())["metrics"]
         assert normalised["t2v_r1"] == test_metrics["t2v_r1"] and "t2v_qb_r1" in normalised
         assert not any(key.startswith("v2t_qb") for key in normalised)
+        video = world.videos / f"{world.video_ids['test'][0]}.mp4"
+        capsys.readouterr()
+        assert main(["visualise", "--checkpoint", str(run), str(video), "a red disc moves to the left",
+                     "--detections", str(world.detections), "--out", str(tmp_path / "clip.png"),
+                     "--json", str(tmp_path / "clip.json")]) == 0
+        printed = capsys.readouterr().out
+        explained = json.loads((tmp_path / "clip.json").read_text())
+        assert explained["boxes"] and explained["objects"] and explained["actions"] and explained["tagged"]
+        assert {match["word"] for match in explained["objects"]} <= {"disc", "left", "<sentence>"}  # nouns only
+        assert f"image: {tmp_path / 'clip.png'}" in printed and (tmp_path / "clip.png").stat().st_size > 0
     if task == "captioning":
         assert set(again["captions"]) == set(world.video_ids["test"])
         video = world.videos / f"{world.video_ids['test'][0]}.mp4"

@@ -25,6 +25,7 @@ COMMANDS = [
     "answer",
     "index",
     "search",
+    "visualise",
 ]
 
 

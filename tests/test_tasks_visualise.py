@@ -1,0 +1,94 @@
+"""`explain_clip` matches trajectories to nouns and actions to verbs as DOTA/STASP do, and `render` draws
+each box in its trajectory's colour where the model sees it."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+
+from _objectives_batch import make_batch, tiny_config, tiny_model
+from stoa_vlp.batch import TAG_NOUN, TAG_VERB
+from stoa_vlp.data.detections import LabelVocab
+from stoa_vlp.data.transforms import CLIP_MEAN, CLIP_STD
+from stoa_vlp.tasks.visualise import SENTENCE, explain_clip, input_frames, render, trajectory_colour
+from stoa_vlp.tokenizer import Tokenizer
+
+VOCAB = LabelVocab(["disc", "square", "star"])  # ids 2, 3, 4; make_batch draws labels 1..3
+
+
+def expected_matches(rows, row_mask, tokens, sentence, candidate_mask):
+    """(row, column) pairs: Hungarian on the row-softmax of dot products, by brute force over valid entries."""
+    candidates = torch.cat([tokens, sentence[None]])  # (L+1, E)
+    scores = (rows.float() @ candidates.float().T).masked_fill(~candidate_mask[None], float("-inf")).softmax(dim=-1)
+    valid_rows = row_mask.nonzero().flatten().numpy()
+    valid_columns = candidate_mask.nonzero().flatten().numpy()
+    r, c = linear_sum_assignment(scores.numpy()[np.ix_(valid_rows, valid_columns)], maximize=True)
+    return sorted(zip(valid_rows[r].tolist(), valid_columns[c].tolist()))
+
+
+@pytest.mark.parametrize("tagged", [True, False])
+def test_matches_are_the_hungarian_matches_of_dota_and_stasp(tagged):
+    config = tiny_config()
+    model = tiny_model(config).eval()
+    batch = make_batch(config, video_index=(0,), no_detections=())
+    tokenizer = Tokenizer(config.model.text_len)
+    explanation = explain_clip(model, batch, "caption", tokenizer, VOCAB, batch.pos_tags if tagged else None)
+    with torch.no_grad():
+        video, text = model(batch)
+    length = int(batch.text_mask[0].sum())
+    words = torch.zeros(config.model.text_len + 1, dtype=torch.bool)
+    words[1 : length - 1] = True  # every word token: not start, not end, not padding
+    sentence = torch.zeros_like(words)
+    sentence[-1] = True
+    nouns = torch.cat([batch.pos_tags[0] == TAG_NOUN, torch.zeros(1, dtype=torch.bool)]) if tagged else words
+    verbs = torch.cat([batch.pos_tags[0] == TAG_VERB, torch.zeros(1, dtype=torch.bool)]) if tagged else words
+    objects = expected_matches(video.trajectories[0], batch.traj_mask[0], text.tokens[0], text.sentence[0],
+                               nouns | sentence)
+    actions = expected_matches(video.actions[0], torch.ones(video.actions.shape[1], dtype=torch.bool),
+                               text.tokens[0], text.sentence[0], verbs | sentence)
+    column = {SENTENCE: config.model.text_len}
+    assert [(m.row, column.get(m.word, m.position)) for m in explanation.objects] == objects
+    assert [(m.row, column.get(m.word, m.position)) for m in explanation.actions] == actions
+    assert len(objects) == int(batch.traj_mask.sum()) and len(actions) == video.actions.shape[1]
+    for match in explanation.objects:
+        assert match.name == VOCAB.name(int(batch.traj_labels[0, match.row]))
+        target = text.sentence[0] if match.position < 0 else text.tokens[0, match.position]
+        if match.position >= 0:
+            assert match.word == tokenizer.decode([int(batch.tokens[0, match.position])])
+        expected_cosine = torch.nn.functional.cosine_similarity(video.trajectories[0, match.row], target, dim=0)
+        assert match.cosine == pytest.approx(float(expected_cosine), abs=1e-5)
+    assert explanation.tagged is tagged
+    assert len(explanation.boxes) == int(batch.box_mask.sum())
+    assert 0.0 <= explanation.match_probability <= 1.0
+
+
+def test_input_frames_undo_the_clip_normalisation():
+    image = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    normalised = (image.float() / 255 - mean) / std
+    assert torch.equal(input_frames(normalised), image)
+
+
+def test_render_draws_each_box_in_its_trajectory_colour(tmp_path):
+    config = tiny_config()  # 4 frames of 64 px
+    model = tiny_model(config)
+    batch = make_batch(config, video_index=(0,), no_detections=())
+    batch.frames = (torch.zeros_like(batch.frames) - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(
+        CLIP_STD).view(3, 1, 1)  # black frames
+    batch.box_mask[:] = False
+    batch.box_mask[0, 2, 0] = True  # one box, on frame 2, of the first trajectory's class
+    batch.box_labels[0, 2, 0] = batch.traj_labels[0, 0]
+    batch.boxes[0, 2, 0] = torch.tensor([4.0, 6.0, 20.0, 26.0])
+    explanation = explain_clip(model, batch, "caption", Tokenizer(config.model.text_len), VOCAB, batch.pos_tags)
+    assert [(box.frame, box.rect, box.trajectory) for box in explanation.boxes] == [(2, (4.0, 6.0, 20.0, 26.0), 0)]
+    path = tmp_path / "clip.png"
+    render(explanation, path, min_frame_size=128, columns=2)
+    image = np.asarray(Image.open(path).convert("RGB"))
+    size, scale, padding = 64 * 2, 2, 4  # 64 px frames enlarged 2x; a 2 x 2 grid
+    assert image.shape[1] >= 2 * size + 3 * padding and image.shape[0] > 2 * size + 3 * padding
+    top, left = padding + size + padding, padding  # frame 2: second row, first column
+    colour = tuple(int(trajectory_colour(0)[i : i + 2], 16) for i in (1, 3, 5))
+    assert tuple(image[top + 16 * scale, left + 4 * scale]) == colour  # the box's left edge, halfway down
+    assert tuple(image[top + 16 * scale, left + 12 * scale]) == (0, 0, 0)  # inside the box: the black frame
+    assert tuple(image[padding + 16 * scale, left + 4 * scale]) == (0, 0, 0)  # frame 0 has no box
