@@ -11,7 +11,14 @@ from _objectives_batch import make_batch, tiny_config, tiny_model
 from stoa_vlp.batch import TAG_NOUN, TAG_VERB
 from stoa_vlp.data.detections import LabelVocab
 from stoa_vlp.data.transforms import CLIP_MEAN, CLIP_STD
-from stoa_vlp.tasks.visualise import SENTENCE, explain_clip, input_frames, render, trajectory_colour
+from stoa_vlp.tasks.visualise import (
+    SENTENCE,
+    explain_clip,
+    input_frames,
+    render,
+    token_words,
+    trajectory_colour,
+)
 from stoa_vlp.tokenizer import Tokenizer
 
 VOCAB = LabelVocab(["disc", "square", "star"])  # ids 2, 3, 4; make_batch draws labels 1..3
@@ -55,7 +62,7 @@ def test_matches_are_the_hungarian_matches_of_dota_and_stasp(tagged):
         assert match.name == VOCAB.name(int(batch.traj_labels[0, match.row]))
         target = text.sentence[0] if match.position < 0 else text.tokens[0, match.position]
         if match.position >= 0:
-            assert match.word == tokenizer.decode([int(batch.tokens[0, match.position])])
+            assert match.word == token_words(batch.tokens[0].tolist(), tokenizer)[match.position]
         expected_cosine = torch.nn.functional.cosine_similarity(video.trajectories[0, match.row], target, dim=0)
         assert match.cosine == pytest.approx(float(expected_cosine), abs=1e-5)
     assert explanation.tagged is tagged
@@ -92,3 +99,13 @@ def test_render_draws_each_box_in_its_trajectory_colour(tmp_path):
     assert tuple(image[top + 16 * scale, left + 4 * scale]) == colour  # the box's left edge, halfway down
     assert tuple(image[top + 16 * scale, left + 12 * scale]) == (0, 0, 0)  # inside the box: the black frame
     assert tuple(image[padding + 16 * scale, left + 4 * scale]) == (0, 0, 0)  # frame 0 has no box
+
+
+def test_token_words_are_whole_words_across_bpe_pieces():
+    tokenizer = Tokenizer(8)
+    tokens, _ = tokenizer("the circle shrinks quickly")
+    pieces = [tokenizer.bpe.decoder[token] for token in tokens[0].tolist()]
+    assert pieces[3:5] == ["shrin", "ks</w>"]  # one word, two BPE pieces
+    assert token_words(tokens[0].tolist(), tokenizer) == ["", "the", "circle", "shrinks", "shrinks", "quickly", "", ""]
+    cut, _ = Tokenizer(5)("the circle shrinks")  # [start, the, circle, shrin, end]: cut inside the word
+    assert token_words(cut[0].tolist(), Tokenizer(5)) == ["", "the", "circle", "shrin", ""]

@@ -39,7 +39,7 @@ def trajectory_colour(index: int) -> str:
 class Match:
     row: int  # trajectory or action query index
     name: str  # the trajectory's object class, or "action <row>"
-    word: str  # the matched caption token, or SENTENCE for the caption's sentence feature
+    word: str  # the caption word of the matched token, or SENTENCE for the caption's sentence feature
     position: int  # the word's token position; -1 for the sentence feature
     cosine: float
 
@@ -68,6 +68,31 @@ class ClipExplanation:
     def to_json(self) -> dict:
         """Everything but the frames, as JSON-ready values."""
         return {key: value for key, value in asdict(self).items() if key != "frames"}
+
+
+def token_words(tokens: list[int], tokenizer) -> list[str]:
+    """The whole word each token position belongs to (a word may be several BPE pieces, the last one
+    marked by "</w>"); "" at the start token, the end token and padding."""
+    words = [""] * len(tokens)
+    pieces: list[int] = []  # positions of the word being read
+
+    def close_word() -> None:
+        word = tokenizer.decode([tokens[position] for position in pieces])
+        for position in pieces:
+            words[position] = word
+        pieces.clear()
+
+    for position, token in enumerate(tokens):
+        if token == tokenizer.eot_id:
+            break
+        if token == tokenizer.sot_id:
+            continue
+        pieces.append(position)
+        if tokenizer.bpe.decoder[token].endswith("</w>"):
+            close_word()
+    if pieces:  # a caption cut inside a word
+        close_word()
+    return words
 
 
 def input_frames(frames: torch.Tensor) -> torch.Tensor:
@@ -110,7 +135,7 @@ def explain_clip(model, batch: Batch, caption: str, tokenizer, label_vocab=None,
         probability = torch.softmax(model.match_logits(fused).float(), dim=-1)[0, 1]
     finally:
         model.train(was_training)
-    words = [tokenizer.decode([token]) for token in batch.tokens[0].tolist()]
+    words = token_words(batch.tokens[0].tolist(), tokenizer)
     if pos_tags is None:
         word_tokens = word_positions(batch.text_mask)
         noun_tags, verb_tags = word_tokens * TAG_NOUN, word_tokens * TAG_VERB
