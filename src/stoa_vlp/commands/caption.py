@@ -25,18 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stoa_vlp.commands.task_common import device_of, file_records, inference_config, load_task_weights
-    from stoa_vlp.model import build_model
+    from stoa_vlp.commands.task_common import file_records, inference_model
     from stoa_vlp.tasks.captioning import generate_captions
     from stoa_vlp.tasks.data import load_detections, video_loader
     from stoa_vlp.tasks.retrieval import encode_videos
     from stoa_vlp.tokenizer import Tokenizer
 
-    checkpoint, config = inference_config(args)
-    device = device_of(config)
-    model = build_model(config.model)
-    load_task_weights(model, checkpoint)
-    model.to(device)
+    _, config, model, device = inference_model(args)
     records = file_records(args.videos, "video")
     detections, label_vocab = load_detections(config)
     ids, videos = encode_videos(model, video_loader(records, config, detections, label_vocab), device)

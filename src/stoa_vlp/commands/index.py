@@ -23,21 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from stoa_vlp.commands.task_common import device_of, file_records, inference_config, load_task_weights
+    from stoa_vlp.commands.task_common import file_records, inference_model
     from stoa_vlp.data.prepare import find_videos
-    from stoa_vlp.model import build_model
     from stoa_vlp.tasks.data import load_detections, video_loader
     from stoa_vlp.tasks.retrieval import encode_videos
     from stoa_vlp.tasks.search import SearchIndex, save_index
 
-    checkpoint, config = inference_config(args)
     found = find_videos(args.folder, frame_folders=True)
     if not found:
         raise SystemExit(f"{args.folder}: no video files or frame folders")
-    device = device_of(config)
-    model = build_model(config.model)
-    load_task_weights(model, checkpoint)
-    model.to(device)
+    checkpoint, config, model, device = inference_model(args)
     records = file_records([path for _, path in found], "video")
     detections, label_vocab = load_detections(config)
     ids, videos = encode_videos(model, video_loader(records, config, detections, label_vocab), device)

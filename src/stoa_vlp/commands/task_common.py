@@ -138,6 +138,18 @@ def inference_config(args) -> tuple[Path, Config]:
     return checkpoint, config
 
 
+def inference_model(args):
+    """(checkpoint folder, config, model on its device, device) of `inference_config(args)`: the
+    checkpoint's STOAVLP weights, whatever task it was fine-tuned for."""
+    from stoa_vlp.model import build_model
+
+    checkpoint, config = inference_config(args)
+    device = device_of(config)
+    model = build_model(config.model)
+    load_task_weights(model, checkpoint)
+    return checkpoint, config, model.to(device), device
+
+
 def file_records(paths: list[str], text: str):
     """One VideoRecord per video file or frame folder (id = file name stem / folder name), each with
     `text` as its caption."""

@@ -46,19 +46,14 @@ def caption_tags(caption: str, tokenizer, spacy_model: str):
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from stoa_vlp.commands.task_common import device_of, file_records, inference_config, load_task_weights
+    from stoa_vlp.commands.task_common import file_records, inference_model
     from stoa_vlp.data.dataset import VideoTextDataset
-    from stoa_vlp.model import build_model
     from stoa_vlp.tasks.data import evaluation_loader, load_detections
     from stoa_vlp.tasks.visualise import explain_clip, render
     from stoa_vlp.tokenizer import Tokenizer
     from stoa_vlp.train.logging import format_table
 
-    checkpoint, config = inference_config(args)
-    device = device_of(config)
-    model = build_model(config.model)
-    load_task_weights(model, checkpoint)
-    model.to(device)
+    _, config, model, device = inference_model(args)
     detections, label_vocab = load_detections(config)
     records = file_records([args.video], args.caption)
     dataset = VideoTextDataset(records, config, False, detections, label_vocab)
