@@ -1,6 +1,7 @@
 """The compiled pre-training step: one set of graphs for every batch, broken only where the costs go to the host
 and where the matches come back."""
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -69,3 +70,39 @@ def test_two_ranks_gather_inside_the_compiled_graphs(tmp_path):
     torch.compile(Pretrainer(tiny_model(config), config.loss), backend="eager", dynamic=False)(
         make_batch(config, video_index=(0, 1)))["loss"].backward()
     assert compiled["graphs"] == counters["stats"]["unique_graphs"]
+
+
+def task_module_and_batches(task: str):
+    """A fine-tuning module of `task` on the tiny model and three batches of it."""
+    from stoa_vlp.tasks.captioning import CaptioningModule
+    from stoa_vlp.tasks.data import LabelledBatch
+    from stoa_vlp.tasks.qa import QAModel
+
+    config = tiny_config(*(f"loss.{name}=0" for name in ("mlm", "plm", "dota", "stasp")))
+    model = tiny_model(config)
+    batches = [make_batch(config, seed=seed) for seed in range(3)]
+    if task == "retrieval":
+        return Pretrainer(model, config.loss), batches
+    if task == "captioning":
+        return CaptioningModule(model), batches
+    labelled = [LabelledBatch(**vars(batch), labels=torch.randint(0, 5, (len(batch),))) for batch in batches]
+    return QAModel(model, num_answers=5), labelled
+
+
+@pytest.mark.parametrize("task", ["retrieval", "captioning", "qa"])
+def test_fine_tuning_steps_compile_into_whole_graphs(task):
+    """train.compile for the downstream tasks: one graph set for every batch, no graph break, no host sync."""
+    module, batches = task_module_and_batches(task)
+    compiled = torch.compile(module, backend="eager", dynamic=False)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for seed, batch in enumerate(batches):
+        torch.manual_seed(seed)
+        got = compiled(batch)
+        got["loss"].backward()
+        torch.manual_seed(seed)
+        torch.testing.assert_close(got["loss"], module(batch)["loss"])
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 1, 1]
+    assert not counters["graph_break"], list(counters["graph_break"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stoa_vlp.checks import require
 from stoa_vlp.config import ModelConfig
 from stoa_vlp.model.transformer import Transformer, key_padding_mask
 
@@ -87,17 +88,10 @@ class ObjectTokens(nn.Module):
         return regions.reshape(frames * slots, cells, -1)
 
     def check_labels(self, box_labels: torch.Tensor) -> None:
-        """ValueError for labels outside the table; on an accelerator an asynchronous assert (no host sync)."""
-        if torch.compiler.is_compiling():
-            return
+        """ValueError for labels outside the table (`stoa_vlp.checks.require`: no host sync on an accelerator)."""
         classes = self.label_embedding.num_embeddings
-        message = f"box labels must be in 0..{classes - 1} (model.num_object_classes={classes})"
-        in_range = ((box_labels >= 0) & (box_labels < classes)).all()
-        if box_labels.device.type == "cpu":
-            if not bool(in_range):
-                raise ValueError(message)
-        else:
-            torch._assert_async(in_range, message)
+        require(((box_labels >= 0) & (box_labels < classes)).all(),
+                f"box labels must be in 0..{classes - 1} (model.num_object_classes={classes})")
 
     def forward(
         self, patch_tokens: torch.Tensor, boxes: torch.Tensor, box_labels: torch.Tensor, box_mask: torch.Tensor

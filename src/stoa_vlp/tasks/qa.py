@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stoa_vlp.checks import require
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.data.dataset import VideoTextDataset
 from stoa_vlp.tasks.data import LabelledBatch, LabelledCollate, read_jsonl_rows
@@ -201,8 +202,8 @@ class QAModel(nn.Module):
 
     def forward(self, batch: LabelledBatch) -> dict[str, torch.Tensor]:
         logits = self.logits(batch)
-        if bool((batch.labels < 0).any()):
-            raise ValueError("QA training batch holds questions whose answer is outside the vocabulary")
+        require(((batch.labels >= 0) & (batch.labels < logits.shape[-1])).all(),
+                "QA training batch holds questions whose answer is outside the vocabulary")
         loss = F.cross_entropy(logits.float(), batch.labels)
         accuracy = (logits.argmax(dim=-1) == batch.labels).float().mean()
         return {"loss": loss, "accuracy": accuracy.detach()}
