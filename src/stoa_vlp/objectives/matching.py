@@ -73,19 +73,36 @@ def alignment_costs(task: AlignmentTask, similarity: str) -> torch.Tensor:
 def hungarian_on_host(costs: np.ndarray) -> np.ndarray:
     """Max-weight matching of each (R, C) matrix of `costs` (G, R, C), NaN marking invalid entries.
 
-    Returns the matched pairs (P, 3) int64 as (group, row, column), ordered by group. A row is valid
-    when it has a finite entry, a column when it has one in some row.
+    Returns the matched pairs (P, 3) int64 as (group, row, column), ordered by group, then row. A row
+    is valid when it has a finite entry, a column when it has one in some row.
+    One boolean selection takes every group's valid submatrix out at once, row-major, group after
+    group; each group's matrix is then a reshaped slice, so per group there is only the solver call
+    (about a microsecond), not the masks and fancy indexing that cost several times more.
     """
     finite = np.isfinite(costs)
-    pairs = []
-    for group in range(costs.shape[0]):
-        valid_rows = np.flatnonzero(finite[group].any(axis=1))
-        valid_columns = np.flatnonzero(finite[group].any(axis=0))
-        if valid_rows.size == 0 or valid_columns.size == 0:
-            continue
-        row, column = linear_sum_assignment(costs[group][np.ix_(valid_rows, valid_columns)], maximize=True)
-        pairs.append(np.stack([np.full_like(row, group), valid_rows[row], valid_columns[column]], axis=1))
-    return np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 3), dtype=np.int64)
+    row_valid, column_valid = finite.any(axis=2), finite.any(axis=1)  # (G, R), (G, C)
+    row_counts, column_counts = row_valid.sum(axis=1), column_valid.sum(axis=1)  # (G,)
+    values = costs[row_valid[:, :, None] & column_valid[:, None, :]]  # the valid submatrices, flattened
+    ends = np.cumsum(row_counts * column_counts).tolist()
+    solved_groups, rows, columns = [], [], []
+    for group, (rows_here, columns_here, end) in enumerate(zip(row_counts.tolist(), column_counts.tolist(), ends)):
+        if rows_here and columns_here:
+            matrix = values[end - rows_here * columns_here : end].reshape(rows_here, columns_here)
+            row, column = linear_sum_assignment(matrix, maximize=True)
+            solved_groups.append(group)
+            rows.append(row)
+            columns.append(column)
+    if not solved_groups:
+        return np.zeros((0, 3), dtype=np.int64)
+    group = np.repeat(solved_groups, [len(row) for row in rows])
+    # k-th valid row (column) of group g -> its index in the full matrix
+    row_index, column_index = np.nonzero(row_valid)[1], np.nonzero(column_valid)[1]
+    first_row, first_column = np.cumsum(row_counts) - row_counts, np.cumsum(column_counts) - column_counts
+    return np.stack([
+        group,
+        row_index[first_row[group] + np.concatenate(rows)],
+        column_index[first_column[group] + np.concatenate(columns)],
+    ], axis=1).astype(np.int64)
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int, value) -> torch.Tensor:
