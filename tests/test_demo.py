@@ -9,7 +9,7 @@ import torch
 
 from stoa_vlp.cli import main
 from stoa_vlp.train.checkpointing import CheckpointError
-from stoa_vlp.train.demo import DEMO_STAGES, DemoSettings, chance_metrics, run_demo
+from stoa_vlp.train.demo import DEMO_STAGES, DemoSettings, chance_metrics, class_noun_agreement, run_demo
 from stoa_vlp.train.logging import read_metrics
 
 SMALL = [
@@ -27,17 +27,20 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "Zero-shot retrieval on 6 test clips (30 captions)" in printed and str(folder) in printed
 
     report = (folder / "report.md").read_text()
-    for heading in ("## Synthetic world", "## Tags", "## Pre-training", "## Zero-shot retrieval", "## Captioning",
-                    "## Video QA", "## Time"):
+    for heading in ("## Synthetic world", "## Tags", "## Pre-training", "## Zero-shot retrieval",
+                    "## Object-noun alignment", "## Captioning", "## Video QA", "## Time"):
         assert heading in report
     results = json.loads((folder / "demo_metrics.json").read_text())
-    assert [name for name, _ in DEMO_STAGES] == ["world", "tags", "pretrain", "retrieval", "captioning", "qa"]
-    assert set(results["metrics"]) == {"world", "tags", "pretrain", "retrieval", "captioning", "qa"}
+    stages = ["world", "tags", "pretrain", "retrieval", "alignment", "captioning", "qa"]
+    assert [name for name, _ in DEMO_STAGES] == stages and set(results["metrics"]) == set(stages)
     assert "CIDEr" in results["metrics"]["captioning"] and "accuracy" in results["metrics"]["qa"]
     retrieval = results["metrics"]["retrieval"]
     assert retrieval["t2v_r10"] == 100.0  # 6 videos: every caption's video is in the top 10
     assert retrieval["chance_t2v_r1"] == pytest.approx(100 / 6)
     assert results["metrics"]["pretrain"]["steps"] == 3
+    alignment = results["metrics"]["alignment"]
+    assert alignment["matched_trajectories"] > 0 and 0 < alignment["chance_percent"] < 100
+    assert (folder / "visual.png").stat().st_size > 0 and "Object-noun alignment on 6 test clips" in printed
 
     train_rows = [r for r in read_metrics(folder / "pretrain") if r["split"] == "train"]
     assert train_rows and {"vtc", "vtm", "mlm", "plm", "dota", "stasp"} <= set(train_rows[-1])
@@ -69,3 +72,14 @@ def test_chance_closed_form_matches_random_scores():
     for name in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5", "v2t_r10", "v2t_mnr"):
         simulated = sum(d[name] for d in draws) / len(draws)
         assert simulated == pytest.approx(exact[name], rel=0.12, abs=1.0), name
+
+
+def test_class_noun_agreement_counts_hits_and_the_chance_of_a_random_candidate():
+    from stoa_vlp.tasks.visualise import SENTENCE, Match
+
+    matches = [Match(0, "red circle", "circle", 2, 0.9), Match(1, "blue square", SENTENCE, -1, 0.5),
+               Match(2, "green circle", "square", 7, 0.1)]
+    nouns = ["circle", "square", "circle", "left"]  # 5 candidates with the sentence feature
+    hits, chance = class_noun_agreement(matches, nouns)
+    assert hits == 1  # only the red circle took a noun of its class
+    assert chance == pytest.approx(2 / 5 + 1 / 5 + 2 / 5)

@@ -5,6 +5,8 @@ The demo is a list of stages, `DEMO_STAGES`, run in order over one `DemoRun`:
   tags       noun/verb tags of every caption (spaCy), for DOTA and STASP
   pretrain   pre-train the tiny model with the six objectives (the Trainer, checkpoints, metrics)
   retrieval  zero-shot text-to-video and video-to-text retrieval on the test clips, against chance
+  alignment  how often DOTA's matching pairs a test clip's trajectory with a noun naming its class,
+             against chance; visual.png draws the first test clip (stoa-vlp visualise)
   captioning, qa  short downstream fine-tuning from the pre-trained model, scored on the test clips
              (stoa_vlp.commands.task_demo)
 Each stage records its metrics in `run.metrics[name]`, adds a Markdown section to `run.report`
@@ -21,7 +23,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.md"
 METRICS_FILE = "demo_metrics.json"
+VISUAL_FILE = "visual.png"
 
 DEMO_WORKERS = 1  # one process decodes while the main process trains
 # The tiny preset with what the demo needs to learn within its time budget on 2 CPU cores.
@@ -225,11 +228,64 @@ def retrieval_stage(run: DemoRun) -> None:
     )
 
 
+def class_noun_agreement(matches, nouns: list[str]) -> tuple[int, float]:
+    """(trajectories matched to a noun naming their class, the expected count if each had been matched to a
+    random candidate) for one caption: `matches` are `tasks.visualise.Match`es of trajectories, whose names
+    are the world's classes ("red circle": the noun "circle" names it), `nouns` the caption's noun words;
+    the candidates are the nouns and the sentence feature."""
+    hits = sum(match.word in match.name.split() for match in matches)
+    chance = sum(sum(noun in match.name.split() for noun in nouns) / (len(nouns) + 1) for match in matches)
+    return hits, chance
+
+
+def alignment_stage(run: DemoRun) -> None:
+    from stoa_vlp.batch import TAG_NOUN
+    from stoa_vlp.data.detections import LabelVocab
+    from stoa_vlp.tasks.visualise import SENTENCE, explain_clip, render, token_words
+    from stoa_vlp.tokenizer import Tokenizer
+    from stoa_vlp.train.evaluation import retrieval_loader
+
+    config = run.config
+    vocab = LabelVocab.load(config.data.label_vocab)
+    tokenizer = Tokenizer(config.model.text_len)
+    clips, matched, hits, chance, to_sentence = set(), 0, 0, 0.0, 0
+    for batch in retrieval_loader(config, "test"):
+        for row, video_id in enumerate(batch.video_ids):
+            if video_id in clips:  # the first caption of each clip
+                continue
+            clips.add(video_id)
+            one = replace(batch, **{f.name: getattr(batch, f.name)[row : row + 1] for f in fields(batch)})  # 1 row
+            explanation = explain_clip(run.model, one, tokenizer.decode(one.tokens[0]), tokenizer, vocab, one.pos_tags,
+                                       config.loss.match_similarity, config.loss.vtc_video_feature)
+            if len(clips) == 1:
+                render(explanation, run.folder / VISUAL_FILE)
+            words = token_words(one.tokens[0].tolist(), tokenizer)
+            nouns = [word for word, tag in zip(words, one.pos_tags[0].tolist()) if tag == TAG_NOUN]
+            clip_hits, clip_chance = class_noun_agreement(explanation.objects, nouns)
+            matched += len(explanation.objects)
+            hits, chance = hits + clip_hits, chance + clip_chance
+            to_sentence += sum(match.word == SENTENCE for match in explanation.objects)
+    share, chance_share = 100.0 * hits / max(matched, 1), 100.0 * chance / max(matched, 1)
+    run.metrics["alignment"] = {"matched_trajectories": float(matched), "class_noun_percent": share,
+                                "chance_percent": chance_share, "to_sentence": float(to_sentence)}
+    print(f"\nObject-noun alignment on {len(clips)} test clips: {share:.1f}% of {matched} matched trajectories "
+          f"take a noun naming their class (chance {chance_share:.1f}%); picture of the first clip: "
+          f"{run.folder / VISUAL_FILE}")
+    run.report.append(
+        "## Object-noun alignment (test clips)\n\n"
+        f"DOTA's Hungarian matching (as in pre-training) of each test clip's trajectories to the nouns of its first "
+        f"caption: {share:.1f}% of {matched} matched trajectories take a noun naming their own class "
+        f"(\"red circle\" -> \"circle\"), against {chance_share:.1f}% for a random candidate; {to_sentence} take the "
+        f"sentence feature. `{VISUAL_FILE}` draws the first test clip (`stoa-vlp visualise`).\n"
+    )
+
+
 DEMO_STAGES: list[tuple[str, DemoStage]] = [
     ("world", render_stage),
     ("tags", tag_stage),
     ("pretrain", pretrain_stage),
     ("retrieval", retrieval_stage),
+    ("alignment", alignment_stage),
     *DOWNSTREAM_STAGES,
 ]
 
