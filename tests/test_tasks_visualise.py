@@ -109,3 +109,18 @@ def test_token_words_are_whole_words_across_bpe_pieces():
     assert token_words(tokens[0].tolist(), tokenizer) == ["", "the", "circle", "shrinks", "shrinks", "quickly", "", ""]
     cut, _ = Tokenizer(5)("the circle shrinks")  # [start, the, circle, shrin, end]: cut inside the word
     assert token_words(cut[0].tolist(), Tokenizer(5)) == ["", "the", "circle", "shrin", ""]
+
+
+def test_without_spacy_pipeline_every_word_is_a_candidate_and_a_warning_says_so(monkeypatch, caplog):
+    from stoa_vlp.commands import visualise
+    from stoa_vlp.data import tags
+
+    found = visualise.caption_tags("the dog chases a ball", Tokenizer(8), "en_core_web_sm")  # installed (dev extras)
+    assert found.tolist() == [[0, 0, TAG_NOUN, TAG_VERB, 0, TAG_NOUN, 0, 0]]
+
+    def missing(name):
+        raise OSError(f"spaCy pipeline '{name}' is not installed")
+
+    monkeypatch.setattr(tags, "load_spacy", missing)
+    assert visualise.caption_tags("the dog chases a ball", Tokenizer(8), "en_core_web_sm") is None
+    assert "no noun/verb tags (spaCy pipeline 'en_core_web_sm' is not installed)" in caplog.text
