@@ -54,11 +54,13 @@ def test_msrvtt_json_splits_and_video_lookup(tmp_path):
         read_annotations(tmp_path / "MSRVTT_data.json", split="train", strict=True)
 
 
-def test_msrvtt_9k_csv_and_jsfusion_test(tmp_path):
+def test_msrvtt_9k_csv_and_jsfusion_test(tmp_path, caplog):
     (tmp_path / "MSRVTT_data.json").write_text(json.dumps(MSRVTT_DATA))
     (tmp_path / "MSRVTT_train.9k.csv").write_text("video_id\nvideo1\nvideo0\n")
-    records = read_annotations(tmp_path / "MSRVTT_train.9k.csv")
+    with caplog.at_level("INFO", logger="stoa_vlp.data.annotations"):
+        records = read_annotations(tmp_path / "MSRVTT_train.9k.csv")
     assert [(r.video_id, len(r.captions)) for r in records] == [("video1", 1), ("video0", 2)]
+    assert f"{tmp_path / 'MSRVTT_train.9k.csv'} (msrvtt): 2 videos, 3 captions" in caplog.text  # the counts, said
     (tmp_path / "MSRVTT_JSFUSION_test.csv").write_text(
         "key,vid_key,video_id,sentence\n"
         "ret0,msr7579,video7579,a girl wearing red top and black trouser is putting a sweater on a dog\n"

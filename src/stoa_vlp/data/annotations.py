@@ -426,4 +426,6 @@ def read_annotations(
         log.warning("%s: %d videos have no caption and are left out (e.g. %s)", path, len(without), without[0])
     if files is not None:
         files.report(len(records))
+    log.info("%s (%s%s): %d videos, %d captions", path, format, f", split {split}" if split else "", len(records),
+             sum(len(record.captions) for record in records))
     return records
