@@ -61,6 +61,10 @@ def test_msrvtt_9k_csv_and_jsfusion_test(tmp_path, caplog):
         records = read_annotations(tmp_path / "MSRVTT_train.9k.csv")
     assert [(r.video_id, len(r.captions)) for r in records] == [("video1", 1), ("video0", 2)]
     assert f"{tmp_path / 'MSRVTT_train.9k.csv'} (msrvtt): 2 videos, 3 captions" in caplog.text  # the counts, said
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stoa_vlp.data.annotations"):
+        read_annotations(tmp_path / "MSRVTT_train.9k.csv")
+    assert "2 videos, 3 captions" not in caplog.text  # once per file and split
     (tmp_path / "MSRVTT_JSFUSION_test.csv").write_text(
         "key,vid_key,video_id,sentence\n"
         "ret0,msr7579,video7579,a girl wearing red top and black trouser is putting a sweater on a dog\n"

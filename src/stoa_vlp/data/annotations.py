@@ -372,6 +372,9 @@ def _read_webdataset(path: Path, captions: _Captions):
     return items
 
 
+_counts_logged: dict[tuple[str, str, str | None], tuple[int, int]] = {}  # (file, format, split) -> counts said
+
+
 def read_annotations(
     path: str | Path,
     format: str = "auto",
@@ -426,6 +429,8 @@ def read_annotations(
         log.warning("%s: %d videos have no caption and are left out (e.g. %s)", path, len(without), without[0])
     if files is not None:
         files.report(len(records))
-    log.info("%s (%s%s): %d videos, %d captions", path, format, f", split {split}" if split else "", len(records),
-             sum(len(record.captions) for record in records))
+    counts = (len(records), sum(len(record.captions) for record in records))
+    if _counts_logged.get((str(path), format, split)) != counts:  # once per file and split, not at every re-read
+        _counts_logged[(str(path), format, split)] = counts
+        log.info("%s (%s%s): %d videos, %d captions", path, format, f", split {split}" if split else "", *counts)
     return records
