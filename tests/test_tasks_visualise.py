@@ -14,6 +14,7 @@ from stoa_vlp.data.transforms import CLIP_MEAN, CLIP_STD
 from stoa_vlp.tasks.visualise import (
     SENTENCE,
     explain_clip,
+    heat_overlay,
     input_frames,
     render,
     token_words,
@@ -90,15 +91,49 @@ def test_render_draws_each_box_in_its_trajectory_colour(tmp_path):
     explanation = explain_clip(model, batch, "caption", Tokenizer(config.model.text_len), VOCAB, batch.pos_tags)
     assert [(box.frame, box.rect, box.trajectory) for box in explanation.boxes] == [(2, (4.0, 6.0, 20.0, 26.0), 0)]
     path = tmp_path / "clip.png"
-    render(explanation, path, min_frame_size=128, columns=2)
+    render(explanation, path, min_frame_size=128)
     image = np.asarray(Image.open(path).convert("RGB"))
-    size, scale, padding = 64 * 2, 2, 4  # 64 px frames enlarged 2x; a 2 x 2 grid
-    assert image.shape[1] >= 2 * size + 3 * padding and image.shape[0] > 2 * size + 3 * padding
-    top, left = padding + size + padding, padding  # frame 2: second row, first column
+    size, scale, padding = 64 * 2, 2, 4  # 64 px frames enlarged 2x; one row of 4 frames, then one per action query
+    queries = config.model.action_queries
+    assert image.shape[1] >= 4 * size + 5 * padding and image.shape[0] > (1 + queries) * (size + padding)
+    top, left = padding, padding + 2 * (size + padding)  # frame 2: first row, third column
     colour = tuple(int(trajectory_colour(0)[i : i + 2], 16) for i in (1, 3, 5))
     assert tuple(image[top + 16 * scale, left + 4 * scale]) == colour  # the box's left edge, halfway down
     assert tuple(image[top + 16 * scale, left + 12 * scale]) == (0, 0, 0)  # inside the box: the black frame
-    assert tuple(image[padding + 16 * scale, left + 4 * scale]) == (0, 0, 0)  # frame 0 has no box
+    assert tuple(image[top + 16 * scale, padding + 4 * scale]) == (0, 0, 0)  # frame 0 has no box
+    heat = explanation.action_attention[0, 0]  # query 0 on frame 0: its row is the second one
+    hottest = divmod(int(heat.argmax()), heat.shape[1])  # (patch row, patch column)
+    patch = size // heat.shape[0]
+    y, x = padding + size + padding + hottest[0] * patch + patch // 2, padding + hottest[1] * patch + patch // 2
+    assert tuple(image[y, x]) == (round(0.7 * 255), 0, 0)  # black frame, full strength red at the hottest patch
+
+
+def test_action_attention_is_the_encoders_spatial_attention():
+    config = tiny_config()
+    model = tiny_model(config).eval()
+    batch = make_batch(config, video_index=(0,), no_detections=())
+    explanation = explain_clip(model, batch, "caption", Tokenizer(config.model.text_len), VOCAB, batch.pos_tags)
+    with torch.no_grad():
+        tower = model.visual(batch.frames)
+        objects = model.object_tokens(tower.object_tap, batch.boxes, batch.box_labels, batch.box_mask)
+        weights, _ = model.action_encoder.spatial_attention(tower.action_tap, objects, batch.box_mask)
+    patches = tower.action_tap.shape[2] - 1
+    grid = int(patches**0.5)
+    frames, queries = config.model.frames, config.model.action_queries
+    assert explanation.action_attention.shape == (frames, queries, grid, grid)
+    torch.testing.assert_close(explanation.action_attention.flatten(2), weights[0, :, :, :patches])
+    torch.testing.assert_close(torch.tensor(explanation.action_object_share), weights[0, :, :, patches:].sum(-1).mean(0))
+    total = explanation.action_attention.flatten(2).sum(-1) + weights[0, :, :, patches:].sum(-1)
+    torch.testing.assert_close(total, torch.ones(frames, queries))  # a distribution over patches and objects
+
+
+def test_heat_overlay_tints_in_proportion_to_the_heat():
+    frame = torch.full((3, 4, 4), 100, dtype=torch.uint8)
+    heat = torch.tensor([[0.0, 0.5], [1.0, 0.25]])
+    tinted = heat_overlay(frame, heat, strength=0.5)
+    assert tinted[:, 0, 0].tolist() == [100, 100, 100]  # no heat: untouched
+    assert tinted[:, 3, 0].tolist() == [178, 50, 50]  # the maximum: halfway to red (100 * 0.5 + 255 * 0.5)
+    assert tinted[:, 0, 3].tolist() == [139, 75, 75]  # heat 0.5 of the maximum: a quarter of the way
 
 
 def test_token_words_are_whole_words_across_bpe_pieces():

@@ -33,10 +33,11 @@ class ActionEncoder(nn.Module):
         self.ln = nn.LayerNorm(width)
         self.proj = nn.Parameter(width**-0.5 * torch.randn(width, config.embed_dim))
 
-    def forward(
+    def spatial_attention(
         self, tap: torch.Tensor, object_tokens: torch.Tensor | None, box_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """tap (B, T, 1+P, W) detached; object_tokens (B, T, K, W) and box_mask (B, T, K) or None -> (B, M, E)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 weights (B, T, M, P+K) of each query over each frame's patches then objects, the
+        normalised context (B, T, P+K, W)); arguments as `forward`."""
         batch, frames, _, width = tap.shape
         context = tap[:, :, 1:]  # (B, T, P, W)
         valid = torch.ones(context.shape[:3], dtype=torch.bool, device=tap.device)
@@ -48,7 +49,15 @@ class ActionEncoder(nn.Module):
         # one head as wide as the model: written out, since SDPA's kernels for such a head dim are slow
         scores = (queries @ context.transpose(-1, -2)) * width**-0.5  # (B, T, M, P+K)
         scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
-        per_frame = torch.softmax(scores.float(), dim=-1).to(context.dtype) @ context  # (B, T, M, W)
+        return torch.softmax(scores.float(), dim=-1), context
+
+    def forward(
+        self, tap: torch.Tensor, object_tokens: torch.Tensor | None, box_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """tap (B, T, 1+P, W) detached; object_tokens (B, T, K, W) and box_mask (B, T, K) or None -> (B, M, E)."""
+        batch = tap.shape[0]
+        weights, context = self.spatial_attention(tap, object_tokens, box_mask)
+        per_frame = weights.to(context.dtype) @ context  # (B, T, M, W)
         if self.temporal_embedding is not None:
             per_frame = per_frame + self.temporal_embedding.to(per_frame.dtype)[None, :, None, :]
         queries_count = per_frame.shape[2]

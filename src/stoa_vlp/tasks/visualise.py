@@ -7,8 +7,11 @@ and computes:
   to the caption's verbs, as DOTA and STASP match them in pre-training (the same costs,
   `loss.match_similarity`; the sentence feature is a candidate too), each matched pair with its cosine.
   Without noun/verb tags every word token is a candidate of both.
+It also keeps where each action query looks: its spatial attention over every frame's patches and
+object tokens (`ActionEncoder.spatial_attention`).
 `render` draws the frames the model sees, with each box coloured by its trajectory (torchvision's
-`draw_bounding_boxes`), above a panel that lists the caption, the scores and the matches, as a PNG.
+`draw_bounding_boxes`), one row per action query with its attention over the patches as a heat map,
+and a panel that lists the caption, the scores and the matches, as a PNG.
 """
 
 from __future__ import annotations
@@ -63,11 +66,13 @@ class ClipExplanation:
     trajectories: list[str]  # class name of each valid trajectory, by index
     boxes: list[Box]
     tagged: bool  # False: every word was a candidate of both objects and actions
+    action_object_share: list[float]  # per action query: its attention on object tokens, mean over frames
     frames: torch.Tensor = field(repr=False)  # (T, 3, S, S) uint8: the frames as the model sees them
+    action_attention: torch.Tensor = field(repr=False)  # (T, M, g, g) float: each query's weights on the patches
 
     def to_json(self) -> dict:
-        """Everything but the frames, as JSON-ready values."""
-        return {key: value for key, value in asdict(self).items() if key != "frames"}
+        """Everything but the frames and attention maps, as JSON-ready values."""
+        return {key: value for key, value in asdict(self).items() if key not in ("frames", "action_attention")}
 
 
 def token_words(tokens: list[int], tokenizer) -> list[str]:
@@ -129,12 +134,19 @@ def explain_clip(model, batch: Batch, caption: str, tokenizer, label_vocab=None,
         raise ValueError(f"explain_clip takes a batch of one clip and caption, got {len(batch)} rows")
     was_training = model.training
     model.eval()
+    action_inputs = []  # (tap, object tokens, box mask) of the action encoder's call
+    hook = None
+    if model.action_encoder is not None:
+        hook = model.action_encoder.register_forward_hook(lambda module, inputs, output: action_inputs.append(inputs))
     try:
         video, text = model(batch)
         fused = model.fuse(video, text.tokens, text.mask, mode="bidirectional")
         probability = torch.softmax(model.match_logits(fused).float(), dim=-1)[0, 1]
+        attention = action_attention(model, *action_inputs[0]) if action_inputs else None
     finally:
         model.train(was_training)
+        if hook is not None:
+            hook.remove()
     words = token_words(batch.tokens[0].tolist(), tokenizer)
     if pos_tags is None:
         word_tokens = word_positions(batch.text_mask)
@@ -169,8 +181,20 @@ def explain_clip(model, batch: Batch, caption: str, tokenizer, label_vocab=None,
         trajectories=[name for name, ok in zip(names, valid) if ok],
         boxes=boxes,
         tagged=pos_tags is not None,
+        action_object_share=[] if attention is None else attention[1].tolist(),
         frames=input_frames(batch.frames[0]),
+        action_attention=torch.zeros(0) if attention is None else attention[0],
     )
+
+
+def action_attention(model, tap: torch.Tensor, object_tokens, box_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each query's weights on the patches (T, M, g, g), its mean share on object tokens (M,)) of the
+    first clip, from the action encoder's inputs."""
+    weights, _ = model.action_encoder.spatial_attention(tap, object_tokens, box_mask)  # (B, T, M, P+K)
+    patches = tap.shape[2] - 1
+    grid = math.isqrt(patches)
+    weights = weights[0].cpu()
+    return weights[..., :patches].reshape(*weights.shape[:2], grid, grid), weights[..., patches:].sum(-1).mean(0)
 
 
 def panel_lines(explanation: ClipExplanation) -> list[tuple[str, str]]:
@@ -186,13 +210,25 @@ def panel_lines(explanation: ClipExplanation) -> list[tuple[str, str]]:
         lines += [(f"  {m.name} -> {m.word}  (cosine {m.cosine:.2f})", trajectory_colour(m.row))
                   for m in explanation.objects]
     if explanation.actions:
-        lines.append((f"action queries -> caption {kinds[1]} (Hungarian, as STASP):", "black"))
-        lines += [(f"  {m.name} -> {m.word}  (cosine {m.cosine:.2f})", "black") for m in explanation.actions]
+        lines.append((f"action queries -> caption {kinds[1]} (Hungarian, as STASP); the rows under the frames "
+                      "show where each query looks:", "black"))
+        shares = explanation.action_object_share
+        lines += [(f"  {m.name} -> {m.word}  (cosine {m.cosine:.2f}; {100 * shares[m.row]:.0f}% of its attention on "
+                   "objects)", "black") for m in explanation.actions]
     return lines
 
 
-def render(explanation: ClipExplanation, path, min_frame_size: int = 192, columns: int = 6) -> None:
-    """Write a PNG: the frames (enlarged to at least `min_frame_size` px) with their boxes, then the panel."""
+def heat_overlay(frame: torch.Tensor, heat: torch.Tensor, strength: float = 0.7) -> torch.Tensor:
+    """The uint8 frame (3, H, W) tinted red where `heat` (g, g) is high (scaled to its maximum)."""
+    heat = F.interpolate(heat[None, None].float(), size=frame.shape[1:], mode="nearest")[0]  # (1, H, W)
+    heat = strength * heat / heat.max().clamp(min=1e-12)
+    red = torch.tensor([255.0, 0.0, 0.0]).view(3, 1, 1)
+    return (frame.float() * (1 - heat) + red * heat).round().to(torch.uint8)
+
+
+def render(explanation: ClipExplanation, path, min_frame_size: int = 192) -> None:
+    """Write a PNG: the frames (enlarged to at least `min_frame_size` px) with their boxes in one row, a row
+    per action query with its attention map on each frame, then the panel."""
     from PIL import Image, ImageDraw, ImageFont
     from torchvision.transforms.functional import to_pil_image
     from torchvision.utils import draw_bounding_boxes, make_grid
@@ -212,7 +248,10 @@ def render(explanation: ClipExplanation, path, min_frame_size: int = 192, column
                 width=2,
             )
         drawn.append(frame)
-    grid = to_pil_image(make_grid(drawn, nrow=min(columns, len(drawn)), padding=4, pad_value=255))
+    for query in range(explanation.action_attention.shape[1] if explanation.action_attention.numel() else 0):
+        drawn += [heat_overlay(frame, explanation.action_attention[index, query])
+                  for index, frame in enumerate(enlarged)]
+    grid = to_pil_image(make_grid(drawn, nrow=len(enlarged), padding=4, pad_value=255))
     font = ImageFont.load_default()
     lines = panel_lines(explanation)
     line_height = 16
