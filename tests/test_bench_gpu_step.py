@@ -1,27 +1,17 @@
 """The GPU benchmark's CPU smoke mode: builds the tiny model, times every variant, prints the table."""
 
 import gzip
-import importlib.util
 import json
-import sys
 from types import SimpleNamespace
-from pathlib import Path
 
 import pytest
 import torch
 
-
-def load_bench():
-    path = Path(__file__).parent.parent / "bench" / "gpu_step.py"
-    spec = importlib.util.spec_from_file_location("gpu_step", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from _bench import load_bench
 
 
 def test_smoke_mode_prints_every_variant(capsys):
-    bench = load_bench()
+    bench = load_bench("gpu_step")
     bench.main(["--eager", ",".join(bench.VARIANTS), "--profile", "full"])
     output = capsys.readouterr().out
     table = output.split("\n\n")[-1]
@@ -38,11 +28,11 @@ def test_smoke_mode_prints_every_variant(capsys):
 
 def test_unknown_variants_are_rejected():
     with pytest.raises(SystemExit, match="unknown variant"):
-        load_bench().main(["--eager", "full,fast"])
+        load_bench("gpu_step").main(["--eager", "full,fast"])
 
 
 def test_synthetic_batch_is_well_formed():
-    bench = load_bench()
+    bench = load_bench("gpu_step")
     from stoa_vlp.config import load_config
 
     config = load_config("tiny")
@@ -56,7 +46,7 @@ def test_synthetic_batch_is_well_formed():
 
 
 def test_profile_files_hold_the_op_table_and_a_chrome_trace(tmp_path):
-    load_bench().main(["--eager", "full", "--profile", "full", "--out", str(tmp_path)])
+    load_bench("gpu_step").main(["--eager", "full", "--profile", "full", "--out", str(tmp_path)])
     assert "Self CPU" in (tmp_path / "profile-full.txt").read_text()
     with gzip.open(tmp_path / "trace-full.json.gz", "rt") as file:
         trace = json.load(file)
@@ -64,14 +54,14 @@ def test_profile_files_hold_the_op_table_and_a_chrome_trace(tmp_path):
 
 
 def test_idle_gaps_merge_overlapping_kernels_and_skip_short_gaps():
-    bench = load_bench()
+    bench = load_bench("gpu_step")
     spans = [(50, 60), (0, 10), (5, 30), (32, 40), (100, 120), (110, 115)]
     assert bench.idle_gaps(spans, min_gap=5) == [(40, 50), (60, 100)]
     assert bench.idle_gaps(spans, min_gap=1) == [(30, 32), (40, 50), (60, 100)]
 
 
 def test_idle_summary_names_what_the_host_did_while_the_device_waited():
-    bench = load_bench()
+    bench = load_bench("gpu_step")
 
     def event(name, start, end, device):
         kind = torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU

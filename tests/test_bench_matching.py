@@ -1,26 +1,14 @@
 """The matching benchmark's baseline gives the model's pairs, and its smoke run prints its table."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from _bench import load_bench
 from stoa_vlp.objectives.matching import hungarian_on_host
 
 
-def load_bench():
-    path = Path(__file__).parent.parent / "bench" / "matching.py"
-    spec = importlib.util.spec_from_file_location("matching_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_hungarian_gives_the_pairs_of_each_cut_out_submatrix():
-    bench = load_bench()
+    bench = load_bench("matching")
     rng = np.random.default_rng(1)
     for trial in range(200):
         groups, rows, columns = rng.integers(1, 6), rng.integers(1, 22), rng.integers(1, 34)
@@ -32,14 +20,14 @@ def test_hungarian_gives_the_pairs_of_each_cut_out_submatrix():
 
 
 def test_smoke_run_prints_both_methods(capsys):
-    rows = load_bench().main(["--clips", "4", "--repeat", "1"])
+    rows = load_bench("matching").main(["--clips", "4", "--repeat", "1"])
     assert [name for name, _ in rows] == ["hungarian_on_host (model)", "per-group cut-out (baseline)"]
     printed = capsys.readouterr().out
     assert printed.startswith("8 groups of 20 x 33") and "| per-group cut-out (baseline) |" in printed
 
 
 def test_a_nan_inside_a_valid_submatrix_is_refused_like_the_baseline():
-    bench = load_bench()
+    bench = load_bench("matching")
     costs = np.random.default_rng(2).random((2, 3, 4))
     costs[1, 1, 2] = np.nan  # row 1 and column 2 keep other finite entries: still valid
     for solve in (hungarian_on_host, bench.plain_hungarian):

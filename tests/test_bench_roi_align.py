@@ -1,26 +1,14 @@
 """The RoIAlign benchmark's CPU smoke mode, and its baseline computing the model's function."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
+from _bench import load_bench
 from stoa_vlp.config import load_config
 from stoa_vlp.model.objects import ObjectTokens
 
 
-def load_bench():
-    path = Path(__file__).parent.parent / "bench" / "roi_align.py"
-    spec = importlib.util.spec_from_file_location("roi_align_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_smoke_mode_times_both_methods(capsys):
-    results = load_bench().main(["--clips", "1"])
+    results = load_bench("roi_align").main(["--clips", "1"])
     assert [name for name, _ in results] == ["GEMM (model)", "torchvision roi_align (baseline)"]
     assert all(ms > 0 for _, ms in results)
     assert "vs baseline" in capsys.readouterr().out
@@ -34,4 +22,4 @@ def test_baseline_is_the_models_function():
     corner = torch.rand(2, config.frames, config.boxes_per_frame, 2, generator=generator) * config.image_size
     boxes = torch.cat([corner, corner + 8], dim=-1)
     expected = objects.regions(tokens, boxes)
-    torch.testing.assert_close(load_bench().torchvision_regions(objects, tokens, boxes), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(load_bench("roi_align").torchvision_regions(objects, tokens, boxes), expected, atol=1e-5, rtol=1e-5)
