@@ -239,26 +239,30 @@ def class_noun_agreement(matches, nouns: list[str]) -> tuple[int, float]:
 
 
 def alignment_stage(run: DemoRun) -> None:
+    import numpy as np
+    from torch.utils.data import DataLoader, Subset
+
     from stoa_vlp.batch import TAG_NOUN
+    from stoa_vlp.data.dataset import build_dataset, collate
     from stoa_vlp.data.detections import LabelVocab
     from stoa_vlp.tasks.visualise import SENTENCE, explain_clip, render, token_words
     from stoa_vlp.tokenizer import Tokenizer
-    from stoa_vlp.train.evaluation import retrieval_loader
 
     config = run.config
     vocab = LabelVocab.load(config.data.label_vocab)
     tokenizer = Tokenizer(config.model.text_len)
-    clips, matched, hits, chance, to_sentence = set(), 0, 0, 0.0, 0
-    for batch in retrieval_loader(config, "test"):
-        for row, video_id in enumerate(batch.video_ids):
-            if video_id in clips:  # the first caption of each clip
-                continue
-            clips.add(video_id)
+    test = build_dataset(config, "test")  # with the tags, which video_loader's items lack
+    clips = Subset(test, np.flatnonzero(test.items[:, 1] == 0).tolist())  # each clip once, with its first caption
+    loader = DataLoader(clips, batch_size=config.data.batch_size, num_workers=config.data.num_workers, collate_fn=collate)
+    explained, matched, hits, chance, to_sentence = 0, 0, 0, 0.0, 0
+    for batch in loader:
+        for row in range(len(batch)):
             one = replace(batch, **{f.name: getattr(batch, f.name)[row : row + 1] for f in fields(batch)})  # 1 row
             explanation = explain_clip(run.model, one, tokenizer.decode(one.tokens[0]), tokenizer, vocab, one.pos_tags,
                                        config.loss.match_similarity, config.loss.vtc_video_feature)
-            if len(clips) == 1:
+            if explained == 0:
                 render(explanation, run.folder / VISUAL_FILE)
+            explained += 1
             words = token_words(one.tokens[0].tolist(), tokenizer)
             nouns = [word for word, tag in zip(words, one.pos_tags[0].tolist()) if tag == TAG_NOUN]
             clip_hits, clip_chance = class_noun_agreement(explanation.objects, nouns)
