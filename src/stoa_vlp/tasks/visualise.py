@@ -107,8 +107,12 @@ def input_frames(frames: torch.Tensor) -> torch.Tensor:
     return (frames.float().cpu() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
-def _matches(task: AlignmentTask, similarity: str, names: list[str], words: list[str]) -> list[Match]:
-    """The Hungarian matches of the task's single sample, in row order."""
+def _matches(predictions: torch.Tensor, prediction_mask: torch.Tensor, text, tags: torch.Tensor, tag: int,
+             similarity: str, names: list[str], words: list[str]) -> list[Match]:
+    """The Hungarian matches, in row order, of one clip's predictions (1, R, E) with the caption's
+    tokens tagged `tag` (1, L) and its sentence feature, as DOTA/STASP match them."""
+    targets, target_mask = text_candidates(text.tokens, text.sentence, text.mask, tags, tag)
+    task = AlignmentTask(predictions, prediction_mask, targets, target_mask)
     costs = alignment_costs(task, similarity).cpu()  # (1, R, C)
     predictions = F.normalize(task.predictions[0].float(), dim=-1)
     targets = F.normalize(task.targets[0].float(), dim=-1)
@@ -158,14 +162,11 @@ def explain_clip(model, batch: Batch, caption: str, tokenizer, label_vocab=None,
     names = [name_of(label) for label in labels]
     objects = actions = []
     if video.trajectories.shape[1]:
-        targets, target_mask = text_candidates(text.tokens, text.sentence, text.mask, noun_tags, TAG_NOUN)
-        objects = _matches(AlignmentTask(video.trajectories, video.traj_mask, targets, target_mask), similarity,
-                           names, words)
+        objects = _matches(video.trajectories, video.traj_mask, text, noun_tags, TAG_NOUN, similarity, names, words)
     if video.actions.shape[1]:
-        targets, target_mask = text_candidates(text.tokens, text.sentence, text.mask, verb_tags, TAG_VERB)
         every_query = torch.ones_like(video.actions[..., 0], dtype=torch.bool)
         queries = [f"action {row}" for row in range(video.actions.shape[1])]
-        actions = _matches(AlignmentTask(video.actions, every_query, targets, target_mask), similarity, queries, words)
+        actions = _matches(video.actions, every_query, text, verb_tags, TAG_VERB, similarity, queries, words)
     trajectory_of = {label: row for row, (label, ok) in enumerate(zip(labels, valid)) if ok}
     boxes = []
     for frame, slot in batch.box_mask[0].nonzero().tolist():
