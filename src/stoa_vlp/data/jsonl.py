@@ -1,8 +1,10 @@
-"""JSON Lines reading shared by the annotation, detection and task-file readers."""
+"""JSON Lines reading shared by the annotation, detection and task-file readers, and the atomic
+JSON file writing of checkpoints and `prepare`."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,3 +20,13 @@ def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterato
                 yield number, json.loads(line)
             except json.JSONDecodeError as decode_error:
                 raise error(f"{path}:{number}: malformed JSON ({decode_error.msg})") from None
+
+
+def write_json_atomic(path: Path, values: Any) -> None:
+    """Write `values` as JSON to `path` through a temporary file and a rename: never half-written."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as handle:
+        json.dump(values, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from stoa_vlp.data.decode import VideoError, _open_pyav, frame_folder_images, is_frame_image, read_frame_image
+from stoa_vlp.data.jsonl import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -326,9 +327,7 @@ def record_settings(out_dir: Path, options: PrepareOptions) -> None:
         if (out_dir / "manifest.jsonl").exists():
             log.warning("prepare: %s has videos but no %s; recording this run's settings for all of them",
                         out_dir, SETTINGS_FILE)
-        temporary = out_dir / (SETTINGS_FILE + ".tmp")
-        temporary.write_text(json.dumps(wanted, indent=2) + "\n")
-        os.replace(temporary, out_dir / SETTINGS_FILE)
+        write_json_atomic(out_dir / SETTINGS_FILE, wanted)
         return
     changed = [f"{name} {recorded.get(name)!r} -> {value!r}" for name, value in wanted.items() if recorded.get(name) != value]
     if changed:

@@ -27,6 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from stoa_vlp.data.jsonl import write_json_atomic
+
 CHECKPOINTS = "checkpoints"
 RUN_MARKER = "run.json"
 FINISHED_MARKER = "finished.json"
@@ -39,15 +41,6 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def write_json_atomic(path: Path, values: Any) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        json.dump(values, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 # ---- model weights -----------------------------------------------------------------------------
