@@ -1,5 +1,5 @@
 """The compiled pre-training step: one set of graphs for every batch, broken only where the costs go to the host
-and where the matches come back."""
+and where the matches come back. The fine-tuning steps of the downstream tasks: one graph, no break."""
 
 import pytest
 import torch
