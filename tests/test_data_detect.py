@@ -109,3 +109,13 @@ def test_wrong_weights_are_an_error(tmp_path):
         build_detector(path, DetectSettings(**SETTINGS), torch.device("cpu"))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_detector(tmp_path / "missing.pth", DetectSettings(**SETTINGS), torch.device("cpu"))
+
+
+def test_two_videos_with_one_id_are_refused_before_any_detection(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        _video(tmp_path / folder / "clip.mp4", frames=2)
+    argv = ["detect", str(tmp_path), "--weights", str(tmp_path / "not-read.pth"), "--out", str(tmp_path / "d.jsonl")]
+    with pytest.raises(ValueError, match="two videos share the id 'clip'"):  # one JSONL line per id
+        main(argv)
+    assert not (tmp_path / "d.jsonl").exists()

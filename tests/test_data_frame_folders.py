@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from stoa_vlp.data.annotations import read_annotations
+from stoa_vlp.data.annotations import AnnotationError, read_annotations
 from stoa_vlp.data.decode import VideoError, decode_clip, frame_folder_images, segment_indices
-from stoa_vlp.data.detect import find_videos as detect_inputs
 from stoa_vlp.data.detect import sample_frames
-from stoa_vlp.data.prepare import find_videos
+from stoa_vlp.data.video_files import VideoLookup, find_videos
+from stoa_vlp.tasks.data import find_video_paths
 
 
 def write_image(frame: torch.Tensor, path, **options) -> None:
@@ -82,15 +82,47 @@ def test_frame_folders_are_found_by_name(tmp_path):
     write_frames(root / "video0", 3)
     write_frames(root / "nested" / "video1", 3)
     (root / "video2.mp4").write_bytes(b"")
-    assert dict(find_videos(root, frame_folders=True)) == {
-        "video0": str(root / "video0"), "video1": str(root / "nested" / "video1"), "video2": str(root / "video2.mp4")}
-    assert dict(find_videos(root)) == {"video2": str(root / "video2.mp4")}
-    assert detect_inputs([root]) == [root / "nested" / "video1", root / "video0", root / "video2.mp4"]
-    assert detect_inputs([root / "video0"]) == [root / "video0"]
+    (root / "notes.txt").write_text("not a video")
+    assert find_videos([root]) == [
+        ("video0", str(root / "video0")), ("video1", str(root / "nested" / "video1")), ("video2", str(root / "video2.mp4"))]
+    assert find_videos([root / "video0", root / "video2.mp4"]) == [
+        ("video0", str(root / "video0")), ("video2", str(root / "video2.mp4"))]
+    with pytest.raises(FileNotFoundError, match="gone.mp4 does not exist"):
+        find_videos([root / "gone.mp4"])
     annotations = tmp_path / "clips.jsonl"
     annotations.write_text('{"video_id": "video0", "caption": "a clip"}\n{"video_id": "video1", "caption": "b"}\n')
     records = read_annotations(annotations, "jsonl", None, root)
     assert [record.path for record in records] == [str(root / "video0"), str(root / "nested" / "video1")]
+
+
+def test_one_id_for_two_videos_is_an_error_where_it_is_used(tmp_path):
+    root = tmp_path / "videos"
+    write_frames(root / "a" / "clip", 2)
+    (root / "b").mkdir()
+    (root / "b" / "clip.mp4").write_bytes(b"")
+    (root / "other.mp4").write_bytes(b"")
+    both = f"{root / 'a' / 'clip'} and {root / 'b' / 'clip.mp4'}"
+    with pytest.raises(ValueError, match=f"two videos share the id 'clip': {both}"):
+        find_videos([root])  # prepare, detect and index list whole collections
+    with pytest.raises(ValueError, match="two videos share the id 'other'"):
+        find_videos([root / "other.mp4", tmp_path / "videos" / "other.mp4"])
+
+    lookup = VideoLookup(root)  # annotations and tasks name their videos: only those must be unambiguous
+    assert lookup.get("other") == lookup.get("other.mp4") == str(root / "other.mp4")
+    assert lookup.get("missing") is None
+    with pytest.raises(ValueError, match=f"video 'clip' is ambiguous under {root}: {root / 'a' / 'clip'}, "):
+        lookup.get("clip")
+    annotations = tmp_path / "clips.jsonl"
+    annotations.write_text('{"video_id": "other", "caption": "a clip"}\n')
+    assert [record.path for record in read_annotations(annotations, "jsonl", None, root)] == [str(root / "other.mp4")]
+    annotations.write_text('{"video_id": "clip", "caption": "a clip"}\n')
+    with pytest.raises(AnnotationError, match=f"{annotations}: video 'clip' is ambiguous"):
+        read_annotations(annotations, "jsonl", None, root)
+    assert find_video_paths(["other"], root, "qa.jsonl") == {"other": str(root / "other.mp4")}
+    with pytest.raises(ValueError, match="qa.jsonl: video 'clip' is ambiguous"):
+        find_video_paths(["clip", "other"], root, "qa.jsonl")
+    with pytest.raises(ValueError, match=r"qa.jsonl: 1 videos not found under .* \(e.g. missing\)"):
+        find_video_paths(["other", "missing"], root, "qa.jsonl")
 
 
 def test_detection_frames_of_a_folder_are_the_nearest_images_once(tmp_path):

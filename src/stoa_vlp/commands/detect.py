@@ -42,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
         DetectSettings,
         build_detector,
         detect_videos,
-        find_videos,
         pick_device,
     )
+    from stoa_vlp.data.video_files import find_videos
     from stoa_vlp.data.detections import write_detections
 
     log = logging.getLogger("stoa_vlp.detect")
@@ -59,13 +59,13 @@ def run(args: argparse.Namespace) -> int:
         frame_rate=args.frame_rate,
     )
     device = pick_device(args.device)
-    paths = find_videos(args.inputs)
-    if not paths:
+    videos = find_videos(args.inputs)
+    if not videos:
         log.error("no videos found in %s", " ".join(args.inputs))
         return 1
     model = build_detector(args.weights, settings, device)
     report = DetectReport()
-    progress = tqdm(detect_videos(paths, model, settings, device, report), total=len(paths), unit="video")
+    progress = tqdm(detect_videos(videos, model, settings, device, report), total=len(videos), unit="video")
     write_detections(args.out, progress)
     log.info(
         "%d videos, %d frames, %d boxes written to %s on %s; %d unreadable videos skipped",

@@ -24,12 +24,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from stoa_vlp.commands.task_common import file_records, inference_model
-    from stoa_vlp.data.prepare import find_videos
+    from stoa_vlp.data.video_files import find_videos
     from stoa_vlp.tasks.data import load_detections, video_loader
     from stoa_vlp.tasks.retrieval import encode_videos
     from stoa_vlp.tasks.search import SearchIndex, save_index
 
-    found = find_videos(args.folder, frame_folders=True)
+    found = find_videos([args.folder])
     if not found:
         raise SystemExit(f"{args.folder}: no video files or frame folders")
     checkpoint, config, model, device = inference_model(args)

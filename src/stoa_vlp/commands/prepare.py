@@ -42,10 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stoa_vlp.data.annotations import read_annotations
-    from stoa_vlp.data.prepare import PrepareOptions, find_videos, prepare_videos
+    from stoa_vlp.data.prepare import PrepareOptions, prepare_videos
+    from stoa_vlp.data.video_files import find_videos
 
     if os.path.isdir(args.input):
-        videos = find_videos(args.input, frame_folders=True)
+        videos = find_videos([args.input])
     else:
         records = read_annotations(args.input, args.format, args.split, args.video_root)
         unique = {record.video_id: record.path for record in records}

@@ -39,8 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stoa_vlp.data.jsonl import read_jsonl
-from stoa_vlp.data.decode import is_frame_image
-from stoa_vlp.data.prepare import VIDEO_EXTENSIONS
+from stoa_vlp.data.video_files import VideoLookup
 
 log = logging.getLogger(__name__)
 
@@ -108,25 +107,19 @@ class _Captions:
 
 
 class _VideoFiles:
-    """Finds videos under a root by id: video files (by file name stem, or the exact file name) and
-    frame folders (by folder name: a folder below the root holding frame images)."""
+    """The videos under a root by id (`VideoLookup`), counting the ids that are not found."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, annotation_file: Path):
         self.root = root
-        self.by_stem: dict[str, str] = {}
-        self.by_name: dict[str, str] = {}
-        for folder, _, names in os.walk(root):
-            if folder != str(root) and any(map(is_frame_image, names)):
-                self.by_stem.setdefault(os.path.basename(folder), folder)
-            for name in names:
-                stem, extension = os.path.splitext(name)
-                if extension.lower() in VIDEO_EXTENSIONS:
-                    self.by_stem.setdefault(stem, os.path.join(folder, name))
-                    self.by_name.setdefault(name, os.path.join(folder, name))
+        self.annotation_file = annotation_file
+        self.videos = VideoLookup(root)
         self.missing: list[str] = []
 
     def path(self, video_id: str) -> str:
-        found = self.by_name.get(video_id) or self.by_stem.get(video_id)
+        try:
+            found = self.videos.get(video_id)
+        except ValueError as error:
+            raise AnnotationError(f"{self.annotation_file}: {error}") from None
         if found is None:
             self.missing.append(video_id)
             return str(self.root / (video_id if os.path.splitext(video_id)[1] else f"{video_id}.mp4"))
@@ -409,7 +402,7 @@ def read_annotations(
 
     base = path if path.is_dir() else path.parent
     root = Path(video_root) if video_root else (base / "videos" if (base / "videos").is_dir() else base)
-    files = _VideoFiles(root) if format not in ("webdataset", "webvid") else None
+    files = _VideoFiles(root, path) if format not in ("webdataset", "webvid") else None
     records = []
     without = []
     for item in items:

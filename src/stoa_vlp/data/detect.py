@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import av
 import numpy as np
@@ -20,7 +20,6 @@ from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights, fas
 
 from stoa_vlp.data.decode import frame_folder_images, read_frame_images, stream_origin
 from stoa_vlp.data.detections import FrameDetections, VideoDetections
-from stoa_vlp.data.prepare import VIDEO_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
@@ -90,22 +89,6 @@ def build_detector(weights: str | Path, settings: DetectSettings, device: torch.
     return model.eval().to(device)
 
 
-def find_videos(inputs: Iterable[str | Path]) -> list[Path]:
-    """Video files and frame folders given directly or found (recursively, sorted) under folders."""
-    found = []
-    for item in map(Path, inputs):
-        if item.is_dir() and frame_folder_images(item):
-            found.append(item)
-        elif item.is_dir():
-            found += sorted(p for p in item.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS
-                            or (p.is_dir() and frame_folder_images(p)))
-        elif item.exists():
-            found.append(item)
-        else:
-            raise FileNotFoundError(f"{item} does not exist")
-    return found
-
-
 SampledFrames = tuple[int, int, list[tuple[float, np.ndarray]]]  # width, height, [(time, RGB (H, W, 3) uint8)]
 
 
@@ -172,9 +155,13 @@ def _detect_batch(model: torch.nn.Module, images: list[np.ndarray], device: torc
 
 
 def detect_videos(
-    paths: list[Path], model: torch.nn.Module, settings: DetectSettings, device: torch.device, report: DetectReport
+    videos_to_detect: list[tuple[str, str]],
+    model: torch.nn.Module,
+    settings: DetectSettings,
+    device: torch.device,
+    report: DetectReport,
 ) -> Iterator[VideoDetections]:
-    """Detections per readable video, in input order; unreadable videos are logged and counted.
+    """Detections per readable (video id, video file or frame folder), in input order; unreadable videos are logged and counted.
     Frames of consecutive videos share detector batches."""
     videos: dict[int, VideoDetections | None] = {}  # slot -> detections being filled (None: skipped)
     remaining: dict[int, int] = {}  # slot -> frames still to detect
@@ -201,7 +188,8 @@ def detect_videos(
                 report.boxes += sum(len(frame.classes) for frame in video.frames)
                 yield video
 
-    for slot, path in enumerate(paths):
+    for slot, (video_id, path) in enumerate(videos_to_detect):
+        path = Path(path)
         try:
             width, height, frames = sample_frames(path, settings.fps, settings.frame_rate)
         except (av.error.FFmpegError, OSError, ValueError) as error:
@@ -211,7 +199,6 @@ def detect_videos(
             yield from finished()
             continue
         empty = [FrameDetections(time, [], np.zeros((0, 4), np.float32), np.zeros(0, np.float32)) for time, _ in frames]
-        video_id = path.name if path.is_dir() else path.stem  # a frame folder's id is its name
         videos[slot], remaining[slot] = VideoDetections(video_id, width, height, empty), len(frames)
         for frame_slot, (_, image) in enumerate(frames):
             pending.append((slot, frame_slot, image))

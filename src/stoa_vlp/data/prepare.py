@@ -27,12 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stoa_vlp.data.decode import VideoError, _open_pyav, frame_folder_images, is_frame_image, read_frame_image
+from stoa_vlp.data.decode import VideoError, _open_pyav, frame_folder_images, read_frame_image
 from stoa_vlp.data.jsonl import write_json_atomic
 
 log = logging.getLogger(__name__)
-
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
 
 
 @dataclass
@@ -224,27 +222,6 @@ def read_manifest(path: str | Path) -> dict[str, ManifestEntry]:
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 raise ValueError(f"{path}:{number}: not a manifest entry ({error})") from None
     return entries
-
-
-def find_videos(folder: str | Path, frame_folders: bool = False) -> list[tuple[str, str]]:
-    """(video_id, path) of every video file under `folder`; the id is the file name's stem. With
-    `frame_folders`, also every folder below `folder` that holds frame images, by folder name."""
-    found: dict[str, str] = {}
-    for root, _, names in os.walk(folder):
-        if frame_folders and root != str(folder) and any(map(is_frame_image, names)):
-            name = os.path.basename(root)
-            if name in found:
-                raise ValueError(f"two videos share the id '{name}': {found[name]} and {root}")
-            found[name] = root
-        for name in sorted(names):
-            stem, extension = os.path.splitext(name)
-            if extension.lower() not in VIDEO_EXTENSIONS:
-                continue
-            path = os.path.join(root, name)
-            if stem in found:
-                raise ValueError(f"two videos share the id '{stem}': {found[stem]} and {path}")
-            found[stem] = path
-    return sorted(found.items())
 
 
 def prepare_videos(

@@ -15,7 +15,7 @@ from stoa_vlp.config import Config
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.data.dataset import VideoTextDataset, collate
 from stoa_vlp.data.jsonl import read_jsonl
-from stoa_vlp.data.prepare import find_videos
+from stoa_vlp.data.video_files import VideoLookup
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,15 @@ def video_root(config: Config, annotation_file: str | Path) -> Path:
 
 def find_video_paths(video_ids: list[str], root: Path, source: str | Path) -> dict[str, str]:
     """{video_id: file or frame folder} for every id, or a ValueError naming `source` and the missing ids."""
-    found = dict(find_videos(root, frame_folders=True))
-    missing = sorted({video_id for video_id in video_ids if video_id not in found})
+    videos = VideoLookup(root)
+    try:
+        found = {video_id: videos.get(video_id) for video_id in video_ids}
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+    missing = sorted(video_id for video_id, path in found.items() if path is None)
     if missing:
         raise ValueError(f"{source}: {len(missing)} videos not found under {root} (e.g. {', '.join(missing[:3])})")
-    return {video_id: found[video_id] for video_id in video_ids}
+    return found
 
 
 def evaluation_loader(dataset, config: Config, collate_fn=collate) -> DataLoader:
