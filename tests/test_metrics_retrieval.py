@@ -47,6 +47,16 @@ def test_ties_count_against_the_model():
     assert metrics["t2v_r1"] == 0.0 and metrics["v2t_mnr"] == 4.0
 
 
+def test_nan_scores_rank_last(caplog):
+    nan = float("nan")
+    sim = torch.tensor([[nan, 0.1, 0.2], [0.8, 0.5, nan], [nan, nan, nan]])
+    # caption 0: its video's NaN is below both negatives -> 3; caption 1: the NaN negative is below 0.5 -> 2;
+    # caption 2: all NaN, a tie at the bottom -> worst rank 3
+    assert ranks(sim, positive_mask(torch.tensor([0, 1, 2]), 3)).tolist() == [3, 2, 3]
+    assert "5 of 9 similarity scores are NaN" in caplog.text
+    assert retrieval_metrics(torch.full((4, 4), nan), torch.arange(4))["t2v_r1"] == 0.0
+
+
 def test_several_captions_per_video_full_protocol():
     # 5 captions, 2 videos: captions 0,1,2 -> video 0; captions 3,4 -> video 1
     t2v = torch.tensor([0, 0, 0, 1, 1])

@@ -7,7 +7,8 @@ set P of positive candidates (one video for a caption; all captions of a video f
 
 So rank 1 means the best positive is strictly above every negative; other positives never count
 against the query (the MSR-VTT full protocol: video-to-text takes the best-ranked of the video's
-captions). A constant similarity matrix gives every query the worst rank, not the best.
+captions). A constant similarity matrix gives every query the worst rank, not the best, and a NaN
+score (a diverged model, an fp16 overflow) counts as the lowest score there is, with a warning.
 
 Recalls R@1/5/10 are percentages of queries with rank <= K; MdR is the median rank (numpy's median,
 the mean of the two middle ranks for an even count), MnR the mean rank.
@@ -22,10 +23,13 @@ divided, per candidate, by the sum over the bank of exp(beta * bank similarity);
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 RECALL_AT = (1, 5, 10)
 
@@ -52,6 +56,11 @@ def ranks(similarity: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         missing = torch.nonzero(~positives.any(dim=1)).flatten()[:5].tolist()
         raise ValueError(f"queries without a positive candidate (first: {missing})")
     similarity = similarity.float()
+    not_a_number = similarity.isnan()
+    if bool(not_a_number.any()):
+        log.warning("%d of %d similarity scores are NaN; they rank below every other score",
+                    int(not_a_number.sum()), not_a_number.numel())
+        similarity = similarity.masked_fill(not_a_number, float("-inf"))
     best_positive = similarity.masked_fill(~positives, float("-inf")).max(dim=1, keepdim=True).values  # (Q, 1)
     beaten_or_tied = (similarity >= best_positive) & ~positives
     return 1 + beaten_or_tied.sum(dim=1)
