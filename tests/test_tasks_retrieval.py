@@ -14,9 +14,11 @@ from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.tasks.retrieval import (
     contrastive_similarity,
     encode_texts,
+    encode_videos,
     evaluate_retrieval,
     evaluate_retrieval_records,
     extract_features,
+    require_one_clip_per_video,
 )
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -78,12 +80,23 @@ def test_extract_features_encodes_each_video_once(setup, monkeypatch):
     torch.testing.assert_close(texts.sentence[4], caption.sentence[0], atol=1e-5, rtol=1e-4)
 
 
+def test_moments_of_one_video_are_separate_clips(setup):
+    config, model, tokenizer, _ = setup
+    batch = make_batch(config, tokenizer, ["v1", "v1", "v1"], CAPTIONS[:3])
+    batch.video_index = torch.tensor([7, 8, 7])  # two moments (records 7 and 8) of video v1, as DiDeMo's
+    videos, _, text_to_video = extract_features(model, [batch], "cpu")
+    assert videos.video.shape[0] == 2 and text_to_video.tolist() == [0, 1, 0]
+    assert encode_videos(model, [batch], "cpu")[0] == ["v1", "v1"]
+    with pytest.raises(ValueError, match="captioning needs one clip per video, but 1 videos have several .e.g. v1"):
+        require_one_clip_per_video(["v1", "v2", "v1"], "captioning")
+
+
 def test_evaluate_retrieval_matches_brute_force_reranking(setup, monkeypatch):
     config, model, tokenizer, loader = setup
     videos, texts, text_to_video = extract_features(model, loader, "cpu")
     meanp = F.normalize(F.normalize(videos.frames, dim=-1).mean(dim=1), dim=-1)
     similarity = F.normalize(texts.sentence, dim=-1) @ meanp.t()
-    torch.testing.assert_close(contrastive_similarity(videos, texts), similarity)
+    torch.testing.assert_close(contrastive_similarity(videos, texts, "mean"), similarity)
     with torch.no_grad():  # P(matched) of every text-video pair
         pairs = [(t, v) for t in range(6) for v in range(4)]
         t_index = torch.tensor([t for t, _ in pairs])
@@ -144,7 +157,7 @@ def test_querybank_numbers_come_from_the_bank_captions_and_leave_the_plain_ones(
     videos, texts = extract_features(model, video_rows, "cpu")[:2]
     captions = encode_texts(model, *tokenizer([c for r in records for c in r.captions]), "cpu")
     bank_texts = encode_texts(model, *tokenizer(bank), "cpu")
-    scores = querybank_normalise(contrastive_similarity(videos, captions), contrastive_similarity(videos, bank_texts))
+    scores = querybank_normalise(contrastive_similarity(videos, captions, "mean"), contrastive_similarity(videos, bank_texts, "mean"))
     expected = retrieval_metrics(scores, torch.tensor([0, 1, 2]))
     assert {k: with_bank[k.replace("t2v_", "t2v_qb_")] for k in expected if k.startswith("t2v_")} == pytest.approx(
         {k: v for k, v in expected.items() if k.startswith("t2v_")})

@@ -33,7 +33,7 @@ def test_index_round_trip_and_ranking(tmp_path):
     hits = search(model, index, "a red square moves left", tokenizer, "cpu", top=5, rerank_k=3)
     with torch.no_grad():
         text = encode_texts(model, *tokenizer(["a red square moves left"]), "cpu")
-        cosine = contrastive_similarity(videos, text)[0]
+        cosine = contrastive_similarity(videos, text, "mean")[0]
         top3 = cosine.argsort(descending=True)[:3]
         match = match_probability(model, videos, text, torch.zeros(3, dtype=torch.long), top3)
     fused = torch.softmax(logit_scale_value(model) * cosine[top3], 0) * match

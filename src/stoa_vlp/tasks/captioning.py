@@ -17,7 +17,7 @@ from stoa_vlp.batch import Batch
 from stoa_vlp.metrics.captioning import CaptionScorer
 from stoa_vlp.objectives.plm import plm_loss
 from stoa_vlp.tasks.decoding import Hypothesis, StepFunction, beam_search, greedy_decode
-from stoa_vlp.tasks.retrieval import encode_videos
+from stoa_vlp.tasks.retrieval import encode_videos, require_one_clip_per_video
 from stoa_vlp.tokenizer import Tokenizer
 
 
@@ -90,6 +90,7 @@ def evaluate_captioning(
     Returns (metrics, {video_id: generated caption}).
     """
     ids, videos = encode_videos(model, loader, device)
+    require_one_clip_per_video(ids, "captioning")
     missing = [video_id for video_id in ids if video_id not in references]
     if missing:
         raise ValueError(f"no reference captions for {len(missing)} videos (first: {missing[:5]})")

@@ -22,7 +22,13 @@ import torch
 
 from stoa_vlp.batch import Batch
 from stoa_vlp.tasks.data import read_jsonl_rows
-from stoa_vlp.tasks.retrieval import contrastive_similarity, encode_texts, encode_videos, match_probability
+from stoa_vlp.tasks.retrieval import (
+    contrastive_similarity,
+    encode_texts,
+    encode_videos,
+    match_probability,
+    require_one_clip_per_video,
+)
 from stoa_vlp.tokenizer import Tokenizer
 
 SCORINGS = ("vtm", "vtc")
@@ -110,6 +116,7 @@ def evaluate_multiple_choice(
     if scoring not in SCORINGS:
         raise ValueError(f"task.mc_scoring must be one of {SCORINGS}, got {scoring!r}")
     ids, videos = encode_videos(model, video_loader, device)
+    require_one_clip_per_video(ids, "multiple-choice")
     position = {video_id: row for row, video_id in enumerate(ids)}
     missing = sorted({c.video_id for c in choices} - set(position))
     if missing:

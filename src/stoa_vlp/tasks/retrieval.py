@@ -10,6 +10,7 @@ Only the top-k pairs are fused; the other candidates keep their (lower) contrast
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from typing import Iterable, TypeVar
 
 import torch
@@ -39,19 +40,22 @@ def encode_batch_videos(model, batch: Batch, rows: torch.Tensor | None = None):
 
 
 def _encode(model, loader: Iterable[Batch], device, texts: bool):
-    """(unique VideoFeatures, TextFeatures of every row or None, text_to_video, video ids) over a loader."""
+    """(VideoFeatures of each clip, TextFeatures of every row or None, text_to_video, each clip's video id)
+    over a loader. Clips are told apart by `Batch.video_index` (one per annotation record), so two
+    moments of one video are two clips."""
     was_training = model.training
     model.eval()
-    video_parts, text_parts, text_to_video = [], [], []
-    video_position: dict[str, int] = {}
+    video_parts, text_parts, text_to_video, video_ids = [], [], [], []
+    clip_position: dict[int, int] = {}  # video_index -> position among the clips
     for batch in loader:
         batch = batch.to(device)
         new_rows = []
-        for row, video_id in enumerate(batch.video_ids):
-            if video_id not in video_position:
-                video_position[video_id] = len(video_position)
+        for row, (clip, video_id) in enumerate(zip(batch.video_index.tolist(), batch.video_ids)):
+            if clip not in clip_position:
+                clip_position[clip] = len(clip_position)
+                video_ids.append(video_id)
                 new_rows.append(row)
-            text_to_video.append(video_position[video_id])
+            text_to_video.append(clip_position[clip])
         if new_rows:
             rows = torch.tensor(new_rows, device=batch.frames.device)
             video_parts.append(encode_batch_videos(model, batch, rows))
@@ -61,12 +65,21 @@ def _encode(model, loader: Iterable[Batch], device, texts: bool):
     if not video_parts:
         raise ValueError("the evaluation loader yielded no batches")
     text_features = concat_features(text_parts) if texts else None
-    return concat_features(video_parts), text_features, torch.tensor(text_to_video, dtype=torch.long), list(video_position)
+    return concat_features(video_parts), text_features, torch.tensor(text_to_video, dtype=torch.long), video_ids
+
+
+def require_one_clip_per_video(video_ids: list[str], task: str) -> None:
+    """A ValueError naming the repeated ids when a video has several clips (e.g. DiDeMo moments), for
+    a `task` that keys its results by video id."""
+    repeated = sorted(video_id for video_id, count in Counter(video_ids).items() if count > 1)
+    if repeated:
+        raise ValueError(f"{task} needs one clip per video, but {len(repeated)} videos have several "
+                         f"(e.g. {', '.join(repeated[:3])})")
 
 
 @torch.no_grad()
 def encode_videos(model, loader: Iterable[Batch], device) -> tuple[list[str], object]:
-    """(video ids in first-seen order, VideoFeatures of each unique video) over a loader of Batches."""
+    """(each clip's video id, VideoFeatures of each clip) in first-seen order over a loader of Batches."""
     videos, _, _, ids = _encode(model, loader, device, texts=False)
     return ids, videos
 
@@ -86,17 +99,17 @@ def encode_texts(model, tokens: torch.Tensor, mask: torch.Tensor, device, batch_
 
 @torch.no_grad()
 def extract_features(model, loader: Iterable[Batch], device: torch.device | str):
-    """Encode each unique video once and every caption.
+    """Encode each clip once and every caption.
 
-    Returns (VideoFeatures of the unique videos in first-seen order, TextFeatures of all captions
-    in loader order, text_to_video (num_texts,) long index into the videos). Videos are told apart
-    by `Batch.video_ids`. Features stay on `device`.
+    Returns (VideoFeatures of the clips in first-seen order, TextFeatures of all captions in loader
+    order, text_to_video (num_texts,) long index into the clips). Clips are told apart by
+    `Batch.video_index`. Features stay on `device`.
     """
     videos, texts, text_to_video, _ = _encode(model, loader, device, texts=True)
     return videos, texts, text_to_video
 
 
-def contrastive_similarity(videos, texts, video_feature: str = "mean") -> torch.Tensor:
+def contrastive_similarity(videos, texts, video_feature: str) -> torch.Tensor:
     """(num_texts, num_videos) VTC cosine similarity; video_feature as loss.vtc_video_feature."""
     video = video_embedding(videos.frames.float(), videos.video.float(), video_feature)
     return F.normalize(texts.sentence.float(), dim=-1) @ video.t()
@@ -218,7 +231,7 @@ def evaluate_retrieval_records(
     `querybank_captions` (e.g. the training captions), also QB-Norm's "t2v_qb_..." numbers."""
     ids, videos = encode_videos(model, video_loader, device)
     if ids != [record.video_id for record in records]:
-        raise ValueError("the video loader must hold one row per record, in record order, with distinct video ids")
+        raise ValueError("the video loader must hold one row per record, in record order")
     captions = [caption for record in records for caption in record.captions]
     text_to_video = torch.tensor([i for i, record in enumerate(records) for _ in record.captions], dtype=torch.long)
     tokens, mask = tokenizer(captions)

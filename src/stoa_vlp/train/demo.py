@@ -211,7 +211,8 @@ def retrieval_stage(run: DemoRun) -> None:
     device = next(run.model.parameters()).device
     with torch.no_grad():
         videos, texts, text_to_video = extract_features(run.model, loader, device)
-        metrics = retrieval_metrics(contrastive_similarity(videos, texts), text_to_video)
+        similarity = contrastive_similarity(videos, texts, run.config.loss.vtc_video_feature)
+        metrics = retrieval_metrics(similarity, text_to_video)
     chance = chance_metrics(text_to_video, videos.video.shape[0])
     run.metrics["retrieval"] = {**metrics, **{f"chance_{k}": v for k, v in chance.items()}}
     rows = []
