@@ -36,5 +36,14 @@ class Batch:
         }
         return replace(self, **moved)
 
+    def select(self, rows: list[int]) -> "Batch":
+        """The batch of `rows` only, in that order."""
+        picked = {
+            f.name: getattr(self, f.name)[torch.tensor(rows, dtype=torch.long, device=getattr(self, f.name).device)]
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **picked, video_ids=[self.video_ids[row] for row in rows])
+
     def __len__(self) -> int:
         return self.tokens.shape[0]

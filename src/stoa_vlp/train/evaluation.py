@@ -2,30 +2,57 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
+from stoa_vlp.batch import Batch
 from stoa_vlp.config import Config
 
 
-def retrieval_loader(config: Config, split: str, max_videos: int = 0) -> DataLoader:
+class FirstVideos:
+    """The batches of a loader up to its first `count` videos (told apart by `video_index`), the batch
+    that reaches the count cut short: the cap of a stream, which cannot be indexed."""
+
+    def __init__(self, loader: Iterable[Batch], count: int):
+        self.loader, self.count = loader, count
+
+    def __iter__(self) -> Iterator[Batch]:
+        seen: set[int] = set()
+        for batch in self.loader:
+            rows = []
+            for row, video in enumerate(batch.video_index.tolist()):
+                if video not in seen and len(seen) == self.count:
+                    break
+                seen.add(video)
+                rows.append(row)
+            if len(rows) < len(batch):
+                if rows:
+                    yield batch.select(rows)
+                return
+            yield batch
+
+
+def retrieval_loader(config: Config, split: str, max_videos: int = 0) -> Iterable[Batch]:
     """Sequential loader over every (video, caption) of `split`; with `max_videos`, only the captions
     of the split's first `max_videos` videos."""
     from stoa_vlp.data.dataset import build_dataset, collate
 
     dataset = build_dataset(config, split)
-    if max_videos > 0:
+    if max_videos > 0 and not isinstance(dataset, IterableDataset):
         keep = np.flatnonzero(dataset.items[:, 0] < max_videos).tolist()
         dataset = Subset(dataset, keep)
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=config.data.batch_size,
         shuffle=False,
         num_workers=config.data.num_workers,
         collate_fn=collate,
     )
+    return FirstVideos(loader, max_videos) if max_videos > 0 and isinstance(dataset, IterableDataset) else loader
 
 
 class RetrievalEvaluator:
@@ -34,7 +61,7 @@ class RetrievalEvaluator:
 
     def __init__(self, config: Config, split: str, device: torch.device, max_videos: int = 0):
         self.config, self.split, self.device, self.max_videos = config, split, device, max_videos
-        self.loader: DataLoader | None = None
+        self.loader: Iterable[Batch] | None = None
 
     def __call__(self, module: nn.Module) -> dict[str, float]:
         from stoa_vlp.tasks.retrieval import evaluate_retrieval
@@ -42,4 +69,4 @@ class RetrievalEvaluator:
         if self.loader is None:
             self.loader = retrieval_loader(self.config, self.split, self.max_videos)
         model = getattr(module, "model", module)
-        return evaluate_retrieval(model, self.loader, self.device)
+        return evaluate_retrieval(model, self.loader, self.device, video_feature=self.config.loss.vtc_video_feature)

@@ -1,0 +1,63 @@
+"""Validation during pre-training: the contrastive feature it ranks by and its cap on the videos."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+from stoa_vlp.config import load_config
+from stoa_vlp.data.annotations import read_annotations
+from stoa_vlp.data.synth import render_world
+from stoa_vlp.model import build_model
+from stoa_vlp.train.evaluation import RetrievalEvaluator, retrieval_loader
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return render_world(tmp_path_factory.mktemp("world"), train=0, val=5, test=0, seed=3, size=32)
+
+
+def tiny(world, *overrides):
+    return load_config("tiny", [
+        f"data.val={world.annotations}", f"data.video_root={world.videos}", f"data.detections={world.detections}",
+        "data.batch_size=3", "model.frames=2", "model.image_size=32", *overrides,
+    ])
+
+
+def test_validation_ranks_by_the_configured_video_feature(world, monkeypatch):
+    import stoa_vlp.tasks.retrieval
+
+    asked = []
+    evaluate = stoa_vlp.tasks.retrieval.evaluate_retrieval
+    monkeypatch.setattr(stoa_vlp.tasks.retrieval, "evaluate_retrieval",
+                        lambda *args, **kwargs: asked.append(kwargs["video_feature"]) or evaluate(*args, **kwargs))
+    config = tiny(world, "loss.vtc_video_feature=sep")
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    metrics = RetrievalEvaluator(config, "val", torch.device("cpu"))(model)
+    assert asked == ["sep"]
+    assert metrics == evaluate(model, retrieval_loader(config, "val"), "cpu", video_feature="sep")
+
+
+def test_a_stream_is_capped_at_its_first_videos(world, tmp_path):
+    shard = tmp_path / "val.tar"
+    records = read_annotations(world.annotations, split="val")
+    with tarfile.open(shard, "w") as archive:
+        for record in records:
+            for name, data in ((f"{record.video_id}.mp4", open(record.path, "rb").read()),
+                               (f"{record.video_id}.json", json.dumps({"caption": record.captions[0]}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    config = tiny(world, f"data.val={shard}")
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    batches = list(retrieval_loader(config, "val", max_videos=4))  # batches of 3: the second one is cut
+    assert [batch.video_ids for batch in batches] == [[r.video_id for r in records[:3]], [records[3].video_id]]
+    assert batches[1].frames.shape[0] == batches[1].tokens.shape[0] == batches[1].video_index.shape[0] == 1
+    metrics = RetrievalEvaluator(config, "val", torch.device("cpu"), max_videos=4)(model)
+    assert metrics["num_videos"] == metrics["num_texts"] == 4.0
