@@ -328,3 +328,7 @@ def test_bad_train_settings_are_named():
         toy_trainer(toy_config("train.precision=fp8"), "unused")
     with pytest.raises(ValueError, match="train.nonfinite"):
         toy_trainer(toy_config("train.nonfinite=ignore"), "unused")
+    zeros = ["train.eval_every=0", "train.keep_last=0", "train.log_every=-1"]
+    with pytest.raises(ValueError, match=r"train.log_every must be at least 1, got -1; train.eval_every must be "
+                                         r"at least 1, got 0 \(the last step always validates .*; train.keep_last"):
+        toy_trainer(toy_config(*zeros), "unused")

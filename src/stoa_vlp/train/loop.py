@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from stoa_vlp.config import Config, save_config
+from stoa_vlp.config import Config, TrainConfig, save_config
 from stoa_vlp.train import checkpointing as ckpt
 from stoa_vlp.train.data_position import ResumableSampler, SeededDataset, WorkerSeeder, loader_seed, worker_seed
 from stoa_vlp.train.distributed import DistEnv, all_reduce_mean, any_rank, barrier, gather_objects, wrap_model
@@ -59,6 +59,22 @@ class TrainResult:
     data_skips: str | None = None  # the training data's skip summary over all ranks (a SkipCounter's)
 
 
+def check_train_settings(train: TrainConfig) -> None:
+    """A ValueError naming every train setting that cannot work."""
+    problems = []
+    if train.nonfinite not in ("stop", "skip"):
+        problems.append(f"train.nonfinite must be stop or skip, got {train.nonfinite!r}")
+    if train.precision not in PRECISIONS:
+        problems.append(f"train.precision must be one of {sorted(PRECISIONS)}, got {train.precision!r}")
+    at_the_end = " (the last step always validates and saves: train.steps means only then)"
+    for name in ("steps", "grad_accum", "log_every", "eval_every", "save_every", "keep_last"):
+        if getattr(train, name) < 1:
+            hint = at_the_end if name in ("eval_every", "save_every") else ""
+            problems.append(f"train.{name} must be at least 1, got {getattr(train, name)}{hint}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 class Trainer:
     def __init__(
         self,
@@ -71,12 +87,7 @@ class Trainer:
         evaluate: Evaluator | None = None,
     ):
         self.config, self.train = config, config.train
-        if self.train.nonfinite not in ("stop", "skip"):
-            raise ValueError(f"train.nonfinite must be stop or skip, got {self.train.nonfinite!r}")
-        if self.train.precision not in PRECISIONS:
-            raise ValueError(f"train.precision must be one of {sorted(PRECISIONS)}, got {self.train.precision!r}")
-        if self.train.grad_accum < 1:
-            raise ValueError("train.grad_accum must be at least 1")
+        check_train_settings(self.train)
         self.env = env or DistEnv.current(self.train.device)
         self.run_dir = Path(run_dir)
         self.evaluate = evaluate
