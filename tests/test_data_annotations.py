@@ -9,7 +9,14 @@ import tarfile
 
 import pytest
 
-from stoa_vlp.data.annotations import AnnotationError, VideoRecord, detect_format, read_annotations
+from stoa_vlp.data.annotations import (
+    AnnotationError,
+    VideoRecord,
+    detect_format,
+    read_annotations,
+    shard_video_id,
+    split_member_name,
+)
 
 
 def touch_videos(folder, names):
@@ -198,12 +205,36 @@ def test_webdataset_shards(tmp_path):
         read_annotations(bad)
 
 
+def test_shard_member_names_split_as_webdataset_does():
+    assert split_member_name("0001.mp4") == ("0001", "mp4")
+    assert split_member_name("./0001.mp4") == ("0001", "mp4")  # `tar cf x.tar ./*`
+    assert split_member_name("./part0/v1.2/0001.mp4") == ("part0/v1.2/0001", "mp4")  # first dot of the file name
+    assert split_member_name("0001.meta.json") == ("0001", "meta.json")
+    assert shard_video_id("part0/0001") == "0001" and shard_video_id("0001") == "0001"
+
+
+def test_webdataset_captions_are_cleaned_and_txt_preferred(tmp_path):
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as archive:
+        add_member(archive, "./part0/0001.json", json.dumps({"url": "u", "duration": 2.0}).encode())
+        add_member(archive, "./part0/0001.mp4", b"video")
+        add_member(archive, "./part0/0001.txt", b"a dog\truns \n")
+    assert [(r.video_id, r.path, r.captions) for r in read_annotations(shard)] == [
+        ("0001", f"{shard}::part0/0001", ["a dog runs"]),
+    ]
+    with tarfile.open(shard, "w") as archive:
+        add_member(archive, "0002.mp4", b"video")
+        add_member(archive, "0002.txt", b"caf\xe9")
+    with pytest.raises(AnnotationError, match=r"00000.tar::0002.txt: not UTF-8 text"):
+        read_annotations(shard)
+
+
 def test_generic_jsonl(tmp_path):
     touch_videos(tmp_path / "clips", ["a.mp4", "b.webm"])
     path = tmp_path / "train.jsonl"
     path.write_text(
         json.dumps({"video_id": "a", "video": "clips/a.mp4", "caption": "first"}) + "\n"
-        + json.dumps({"video_id": "a", "video": "clips/a.mp4", "caption": "second", "start": 1.5, "end": 4}) + "\n"
+        + json.dumps({"video_id": "a", "video": "clips/a.mp4", "caption": "second"}) + "\n"
         + "\n"
         + json.dumps({"video_id": "b", "video": "b.webm", "caption": ["x", "y"], "start": 2.0}) + "\n"
     )
@@ -216,6 +247,36 @@ def test_generic_jsonl(tmp_path):
     path.write_text(json.dumps({"video": "a.mp4", "caption": "no id"}) + "\n")
     with pytest.raises(AnnotationError, match="train.jsonl:1: needs video_id and caption"):
         read_annotations(path)
+
+
+def test_jsonl_segments_of_one_video_are_records_of_their_own(tmp_path):
+    touch_videos(tmp_path, ["a.mp4"])
+    path = tmp_path / "moments.jsonl"
+    lines = [
+        {"video_id": "a", "caption": "a man opens a door", "start": 0, "end": 5},
+        {"video_id": "a", "caption": "the man walks out", "start": 5, "end": 10},
+        {"video_id": "a", "caption": "a door opens", "start": 0.0, "end": 5.0},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records = read_annotations(path)
+    assert [(r.video_id, r.start, r.end, r.captions) for r in records] == [
+        ("a", 0, 5, ["a man opens a door", "a door opens"]),
+        ("a", 5, 10, ["the man walks out"]),
+    ]
+    assert records[0].path == records[1].path == str(tmp_path / "a.mp4")
+    path.write_text(json.dumps({"video_id": "a", "caption": "x", "start": "0:05"}) + "\n")
+    with pytest.raises(AnnotationError, match="moments.jsonl:1: start must be a number of seconds or null"):
+        read_annotations(path)
+
+
+def test_format_is_told_by_an_unambiguous_extension_before_the_name(tmp_path):
+    assert detect_format("msrvtt_train.jsonl") == "jsonl"
+    assert detect_format("LSMDC_clips.jsonl") == "jsonl"
+    assert detect_format("MSRVTT_train.9k.csv") == "msrvtt" and detect_format("results_2M_train.csv") == "webvid"
+    touch_videos(tmp_path, ["video7.mp4"])
+    path = tmp_path / "msrvtt_train.jsonl"
+    path.write_text(json.dumps({"video_id": "video7", "caption": "a cat sleeps"}) + "\n")
+    assert read_annotations(path) == [VideoRecord("video7", str(tmp_path / "video7.mp4"), None, None, ["a cat sleeps"])]
 
 
 def test_missing_file_and_unknown_format(tmp_path):

@@ -14,11 +14,16 @@ Formats (design.md §3), with the file `path` points at:
   sentence (no header); one record per clip id collecting its sentences.
 - webvid: CSV with header including videoid, name and page_dir; video at <root>/<page_dir>/<videoid>.mp4.
 - webdataset: video2dataset shards (`.tar`, a brace range `{00000..00099}.tar`, a folder of
-  them, or a `.shards` list file): members
-  <key>.mp4 with <key>.txt or <key>.json ("caption"). Record path is "<shard>::<key>".
+  them, or a `.shards` list file): members <key>.mp4 with <key>.txt or <key>.json ("caption");
+  the .txt is preferred. As in webdataset, a member's key is its path up to the first dot of its
+  file name, without a leading "./" (`split_member_name`). The video id is the key's file name
+  ("part0/0001" -> "0001", `shard_video_id`): the stem `stoa-vlp detect` gives the extracted
+  video. Record path is "<shard>::<key>".
 - jsonl: one {"video_id", "video", "caption"} per line ("caption" may be a list; "start"/"end"
-  optional); lines with the same video_id merge their captions.
+  optional); lines with the same video_id and the same start/end merge their captions, other
+  times of one video_id are records of their own (segments, as in didemo-moments).
 
+Captions are whitespace-normalised (`clean_caption`), as the tag cache keys them.
 Video files are found under `video_root` (default: a `videos` folder beside the annotation file
 if there is one, else its folder) by file name stem, in any video extension, searching subfolders.
 Empty captions are dropped with a warning naming file and line (an error with strict=True);
@@ -61,11 +66,14 @@ class VideoRecord:
 
 
 def detect_format(path: str | Path) -> str:
-    """The format of an annotation file from its name (see the module docstring)."""
+    """The format of an annotation file from its name (see the module docstring): an extension only
+    one format uses first, then the dataset's name, then the other extensions."""
     path = Path(path)
     name = path.name.lower()
     if path.is_dir() or name.endswith(".tar") or name.endswith(".shards") or "{" in str(path):
         return "webdataset"
+    if name.endswith(".jsonl"):
+        return "jsonl"
     if name.startswith("msrvtt"):
         return "msrvtt"
     if name == "raw-captions.pkl":
@@ -74,11 +82,15 @@ def detect_format(path: str | Path) -> str:
         return "didemo"
     if name.startswith("lsmdc"):
         return "lsmdc"
-    if name.endswith(".jsonl"):
-        return "jsonl"
     if name.endswith(".csv"):
         return "webvid"
     raise AnnotationError(f"{path}: cannot tell the annotation format from the name; set data.format")
+
+
+def clean_caption(text: str) -> str:
+    """A caption with its whitespace runs made single spaces and its ends stripped: the form every
+    reader returns and the tag cache (`stoa-vlp tag`) is keyed by."""
+    return " ".join(text.split())
 
 
 class _Captions:
@@ -91,7 +103,7 @@ class _Captions:
     def clean(self, caption, where: str) -> str | None:
         if not isinstance(caption, str):
             raise AnnotationError(f"{where}: caption is not a string ({caption!r})")
-        text = " ".join(caption.split())
+        text = clean_caption(caption)
         if text:
             return text
         if self.strict:
@@ -273,17 +285,26 @@ def _read_lsmdc(path: Path, captions: _Captions):
     return [(clip_id, texts, None, None) for clip_id, texts in by_clip.items()]
 
 
+def _seconds(entry: dict, name: str, where: str) -> float | None:
+    value = entry.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise AnnotationError(f"{where}: {name} must be a number of seconds or null, got {value!r}")
+    return value
+
+
 def _read_jsonl(path: Path, captions: _Captions):
-    merged: dict[str, list] = {}
+    """One item per (video_id, start, end), in first-seen order, with the captions of its lines."""
+    segments: dict[tuple[str, float | None, float | None], tuple[str, list[str]]] = {}
     for number, entry in read_jsonl(path, AnnotationError):
         where = f"{path}:{number}"
         if not isinstance(entry, dict) or "video_id" not in entry or "caption" not in entry:
             raise AnnotationError(f"{where}: needs video_id and caption")
         video_id = str(entry["video_id"])
-        texts = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
-        slot = merged.setdefault(video_id, [entry.get("video", video_id), [], entry.get("start"), entry.get("end")])
-        slot[1].extend(text for text in (captions.clean(t, where) for t in texts) if text)
-    return [(video_id, texts, start, end, video) for video_id, (video, texts, start, end) in merged.items()]
+        segment = (video_id, _seconds(entry, "start", where), _seconds(entry, "end", where))
+        video, texts = segments.setdefault(segment, (entry.get("video", video_id), []))
+        given = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
+        texts.extend(text for text in (captions.clean(t, where) for t in given) if text)
+    return [(video_id, texts, start, end, video) for (video_id, start, end), (video, texts) in segments.items()]
 
 
 def _read_webvid(path: Path, captions: _Captions):
@@ -326,42 +347,66 @@ def shard_list(path: Path) -> list[str]:
     return shards
 
 
-def shard_caption(name: str, data: bytes, where: str) -> str:
-    """The caption held by a shard member <key>.txt or <key>.json ({"caption": ...})."""
-    if name.endswith(".txt"):
-        return data.decode("utf-8")
+CAPTION_EXTENSIONS = ("txt", "json")  # shard members that may hold a caption, the preferred first
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """(key, extension) of a shard member, split as webdataset does at the first dot of the file
+    name, without a leading "./": "./part0/0001.mp4" -> ("part0/0001", "mp4")."""
+    folder, _, file_name = name.removeprefix("./").rpartition("/")
+    stem, _, extension = file_name.partition(".")
+    return f"{folder}/{stem}" if folder else stem, extension
+
+
+def shard_video_id(key: str) -> str:
+    """The video id of a shard key: its file name, "part0/0001" -> "0001" (the stem `stoa-vlp
+    detect` and the other readers give the video once extracted), so detections are found by it."""
+    return key.rpartition("/")[2]
+
+
+def shard_caption(shard: str, members: dict[str, tuple[str, bytes]]) -> str | None:
+    """The cleaned caption of one shard key from its caption members ({extension: (member name,
+    data)}): the .txt, else the .json's "caption"; None when it has neither. A .json that is
+    malformed or has no "caption" string is an AnnotationError naming shard::member."""
+    if "txt" in members:
+        name, data = members["txt"]
+        try:
+            return clean_caption(data.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise AnnotationError(f"{shard}::{name}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if "json" not in members:
+        return None
+    name, data = members["json"]
     try:
         values = json.loads(data)
     except json.JSONDecodeError as error:
-        raise AnnotationError(f"{where}: malformed JSON ({error.msg})") from None
+        raise AnnotationError(f"{shard}::{name}: malformed JSON ({error.msg})") from None
     if not isinstance(values, dict) or not isinstance(values.get("caption"), str):
-        raise AnnotationError(f"{where}: JSON has no 'caption' string")
-    return values["caption"]
+        raise AnnotationError(f"{shard}::{name}: no .txt caption and the JSON has no 'caption' string")
+    return clean_caption(values["caption"])
 
 
 def _read_webdataset(path: Path, captions: _Captions):
     items = []
     for shard in shard_list(path):
-        keys: dict[str, dict[str, str]] = defaultdict(dict)
+        caption_members: dict[str, dict[str, tuple[str, bytes]]] = defaultdict(dict)  # key -> extension -> member
+        video_keys: list[str] = []
         try:
             with tarfile.open(shard) as archive:
                 for member in archive:
                     if not member.isfile():
                         continue
-                    key, _, extension = member.name.partition(".")
-                    if extension in ("txt", "json"):
-                        data = archive.extractfile(member).read()
-                        keys[key][extension] = shard_caption(member.name, data, f"{shard}::{member.name}")
+                    key, extension = split_member_name(member.name)
+                    if extension in CAPTION_EXTENSIONS:
+                        caption_members[key][extension] = (member.name, archive.extractfile(member).read())
                     elif extension == "mp4":
-                        keys[key]["mp4"] = ""
+                        video_keys.append(key)
         except tarfile.TarError as error:
             raise AnnotationError(f"{shard}: not a readable tar shard ({error})") from None
-        for key, parts in keys.items():
-            if "mp4" not in parts:
-                continue
-            raw = parts.get("txt", parts.get("json"))
+        for key in video_keys:
+            raw = shard_caption(shard, caption_members.get(key, {}))
             text = captions.clean(raw, f"{shard}::{key}") if raw is not None else None
-            items.append((os.path.basename(key), [text] if text else [], None, None, f"{shard}::{key}"))
+            items.append((shard_video_id(key), [text] if text else [], None, None, f"{shard}::{key}"))
     return items
 
 

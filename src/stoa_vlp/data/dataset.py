@@ -8,6 +8,8 @@ evaluation), for encoding each video once.
 
 `WebDatasetShards` (iterable, for video2dataset shards) splits shards over ranks and DataLoader
 workers; in training it resamples shards at random without end and shuffles samples in a buffer.
+It reads members, captions and video ids by the rules `read_annotations` uses for shards
+(`split_member_name`, `shard_caption`, `shard_video_id`), so tags and detections are found alike.
 
 Records, detections and caption tags live in numpy arrays (stoa_vlp.data.serialized: one byte
 buffer with offsets, as detectron2 serialises its dataset lists), built once in the main
@@ -15,7 +17,7 @@ process, so DataLoader workers share the pages instead of each touching (and so 
 objects through reference counts; each sample rebuilds the objects it reads.
 
 Bad samples: in evaluation every problem is an error naming the file. In training a sample whose
-video is missing or unreadable, or whose caption is empty, is skipped (another sample is drawn),
+video is missing or unreadable, or whose caption is empty or unreadable, is skipped (another sample is drawn),
 logged and counted in a `SkipCounter` shared with the workers; training stops with
 `TooManyBadSamples` once the skipped share exceeds data.max_bad_samples.
 """
@@ -39,7 +41,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from stoa_vlp.batch import TAG_NONE, Batch
 from stoa_vlp.config import Config
-from stoa_vlp.data.annotations import VideoRecord, detect_format, read_annotations, shard_caption, shard_list
+from stoa_vlp.data.annotations import (
+    CAPTION_EXTENSIONS,
+    AnnotationError,
+    VideoRecord,
+    detect_format,
+    read_annotations,
+    shard_caption,
+    shard_list,
+    shard_video_id,
+    split_member_name,
+)
 from stoa_vlp.data.decode import DecodedClip, VideoError, check_decoder, decode_clip
 from stoa_vlp.data.detections import LabelVocab, empty_targets, read_detections, select_objects
 from stoa_vlp.data.geometry import resize_crop
@@ -50,7 +62,7 @@ from stoa_vlp.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("missing_file", "bad_video", "empty_caption")
+SKIP_REASONS = ("missing_file", "bad_video", "empty_caption", "bad_caption")
 WARNINGS_PER_REASON = 10  # skips logged one by one per process; later ones only counted
 
 
@@ -269,15 +281,18 @@ def _sample_rng() -> np.random.Generator:
 
 
 def _video_source(path: str):
-    """A path, or the bytes of <key>.mp4 inside a shard for "<shard>::<key>" paths."""
+    """A path, or the bytes of the <key>.mp4 member of a shard for "<shard>::<key>" paths."""
     if "::" not in path:
         return path
     shard, key = path.split("::", 1)
     try:
         with tarfile.open(shard) as archive:
-            return archive.extractfile(f"{key}.mp4").read()
-    except (OSError, KeyError, tarfile.TarError) as error:
+            for member in archive:
+                if member.isfile() and split_member_name(member.name) == (key, "mp4"):
+                    return archive.extractfile(member).read()
+    except (OSError, tarfile.TarError) as error:
         raise BadSample("missing_file", f"{path}: cannot read from shard ({error})") from None
+    raise BadSample("missing_file", f"{path}: shard has no {key}.mp4")
 
 
 class VideoTextDataset(Dataset):
@@ -395,44 +410,48 @@ class WebDatasetShards(IterableDataset):
             )
         yield from mine
 
-    def _raw_samples(self, shard: str) -> Iterator[tuple[str, bytes | None, str | None]]:
-        """(key, mp4 bytes, caption) per key of a shard, streaming the tar once."""
-        key, video, caption = None, None, None
+    def _raw_samples(self, shard: str) -> Iterator[tuple[str, bytes | None, dict[str, tuple[str, bytes]]]]:
+        """(key, mp4 bytes, caption members {extension: (member name, data)}) per key of a shard,
+        streaming the tar once."""
+        key, video, captions = None, None, {}
         try:
             with tarfile.open(shard, mode="r|*") as archive:
                 for member in archive:
                     if not member.isfile():
                         continue
-                    member_key, _, extension = member.name.partition(".")
+                    member_key, extension = split_member_name(member.name)
                     if member_key != key:
                         if key is not None:
-                            yield key, video, caption
-                        key, video, caption = member_key, None, None
+                            yield key, video, captions
+                        key, video, captions = member_key, None, {}
                     if extension == "mp4":
                         video = archive.extractfile(member).read()
-                    elif extension in ("txt", "json") and caption is None:
-                        data = archive.extractfile(member).read()
-                        caption = shard_caption(member.name, data, f"{shard}::{member.name}")
+                    elif extension in CAPTION_EXTENSIONS:
+                        captions[extension] = (member.name, archive.extractfile(member).read())
         except (OSError, tarfile.TarError) as error:
             raise BadSample("bad_video", f"{shard}: not a readable tar shard ({error})") from None
         if key is not None:
-            yield key, video, caption
+            yield key, video, captions
 
-    def _build(self, shard: str, key: str, video: bytes | None, caption: str | None, rng) -> Sample:
+    def _build(self, shard: str, key: str, video: bytes | None, captions: dict[str, tuple[str, bytes]], rng) -> Sample:
         name = f"{shard}::{key}"
         if video is None:
             raise BadSample("missing_file", f"{name}: shard has no {key}.mp4")
-        return self.builder.build(video, name, key, caption or "", None, None, _video_index(key), rng)
+        try:
+            caption = shard_caption(shard, captions)
+        except AnnotationError as error:
+            raise BadSample("bad_caption", str(error)) from None
+        return self.builder.build(video, name, shard_video_id(key), caption or "", None, None, _video_index(key), rng)
 
     def __iter__(self) -> Iterator[Sample]:
         consumer, _ = self._consumer()
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.start_batch}-{consumer}")
         sample_rng = np.random.default_rng(rng.getrandbits(63))
-        buffer: list[tuple[str, str, bytes | None, str | None]] = []
+        buffer: list[tuple[str, str, bytes | None, dict[str, tuple[str, bytes]]]] = []
         for shard in self._shard_order(rng):
             try:
-                for key, video, caption in self._raw_samples(shard):
-                    buffer.append((shard, key, video, caption))
+                for key, video, captions in self._raw_samples(shard):
+                    buffer.append((shard, key, video, captions))
                     if len(buffer) > self.shuffle_buffer:
                         sample = self._take(buffer, rng, sample_rng)
                         if sample is not None:
