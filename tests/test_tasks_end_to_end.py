@@ -35,6 +35,13 @@ SPLIT_FILES = {
 HEADLINE = {"retrieval": "t2v_rerank_r1", "captioning": "CIDEr", "qa": "accuracy", "mc": "accuracy"}
 
 
+def test_validation_on_test_videos_is_named(world, tmp_path, caplog):
+    args = ["finetune", "--task", "qa", *common(world, tmp_path / "run"), "--set", f"data.train={world.qa['train']}",
+            "--set", f"data.val={world.qa['test']}", "--set", f"data.test={world.qa['test']}"]
+    assert main(args) == 0
+    assert "data.val and data.test share 2 of the 2 test videos (e.g. video" in caplog.text
+
+
 @pytest.mark.parametrize("task", ["retrieval", "captioning", "qa", "mc"])
 def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
     train, val, test = SPLIT_FILES[task](world)
@@ -45,6 +52,7 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
     args = ["finetune", "--task", task, *common(world, run), "--set", f"data.train={train}",
             "--set", f"data.val={val}", "--set", f"data.test={test}", *extra, "--test"]
     assert main(args) == 0
+    assert "data.val and data.test share" not in caplog.text  # the world's splits are disjoint
     report = json.loads((run / "report.json").read_text())
     assert [r["split"] for r in report["results"]] == ["val", "test"]
     assert report["selection_metric"] == f"val/{HEADLINE[task]}"

@@ -12,7 +12,7 @@ from stoa_vlp.train.checkpointing import CheckpointError, list_checkpoints
 from stoa_vlp.train.logging import read_metrics
 
 
-def test_pretrain_command_resumes_and_guards_finished_runs(tmp_path):
+def test_pretrain_command_resumes_and_guards_finished_runs(tmp_path, caplog):
     world = render_world(tmp_path / "world", train=8, val=3, test=0, seed=1)
     run = tmp_path / "run"
     common = [
@@ -25,6 +25,10 @@ def test_pretrain_command_resumes_and_guards_finished_runs(tmp_path):
         "--set", "train.log_every=1", "--set", "train.val_max_clips=2",
     ]
     assert main(common + ["--set", "train.steps=2"]) == 0
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any(w.startswith("data.tags is not set: captions carry no noun/verb tags") for w in warnings)
+    assert any(w.startswith("model.init_checkpoint is not set: the CLIP towers start from random") for w in warnings)
+    assert not any(w.startswith("data.detections is not set") for w in warnings)  # the world has them
     assert [p.name for p in list_checkpoints(run)] == ["step_00000001", "step_00000002"]
     with pytest.raises(CheckpointError, match="finished run"):
         main(common + ["--set", "train.steps=3"])

@@ -12,6 +12,7 @@ Every option of the config file can be given with --set; the command line wins o
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 from pathlib import Path
 
@@ -19,6 +20,10 @@ import numpy as np
 import torch
 
 from stoa_vlp.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+LABEL_VOCAB_FILE = "label_vocab.json"  # RUN/label_vocab.json: the object-class ids the run's weights use
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str = "base") -> None:
@@ -41,6 +46,42 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if getattr(args, "output", None):
         config.train.output_dir = args.output
     return config
+
+
+def warn_if_random_towers(config: Config) -> None:
+    """Training from random CLIP towers is legitimate (the tiny preset, ablations) but rarely meant."""
+    if not config.model.init_checkpoint:
+        log.warning("model.init_checkpoint is not set: the CLIP towers start from random weights "
+                    "(give an OpenAI CLIP .pt or open_clip checkpoint to start from CLIP)")
+
+
+def adopt_label_vocab(config: Config, *run_dirs: Path) -> None:
+    """When data.label_vocab names no file, point it at the label_vocab.json of the first of `run_dirs`
+    that has one: the class ids that the weights in that run were trained with."""
+    if config.data.label_vocab and Path(config.data.label_vocab).exists():
+        return
+    for run_dir in run_dirs:
+        saved = Path(run_dir) / LABEL_VOCAB_FILE
+        if saved.exists():
+            if config.data.label_vocab:
+                log.warning("%s does not exist: using %s", config.data.label_vocab, saved)
+            config.data.label_vocab = str(saved.resolve())
+            return
+
+
+def keep_label_vocab(config: Config, label_vocab, run_dir: Path, env) -> None:
+    """Save the vocabulary the model trains with (None: no detections) as RUN/label_vocab.json and point
+    data.label_vocab at it, so that checkpoints, evaluation and later fine-tuning use the same ids."""
+    from stoa_vlp.train.distributed import barrier
+
+    if label_vocab is None:
+        return
+    path = (Path(run_dir) / LABEL_VOCAB_FILE).resolve()
+    if env.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        label_vocab.save(path)
+    barrier(env)
+    config.data.label_vocab = str(path)
 
 
 def seed_everything(seed: int) -> None:

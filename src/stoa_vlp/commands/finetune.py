@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from stoa_vlp.commands.common import add_config_arguments, add_run_arguments
+from stoa_vlp.commands.common import add_config_arguments, add_run_arguments, warn_if_random_towers
 
 HELP = "fine-tune on retrieval, captioning, video QA or multiple-choice (best checkpoint chosen on validation)"
 EXAMPLES = """examples:
   stoa-vlp finetune --task retrieval --config base --init runs/pretrain \\
-      --set data.train=msrvtt/MSRVTT_train.9k.csv --set data.val=msrvtt/MSRVTT_JSFUSION_test.csv \\
-      --set data.video_root=msrvtt/videos --output runs/msrvtt-ret
+      --set data.train=msrvtt/train.8.5k.csv --set data.val=msrvtt/val.500.csv \\
+      --set data.test=msrvtt/MSRVTT_JSFUSION_test.csv --set data.video_root=msrvtt/videos --test --output runs/msrvtt-ret
   stoa-vlp finetune --task captioning --config tiny --set data.train=world/MSRVTT_data.json \\
       --set data.val=world/MSRVTT_data.json --set data.test=world/MSRVTT_data.json --test --output runs/cap
   stoa-vlp finetune --task qa --config tiny --set data.train=world/qa_train.jsonl --set data.val=world/qa_val.jsonl \\
       --set data.video_root=world/videos --output runs/qa
 The test split (data.test) is evaluated once, with the best-on-validation checkpoint, only with --test.
+Validation must not hold test videos (a warning says when it does): MSR-VTT 1k-A has no validation
+split, so hold out part of the training list (train.8.5k.csv / val.500.csv above; see the README).
 """
 
 
@@ -29,16 +31,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after training, evaluate the best-on-validation checkpoint on data.test once")
 
 
+def warn_if_validation_sees_test(runner) -> None:
+    """Checkpoint selection on test videos inflates the test numbers (peers.md §3.5: CLIP4Clip's
+    MSR-VTT "val" is the 1k-A test set)."""
+    import logging
+
+    test = runner.video_ids("test")
+    shared = runner.video_ids("val") & test
+    if shared:
+        logging.getLogger("stoa_vlp.finetune").warning(
+            "data.val and data.test share %d of the %d test videos (e.g. %s): the checkpoint is selected on "
+            "videos it is then tested on; validate on videos held out of the training list instead",
+            len(shared), len(test), sorted(shared)[0],
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
-    from stoa_vlp.commands.common import config_from_args, prepare_run
+    from stoa_vlp.commands.common import adopt_label_vocab, config_from_args, keep_label_vocab, prepare_run
     from stoa_vlp.commands.task_common import (
+        init_folder,
         load_model_weights_from,
         load_task_weights,
         metric_rows,
         preprocessing_settings,
+        run_dir_of,
     )
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.pipeline import TaskRunner, task_config
@@ -54,16 +72,19 @@ def run(args: argparse.Namespace) -> int:
     env = init_distributed(config.train.device)
     try:
         run_dir = prepare_run(config, env, args)
+        init = init_folder(args.init) if args.init else None
+        init_run = [run_dir_of(init)] if init is not None and init.parent.name == "checkpoints" else []
+        adopt_label_vocab(config, run_dir, *init_run)  # the class ids the weights were trained with
         runner = TaskRunner(config, env.device, run_dir)
-        saved_vocab = config.data.label_vocab and Path(config.data.label_vocab).exists()
-        if runner.label_vocab is not None and not saved_vocab and env.is_main:
-            vocab_path = Path(config.data.label_vocab or run_dir / "label_vocab.json")  # evaluation needs these ids
-            vocab_path.parent.mkdir(parents=True, exist_ok=True)
-            runner.label_vocab.save(vocab_path)
-            config.data.label_vocab = str(vocab_path)
+        keep_label_vocab(config, runner.label_vocab, run_dir, env)
+        if config.data.val and config.data.test and env.is_main:
+            warn_if_validation_sees_test(runner)
+        if init is None and env.is_main:
+            warn_if_random_towers(config)
         model = build_model(config.model)
-        if args.init:
-            print(f"initialised from {load_model_weights_from(model, args.init)}")
+        if init:
+            load_model_weights_from(model, init)
+            print(f"initialised from {init}")
         module = runner.module(model)
         dataset, collate = runner.train_data()
         evaluate = runner.evaluator("val") if config.data.val else None

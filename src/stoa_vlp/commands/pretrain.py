@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from stoa_vlp.commands.common import add_config_arguments, add_run_arguments
+from stoa_vlp.commands.common import add_config_arguments, add_run_arguments, warn_if_random_towers
 
 HELP = "pre-train STOA-VLP on video-caption data (VTC, VTM, MLM, PLM, DOTA, STASP)"
 EXAMPLES = """examples:
@@ -23,8 +23,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
 
 
+def warn_if_objectives_lack_data(config) -> None:
+    """DOTA needs trajectories (data.detections) and DOTA and STASP need noun/verb tags (data.tags);
+    without them they run, but align only to the sentence feature or to nothing."""
+    import logging
+
+    log = logging.getLogger("stoa_vlp.pretrain")
+    if config.model.objects and config.loss.dota > 0 and not config.data.detections:
+        log.warning("data.detections is not set: no object trajectories, so DOTA has nothing to align "
+                    "(stoa-vlp detect writes them; model.objects=false pre-trains without objects)")
+    if (config.loss.dota > 0 or config.loss.stasp > 0) and not config.data.tags:
+        log.warning("data.tags is not set: captions carry no noun/verb tags, so DOTA and STASP align to the "
+                    "sentence feature only (stoa-vlp tag writes them)")
+
+
 def run(args: argparse.Namespace) -> int:
-    from stoa_vlp.commands.common import config_from_args, prepare_run
+    from stoa_vlp.commands.common import adopt_label_vocab, config_from_args, keep_label_vocab, prepare_run
     from stoa_vlp.data.dataset import build_dataset, collate
     from stoa_vlp.model import build_model
     from stoa_vlp.objectives import OBJECTIVES, Pretrainer
@@ -36,9 +50,14 @@ def run(args: argparse.Namespace) -> int:
         config.train.find_unused_parameters = True  # a disabled objective leaves parameters without gradient
     env = init_distributed(config.train.device)
     try:
+        if env.is_main:
+            warn_if_objectives_lack_data(config)
+            warn_if_random_towers(config)
         run_dir = prepare_run(config, env, args)
+        adopt_label_vocab(config, run_dir)  # a resumed run keeps its class ids
         module = Pretrainer(build_model(config.model), config.loss)
         train_set = build_dataset(config, "train", env.rank, env.world_size)
+        keep_label_vocab(config, train_set.label_vocab, run_dir, env)
         evaluate = None
         if config.data.val:
             evaluate = RetrievalEvaluator(config, "val", env.device, config.train.val_max_clips)

@@ -53,10 +53,15 @@ def merge_overrides(values: dict, overrides: list[str]) -> dict:
 
 
 def checkpoint_config(checkpoint: Path, overrides: list[str]) -> tuple[Config, Config]:
-    """(the config the checkpoint was trained with, the same with `overrides` applied)."""
+    """(the config the checkpoint was trained with, the same with `overrides` applied); data.label_vocab
+    falls back on the run folder's vocabulary when the recorded file is gone (a moved run)."""
+    from stoa_vlp.commands.common import adopt_label_vocab
+
     state = json.loads((checkpoint / "state.json").read_text())
-    trained = state["config"]
-    return from_dict(trained), from_dict(merge_overrides(trained, overrides))
+    trained, applied = from_dict(state["config"]), from_dict(merge_overrides(state["config"], overrides))
+    for config in (trained, applied):
+        adopt_label_vocab(config, run_dir_of(checkpoint))
+    return trained, applied
 
 
 def load_task_weights(module: nn.Module, checkpoint: Path) -> None:
@@ -72,14 +77,20 @@ def load_task_weights(module: nn.Module, checkpoint: Path) -> None:
     load_module_state(module, state, str(checkpoint))
 
 
+def init_folder(path: str | Path) -> Path:
+    """The folder holding model.safetensors: `path` itself (a checkpoint or save_pretrained folder) or
+    the checkpoint a run folder selects (`resolve_checkpoint`)."""
+    path = Path(path)
+    return path if (path / "model.safetensors").is_file() else resolve_checkpoint(path)
+
+
 def load_model_weights_from(model: nn.Module, path: str | Path) -> Path:
     """Initialise a STOAVLP from a pre-training checkpoint (folder or run folder) or a save_pretrained folder
     (frame tables resampled when `model` was built with another `model.frames`)."""
     from stoa_vlp.model.checkpoint import resample_frame_tables
     from stoa_vlp.train.checkpointing import load_module_state, load_weights
 
-    path = Path(path)
-    folder = path if (path / "model.safetensors").is_file() else resolve_checkpoint(path)
+    folder = init_folder(path)
     state = resample_frame_tables(model, load_weights(folder / "model.safetensors"), str(folder))
     load_module_state(model, state, str(folder))
     return folder

@@ -132,6 +132,18 @@ class TaskRunner:
     def _video_paths(self, video_ids: list[str], source: str) -> dict[str, str]:
         return find_video_paths(video_ids, video_root(self.config, source), source)
 
+    def video_ids(self, split: str) -> set[str]:
+        """The videos that the split's file names, read as this task reads it."""
+        if self.task in ("retrieval", "captioning"):
+            return {record.video_id for record in self._records(split)}
+        if self.task == "qa":
+            from stoa_vlp.tasks.qa import read_questions
+
+            return {question.video_id for question in read_questions(self._split_file(split))}
+        from stoa_vlp.tasks.multiple_choice import read_choices
+
+        return {choice.video_id for choice in read_choices(self._split_file(split))}
+
     def _records(self, split: str) -> list[VideoRecord]:
         path = self._split_file(split)
         data = self.config.data

@@ -1,0 +1,47 @@
+"""The object-class vocabulary travels with the weights: pre-training saves it in its run folder, and
+fine-tuning from that run, resuming it or evaluating a moved run use the same class ids."""
+
+import json
+import shutil
+
+from stoa_vlp.cli import main
+from stoa_vlp.commands.task_common import checkpoint_config
+from stoa_vlp.data.detections import LabelVocab, read_detections
+from stoa_vlp.data.synth import render_world
+from stoa_vlp.train.checkpointing import list_checkpoints
+
+
+def test_class_ids_follow_the_pretrained_weights(tmp_path):
+    world = render_world(tmp_path / "world", train=4, val=0, test=0, seconds=1.0, fps=6.0, seed=2)
+    common = ["--config", "tiny", "--set", f"data.train={world.annotations}", "--set", f"data.video_root={world.videos}",
+              "--set", "data.batch_size=4", "--set", "model.frames=2", "--set", "model.image_size=32",
+              "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.warmup_steps=1"]
+    pretrained = tmp_path / "pretrained"
+    assert main(["pretrain", *common, "--output", str(pretrained), "--set", f"data.detections={world.detections}",
+                 "--set", "train.steps=1"]) == 0
+    saved = pretrained / "label_vocab.json"
+    names = LabelVocab.load(saved).names
+    assert names == LabelVocab.from_detections(read_detections(world.detections), max_size=16).names
+    state = json.loads((list_checkpoints(pretrained)[-1] / "state.json").read_text())
+    assert state["config"]["data"]["label_vocab"] == str(saved.resolve())
+
+    # another detections file, in which the classes are counted in another order
+    lines = world.detections.read_text().splitlines()
+    other = tmp_path / "other_detections.jsonl"
+    other.write_text("\n".join(lines[-1:]) + "\n")
+    assert LabelVocab.from_detections(read_detections(other), max_size=16).names != names  # else this checks nothing
+    finetuned = tmp_path / "finetuned"
+    assert main(["finetune", "--task", "retrieval", *common, "--output", str(finetuned), "--init", str(pretrained),
+                 "--set", f"data.detections={other}", "--set", "train.steps=1", "--set", "task.rerank_k=0"]) == 0
+    assert LabelVocab.load(finetuned / "label_vocab.json").names == names
+
+    # a resumed pre-training run keeps its ids although its detections changed
+    assert main(["pretrain", *common, "--output", str(pretrained), "--set", f"data.detections={other}",
+                 "--set", "train.steps=2", "--resume", "latest"]) == 0
+    assert LabelVocab.load(saved).names == names
+
+    # a moved run finds its vocabulary in its own folder
+    moved = tmp_path / "moved"
+    shutil.move(pretrained, moved)
+    _, config = checkpoint_config(list_checkpoints(moved)[-1], [])
+    assert config.data.label_vocab == str((moved / "label_vocab.json").resolve())
