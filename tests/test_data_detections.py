@@ -54,6 +54,20 @@ def test_write_read_round_trip(tmp_path):
     assert loaded["a"].frames[1].rects.shape == (0, 4)
 
 
+def test_failed_write_leaves_the_earlier_file_as_it_was(tmp_path):
+    path = tmp_path / "dets.jsonl"
+    write_detections(path, [VideoDetections("a", 64, 48, [_frame(0.0, ("dog", [1, 2, 30, 40], 0.9))])])
+    earlier = path.read_text()
+
+    def detections_until_failure():
+        yield VideoDetections("b", 64, 48, [_frame(0.0)])
+        raise RuntimeError("detector failed")
+
+    with pytest.raises(RuntimeError, match="detector failed"):
+        write_detections(path, detections_until_failure())
+    assert path.read_text() == earlier and sorted(tmp_path.iterdir()) == [path]  # no temporary file left
+
+
 @pytest.mark.parametrize(
     "line,message",
     [

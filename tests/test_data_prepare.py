@@ -108,6 +108,23 @@ def test_prepare_from_annotation_file(collection, tmp_path):
     assert read_manifest(out / "manifest.jsonl")["ramp"].frames == 3
 
 
+def test_prepare_into_a_used_folder_keeps_the_entries_of_other_videos(collection, tmp_path, caplog):
+    out = tmp_path / "prepared"
+    run_prepare(collection, out, "--workers", "1")  # ramp, tall and broken (failed)
+    only_tall = tmp_path / "tall.jsonl"
+    only_tall.write_text(json.dumps({"video_id": "tall", "video": "nested/tall.mp4", "caption": "grey"}) + "\n")
+    os.remove(out / "videos" / "tall.mp4")
+    assert run_prepare(only_tall, out, "--video-root", str(collection), "--workers", "1") == 0
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    # the earlier entries of ramp and broken are kept; tall, redone, has this run's entry only
+    entries = sorted((line["video_id"], line["status"]) for line in lines)
+    assert entries == [("broken", "failed"), ("ramp", "ok"), ("tall", "ok")]
+    os.remove(out / "videos" / "ramp.mp4")
+    assert run_prepare(only_tall, out, "--video-root", str(collection), "--workers", "1") == 0
+    assert sorted(read_manifest(out / "manifest.jsonl")) == ["broken", "tall"]
+    assert "1 earlier entries dropped, their outputs no longer exist" in caplog.text
+
+
 def test_even_size_keeps_aspect():
     assert even_size(480, 360, 256) == (342, 256)
     assert even_size(360, 480, 256) == (256, 342)

@@ -26,7 +26,7 @@ import torch
 from torchvision.ops import box_iou
 
 from stoa_vlp.data.geometry import CropGeometry
-from stoa_vlp.data.jsonl import read_jsonl
+from stoa_vlp.data.jsonl import read_jsonl, write_jsonl_atomic
 
 
 class DetectionsError(ValueError):
@@ -135,13 +135,9 @@ def read_detections(path: str | Path) -> dict[str, VideoDetections]:
 
 
 def write_detections(path: str | Path, videos: Iterable[VideoDetections]) -> int:
-    """Write one line per video; returns the number of videos written."""
-    count = 0
-    with open(path, "w") as handle:
-        for video in videos:
-            handle.write(json.dumps(video_to_json(video)) + "\n")
-            count += 1
-    return count
+    """Write one line per video, as they come, through a temporary file renamed into place when all are
+    written (an error or interrupt leaves `path` as it was); returns the number of videos written."""
+    return write_jsonl_atomic(path, (video_to_json(video) for video in videos))
 
 
 # ---------------------------------------------------------------- VinVL conversion

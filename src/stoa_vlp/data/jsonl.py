@@ -1,13 +1,14 @@
 """JSON Lines reading shared by the annotation, detection and task-file readers, and the atomic
-JSON file writing of checkpoints and `prepare`."""
+JSON and JSONL file writing of checkpoints, `prepare` and `detect`."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, Any]]:
@@ -22,11 +23,35 @@ def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterato
                 raise error(f"{path}:{number}: malformed JSON ({decode_error.msg})") from None
 
 
-def write_json_atomic(path: Path, values: Any) -> None:
-    """Write `values` as JSON to `path` through a temporary file and a rename: never half-written."""
+@contextmanager
+def _atomic_text_file(path: str | Path) -> Iterator[TextIO]:
+    """A temporary file beside `path` that replaces it when the block completes; if the block raises
+    (or is interrupted) the temporary file is removed and `path` is left as it was."""
+    path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
+    try:
+        with open(temporary, "w") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, values: Any) -> None:
+    """Write `values` as JSON to `path` through a temporary file and a rename: never half-written."""
+    with _atomic_text_file(path) as handle:
         json.dump(values, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+
+
+def write_jsonl_atomic(path: str | Path, values: Iterable[Any]) -> int:
+    """Write each of `values` (consumed as it streams) as one JSON line to `path` through a temporary
+    file and a rename: `path` holds all lines or, on an error, what it held before. Returns the line count."""
+    count = 0
+    with _atomic_text_file(path) as handle:
+        for value in values:
+            handle.write(json.dumps(value) + "\n")
+            count += 1
+    return count

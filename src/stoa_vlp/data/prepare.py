@@ -8,7 +8,8 @@ temporary name and renamed when complete, so an interrupted run leaves no half-w
 a rerun skips videos whose output exists (failed ones are tried again).
 
 The manifest (`manifest.jsonl`, one JSON object per video) records video_id, source, output,
-duration (s), fps, frames, status ("ok" or "failed") and error. `prepare.json` records the
+duration (s), fps, frames, status ("ok" or "failed") and error, for every video prepared into the
+folder (runs over other videos, e.g. another split, add to it). `prepare.json` records the
 settings; a rerun into the same folder must ask for the same ones (the videos it skips were made
 with them), and `describe_preparation` reads them back, so that evaluation can show whether its
 videos were prepared like the training videos.
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from stoa_vlp.data.decode import VideoError, _open_pyav, frame_folder_images, read_frame_image
-from stoa_vlp.data.jsonl import write_json_atomic
+from stoa_vlp.data.jsonl import write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,20 @@ def read_manifest(path: str | Path) -> dict[str, ManifestEntry]:
     return entries
 
 
+def _untouched_entries(
+    manifest_path: Path, previous: dict[str, ManifestEntry], videos: list[tuple[str, str]]
+) -> list[ManifestEntry]:
+    """Earlier manifest entries (`previous`, read from manifest_path) for videos not in this run (e.g.
+    another split prepared into the same folder) that still hold: failures, and outputs still on disk."""
+    this_run = {video_id for video_id, _ in videos}
+    untouched = [entry for video_id, entry in previous.items() if video_id not in this_run]
+    kept = [entry for entry in untouched if entry.status != "ok" or os.path.exists(entry.output)]
+    if len(kept) < len(untouched):
+        log.warning("prepare: %s: %d earlier entries dropped, their outputs no longer exist",
+                    manifest_path, len(untouched) - len(kept))
+    return kept
+
+
 def prepare_videos(
     videos: list[tuple[str, str]],
     out_dir: str | Path,
@@ -231,9 +246,11 @@ def prepare_videos(
     workers: int = 1,
     progress: bool = True,
 ) -> list[ManifestEntry]:
-    """Re-encode (video_id, source) pairs into out_dir/videos/<id>.mp4 and write out_dir/manifest.jsonl.
+    """Re-encode (video_id, source) pairs into out_dir/videos/<id>.mp4 and write out_dir/manifest.jsonl;
+    returns this run's entries.
 
-    Finished outputs (from an earlier, maybe interrupted, run) are skipped.
+    Finished outputs (from an earlier, maybe interrupted, run) are skipped. The manifest keeps the
+    earlier entries of videos not in this run (see `_untouched_entries`) before this run's entries.
     """
     from tqdm import tqdm
 
@@ -270,11 +287,8 @@ def prepare_videos(
                 for entry in pool.map(prepare_one, *zip(*todo), [options] * len(todo), chunksize=1):
                     record(entry)
     ordered = [entries[video_id] for video_id, _ in videos if video_id in entries]
-    temporary = manifest_path.with_suffix(".jsonl.tmp")
-    with open(temporary, "w") as handle:
-        for entry in ordered:
-            handle.write(json.dumps(asdict(entry)) + "\n")
-    os.replace(temporary, manifest_path)
+    kept = _untouched_entries(manifest_path, previous, videos)
+    write_jsonl_atomic(manifest_path, [asdict(entry) for entry in kept + ordered])
     failed = sum(entry.status != "ok" for entry in ordered)
     if failed:
         log.warning("prepare: %d of %d videos failed; see %s", failed, len(ordered), manifest_path)
