@@ -21,6 +21,7 @@ from stoa_vlp.data.dataset import (
     TooManyBadSamples,
     VideoTextDataset,
     WebDatasetShards,
+    build_dataset,
     build_loader,
     collate,
     keep_freed_memory,
@@ -94,6 +95,8 @@ def test_tags_come_from_the_cache(world, tmp_path):
     tags = dataset[0].pos_tags
     assert tags[1] == TAG_NOUN and tags[pieces] == TAG_VERB and tags[0] == 0 and tags[pieces + 1 :].sum() == 0
     assert dataset[1].pos_tags.sum() == 0  # a caption missing from the cache has no tags
+    with pytest.raises(FileNotFoundError, match="tag cache .*typo.json does not exist"):
+        build_dataset(tiny(world, f"data.tags={tmp_path / 'typo.json'}"), "train")
 
 
 def bad_records(world, tmp_path):

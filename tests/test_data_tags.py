@@ -148,6 +148,16 @@ def test_cache_errors_name_the_file(tmp_path):
         TagCache(tmp_path / "new.json")
 
 
+def test_reading_a_missing_cache_is_an_error_but_tag_may_start_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json does not exist"):
+        TagCache.read(tmp_path / "missing.json", length=12)
+    new = TagCache(tmp_path / "new.json", length=12)  # `stoa-vlp tag` extends a cache or starts one
+    assert len(new) == 0
+    new.update({"a dog": np.array([0, 1])})
+    new.save()
+    assert TagCache.read(new.path).get("a dog").tolist() == [0, 0, 1, 0] + [0] * 8
+
+
 def test_load_spacy_errors_name_the_pipeline():
     with pytest.raises(OSError, match="no_such_pipeline"):
         load_spacy("no_such_pipeline")

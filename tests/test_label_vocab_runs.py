@@ -4,8 +4,12 @@ fine-tuning from that run, resuming it or evaluating a moved run use the same cl
 import json
 import shutil
 
+import pytest
+
 from stoa_vlp.cli import main
 from stoa_vlp.commands.task_common import checkpoint_config
+from stoa_vlp.config import load_config
+from stoa_vlp.data.dataset import build_dataset, load_detections
 from stoa_vlp.data.detections import LabelVocab, read_detections
 from stoa_vlp.data.synth import render_world
 from stoa_vlp.train.checkpointing import list_checkpoints
@@ -45,3 +49,20 @@ def test_class_ids_follow_the_pretrained_weights(tmp_path):
     shutil.move(pretrained, moved)
     _, config = checkpoint_config(list_checkpoints(moved)[-1], [])
     assert config.data.label_vocab == str((moved / "label_vocab.json").resolve())
+
+
+def test_training_and_tasks_build_one_vocabulary_within_the_model_size(tmp_path, caplog):
+    world = render_world(tmp_path / "world", train=4, val=0, test=0, seconds=1.0, fps=6.0, seed=2)
+    config = load_config("tiny", [f"data.train={world.annotations}", f"data.video_root={world.videos}",
+                                  f"data.detections={world.detections}", "model.num_object_classes=4"])
+    all_classes = LabelVocab.from_detections(read_detections(world.detections))
+    assert len(all_classes) > 4  # else the cap checks nothing
+    _, vocab = load_detections(config)
+    assert vocab.names == all_classes.names[:4] == build_dataset(config, "train").label_vocab.names
+    all_classes.save(tmp_path / "big.json")
+    config.data.label_vocab = str(tmp_path / "big.json")
+    with pytest.raises(ValueError, match="big.json: .* classes .* do not fit model.num_object_classes=4"):
+        load_detections(config)
+    config.data.label_vocab = str(tmp_path / "gone.json")
+    assert load_detections(config)[1].names == vocab.names
+    assert "gone.json does not exist: object class ids are rebuilt" in caplog.text

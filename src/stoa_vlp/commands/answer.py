@@ -32,9 +32,9 @@ def run(args: argparse.Namespace) -> int:
         load_task_weights,
         run_dir_of,
     )
-    from stoa_vlp.data.dataset import VideoTextDataset
+    from stoa_vlp.data.dataset import VideoTextDataset, load_detections
     from stoa_vlp.model import build_model
-    from stoa_vlp.tasks.data import LabelledCollate, evaluation_loader, load_detections
+    from stoa_vlp.tasks.data import LabelledCollate, evaluation_loader
     from stoa_vlp.tasks.pipeline import TaskRunner
 
     checkpoint, config = inference_config(args)

@@ -479,19 +479,31 @@ class WebDatasetShards(IterableDataset):
             return None
 
 
+def load_detections(config: Config) -> tuple[dict | None, LabelVocab | None]:
+    """(detections by video id, LabelVocab) named by data.detections and data.label_vocab, or (None,
+    None) without detections or objects. Without a data.label_vocab file the vocabulary is built from
+    the detections: the most frequent model.num_object_classes - 2 classes."""
+    if not (config.data.detections and config.model.objects):
+        return None, None
+    detections = read_detections(config.data.detections)
+    classes = config.model.num_object_classes
+    if config.data.label_vocab and Path(config.data.label_vocab).exists():
+        label_vocab = LabelVocab.load(config.data.label_vocab)
+        if len(label_vocab) > classes:
+            raise ValueError(f"{config.data.label_vocab}: {len(label_vocab)} classes (with padding and unknown) "
+                             f"do not fit model.num_object_classes={classes}")
+        return detections, label_vocab
+    if config.data.label_vocab:
+        log.warning("%s does not exist: object class ids are rebuilt from %s and may differ from training",
+                    config.data.label_vocab, config.data.detections)
+    return detections, LabelVocab.from_detections(detections, max_size=classes)
+
+
 def _load_side_data(config: Config, records: list[VideoRecord] | None, source: str):
     """Detections, label vocabulary and tag cache named by the config (each may be None)."""
-    detections = label_vocab = tag_cache = None
-    if config.data.detections and config.model.objects:
-        detections = read_detections(config.data.detections)
-        classes = config.model.num_object_classes
-        if config.data.label_vocab and Path(config.data.label_vocab).exists():
-            label_vocab = LabelVocab.load(config.data.label_vocab)
-            if len(label_vocab) > classes:
-                raise ValueError(f"{config.data.label_vocab}: {len(label_vocab)} classes (with padding and unknown) "
-                                 f"do not fit model.num_object_classes={classes}")
-        else:
-            label_vocab = LabelVocab.from_detections(detections, max_size=classes)
+    detections, label_vocab = load_detections(config)
+    tag_cache = None
+    if detections is not None:
         if records is not None:
             known = {record.video_id for record in records}
             unknown = sorted(set(detections) - known)
@@ -505,7 +517,7 @@ def _load_side_data(config: Config, records: list[VideoRecord] | None, source: s
                 log.warning("%s: %d of %d videos have no detections (empty object targets)",
                             config.data.detections, without, len(known))
     if config.data.tags:
-        tag_cache = TagCache(config.data.tags, length=config.model.text_len)
+        tag_cache = TagCache.read(config.data.tags, length=config.model.text_len)
     return detections, label_vocab, tag_cache
 
 

@@ -131,7 +131,9 @@ class TagCache:
     """Word-piece tags per caption in a JSON file: {"format", "version", "length", "tags": {caption: "0120"}}.
 
     `get` returns tags aligned with token positions for `length` (given here, or the one the file
-    was written with), so one cache serves any token limit.
+    was written with), so one cache serves any token limit. `TagCache(path)` opens a cache to extend
+    (`stoa-vlp tag`): empty while `path` does not exist yet. Readers of a configured cache (data.tags)
+    use `TagCache.read`, for which a missing file is an error.
     """
 
     def __init__(self, path: str | Path, length: int | None = None):
@@ -151,6 +153,13 @@ class TagCache:
         self.length = length or stored_length
         if self.length is None:
             raise ValueError(f"{self.path}: no token length stored in the cache; pass length")
+
+    @classmethod
+    def read(cls, path: str | Path, length: int | None = None) -> "TagCache":
+        """The cache in the existing file `path`; a missing file raises FileNotFoundError."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"tag cache {path} does not exist (write it with `stoa-vlp tag`, or fix data.tags)")
+        return cls(path, length)
 
     def __len__(self) -> int:
         return len(self.tags)

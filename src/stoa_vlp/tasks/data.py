@@ -1,9 +1,8 @@
-"""Inputs of the downstream tasks: JSONL task files, detections and label vocabulary, video files
-by id, loaders that decode each clip once, and batches that carry a class label per row (QA)."""
+"""Inputs of the downstream tasks: JSONL task files, video files by id, loaders that decode each clip
+once, and batches that carry a class label per row (QA)."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from stoa_vlp.data.dataset import VideoTextDataset, collate
 from stoa_vlp.data.jsonl import read_jsonl
 from stoa_vlp.data.video_files import VideoLookup
 
-log = logging.getLogger(__name__)
-
 
 def read_jsonl_rows(path: str | Path, kind: str) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a task's JSONL file; `kind` names the file
@@ -31,24 +28,6 @@ def read_jsonl_rows(path: str | Path, kind: str) -> list[tuple[int, dict]]:
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{number}: not a JSON object")
     return rows
-
-
-def load_detections(config: Config):
-    """(detections by video id, LabelVocab) named by data.detections / data.label_vocab, or (None, None).
-
-    Without data.label_vocab the vocabulary is built from the detections, as the dataset does.
-    """
-    if not (config.data.detections and config.model.objects):
-        return None, None
-    from stoa_vlp.data.detections import LabelVocab, read_detections
-
-    detections = read_detections(config.data.detections)
-    if config.data.label_vocab and Path(config.data.label_vocab).exists():
-        return detections, LabelVocab.load(config.data.label_vocab)
-    if config.data.label_vocab:
-        log.warning("%s does not exist: object class ids are rebuilt from %s and may differ from training",
-                    config.data.label_vocab, config.data.detections)
-    return detections, LabelVocab.from_detections(detections)
 
 
 def video_root(config: Config, annotation_file: str | Path) -> Path:

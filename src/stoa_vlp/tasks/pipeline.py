@@ -21,7 +21,8 @@ from torch import nn
 
 from stoa_vlp.config import Config, TrainConfig
 from stoa_vlp.data.annotations import VideoRecord, read_annotations
-from stoa_vlp.tasks.data import evaluation_loader, find_video_paths, load_detections, video_loader, video_root
+from stoa_vlp.data.dataset import load_detections
+from stoa_vlp.tasks.data import evaluation_loader, find_video_paths, video_loader, video_root
 from stoa_vlp.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
