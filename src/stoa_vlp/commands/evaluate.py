@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         preprocessing_rows,
         resolve_checkpoint,
         run_dir_of,
+        trained_for,
     )
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.pipeline import TaskRunner, task_config
@@ -48,8 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     trained, config = checkpoint_config(checkpoint, args.overrides)
-    task = args.task or config.task.name
-    fine_tuned_for = trained.task.name
+    fine_tuned_for = trained_for(trained)
+    task = args.task or (config.task.name if fine_tuned_for != "pre-training" else "retrieval")
+    if task == "qa" and fine_tuned_for != "qa":
+        raise SystemExit(f"{checkpoint} was trained for {fine_tuned_for}, not QA: its answer head would be "
+                         "untrained (fine-tune it with `stoa-vlp finetune --task qa --init` first)")
     config = task_config(config, task)
     device = device_of(config)
     runner = TaskRunner(config, device, run_dir_of(checkpoint))
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # e.g. a pre-training or retrieval checkpoint evaluated zero-shot: the model's weights only
         load_task_weights(model, checkpoint)
     metrics = runner.evaluate(module.to(device), args.split)
-    print(f"checkpoint: {checkpoint} (fine-tuned for {fine_tuned_for}); task: {task}; split: {args.split} "
+    print(f"checkpoint: {checkpoint} (trained for {fine_tuned_for}); task: {task}; split: {args.split} "
           f"(file {getattr(config.data, args.split)})")
     preprocessing = preprocessing_rows(trained, config)
     print(format_table(["setting", "training", "evaluation"], preprocessing))

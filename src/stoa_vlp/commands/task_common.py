@@ -64,6 +64,15 @@ def checkpoint_config(checkpoint: Path, overrides: list[str]) -> tuple[Config, C
     return trained, applied
 
 
+def trained_for(config: Config) -> str:
+    """What a checkpoint's config trained: "pre-training" or the fine-tuning task. Pre-training keeps
+    the default task.name and objectives that retrieval fine-tuning (task_config) switches off."""
+    pretraining_losses = (config.loss.mlm, config.loss.plm, config.loss.dota, config.loss.stasp)
+    if config.task.name in ("retrieval", "mc") and any(weight > 0 for weight in pretraining_losses):
+        return "pre-training"
+    return config.task.name
+
+
 def load_task_weights(module: nn.Module, checkpoint: Path) -> None:
     """Strictly load a checkpoint's model.safetensors into the task module that wrote it
     (frame tables resampled when the module was built with another `model.frames`)."""

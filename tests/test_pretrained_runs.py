@@ -1,5 +1,6 @@
-"""The object-class vocabulary travels with the weights: pre-training saves it in its run folder, and
-fine-tuning from that run, resuming it or evaluating a moved run use the same class ids."""
+"""Pre-training runs used downstream: the object-class vocabulary travels with the weights (pre-training
+saves it in its run folder; fine-tuning from that run, resuming it or evaluating a moved run use the
+same class ids), and evaluation tells a pre-training checkpoint from a fine-tuned one."""
 
 import json
 import shutil
@@ -15,8 +16,8 @@ from stoa_vlp.data.synth import render_world
 from stoa_vlp.train.checkpointing import list_checkpoints
 
 
-def test_class_ids_follow_the_pretrained_weights(tmp_path):
-    world = render_world(tmp_path / "world", train=4, val=0, test=0, seconds=1.0, fps=6.0, seed=2)
+def test_class_ids_follow_the_pretrained_weights(tmp_path, capsys):
+    world = render_world(tmp_path / "world", train=4, val=0, test=2, seconds=1.0, fps=6.0, seed=2)
     common = ["--config", "tiny", "--set", f"data.train={world.annotations}", "--set", f"data.video_root={world.videos}",
               "--set", "data.batch_size=4", "--set", "model.frames=2", "--set", "model.image_size=32",
               "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.warmup_steps=1"]
@@ -43,6 +44,15 @@ def test_class_ids_follow_the_pretrained_weights(tmp_path):
     assert main(["pretrain", *common, "--output", str(pretrained), "--set", f"data.detections={other}",
                  "--set", "train.steps=2", "--resume", "latest"]) == 0
     assert LabelVocab.load(saved).names == names
+
+    # evaluated zero-shot as pre-training; QA would need an answer head it does not have
+    capsys.readouterr()
+    assert main(["evaluate", str(pretrained), "--split", "test", "--set", f"data.test={world.annotations}",
+                 "--set", "task.rerank_k=0"]) == 0
+    assert "(trained for pre-training); task: retrieval; split: test" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="was trained for pre-training, not QA: its answer head would be untrained"):
+        main(["evaluate", str(pretrained), "--task", "qa", "--split", "test"])
+    assert not (pretrained / "answers.json").exists()
 
     # a moved run finds its vocabulary in its own folder
     moved = tmp_path / "moved"
