@@ -13,7 +13,7 @@ import torch
 
 from stoa_vlp.batch import TAG_NOUN, TAG_VERB, Batch
 from stoa_vlp.config import load_config
-from stoa_vlp.data.annotations import VideoRecord, read_annotations
+from stoa_vlp.data.annotations import AnnotationError, VideoRecord, read_annotations
 from stoa_vlp.data.dataset import (
     BadSample,
     SerializedList,
@@ -97,6 +97,8 @@ def test_tags_come_from_the_cache(world, tmp_path):
     assert dataset[1].pos_tags.sum() == 0  # a caption missing from the cache has no tags
     with pytest.raises(FileNotFoundError, match="tag cache .*typo.json does not exist"):
         build_dataset(tiny(world, f"data.tags={tmp_path / 'typo.json'}"), "train")
+    with pytest.raises(AnnotationError, match="nope.json: annotation file does not exist"):
+        build_dataset(tiny(world, f"data.train={tmp_path / 'nope.json'}"), "train")  # not "cannot tell the format"
 
 
 def bad_records(world, tmp_path):

@@ -65,6 +65,14 @@ class VideoRecord:
     captions: list[str] = field(default_factory=list)
 
 
+def existing_annotations(path: str | Path) -> Path:
+    """`path` as a Path; an AnnotationError if it does not exist (a shard brace range need not)."""
+    path = Path(path)
+    if not path.exists() and "{" not in str(path):
+        raise AnnotationError(f"{path}: annotation file does not exist")
+    return path
+
+
 def detect_format(path: str | Path) -> str:
     """The format of an annotation file from its name (see the module docstring): an extension only
     one format uses first, then the dataset's name, then the other extensions."""
@@ -422,9 +430,7 @@ def read_annotations(
 ) -> list[VideoRecord]:
     """Read an annotation file of any supported format into VideoRecords (videos without a
     usable caption are dropped with a warning)."""
-    path = Path(path)
-    if not path.exists() and "{" not in str(path):
-        raise AnnotationError(f"{path}: annotation file does not exist")
+    path = existing_annotations(path)
     format = detect_format(path) if format == "auto" else format
     if format not in FORMATS:
         raise AnnotationError(f"unknown annotation format '{format}' (known: {', '.join(FORMATS)})")

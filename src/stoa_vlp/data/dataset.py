@@ -46,6 +46,7 @@ from stoa_vlp.data.annotations import (
     AnnotationError,
     VideoRecord,
     detect_format,
+    existing_annotations,
     read_annotations,
     shard_caption,
     shard_list,
@@ -529,6 +530,7 @@ def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1
     if not path:
         raise ValueError(f"data.{split} is not set: give the annotation file of the {split} split")
     training = split == "train"
+    existing_annotations(path)
     if config.data.format == "webdataset" or (config.data.format == "auto" and detect_format(path) == "webdataset"):
         detections, label_vocab, tag_cache = _load_side_data(config, None, path)
         return WebDatasetShards(shard_list(Path(path)), config, training, detections, label_vocab, tag_cache,
