@@ -3,6 +3,7 @@ through the command line: finetune (validation selection, one test evaluation), 
 answer, index, search and visualise."""
 
 import json
+import shutil
 
 import av
 import pytest
@@ -114,3 +115,13 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
         assert main(["search", str(index), "a red circle moves left", "--top", "3", "--rerank-k", "2"]) == 0
         rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "video" in line]
         assert len(rows) == 4  # header + 3 hits
+        moved = tmp_path / "moved"
+        shutil.copytree(run, moved)
+        assert main(["search", str(index), "a red circle", "--checkpoint", str(moved), "--rerank-k", "0"]) == 0
+        assert "the scores hold only if these are the same weights" in caplog.text
+        state_file = next((moved / "checkpoints").glob("step_*/state.json"))
+        state = json.loads(state_file.read_text())
+        state["config"]["model"]["frames"] = 8
+        state_file.write_text(json.dumps(state))
+        with pytest.raises(SystemExit, match="is another model than .* was built with"):
+            main(["search", str(index), "a red circle", "--checkpoint", str(moved)])

@@ -19,13 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("query", help="the text query, in quotes")
     parser.add_argument("--top", type=positive_int, default=10, help="videos to print (default 10)")
     parser.add_argument("--rerank-k", type=non_negative_int, help="re-rank this many contrastive top videos (default task.rerank_k)")
-    parser.add_argument("--checkpoint", help="model checkpoint (default: the one the index was built with)")
+    parser.add_argument("--checkpoint", help="where the index's checkpoint is now, if it moved "
+                                             "(default: the one the index was built with)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
     from pathlib import Path
 
-    from stoa_vlp.commands.task_common import device_of, load_task_weights, resolve_checkpoint
+    from stoa_vlp.commands.task_common import checkpoint_config, device_of, load_task_weights, resolve_checkpoint
     from stoa_vlp.config import from_dict
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.search import load_index, search
@@ -35,6 +37,13 @@ def run(args: argparse.Namespace) -> int:
     index = load_index(args.index)
     config = from_dict(index.info["config"])
     checkpoint = resolve_checkpoint(Path(args.checkpoint or index.info["checkpoint"]))
+    if checkpoint.resolve() != Path(index.info["checkpoint"]):
+        if checkpoint_config(checkpoint, [])[0].model != config.model:
+            raise SystemExit(f"{checkpoint} is another model than {args.index} was built with "
+                             f"({index.info['checkpoint']}): its queries cannot be compared with the index's videos")
+        logging.getLogger("stoa_vlp.search").warning(
+            "queries are encoded with %s, the index's videos with %s: the scores hold only if these are the same "
+            "weights (a moved run); otherwise build the index again", checkpoint, index.info["checkpoint"])
     device = device_of(config)
     model = build_model(config.model)
     load_task_weights(model, checkpoint)
