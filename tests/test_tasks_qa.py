@@ -10,6 +10,7 @@ from stoa_vlp.batch import Batch
 from stoa_vlp.config import load_config
 from stoa_vlp.model import build_model
 from stoa_vlp.tasks.data import LabelledBatch
+from stoa_vlp.tasks.pipeline import TaskRunner
 from stoa_vlp.tasks.qa import AnswerVocab, QAModel, accuracy_by_type, evaluate_qa, read_questions
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -84,6 +85,19 @@ def test_answer_vocab_top_k_ties_alphabetical_and_round_trip(tmp_path):
     vocab.save(tmp_path / "answers.json")
     assert json.loads((tmp_path / "answers.json").read_text()) == {"cat": 0, "dog": 1, "ant": 2}
     assert AnswerVocab.load(tmp_path / "answers.json").answers == vocab.answers
+
+
+def test_a_given_answer_vocabulary_is_used_and_kept_with_the_run(tmp_path):
+    alpro = tmp_path / "train_ans2label.json"
+    alpro.write_text(json.dumps({"red": 1, "blue": 0, "two": 2}))
+    questions = write_lines(tmp_path / "train.jsonl", [{"video_id": "v1", "question": "q?", "answer": "green"}] * 3)
+    config = load_config("tiny", ["task.name=qa", f"task.answer_vocab={alpro}", f"data.train={questions}"])
+    runner = TaskRunner(config, "cpu", tmp_path / "run")
+    assert runner.answers.answers == ["blue", "red", "two"]  # the file's labels, not the training answers
+    assert json.loads((tmp_path / "run" / "answers.json").read_text()) == {"blue": 0, "red": 1, "two": 2}
+    config.task.answer_vocab = ""
+    assert TaskRunner(config, "cpu", tmp_path / "run").answers.answers == ["blue", "red", "two"]  # the run's own
+    assert TaskRunner(config, "cpu", tmp_path / "other").answers.answers == ["green"]
 
 
 def test_accuracy_overall_and_per_type_hand_computed():

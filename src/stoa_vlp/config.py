@@ -146,6 +146,7 @@ class TaskConfig:
     max_caption_tokens: int = 0  # captioning: generated tokens, end included; 0 = model.text_len - 1
     meteor: bool = True  # captioning: METEOR (needs Java; ~8 s to start)
     answers: int = 1500  # QA: answer vocabulary = the most frequent training answers
+    answer_vocab: str = ""  # QA: {answer: label} JSON to use instead (ALPRO's train_ans2label.json)
     mc_scoring: str = "vtm"  # multiple-choice: option score from the matching head (vtm) or cosine (vtc)
 
 

@@ -88,14 +88,21 @@ class TaskRunner:
     # ---- set-up ------------------------------------------------------------------------------
 
     def _answer_vocab(self):
+        """The run's answers (RUN/answers.json), else task.answer_vocab's, else the task.answers most
+        frequent training answers; saved in the run folder."""
         from stoa_vlp.tasks.qa import AnswerVocab, read_questions
 
         saved = self.run_dir / ANSWERS_FILE if self.run_dir is not None else None
         if saved is not None and saved.exists():
             return AnswerVocab.load(saved)
-        if not self.config.data.train:
-            raise ValueError(f"QA needs its answer vocabulary: set data.train (QA JSONL) or keep {ANSWERS_FILE} in the run folder")
-        vocab = AnswerVocab.from_answers((q.answer for q in read_questions(self.config.data.train)), self.config.task.answers)
+        if self.config.task.answer_vocab:
+            vocab = AnswerVocab.load(self.config.task.answer_vocab)
+        elif self.config.data.train:
+            answers = (question.answer for question in read_questions(self.config.data.train))
+            vocab = AnswerVocab.from_answers(answers, self.config.task.answers)
+        else:
+            raise ValueError("QA needs its answer vocabulary: set data.train (QA JSONL) or task.answer_vocab, "
+                             f"or keep {ANSWERS_FILE} in the run folder")
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)
             vocab.save(saved)
