@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from stoa_vlp.cli import main
 from stoa_vlp.data.detections import (
     DetectionsError,
     FrameDetections,
@@ -13,6 +14,7 @@ from stoa_vlp.data.detections import (
     convert_vinvl,
     nearest_frames,
     read_detections,
+    read_hw_tsv,
     read_vinvl_tsv,
     select_objects,
     suppress_across_classes,
@@ -131,6 +133,25 @@ def test_convert_vinvl(tmp_path):
     tsv.write_text("clip7_0002\t{not json\n")
     with pytest.raises(DetectionsError, match="predictions.tsv:1: malformed JSON"):
         read_vinvl_tsv(tsv, fps=1.0)
+
+
+def test_scene_graph_benchmark_predictions_take_their_sizes_from_the_hw_file(tmp_path):
+    objects = [{"rect": [10.5, 20.0, 50.0, 90.0], "bbox_id": 0, "class": "man", "conf": 0.8}]
+    tsv = tmp_path / "predictions.tsv"  # as convert_predictions_to_tsv writes it: no image size
+    tsv.write_text("".join(f"clip7_{i}\t{json.dumps({'objects': objects, 'relations': None})}\n" for i in range(2)))
+    hw = tmp_path / "frames.hw.tsv"
+    hw.write_text('clip7_0\t[{"height": 240, "width": 320}]\nclip7_1\t[{"height": 240, "width": 320}]\n')
+    with pytest.raises(DetectionsError, match="predictions.tsv:1: no image_w/image_h for 'clip7_0' and no size"):
+        read_vinvl_tsv(tsv, fps=1.0)
+    out = tmp_path / "detections.jsonl"
+    assert main(["vinvl", str(tsv), "--fps", "2", "--hw", str(hw), "--out", str(out)]) == 0
+    video = read_detections(out)["clip7"]
+    assert (video.width, video.height) == (320, 240) and [f.time for f in video.frames] == [0.0, 0.5]
+    np.testing.assert_allclose(video.frames[1].rects, [[10.5, 20.0, 50.0, 90.0]])
+    assert video.frames[0].classes == ["man"] and video.frames[0].confs.tolist() == pytest.approx([0.8])
+    hw.write_text("clip7_0\t{not json\n")
+    with pytest.raises(DetectionsError, match="frames.hw.tsv:1: expected <key>"):
+        read_hw_tsv(hw)
 
 
 def test_label_vocab(tmp_path):

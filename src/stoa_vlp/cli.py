@@ -16,6 +16,7 @@ COMMANDS = [
     "synth",
     "prepare",
     "detect",
+    "vinvl",
     "tag",
     "pretrain",
     "finetune",

@@ -173,9 +173,30 @@ def convert_vinvl(
     return VideoDetections(video_id, int(width), int(height), converted)
 
 
-def read_vinvl_tsv(path: str | Path, fps: float) -> list[VideoDetections]:
+def read_hw_tsv(path: str | Path) -> dict[str, tuple[int, int]]:
+    """{image key: (width, height)} from a scene_graph_benchmark `.hw.tsv` (`<key>\\t[{"height": H,
+    "width": W}]` per image), the image sizes its prediction TSV leaves out."""
+    path = Path(path)
+    sizes = {}
+    with open(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            key, _, payload = line.rstrip("\n").partition("\t")
+            try:
+                value = json.loads(payload)
+                size = value[0] if isinstance(value, list) else value
+                sizes[key] = (int(size["width"]), int(size["height"]))
+            except (json.JSONDecodeError, LookupError, TypeError, ValueError):
+                raise DetectionsError(f"{path}:{line_number}: expected <key>\\t[{{\"height\": H, \"width\": W}}]") from None
+    return sizes
+
+
+def read_vinvl_tsv(path: str | Path, fps: float, sizes: dict[str, tuple[int, int]] | None = None) -> list[VideoDetections]:
     """VinVL's prediction TSV (`<key>\\t<json>` per image) with keys `<video_id>_<frame index>` or
-    `<video_id>/<frame index>.<ext>`; a frame's time is its index / `fps`."""
+    `<video_id>/<frame index>.<ext>`; a frame's time is its index / `fps`. Image sizes come from each
+    prediction's image_w/image_h or else from `sizes` ({key: (width, height)}, `read_hw_tsv`):
+    scene_graph_benchmark writes only {"objects", "relations"}."""
     path = Path(path)
     by_video: dict[str, list[tuple[float, dict]]] = {}
     with open(path) as handle:
@@ -191,8 +212,12 @@ def read_vinvl_tsv(path: str | Path, fps: float) -> list[VideoDetections]:
                 prediction = json.loads(payload)
             except json.JSONDecodeError as error:
                 raise DetectionsError(f"{where}: malformed JSON ({error.msg})") from None
-            if not isinstance(prediction, dict) or "image_w" not in prediction or "image_h" not in prediction:
-                raise DetectionsError(f"{where}: prediction needs 'objects', 'image_w' and 'image_h'")
+            if not isinstance(prediction, dict) or "objects" not in prediction:
+                raise DetectionsError(f"{where}: prediction is not a JSON object with 'objects'")
+            if "image_w" not in prediction or "image_h" not in prediction:
+                if sizes is None or key not in sizes:
+                    raise DetectionsError(f"{where}: no image_w/image_h for {key!r} and no size for it in the hw file")
+                prediction = {**prediction, "image_w": sizes[key][0], "image_h": sizes[key][1]}
             by_video.setdefault(match["video"], []).append((int(match["frame"]) / fps, prediction))
     videos = []
     for video_id, frames in by_video.items():

@@ -1,0 +1,36 @@
+"""`stoa-vlp vinvl`: VinVL / scene_graph_benchmark predictions of video frames as detections JSONL."""
+
+from __future__ import annotations
+
+import argparse
+
+from stoa_vlp.commands.arguments import positive_float
+
+HELP = "convert VinVL predictions of extracted frames (predictions.tsv) into detections JSONL"
+EXAMPLES = """examples:
+  stoa-vlp vinvl output/predictions.tsv --fps 1 --hw frames.hw.tsv --out detections.jsonl
+
+Image keys name the video and the frame: <video_id>_<frame index> or <video_id>/<frame index>.<ext>;
+frame i is at i / --fps seconds. Boxes stay in pixels of the frames VinVL saw, so those frames must
+have the video's size. scene_graph_benchmark's predictions.tsv holds no image sizes: give the
+dataset's .hw.tsv (<key>\\t[{"height": H, "width": W}]) with --hw.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("predictions", help="VinVL prediction TSV: <image key>\\t{\"objects\": [...]} per line")
+    parser.add_argument("--fps", type=positive_float, required=True, help="rate at which the frames were extracted")
+    parser.add_argument("--hw", metavar="TSV", help="image sizes, when the predictions lack image_w/image_h")
+    parser.add_argument("--out", required=True, help="detections JSONL to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    from stoa_vlp.data.detections import read_hw_tsv, read_vinvl_tsv, write_detections
+
+    sizes = read_hw_tsv(args.hw) if args.hw else None
+    videos = read_vinvl_tsv(args.predictions, args.fps, sizes)
+    count = write_detections(args.out, videos)
+    frames = sum(len(video.frames) for video in videos)
+    boxes = sum(len(frame.classes) for video in videos for frame in video.frames)
+    print(f"{count} videos, {frames} frames, {boxes} boxes written to {args.out}")
+    return 0
