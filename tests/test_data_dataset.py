@@ -251,6 +251,24 @@ def test_detection_lines_for_unknown_videos_are_reported(world, tmp_path, caplog
         build_loader(tiny(world, f"data.detections={detections}"), "train")
 
 
+def test_empty_frames_and_untagged_captions_are_counted(world, tmp_path, caplog):
+    videos = [json.loads(line) for line in open(world.detections)]
+    videos[0]["frames"][0]["objects"] = []  # video0 is a training video
+    detections = tmp_path / "detections.jsonl"
+    detections.write_text("".join(json.dumps(video) + "\n" for video in videos))
+    records = read_annotations(world.annotations, split="train")
+    captions = {caption for record in records for caption in record.captions}
+    cache = TagCache(tmp_path / "tags.json", length=24)
+    cache.update({records[0].captions[0]: np.zeros(2, dtype=np.int64)})
+    cache.save()
+    empty_before = sum(not f["objects"] for v in videos if v["video_id"] in {r.video_id for r in records} for f in v["frames"])
+    frames = sum(len(v["frames"]) for v in videos if v["video_id"] in {r.video_id for r in records})
+    with caplog.at_level(logging.INFO):
+        build_dataset(tiny(world, f"data.detections={detections}", f"data.tags={tmp_path / 'tags.json'}"), "train")
+    assert f"{detections}: {empty_before} of {frames} detected frames of the train split" in caplog.text
+    assert f"{len(captions) - 1} of {len(captions)} captions of the train split" in caplog.text
+
+
 def test_training_frames_are_random_per_draw_and_reproducible_per_seed(world):
     dataset = VideoTextDataset(read_annotations(world.annotations, split="train"), tiny(world), True)
     draws = []

@@ -517,8 +517,19 @@ def _load_side_data(config: Config, records: list[VideoRecord] | None, source: s
             if without:
                 log.warning("%s: %d of %d videos have no detections (empty object targets)",
                             config.data.detections, without, len(known))
+            frames = [frame for video_id in known & set(detections) for frame in detections[video_id].frames]
+            empty = sum(not frame.classes for frame in frames)
+            if empty:
+                log.info("%s: %d of %d detected frames of %s hold no box", config.data.detections, empty, len(frames), source)
     if config.data.tags:
         tag_cache = TagCache.read(config.data.tags, length=config.model.text_len)
+        if records is not None:
+            captions = {caption for record in records for caption in record.captions}
+            untagged = sum(caption not in tag_cache.tags for caption in captions)
+            if untagged:
+                log.warning("%s: %d of %d captions of %s are not in it: they get no noun/verb tags, so DOTA and "
+                            "STASP align them to the sentence feature only (run stoa-vlp tag on them)",
+                            config.data.tags, untagged, len(captions), source)
     return detections, label_vocab, tag_cache
 
 
