@@ -163,7 +163,15 @@ def test_load_spacy_errors_name_the_pipeline():
         load_spacy("no_such_pipeline")
 
 
-def test_tag_command_on_msrvtt_and_text_files(tmp_path, nlp):
+def test_tagging_shows_progress_only_when_asked(tokenizer, nlp, capsys):
+    quiet = tag_pieces(CAPTIONS, tokenizer, nlp)
+    assert capsys.readouterr().err == ""
+    shown = tag_pieces(CAPTIONS, tokenizer, nlp, progress=True)
+    assert "tagging captions: 100%" in capsys.readouterr().err
+    assert all(np.array_equal(a, b) for a, b in zip(quiet, shown, strict=True))
+
+
+def test_tag_command_on_msrvtt_and_text_files(tmp_path, nlp, capsys):
     data = {
         "videos": [{"video_id": "video0", "split": "train"}, {"video_id": "video1", "split": "test"}],
         "sentences": [
@@ -174,6 +182,7 @@ def test_tag_command_on_msrvtt_and_text_files(tmp_path, nlp):
     (tmp_path / "MSRVTT_data.json").write_text(json.dumps(data))
     out = tmp_path / "tags.json"
     assert main(["tag", str(tmp_path / "MSRVTT_data.json"), "--out", str(out), "--config", "tiny"]) == 0
+    assert "tagging captions" in capsys.readouterr().err
     cache = TagCache(out)
     assert cache.length == 24 and len(cache) == 2
     (expected,) = tag_tokens(["a blue square grows"], Tokenizer(24), nlp)

@@ -130,6 +130,22 @@ def test_evaluate_retrieval_matches_brute_force_reranking(setup, monkeypatch):
     assert metrics["num_texts"] == 6 and metrics["num_videos"] == 4
 
 
+def test_progress_bars_go_to_stderr_only_when_asked_and_change_no_number(setup, capsys):
+    config, model, tokenizer, loader = setup
+    quiet = evaluate_retrieval(model, loader, "cpu", rerank_k=2)
+    assert capsys.readouterr().err == ""
+    shown = evaluate_retrieval(model, loader, "cpu", rerank_k=2, progress=True)
+    bars = capsys.readouterr().err
+    assert shown == quiet
+    for work in ("encoding videos and captions: 100%", "re-ranking top-2 t2v pairs", "re-ranking top-2 v2t pairs"):
+        assert work in bars
+    stream = (batch for batch in loader)  # no len(): a bar without a total
+    ids, videos = encode_videos(model, stream, "cpu", progress=True)
+    assert "encoding videos: " in capsys.readouterr().err
+    quiet_ids, quiet_videos = encode_videos(model, loader, "cpu")
+    assert ids == quiet_ids and torch.equal(videos.video, quiet_videos.video)
+
+
 def test_records_path_decodes_each_clip_once_and_agrees(setup):
     config, model, tokenizer, loader = setup
     records = [VideoRecord("v1", "v1.mp4", captions=[CAPTIONS[0], CAPTIONS[2]]),

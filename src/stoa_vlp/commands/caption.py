@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     _, config, model, device = inference_model(args)
     records = file_records(args.videos, "video")
     detections, label_vocab = load_detections(config)
-    ids, videos = encode_videos(model, video_loader(records, config, detections, label_vocab), device)
+    loader = video_loader(records, config, detections, label_vocab)
+    ids, videos = encode_videos(model, loader, device, progress=config.train.progress)
     beam = args.beam or config.task.beam_size
     penalty = config.task.length_penalty if args.length_penalty is None else args.length_penalty
     captions = generate_captions(model, videos, Tokenizer(config.model.text_len), beam, penalty,

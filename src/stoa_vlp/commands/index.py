@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="folder of video files (searched recursively; id = file name stem)")
     parser.add_argument("--output", required=True, help="index folder to write")
     add_inference_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     checkpoint, config, model, device = inference_model(args)
     records = file_records([path for _, path in found], "video")
     detections, label_vocab = load_detections(config)
-    ids, videos = encode_videos(model, video_loader(records, config, detections, label_vocab), device)
+    loader = video_loader(records, config, detections, label_vocab)
+    ids, videos = encode_videos(model, loader, device, progress=not args.no_progress)
     paths = {record.video_id: str(Path(record.path).resolve()) for record in records}
     info = {"checkpoint": str(checkpoint.resolve()), "config": config.to_dict()}
     save_index(args.output, SearchIndex(ids, [paths[i] for i in ids], videos, info))

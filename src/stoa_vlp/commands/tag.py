@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split(s) to read (default: all the file has)")
     parser.add_argument("--config", default="base", help="preset or YAML: data.spacy_model and model.text_len")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         spacy_model=config.data.spacy_model,
         format=args.format,
         splits=args.split,
+        progress=not args.no_progress,
     )
     print(f"{len(cache)} captions tagged in {args.out}")
     return 0

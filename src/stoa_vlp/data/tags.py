@@ -18,6 +18,7 @@ from typing import Iterable
 
 import numpy as np
 from open_clip.tokenizer import basic_clean, whitespace_clean
+from tqdm import tqdm
 
 from stoa_vlp.batch import TAG_NONE, TAG_NOUN, TAG_VERB
 from stoa_vlp.data.serialized import SerializedDict
@@ -96,11 +97,17 @@ def _piece_tags(pieces: list[tuple[int, int, int]], doc) -> np.ndarray:
     return tags
 
 
-def tag_pieces(captions: list[str], tokenizer: Tokenizer, nlp, batch_size: int = 256) -> list[np.ndarray]:
-    """Tags (P,) int64 per caption, one per BPE word piece (no start/end token, not truncated)."""
+def tag_pieces(
+    captions: list[str], tokenizer: Tokenizer, nlp, batch_size: int = 256, progress: bool = False
+) -> list[np.ndarray]:
+    """Tags (P,) int64 per caption, one per BPE word piece (no start/end token, not truncated); with
+    `progress`, a tqdm bar on stderr."""
     texts = [_texts(caption, tokenizer) for caption in captions]
+    docs = nlp.pipe([c for _, c in texts], batch_size=batch_size)
+    tagged = tqdm(zip(texts, docs, captions), desc="tagging captions", total=len(captions), unit="caption",
+                  disable=not progress)
     result = []
-    for (lowered, cased), doc, caption in zip(texts, nlp.pipe([c for _, c in texts], batch_size=batch_size), captions):
+    for (lowered, cased), doc, caption in tagged:
         pieces = _pieces(tokenizer, lowered)
         if [piece[0] for piece in pieces] != tokenizer.encode_words(caption):
             raise RuntimeError(f"word pieces disagree with the CLIP tokenizer for caption {caption!r}")
@@ -177,10 +184,10 @@ class TagCache:
         for caption, tags in piece_tags.items():
             self.tags[caption] = "".join(str(int(tag)) for tag in tags)
 
-    def add(self, captions: Iterable[str], tokenizer: Tokenizer, nlp) -> int:
+    def add(self, captions: Iterable[str], tokenizer: Tokenizer, nlp, progress: bool = False) -> int:
         """Tag the captions not yet cached; returns how many were added."""
         missing = sorted(set(captions) - self.tags.keys())
-        self.update(dict(zip(missing, tag_pieces(missing, tokenizer, nlp))))
+        self.update(dict(zip(missing, tag_pieces(missing, tokenizer, nlp, progress=progress))))
         return len(missing)
 
     def save(self) -> None:
@@ -248,13 +255,15 @@ def tag_file(
     spacy_model: str = "en_core_web_sm",
     format: str = "auto",
     splits: list[str] | None = None,
+    progress: bool = False,
 ) -> TagCache:
-    """Tag every caption of an annotation file not yet in the cache at `cache_path`, and save it."""
+    """Tag every caption of an annotation file not yet in the cache at `cache_path`, and save it;
+    with `progress`, a tqdm bar on stderr."""
     captions = read_captions(annotation_path, format, splits)
     cache = TagCache(cache_path, length=length)
     missing = len(set(captions) - cache.tags.keys())
     log.info("%d captions (%d distinct), %d to tag", len(captions), len(set(captions)), missing)
     if missing:
-        cache.add(captions, Tokenizer(length), load_spacy(spacy_model))
+        cache.add(captions, Tokenizer(length), load_spacy(spacy_model), progress)
     cache.save()
     return cache

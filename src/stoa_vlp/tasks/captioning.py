@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+from tqdm import tqdm
 
 from stoa_vlp.batch import Batch
 from stoa_vlp.metrics.captioning import CaptionScorer
@@ -84,18 +85,19 @@ def evaluate_captioning(
     length_penalty: float = 1.0,
     max_tokens: int | None = None,
     batch_size: int = 32,
+    progress: bool = False,
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Caption every unique video of `loader` and score against `references` ({video_id: captions}).
 
-    Returns (metrics, {video_id: generated caption}).
+    Returns (metrics, {video_id: generated caption}). With `progress`, tqdm bars on stderr.
     """
-    ids, videos = encode_videos(model, loader, device)
+    ids, videos = encode_videos(model, loader, device, progress)
     require_one_clip_per_video(ids, "captioning")
     missing = [video_id for video_id in ids if video_id not in references]
     if missing:
         raise ValueError(f"no reference captions for {len(missing)} videos (first: {missing[:5]})")
     predictions: dict[str, str] = {}
-    for start in range(0, len(ids), batch_size):
+    for start in tqdm(range(0, len(ids), batch_size), desc="captioning", unit="batch", disable=not progress):
         index = torch.arange(start, min(start + batch_size, len(ids)), device=videos.video.device)
         captions = generate_captions(model, videos.index_select(index), tokenizer, beam_size, length_penalty, max_tokens)
         predictions.update(zip(ids[start : start + batch_size], captions))

@@ -86,16 +86,19 @@ def _jsfusion_rows(path: Path) -> list[tuple[str, dict]]:
 
 @torch.no_grad()
 def option_scores(model, videos, video_rows: list[int], choices: list[Choice], tokenizer: Tokenizer, device,
-                  video_feature: str = "mean", batch_size: int = 256) -> dict[str, list[torch.Tensor]]:
+                  video_feature: str = "mean", batch_size: int = 256,
+                  progress: bool = False) -> dict[str, list[torch.Tensor]]:
     """{"vtm": [(options,) P(matched) per item], "vtc": [(options,) cosine per item]};
-    item i's video is row video_rows[i] of VideoFeatures `videos`."""
+    item i's video is row video_rows[i] of VideoFeatures `videos`. With `progress`, tqdm bars on stderr."""
     captions = [option for choice in choices for option in choice.options]
     owner = torch.tensor([video_rows[i] for i, choice in enumerate(choices) for _ in choice.options], dtype=torch.long)
     tokens, mask = tokenizer(captions)
-    texts = encode_texts(model, tokens, mask, device, batch_size)
+    texts = encode_texts(model, tokens, mask, device, batch_size, progress)
     cosine = contrastive_similarity(videos, texts, video_feature).cpu()  # (num_options, num_items)
     vtc = cosine[torch.arange(len(owner)), owner]
-    vtm = match_probability(model, videos, texts, torch.arange(len(owner)), owner, batch_size)
+    vtm = match_probability(
+        model, videos, texts, torch.arange(len(owner)), owner, batch_size, progress, "matching options"
+    )
     sizes = [len(choice.options) for choice in choices]
     return {"vtm": list(vtm.split(sizes)), "vtc": list(vtc.split(sizes))}
 
@@ -108,6 +111,7 @@ def evaluate_multiple_choice(
     device,
     scoring: str = "vtm",
     video_feature: str = "mean",
+    progress: bool = False,
 ) -> dict[str, float]:
     """{"accuracy" (by `scoring`), "accuracy_vtm", "accuracy_vtc", "num_items"} in percent.
 
@@ -115,14 +119,14 @@ def evaluate_multiple_choice(
     """
     if scoring not in SCORINGS:
         raise ValueError(f"task.mc_scoring must be one of {SCORINGS}, got {scoring!r}")
-    ids, videos = encode_videos(model, video_loader, device)
+    ids, videos = encode_videos(model, video_loader, device, progress)
     require_one_clip_per_video(ids, "multiple-choice")
     position = {video_id: row for row, video_id in enumerate(ids)}
     missing = sorted({c.video_id for c in choices} - set(position))
     if missing:
         raise ValueError(f"the video loader gave no clip for {len(missing)} items' videos (e.g. {missing[:3]})")
     rows = [position[choice.video_id] for choice in choices]
-    scores = option_scores(model, videos, rows, choices, tokenizer, device, video_feature)
+    scores = option_scores(model, videos, rows, choices, tokenizer, device, video_feature, progress=progress)
     metrics = {}
     for name in SCORINGS:
         hits = [int(item_scores.argmax()) == choice.answer for item_scores, choice in zip(scores[name], choices)]

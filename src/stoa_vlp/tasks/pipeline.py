@@ -186,7 +186,7 @@ class TaskRunner:
             return evaluate_retrieval_records(
                 model, loader, records, self.tokenizer, self.device, config.task.rerank_k,
                 DUAL_SOFTMAX_SCALE if config.task.dual_softmax else None, config.loss.vtc_video_feature,
-                querybank_captions=querybank, qb_norm_beta=config.task.qb_norm_beta,
+                querybank_captions=querybank, qb_norm_beta=config.task.qb_norm_beta, progress=config.train.progress,
             )
         if self.task == "captioning":
             from stoa_vlp.tasks.captioning import evaluate_captioning
@@ -198,7 +198,7 @@ class TaskRunner:
                 references.setdefault(record.video_id, []).extend(record.captions)
             metrics, self.captions = evaluate_captioning(
                 model, loader, self.device, references, self.scorer, self.tokenizer, config.task.beam_size,
-                config.task.length_penalty, config.task.max_caption_tokens or None,
+                config.task.length_penalty, config.task.max_caption_tokens or None, progress=config.train.progress,
             )
             return metrics
         if self.task == "qa":
@@ -210,7 +210,8 @@ class TaskRunner:
             dataset, collate, kept = question_dataset(
                 questions, self.answers, config, False, paths, self.detections, self.label_vocab
             )
-            return evaluate_qa(module, evaluation_loader(dataset, config, collate), self.device, kept)
+            return evaluate_qa(module, evaluation_loader(dataset, config, collate), self.device, kept,
+                               progress=config.train.progress)
         from stoa_vlp.tasks.multiple_choice import evaluate_multiple_choice, read_choices
 
         path = self._split_file(split)
@@ -222,5 +223,6 @@ class TaskRunner:
         records = [VideoRecord(video_id, paths[video_id], None, None, [text]) for video_id, text in first_option.items()]
         loader = video_loader(records, config, self.detections, self.label_vocab)
         return evaluate_multiple_choice(
-            model, loader, choices, self.tokenizer, self.device, config.task.mc_scoring, config.loss.vtc_video_feature
+            model, loader, choices, self.tokenizer, self.device, config.task.mc_scoring, config.loss.vtc_video_feature,
+            progress=config.train.progress,
         )

@@ -29,6 +29,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from stoa_vlp.checks import require
 from stoa_vlp.data.annotations import VideoRecord
@@ -221,12 +222,15 @@ def accuracy_by_type(correct: list[bool], answer_types: list[str]) -> dict[str, 
 
 
 @torch.no_grad()
-def predict(qa_model: QAModel, loader: Iterable[LabelledBatch], device) -> tuple[list[int], list[int]]:
-    """(predicted class ids, true labels with -1 for out-of-vocabulary) over an evaluation loader."""
+def predict(
+    qa_model: QAModel, loader: Iterable[LabelledBatch], device, progress: bool = False
+) -> tuple[list[int], list[int]]:
+    """(predicted class ids, true labels with -1 for out-of-vocabulary) over an evaluation loader;
+    with `progress`, a tqdm bar on stderr."""
     was_training = qa_model.training
     qa_model.eval()
     predicted, labels = [], []
-    for batch in loader:
+    for batch in tqdm(loader, desc="answering questions", unit="batch", disable=not progress):
         batch = batch.to(device)
         predicted += qa_model.logits(batch).argmax(dim=-1).tolist()
         labels += batch.labels.tolist()
@@ -234,9 +238,11 @@ def predict(qa_model: QAModel, loader: Iterable[LabelledBatch], device) -> tuple
     return predicted, labels
 
 
-def evaluate_qa(qa_model: QAModel, loader: Iterable[LabelledBatch], device, questions: list[Question]) -> dict[str, float]:
+def evaluate_qa(
+    qa_model: QAModel, loader: Iterable[LabelledBatch], device, questions: list[Question], progress: bool = False
+) -> dict[str, float]:
     """Accuracy overall and per answer type; `questions` in loader order."""
-    predicted, labels = predict(qa_model, loader, device)
+    predicted, labels = predict(qa_model, loader, device, progress)
     if len(predicted) != len(questions):
         raise ValueError(f"loader gave {len(predicted)} rows for {len(questions)} questions")
     correct = [p == label for p, label in zip(predicted, labels)]  # label -1 never matches

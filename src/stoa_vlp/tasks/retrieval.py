@@ -5,6 +5,7 @@ similarity (cosine of the sentence feature and the clip embedding chosen by
 `loss.vtc_video_feature`, meanP by default), then optionally re-ranks each query's contrastive
 top-k with the fusion encoder's matching head (VTM), in both directions.
 Only the top-k pairs are fused; the other candidates keep their (lower) contrastive scores.
+With `progress=True`, the loops over batches show a tqdm bar on stderr; by default they are quiet.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Iterable, TypeVar
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from stoa_vlp.batch import Batch
 from stoa_vlp.metrics.retrieval import querybank_normalise, rerank_top_k, retrieval_metrics
@@ -39,7 +41,7 @@ def encode_batch_videos(model, batch: Batch, rows: torch.Tensor | None = None):
     return model.encode_video(*fields)
 
 
-def _encode(model, loader: Iterable[Batch], device, texts: bool):
+def _encode(model, loader: Iterable[Batch], device, texts: bool, progress: bool = False):
     """(VideoFeatures of each clip, TextFeatures of every row or None, text_to_video, each clip's video id)
     over a loader. Clips are told apart by `Batch.video_index` (one per annotation record), so two
     moments of one video are two clips."""
@@ -47,7 +49,9 @@ def _encode(model, loader: Iterable[Batch], device, texts: bool):
     model.eval()
     video_parts, text_parts, text_to_video, video_ids = [], [], [], []
     clip_position: dict[int, int] = {}  # video_index -> position among the clips
-    for batch in loader:
+    work = "encoding videos and captions" if texts else "encoding videos"
+    # tqdm takes len(loader) as the total; a stream without a length (TypeError) gets none
+    for batch in tqdm(loader, desc=work, unit="batch", disable=not progress):
         batch = batch.to(device)
         new_rows = []
         for row, (clip, video_id) in enumerate(zip(batch.video_index.tolist(), batch.video_ids)):
@@ -78,34 +82,35 @@ def require_one_clip_per_video(video_ids: list[str], task: str) -> None:
 
 
 @torch.no_grad()
-def encode_videos(model, loader: Iterable[Batch], device) -> tuple[list[str], object]:
+def encode_videos(model, loader: Iterable[Batch], device, progress: bool = False) -> tuple[list[str], object]:
     """(each clip's video id, VideoFeatures of each clip) in first-seen order over a loader of Batches."""
-    videos, _, _, ids = _encode(model, loader, device, texts=False)
+    videos, _, _, ids = _encode(model, loader, device, texts=False, progress=progress)
     return ids, videos
 
 
 @torch.no_grad()
-def encode_texts(model, tokens: torch.Tensor, mask: torch.Tensor, device, batch_size: int = 256):
+def encode_texts(model, tokens: torch.Tensor, mask: torch.Tensor, device, batch_size: int = 256,
+                 progress: bool = False):
     """TextFeatures of token rows (N, L) with their masks, in batches."""
     was_training = model.training
     model.eval()
+    starts = tqdm(range(0, len(tokens), batch_size), desc="encoding captions", unit="batch", disable=not progress)
     parts = [
-        model.encode_text(tokens[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
-        for i in range(0, len(tokens), batch_size)
+        model.encode_text(tokens[i : i + batch_size].to(device), mask[i : i + batch_size].to(device)) for i in starts
     ]
     model.train(was_training)
     return concat_features(parts)
 
 
 @torch.no_grad()
-def extract_features(model, loader: Iterable[Batch], device: torch.device | str):
+def extract_features(model, loader: Iterable[Batch], device: torch.device | str, progress: bool = False):
     """Encode each clip once and every caption.
 
     Returns (VideoFeatures of the clips in first-seen order, TextFeatures of all captions in loader
     order, text_to_video (num_texts,) long index into the clips). Clips are told apart by
     `Batch.video_index`. Features stay on `device`.
     """
-    videos, texts, text_to_video, _ = _encode(model, loader, device, texts=True)
+    videos, texts, text_to_video, _ = _encode(model, loader, device, texts=True, progress=progress)
     return videos, texts, text_to_video
 
 
@@ -117,14 +122,16 @@ def contrastive_similarity(videos, texts, video_feature: str) -> torch.Tensor:
 
 @torch.no_grad()
 def match_probability(
-    model, videos, texts, text_index: torch.Tensor, video_index: torch.Tensor, batch_size: int = 256
+    model, videos, texts, text_index: torch.Tensor, video_index: torch.Tensor, batch_size: int = 256,
+    progress: bool = False, work: str = "matching pairs",
 ) -> torch.Tensor:
-    """P(matched) from the fusion encoder's matching head for the pairs (text_index[i], video_index[i])."""
+    """P(matched) from the fusion encoder's matching head for the pairs (text_index[i], video_index[i]);
+    `work` names the bar shown with `progress`."""
     was_training = model.training
     model.eval()
     device = videos.video.device
     probabilities = []
-    for start in range(0, len(text_index), batch_size):
+    for start in tqdm(range(0, len(text_index), batch_size), desc=work, unit="batch", disable=not progress):
         t = text_index[start : start + batch_size].to(device)
         v = video_index[start : start + batch_size].to(device)
         fused = model.fuse(videos.index_select(v), texts.tokens[t], texts.mask[t], mode="bidirectional")
@@ -139,7 +146,7 @@ def logit_scale_value(model) -> float:
 
 
 def rerank_similarities(
-    model, videos, texts, similarity: torch.Tensor, k: int, batch_size: int = 256
+    model, videos, texts, similarity: torch.Tensor, k: int, batch_size: int = 256, progress: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fusion re-ranking of the contrastive top-k in both directions.
 
@@ -149,10 +156,10 @@ def rerank_similarities(
     scale = logit_scale_value(model)
 
     def text_queries(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return match_probability(model, videos, texts, t, v, batch_size)
+        return match_probability(model, videos, texts, t, v, batch_size, progress, f"re-ranking top-{k} t2v pairs")
 
     def video_queries(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return match_probability(model, videos, texts, t, v, batch_size)
+        return match_probability(model, videos, texts, t, v, batch_size, progress, f"re-ranking top-{k} v2t pairs")
 
     t2v = rerank_top_k(similarity, k, text_queries, prior_scale=scale)
     v2t = rerank_top_k(similarity.t(), k, video_queries, prior_scale=scale)
@@ -170,6 +177,7 @@ def retrieval_metrics_of_features(
     pair_batch_size: int = 256,
     querybank=None,
     qb_norm_beta: float = 20.0,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Metrics from encoded videos and captions (see `evaluate_retrieval` for the keys); with
     `querybank` (encoded training captions), also "t2v_qb_..." after QB-Norm."""
@@ -181,7 +189,7 @@ def retrieval_metrics_of_features(
         t2v = retrieval_metrics(normalised, text_to_video, directions=("t2v",))
         metrics.update({k.replace("t2v_", "t2v_qb_"): v for k, v in t2v.items()})
     if rerank_k > 0:
-        t2v, v2t = rerank_similarities(model, videos, texts, similarity, rerank_k, pair_batch_size)
+        t2v, v2t = rerank_similarities(model, videos, texts, similarity, rerank_k, pair_batch_size, progress)
         reranked_t2v = retrieval_metrics(t2v, text_to_video, directions=("t2v",))
         reranked_v2t = retrieval_metrics(v2t.t(), text_to_video, directions=("v2t",))
         metrics.update({k.replace("t2v_", "t2v_rerank_"): v for k, v in reranked_t2v.items()})
@@ -199,6 +207,7 @@ def evaluate_retrieval(
     dual_softmax_scale: float | None = None,
     video_feature: str = "mean",
     pair_batch_size: int = 256,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Retrieval metrics of `model` on the captions and videos of `loader` (one row per caption).
 
@@ -207,9 +216,10 @@ def evaluate_retrieval(
     fusion re-ranking of each query's top-k; with `dual_softmax_scale`, "t2v_dsl_..." and
     "v2t_dsl_..." from dual softmax on the contrastive similarity. Also "num_texts", "num_videos".
     """
-    videos, texts, text_to_video = extract_features(model, loader, device)
+    videos, texts, text_to_video = extract_features(model, loader, device, progress)
     return retrieval_metrics_of_features(
-        model, videos, texts, text_to_video, rerank_k, dual_softmax_scale, video_feature, pair_batch_size
+        model, videos, texts, text_to_video, rerank_k, dual_softmax_scale, video_feature, pair_batch_size,
+        progress=progress,
     )
 
 
@@ -225,21 +235,22 @@ def evaluate_retrieval_records(
     pair_batch_size: int = 256,
     querybank_captions: list[str] | None = None,
     qb_norm_beta: float = 20.0,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Like `evaluate_retrieval`, but decodes each record's clip once (`video_loader` has one row per
     record, in record order) and takes every caption of every record as a query; with
     `querybank_captions` (e.g. the training captions), also QB-Norm's "t2v_qb_..." numbers."""
-    ids, videos = encode_videos(model, video_loader, device)
+    ids, videos = encode_videos(model, video_loader, device, progress)
     if ids != [record.video_id for record in records]:
         raise ValueError("the video loader must hold one row per record, in record order")
     captions = [caption for record in records for caption in record.captions]
     text_to_video = torch.tensor([i for i, record in enumerate(records) for _ in record.captions], dtype=torch.long)
     tokens, mask = tokenizer(captions)
-    texts = encode_texts(model, tokens, mask, device, pair_batch_size)
+    texts = encode_texts(model, tokens, mask, device, pair_batch_size, progress)
     querybank = None
     if querybank_captions is not None:
-        querybank = encode_texts(model, *tokenizer(querybank_captions), device, pair_batch_size)
+        querybank = encode_texts(model, *tokenizer(querybank_captions), device, pair_batch_size, progress)
     return retrieval_metrics_of_features(
         model, videos, texts, text_to_video, rerank_k, dual_softmax_scale, video_feature, pair_batch_size,
-        querybank, qb_norm_beta,
+        querybank, qb_norm_beta, progress,
     )

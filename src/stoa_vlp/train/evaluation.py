@@ -57,7 +57,8 @@ def retrieval_loader(config: Config, split: str, max_videos: int = 0) -> Iterabl
 
 class RetrievalEvaluator:
     """`evaluator(module) -> metrics` for the Trainer: retrieval metrics (t2v_r1 ... v2t_mnr) of
-    `module.model` (or `module` itself) on a split. The loader is built on first use."""
+    `module.model` (or `module` itself) on a split. The loader is built on first use. The Trainer
+    runs it on rank 0 only, which shows its bars when `train.progress` is on."""
 
     def __init__(self, config: Config, split: str, device: torch.device, max_videos: int = 0):
         self.config, self.split, self.device, self.max_videos = config, split, device, max_videos
@@ -69,4 +70,5 @@ class RetrievalEvaluator:
         if self.loader is None:
             self.loader = retrieval_loader(self.config, self.split, self.max_videos)
         model = getattr(module, "model", module)
-        return evaluate_retrieval(model, self.loader, self.device, video_feature=self.config.loss.vtc_video_feature)
+        return evaluate_retrieval(model, self.loader, self.device, video_feature=self.config.loss.vtc_video_feature,
+                                  progress=self.config.train.progress)
