@@ -168,25 +168,45 @@ def stream_origin(stream) -> int:
 
 
 def _read_packets(container, stream, start: float | None, end: float | None) -> list:
-    """The stream's non-empty packets in decode order; with `start`, from the keyframe before it,
-    with `end`, up to the first keyframe after it (so long videos are not read whole)."""
-    import av
-
+    """The stream's non-empty packets in decode order; with `start`, from a keyframe shown at or
+    before it, with `end`, up to the second keyframe shown after it (so long videos are not read
+    whole): the first one's leading frames, in an open GOP, follow it in decode order but may be
+    shown before `end`."""
     origin = stream_origin(stream)
-    if start:
-        try:
-            container.seek(origin + int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
-        except av.FFmpegError:
-            pass  # not seekable: read from the beginning
+    packets = [] if not start else _seek_keyframe(container, stream, origin + int(start / stream.time_base))
     limit = None if end is None else origin + end / stream.time_base
-    packets = []
+    keyframes_past_end = 0
     for packet in container.demux(stream):
         if packet.size == 0:
             continue
         if limit is not None and packet.is_keyframe and packet.pts is not None and packet.pts > limit and packets:
-            break
+            keyframes_past_end += 1
+            if keyframes_past_end == 2:
+                break
         packets.append(packet)
     return packets
+
+
+def _seek_keyframe(container, stream, stamp: int) -> list:
+    """Seek to a keyframe shown at or before `stamp`; returns the packets read to check it.
+
+    FFmpeg may give an open GOP's keyframe shown after `stamp` when its leading frames (decoded
+    after it, shown before it, referencing the GOP before) are shown from `stamp` on: then seek
+    again from before that keyframe's decode stamp. Not seekable: read from the beginning.
+    """
+    import av
+
+    target, first = stamp, None
+    for _ in range(3):
+        try:
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+        except av.FFmpegError:
+            break
+        first = next((packet for packet in container.demux(stream) if packet.size), None)
+        if first is None or first.pts is None or first.dts is None or first.pts <= stamp:
+            break
+        target = min(first.pts, first.dts) - 1
+    return [first] if first is not None else []
 
 
 def _to_array(images: list) -> torch.Tensor:
@@ -288,20 +308,36 @@ def _decode_torchcodec(source, name, frames, sampling, start, end, rng, threads)
     if isinstance(source, (str, Path)) and not os.path.exists(source):
         raise VideoError(name, "file does not exist")
     try:
+        # frame times (s), in the order of the decoder's indices; not needed to sample the whole video
+        times = None if start is None and end is None else _torchcodec_times(source, name)
         decoder = VideoDecoder(str(source) if isinstance(source, Path) else source, seek_mode="exact")
     except (RuntimeError, ValueError) as error:
         raise VideoError(name, f"not a readable video ({error})") from None
     count = decoder.metadata.num_frames or 0
     if count == 0:
         raise VideoError(name, "has no video frames")
-    fps = decoder.metadata.average_fps
     begin = decoder.metadata.begin_stream_seconds or 0.0
-    times = np.arange(count) / fps  # used only to choose frames; returned times come from the decoder
-    chosen = _select(times, frames, sampling, start, end, rng, name)
+    if times is None:
+        chosen = segment_indices(count, frames, sampling, rng)
+    else:
+        chosen = _select(times - begin, frames, sampling, start, end, rng, name)
     batch = decoder.get_frames_at(indices=chosen.tolist())
     pixels = batch.data  # (T, 3, H, W) uint8
     stamps = batch.pts_seconds.double().numpy() - begin
     return DecodedClip(pixels, stamps, pixels.shape[3], pixels.shape[2])
+
+
+def _torchcodec_times(source, name) -> np.ndarray:
+    """Presentation times (s) of all frames, in the order of VideoDecoder's exact-mode indices,
+    from a scan (demuxing, no decoding): frame rates may vary and streams need not start at 0."""
+    try:
+        from torchcodec.decoders import Demuxer
+    except ImportError as error:
+        raise VideoError(name, f"data.decoder=torchcodec with start/end needs torchcodec's Demuxer (0.17 has it) ({error})") from None
+    times = Demuxer(str(source) if isinstance(source, Path) else source).streams[0].scan().pts_seconds.numpy()
+    if hasattr(source, "seek"):
+        source.seek(0)  # a file object, rewound for the VideoDecoder
+    return times
 
 
 def _natural_key(name: str) -> list:
