@@ -241,7 +241,7 @@ def test_detection_lines_for_unknown_videos_are_reported(world, tmp_path, caplog
     lines = open(world.detections).read().splitlines()
     extra = {"video_id": "video999", "width": 64, "height": 64, "frames": []}
     detections.write_text("\n".join(lines + [json.dumps(extra)]) + "\n")
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         loader = build_loader(tiny(world, f"data.detections={detections}", "data.batch_size=4"), "train")
     assert f"{detections}: 3 detection lines are for videos not in the train split of" in caplog.text  # video4, video5 (test), video999
     assert "video999" in caplog.text or "video4" in caplog.text

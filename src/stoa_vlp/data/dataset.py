@@ -508,8 +508,8 @@ def _load_side_data(config: Config, records: list[VideoRecord] | None, source: s
         if records is not None:
             known = {record.video_id for record in records}
             unknown = sorted(set(detections) - known)
-            if unknown:
-                log.warning(
+            if unknown:  # one detections file for all splits is usual
+                log.info(
                     "%s: %d detection lines are for videos not in %s (e.g. %s); they are ignored",
                     config.data.detections, len(unknown), source, unknown[0],
                 )

@@ -91,7 +91,6 @@ def demo_config(run: DemoRun) -> Config:
         f"data.video_root={world.videos}",
         f"data.detections={world.detections}",
         f"data.tags={world.root / 'tags.json'}",
-        f"data.label_vocab={run.folder / 'label_vocab.json'}",
         f"train.output_dir={run.folder / 'pretrain'}",
         f"train.seed={run.settings.seed}",
     ]
@@ -150,8 +149,9 @@ def pretrain_stage(run: DemoRun) -> None:
     seed_everything(config.train.seed)
     module = Pretrainer(build_model(config.model), config.loss)
     train_set = build_dataset(config, "train")
-    if getattr(train_set, "label_vocab", None) is not None and not Path(config.data.label_vocab).exists():
-        train_set.label_vocab.save(config.data.label_vocab)  # val and test use the training vocabulary
+    if train_set.label_vocab is not None:  # validation, test and the task stages use the training vocabulary
+        train_set.label_vocab.save(run.folder / "label_vocab.json")
+        config.data.label_vocab = str(run.folder / "label_vocab.json")
     env = DistEnv.current(config.train.device)
     evaluate = RetrievalEvaluator(config, "val", env.device) if run.settings.val_clips > 0 else None
     trainer = Trainer(config, module, train_set, collate, config.train.output_dir, env, evaluate)
