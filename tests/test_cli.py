@@ -51,3 +51,16 @@ def test_numeric_options_in_range_parse_to_numbers():
     assert positive_float("2.5") == 2.5
     assert non_negative_int("0") == 0
     assert fraction("1") == 1.0
+
+
+def test_the_executable_reports_bad_input_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope.json"
+    assert cli.console_main(["prepare", str(missing), str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"stoa-vlp prepare: error: {missing}: annotation file does not exist (-v shows the traceback)"]
+    with pytest.raises(ValueError, match="annotation file does not exist"):  # -v: the whole traceback
+        cli.console_main(["-v", "prepare", str(missing), str(tmp_path / "out")])
+    config = tmp_path / "bad.yaml"
+    config.write_text("model:\n  frams: 8\n")
+    assert cli.console_main(["pretrain", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith(f"stoa-vlp pretrain: error: {config}: unknown config key 'model.frams'")

@@ -3,6 +3,10 @@
 Each command module defines `HELP` (one line), `EXAMPLES` (shown by --help),
 `add_arguments(parser)` and `run(args) -> int`. Modules import heavy libraries inside `run`,
 so `stoa-vlp --help` stays fast.
+
+`main` raises what a command raises (for callers and tests); the `stoa-vlp` executable runs
+`console_main`, which prints a bad input's message (a missing file, a malformed annotation, a
+config error...) as one line and exits with 2, or with -v shows the traceback.
 """
 
 from __future__ import annotations
@@ -51,6 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bad_input_errors() -> tuple[type[BaseException], ...]:
+    """The errors that report bad input with a message naming it, rather than a fault of the program."""
+    from stoa_vlp.data.dataset import TooManyBadSamples
+    from stoa_vlp.data.decode import VideoError
+    from stoa_vlp.metrics.captioning import JavaMissingError
+    from stoa_vlp.train.checkpointing import CheckpointError
+    from stoa_vlp.train.loop import NonFiniteLossError
+
+    return (OSError, ValueError, VideoError, JavaMissingError, CheckpointError, NonFiniteLossError, TooManyBadSamples)
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The `stoa-vlp` executable: `main`, with bad input reported in one line (exit status 2)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return main(argv)
+    except bad_input_errors() as error:
+        if "-v" in argv or "--verbose" in argv:
+            raise
+        command = next((word for word in argv if word in COMMANDS), "")
+        print(f"stoa-vlp {command}: error: {error} (-v shows the traceback)".replace("  ", " "), file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -61,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
