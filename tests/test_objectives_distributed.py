@@ -14,7 +14,8 @@ from stoa_vlp.objectives.distributed import gather_features
 from stoa_vlp.objectives.vtc import ContrastiveEmbeddings, video_embedding, vtc_loss
 from stoa_vlp.objectives.vtm import vtm_loss
 
-GLOBAL_INDEX = torch.tensor([10, 10, 3, 7, 11, 12, 12, 4])  # 8 captions, two ranks of 4; repeats within a rank
+# 8 captions, two ranks of 4; repeats within a rank (10, 12) and across the ranks (3)
+GLOBAL_INDEX = torch.tensor([10, 10, 3, 7, 11, 12, 12, 3])
 # VTM draws fixed here (global rows); each rank has one caption and one video without a negative
 NEGATIVE_VIDEO = (torch.tensor([5, 6, 0, 2, 1, 3, 0, 7]), torch.tensor([1, 1, 0, 1, 1, 0, 1, 1], dtype=torch.bool))
 NEGATIVE_TEXT = (torch.tensor([4, 2, 7, 0, 3, 1, 5, 6]), torch.tensor([1, 0, 1, 1, 1, 1, 1, 0], dtype=torch.bool))

@@ -61,15 +61,7 @@ def gather_features(features: Features) -> Features:
 
 
 def global_video_index(video_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Make `video_index` unique across ranks; returns (this rank's ids (B,), all ranks' ids (W*B,)).
-
-    The ids of one rank are first renumbered as the position of their first occurrence in the batch
-    (0..B-1, equal ids stay equal; fixed shapes, no host sync), then offset by rank * B. Captions of
-    one video on one rank stay positives of each other; the same video on two ranks counts as two
-    videos (a distributed sampler that shards by video avoids it).
-    This is right whether the data pipeline numbers videos per batch or per dataset.
-    """
-    rank, _ = rank_and_world()
-    first_occurrence = (video_index[:, None] == video_index[None, :]).int().argmax(dim=1)  # (B,)
-    local = first_occurrence + rank * video_index.shape[0]
-    return local, gather_rows(local)
+    """(this rank's video ids (B,), all ranks' ids (W*B,)). The datasets number videos per dataset
+    (a record's index, a shard key's stable hash), so equal ids on two ranks are one video: its
+    captions are positives of each other, and never hard negatives of each other, wherever they are."""
+    return video_index, gather_rows(video_index)
