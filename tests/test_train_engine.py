@@ -181,6 +181,20 @@ def test_keep_last_and_best_survive_pruning(tmp_path):
     assert [r["score"] for r in val] == [0.5, 0.9, 0.1, 0.2, 0.3]
 
 
+def test_a_best_validation_between_saves_is_saved(tmp_path):
+    scores = iter([0.5, 0.3, 0.9, 0.1, 0.2, 0.4])
+    trainer = toy_trainer(
+        toy_config("train.steps=6", "train.save_every=2", "train.eval_every=1", "train.keep_last=5",
+                   "train.best_metric=val/score"),
+        tmp_path / "run",
+        evaluate=lambda module: {"score": next(scores)},
+    )
+    result = trainer.fit()
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run")]
+    assert names == ["step_00000001", "step_00000002", "step_00000003", "step_00000004", "step_00000006"]
+    assert ckpt.best_checkpoint(tmp_path / "run").name == "step_00000003" and result.best["step"] == 3
+
+
 def test_nonfinite_stop_names_step_and_videos(tmp_path):
     model = ToyModel()
     model.poison = {f"video{i}" for i in range(32)}

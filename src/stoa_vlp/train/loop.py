@@ -409,7 +409,6 @@ class Trainer:
     def _after_step(self, logger: MetricsLogger, result: TrainResult, train_metrics: dict[str, float]) -> None:
         final = self.step == self.train.steps
         validate = self.evaluate is not None and (final or self.step % self.train.eval_every == 0)
-        save = final or self.step % self.train.save_every == 0
         val_metrics: dict[str, float] = {}
         if validate:
             raw = self.validate()
@@ -419,7 +418,7 @@ class Trainer:
         is_best = self._is_best(val_metrics)
         if is_best:
             result.best = {"step": self.step, **val_metrics}
-        if save:
+        if final or self.step % self.train.save_every == 0 or is_best:  # the best is always saved
             result.last_checkpoint = self.save_checkpoint({**train_metrics, **val_metrics}, is_best)
 
 
