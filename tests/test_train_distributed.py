@@ -155,3 +155,26 @@ def test_fsdp_keeps_the_weight_decay_and_learning_rate_groups(tmp_path):
     expected = [[names[id(p)] for p in g["params"]] for g in single.optimizer.param_groups]
     assert len(expected) == 4  # tower / new x decay / no decay
     assert json.loads(report.read_text()) == expected
+
+
+def finetune_rank(rank: int, init_file: str, run_dir: str, task: str) -> None:
+    from stoa_vlp.tasks.captioning import CaptioningModule
+    from stoa_vlp.tasks.pipeline import task_config
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        settings = [*overrides(GLOBAL_BATCH // 2), "train.find_unused_parameters=false", "loss.vtm=1"]
+        config = task_config(load_config("tiny", settings), task)
+        model = tiny_pretrainer(config).model
+        module = CaptioningModule(model) if task == "captioning" else tiny_pretrainer(config)
+        Trainer(config, module, RandomClips(config), collate, run_dir, env=DistEnv.current("cpu")).fit()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("task", ["captioning", "retrieval"])
+def test_two_gloo_ranks_fine_tune(tmp_path, task):
+    """Fine-tuning modules leave parameters without gradient (DDP failed at the second step)."""
+    mp.spawn(finetune_rank, args=(str(tmp_path / "init"), str(tmp_path / "run"), task), nprocs=2, join=True)
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"][-1] == STEPS

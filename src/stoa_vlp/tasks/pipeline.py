@@ -58,6 +58,9 @@ def task_config(config: Config, task: str) -> Config:
             raise ValueError("retrieval fine-tuning needs loss.vtc or loss.vtm above 0")
     if config.train.best_metric == TrainConfig().best_metric:
         config.train.best_metric = f"val/{selection_metric(config)}"
+    # every task leaves parts of the model without gradient (retrieval the LM head, captioning the
+    # matching head...), which DDP must be told or it fails at the second step
+    config.train.find_unused_parameters = True
     return config
 
 
