@@ -7,7 +7,7 @@ import pytest
 
 from stoa_vlp.batch import TAG_NONE, TAG_NOUN, TAG_VERB
 from stoa_vlp.cli import main
-from stoa_vlp.data.tags import POS_TAGS, TagCache, load_spacy, tag_file, tag_pieces, tag_tokens
+from stoa_vlp.data.tags import POS_TAGS, TagCache, load_spacy, read_captions, tag_file, tag_pieces, tag_tokens
 from stoa_vlp.tokenizer import Tokenizer
 
 
@@ -156,6 +156,12 @@ def test_reading_a_missing_cache_is_an_error_but_tag_may_start_one(tmp_path):
     new.update({"a dog": np.array([0, 1])})
     new.save()
     assert TagCache.read(new.path).get("a dog").tolist() == [0, 0, 1, 0] + [0] * 8
+
+
+def test_text_file_captions_are_keyed_as_the_datasets_look_them_up(tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("A   man  is cooking pasta. \n\n\ta dog runs\n")
+    assert read_captions(captions) == ["A man is cooking pasta.", "a dog runs"]  # annotations.clean_caption
 
 
 def test_load_spacy_errors_name_the_pipeline():

@@ -9,7 +9,7 @@ from stoa_vlp.commands.common import add_config_arguments, add_run_arguments, wa
 HELP = "fine-tune on retrieval, captioning, video QA or multiple-choice (best checkpoint chosen on validation)"
 EXAMPLES = """examples:
   stoa-vlp finetune --task retrieval --config base --init runs/pretrain \\
-      --set data.train=msrvtt/train.8.5k.csv --set data.val=msrvtt/val.500.csv \\
+      --set data.train=msrvtt/MSRVTT_train.8.5k.csv --set data.val=msrvtt/MSRVTT_val.500.csv \\
       --set data.test=msrvtt/MSRVTT_JSFUSION_test.csv --set data.video_root=msrvtt/videos --test --output runs/msrvtt-ret
   stoa-vlp finetune --task captioning --config tiny --set data.train=world/MSRVTT_data.json \\
       --set data.val=world/MSRVTT_data.json --set data.test=world/MSRVTT_data.json --test --output runs/cap
@@ -17,7 +17,8 @@ EXAMPLES = """examples:
       --set data.video_root=world/videos --output runs/qa
 The test split (data.test) is evaluated once, with the best-on-validation checkpoint, only with --test.
 Validation must not hold test videos (a warning says when it does): MSR-VTT 1k-A has no validation
-split, so hold out part of the training list (train.8.5k.csv / val.500.csv above; see the README).
+split, so hold out part of the training list (MSRVTT_train.8.5k.csv / MSRVTT_val.500.csv above: the
+MSRVTT_ prefix tells data.format=auto the format; see the README).
 """
 
 

@@ -222,13 +222,13 @@ def read_captions(path: str | Path, format: str = "auto", splits: list[str] | No
     """Every caption of an annotation file: a plain text file (one caption per line) or any format
     `annotations.read_annotations` reads. Without `splits`, a format that needs one is read for
     each split it has."""
-    from stoa_vlp.data.annotations import SPLITS, AnnotationError, read_annotations
+    from stoa_vlp.data.annotations import SPLITS, AnnotationError, clean_caption, read_annotations
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"annotation file {path} does not exist")
     if format == "text" or (format == "auto" and path.suffix == ".txt"):
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return [clean_caption(line) for line in path.read_text().splitlines() if line.strip()]
     if splits:
         records = [r for split in splits for r in read_annotations(path, format=format, split=split)]
     else:
