@@ -164,15 +164,15 @@ def test_interrupted_checkpoint_write_leaves_last_good_one(tmp_path, monkeypatch
     assert not (run / "checkpoints" / ".tmp-step_00000003").exists()
 
 
+def fit_with_scores(run_dir, scores: list[float], *overrides: str):
+    """A toy run of len(scores) steps validated at every step, the evaluator returning `scores` in turn."""
+    given = iter(scores)
+    config = toy_config(f"train.steps={len(scores)}", "train.eval_every=1", "train.best_metric=val/score", *overrides)
+    return toy_trainer(config, run_dir, evaluate=lambda module: {"score": next(given)}).fit()
+
+
 def test_keep_last_and_best_survive_pruning(tmp_path):
-    scores = iter([0.5, 0.9, 0.1, 0.2, 0.3])
-    trainer = toy_trainer(
-        toy_config("train.steps=5", "train.save_every=1", "train.eval_every=1", "train.keep_last=2",
-                   "train.best_metric=val/score"),
-        tmp_path / "run",
-        evaluate=lambda module: {"score": next(scores)},
-    )
-    result = trainer.fit()
+    result = fit_with_scores(tmp_path / "run", [0.5, 0.9, 0.1, 0.2, 0.3], "train.save_every=1", "train.keep_last=2")
     names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run")]
     assert names == ["step_00000002", "step_00000004", "step_00000005"]
     assert ckpt.best_checkpoint(tmp_path / "run").name == "step_00000002"
@@ -182,14 +182,7 @@ def test_keep_last_and_best_survive_pruning(tmp_path):
 
 
 def test_a_best_validation_between_saves_is_saved(tmp_path):
-    scores = iter([0.5, 0.3, 0.9, 0.1, 0.2, 0.4])
-    trainer = toy_trainer(
-        toy_config("train.steps=6", "train.save_every=2", "train.eval_every=1", "train.keep_last=5",
-                   "train.best_metric=val/score"),
-        tmp_path / "run",
-        evaluate=lambda module: {"score": next(scores)},
-    )
-    result = trainer.fit()
+    result = fit_with_scores(tmp_path / "run", [0.5, 0.3, 0.9, 0.1, 0.2, 0.4], "train.save_every=2", "train.keep_last=5")
     names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run")]
     assert names == ["step_00000001", "step_00000002", "step_00000003", "step_00000004", "step_00000006"]
     assert ckpt.best_checkpoint(tmp_path / "run").name == "step_00000003" and result.best["step"] == 3
