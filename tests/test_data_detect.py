@@ -119,3 +119,14 @@ def test_two_videos_with_one_id_are_refused_before_any_detection(tmp_path):
     with pytest.raises(ValueError, match="two videos share the id 'clip'"):  # one JSONL line per id
         main(argv)
     assert not (tmp_path / "d.jsonl").exists()
+
+
+def test_a_run_without_one_readable_video_leaves_the_old_file(tmp_path, weights):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "broken.mp4").write_text("not a video")
+    out = tmp_path / "dets.jsonl"
+    out.write_text("earlier detections\n")
+    argv = ["detect", str(tmp_path / "videos"), "--weights", str(weights), "--out", str(out)]
+    with pytest.raises(ValueError, match=r"none of the 1 videos could be read: .*dets.jsonl was not written"):
+        main(argv + ["--min-size", "64", "--max-size", "64", "--proposals", "2"])
+    assert out.read_text() == "earlier detections\n"
