@@ -74,6 +74,8 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
         assert at_six["preprocessing"]["model.frames"] == {"training": 4, "evaluation": 6}
         assert "other inputs than the model was trained on: model.frames (4 in training, 6 here)" in caplog.text
         assert HEADLINE[task] in at_six["metrics"]
+        with pytest.raises(ValueError, match=r"does not match the model: shape mismatch: .*positional_embedding"):
+            main(["evaluate", str(run), "--split", "test", "--set", "model.image_size=64"])
     if task == "retrieval":  # QB-Norm on request, with the training captions as the query bank
         assert main(["evaluate", str(run), "--split", "test", "--set", "task.qb_norm=true",
                      "--report", str(tmp_path / "qb.json")]) == 0
@@ -107,6 +109,8 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
         assert main(["answer", "--checkpoint", str(run), str(video), "what shape moves left?", "--top", "2"]) == 0
         lines = capsys.readouterr().out.strip().splitlines()
         assert lines[0] == "Q: what shape moves left?" and len(lines) == 3 and lines[1].startswith("A: ")
+        assert main(["caption", "--checkpoint", str(run), str(video), "--max-tokens", "3"]) == 0  # its model part
+        assert capsys.readouterr().out.startswith(f"{video}\t")
     if task == "retrieval":
         index = tmp_path / "index"
         assert main(["index", str(world.videos), "--checkpoint", str(run), "--output", str(index),
@@ -125,3 +129,20 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
         state_file.write_text(json.dumps(state))
         with pytest.raises(SystemExit, match="is another model than .* was built with"):
             main(["search", str(index), "a red circle", "--checkpoint", str(moved)])
+
+
+def test_inference_detections_come_from_the_flag_or_an_override(world, tmp_path):
+    from types import SimpleNamespace
+
+    from stoa_vlp.commands.task_common import inference_config
+
+    run = tmp_path / "run"
+    assert main(["finetune", "--task", "retrieval", *common(world, run), "--set", f"data.train={world.annotations}",
+                 "--set", "task.rerank_k=0"]) == 0
+
+    def detections(flag, overrides):
+        return inference_config(SimpleNamespace(checkpoint=str(run), detections=flag, overrides=overrides))[1].data.detections
+
+    assert detections(None, []) == ""  # the training videos' detections are not the user's
+    assert detections("mine.jsonl", []) == "mine.jsonl"
+    assert detections(None, ["data.detections=theirs.jsonl"]) == "theirs.jsonl"

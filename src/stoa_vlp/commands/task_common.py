@@ -81,9 +81,19 @@ def load_task_weights(module: nn.Module, checkpoint: Path) -> None:
     from stoa_vlp.train.loop import weights_prefix
 
     prefix = weights_prefix(module)
-    weights = load_weights(checkpoint / "model.safetensors")
+    weights = model_part(module, load_weights(checkpoint / "model.safetensors"))
     state = resample_frame_tables(module, {prefix + name: value for name, value in weights.items()}, str(checkpoint))
     load_module_state(module, state, str(checkpoint))
+
+
+def model_part(module: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` for `module`; for a bare STOAVLP from a task module with a head of its own (QA saves
+    "model.*" and "head.*"), the model's weights without their prefix, the head left out."""
+    from stoa_vlp.model import STOAVLP
+
+    if not isinstance(module, STOAVLP) or any(name in weights for name in module.state_dict()):
+        return weights
+    return {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")}
 
 
 def init_folder(path: str | Path) -> Path:
@@ -100,7 +110,7 @@ def load_model_weights_from(model: nn.Module, path: str | Path) -> Path:
     from stoa_vlp.train.checkpointing import load_module_state, load_weights
 
     folder = init_folder(path)
-    state = resample_frame_tables(model, load_weights(folder / "model.safetensors"), str(folder))
+    state = resample_frame_tables(model, model_part(model, load_weights(folder / "model.safetensors")), str(folder))
     load_module_state(model, state, str(folder))
     return folder
 
@@ -152,8 +162,8 @@ def add_inference_arguments(parser) -> None:
 def inference_config(args) -> tuple[Path, Config]:
     """(checkpoint folder, its config with --set and --detections applied)."""
     checkpoint = resolve_checkpoint(args.checkpoint)
-    overrides = list(args.overrides)
-    overrides.append(f"data.detections={args.detections or ''}")
+    # the training videos' detections are not the user's videos': none unless --detections or --set give them
+    overrides = [f"data.detections={args.detections or ''}", *args.overrides]
     _, config = checkpoint_config(checkpoint, overrides)
     return checkpoint, config
 

@@ -88,14 +88,11 @@ def to_cpu(state: Any) -> Any:
 
 
 def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load that names the missing and unexpected keys."""
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{source} does not match the model: missing keys {result.missing_keys[:10]}"
-            f"{' ...' if len(result.missing_keys) > 10 else ''}, unexpected keys {result.unexpected_keys[:10]}"
-            f"{' ...' if len(result.unexpected_keys) > 10 else ''}"
-        )
+    """Strict load that names the missing, unexpected and mis-shaped keys (a ValueError, not PyTorch's
+    RuntimeError from deep inside)."""
+    from stoa_vlp.model.checkpoint import load_state_checked
+
+    load_state_checked(module, state, source)
 
 
 # ---- RNG ---------------------------------------------------------------------------------------
