@@ -146,3 +146,16 @@ def test_inference_detections_come_from_the_flag_or_an_override(world, tmp_path)
     assert detections(None, []) == ""  # the training videos' detections are not the user's
     assert detections("mine.jsonl", []) == "mine.jsonl"
     assert detections(None, ["data.detections=theirs.jsonl"]) == "theirs.jsonl"
+
+
+def test_a_recorded_selection_metric_follows_the_task():
+    from stoa_vlp.config import load_config
+    from stoa_vlp.tasks.pipeline import task_config
+
+    retrieval = task_config(load_config("tiny"), "retrieval")  # a run's config.yaml records this
+    assert retrieval.train.best_metric == "val/t2v_rerank_r1"
+    assert task_config(retrieval, "qa").train.best_metric == "val/accuracy"
+    retrieval.task.rerank_k = 0
+    assert task_config(retrieval, "retrieval").train.best_metric == "val/t2v_r1"
+    chosen = load_config("tiny", ["train.best_metric=val/t2v_r5"])
+    assert task_config(chosen, "retrieval").train.best_metric == "val/t2v_r5"  # a choice of the user's stays

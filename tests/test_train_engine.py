@@ -181,6 +181,12 @@ def test_keep_last_and_best_survive_pruning(tmp_path):
     assert [r["score"] for r in val] == [0.5, 0.9, 0.1, 0.2, 0.3]
 
 
+def test_a_best_metric_that_validation_lacks_is_named(tmp_path, caplog):
+    result = fit_with_scores(tmp_path / "run", [0.5, 0.9], "train.best_metric=val/t2v_rerank_r1")
+    assert result.best is None and ckpt.best_checkpoint(tmp_path / "run") is None
+    assert caplog.text.count("train.best_metric val/t2v_rerank_r1 is not among the validation metrics (val/score)") == 1
+
+
 def test_a_best_validation_between_saves_is_saved(tmp_path):
     result = fit_with_scores(tmp_path / "run", [0.5, 0.3, 0.9, 0.1, 0.2, 0.4], "train.save_every=2", "train.keep_last=5")
     names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run")]

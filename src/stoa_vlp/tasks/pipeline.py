@@ -44,7 +44,7 @@ def selection_metric(config: Config) -> str:
 
 def task_config(config: Config, task: str) -> Config:
     """A copy of `config` set up for `task`: task.name, the retrieval losses only (retrieval, mc),
-    and train.best_metric = the task's validation metric unless it was changed from the default."""
+    and train.best_metric = the task's validation metric unless set to a metric no task selects by."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     config = dataclasses.replace(
@@ -56,7 +56,8 @@ def task_config(config: Config, task: str) -> Config:
             setattr(config.loss, name, 0.0)
         if not any(getattr(config.loss, name) > 0 for name in RETRIEVAL_LOSSES):
             raise ValueError("retrieval fine-tuning needs loss.vtc or loss.vtm above 0")
-    if config.train.best_metric == TrainConfig().best_metric:
+    automatic = {TrainConfig().best_metric, "val/t2v_rerank_r1", *(f"val/{name}" for name in SELECTION_METRIC.values())}
+    if config.train.best_metric in automatic:  # also when a run's config.yaml recorded another task's
         config.train.best_metric = f"val/{selection_metric(config)}"
     # every task leaves parts of the model without gradient (retrieval the LM head, captioning the
     # matching head...), which DDP must be told or it fails at the second step

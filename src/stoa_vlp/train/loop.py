@@ -336,6 +336,9 @@ class Trainer:
     def _is_best(self, metrics: dict[str, float]) -> bool:
         value = metrics.get(self.train.best_metric)
         if value is None:
+            if metrics and len(self.validations) == 1 and self.env.is_main:  # said once, at the first validation
+                log.warning("train.best_metric %s is not among the validation metrics (%s): no best checkpoint "
+                            "is selected", self.train.best_metric, ", ".join(sorted(metrics)))
             return False
         if self.best_value is None or value > self.best_value:
             self.best_value = value
