@@ -159,3 +159,13 @@ def test_a_recorded_selection_metric_follows_the_task():
     assert task_config(retrieval, "retrieval").train.best_metric == "val/t2v_r1"
     chosen = load_config("tiny", ["train.best_metric=val/t2v_r5"])
     assert task_config(chosen, "retrieval").train.best_metric == "val/t2v_r5"  # a choice of the user's stays
+
+
+def test_task_settings_are_checked_before_training():
+    from stoa_vlp.config import load_config
+    from stoa_vlp.tasks.pipeline import task_config
+
+    bad = load_config("tiny", ["task.max_caption_tokens=40", "task.mc_scoring=cosine", "task.beam_size=0"])
+    with pytest.raises(ValueError, match=r"task.max_caption_tokens must be 0 .* up to model.text_len - 1 = 23, got 40; "
+                                         r"task.mc_scoring must be one of vtm, vtc, got 'cosine'; task.beam_size"):
+        task_config(bad, "captioning")

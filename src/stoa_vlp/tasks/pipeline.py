@@ -42,11 +42,31 @@ def selection_metric(config: Config) -> str:
     return name
 
 
+def check_task_settings(config: Config) -> None:
+    """A ValueError naming every task setting that would only fail at the first validation."""
+    from stoa_vlp.tasks.multiple_choice import SCORINGS
+
+    task, problems = config.task, []
+    if task.max_caption_tokens < 0 or task.max_caption_tokens + 1 > config.model.text_len:
+        problems.append(f"task.max_caption_tokens must be 0 (= model.text_len - 1) up to model.text_len - 1 "
+                        f"= {config.model.text_len - 1}, got {task.max_caption_tokens}")
+    if task.mc_scoring not in SCORINGS:
+        problems.append(f"task.mc_scoring must be one of {', '.join(SCORINGS)}, got {task.mc_scoring!r}")
+    for name in ("beam_size", "answers"):
+        if getattr(task, name) < 1:
+            problems.append(f"task.{name} must be at least 1, got {getattr(task, name)}")
+    if task.rerank_k < 0:
+        problems.append(f"task.rerank_k must be 0 (off) or more, got {task.rerank_k}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def task_config(config: Config, task: str) -> Config:
     """A copy of `config` set up for `task`: task.name, the retrieval losses only (retrieval, mc),
     and train.best_metric = the task's validation metric unless set to a metric no task selects by."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    check_task_settings(config)
     config = dataclasses.replace(
         config, task=dataclasses.replace(config.task, name=task), loss=dataclasses.replace(config.loss),
         train=dataclasses.replace(config.train),
