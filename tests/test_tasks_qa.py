@@ -92,12 +92,15 @@ def test_a_given_answer_vocabulary_is_used_and_kept_with_the_run(tmp_path):
     alpro.write_text(json.dumps({"red": 1, "blue": 0, "two": 2}))
     questions = write_lines(tmp_path / "train.jsonl", [{"video_id": "v1", "question": "q?", "answer": "green"}] * 3)
     config = load_config("tiny", ["task.name=qa", f"task.answer_vocab={alpro}", f"data.train={questions}"])
-    runner = TaskRunner(config, "cpu", tmp_path / "run")
+    runner = TaskRunner(config, "cpu", tmp_path / "run", fine_tuning=True)
     assert runner.answers.answers == ["blue", "red", "two"]  # the file's labels, not the training answers
     assert json.loads((tmp_path / "run" / "answers.json").read_text()) == {"blue": 0, "red": 1, "two": 2}
     config.task.answer_vocab = ""
     assert TaskRunner(config, "cpu", tmp_path / "run").answers.answers == ["blue", "red", "two"]  # the run's own
-    assert TaskRunner(config, "cpu", tmp_path / "other").answers.answers == ["green"]
+    assert TaskRunner(config, "cpu", tmp_path / "other", fine_tuning=True).answers.answers == ["green"]
+    with pytest.raises(FileNotFoundError, match="elsewhere/answers.json does not exist: it holds the answers"):
+        TaskRunner(config, "cpu", tmp_path / "elsewhere")  # evaluation never makes up the head's answers
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_accuracy_overall_and_per_type_hand_computed():

@@ -91,7 +91,7 @@ def qa_stage(run) -> None:
     world = run.world
     config = stage_config(run, "qa", [f"data.train={world.qa['train']}", f"data.val={world.qa['val']}",
                                       f"data.test={world.qa['test']}"])
-    runner = TaskRunner(config, "cpu", Path(config.train.output_dir))
+    runner = TaskRunner(config, "cpu", Path(config.train.output_dir), fine_tuning=True)
     module, result = fine_tune(run, config, runner)
     metrics = runner.evaluate(module, "test")
     train_questions = read_questions(config.data.train)

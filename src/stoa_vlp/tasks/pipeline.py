@@ -88,11 +88,13 @@ def task_config(config: Config, task: str) -> Config:
 class TaskRunner:
     """Builds the task's module, training data and evaluations from a Config.
 
-    run_dir: where the QA answer vocabulary is saved (finetune) or read from (evaluate).
+    run_dir: the run folder, where fine-tuning (`fine_tuning`) saves the QA answer vocabulary and
+    evaluation reads it: the answers the trained head's outputs stand for.
     """
 
-    def __init__(self, config: Config, device, run_dir: str | Path | None = None):
+    def __init__(self, config: Config, device, run_dir: str | Path | None = None, fine_tuning: bool = False):
         self.config = config
+        self.fine_tuning = fine_tuning
         self.task = config.task.name
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r} (known: {', '.join(TASKS)})")
@@ -119,6 +121,9 @@ class TaskRunner:
         saved = self.run_dir / ANSWERS_FILE if self.run_dir is not None else None
         if saved is not None and saved.exists():
             return AnswerVocab.load(saved)
+        if saved is not None and not self.fine_tuning:
+            raise FileNotFoundError(f"{saved} does not exist: it holds the answers the QA head was fine-tuned on "
+                                    "(written by `stoa-vlp finetune --task qa`); give the checkpoint inside its run")
         if self.config.task.answer_vocab:
             vocab = AnswerVocab.load(self.config.task.answer_vocab)
         elif self.config.data.train:
@@ -127,7 +132,7 @@ class TaskRunner:
         else:
             raise ValueError("QA needs its answer vocabulary: set data.train (QA JSONL) or task.answer_vocab, "
                              f"or keep {ANSWERS_FILE} in the run folder")
-        if saved is not None:
+        if saved is not None:  # fine-tuning
             saved.parent.mkdir(parents=True, exist_ok=True)
             vocab.save(saved)
         return vocab
