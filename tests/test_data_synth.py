@@ -255,3 +255,13 @@ def test_world_paths_of_a_rendered_world(world, tmp_path):
                                "test": ["video9", "video10", "video11"]}
     with pytest.raises(FileNotFoundError, match="no world.json"):
         world_paths(tmp_path)
+
+
+def test_no_false_option_looks_like_the_clip():
+    still = WorldObject("circle", "blue", "still", Pose(20, 20, 6, 0), Pose(20, 20, 6, 0))
+    right = WorldObject("square", "yellow", "right", Pose(16, 46, 6, 0), Pose(48, 46, 6, 0))
+    clip = _clip(still, right)
+    looks_true = canonical_caption([("blue", "circle", "rotate"), ("yellow", "square", "right")])  # a circle spins unseen
+    options = {option for seed in range(300) for option in make_choice(clip, [], np.random.default_rng(seed))["options"]}
+    assert "a blue circle stays still while a yellow square moves right" in options  # the truth, in canonical words
+    assert looks_true not in options

@@ -467,6 +467,12 @@ def _perturb(clip: ClipSpec, rng: np.random.Generator) -> list[tuple[str, str, s
     return facts
 
 
+def _as_seen(fact: tuple[str, str, str]) -> tuple[str, str, str]:
+    """A fact as the pixels show it: a rotating circle looks like a still one."""
+    colour, shape, action = fact
+    return (colour, shape, "still") if (shape, action) == ("circle", "rotate") else fact
+
+
 def make_choice(clip: ClipSpec, world: list[ClipSpec], rng: np.random.Generator) -> dict:
     """A 5-way multiple-choice item: the true canonical caption and 4 false ones, 3 perturbations
     of this clip and one caption of another clip of `world` (more perturbations where no other
@@ -474,7 +480,7 @@ def make_choice(clip: ClipSpec, world: list[ClipSpec], rng: np.random.Generator)
     truth = clip.facts
     true_facts = [(o.colour, o.shape, o.action) for o in clip.objects]
     options = [canonical_caption(true_facts)]
-    seen = {frozenset(true_facts)}
+    seen = {frozenset(true_facts)}  # as the pixels show them: a rotating circle is a still one
     for attempt in range(200):
         if len(options) == 5:
             break
@@ -483,7 +489,7 @@ def make_choice(clip: ClipSpec, world: list[ClipSpec], rng: np.random.Generator)
             candidate = [(o.colour, o.shape, o.action) for o in other.objects]
         else:
             candidate = _perturb(clip, rng)
-        key = frozenset(candidate)
+        key = frozenset(map(_as_seen, candidate))
         if key in seen or key <= truth:  # already an option, or true of this clip
             continue
         seen.add(key)
