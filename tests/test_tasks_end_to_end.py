@@ -169,3 +169,22 @@ def test_task_settings_are_checked_before_training():
     with pytest.raises(ValueError, match=r"task.max_caption_tokens must be 0 .* up to model.text_len - 1 = 23, got 40; "
                                          r"task.mc_scoring must be one of vtm, vtc, got 'cosine'; task.beam_size"):
         task_config(bad, "captioning")
+
+
+@pytest.mark.parametrize("task", ["retrieval", "qa"])
+def test_validation_is_capped_at_its_first_videos(world, task):
+    from stoa_vlp.config import load_config
+    from stoa_vlp.model import build_model
+    from stoa_vlp.tasks.pipeline import TaskRunner, task_config
+
+    train, val, _ = SPLIT_FILES[task](world)
+    config = task_config(load_config("tiny", [f"data.train={train}", f"data.val={val}", "model.image_size=32",
+                                              f"data.video_root={world.videos}", "train.val_max_clips=1",
+                                              "task.rerank_k=0"]), task)
+    runner = TaskRunner(config, "cpu")
+    module = runner.module(build_model(config.model))
+    capped, whole = runner.evaluator("val")(module), runner.evaluate(module, "val")
+    if task == "retrieval":
+        assert (capped["num_videos"], whole["num_videos"]) == (1, 2)
+    else:
+        assert (capped["num_questions"], whole["num_questions"]) == (3, 6)  # 3 questions per clip

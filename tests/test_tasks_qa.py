@@ -140,7 +140,7 @@ def test_answer_slot_head_loss_and_evaluation():
     metrics = evaluate_qa(qa, [eval_batch], "cpu", questions)
     assert metrics["accuracy"] == pytest.approx(100 / 3)  # right, out-of-vocabulary (always wrong), wrong
     assert metrics["accuracy_colour"] == 100.0 and metrics["accuracy_count"] == 0.0
-    assert metrics["out_of_vocabulary"] == pytest.approx(100 / 3)
+    assert metrics["out_of_vocabulary"] == pytest.approx(100 / 3) and metrics["num_questions"] == 3
     with pytest.raises(ValueError, match="outside the vocabulary"):
         qa(eval_batch)
 

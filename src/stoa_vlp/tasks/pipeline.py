@@ -85,6 +85,20 @@ def task_config(config: Config, task: str) -> Config:
     return config
 
 
+def first_videos(items: list, count: int) -> list:
+    """The items (anything with a `video_id`) of the first `count` distinct videos, in order; all
+    of them when `count` is 0."""
+    if count <= 0:
+        return items
+    kept: set[str] = set()
+    chosen = []
+    for item in items:
+        if item.video_id in kept or len(kept) < count:
+            kept.add(item.video_id)
+            chosen.append(item)
+    return chosen
+
+
 class TaskRunner:
     """Builds the task's module, training data and evaluations from a Config.
 
@@ -200,16 +214,18 @@ class TaskRunner:
     # ---- evaluation --------------------------------------------------------------------------
 
     def evaluator(self, split: str):
-        """`evaluate(module) -> metrics` on `split`, for the Trainer's validation."""
-        return lambda module: self.evaluate(module, split)
+        """`evaluate(module) -> metrics` on `split`, for the Trainer's validation (its first
+        train.val_max_clips videos when that is set)."""
+        return lambda module: self.evaluate(module, split, self.config.train.val_max_clips)
 
-    def evaluate(self, module: nn.Module, split: str) -> dict[str, float]:
+    def evaluate(self, module: nn.Module, split: str, max_videos: int = 0) -> dict[str, float]:
+        """The task's metrics on `split`; with `max_videos`, on the items of its first `max_videos` videos."""
         model = getattr(module, "model", module)
         config = self.config
         if self.task == "retrieval":
             from stoa_vlp.tasks.retrieval import evaluate_retrieval_records
 
-            records = self._records(split)
+            records = first_videos(self._records(split), max_videos)
             loader = video_loader(records, config, self.detections, self.label_vocab)
             querybank = self.querybank_captions if config.task.qb_norm else None
             return evaluate_retrieval_records(
@@ -220,7 +236,7 @@ class TaskRunner:
         if self.task == "captioning":
             from stoa_vlp.tasks.captioning import evaluate_captioning
 
-            records = self._records(split)
+            records = first_videos(self._records(split), max_videos)
             loader = video_loader(records, config, self.detections, self.label_vocab)
             references = {}
             for record in records:
@@ -234,7 +250,7 @@ class TaskRunner:
             from stoa_vlp.tasks.qa import evaluate_qa, question_dataset, read_questions
 
             path = self._split_file(split)
-            questions = read_questions(path)
+            questions = first_videos(read_questions(path), max_videos)
             paths = self._video_paths([q.video_id for q in questions], path)
             dataset, collate, kept = question_dataset(
                 questions, self.answers, config, False, paths, self.detections, self.label_vocab
@@ -244,7 +260,7 @@ class TaskRunner:
         from stoa_vlp.tasks.multiple_choice import evaluate_multiple_choice, read_choices
 
         path = self._split_file(split)
-        choices = read_choices(path)
+        choices = first_videos(read_choices(path), max_videos)
         paths = self._video_paths([c.video_id for c in choices], path)
         first_option = {}
         for choice in choices:

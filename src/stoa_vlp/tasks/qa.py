@@ -241,13 +241,15 @@ def predict(
 def evaluate_qa(
     qa_model: QAModel, loader: Iterable[LabelledBatch], device, questions: list[Question], progress: bool = False
 ) -> dict[str, float]:
-    """Accuracy overall and per answer type; `questions` in loader order."""
+    """Accuracy overall and per answer type, the share of out-of-vocabulary answers and the number of
+    questions; `questions` in loader order."""
     predicted, labels = predict(qa_model, loader, device, progress)
     if len(predicted) != len(questions):
         raise ValueError(f"loader gave {len(predicted)} rows for {len(questions)} questions")
     correct = [p == label for p, label in zip(predicted, labels)]  # label -1 never matches
     metrics = accuracy_by_type(correct, [q.answer_type for q in questions])
     metrics["out_of_vocabulary"] = 100.0 * sum(label < 0 for label in labels) / len(labels)
+    metrics["num_questions"] = float(len(labels))
     return metrics
 
 

@@ -153,7 +153,7 @@ def pretrain_stage(run: DemoRun) -> None:
         train_set.label_vocab.save(run.folder / "label_vocab.json")
         config.data.label_vocab = str(run.folder / "label_vocab.json")
     env = DistEnv.current(config.train.device)
-    evaluate = RetrievalEvaluator(config, "val", env.device) if run.settings.val_clips > 0 else None
+    evaluate = RetrievalEvaluator(config, "val", env.device, config.train.val_max_clips) if run.settings.val_clips > 0 else None
     trainer = Trainer(config, module, train_set, collate, config.train.output_dir, env, evaluate)
     result = trainer.fit()
     run.model = module.model.eval()
