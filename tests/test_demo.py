@@ -83,3 +83,10 @@ def test_class_noun_agreement_counts_hits_and_the_chance_of_a_random_candidate()
     hits, chance = class_noun_agreement(matches, nouns)
     assert hits == 1  # only the red circle took a noun of its class
     assert chance == pytest.approx(2 / 5 + 1 / 5 + 2 / 5)
+
+
+def test_clip_counts_cannot_be_given_with_a_world(tmp_path):
+    from stoa_vlp.cli import main
+
+    with pytest.raises(ValueError, match="--world w brings its own clips: --train-clips"):
+        main(["demo", "--world", "w", "--val-clips", "0", "--output", str(tmp_path / "demo")])

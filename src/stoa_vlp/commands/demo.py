@@ -6,6 +6,8 @@ import argparse
 
 from stoa_vlp.commands.arguments import non_negative_int, positive_int
 
+CLIPS = {"train": 300, "val": 20, "test": 100}  # clips the demo renders by default, per split
+
 HELP = "render a synthetic world, pre-train the tiny model on the CPU and evaluate zero-shot retrieval"
 EXAMPLES = """examples:
   stoa-vlp demo
@@ -18,11 +20,13 @@ EXAMPLES = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR", help="folder for everything the demo writes (default runs/demo-<time>)")
     parser.add_argument("--overwrite", action="store_true", help="replace a folder that holds a previous demo")
-    parser.add_argument("--train-clips", type=positive_int, default=300, help="training clips (default 300)")
-    parser.add_argument("--val-clips", type=non_negative_int, default=20, help="validation clips, 0 for none (default 20)")
-    parser.add_argument("--test-clips", type=positive_int, default=100, help="test clips for retrieval (default 100)")
+    parser.add_argument("--train-clips", type=positive_int, help=f"training clips (default {CLIPS['train']})")
+    parser.add_argument("--val-clips", type=non_negative_int,
+                        help=f"validation clips, 0 for none (default {CLIPS['val']})")
+    parser.add_argument("--test-clips", type=positive_int, help=f"test clips for retrieval (default {CLIPS['test']})")
     parser.add_argument("--world", metavar="DIR", default="",
-                        help="reuse a world rendered earlier (a demo's world/ or `stoa-vlp synth` output) instead of rendering")
+                        help="reuse a world rendered earlier (a demo's world/ or `stoa-vlp synth` output) instead of "
+                             "rendering; its own clips are used, so the clip counts cannot be given with it")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and the training run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override on top of the demo's (tiny preset), e.g. --set train.steps=600")
@@ -45,8 +49,13 @@ def run(args: argparse.Namespace) -> int:
         import shutil
 
         shutil.rmtree(folder)
+    counts = {split: getattr(args, f"{split}_clips") for split in CLIPS}
+    if args.world and any(count is not None for count in counts.values()):
+        raise ValueError(f"--world {args.world} brings its own clips: --train-clips, --val-clips and --test-clips "
+                         "apply to a world the demo renders")
+    counts = {split: CLIPS[split] if count is None else count for split, count in counts.items()}
     settings = DemoSettings(
-        train_clips=args.train_clips, val_clips=args.val_clips, test_clips=args.test_clips, seed=args.seed,
+        train_clips=counts["train"], val_clips=counts["val"], test_clips=counts["test"], seed=args.seed,
         overrides=args.overrides, world=args.world,
     )
     demo = run_demo(settings, folder)

@@ -27,6 +27,13 @@ def stage_config(run, task: str, overrides: list[str]):
     return task_config(from_dict(values), task)
 
 
+def stage_device(config):
+    """The device the stage trains on (train.device; the demo's default is the CPU)."""
+    from stoa_vlp.train.distributed import DistEnv
+
+    return DistEnv.current(config.train.device).device
+
+
 def fine_tune(run, config, runner):
     """Train the task module from the pre-trained demo weights; returns (module, TrainResult)."""
     from stoa_vlp.commands.common import seed_everything
@@ -62,12 +69,13 @@ def captioning_stage(run) -> None:
         print(f"\nCaptioning stage skipped: {error}")
         run.report.append(f"## Captioning\n\nSkipped: {error}\n")
         return
-    runner = TaskRunner(config, "cpu")
+    runner = TaskRunner(config, stage_device(config))
     module, result = fine_tune(run, config, runner)
     metrics = runner.evaluate(module, "test")
     records = read_annotations(config.data.test, config.data.format, "test", config.data.video_root or None)[:EXAMPLES_SHOWN]
     with torch.no_grad():
-        _, videos = encode_videos(module.model, video_loader(records, config, runner.detections, runner.label_vocab), "cpu")
+        loader = video_loader(records, config, runner.detections, runner.label_vocab)
+        _, videos = encode_videos(module.model, loader, runner.device)
     generated = generate_captions(module.model, videos, runner.tokenizer)
     run.metrics["captioning"] = {"steps": float(result.step), **metrics}
     scores = format_table(["captioning (test, greedy)", "BLEU-4", "ROUGE-L", "CIDEr"],
@@ -91,7 +99,7 @@ def qa_stage(run) -> None:
     world = run.world
     config = stage_config(run, "qa", [f"data.train={world.qa['train']}", f"data.val={world.qa['val']}",
                                       f"data.test={world.qa['test']}"])
-    runner = TaskRunner(config, "cpu", Path(config.train.output_dir), fine_tuning=True)
+    runner = TaskRunner(config, stage_device(config), Path(config.train.output_dir), fine_tuning=True)
     module, result = fine_tune(run, config, runner)
     metrics = runner.evaluate(module, "test")
     train_questions = read_questions(config.data.train)

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -250,6 +250,7 @@ def alignment_stage(run: DemoRun) -> None:
     from stoa_vlp.tokenizer import Tokenizer
 
     config = run.config
+    device = next(run.model.parameters()).device
     vocab = LabelVocab.load(config.data.label_vocab)
     tokenizer = Tokenizer(config.model.text_len)
     test = build_dataset(config, "test")  # with the tags, which video_loader's items lack
@@ -258,7 +259,7 @@ def alignment_stage(run: DemoRun) -> None:
     explained, matched, hits, chance, to_sentence = 0, 0, 0, 0.0, 0
     for batch in loader:
         for row in range(len(batch)):
-            one = replace(batch, **{f.name: getattr(batch, f.name)[row : row + 1] for f in fields(batch)})  # 1 row
+            one = batch.select([row]).to(device)
             explanation = explain_clip(run.model, one, tokenizer.decode(one.tokens[0]), tokenizer, vocab, one.pos_tags,
                                        config.loss.match_similarity, config.loss.vtc_video_feature)
             if explained == 0:
