@@ -89,7 +89,7 @@ def test_answer_vocab_top_k_ties_alphabetical_and_round_trip(tmp_path):
 
 def test_a_given_answer_vocabulary_is_used_and_kept_with_the_run(tmp_path):
     alpro = tmp_path / "train_ans2label.json"
-    alpro.write_text(json.dumps({"red": 1, "blue": 0, "two": 2}))
+    alpro.write_text(json.dumps({"Red": 1, "blue": 0, "two ": 2}))  # answers are compared normalised
     questions = write_lines(tmp_path / "train.jsonl", [{"video_id": "v1", "question": "q?", "answer": "green"}] * 3)
     config = load_config("tiny", ["task.name=qa", f"task.answer_vocab={alpro}", f"data.train={questions}"])
     runner = TaskRunner(config, "cpu", tmp_path / "run", fine_tuning=True)

@@ -169,7 +169,10 @@ class AnswerVocab:
             mapping = json.load(handle)
         if sorted(mapping.values()) != list(range(len(mapping))):
             raise ValueError(f"{path}: labels must be 0..{len(mapping) - 1}, each once")
-        return cls([answer for answer, _ in sorted(mapping.items(), key=lambda item: item[1])])
+        answers = [normalise_answer(answer) for answer, _ in sorted(mapping.items(), key=lambda item: item[1])]
+        if len(set(answers)) != len(answers):
+            raise ValueError(f"{path}: two answers are the same once lower-cased and with single spaces")
+        return cls(answers)
 
 
 class QAHead(nn.Module):
