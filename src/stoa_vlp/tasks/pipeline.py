@@ -128,8 +128,9 @@ class TaskRunner:
     # ---- set-up ------------------------------------------------------------------------------
 
     def _answer_vocab(self):
-        """The run's answers (RUN/answers.json), else task.answer_vocab's, else the task.answers most
-        frequent training answers; saved in the run folder."""
+        """The run's answers (RUN/answers.json; evaluating a run requires them). Fine-tuning, or a
+        runner without a run folder, takes task.answer_vocab's, else the task.answers most frequent
+        training answers, and fine-tuning saves them in the run folder."""
         from stoa_vlp.tasks.qa import AnswerVocab, read_questions
 
         saved = self.run_dir / ANSWERS_FILE if self.run_dir is not None else None
