@@ -166,6 +166,15 @@ def test_clip_loading_names_missing_unexpected_and_mismatched_keys(tmp_path):
     assert "text.text_projection (checkpoint (5, 5), model (64, 64))" in message
 
 
+def test_an_openai_file_needs_quick_gelu(tmp_path):
+    config = tower_config("tiny", True)
+    path = tmp_path / "openai.pt"
+    write_openai_archive(tiny_open_clip(config).state_dict(), path)
+    with pytest.raises(CheckpointError, match="openai.pt is an OpenAI CLIP file, whose MLPs use QuickGELU: set model.quick_gelu=true"):
+        load_clip_weights(STOAVLP(tower_config("tiny", False)), path)
+    load_clip_weights(STOAVLP(config), path)
+
+
 def test_unreadable_clip_file_is_named(tmp_path):
     path = tmp_path / "garbage.pt"
     path.write_bytes(b"not a checkpoint")

@@ -164,8 +164,12 @@ def resample_frame_tables(module: nn.Module, state: dict[str, torch.Tensor], sou
 def load_clip_weights(model: STOAVLP, path: str | Path) -> list[str]:
     """Load CLIP weights into the towers, then re-initialise the new transformers from the loaded blocks.
 
-    Returns the model keys left at their initialisation (the new STOA modules).
+    Returns the model keys left at their initialisation (the new STOA modules). The weights cannot tell
+    QuickGELU from GELU, but OpenAI's files (TorchScript) always come from QuickGELU models: one loaded
+    into a GELU model is refused.
     """
+    if not model.config.quick_gelu and _is_torchscript(Path(path)):
+        raise CheckpointError(f"{path} is an OpenAI CLIP file, whose MLPs use QuickGELU: set model.quick_gelu=true")
     state = clip_to_model_keys(read_clip_state_dict(path))
     new_keys = {key for key in model.state_dict() if not model.is_tower_parameter(key)}
     load_state_checked(model, state, f"CLIP checkpoint {path}", expected_missing=new_keys)
