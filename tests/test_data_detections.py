@@ -229,6 +229,14 @@ def test_select_objects_hand_computed():
     assert targets.boxes.dtype == np.float32 and targets.labels.dtype == np.int64
 
 
+def test_classes_outside_the_vocabulary_still_suppress_each_other():
+    geometry = resize_crop(64, 64, 64)
+    same_place = [10, 10, 40, 40]
+    frame = _frame(0.0, ("zebra", same_place, 0.6), ("giraffe", same_place, 0.5), ("dog", [45, 45, 60, 60], 0.4))
+    targets = select_objects(VideoDetections("v", 64, 64, [frame]), [0.0], geometry, LabelVocab(["dog"]), 3, 2)
+    assert targets.labels.tolist() == [[1, 2, 0]]  # the zebra (<unknown>) and the dog; the giraffe is one box too many
+
+
 def test_select_objects_without_detections_pads():
     geometry = resize_crop(64, 64, 64)
     vocab = LabelVocab(["dog"])

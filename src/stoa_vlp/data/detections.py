@@ -350,8 +350,9 @@ def select_objects(
             continue
         boxes, inside = geometry.map_boxes(frame.rects * rescale)
         labels = np.array([vocab.id(name) for name in frame.classes], dtype=np.int64)[inside]
+        classes = np.unique(frame.classes, return_inverse=True)[1].reshape(-1)[inside]  # by name: <unknown> is many
         boxes, confs = boxes[inside], frame.confs[inside]
-        kept = suppress_across_classes(boxes, labels, confs)[:boxes_per_frame]
+        kept = suppress_across_classes(boxes, classes, confs)[:boxes_per_frame]
         count = len(kept)
         targets.boxes[t, :count] = boxes[kept]
         targets.labels[t, :count] = labels[kept]
