@@ -166,6 +166,7 @@ def test_clip_loading_names_missing_unexpected_and_mismatched_keys(tmp_path):
     assert "text.text_projection (checkpoint (5, 5), model (64, 64))" in message
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_an_openai_file_needs_quick_gelu(tmp_path):
     config = tower_config("tiny", True)
     path = tmp_path / "openai.pt"
