@@ -27,13 +27,6 @@ def stage_config(run, task: str, overrides: list[str]):
     return task_config(from_dict(values), task)
 
 
-def stage_device(config):
-    """The device the stage trains on (train.device; the demo's default is the CPU)."""
-    from stoa_vlp.train.distributed import DistEnv
-
-    return DistEnv.current(config.train.device).device
-
-
 def fine_tune(run, config, runner):
     """Train the task module from the pre-trained demo weights; returns (module, TrainResult)."""
     from stoa_vlp.commands.common import seed_everything
@@ -54,6 +47,7 @@ def fine_tune(run, config, runner):
 def captioning_stage(run) -> None:
     import torch
 
+    from stoa_vlp.commands.task_common import device_of
     from stoa_vlp.data.annotations import read_annotations
     from stoa_vlp.metrics.captioning import CaptionScorer, JavaMissingError
     from stoa_vlp.tasks.captioning import generate_captions
@@ -69,7 +63,7 @@ def captioning_stage(run) -> None:
         print(f"\nCaptioning stage skipped: {error}")
         run.report.append(f"## Captioning\n\nSkipped: {error}\n")
         return
-    runner = TaskRunner(config, stage_device(config))
+    runner = TaskRunner(config, device_of(config))
     module, result = fine_tune(run, config, runner)
     metrics = runner.evaluate(module, "test")
     records = read_annotations(config.data.test, config.data.format, "test", config.data.video_root or None)[:EXAMPLES_SHOWN]
@@ -92,6 +86,7 @@ def captioning_stage(run) -> None:
 
 
 def qa_stage(run) -> None:
+    from stoa_vlp.commands.task_common import device_of
     from stoa_vlp.tasks.pipeline import TaskRunner
     from stoa_vlp.tasks.qa import accuracy_by_type, read_questions
     from stoa_vlp.train.logging import format_table
@@ -99,7 +94,7 @@ def qa_stage(run) -> None:
     world = run.world
     config = stage_config(run, "qa", [f"data.train={world.qa['train']}", f"data.val={world.qa['val']}",
                                       f"data.test={world.qa['test']}"])
-    runner = TaskRunner(config, stage_device(config), Path(config.train.output_dir), fine_tuning=True)
+    runner = TaskRunner(config, device_of(config), Path(config.train.output_dir), fine_tuning=True)
     module, result = fine_tune(run, config, runner)
     metrics = runner.evaluate(module, "test")
     train_questions = read_questions(config.data.train)

@@ -40,10 +40,10 @@ def _atomic_text_file(path: str | Path) -> Iterator[TextIO]:
         raise
 
 
-def write_json_atomic(path: str | Path, values: Any) -> None:
+def write_json_atomic(path: str | Path, values: Any, indent: int | None = 2) -> None:
     """Write `values` as JSON to `path` through a temporary file and a rename: never half-written."""
     with _atomic_text_file(path) as handle:
-        json.dump(values, handle, indent=2)
+        json.dump(values, handle, indent=indent)
 
 
 def write_jsonl_atomic(path: str | Path, values: Iterable[Any]) -> int:

@@ -21,6 +21,7 @@ from open_clip.tokenizer import basic_clean, whitespace_clean
 from tqdm import tqdm
 
 from stoa_vlp.batch import TAG_NONE, TAG_NOUN, TAG_VERB
+from stoa_vlp.data.jsonl import write_json_atomic
 from stoa_vlp.data.serialized import SerializedDict
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -193,9 +194,7 @@ class TagCache:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {"format": CACHE_FORMAT, "version": 1, "length": self.length, "tags": self.tags}
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(json.dumps(data))
-        temporary.replace(self.path)
+        write_json_atomic(self.path, data, indent=None)  # compact: a cache may hold millions of captions
 
 
 class PackedTags:

@@ -137,7 +137,7 @@ def tag_stage(run: DemoRun) -> None:
 
 
 def pretrain_stage(run: DemoRun) -> None:
-    from stoa_vlp.commands.common import seed_everything
+    from stoa_vlp.commands.common import keep_label_vocab, seed_everything
     from stoa_vlp.data.dataset import build_dataset, collate
     from stoa_vlp.model import build_model
     from stoa_vlp.objectives import Pretrainer
@@ -149,10 +149,8 @@ def pretrain_stage(run: DemoRun) -> None:
     seed_everything(config.train.seed)
     module = Pretrainer(build_model(config.model), config.loss)
     train_set = build_dataset(config, "train")
-    if train_set.label_vocab is not None:  # validation, test and the task stages use the training vocabulary
-        train_set.label_vocab.save(run.folder / "label_vocab.json")
-        config.data.label_vocab = str(run.folder / "label_vocab.json")
     env = DistEnv.current(config.train.device)
+    keep_label_vocab(config, train_set.label_vocab, run.folder, env)  # validation, test and the task stages use it
     evaluate = RetrievalEvaluator(config, "val", env.device, config.train.val_max_clips) if run.settings.val_clips > 0 else None
     trainer = Trainer(config, module, train_set, collate, config.train.output_dir, env, evaluate)
     result = trainer.fit()
