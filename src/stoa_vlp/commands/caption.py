@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stoa_vlp.commands.task_common import file_records, inference_model
-    from stoa_vlp.tasks.captioning import generate_captions
     from stoa_vlp.data.dataset import load_detections
+    from stoa_vlp.tasks.captioning import generate_captions
     from stoa_vlp.tasks.data import video_loader
     from stoa_vlp.tasks.retrieval import encode_videos
     from stoa_vlp.tokenizer import Tokenizer

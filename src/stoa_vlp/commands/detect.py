@@ -55,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
         detect_videos,
         pick_device,
     )
-    from stoa_vlp.data.video_files import find_videos
     from stoa_vlp.data.detections import write_detections
+    from stoa_vlp.data.video_files import find_videos
 
     log = logging.getLogger("stoa_vlp.detect")
     settings = DetectSettings(

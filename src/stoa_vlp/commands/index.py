@@ -25,8 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from stoa_vlp.commands.task_common import file_records, inference_model
-    from stoa_vlp.data.video_files import find_videos
     from stoa_vlp.data.dataset import load_detections
+    from stoa_vlp.data.video_files import find_videos
     from stoa_vlp.tasks.data import video_loader
     from stoa_vlp.tasks.retrieval import encode_videos
     from stoa_vlp.tasks.search import SearchIndex, save_index

@@ -47,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from stoa_vlp.commands.task_common import file_records, inference_model
-    from stoa_vlp.data.dataset import VideoTextDataset
-    from stoa_vlp.data.dataset import load_detections
+    from stoa_vlp.data.dataset import VideoTextDataset, load_detections
     from stoa_vlp.tasks.data import evaluation_loader
     from stoa_vlp.tasks.visualise import explain_clip, render
     from stoa_vlp.tokenizer import Tokenizer

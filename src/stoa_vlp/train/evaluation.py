@@ -42,7 +42,8 @@ def retrieval_loader(config: Config, split: str, max_videos: int = 0) -> Iterabl
     from stoa_vlp.data.dataset import build_dataset, collate
 
     dataset = build_dataset(config, split)
-    if max_videos > 0 and not isinstance(dataset, IterableDataset):
+    streamed = isinstance(dataset, IterableDataset)
+    if max_videos > 0 and not streamed:
         keep = np.flatnonzero(dataset.items[:, 0] < max_videos).tolist()
         dataset = Subset(dataset, keep)
     loader = DataLoader(
@@ -52,7 +53,7 @@ def retrieval_loader(config: Config, split: str, max_videos: int = 0) -> Iterabl
         num_workers=config.data.num_workers,
         collate_fn=collate,
     )
-    return FirstVideos(loader, max_videos) if max_videos > 0 and isinstance(dataset, IterableDataset) else loader
+    return FirstVideos(loader, max_videos) if max_videos > 0 and streamed else loader
 
 
 class RetrievalEvaluator:
