@@ -176,6 +176,80 @@ def test_an_openai_file_needs_quick_gelu(tmp_path):
     load_clip_weights(STOAVLP(config), path)
 
 
+def write_open_clip_folder(reference: CLIP, model_cfg: dict, folder, weights_name="open_clip_model.safetensors"):
+    """An open_clip model folder as open_clip writes it for the Hugging Face Hub (its own config writer)."""
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    if weights_name.endswith(".safetensors"):
+        save_file({key: value.contiguous() for key, value in reference.state_dict().items()}, folder / weights_name)
+    else:
+        torch.save(reference.state_dict(), folder / weights_name)
+    reference.visual.image_mean, reference.visual.image_std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    save_config_for_hf(reference, folder / "open_clip_config.json", model_cfg)
+    return folder
+
+
+def open_clip_model_cfg(config) -> dict:
+    """The model_cfg open_clip would hold for the towers of `config` (its defaults left out)."""
+    return {
+        "embed_dim": config.embed_dim,
+        "quick_gelu": config.quick_gelu,
+        "vision_cfg": {"image_size": config.image_size, "layers": config.vision_layers, "width": config.vision_width,
+                       "head_width": config.vision_width // config.vision_heads, "patch_size": config.patch_size},
+        "text_cfg": {"width": config.text_width, "heads": config.text_heads, "layers": config.text_layers},
+    }
+
+
+@pytest.mark.parametrize("weights_name", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+def test_an_open_clip_model_folder_loads_and_matches_open_clip(tmp_path, weights_name):
+    config = tower_config("tiny", False)
+    reference = tiny_open_clip(config)
+    folder = write_open_clip_folder(reference, open_clip_model_cfg(config), tmp_path / "ViT-tiny", weights_name)
+    for path in (folder, folder / weights_name):  # the folder, or its weights file with the config beside it
+        model = STOAVLP(config)
+        load_clip_weights(model, path)
+        assert_tower_parity(model, reference, config.image_size)
+
+
+def test_an_open_clip_config_that_disagrees_with_the_model_config_is_refused(tmp_path):
+    config = tower_config("tiny", False)
+    reference = tiny_open_clip(config)
+    model_cfg = {**open_clip_model_cfg(config), "quick_gelu": True}
+    heads = 2 * config.vision_heads  # same weights, other attention
+    model_cfg["vision_cfg"]["head_width"] = config.vision_width // heads
+    folder = write_open_clip_folder(reference, model_cfg, tmp_path / "quickgelu")
+    with pytest.raises(CheckpointError) as error:
+        load_clip_weights(STOAVLP(config), folder)
+    message = str(error.value)
+    assert str(folder / "open_clip_config.json") in message
+    assert "model.quick_gelu=true (the model has false)" in message
+    assert f"model.vision_heads={heads} (the model has {config.vision_heads})" in message
+    assert "text_" not in message  # the agreeing keys are not named
+
+
+def test_an_open_clip_tower_option_stoa_vlp_does_not_build_is_refused(tmp_path):
+    config = tower_config("tiny", False)
+    model_cfg = open_clip_model_cfg(config)
+    model_cfg["vision_cfg"]["pool_type"] = "avg"  # mean-pooled patches: same keys as CLS pooling
+    model_cfg["text_cfg"]["no_causal_mask"] = True
+    folder = write_open_clip_folder(tiny_open_clip(config), model_cfg, tmp_path / "avgpool")
+    with pytest.raises(CheckpointError, match="vision_cfg.pool_type='avg', text_cfg.no_causal_mask=True"):
+        load_clip_weights(STOAVLP(config), folder)
+
+
+def test_a_folder_without_open_clip_weights_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="empty: a folder without open_clip weights"):
+        load_clip_weights(STOAVLP(load_config("tiny").model), (tmp_path / "empty").mkdir() or tmp_path / "empty")
+    folder = tmp_path / "bad_config"
+    folder.mkdir()
+    torch.save({}, folder / "open_clip_pytorch_model.bin")
+    (folder / "open_clip_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="open_clip_config.json: not an open_clip config with a model_cfg"):
+        load_clip_weights(STOAVLP(load_config("tiny").model), folder)
+
+
 def test_unreadable_clip_file_is_named(tmp_path):
     path = tmp_path / "garbage.pt"
     path.write_bytes(b"not a checkpoint")

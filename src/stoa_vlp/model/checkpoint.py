@@ -5,6 +5,10 @@ CLIP files (from a local path, never downloaded):
   `input_resolution`, `context_length`, `vocab_size` are dropped), as open_clip's `load_openai_model` does.
 - open_clip checkpoints: a state dict, or a training checkpoint `{"state_dict": ...}` (a `module.`
   prefix is removed), saved by `torch.save` or as `.safetensors`.
+- an open_clip model folder (the Hugging Face Hub layout, `open_clip_config.json` beside
+  `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`), given as the folder or its weights
+  file: the config's `model_cfg` is checked against the model config (QuickGELU, widths, depths,
+  heads, sizes) before loading, since the weights alone cannot show QuickGELU or the head count.
 CLIP's text keys (`token_embedding.*`, `transformer.*`, ...) map to `text.*`; `visual.*` and
 `logit_scale` keep their names. Loading is strict: every missing, unexpected or mis-shaped key is named
 in the error, except the new STOA modules, which are expected to be missing from CLIP weights.
@@ -35,6 +39,9 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 CLIP_TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+# weights files of an open_clip model folder, in open_clip's order of preference
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
 MAX_NAMED_KEYS = 40
 # STOAVLP parameters with one row per frame (first dimension `model.frames`)
 FRAME_TABLES = ("visual.temporal_embedding", "object_tokens.frame_embedding", "action_encoder.temporal_embedding")
@@ -161,18 +168,104 @@ def resample_frame_tables(module: nn.Module, state: dict[str, torch.Tensor], sou
     return {**state, **resampled}
 
 
+def clip_weights_file(path: str | Path) -> Path:
+    """The weights file of `path`: itself, or for an open_clip model folder its preferred weights file."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in OPEN_CLIP_WEIGHTS:
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path}: a folder without open_clip weights (expected one of {', '.join(OPEN_CLIP_WEIGHTS)})")
+
+
+def open_clip_model_config(weights: Path) -> dict | None:
+    """The `model_cfg` of the open_clip_config.json beside `weights`, or None when there is none."""
+    config_path = weights.parent / OPEN_CLIP_CONFIG
+    if not config_path.is_file():
+        return None
+    try:
+        model_cfg = json.loads(config_path.read_text())["model_cfg"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{config_path}: not an open_clip config with a model_cfg ({error!r})") from error
+    if not isinstance(model_cfg, dict):
+        raise CheckpointError(f"{config_path}: model_cfg is not an object")
+    return model_cfg
+
+
+# open_clip tower options that change what the towers compute; STOA-VLP builds CLIP's defaults only
+VISION_OPTIONS = ("mlp_ratio", "ls_init_value", "attentional_pool", "no_ln_pre", "pos_embed_type", "final_ln_after_pool",
+                  "pool_type", "act_kwargs", "norm_kwargs", "block_type", "qk_norm", "scaled_cosine_attn",
+                  "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc", "timm_model_name")
+TEXT_OPTIONS = ("mlp_ratio", "ls_init_value", "embed_cls", "no_causal_mask", "final_ln_after_pool", "pool_type",
+                "proj_bias", "proj_type", "act_kwargs", "norm_kwargs", "block_type", "qk_norm", "scaled_cosine_attn",
+                "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc", "hf_model_name", "hf_tokenizer_name")
+
+
+def _other_options(section: str, parsed, default) -> list[str]:
+    return [
+        f"{section}.{name}={getattr(parsed, name)!r}"
+        for name in (VISION_OPTIONS if section == "vision_cfg" else TEXT_OPTIONS)
+        if hasattr(default, name) and getattr(parsed, name) != getattr(default, name)
+    ]
+
+
+def check_open_clip_config(config: ModelConfig, weights: Path) -> None:
+    """Refuse weights whose open_clip config (beside them) describes other towers than `config`: another
+    size or QuickGELU setting (every differing model key named), or an option STOA-VLP does not build."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    model_cfg = open_clip_model_config(weights)
+    if model_cfg is None:
+        return
+    source = weights.parent / OPEN_CLIP_CONFIG
+    try:  # open_clip's own config classes, so that its defaults fill what the file leaves out
+        vision = CLIPVisionCfg(**model_cfg.get("vision_cfg", {}))
+        text = CLIPTextCfg(**model_cfg.get("text_cfg", {}))
+    except TypeError as error:
+        raise CheckpointError(f"{source}: model_cfg does not fit open_clip's config classes ({error})") from error
+    unsupported = _other_options("vision_cfg", vision, CLIPVisionCfg()) + _other_options("text_cfg", text, CLIPTextCfg())
+    if not isinstance(vision.layers, int) or model_cfg.get("custom_text") or unsupported:
+        raise CheckpointError(f"{source}: towers STOA-VLP does not build (it builds CLIP's ViT and text transformer): "
+                              + (", ".join(unsupported) or f"vision_cfg.layers={vision.layers!r}, custom_text"))
+    implied = {
+        "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
+        "embed_dim": model_cfg.get("embed_dim", config.embed_dim),
+        "image_size": vision.image_size,
+        "patch_size": vision.patch_size,
+        "vision_width": vision.width,
+        "vision_layers": vision.layers,
+        "vision_heads": vision.width // vision.head_width,
+        "text_width": text.width,
+        "text_layers": text.layers,
+        "text_heads": text.heads,
+        "vocab_size": text.vocab_size,
+        "context_length": text.context_length,
+    }
+    differing = [
+        f"model.{key}={json.dumps(value)} (the model has {json.dumps(getattr(config, key))})"
+        for key, value in implied.items()
+        if value != getattr(config, key)
+    ]
+    if differing:
+        raise CheckpointError(f"{source} describes other towers than the model config: set " + ", ".join(differing))
+
+
 def load_clip_weights(model: STOAVLP, path: str | Path) -> list[str]:
     """Load CLIP weights into the towers, then re-initialise the new transformers from the loaded blocks.
 
-    Returns the model keys left at their initialisation (the new STOA modules). The weights cannot tell
-    QuickGELU from GELU, but OpenAI's files (TorchScript) always come from QuickGELU models: one loaded
-    into a GELU model is refused.
+    `path` is a weights file or an open_clip model folder. Returns the model keys left at their
+    initialisation (the new STOA modules). The weights cannot tell QuickGELU from GELU: OpenAI's files
+    (TorchScript) always come from QuickGELU models, so one loaded into a GELU model is refused, and an
+    open_clip_config.json beside the weights must agree with the model config.
     """
-    if not model.config.quick_gelu and _is_torchscript(Path(path)):
-        raise CheckpointError(f"{path} is an OpenAI CLIP file, whose MLPs use QuickGELU: set model.quick_gelu=true")
-    state = clip_to_model_keys(read_clip_state_dict(path))
+    weights = clip_weights_file(path)
+    if not model.config.quick_gelu and _is_torchscript(weights):
+        raise CheckpointError(f"{weights} is an OpenAI CLIP file, whose MLPs use QuickGELU: set model.quick_gelu=true")
+    check_open_clip_config(model.config, weights)
+    state = clip_to_model_keys(read_clip_state_dict(weights))
     new_keys = {key for key in model.state_dict() if not model.is_tower_parameter(key)}
-    load_state_checked(model, state, f"CLIP checkpoint {path}", expected_missing=new_keys)
+    load_state_checked(model, state, f"CLIP checkpoint {weights}", expected_missing=new_keys)
     model.initialise_from_towers()
     return sorted(new_keys)
 
