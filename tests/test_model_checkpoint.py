@@ -167,12 +167,16 @@ def test_clip_loading_names_missing_unexpected_and_mismatched_keys(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
-def test_an_openai_file_needs_quick_gelu(tmp_path):
-    config = tower_config("tiny", True)
+def test_an_openai_file_needs_quick_gelu_and_64_wide_heads(tmp_path):
+    openai_heads = ["model.vision_heads=1", "model.text_heads=1"]  # the tiny towers are 64 wide
+    config = tower_config("tiny", True, openai_heads)
     path = tmp_path / "openai.pt"
     write_openai_archive(tiny_open_clip(config).state_dict(), path)
-    with pytest.raises(CheckpointError, match="openai.pt is an OpenAI CLIP file, whose MLPs use QuickGELU: set model.quick_gelu=true"):
-        load_clip_weights(STOAVLP(tower_config("tiny", False)), path)
+    with pytest.raises(CheckpointError, match="openai.pt is an OpenAI CLIP file, whose models use QuickGELU MLPs "
+                                              "and 64-wide heads: set model.quick_gelu=true$"):
+        load_clip_weights(STOAVLP(tower_config("tiny", False, openai_heads)), path)
+    with pytest.raises(CheckpointError, match="64-wide heads: set model.vision_heads=1, model.text_heads=1$"):
+        load_clip_weights(STOAVLP(tower_config("tiny", True)), path)  # 2 heads of 32: same weights
     load_clip_weights(STOAVLP(config), path)
 
 

@@ -39,6 +39,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 OPENAI_SCALARS = ("input_resolution", "context_length", "vocab_size")
 CLIP_TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+OPENAI_HEAD_WIDTH = 64
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 # weights files of an open_clip model folder, in open_clip's order of preference
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
@@ -251,17 +252,31 @@ def check_open_clip_config(config: ModelConfig, weights: Path) -> None:
         raise CheckpointError(f"{source} describes other towers than the model config: set " + ", ".join(differing))
 
 
+def check_openai_settings(config: ModelConfig, weights: Path) -> None:
+    """Refuse an OpenAI CLIP file for a model config its models never had: OpenAI's CLIPs all use
+    QuickGELU and 64-wide attention heads (open_clip's `build_model_from_openai_state_dict`)."""
+    implied = {
+        "quick_gelu": True,
+        "vision_heads": config.vision_width // OPENAI_HEAD_WIDTH,
+        "text_heads": config.text_width // OPENAI_HEAD_WIDTH,
+    }
+    differing = [f"model.{key}={json.dumps(value)}" for key, value in implied.items() if getattr(config, key) != value]
+    if differing:
+        raise CheckpointError(f"{weights} is an OpenAI CLIP file, whose models use QuickGELU MLPs and "
+                              f"{OPENAI_HEAD_WIDTH}-wide heads: set " + ", ".join(differing))
+
+
 def load_clip_weights(model: STOAVLP, path: str | Path) -> list[str]:
     """Load CLIP weights into the towers, then re-initialise the new transformers from the loaded blocks.
 
     `path` is a weights file or an open_clip model folder. Returns the model keys left at their
-    initialisation (the new STOA modules). The weights cannot tell QuickGELU from GELU: OpenAI's files
-    (TorchScript) always come from QuickGELU models, so one loaded into a GELU model is refused, and an
-    open_clip_config.json beside the weights must agree with the model config.
+    initialisation (the new STOA modules). The weights cannot show QuickGELU or the head count, so
+    they are checked where the source tells them: OpenAI's files (`check_openai_settings`) and an
+    open_clip_config.json beside the weights (`check_open_clip_config`).
     """
     weights = clip_weights_file(path)
-    if not model.config.quick_gelu and _is_torchscript(weights):
-        raise CheckpointError(f"{weights} is an OpenAI CLIP file, whose MLPs use QuickGELU: set model.quick_gelu=true")
+    if _is_torchscript(weights):
+        check_openai_settings(model.config, weights)
     check_open_clip_config(model.config, weights)
     state = clip_to_model_keys(read_clip_state_dict(weights))
     new_keys = {key for key in model.state_dict() if not model.is_tower_parameter(key)}
