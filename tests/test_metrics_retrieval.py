@@ -147,7 +147,7 @@ def test_rerank_touches_only_top_k():
     expected_top = torch.zeros_like(queried)
     expected_top.scatter_(1, top, True)
     assert torch.equal(queried, expected_top)  # only top-k pairs were scored
-    assert torch.equal(reranked[~expected_top], sim[~expected_top])  # the rest keep their values
+    assert torch.equal(reranked[~expected_top], sim.double()[~expected_top])  # the rest keep their values
     for row in range(6):
         new_order = reranked[row].argsort(descending=True)[:3].tolist()
         assert new_order == top[row].flip(0).tolist()  # reversed within the top-k
@@ -157,11 +157,41 @@ def test_rerank_touches_only_top_k():
 def test_rerank_with_contrastive_prior_matches_reference_fusion():
     sim = torch.tensor([[0.30, 0.20, 0.10, 0.00]])
     match = torch.tensor([[0.2, 0.9, 0.5, 1.0]])
-    reranked = rerank_top_k(sim, 3, lambda q, c: match[q, c], prior_scale=10.0)
+    reranked = rerank_top_k(sim, 3, lambda q, c: match[q, c].log(), prior_scale=10.0)
     fused = torch.softmax(10.0 * sim[0, :3], dim=0) * match[0, :3]
     assert reranked[0, :3].argsort(descending=True).tolist() == fused.argsort(descending=True).tolist()
-    torch.testing.assert_close(reranked[0, :3] - reranked[0, :3].min(), fused - fused.min())
     assert reranked[0, 3] == 0.0 and reranked[0, :3].min() > 0.0
+
+
+def test_rerank_keeps_apart_fused_scores_that_float32_rounds_together():
+    # with the logit scale at 100, softmax_k * P is 1e-3, 4e-18, 2e-25 and 9e-30 here; placed above the
+    # untouched entries in float32 (about 1 + score), the last three were one tie, which counted against
+    # the model: the true video (column 1, P = 1) ranked 4th instead of 2nd
+    sim = torch.tensor([[0.9, 0.5, 0.4, 0.3]])
+    log_match = torch.tensor([[1e-3, 1.0, 1e-3, 1e-3]]).double().log()
+    reranked = rerank_top_k(sim, 4, lambda q, c: log_match[q, c], prior_scale=100.0)
+    assert reranked.dtype == torch.float64
+    assert reranked[0].argsort(descending=True).tolist() == [0, 1, 2, 3]
+    assert ranks(reranked, positive_mask(torch.tensor([1]), 4)).tolist() == [2]
+
+
+def test_rerank_keeps_equal_new_scores_equal_and_puts_nan_last():
+    sim = torch.tensor([[0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    new = torch.tensor([[-1.0, -1.0, float("nan"), 0.0], [-2.0, 5.0, 5.0, -3.0]], dtype=torch.float64)
+    reranked = rerank_top_k(sim, 3, lambda q, c: new[q, c])
+    assert reranked[0, 0] == reranked[0, 1] and reranked[0, 2] < reranked[0, 1]  # tie kept; NaN last of the top-k
+    assert reranked[0, 2] > reranked[0, 3] == sim[0, 3].double()
+    assert reranked[1, 1] == reranked[1, 2] > reranked[1, 3] and reranked[1, 0] == sim[1, 0].double()
+
+
+def test_dual_softmax_does_not_underflow_into_ties():
+    # caption 0's columns hold scores 1.15 and 1.18 above its own: exp(-115) and exp(-118) are 0 in
+    # float32, which tied its two videos at 0 and ranked its video 2nd
+    sim = torch.tensor([[0.05, 0.02], [1.2, 0.0], [0.0, 1.2]])
+    metrics = retrieval_metrics(sim, torch.tensor([0, 0, 1]), dual_softmax_scale=100.0, directions=("t2v",))
+    scores = dual_softmax(sim, 100.0)
+    assert scores.dtype == torch.float64 and scores[0, 0] > scores[0, 1] > 0
+    assert metrics["t2v_dsl_r1"] == 100.0
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from stoa_vlp.batch import Batch
 from stoa_vlp.config import load_config
 from stoa_vlp.model import build_model
-from stoa_vlp.tasks.multiple_choice import Choice, evaluate_multiple_choice, read_choices
+from stoa_vlp.tasks.multiple_choice import Choice, chose_answer, evaluate_multiple_choice, read_choices
 from stoa_vlp.tokenizer import Tokenizer
 
 OPTIONS = [["a red square moves left", "a blue circle grows", "a green triangle spins"],
@@ -82,3 +82,36 @@ def test_multiple_choice_scores_match_brute_force():
     assert metrics["accuracy_vtc"] == expected_vtc and metrics["num_items"] == 2.0
     vtc_metrics = evaluate_multiple_choice(model, loader, choices, tokenizer, "cpu", scoring="vtc")
     assert vtc_metrics["accuracy"] == expected_vtc
+
+
+def test_a_tie_counts_against_the_model():
+    assert chose_answer(torch.tensor([0.1, 0.7, 0.3]), 1)
+    assert not chose_answer(torch.tensor([0.7, 0.7, 0.3]), 0) and not chose_answer(torch.tensor([0.7, 0.7, 0.3]), 1)
+    assert not chose_answer(torch.tensor([0.1, 0.7, 0.3]), 2)
+
+
+def test_a_confident_matching_head_is_scored_by_log_odds_not_a_rounded_probability():
+    torch.manual_seed(0)
+    config = load_config("tiny", ["model.objects=false"])
+    model = build_model(config.model).eval()
+    tokenizer = Tokenizer(config.model.text_len)
+    m = config.model
+    frames = torch.randn(2, m.frames, 3, m.image_size, m.image_size)
+    tokens, mask = tokenizer(["x", "y"])
+    empty = torch.zeros(2, 0)
+    loader = [Batch(frames, empty, empty, empty, empty, empty, tokens, mask, torch.zeros_like(tokens),
+                    torch.arange(2), ["v0", "v1"])]
+    with torch.no_grad():
+        videos = model.encode_video(frames, *[None] * 5)
+        log_odds = []
+        for item in range(2):
+            texts = model.encode_text(*tokenizer(OPTIONS[item]))
+            fused = model.fuse(videos.index_select(torch.tensor([item] * 3)), texts.tokens, texts.mask, "bidirectional")
+            logits = model.match_logits(fused).double()
+            log_odds.append(logits[:, 1] - logits[:, 0])
+        # every option's log-odds above 30: P(matched) is 1.0 in float32 for all of them
+        model.match_head.bias[1] += 30.0 - min(float(item.min()) for item in log_odds)
+    preferred = [int(item.argmax()) for item in log_odds]
+    assert preferred != [0, 0]  # the first option would win any tie
+    choices = [Choice("v0", OPTIONS[0], preferred[0]), Choice("v1", OPTIONS[1], preferred[1])]
+    assert evaluate_multiple_choice(model, loader, choices, tokenizer, "cpu", scoring="vtm")["accuracy_vtm"] == 100.0

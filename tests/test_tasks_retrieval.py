@@ -107,10 +107,10 @@ def test_evaluate_retrieval_matches_brute_force_reranking(setup, monkeypatch):
     k = 2
 
     def expected(sim, prob):
-        out = sim.clone()
+        out = sim.double()
         for row in range(sim.shape[0]):
             top = sim[row].topk(k).indices
-            fused_scores = torch.softmax(scale * sim[row, top], dim=0) * prob[row, top]
+            fused_scores = torch.softmax(scale * sim[row, top].double(), dim=0) * prob[row, top].double()
             out[row, top] = 10.0 + fused_scores  # any placement above the untouched entries
         return out
 

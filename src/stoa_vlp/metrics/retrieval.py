@@ -48,14 +48,14 @@ def ranks(similarity: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """Tie-robust rank (1-based) of the best positive of each query.
 
     similarity: (Q, C) scores, higher = more similar; positives: (Q, C) bool.
-    Returns (Q,) long.
+    Returns (Q,) long. Scores are compared in float64, so that no rounding makes a tie.
     """
     if similarity.shape != positives.shape:
         raise ValueError(f"similarity {tuple(similarity.shape)} and positives {tuple(positives.shape)} differ")
     if not bool(positives.any(dim=1).all()):
         missing = torch.nonzero(~positives.any(dim=1)).flatten()[:5].tolist()
         raise ValueError(f"queries without a positive candidate (first: {missing})")
-    similarity = similarity.float()
+    similarity = similarity.double()
     not_a_number = similarity.isnan()
     if bool(not_a_number.any()):
         log.warning("%d of %d similarity scores are NaN; they rank below every other score",
@@ -76,8 +76,9 @@ def rank_metrics(query_ranks: torch.Tensor) -> dict[str, float]:
 
 
 def dual_softmax(similarity: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
-    """CLIP4Clip's dual-softmax: s * softmax over the queries (dim 0) of scale * s. (Q, C) -> (Q, C)."""
-    similarity = similarity.float()
+    """CLIP4Clip's dual-softmax: s * softmax over the queries (dim 0) of scale * s. (Q, C) -> (Q, C),
+    float64: in float32, exp(scale * s) underflows to 0 beyond a cosine gap of about 1 and makes ties."""
+    similarity = similarity.double()
     return similarity * torch.softmax(similarity * scale, dim=0)
 
 
@@ -110,7 +111,7 @@ def retrieval_metrics(
     "t2v_r10", "t2v_mdr", "t2v_mnr" and the same for "v2t"; with `dual_softmax_scale`, also
     "t2v_dsl_r1", ... and "v2t_dsl_..." computed from the same matrix.
     """
-    similarity = similarity.detach().float().cpu()
+    similarity = similarity.detach().double().cpu()
     positives = positive_mask(text_to_video, similarity.shape[1])
     if not bool(positives.any(dim=0).all()):
         missing = torch.nonzero(~positives.any(dim=0)).flatten()[:5].tolist()
@@ -135,27 +136,31 @@ def rerank_top_k(
 ) -> torch.Tensor:
     """Re-score the top-k candidates of every query; all other entries keep their value.
 
-    similarity: (Q, C). pair_scores(query_index (n,), candidate_index (n,)) -> (n,) new scores for
-    those pairs (higher = better), e.g. the matching head's probability. With `prior_scale`, the
-    new score is the reference code's fusion softmax_k(prior_scale * similarity) * pair score, the
-    softmax taken over the query's top-k. In each row the re-scored top-k are shifted to lie
+    similarity: (Q, C). pair_scores(query_index (n,), candidate_index (n,)) -> (n,) new log-scores for
+    those pairs (higher = better), e.g. the matching head's log P(matched). With `prior_scale`, the
+    new score is log softmax_k(prior_scale * similarity) + pair score: the log of the reference code's
+    fusion score softmax_k * P(matched), the softmax taken over the query's top-k. Working with logs
+    in float64 keeps apart the small products that float32 rounds to one value. In each row the
+    re-scored top-k are then placed, in the order of their new scores (equal scores stay equal),
     strictly above the row's untouched entries, so re-ranking only reorders the top-k among
-    themselves. Returns a new (Q, C) float matrix.
+    themselves; a NaN new score goes last among them. Returns a new (Q, C) float64 matrix.
     """
     num_queries, num_candidates = similarity.shape
     k = min(k, num_candidates)
-    reranked = similarity.detach().float().cpu().clone()
+    reranked = similarity.detach().double().cpu().clone()
     if k <= 0 or num_queries == 0:
         return reranked
     top = reranked.topk(k, dim=1).indices  # (Q, k)
     queries = torch.arange(num_queries).unsqueeze(1).expand(-1, k)
-    new_scores = pair_scores(queries.reshape(-1), top.reshape(-1)).detach().float().cpu().view(num_queries, k)
+    new_scores = pair_scores(queries.reshape(-1), top.reshape(-1)).detach().double().cpu().view(num_queries, k)
     if prior_scale is not None:
-        new_scores = new_scores * torch.softmax(prior_scale * reranked.gather(1, top), dim=1)
-    rest = reranked.clone()
-    rest.scatter_(1, top, float("-inf"))
+        new_scores = new_scores + torch.log_softmax(prior_scale * reranked.gather(1, top), dim=1)
+    new_scores = new_scores.nan_to_num(nan=float("-inf"), posinf=float("inf"))
+    # positions of the new scores in the sorted distinct values of all rows: their order within a
+    # row, equal scores sharing a position, as small exact integers
+    positions = torch.unique(new_scores, return_inverse=True)[1].double()  # (Q, k)
+    rest = reranked.scatter(1, top, float("-inf"))
     rest_max = rest.max(dim=1, keepdim=True).values  # (Q, 1), -inf when k == C
     rest_max = torch.where(torch.isinf(rest_max), torch.zeros_like(rest_max), rest_max)
-    shift = rest_max - new_scores.min(dim=1, keepdim=True).values + 1.0
-    reranked.scatter_(1, top, new_scores + shift)
+    reranked.scatter_(1, top, rest_max + 1.0 + positions)
     return reranked

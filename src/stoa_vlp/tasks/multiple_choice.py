@@ -6,8 +6,9 @@ Two file formats:
 - JSFusion's `MSR_MC_test.csv`, tab-separated with a header: key, vid_key (msr<N>, the clip
   video<N>), a1..a5, answer (index into a1..a5).
 Each option is scored against its video by the fusion
-encoder's matching head (vtm: P(matched)) and by the contrastive cosine (vtc); the prediction is
-the best-scoring option. Both accuracies are reported; `task.mc_scoring` names the headline one.
+encoder's matching head (vtm: its log-odds, in float64, which order the options as P(matched) does
+without rounding to 1.0) and by the contrastive cosine (vtc); an item is answered correctly when
+its answer scores above every other option (a tie counts against the model). Both accuracies are reported; `task.mc_scoring` names the headline one.
 Fine-tuning for MC is retrieval fine-tuning (VTC + VTM on captions), as in the reference code.
 """
 
@@ -26,7 +27,7 @@ from stoa_vlp.tasks.retrieval import (
     contrastive_similarity,
     encode_texts,
     encode_videos,
-    match_probability,
+    match_log_odds,
     require_one_clip_per_video,
 )
 from stoa_vlp.tokenizer import Tokenizer
@@ -88,7 +89,7 @@ def _jsfusion_rows(path: Path) -> list[tuple[str, dict]]:
 def option_scores(model, videos, video_rows: list[int], choices: list[Choice], tokenizer: Tokenizer, device,
                   video_feature: str = "mean", batch_size: int = 256,
                   progress: bool = False) -> dict[str, list[torch.Tensor]]:
-    """{"vtm": [(options,) P(matched) per item], "vtc": [(options,) cosine per item]};
+    """{"vtm": [(options,) matching log-odds per item], "vtc": [(options,) cosine per item]};
     item i's video is row video_rows[i] of VideoFeatures `videos`. With `progress`, tqdm bars on stderr."""
     captions = [option for choice in choices for option in choice.options]
     owner = torch.tensor([video_rows[i] for i, choice in enumerate(choices) for _ in choice.options], dtype=torch.long)
@@ -96,11 +97,18 @@ def option_scores(model, videos, video_rows: list[int], choices: list[Choice], t
     texts = encode_texts(model, tokens, mask, device, batch_size, progress)
     cosine = contrastive_similarity(videos, texts, video_feature).cpu()  # (num_options, num_items)
     vtc = cosine[torch.arange(len(owner)), owner]
-    vtm = match_probability(
+    vtm = match_log_odds(
         model, videos, texts, torch.arange(len(owner)), owner, batch_size, progress, "matching options"
     )
     sizes = [len(choice.options) for choice in choices]
     return {"vtm": list(vtm.split(sizes)), "vtc": list(vtc.split(sizes))}
+
+
+def chose_answer(scores: torch.Tensor, answer: int) -> bool:
+    """Whether the answer's score beats every other option's in `scores` (options,); a tie counts
+    against the model, as in retrieval (an argmax would pick the first of the tied options)."""
+    others = torch.cat([scores[:answer], scores[answer + 1 :]])
+    return bool(scores[answer] > others.max())
 
 
 def evaluate_multiple_choice(
@@ -129,7 +137,7 @@ def evaluate_multiple_choice(
     scores = option_scores(model, videos, rows, choices, tokenizer, device, video_feature, progress=progress)
     metrics = {}
     for name in SCORINGS:
-        hits = [int(item_scores.argmax()) == choice.answer for item_scores, choice in zip(scores[name], choices)]
+        hits = [chose_answer(item_scores, choice.answer) for item_scores, choice in zip(scores[name], choices)]
         metrics[f"accuracy_{name}"] = 100.0 * sum(hits) / len(hits)
     metrics["accuracy"] = metrics[f"accuracy_{scoring}"]
     metrics["num_items"] = float(len(choices))

@@ -121,23 +121,31 @@ def contrastive_similarity(videos, texts, video_feature: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def match_probability(
+def match_log_odds(
     model, videos, texts, text_index: torch.Tensor, video_index: torch.Tensor, batch_size: int = 256,
     progress: bool = False, work: str = "matching pairs",
 ) -> torch.Tensor:
-    """P(matched) from the fusion encoder's matching head for the pairs (text_index[i], video_index[i]);
-    `work` names the bar shown with `progress`."""
+    """log P(matched) - log P(not matched) from the fusion encoder's matching head for the pairs
+    (text_index[i], video_index[i]), float64 (n,). Scores rank by these rather than by the probability,
+    which float32 rounds to 1.0 for every pair past log-odds of about 17. `work` names the bar shown
+    with `progress`."""
     was_training = model.training
     model.eval()
     device = videos.video.device
-    probabilities = []
+    log_odds = []
     for start in tqdm(range(0, len(text_index), batch_size), desc=work, unit="batch", disable=not progress):
         t = text_index[start : start + batch_size].to(device)
         v = video_index[start : start + batch_size].to(device)
         fused = model.fuse(videos.index_select(v), texts.tokens[t], texts.mask[t], mode="bidirectional")
-        probabilities.append(torch.softmax(model.match_logits(fused).float(), dim=-1)[:, 1].cpu())
+        logits = model.match_logits(fused).double()  # (n, 2) [not matched, matched]
+        log_odds.append((logits[:, 1] - logits[:, 0]).cpu())
     model.train(was_training)
-    return torch.cat(probabilities) if probabilities else torch.zeros(0)
+    return torch.cat(log_odds) if log_odds else torch.zeros(0, dtype=torch.float64)
+
+
+def match_probability(model, videos, texts, text_index: torch.Tensor, video_index: torch.Tensor, **kwargs) -> torch.Tensor:
+    """P(matched) for the pairs of `match_log_odds` (same arguments), float64 (n,)."""
+    return torch.sigmoid(match_log_odds(model, videos, texts, text_index, video_index, **kwargs))
 
 
 def logit_scale_value(model) -> float:
@@ -151,15 +159,18 @@ def rerank_similarities(
     """Fusion re-ranking of the contrastive top-k in both directions.
 
     Returns (t2v scores (num_texts, num_videos), v2t scores (num_videos, num_texts)); each query's
-    top-k get softmax_k(logit_scale * cosine) * P(matched) placed above its other candidates.
+    top-k are ordered by softmax_k(logit_scale * cosine) * P(matched) (as logs) and placed above its
+    other candidates.
     """
     scale = logit_scale_value(model)
 
     def text_queries(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return match_probability(model, videos, texts, t, v, batch_size, progress, f"re-ranking top-{k} t2v pairs")
+        work = f"re-ranking top-{k} t2v pairs"
+        return F.logsigmoid(match_log_odds(model, videos, texts, t, v, batch_size, progress, work))
 
     def video_queries(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return match_probability(model, videos, texts, t, v, batch_size, progress, f"re-ranking top-{k} v2t pairs")
+        work = f"re-ranking top-{k} v2t pairs"
+        return F.logsigmoid(match_log_odds(model, videos, texts, t, v, batch_size, progress, work))
 
     t2v = rerank_top_k(similarity, k, text_queries, prior_scale=scale)
     v2t = rerank_top_k(similarity.t(), k, video_queries, prior_scale=scale)

@@ -4,7 +4,8 @@ An index is a folder: `features.safetensors` (the VideoFeatures fields of every 
 `index.json` ({"video_ids", "paths", "checkpoint", "config"}: the model config and preprocessing
 the features were computed with). A query is ranked by the contrastive cosine against every
 video, then its top `rerank_k` are re-ranked by the fusion encoder's matching head with the same
-fusion as retrieval evaluation (softmax over the top-k of the scaled cosine times P(matched)).
+fusion as retrieval evaluation (softmax over the top-k of the scaled cosine times P(matched),
+taken as a log so that small products stay apart).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from stoa_vlp.model import VideoFeatures
-from stoa_vlp.tasks.retrieval import contrastive_similarity, encode_texts, logit_scale_value, match_probability
+from stoa_vlp.tasks.retrieval import contrastive_similarity, encode_texts, logit_scale_value, match_log_odds
 from stoa_vlp.tokenizer import Tokenizer
 
 FEATURES_FILE = "features.safetensors"
@@ -37,7 +39,7 @@ class SearchIndex:
 class SearchHit:
     video_id: str
     path: str
-    score: float  # final ranking score (re-ranked fusion score for the top-k, else cosine)
+    score: float  # final ranking score (log of the fusion score for the re-ranked top-k, else cosine)
     cosine: float  # contrastive similarity
     match: float | None  # P(matched) from the matching head, for re-ranked hits
 
@@ -90,8 +92,10 @@ def search(
     hits = []
     if k > 0:
         candidates = order[:k]
-        match = match_probability(model, videos, text, torch.zeros(k, dtype=torch.long), candidates)
-        fused = torch.softmax(logit_scale_value(model) * cosine[candidates], dim=0) * match
+        log_odds = match_log_odds(model, videos, text, torch.zeros(k, dtype=torch.long), candidates)
+        prior = torch.log_softmax(logit_scale_value(model) * cosine[candidates].double(), dim=0)
+        fused = prior + F.logsigmoid(log_odds)  # log(softmax_k(scale * cosine) * P(matched)), float64
+        match = torch.sigmoid(log_odds)
         for rank in fused.argsort(descending=True).tolist():
             row = int(candidates[rank])
             hits.append(SearchHit(index.video_ids[row], index.paths[row], float(fused[rank]), float(cosine[row]),
