@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from stoa_vlp.config import Config, ConfigError, load_config, parse_override, save_config
@@ -73,3 +75,58 @@ def test_parse_override_nests(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(str(empty)) == Config()
+
+
+def test_yaml_syntax_errors_name_the_file_or_the_override(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  frames: [4\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: invalid YAML at line 3, column 1: expected ',' or ']'"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"^override 'model.frames=\[1': invalid YAML at line 1"):
+        load_config("tiny", ["model.frames=[1"])
+    path.write_bytes(b"model:\n  frames: 4 # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: 'utf-8' codec can't decode byte 0xe9"):
+        load_config(str(path))
+
+
+def test_a_key_given_twice_names_the_key_and_the_file(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("model:\n  frames: 4\n  image_size: 64\n  frames: 8\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: invalid YAML at line 4, column 3: duplicate key 'frames'"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"^override 'model=\{frames: 4, frames: 8\}': .*duplicate key 'frames'"):
+        load_config("tiny", ["model={frames: 4, frames: 8}"])
+    path.write_text("base: &base {frames: 4}\nmodel:\n  <<: *base\n  image_size: 64\n")  # merge keys are not repeats
+    with pytest.raises(ConfigError, match="unknown config key 'base'"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.frames=0", "model.frames must be at least 1, got 0"),
+        ("model.frames=-1", "model.frames must be at least 1, got -1"),
+        ("model.image_size=0", "model.image_size must be at least 1, got 0"),
+        ("model.patch_size=0", "model.patch_size must be at least 1, got 0"),
+        ("model.text_len=1", "model.text_len must be at least 2, got 1"),
+        ("data.batch_size=0", "data.batch_size must be at least 1, got 0"),
+        ("data.num_workers=-1", "data.num_workers must be at least 0, got -1"),
+        ("train.lr=-1", "train.lr must be at least 0, got -1.0"),
+        ("train.lr=.nan", "train.lr must be at least 0, got nan"),
+        ("train.warmup_steps=-5", "train.warmup_steps must be at least 0, got -5"),
+    ],
+)
+def test_values_out_of_range_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=f"^override '{re.escape(override)}': {message}$"):
+        load_config("tiny", [override])
+
+
+def test_values_out_of_range_in_a_file_or_a_dict_name_their_source(tmp_path):
+    from stoa_vlp.config import from_dict
+
+    path = tmp_path / "zero.yaml"
+    path.write_text("data:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError, match=r"zero.yaml: data.batch_size must be at least 1, got 0$"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"^run/state.json: model.frames must be at least 1, got 0$"):
+        from_dict({"model": {"frames": 0}}, "run/state.json")

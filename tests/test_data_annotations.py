@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import pickle
@@ -285,3 +286,144 @@ def test_missing_file_and_unknown_format(tmp_path):
     (tmp_path / "notes.xyz").write_text("x")
     with pytest.raises(AnnotationError, match="cannot tell the annotation format"):
         read_annotations(tmp_path / "notes.xyz")
+
+
+def write_annotation_files(folder, files: dict) -> None:
+    """Each {name: content} as a file: bytes as they are, text as it is, .pkl pickled, .jsonl one JSON
+    line per item, anything else as JSON."""
+    for name, content in files.items():
+        path = folder / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif isinstance(content, str):
+            path.write_text(content)
+        elif name.endswith(".pkl"):
+            path.write_bytes(pickle.dumps(content))
+        elif name.endswith(".jsonl"):
+            path.write_text("".join(json.dumps(line) + "\n" for line in content))
+        else:
+            path.write_text(json.dumps(content))
+
+
+UNKNOWN_CLASS_PICKLE = pickle.dumps(collections.OrderedDict()).replace(b"collections", b"no_such_mod")
+
+
+@pytest.mark.parametrize(
+    "files,format,message",
+    [
+        ({"MSRVTT_data.json": {"videos": [], "sentences": 5}}, "auto", r"MSRVTT_data.json: sentences must be a list, got 5"),
+        ({"MSRVTT_data.json": {"videos": 5, "sentences": []}}, "auto", r"MSRVTT_data.json: videos must be a list, got 5"),
+        ({"MSRVTT_data.json": {"videos": ["video0"], "sentences": []}}, "auto", r"videos\[0\]: expected an object"),
+        ({"MSRVTT_data.json": {"videos": [{"video_id": 0, "split": "train"}], "sentences": []}}, "auto",
+         r"MSRVTT_data.json: videos\[0\]: video_id must be a non-empty string, got 0"),
+        ({"MSRVTT_data.json": {"videos": [{"video_id": ["x"], "split": "train"}], "sentences": []}}, "auto",
+         r"videos\[0\]: video_id must be a non-empty string, got \['x'\]"),
+        ({"MSRVTT_data.json": {"videos": [{"split": "train"}], "sentences": []}}, "auto", r"videos\[0\]: video_id must be"),
+        ({"MSRVTT_data.json": {"videos": [{"video_id": "video0", "split": 1}], "sentences": []}}, "auto",
+         r"videos\[0\]: split must be a non-empty string, got 1"),
+        ({"MSRVTT_data.json": {"videos": [], "sentences": [{"video_id": ["video0"], "caption": "a"}]}}, "auto",
+         r"sentences\[0\]: video_id must be a non-empty string"),
+        ({"raw-captions.pkl": ["video0"]}, "auto", r"raw-captions.pkl: expected a dict .* got list"),
+        ({"raw-captions.pkl": {"video0": None}}, "auto", r"raw-captions.pkl: video0: captions must be a list, got None"),
+        ({"raw-captions.pkl": {"video0": [[1, 2]]}}, "auto", r"raw-captions.pkl: video0\[0\]: words must be strings"),
+        ({"raw-captions.pkl": {"video0": [["a", ["b"]]]}}, "auto", r"video0\[0\]: words must be strings"),
+        ({"raw-captions.pkl": UNKNOWN_CLASS_PICKLE}, "auto", r"raw-captions.pkl: not a readable pickle \(ModuleNotFoundError"),
+        ({"train_data.json": [{"video": ["x"], "description": "a", "times": [[0, 1]]}]}, "auto",
+         r"train_data.json: \[0\]: video must be a non-empty string, got \['x'\]"),
+        ({"train_data.json": [{"video": 0, "description": "a", "times": [[0, 1]]}]}, "auto", r"\[0\]: video must be"),
+        ({"train_data.json": [{"video": "video0", "description": "a", "times": [["a", "b"]]}]}, "didemo-moments",
+         r"train_data.json: \[0\]: times must be a list of \[start, end\] segment number pairs"),
+        ({"train_data.json": [{"video": "video0", "description": "a", "times": [[None, 2]]}]}, "didemo-moments",
+         r"\[0\]: times must be a list"),
+        ({"train.jsonl": [{"video_id": "a", "video": 5, "caption": "x"}]}, "auto",
+         r"train.jsonl:1: video must be a non-empty string, got 5"),
+        ({"train.jsonl": [{"video_id": "a", "video": None, "caption": "x"}]}, "auto", r"train.jsonl:1: video must be"),
+        ({"train.jsonl": [{"video_id": None, "caption": "x"}]}, "auto", r"train.jsonl:1: video_id must be"),
+        ({"MSRVTT_JSFUSION_test.csv": "key,vid_key,video_id,sentence\nk,v,,a cat\n"}, "auto",
+         r"MSRVTT_JSFUSION_test.csv:2: video_id must be a non-empty string, got ''"),
+        ({"results_train.csv": "videoid,name,page_dir\nv1,a cat\n"}, "auto", r"results_train.csv:2: too few fields, no page_dir"),
+    ],
+)
+def test_fields_of_the_wrong_type_are_errors_naming_file_and_item(tmp_path, files, format, message):
+    write_annotation_files(tmp_path, {"train_list.txt": "video0\n", **files})
+    (name,) = files
+    with pytest.raises(AnnotationError, match=message):
+        read_annotations(tmp_path / name, format=format, split="train")
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("MSRVTT_data.json", b'{"videos": [],\n "sentences": ["caf\xe9"]}', r"MSRVTT_data.json:2: not UTF-8 text"),
+        ("train.jsonl", b'{"video_id": "a", "caption": "ok"}\n{"video_id": "a", "caption": "caf\xe9"}\n',
+         r"train.jsonl:2: not UTF-8 text \(invalid continuation byte at byte 34 of the line\)"),
+        ("LSMDC16_annos_training.csv", b"clip\t0\t1\t0\t1\tA caf\xe9 scene\n", r"LSMDC16_annos_training.csv:1: not UTF-8"),
+        ("results_train.csv", b"videoid,name,page_dir\nv1,caf\xe9,p\n", r"results_train.csv:2: not UTF-8"),
+        ("MSRVTT_train.9k.csv", b"video_id\nvid\xe9o0\n", r"MSRVTT_train.9k.csv:2: not UTF-8"),
+        ("raw-captions.pkl", pickle.dumps({"video0": [["a"]]}), r"train_list.txt:1: not UTF-8"),
+    ],
+)
+def test_text_that_is_not_utf8_is_an_error_naming_file_and_line(tmp_path, name, content, message):
+    write_annotation_files(tmp_path, {"MSRVTT_data.json": MSRVTT_DATA, "train_list.txt": b"vid\xe9o0\n", name: content})
+    with pytest.raises(AnnotationError, match=message):
+        read_annotations(tmp_path / name, split="train")
+
+
+@pytest.mark.parametrize(
+    "times,message",
+    [
+        ('"start": NaN, "end": 1', "start must be a number of seconds or null, got nan"),
+        ('"start": 0.5, "end": NaN', "end must be a number of seconds or null, got nan"),
+        ('"start": 0, "end": Infinity', "end must be a number of seconds or null, got inf"),
+        ('"start": -5, "end": -1', "start -5 is negative"),
+        ('"start": 2.5, "end": 0.5', "end 0.5 is not after start 2.5"),
+        ('"start": 2, "end": 2', "end 2 is not after start 2"),
+        ('"end": 0', "end 0 is not after start 0"),
+    ],
+)
+def test_jsonl_clip_times_must_be_finite_non_negative_and_increasing(tmp_path, times, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"video_id": "a", "caption": "ok", "start": 1}) + "\n"
+                    + '{"video_id": "a", "caption": "x", ' + times + "}\n")
+    with pytest.raises(AnnotationError, match=f"train.jsonl:2: {message}"):
+        read_annotations(path)
+
+
+@pytest.mark.parametrize(
+    "times,message",
+    [
+        ("[[5, 1]]", "end 10.0 is not after start 25.0"),
+        ("[[-3, -2]]", "start -15.0 is negative"),
+        ("[[NaN, 1]]", "times must be a list of"),
+        ("[[0, Infinity]]", "times must be a list of"),
+        ("[[true, 1]]", "times must be a list of"),
+    ],
+)
+def test_didemo_moment_times_must_be_finite_non_negative_and_increasing(tmp_path, times, message):
+    path = tmp_path / "train_data.json"
+    path.write_text('[{"video": "v1.mp4", "description": "a", "times": [[0, 1]]},\n'
+                    ' {"video": "v1.mp4", "description": "b", "times": ' + times + "}]")
+    with pytest.raises(AnnotationError, match=rf"train_data.json: \[1\]: {message}"):
+        read_annotations(path, format="didemo-moments")
+
+
+def test_repeated_clips_are_kept_with_one_warning_per_file(tmp_path, caplog):
+    repeated = {**MSRVTT_DATA, "videos": MSRVTT_DATA["videos"] + MSRVTT_DATA["videos"][:2] + MSRVTT_DATA["videos"][:1]}
+    (tmp_path / "MSRVTT_data.json").write_text(json.dumps(repeated))
+    (tmp_path / "results_train.csv").write_text("videoid,name,page_dir\nv1,a cat,p\nv2,a dog,p\nv1,a cow,p\n")
+    (tmp_path / "MSRVTT_JSFUSION_test.csv").write_text("key,vid_key,video_id,sentence\nk,v,video0,a cat\nk,v,video0,a dog\n")
+    (tmp_path / "test_data.json").write_text(json.dumps(DIDEMO))
+    with caplog.at_level("WARNING", logger="stoa_vlp.data.annotations"):
+        train = read_annotations(tmp_path / "MSRVTT_data.json", split="train")
+    assert [r.video_id for r in train] == ["video0", "video1", "video0", "video1", "video0"]  # kept, as listed
+    warning = "MSRVTT_data.json: 2 clips are listed more than once (3 extra records; e.g. video0, video1)"
+    assert warning in caplog.text and caplog.text.count("more than once") == 1
+    for name, ids in [("results_train.csv", ["v1", "v2", "v1"]), ("MSRVTT_JSFUSION_test.csv", ["video0", "video0"])]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="stoa_vlp.data.annotations"):
+            assert [r.video_id for r in read_annotations(tmp_path / name)] == ids
+        assert f"{name}: 1 clips are listed more than once (1 extra records; e.g. {ids[0]})" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stoa_vlp.data.annotations"):
+        moments = read_annotations(tmp_path / "test_data.json", format="didemo-moments")
+    assert [r.video_id for r in moments].count("v1.mp4") == 2 and "more than once" not in caplog.text  # other times

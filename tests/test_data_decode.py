@@ -227,3 +227,115 @@ def test_avi_mpeg4_like_msvd(tmp_path, b_frames):
         np.testing.assert_allclose(clip.times, times[expected])
         for k, index in enumerate(expected):
             assert np.array_equal(clip.frames[k].permute(1, 2, 0).numpy(), images[index])
+
+
+def write_faststart(path, frames: int = 36, fps: int = 12) -> None:
+    """H.264 mp4, a keyframe every 2 s and no B-frames, with its index (moov) before the data, as web
+    video is written: a cut keeps the index."""
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"x264-params": f"keyint={2 * fps}:scenecut=0:bframes=0"}
+        for image in moving_frames(frames):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def cut_at(path, seconds: float, cut) -> None:
+    """Write to `cut` the bytes of `path` before its first packet decoded at or after `seconds`: whole
+    packets, so the frames before decode cleanly and only the declared duration tells."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        positions = [p.pos for p in container.demux(stream) if p.size and p.dts * stream.time_base >= seconds]
+    cut.write_bytes(path.read_bytes()[: min(positions)])
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "torchcodec", "decord"])
+def test_truncated_faststart_file_is_refused_naming_both_times(tmp_path, decoder):
+    require_decoder(decoder)
+    whole, cut = tmp_path / "whole.mp4", tmp_path / "cut.mp4"
+    write_faststart(whole)  # 3 s
+    cut_at(whole, 2.0, cut)
+    assert decode_clip(whole, 4, decoder=decoder).times[-1] > 2.5
+    stop = r"cut.mp4: truncated: its frames stop at 2.00s but its container says it lasts 3.00s"
+    with pytest.raises(VideoError, match=stop):
+        decode_clip(cut, 4, decoder=decoder)
+    with pytest.raises(VideoError, match=stop):
+        decode_clip(cut, 4, start=1.0, end=2.9, decoder=decoder)  # the window reaches past the data
+    inside = decode_clip(cut, 4, start=0.5, end=1.5, decoder=decoder)  # the data of this window is all there
+    np.testing.assert_allclose(inside.times, decode_clip(whole, 4, start=0.5, end=1.5).times, atol=1e-6)
+
+
+def test_window_after_the_data_of_a_truncated_file_is_refused(tmp_path):
+    whole, cut = tmp_path / "whole.mp4", tmp_path / "cut.mp4"
+    write_faststart(whole, frames=36 * 4)  # 12 s
+    cut_at(whole, 9.0, cut)
+    with pytest.raises(VideoError, match="cut.mp4: has no video frames from 11.0s on: the data its index"):
+        decode_clip(cut, 4, start=11.0)
+
+
+def write_rotated(path, degrees: int) -> None:
+    """moving_frames (64x48) in an mp4 whose display matrix turns them `degrees` counterclockwise."""
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=12)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(degrees)
+        for image in moving_frames(24):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+@pytest.mark.parametrize("degrees, turns", [(90, 1), (180, 2), (-90, 3)])
+def test_rotated_video_decodes_upright(tmp_path, degrees, turns):
+    path = tmp_path / f"phone{degrees}.mp4"
+    write_rotated(path, degrees)
+    times, images = reference_frames(path)  # as stored: 64 wide, 48 high
+    clip = decode_clip(path, 4)
+    shown = (48, 64) if turns % 2 == 0 else (64, 48)  # (height, width) as players show it
+    assert clip.frames.shape == (4, 3, *shown) and (clip.height, clip.width) == shown
+    for k, index in enumerate(segment_indices(len(images), 4, "uniform")):
+        assert np.array_equal(clip.frames[k].permute(1, 2, 0).numpy(), np.rot90(images[index], turns))
+
+
+@pytest.mark.parametrize(
+    "decoder, degrees", [("torchcodec", 90), ("torchcodec", 180), ("torchcodec", -90), ("decord", 180)]
+)
+def test_optional_decoders_turn_rotated_videos_like_pyav(tmp_path, decoder, degrees):
+    require_decoder(decoder)  # both apply the display rotation themselves, as FFmpeg's players do
+    path = tmp_path / f"phone{degrees}.mp4"
+    write_rotated(path, degrees)
+    expected, got = decode_clip(path, 4), decode_clip(path, 4, decoder=decoder)
+    assert torch.equal(got.frames, expected.frames)
+    assert (got.width, got.height) == (expected.width, expected.height)
+
+
+@pytest.mark.parametrize("degrees", [90, -90])
+def test_decord_quarter_turns_are_a_clear_error(tmp_path, degrees):
+    """decord 0.6 sizes its buffers wrongly for a quarter-turned video (here 64x48): an error, not a crash."""
+    require_decoder("decord")
+    path = tmp_path / f"phone{degrees}.mp4"
+    write_rotated(path, degrees)
+    with pytest.raises(VideoError, match=f"phone{degrees}.mp4: decord could not decode the frames"):
+        decode_clip(path, 4, decoder="decord")
+
+
+@pytest.mark.parametrize(
+    "start, end, problem",
+    [
+        (float("nan"), None, "times must be finite and not negative"),
+        (None, float("inf"), "times must be finite and not negative"),
+        (-1.0, 2.0, "times must be finite and not negative"),
+        (2.0, 1.0, "start must come before its end"),
+        (1.0, 1.0, "start must come before its end"),
+    ],
+)
+def test_clip_times_that_are_no_window_are_refused_naming_the_file(clips, tmp_path, start, end, problem):
+    with pytest.raises(ValueError, match=f"short_gop.mp4: clip {problem}, got start={start}, end={end}"):
+        decode_clip(clips["short_gop"], 4, start=start, end=end)
+    from PIL import Image
+
+    folder = tmp_path / "clip7"  # a frame folder
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(folder / "1.png")
+    with pytest.raises(ValueError, match=f"clip7: clip {problem}"):
+        decode_clip(folder, 4, start=start, end=end)

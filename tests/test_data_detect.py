@@ -67,6 +67,24 @@ def test_frame_times_count_from_the_stream_start_as_the_decoder_does(tmp_path):
     assert decoded.times[::2].tolist() == pytest.approx(times)
 
 
+def test_a_rotated_video_is_detected_upright_as_it_is_decoded(tmp_path):
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(90)
+        for index in range(4):
+            image = np.zeros((48, 64, 3), np.uint8)
+            image[:, : 16 * (index + 1)] = 200  # not symmetric: a turn shows
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    width, height, frames = sample_frames(path, fps=4.0)
+    decoded = decode_clip(path, 4, "uniform")
+    assert (width, height) == (decoded.width, decoded.height) == (48, 64)  # boxes in the frames training sees
+    for (_, image), expected in zip(frames, decoded.frames):
+        assert np.array_equal(image, expected.permute(1, 2, 0).numpy())
+
+
 def test_detect_command_writes_detections(tmp_path, weights):
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -109,6 +127,15 @@ def test_wrong_weights_are_an_error(tmp_path):
         build_detector(path, DetectSettings(**SETTINGS), torch.device("cpu"))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_detector(tmp_path / "missing.pth", DetectSettings(**SETTINGS), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name, content", [("garbage.pth", bytes(range(256)) * 4), ("empty.pth", b""),
+                                           ("garbage.safetensors", b"not safetensors")])
+def test_unreadable_weights_are_an_error_naming_the_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{path}: not a readable (PyTorch weights|safetensors) file"):
+        build_detector(path, DetectSettings(**SETTINGS), torch.device("cpu"))
 
 
 def test_two_videos_with_one_id_are_refused_before_any_detection(tmp_path):

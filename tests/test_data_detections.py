@@ -70,12 +70,27 @@ def test_failed_write_leaves_the_earlier_file_as_it_was(tmp_path):
     assert path.read_text() == earlier and sorted(tmp_path.iterdir()) == [path]  # no temporary file left
 
 
+def frame_line(frame: str) -> str:
+    """A detections line of one video with `frame` (JSON text, so NaN may be written)."""
+    return '{"video_id": "x", "width": 64, "height": 64, "frames": [' + frame + "]}"
+
+
+def object_line(fields: str, name: str = '"dog"') -> str:
+    """A detections line whose one object has `fields` (JSON text) besides its class `name`."""
+    return frame_line('{"time": 0, "objects": [{"class": ' + name + ", " + fields + "}]}")
+
+
 @pytest.mark.parametrize(
     "line,message",
     [
         ('{"video_id": "x", "width": 2', "malformed JSON"),
         ('{"video_id": "x", "width": 2, "height": 2}', "missing frames"),
-        ('{"video_id": "x", "width": 0, "height": 2, "frames": []}', "positive integers"),
+        ('{"video_id": "x", "width": 0, "height": 2, "frames": []}', "'width' must be a positive integer, got 0"),
+        ('{"video_id": "x", "width": true, "height": 2, "frames": []}', "'width' must be a positive integer, got True"),
+        ('{"video_id": "x", "width": 2, "height": 2.0, "frames": []}', "'height' must be a positive integer, got 2.0"),
+        ('{"video_id": null, "width": 2, "height": 2, "frames": []}', "'video_id' must be a non-empty string, got None"),
+        ('{"video_id": "", "width": 2, "height": 2, "frames": []}', "'video_id' must be a non-empty string"),
+        ('{"video_id": 7, "width": 2, "height": 2, "frames": []}', "'video_id' must be a non-empty string, got 7"),
         ('{"video_id": "x", "width": 2, "height": 2, "frames": [{"time": 0}]}', "frame 0: each frame needs"),
         (
             '{"video_id": "x", "width": 2, "height": 2, "frames": [{"time": 0, "objects": [{"class": "a", "rect": [1, 2, 3], "conf": 1}]}]}',
@@ -86,12 +101,24 @@ def test_failed_write_leaves_the_earlier_file_as_it_was(tmp_path):
             "x1 < x0",
         ),
         ('[1, 2]', "expected a JSON object"),
+        (frame_line('{"time": NaN, "objects": []}'), r"frame 0: 'time' must be a finite number, got nan"),
+        (frame_line('{"time": "0.5", "objects": []}'), r"frame 0: 'time' must be a finite number, got '0.5'"),
+        (object_line('"rect": [NaN, 1, 2, 3], "conf": 0.5'), r"object 0: 'rect' value must be a finite number, got nan"),
+        (object_line('"rect": [0, 0, Infinity, 3], "conf": 0.5'), r"object 0: 'rect' value must be a finite number, got inf"),
+        (object_line('"rect": ["1", "2", "3", "4"], "conf": 0.5'), r"'rect' value must be a finite number, got '1'"),
+        (object_line('"rect": [true, false, true, true], "conf": 0.5'), r"'rect' value must be a finite number, got True"),
+        (object_line('"rect": [1, 2, 3, 4], "conf": NaN'), r"object 0: 'conf' must be a finite number, got nan"),
+        (object_line('"rect": [1, 2, 3, 4], "conf": "high"'), r"object 0: 'conf' must be a finite number, got 'high'"),
+        (object_line('"rect": [1, 2, 3, 4], "conf": 1.5'), r"object 0 'conf' 1.5 is not between 0 and 1"),
+        (object_line('"rect": [1, 2, 3, 4], "conf": -0.1'), r"object 0 'conf' -0.1 is not between 0 and 1"),
+        (object_line('"rect": [1, 2, 3, 4], "conf": 0.5', '{"a": 1}'), r"object 0: 'class' must be a non-empty string"),
+        (b'{"video_id": "caf\xe9", "width": 2, "height": 2, "frames": []}', r"not UTF-8 text"),
     ],
 )
 def test_errors_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "dets.jsonl"
-    good = '{"video_id": "ok", "width": 2, "height": 2, "frames": []}'
-    path.write_text(good + "\n\n" + line + "\n")
+    good = b'{"video_id": "ok", "width": 2, "height": 2, "frames": []}'
+    path.write_bytes(good + b"\n\n" + (line if isinstance(line, bytes) else line.encode()) + b"\n")
     with pytest.raises(DetectionsError, match=f"dets.jsonl:3.*{message}"):
         read_detections(path)
 
@@ -166,6 +193,79 @@ def test_label_vocab(tmp_path):
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ValueError, match="bad.json: not a stoa-vlp label vocabulary"):
         LabelVocab.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize(
+    "names,message",
+    [
+        ([1, 2], "labels.json: class names must be non-empty strings, got 1"),
+        ([{"a": 1}], r"labels.json: class names must be non-empty strings, got \{'a': 1\}"),
+        (["dog", ""], "labels.json: class names must be non-empty strings, got ''"),
+        (["dog", "cat", "dog"], "labels.json: duplicate class names in the label vocabulary: dog"),
+        (["<unknown>"], "labels.json: duplicate class names in the label vocabulary: <unknown>"),
+    ],
+)
+def test_label_vocab_names_must_be_unique_strings(tmp_path, names, message):
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps({"format": "stoa-vlp labels", "names": names}))
+    with pytest.raises(ValueError, match=message):
+        LabelVocab.load(path)
+
+
+def test_label_vocab_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "labels.json"
+    path.write_bytes(b'{"format": "stoa-vlp labels",\n"names": ["caf\xe9"]}')
+    with pytest.raises(ValueError, match="labels.json:2: not UTF-8 text"):
+        LabelVocab.load(path)
+
+
+VINVL_OBJECT = {"class": "dog", "rect": [1, 2, 30, 40], "conf": 0.9}
+
+
+def vinvl_line(key: str, **prediction) -> str:
+    return f"{key}\t{json.dumps({'objects': [VINVL_OBJECT], 'image_w': 64, 'image_h': 48, **prediction})}\n"
+
+
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        ([vinvl_line("vid_0", image_w=0)], r"predictions.tsv:1: image_w must be a positive integer, got 0"),
+        ([vinvl_line("vid_0", image_h=-48)], r"predictions.tsv:1: image_h must be a positive integer, got -48"),
+        ([vinvl_line("vid_0", image_w=64.7)], r"predictions.tsv:1: image_w must be a positive integer, got 64.7"),
+        ([vinvl_line("vid_0", image_w=[64])], r"predictions.tsv:1: image_w must be a positive integer, got \[64\]"),
+        ([vinvl_line("vid_0", image_w="abc")], r"predictions.tsv:1: image_w must be a positive integer, got 'abc'"),
+        ([vinvl_line("vid_0", image_w=None)], r"predictions.tsv:1: image_w must be a positive integer, got None"),
+        ([vinvl_line("vid_0"), vinvl_line("vid_1", image_w=128)],
+         r"predictions.tsv:2: image size 128x48 differs from 64x48 at .*predictions.tsv:1"),
+        ([vinvl_line("vid_0"), vinvl_line("other_0"), vinvl_line("vid/0.jpg", objects=[])],
+         r"predictions.tsv:3: frame 0 of video 'vid' is also at .*predictions.tsv:1"),
+        ([vinvl_line("vid_0", objects=[{**VINVL_OBJECT, "conf": 1.5}])], r"predictions.tsv:1: object 0 'conf' 1.5 is not"),
+        ([vinvl_line("vid_0", objects=[{**VINVL_OBJECT, "rect": [float("nan"), 2, 30, 40]}])],
+         r"predictions.tsv:1: object 0: 'rect' value must be a finite number"),
+    ],
+)
+def test_vinvl_predictions_are_checked_as_the_detections_reader_checks_them(tmp_path, lines, message):
+    tsv = tmp_path / "predictions.tsv"
+    tsv.write_text("".join(lines))
+    with pytest.raises(DetectionsError, match=message):
+        read_vinvl_tsv(tsv, fps=1.0)
+
+
+def test_vinvl_sizes_of_one_video_must_agree_and_files_be_utf8(tmp_path):
+    frames = [(0.0, {"objects": [], "image_w": 64, "image_h": 48}), (1.0, {"objects": [], "image_w": 64, "image_h": 64})]
+    with pytest.raises(DetectionsError, match="video v frame 1: image size 64x64 differs from 64x48 at video v frame 0"):
+        convert_vinvl("v", frames)
+    with pytest.raises(DetectionsError, match="video v: width must be a positive integer, got 0"):
+        convert_vinvl("v", [(0.0, [])], width=0, height=48)
+    assert (convert_vinvl("v", [], width=64, height=48).width, convert_vinvl("v", frames[:1]).height) == (64, 48)
+    hw = tmp_path / "frames.hw.tsv"
+    hw.write_text('vid_0\t[{"height": 48, "width": 64}]\nvid_1\t[{"height": 0, "width": 64}]\n')
+    with pytest.raises(DetectionsError, match="frames.hw.tsv:2: height must be a positive integer, got 0"):
+        read_hw_tsv(hw)
+    tsv = tmp_path / "predictions.tsv"
+    tsv.write_bytes(vinvl_line("vid_0").encode() + vinvl_line("vid_1").replace("dog", "caf\xe9").encode("latin-1"))
+    with pytest.raises(DetectionsError, match="predictions.tsv:2: not UTF-8 text"):
+        read_vinvl_tsv(tsv, fps=1.0)
 
 
 def test_nearest_frames():

@@ -77,6 +77,20 @@ def test_bad_frame_folders_are_clear_errors(tmp_path):
         decode_clip(mixed, 3, start=10.0, end=20.0)
 
 
+def test_prepare_refuses_a_frame_folder_of_mixed_sizes_as_decoding_does(tmp_path):
+    from stoa_vlp.data.prepare import PrepareOptions, prepare_videos
+
+    mixed = tmp_path / "mixed"
+    write_frames(mixed, 2)
+    write_image(torch.zeros(3, 8, 8, dtype=torch.uint8), mixed / "frame_3.png")
+    (entry,) = prepare_videos([("mixed", str(mixed))], tmp_path / "prepared", PrepareOptions(), progress=False)
+    assert entry.status == "failed" and not (tmp_path / "prepared" / "videos" / "mixed.mp4").exists()
+    with pytest.raises(VideoError) as decoding:
+        decode_clip(mixed, 3)
+    assert entry.error == str(decoding.value)
+    assert entry.error == f"{mixed}: frames of different sizes (height, width): [(8, 8), (24, 32)]"
+
+
 def test_frame_folders_are_found_by_name(tmp_path):
     root = tmp_path / "videos"
     write_frames(root / "video0", 3)

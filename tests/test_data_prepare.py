@@ -175,3 +175,47 @@ def test_evaluation_shows_videos_prepared_otherwise_than_the_training_videos(tmp
     assert rows[VIDEOS] == ("prepared: fps=2.0, short_side=256, keyframe_interval=0.5, crf=26, preset=veryfast, "
                             "tune=fastdecode", "as given")
     assert rows["model.frames"] == (4, 4)
+
+
+def test_prepare_writes_rotated_videos_upright(tmp_path):
+    source = tmp_path / "raw"
+    source.mkdir()
+    with av.open(str(source / "phone.mp4"), "w", format="mp4") as container:  # stored 96x64, shown 64x96
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.set_display_rotation(90)  # a quarter turn counterclockwise, as a phone held upright writes
+        for _ in range(10):
+            image = np.zeros((64, 96, 3), dtype=np.uint8)
+            image[:, :48] = 255  # the left half as stored: the bottom half as shown
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    out = tmp_path / "prepared"
+    assert run_prepare(source, out) == 0
+    output = read_manifest(out / "manifest.jsonl")["phone"].output
+    frames, _, _ = read_output(output)
+    assert frames[0].shape == (48, 32, 3)  # upright, short side 32
+    assert frames[0][:22].max() < 30 and frames[0][26:].min() > 225
+    with av.open(output) as container:
+        assert next(container.decode(video=0)).rotation == 0
+
+
+def test_prepare_refuses_a_truncated_video(tmp_path):
+    source = tmp_path / "raw"
+    source.mkdir()
+    whole = tmp_path / "whole.mp4"
+    with av.open(str(whole), "w", format="mp4", options={"movflags": "faststart"}) as container:  # index first
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.options = {"x264-params": "bframes=0"}
+        for image in grey_ramp(30, 32, 32):  # 3 s
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    with av.open(str(whole)) as container:  # cut before the packet of 2 s: the frames before decode cleanly
+        stream = container.streams.video[0]
+        cut = next(p.pos for p in container.demux(stream) if p.size and p.pts * stream.time_base >= 2)
+    (source / "cut.mp4").write_bytes(whole.read_bytes()[:cut])
+    out = tmp_path / "prepared"
+    assert run_prepare(source, out) == 1  # every video failed
+    entry = read_manifest(out / "manifest.jsonl")["cut"]
+    assert entry.status == "failed" and not os.path.exists(entry.output)
+    assert entry.error.endswith("cut.mp4: truncated: its frames stop at 2.00s but its container says it lasts 3.00s")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from stoa_vlp.batch import TAG_NONE, TAG_NOUN, TAG_VERB
-from stoa_vlp.cli import main
+from stoa_vlp.cli import console_main, main
+from stoa_vlp.data.annotations import AnnotationError
 from stoa_vlp.data.tags import POS_TAGS, TagCache, load_spacy, read_captions, tag_file, tag_pieces, tag_tokens
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -196,3 +197,58 @@ def test_tag_command_on_msrvtt_and_text_files(tmp_path, nlp, capsys):
     (tmp_path / "captions.txt").write_text("a cat sleeps\n\na dog barks\n")
     cache = tag_file(tmp_path / "captions.txt", out, length=24)
     assert len(cache) == 4 and TagCache(out).get("a dog barks") is not None
+
+
+def write_cache(path, tags, length=12):
+    path.write_text(json.dumps({"format": "stoa-vlp tags", "version": 1, "length": length, "tags": tags}))
+    return path
+
+
+@pytest.mark.parametrize("digits", [12, None, "0999", "0ab", "0é", "0 1"])
+def test_cache_tags_must_be_strings_of_the_tag_digits(tmp_path, digits):
+    path = write_cache(tmp_path / "tags.json", {"a cat": "010", "a dog": digits})
+    with pytest.raises(ValueError, match=f"tags.json: the tags of caption 'a dog' are not a string of the digits 012: {digits!r}"):
+        TagCache.read(path)
+
+
+@pytest.mark.parametrize("length", ["32", 0, -1, True, 12.5])
+def test_cache_length_must_be_a_positive_integer(tmp_path, length):
+    path = write_cache(tmp_path / "tags.json", {"a cat": "010"}, length=length)
+    with pytest.raises(ValueError, match=f"tags.json: length must be a positive integer, got {length!r}"):
+        TagCache.read(path, length=24)
+
+
+def test_tag_onto_a_bad_cache_is_an_error_and_leaves_it_as_it_was(tmp_path):
+    cache = write_cache(tmp_path / "tags.json", {"a cat": 12})
+    before = cache.read_text()
+    (tmp_path / "captions.txt").write_text("a cat\n")
+    with pytest.raises(ValueError, match="tags.json: the tags of caption 'a cat' are not a string"):
+        tag_file(tmp_path / "captions.txt", cache, length=12)
+    assert cache.read_text() == before
+
+
+def test_cache_and_caption_files_that_are_not_utf8_name_file_and_line(tmp_path):
+    cache = tmp_path / "tags.json"
+    cache.write_bytes(b'{"format": "stoa-vlp tags", "version": 1, "length": 12,\n"tags": {"caf\xe9": "0"}}')
+    with pytest.raises(ValueError, match=r"tags.json:2: not UTF-8 text"):
+        TagCache.read(cache)
+    captions = tmp_path / "captions.txt"
+    captions.write_bytes(b"a dog\na caf\xe9\n")
+    with pytest.raises(ValueError, match=r"captions.txt:2: not UTF-8 text"):
+        read_captions(captions)
+
+
+def test_tag_without_a_readable_split_says_why(tmp_path, capsys):
+    data = {"videos": [{"video_id": "video0", "split": "train"}], "sentences": [{"video_id": "video0", "caption": 5}]}
+    (tmp_path / "MSRVTT_data.json").write_text(json.dumps(data))
+    with pytest.raises(AnnotationError, match=r"^[^;]*MSRVTT_data.json: sentences\[0\]: caption is not a string \(5\)$"):
+        read_captions(tmp_path / "MSRVTT_data.json")  # each split failed alike: said once
+    (tmp_path / "raw-captions.pkl").write_bytes(b"not a pickle")
+    (tmp_path / "train_list.txt").write_text("video0\n")
+    with pytest.raises(AnnotationError, match=r"raw-captions.pkl: not a readable pickle .*; .*val_list.txt: split list not found"):
+        read_captions(tmp_path / "raw-captions.pkl")
+    argv = ["tag", str(tmp_path / "MSRVTT_data.json"), "--out", str(tmp_path / "tags.json"), "--config", "tiny"]
+    assert console_main(argv) == 2
+    error = capsys.readouterr().err
+    assert "stoa-vlp tag: error: " in error and "sentences[0]: caption is not a string (5)" in error
+    assert "needs split" not in error

@@ -102,3 +102,28 @@ def test_unreadable_caption_is_an_error_in_evaluation_and_a_skip_in_training(vid
         assert [sample.video_id for sample in training] == ["0001"]
     assert skips.skipped["bad_caption"] == 1 and skips.total == 2
     assert "skipped sample (bad_caption): " in caplog.text and "0002.json" in caplog.text
+
+
+def test_captions_without_a_video_are_left_out_with_a_count(tmp_path, caplog):
+    shard = write_shard(tmp_path / "00000.tar", [("0001.mp4", b"video"), ("0001.txt", b"a dog"),
+                                                 ("0002.txt", b"no video"), ("0003.json", b'{"caption": "none"}')])
+    with caplog.at_level("WARNING", logger="stoa_vlp.data.annotations"):
+        assert [r.video_id for r in read_annotations(shard)] == ["0001"]
+    assert f"{shard}: 2 captions have no .mp4 member and are left out (e.g. {shard}::0002)" in caplog.text
+
+
+def test_a_shard_list_naming_a_missing_shard_is_an_error_up_front(tmp_path):
+    write_shard(tmp_path / "00000.tar", [("0001.mp4", b"video"), ("0001.txt", b"a dog")])
+    (tmp_path / "train.shards").write_text("00000.tar\nmissing.tar\n")
+    message = r"train.shards: 1 of 2 shards do not exist \(e.g. .*missing.tar\)"
+    with pytest.raises(AnnotationError, match=message):
+        read_annotations(tmp_path / "train.shards")
+    with pytest.raises(AnnotationError, match=message):
+        build_dataset(tiny(f"data.train={tmp_path / 'train.shards'}"), "train")  # before any worker streams
+
+
+def test_an_unreadable_shard_is_a_one_line_error(tmp_path):
+    (tmp_path / "00000.tar").write_text("not a tar file")
+    with pytest.raises(AnnotationError, match=r"00000.tar: not a readable tar shard") as raised:
+        read_annotations(tmp_path / "00000.tar")
+    assert "\n" not in str(raised.value)

@@ -50,7 +50,7 @@ def test_class_ids_follow_the_pretrained_weights(tmp_path, capsys):
     assert main(["evaluate", str(pretrained), "--split", "test", "--set", f"data.test={world.annotations}",
                  "--set", "task.rerank_k=0"]) == 0
     assert "(trained for pre-training); task: retrieval; split: test" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="was trained for pre-training, not QA: its answer head would be untrained"):
+    with pytest.raises(ValueError, match="was trained for pre-training, not QA: its answer head would be untrained"):
         main(["evaluate", str(pretrained), "--task", "qa", "--split", "test"])
     assert not (pretrained / "answers.json").exists()
 

@@ -127,7 +127,7 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
         state = json.loads(state_file.read_text())
         state["config"]["model"]["frames"] = 8
         state_file.write_text(json.dumps(state))
-        with pytest.raises(SystemExit, match="is another model than .* was built with"):
+        with pytest.raises(ValueError, match="is another model than .* was built with"):
             main(["search", str(index), "a red circle", "--checkpoint", str(moved)])
 
 

@@ -1,6 +1,7 @@
 """Video QA pieces: file reading, answer vocabulary, answer-slot head, per-type accuracy."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -149,3 +150,34 @@ def read_questions_like(types_and_answers):
     from stoa_vlp.tasks.qa import Question
 
     return [Question(f"v{i}", "q", answer, kind) for i, (kind, answer) in enumerate(types_and_answers)]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{", "malformed JSON at line 1, column 2"),
+        ('["yes", "no"]', "expected a JSON object, got an array"),
+        ("{}", "no answers"),
+        ('{"yes": "0", "no": 1}', "labels must be the integers 0..1, each once"),
+        ('{"yes": null}', "labels must be the integers 0..0, each once"),
+    ],
+)
+def test_a_bad_answers_file_is_an_error_naming_it(tmp_path, text, message):
+    path = tmp_path / "answers.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path}: {re.escape(message)}"):
+        AnswerVocab.load(path)
+
+
+def test_answers_that_do_not_match_the_checkpoints_head_name_answers_json(tmp_path):
+    from stoa_vlp.commands.task_common import load_task_weights
+    from stoa_vlp.train.checkpointing import save_weights
+
+    config = load_config("tiny", ["model.objects=false", "model.actions=false"])
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000001"
+    checkpoint.mkdir(parents=True)
+    save_weights(QAModel(build_model(config.model), num_answers=3).state_dict(), checkpoint / "model.safetensors")
+    load_task_weights(QAModel(build_model(config.model), num_answers=3), checkpoint)
+    answers = tmp_path / "run" / "answers.json"
+    with pytest.raises(ValueError, match=f"^{answers}: 2 answers, but the answer head of {checkpoint} has 3 outputs"):
+        load_task_weights(QAModel(build_model(config.model), num_answers=2), checkpoint)

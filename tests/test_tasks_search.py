@@ -1,10 +1,13 @@
 """Search index round trip and ranking: contrastive order, then fusion re-ranking of the top-k only."""
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
 from stoa_vlp.config import load_config
-from stoa_vlp.model import build_model
+from stoa_vlp.model import VideoFeatures, build_model
 from stoa_vlp.tasks.retrieval import contrastive_similarity, encode_texts, logit_scale_value, match_probability
 from stoa_vlp.tasks.search import SearchIndex, load_index, save_index, search
 from stoa_vlp.tokenizer import Tokenizer
@@ -25,9 +28,10 @@ def test_index_round_trip_and_ranking(tmp_path):
     with torch.no_grad():
         videos = model.encode_video(frames, boxes, labels, labels > 0, traj, traj > 0)
     ids = [f"clip{i}" for i in range(count)]
-    save_index(tmp_path / "idx", SearchIndex(ids, [f"/videos/{i}.mp4" for i in ids], videos, {"note": "x"}))
+    info = {"checkpoint": "/runs/ret/checkpoints/step_00000001", "config": config.to_dict()}
+    save_index(tmp_path / "idx", SearchIndex(ids, [f"/videos/{i}.mp4" for i in ids], videos, info))
     index = load_index(tmp_path / "idx")
-    assert index.video_ids == ids and index.info == {"note": "x"}
+    assert index.video_ids == ids and index.info == json.loads(json.dumps(info))
     torch.testing.assert_close(index.videos.trajectories, videos.trajectories)
 
     hits = search(model, index, "a red square moves left", tokenizer, "cpu", top=5, rerank_k=3)
@@ -47,3 +51,44 @@ def test_index_round_trip_and_ranking(tmp_path):
 def test_load_index_names_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing index.json"):
         load_index(tmp_path)
+
+
+def small_index(folder):
+    """An index of two videos with made-up features; (folder, the values of its index.json)."""
+    videos = VideoFeatures(**{field.name: torch.zeros(2, 3) for field in dataclasses.fields(VideoFeatures)})
+    info = {"checkpoint": "/runs/ret/checkpoints/step_00000001", "config": {}}
+    save_index(folder, SearchIndex(["a", "b"], ["/v/a.mp4", "/v/b.mp4"], videos, info))
+    return folder, json.loads((folder / "index.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda values: values.pop("video_ids"), 'no "video_ids"'),
+        (lambda values: values.pop("config"), 'no "config"'),
+        (lambda values: values.pop("checkpoint"), 'no "checkpoint"'),
+        (lambda values: values.update(video_ids=2), '"video_ids" must be an array, got an integer'),
+        (lambda values: values.update(config=None), '"config" must be an object, got null'),
+    ],
+)
+def test_an_index_json_without_its_keys_is_an_error_naming_it(tmp_path, change, message):
+    folder, values = small_index(tmp_path / "idx")
+    change(values)
+    (folder / "index.json").write_text(json.dumps(values))
+    with pytest.raises(ValueError, match=f"{folder / 'index.json'}: {message}"):
+        load_index(folder)
+
+
+def test_an_unreadable_index_is_an_error_naming_the_file(tmp_path):
+    folder, _ = small_index(tmp_path / "idx")
+    (folder / "index.json").write_text('["a", "b"]')
+    with pytest.raises(ValueError, match="index.json: expected a JSON object, got an array"):
+        load_index(folder)
+    (folder / "index.json").write_text("{'video_ids': []}")
+    with pytest.raises(ValueError, match="index.json: malformed JSON at line 1, column 2"):
+        load_index(folder)
+    folder, _ = small_index(tmp_path / "idx2")
+    features = folder / "features.safetensors"
+    features.write_bytes(features.read_bytes()[:40])
+    with pytest.raises(ValueError, match="features.safetensors: not a readable safetensors file"):
+        load_index(folder)

@@ -40,3 +40,15 @@ def test_pretrain_command_resumes_and_guards_finished_runs(tmp_path, caplog):
     assert train_steps == [1, 2, 3]  # the resumed run appended step 3 only
     val = [r for r in read_metrics(run) if r["split"] == "val"]
     assert [r["step"] for r in val] == [2, 3] and val[0]["num_videos"] == 2.0  # train.val_max_clips
+
+
+@pytest.mark.parametrize("command", [["pretrain"], ["finetune", "--task", "retrieval"]])
+def test_a_run_that_cannot_start_writes_nothing(tmp_path, command):
+    world = render_world(tmp_path / "world", train=2, val=0, test=0, seconds=1.0, fps=4.0, captions_per_clip=1)
+    run = tmp_path / "run"
+    argv = [*command, "--config", "tiny", "--output", str(run), "--set", f"data.train={world.annotations}",
+            "--set", f"data.video_root={world.videos}", "--set", f"data.detections={world.detections}",
+            "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.eval_every=0"]
+    with pytest.raises(ValueError, match="train.eval_every must be at least 1, got 0"):
+        main(argv)
+    assert not run.exists()  # nothing (no label_vocab.json) that --overwrite would refuse to delete

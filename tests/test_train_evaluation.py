@@ -61,3 +61,13 @@ def test_a_stream_is_capped_at_its_first_videos(world, tmp_path):
     assert batches[1].frames.shape[0] == batches[1].tokens.shape[0] == batches[1].video_index.shape[0] == 1
     metrics = RetrievalEvaluator(config, "val", torch.device("cpu"), max_videos=4)(model)
     assert metrics["num_videos"] == metrics["num_texts"] == 4.0
+
+
+def test_validation_refuses_a_clip_listed_twice(world, tmp_path):
+    data = json.loads(open(world.annotations).read())
+    first = next(video for video in data["videos"] if video["split"] == "validate")
+    data["videos"].append(dict(first))  # MSR-VTT's list of videos naming one twice
+    path = tmp_path / "MSRVTT_data.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"but 1 clips are listed more than once \\(e.g. {first['video_id']}\\)"):
+        retrieval_loader(tiny(world, f"data.val={path}"), "val")

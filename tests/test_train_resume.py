@@ -77,3 +77,17 @@ def test_checkpoint_is_a_pretrained_model_folder(tmp_path):
     model = load_pretrained(ckpt.list_checkpoints(tmp_path / "run")[-1])
     for name, value in trainer.module.model.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, atol=0, rtol=0)
+
+
+def test_damaged_checkpoint_files_are_errors_naming_them(tmp_path):
+    folder = tmp_path / "run" / ckpt.CHECKPOINTS / "step_00000002"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    with pytest.raises(ckpt.CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        ckpt.load_weights(folder / "model.safetensors")
+    (folder / "state.json").write_text('{"step": 2}')
+    with pytest.raises(ValueError, match='state.json: no "config"'):
+        ckpt.read_checkpoint(folder, rank=0)
+    (tmp_path / "run" / ckpt.CHECKPOINTS / ckpt.BEST).write_text("{}")
+    with pytest.raises(ValueError, match='best.json: no "name"'):
+        ckpt.best_checkpoint(tmp_path / "run")

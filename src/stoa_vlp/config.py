@@ -2,12 +2,17 @@
 
 A `Config` has five sections (model, loss, data, train, task). It is built from a preset
 (`tiny`, `base`) or a YAML file, then changed with dotted overrides such as
-`model.frames=8`. Unknown keys and values of the wrong type are errors that name the key.
+`model.frames=8`. Unknown keys, keys given twice, values of the wrong type and values out of range
+are errors that name the key.
+
+`read_json_object` reads the JSON files that hold a config or other settings (a checkpoint's
+state.json, a search index's index.json, a QA run's answers.json) with errors that name the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +24,33 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 
 class ConfigError(ValueError):
-    """A configuration key is unknown or its value has the wrong type."""
+    """A configuration key is unknown or given twice, or its value has the wrong type or is out of range."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # merge keys (<<) and unhashable keys are the safe loader's to handle
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """The YAML value of `text`; a ConfigError saying where its syntax (or a duplicate key) is wrong."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        raise ConfigError(f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {error.problem}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"invalid YAML: {error}") from None
 
 
 @dataclass
@@ -215,9 +246,39 @@ def _update(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, name, _check_value(key, value, hints[name]))
 
 
-def from_dict(values: dict[str, Any]) -> Config:
+# the smallest value that works, for settings whose type allows less
+AT_LEAST = {
+    "model.frames": 1,
+    "model.image_size": 1,
+    "model.patch_size": 1,
+    "model.text_len": 2,  # the start and end tokens
+    "data.batch_size": 1,
+    "data.num_workers": 0,
+    "train.lr": 0,
+    "train.warmup_steps": 0,
+}
+
+
+def check_ranges(config: Config) -> None:
+    """A ConfigError naming every setting of AT_LEAST below its least value (or NaN)."""
+    problems = []
+    for key, least in AT_LEAST.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if not value >= least:
+            problems.append(f"{key} must be at least {least}, got {value}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def from_dict(values: dict[str, Any], source: str = "") -> Config:
+    """A Config from nested values; with `source` (the file they were read from), errors name it."""
     config = Config()
-    _update(config, values)
+    try:
+        _update(config, values)
+        check_ranges(config)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}" if source else str(error)) from None
     return config
 
 
@@ -226,7 +287,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form section.key=value")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = read_yaml(raw) if raw.strip() else ""
     nested: dict[str, Any] = {}
     cursor = nested
     parts = dotted.strip().split(".")
@@ -246,18 +307,24 @@ def load_config(preset_or_path: str = "tiny", overrides: list[str] | None = None
             raise ConfigError(f"unknown preset '{preset_or_path}' (known: {', '.join(known)})")
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    with open(path) as handle:
-        values = yaml.safe_load(handle) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
     config = Config()
     try:
+        values = read_yaml(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(values, dict):
+            raise ConfigError("expected a mapping at the top level")
         _update(config, values)
-    except ConfigError as error:
+        check_ranges(config)
+    except (ConfigError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: {error}") from None
-    for override in overrides or []:
+    return apply_overrides(config, overrides or [])
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """`config` changed by dotted overrides, each range-checked (an error names the override)."""
+    for override in overrides:
         try:
             _update(config, parse_override(override))
+            check_ranges(config)
         except ConfigError as error:
             raise ConfigError(f"override '{override}': {error}") from None
     return config
@@ -268,3 +335,27 @@ def save_config(config: Config, path: str | Path) -> None:
     values["train"]["betas"] = list(values["train"]["betas"])
     with open(path, "w") as handle:
         yaml.safe_dump(values, handle, sort_keys=False)
+
+
+JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
+              bool: "true or false", type(None): "null"}
+
+
+def read_json_object(path: str | Path, expected: dict[str, type] | None = None) -> dict[str, Any]:
+    """The JSON object in the file `path`, with the `expected` keys holding values of their types;
+    otherwise a ValueError naming the file and the problem."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno} ({error.msg})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {JSON_KINDS[type(values)]}")
+    for key, kind in (expected or {}).items():
+        if key not in values:
+            raise ValueError(f"{path}: no \"{key}\"")
+        if not isinstance(values[key], kind):
+            raise ValueError(f"{path}: \"{key}\" must be {JSON_KINDS[kind]}, got {JSON_KINDS[type(values[key])]}")
+    return values

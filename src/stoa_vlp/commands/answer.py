@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         inference_config,
         load_task_weights,
         run_dir_of,
+        trained_for,
     )
     from stoa_vlp.data.dataset import VideoTextDataset, load_detections
     from stoa_vlp.model import build_model
@@ -38,8 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.tasks.pipeline import TaskRunner
 
     checkpoint, config = inference_config(args)
-    if config.task.name != "qa":
-        raise SystemExit(f"{checkpoint} was fine-tuned for {config.task.name!r}, not qa")
+    fine_tuned_for = trained_for(config)
+    if fine_tuned_for != "qa":
+        raise ValueError(f"{checkpoint} was trained for {fine_tuned_for}, not QA: it has no answer head "
+                         "(fine-tune it with `stoa-vlp finetune --task qa --init` first)")
     device = device_of(config)
     runner = TaskRunner(config, device, run_dir_of(checkpoint))
     qa_model = runner.module(build_model(config.model))

@@ -48,6 +48,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return config
 
 
+def check_settings(config: Config) -> None:
+    """The checks of the model, train and (for the tasks trained with the pre-training objectives) loss
+    settings, made before the run folder is written: a run that cannot start leaves no files behind
+    that --overwrite would then refuse to delete."""
+    from stoa_vlp.model.stoa import check_config
+    from stoa_vlp.objectives.pretrainer import check_loss_config
+    from stoa_vlp.train.loop import check_train_settings
+
+    check_config(config.model)
+    check_train_settings(config.train)
+    if config.task.name in ("retrieval", "mc"):
+        check_loss_config(config.loss, config.model)
+
+
 def warn_if_random_towers(config: Config) -> None:
     """Training from random CLIP towers is legitimate (the tiny preset, ablations) but rarely meant."""
     if not config.model.init_checkpoint:

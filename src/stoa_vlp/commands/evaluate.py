@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     fine_tuned_for = trained_for(trained)
     task = args.task or (config.task.name if fine_tuned_for != "pre-training" else "retrieval")
     if task == "qa" and fine_tuned_for != "qa":
-        raise SystemExit(f"{checkpoint} was trained for {fine_tuned_for}, not QA: its answer head would be "
+        raise ValueError(f"{checkpoint} was trained for {fine_tuned_for}, not QA: its answer head would be "
                          "untrained (fine-tune it with `stoa-vlp finetune --task qa --init` first)")
     config = task_config(config, task)
     device = device_of(config)

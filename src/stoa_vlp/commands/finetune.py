@@ -50,7 +50,13 @@ def warn_if_validation_sees_test(runner) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from stoa_vlp.commands.common import adopt_label_vocab, config_from_args, keep_label_vocab, prepare_run
+    from stoa_vlp.commands.common import (
+        adopt_label_vocab,
+        check_settings,
+        config_from_args,
+        keep_label_vocab,
+        prepare_run,
+    )
     from stoa_vlp.commands.task_common import (
         init_folder,
         load_model_weights_from,
@@ -66,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.train.logging import format_table
 
     config = task_config(config_from_args(args), args.task)
+    check_settings(config)
     if args.test and not config.data.test:
-        raise SystemExit("--test needs data.test (the test split's file)")
+        raise ValueError("--test needs data.test (the test split's file)")
     if not config.data.val:
         print("warning: data.val is not set: no validation, the last checkpoint counts as the best")
     env = init_distributed(config.train.device)

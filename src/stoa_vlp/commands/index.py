@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     found = find_videos([args.folder])
     if not found:
-        raise SystemExit(f"{args.folder}: no video files or frame folders")
+        raise ValueError(f"{args.folder}: no video files or frame folders")
     checkpoint, config, model, device = inference_model(args)
     records = file_records([path for _, path in found], "video")
     detections, label_vocab = load_detections(config)

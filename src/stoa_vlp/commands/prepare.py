@@ -11,6 +11,7 @@ from stoa_vlp.commands.arguments import crf, positive_float, positive_int
 HELP = "re-encode videos (fps, short side, short keyframe interval) for fast training-time decoding"
 EXAMPLES = """examples:
   stoa-vlp prepare raw_videos/ data/prepared
+  stoa-vlp prepare clip.mp4 data/prepared
   stoa-vlp prepare msrvtt/MSRVTT_data.json data/msrvtt --split train --video-root msrvtt/videos
   stoa-vlp prepare raw_videos/ data/prepared --fps 4 --short-side 224 --keyframe-interval 1 --crf 23 --workers 8
 
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="a folder of videos or frame folders (searched recursively) or an annotation file")
+    parser.add_argument("input", help="a video file, a folder of videos or frame folders (searched recursively), "
+                                      "or an annotation file")
     parser.add_argument("out_dir", help="output folder (created)")
     parser.add_argument("--fps", type=positive_float, default=2.0, help="output frame rate (default 2)")
     parser.add_argument("--short-side", type=positive_int, default=256, help="output short side in pixels (default 256)")
@@ -43,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from stoa_vlp.data.annotations import read_annotations
     from stoa_vlp.data.prepare import PrepareOptions, prepare_videos
-    from stoa_vlp.data.video_files import find_videos
+    from stoa_vlp.data.video_files import find_videos, is_video_file
 
-    if os.path.isdir(args.input):
+    if os.path.isdir(args.input) or is_video_file(args.input):
         videos = find_videos([args.input])
     else:
         records = read_annotations(args.input, args.format, args.split, args.video_root)

@@ -38,7 +38,13 @@ def warn_if_objectives_lack_data(config) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stoa_vlp.commands.common import adopt_label_vocab, config_from_args, keep_label_vocab, prepare_run
+    from stoa_vlp.commands.common import (
+        adopt_label_vocab,
+        check_settings,
+        config_from_args,
+        keep_label_vocab,
+        prepare_run,
+    )
     from stoa_vlp.data.dataset import build_dataset, collate
     from stoa_vlp.model import build_model
     from stoa_vlp.objectives import OBJECTIVES, Pretrainer
@@ -46,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.train.evaluation import RetrievalEvaluator
 
     config = config_from_args(args)
+    check_settings(config)
     if any(getattr(config.loss, name) == 0 for name in OBJECTIVES):
         config.train.find_unused_parameters = True  # a disabled objective leaves parameters without gradient
     env = init_distributed(config.train.device)
@@ -57,11 +64,11 @@ def run(args: argparse.Namespace) -> int:
         adopt_label_vocab(config, run_dir)  # a resumed run keeps its class ids
         module = Pretrainer(build_model(config.model), config.loss)
         train_set = build_dataset(config, "train", env.rank, env.world_size)
-        keep_label_vocab(config, train_set.label_vocab, run_dir, env)
         evaluate = None
         if config.data.val:
             evaluate = RetrievalEvaluator(config, "val", env.device, config.train.val_max_clips)
         trainer = Trainer(config, module, train_set, collate, run_dir, env, evaluate)
+        keep_label_vocab(config, train_set.label_vocab, run_dir, env)  # last: a run that cannot start writes nothing
         trainer.fit(resume=args.resume)
         if env.is_main:
             print(f"run folder: {run_dir}")

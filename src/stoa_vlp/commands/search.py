@@ -30,16 +30,16 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.commands.task_common import checkpoint_config, device_of, load_task_weights, resolve_checkpoint
     from stoa_vlp.config import from_dict
     from stoa_vlp.model import build_model
-    from stoa_vlp.tasks.search import load_index, search
+    from stoa_vlp.tasks.search import INDEX_FILE, load_index, search
     from stoa_vlp.tokenizer import Tokenizer
     from stoa_vlp.train.logging import format_table
 
     index = load_index(args.index)
-    config = from_dict(index.info["config"])
+    config = from_dict(index.info["config"], str(Path(args.index) / INDEX_FILE))
     checkpoint = resolve_checkpoint(Path(args.checkpoint or index.info["checkpoint"]))
     if checkpoint.resolve() != Path(index.info["checkpoint"]):
         if checkpoint_config(checkpoint, [])[0].model != config.model:
-            raise SystemExit(f"{checkpoint} is another model than {args.index} was built with "
+            raise ValueError(f"{checkpoint} is another model than {args.index} was built with "
                              f"({index.info['checkpoint']}): its queries cannot be compared with the index's videos")
         logging.getLogger("stoa_vlp.search").warning(
             "queries are encoded with %s, the index's videos with %s: the scores hold only if these are the same "

@@ -4,13 +4,14 @@ and printing which split and which preprocessing every number comes from."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from stoa_vlp.config import Config, from_dict, parse_override
+from stoa_vlp.config import Config, apply_overrides, from_dict, parse_override, read_json_object
 
 PREPROCESSING = ("model.frames", "model.image_size", "model.text_len", "data.eval_sampling", "data.decoder")
 VIDEOS = "videos (data.video_root)"
@@ -57,8 +58,9 @@ def checkpoint_config(checkpoint: Path, overrides: list[str]) -> tuple[Config, C
     falls back on the run folder's vocabulary when the recorded file is gone (a moved run)."""
     from stoa_vlp.commands.common import adopt_label_vocab
 
-    state = json.loads((checkpoint / "state.json").read_text())
-    trained, applied = from_dict(state["config"]), from_dict(merge_overrides(state["config"], overrides))
+    state_file = checkpoint / "state.json"
+    trained = from_dict(read_json_object(state_file, {"config": dict})["config"], str(state_file))
+    applied = apply_overrides(copy.deepcopy(trained), overrides)
     for config in (trained, applied):
         adopt_label_vocab(config, run_dir_of(checkpoint))
     return trained, applied
@@ -82,8 +84,24 @@ def load_task_weights(module: nn.Module, checkpoint: Path) -> None:
 
     prefix = weights_prefix(module)
     weights = model_part(module, load_weights(checkpoint / "model.safetensors"))
+    require_matching_answers(module, weights, checkpoint)
     state = resample_frame_tables(module, {prefix + name: value for name, value in weights.items()}, str(checkpoint))
     load_module_state(module, state, str(checkpoint))
+
+
+def require_matching_answers(module: nn.Module, weights: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """QA: a ValueError unless the run's answers.json, which the module's answer head was built from,
+    holds one answer per output of the checkpoint's answer head."""
+    from stoa_vlp.tasks.pipeline import ANSWERS_FILE
+    from stoa_vlp.tasks.qa import ANSWER_OUTPUTS, QAModel
+
+    if not isinstance(module, QAModel) or ANSWER_OUTPUTS not in weights:
+        return
+    answers, outputs = len(module.state_dict()[ANSWER_OUTPUTS]), len(weights[ANSWER_OUTPUTS])
+    if answers != outputs:
+        raise ValueError(f"{run_dir_of(checkpoint) / ANSWERS_FILE}: {answers} answers, but the answer head of "
+                         f"{checkpoint} has {outputs} outputs: {ANSWERS_FILE} does not match the checkpoint's "
+                         "answer head")
 
 
 def model_part(module: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -27,7 +27,9 @@ Captions are whitespace-normalised (`clean_caption`), as the tag cache keys them
 Video files are found under `video_root` (default: a `videos` folder beside the annotation file
 if there is one, else its folder) by file name stem, in any video extension, searching subfolders.
 Empty captions are dropped with a warning naming file and line (an error with strict=True);
-structural problems (malformed JSON, missing columns) are always errors naming file and line.
+structural problems (malformed JSON, missing columns, text that is not UTF-8, fields of the wrong
+type, clip times that are not finite, negative or not increasing) are always errors naming file and
+line (or item). A clip listed more than once (same video id, start and end) is kept, with a warning.
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import pickle
 import re
 import tarfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stoa_vlp.data.jsonl import read_jsonl
+from stoa_vlp.data.jsonl import open_text, read_jsonl
 from stoa_vlp.data.video_files import VideoLookup
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,39 @@ def clean_caption(text: str) -> str:
     return " ".join(text.split())
 
 
+def _shown(value, limit: int = 80) -> str:
+    """`value` as Python writes it, cut to `limit` characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _string(value, name: str, where: str) -> str:
+    """`value` of field `name`, which must be a non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise AnnotationError(f"{where}: {name} must be a non-empty string, got {_shown(value)}")
+    return value
+
+
+def _list(value, name: str, where: str) -> list:
+    """`value` of field `name`, which must be a list."""
+    if not isinstance(value, list):
+        raise AnnotationError(f"{where}: {name} must be a list, got {_shown(value)}")
+    return value
+
+
+def _is_seconds(value) -> bool:
+    """Whether `value` may be a time in seconds: a finite number, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_window(start: float | None, end: float | None, where: str) -> None:
+    """A clip starts at 0 s or later and ends after it starts (None: the video's start or end)."""
+    if start is not None and start < 0:
+        raise AnnotationError(f"{where}: start {start} is negative")
+    if end is not None and end <= (start or 0):
+        raise AnnotationError(f"{where}: end {end} is not after start {start or 0}")
+
+
 class _Captions:
     """Collects captions per video, dropping (or refusing) empty ones with file:line."""
 
@@ -155,7 +191,7 @@ class _VideoFiles:
 
 def _json(path: Path):
     try:
-        with open(path) as handle:
+        with open_text(path, AnnotationError) as handle:
             return json.load(handle)
     except json.JSONDecodeError as error:
         raise AnnotationError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from None
@@ -170,31 +206,51 @@ def _need_split(split: str | None, path: Path) -> str:
 def _id_list(path: Path) -> list[str]:
     if not path.exists():
         raise AnnotationError(f"{path}: split list not found")
-    with open(path) as handle:
+    with open_text(path, AnnotationError) as handle:
         return [line.strip() for line in handle if line.strip()]
 
 
 def _csv_rows(path: Path, required: tuple[str, ...], delimiter: str = ",") -> list[tuple[int, dict]]:
-    with open(path, newline="") as handle:
+    """(line number, row) per row; a row too short to hold every `required` column is an error."""
+    with open_text(path, AnnotationError, newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         missing = [column for column in required if column not in (reader.fieldnames or [])]
         if missing:
             raise AnnotationError(f"{path}:1: missing column(s) {', '.join(missing)} (header: {reader.fieldnames})")
-        return [(reader.line_num, row) for row in reader]
+        rows = [(reader.line_num, row) for row in reader]
+    for line, row in rows:
+        short = [column for column in required if row[column] is None]
+        if short:
+            raise AnnotationError(f"{path}:{line}: too few fields, no {', '.join(short)}")
+    return rows
 
 
 def _msrvtt_sentences(data: dict, path: Path, captions: _Captions) -> dict[str, list[str]]:
     if not isinstance(data, dict) or "sentences" not in data or "videos" not in data:
         raise AnnotationError(f"{path}: expected an object with 'videos' and 'sentences'")
     by_video: dict[str, list[str]] = defaultdict(list)
-    for number, sentence in enumerate(data["sentences"]):
+    for number, sentence in enumerate(_list(data["sentences"], "sentences", str(path))):
         where = f"{path}: sentences[{number}]"
         if not isinstance(sentence, dict) or "video_id" not in sentence or "caption" not in sentence:
             raise AnnotationError(f"{where}: needs video_id and caption")
+        video_id = _string(sentence["video_id"], "video_id", where)
         text = captions.clean(sentence["caption"], where)
         if text:
-            by_video[sentence["video_id"]].append(text)
+            by_video[video_id].append(text)
     return by_video
+
+
+def _msrvtt_split_ids(data: dict, path: Path, file_split: str) -> list[str]:
+    """The video ids of `data["videos"]` whose split is `file_split` ("train", "validate", "test")."""
+    ids = []
+    for number, video in enumerate(_list(data["videos"], "videos", str(path))):
+        where = f"{path}: videos[{number}]"
+        if not isinstance(video, dict):
+            raise AnnotationError(f"{where}: expected an object with video_id and split, got {_shown(video)}")
+        video_id = _string(video.get("video_id"), "video_id", where)
+        if _string(video.get("split"), "split", where) == file_split:
+            ids.append(video_id)
+    return ids
 
 
 def _read_msrvtt(path: Path, split: str | None, captions: _Captions) -> list[tuple[str, list[str], None, None]]:
@@ -204,21 +260,23 @@ def _read_msrvtt(path: Path, split: str | None, captions: _Captions) -> list[tup
         data = _json(path)
         by_video = _msrvtt_sentences(data, path, captions)
         file_split = {"train": "train", "val": "validate", "test": "test"}[split]
-        ids = [video["video_id"] for video in data["videos"] if video.get("split") == file_split]
+        ids = _msrvtt_split_ids(data, path, file_split)
         return [(video_id, by_video.get(video_id, []), None, None) for video_id in ids]
     if "jsfusion" in name:
         rows = _csv_rows(path, ("video_id", "sentence"))
         items = []
         for line, row in rows:
+            video_id = _string(row["video_id"], "video_id", f"{path}:{line}")
             text = captions.clean(row["sentence"], f"{path}:{line}")
-            items.append((row["video_id"], [text] if text else [], None, None))
+            items.append((video_id, [text] if text else [], None, None))
         return items
     rows = _csv_rows(path, ("video_id",))
     data_path = path.parent / "MSRVTT_data.json"
     if not data_path.exists():
         raise AnnotationError(f"{path}: needs MSRVTT_data.json beside it for the captions")
     by_video = _msrvtt_sentences(_json(data_path), data_path, captions)
-    return [(row["video_id"], by_video.get(row["video_id"], []), None, None) for _, row in rows]
+    ids = [_string(row["video_id"], "video_id", f"{path}:{line}") for line, row in rows]
+    return [(video_id, by_video.get(video_id, []), None, None) for video_id in ids]
 
 
 def _read_msvd(path: Path, split: str | None, captions: _Captions):
@@ -227,20 +285,31 @@ def _read_msvd(path: Path, split: str | None, captions: _Captions):
     try:
         with open(path, "rb") as handle:
             raw = pickle.load(handle)
-    except (pickle.UnpicklingError, EOFError) as error:
-        raise AnnotationError(f"{path}: not a readable pickle ({error})") from None
+    except Exception as error:  # unpickling can raise anything: a missing class, a bad opcode, ...
+        raise AnnotationError(f"{path}: not a readable pickle ({type(error).__name__}: {error})") from None
+    if not isinstance(raw, dict):
+        raise AnnotationError(f"{path}: expected a dict {{video_id: [[word, ...], ...]}}, got {type(raw).__name__}")
     items = []
     for video_id in ids:
         if video_id not in raw:
             raise AnnotationError(f"{path}: video '{video_id}' of {split}_list.txt has no captions")
         texts = []
-        for number, words in enumerate(raw[video_id]):
-            sentence = " ".join(words) if isinstance(words, (list, tuple)) else words
-            text = captions.clean(sentence, f"{path}: {video_id}[{number}]")
+        for number, words in enumerate(_list(raw[video_id], "captions", f"{path}: {video_id}")):
+            where = f"{path}: {video_id}[{number}]"
+            text = captions.clean(_msvd_sentence(words, where), where)
             if text:
                 texts.append(text)
         items.append((video_id, texts, None, None))
     return items
+
+
+def _msvd_sentence(words, where: str):
+    """One MSVD caption: its list of words joined (anything else is left for `_Captions.clean` to judge)."""
+    if not isinstance(words, (list, tuple)):
+        return words
+    if not all(isinstance(word, str) for word in words):
+        raise AnnotationError(f"{where}: words must be strings, got {_shown(words)}")
+    return " ".join(words)
 
 
 def _read_didemo(path: Path, captions: _Captions, paragraph: bool):
@@ -256,7 +325,7 @@ def _read_didemo(path: Path, captions: _Captions, paragraph: bool):
         where = f"{path}: [{number}]"
         if not isinstance(entry, dict) or not {"video", "description", "times"} <= entry.keys():
             raise AnnotationError(f"{where}: needs video, description and times")
-        video_id = entry["video"]
+        video_id = _string(entry["video"], "video", where)
         if keep is not None and video_id not in keep:
             continue
         text = captions.clean(entry["description"], where)
@@ -265,20 +334,31 @@ def _read_didemo(path: Path, captions: _Captions, paragraph: bool):
             if text:
                 paragraphs[video_id].append(text)
             continue
-        times = entry["times"]
-        if not times or not all(isinstance(t, (list, tuple)) and len(t) == 2 for t in times):
-            raise AnnotationError(f"{where}: times must be a list of [start, end] segment pairs")
-        start = 5.0 * sum(t[0] for t in times) / len(times)
-        end = 5.0 * (sum(t[1] for t in times) / len(times) + 1)
-        items.append((video_id, [text] if text else [], start, end))
+        items.append((video_id, [text] if text else [], *_didemo_moment(entry["times"], where)))
     if paragraph:
         items = [(video_id, [" ".join(texts)] if texts else [], 0.0, 30.0) for video_id, texts in paragraphs.items()]
     return items
 
 
+def _didemo_moment(times, where: str) -> tuple[float, float]:
+    """(start, end) seconds of a DiDeMo moment from its annotators' [start, end] 5-second segment
+    numbers: start mean * 5, (end mean + 1) * 5."""
+    pairs = isinstance(times, list) and times and all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_seconds(t) for t in pair) for pair in times
+    )
+    if not pairs:
+        raise AnnotationError(
+            f"{where}: times must be a list of [start, end] segment number pairs, got {_shown(times)}"
+        )
+    start = 5.0 * sum(pair[0] for pair in times) / len(times)
+    end = 5.0 * (sum(pair[1] for pair in times) / len(times) + 1)
+    _check_window(start, end, where)
+    return start, end
+
+
 def _read_lsmdc(path: Path, captions: _Captions):
     by_clip: dict[str, list[str]] = {}
-    with open(path) as handle:
+    with open_text(path, AnnotationError) as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -295,9 +375,16 @@ def _read_lsmdc(path: Path, captions: _Captions):
 
 def _seconds(entry: dict, name: str, where: str) -> float | None:
     value = entry.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    if value is not None and not _is_seconds(value):
         raise AnnotationError(f"{where}: {name} must be a number of seconds or null, got {value!r}")
     return value
+
+
+def _jsonl_video_id(value, where: str) -> str:
+    """A JSONL line's video_id: a non-empty string, or an integer (numeric ids, as WebVid's)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _string(value, "video_id", where)
 
 
 def _read_jsonl(path: Path, captions: _Captions):
@@ -307,9 +394,11 @@ def _read_jsonl(path: Path, captions: _Captions):
         where = f"{path}:{number}"
         if not isinstance(entry, dict) or "video_id" not in entry or "caption" not in entry:
             raise AnnotationError(f"{where}: needs video_id and caption")
-        video_id = str(entry["video_id"])
-        segment = (video_id, _seconds(entry, "start", where), _seconds(entry, "end", where))
-        video, texts = segments.setdefault(segment, (entry.get("video", video_id), []))
+        video_id = _jsonl_video_id(entry["video_id"], where)
+        start, end = _seconds(entry, "start", where), _seconds(entry, "end", where)
+        _check_window(start, end, where)
+        video = _string(entry.get("video", video_id), "video", where)
+        video, texts = segments.setdefault((video_id, start, end), (video, []))
         given = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
         texts.extend(text for text in (captions.clean(t, where) for t in given) if text)
     return [(video_id, texts, start, end, video) for (video_id, start, end), (video, texts) in segments.items()]
@@ -319,9 +408,10 @@ def _read_webvid(path: Path, captions: _Captions):
     rows = _csv_rows(path, ("videoid", "name", "page_dir"))
     items = []
     for line, row in rows:
+        video_id = _string(row["videoid"], "videoid", f"{path}:{line}")
         text = captions.clean(row["name"], f"{path}:{line}")
-        relative = os.path.join(row["page_dir"], f"{row['videoid']}.mp4")
-        items.append((row["videoid"], [text] if text else [], None, None, relative))
+        relative = os.path.join(row["page_dir"], f"{video_id}.mp4")
+        items.append((video_id, [text] if text else [], None, None, relative))
     return items
 
 
@@ -341,9 +431,6 @@ def shard_list(path: Path) -> list[str]:
     files, or a text file (*.shards) listing one shard per line."""
     if "{" in str(path):
         shards = _expand_braces(str(path))
-        missing = [shard for shard in shards if not os.path.exists(shard)]
-        if missing:
-            raise AnnotationError(f"{path}: {len(missing)} of {len(shards)} shards do not exist (e.g. {missing[0]})")
     elif path.is_dir():
         shards = sorted(str(p) for p in path.glob("*.tar"))
     elif path.name.endswith(".tar"):
@@ -352,7 +439,15 @@ def shard_list(path: Path) -> list[str]:
         shards = [str(path.parent / line) for line in _id_list(path)]
     if not shards:
         raise AnnotationError(f"{path}: no .tar shards found")
+    missing = [shard for shard in shards if not os.path.exists(shard)]
+    if missing:
+        raise AnnotationError(f"{path}: {len(missing)} of {len(shards)} shards do not exist (e.g. {missing[0]})")
     return shards
+
+
+def unreadable_shard(shard: str, error: Exception) -> str:
+    """The one-line message for a shard that tarfile cannot read (its messages may span lines)."""
+    return f"{shard}: not a readable tar shard ({' '.join(str(error).split())})"
 
 
 CAPTION_EXTENSIONS = ("txt", "json")  # shard members that may hold a caption, the preferred first
@@ -396,6 +491,7 @@ def shard_caption(shard: str, members: dict[str, tuple[str, bytes]]) -> str | No
 
 def _read_webdataset(path: Path, captions: _Captions):
     items = []
+    without_video: list[str] = []  # "<shard>::<key>" of caption members with no video
     for shard in shard_list(path):
         caption_members: dict[str, dict[str, tuple[str, bytes]]] = defaultdict(dict)  # key -> extension -> member
         video_keys: list[str] = []
@@ -410,12 +506,26 @@ def _read_webdataset(path: Path, captions: _Captions):
                     elif extension == "mp4":
                         video_keys.append(key)
         except tarfile.TarError as error:
-            raise AnnotationError(f"{shard}: not a readable tar shard ({error})") from None
+            raise AnnotationError(unreadable_shard(shard, error)) from None
+        without_video += [f"{shard}::{key}" for key in sorted(caption_members.keys() - set(video_keys))]
         for key in video_keys:
             raw = shard_caption(shard, caption_members.get(key, {}))
             text = captions.clean(raw, f"{shard}::{key}") if raw is not None else None
             items.append((shard_video_id(key), [text] if text else [], None, None, f"{shard}::{key}"))
+    if without_video:
+        log.warning("%s: %d captions have no .mp4 member and are left out (e.g. %s)",
+                    path, len(without_video), without_video[0])
     return items
+
+
+def _warn_repeated_clips(path: Path, records: list[VideoRecord]) -> None:
+    """Warn when a clip (video id, start, end) is listed more than once: each copy is a record, so
+    evaluation would count it as several videos. Moments of one video at other times are fine."""
+    counts = Counter((record.video_id, record.start, record.end) for record in records)
+    repeated = [clip[0] for clip, count in counts.items() if count > 1]
+    if repeated:
+        log.warning("%s: %d clips are listed more than once (%d extra records; e.g. %s)",
+                    path, len(repeated), sum(counts.values()) - len(counts), ", ".join(repeated[:3]))
 
 
 _counts_logged: dict[tuple[str, str, str | None], tuple[int, int]] = {}  # (file, format, split) -> counts said
@@ -471,6 +581,7 @@ def read_annotations(
         records.append(VideoRecord(video_id, location, start, end, texts))
     if without:
         log.warning("%s: %d videos have no caption and are left out (e.g. %s)", path, len(without), without[0])
+    _warn_repeated_clips(path, records)
     if files is not None:
         files.report(len(records))
     counts = (len(records), sum(len(record.captions) for record in records))

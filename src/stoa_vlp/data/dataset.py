@@ -52,6 +52,7 @@ from stoa_vlp.data.annotations import (
     shard_list,
     shard_video_id,
     split_member_name,
+    unreadable_shard,
 )
 from stoa_vlp.data.decode import DecodedClip, VideoError, check_decoder, decode_clip
 from stoa_vlp.data.detections import LabelVocab, empty_targets, read_detections, select_objects
@@ -103,6 +104,13 @@ class SkipCounter:
             self._logged[reason] += 1
             log.warning("skipped sample (%s): %s", reason, message)
         self.check()
+
+    def add(self, total: int, skipped: dict[str, int]) -> None:
+        """Add counts carried over from earlier (a resumed run's checkpoint)."""
+        with self._counts.get_lock():
+            self._counts[0] += total
+            for reason, count in skipped.items():
+                self._counts[1 + SKIP_REASONS.index(reason)] += count
 
     @property
     def total(self) -> int:
@@ -292,7 +300,7 @@ def _video_source(path: str):
                 if member.isfile() and split_member_name(member.name) == (key, "mp4"):
                     return archive.extractfile(member).read()
     except (OSError, tarfile.TarError) as error:
-        raise BadSample("missing_file", f"{path}: cannot read from shard ({error})") from None
+        raise BadSample("missing_file", f"{key}.mp4: {unreadable_shard(shard, error)}") from None
     raise BadSample("missing_file", f"{path}: shard has no {key}.mp4")
 
 
@@ -430,7 +438,7 @@ class WebDatasetShards(IterableDataset):
                     elif extension in CAPTION_EXTENSIONS:
                         captions[extension] = (member.name, archive.extractfile(member).read())
         except (OSError, tarfile.TarError) as error:
-            raise BadSample("bad_video", f"{shard}: not a readable tar shard ({error})") from None
+            raise BadSample("bad_video", unreadable_shard(shard, error)) from None
         if key is not None:
             yield key, video, captions
 

@@ -13,6 +13,10 @@ GOP starts from the previous GOP), and asks the decoder to skip non-reference fr
 wanted. Only the wanted frames are converted to RGB. decord and torchcodec are used instead when
 `decoder` names them and they are installed.
 
+Frames come out upright: a display rotation (the display matrix phones write, a multiple of 90
+degrees) is applied as players apply it. A file whose frames stop well before the duration its
+container declares (a faststart mp4 or Matroska file cut off, `check_complete`) is refused.
+
 A video may also be a folder of frame images (pre-extracted frames, `frame_folder_images`): its
 frames are the images in the order of the numbers in their names, frame i at i / `frame_rate`
 seconds, and only the chosen images are read.
@@ -49,9 +53,9 @@ class VideoError(RuntimeError):
 
 @dataclass
 class DecodedClip:
-    frames: torch.Tensor  # (T, 3, H, W) uint8 RGB
+    frames: torch.Tensor  # (T, 3, H, W) uint8 RGB, upright
     times: np.ndarray  # (T,) float64 seconds from the start of the stream
-    width: int  # of the decoded video, before any resize
+    width: int  # of the decoded video as shown (after its display rotation), before any resize
     height: int
 
 
@@ -97,6 +101,58 @@ def _select(
     return low + segment_indices(high - low, frames, sampling, rng)
 
 
+def check_window(start: float | None, end: float | None, source: str) -> None:
+    """ValueError naming `source` unless start and end (seconds, each may be None) are finite, not
+    negative, and start < end."""
+    given = [value for value in (start, end) if value is not None]
+    if not all(np.isfinite(value) and value >= 0 for value in given):
+        raise ValueError(f"{source}: clip times must be finite and not negative, got start={start}, end={end}")
+    if start is not None and end is not None and start >= end:
+        raise ValueError(f"{source}: clip start must come before its end, got start={start}, end={end}")
+
+
+def check_complete(source: str, data_end: float, interval: float, declared: float | None, end: float | None) -> None:
+    """VideoError when the frames read stop well before the duration the container declares (before
+    `end` when that comes first): a file whose index is at the front (faststart mp4, Matroska) cut off,
+    of which sampling would silently take the first part only. `data_end` (s) is where the frames read
+    stop (the last one's time plus one frame `interval`).
+
+    Healthy files end within a frame of their declared duration; the slack, 2 frame intervals plus 5% of
+    the declared duration, covers a long-shown last frame of a variable-rate stream and durations that
+    are estimated or rounded, while a cut that loses over 5% of a video is refused.
+    """
+    if declared is None or declared <= 0:
+        return
+    needed = declared if end is None else min(end, declared)
+    if data_end < needed - 2 * interval - 0.05 * declared:
+        raise VideoError(
+            source, f"truncated: its frames stop at {data_end:.2f}s but its container says it lasts {declared:.2f}s"
+        )
+
+
+def declared_duration(container, stream) -> float | None:
+    """Seconds the container says the video stream lasts: the stream's duration, else the file's when
+    the video is its only stream (a file's duration also covers e.g. a longer audio stream); None when
+    it does not say."""
+    if stream.duration is not None:
+        return stream.duration * float(stream.time_base)
+    if container.duration is not None and len(container.streams) == 1:
+        return container.duration / 1_000_000
+    return None
+
+
+def frame_interval(stream) -> float:
+    """Seconds between frames at the stream's average rate; 0 when unknown."""
+    return 1 / float(stream.average_rate) if stream.average_rate else 0.0
+
+
+def quarter_turns(rotation: float) -> int:
+    """Counterclockwise quarter turns (np.rot90's k) that show a frame upright, from its display
+    rotation (PyAV's VideoFrame.rotation: degrees counterclockwise), rounded to a multiple of 90
+    degrees as FFmpeg's players and torchcodec do."""
+    return round(rotation / 90) % 4
+
+
 def _open_pyav(source: str | Path | BinaryIO, name: str):
     import av
 
@@ -136,7 +192,8 @@ def _decode_pyav(
         except av.FFmpegError as error:
             raise VideoError(name, f"cannot read packets, file damaged or truncated ({error})") from None
         if not packets:
-            raise VideoError(name, "has no video frames")
+            missing = f" from {start}s on: the data its index points to is missing (file truncated)" if start else ""
+            raise VideoError(name, f"has no video frames{missing}")
         # presentation stamps; decode stamps only when no packet has one. A packet without a stamp
         # (e.g. AVI's placeholders for packed B-frames) is decoded but is not a frame to choose
         have_pts = any(p.pts is not None for p in packets)
@@ -148,6 +205,8 @@ def _decode_pyav(
         origin = stream_origin(stream)
         sorted_stamps = np.sort(np.asarray(frame_stamps, dtype=np.int64))
         times = (sorted_stamps - origin) * time_base
+        interval = frame_interval(stream)
+        check_complete(name, times[-1] + interval, interval, declared_duration(container, stream), end)
         chosen = _select(times, frames, sampling, start, end, rng, name)
         wanted = set(sorted_stamps[chosen].tolist())
         decoded = _decode_wanted(stream, packets, stamps, wanted, name)
@@ -157,7 +216,7 @@ def _decode_pyav(
                 name, f"{len(missing)} of {len(wanted)} wanted frames did not decode (damaged stream)"
             )
         pixels = _to_array([decoded[int(s)] for s in sorted_stamps[chosen]])
-        return DecodedClip(pixels, times[chosen], stream.codec_context.width, stream.codec_context.height)
+        return DecodedClip(pixels, times[chosen], pixels.shape[3], pixels.shape[2])
     finally:
         container.close()
 
@@ -210,14 +269,17 @@ def _seek_keyframe(container, stream, stamp: int) -> list:
 
 
 def _to_array(images: list) -> torch.Tensor:
-    """(T, 3, H, W) uint8 from rgb24 VideoFrames, copied once into one preallocated buffer
-    (per-frame arrays plus a stack cost about twice as much, mostly in fresh-page faults)."""
+    """(T, 3, H, W) uint8 from rgb24 VideoFrames, turned upright by the first one's display rotation
+    (the stream's), copied once into one preallocated buffer (per-frame arrays plus a stack cost
+    about twice as much, mostly in fresh-page faults)."""
     height, width = images[0].height, images[0].width
-    pixels = np.empty((len(images), height, width, 3), dtype=np.uint8)
+    turns = quarter_turns(images[0].rotation)
+    shown = (height, width) if turns % 2 == 0 else (width, height)
+    pixels = np.empty((len(images), *shown, 3), dtype=np.uint8)
     for k, image in enumerate(images):
         plane = image.planes[0]
         rows = np.frombuffer(plane, dtype=np.uint8).reshape(height, plane.line_size)
-        pixels[k] = rows[:, : width * 3].reshape(height, width, 3)
+        pixels[k] = np.rot90(rows[:, : width * 3].reshape(height, width, 3), turns)
     return torch.from_numpy(pixels).permute(0, 3, 1, 2)
 
 
@@ -290,14 +352,32 @@ def _decode_decord(source, name, frames, sampling, start, end, rng, threads) -> 
     handle = source if isinstance(source, (str, Path)) else io.BytesIO(source.read())
     try:
         reader = decord.VideoReader(str(handle) if isinstance(handle, Path) else handle, num_threads=threads)
-    except RuntimeError as error:  # decord's DECORDError
+    except (RuntimeError, decord.DECORDError) as error:  # DECORDError: e.g. a packet cut off
         raise VideoError(name, f"not a readable video ({error})") from None
     if len(reader) == 0:
         raise VideoError(name, "has no video frames")
-    times = reader.get_frame_timestamp(np.arange(len(reader)))[:, 0].astype(np.float64)
+    spans = reader.get_frame_timestamp(np.arange(len(reader))).astype(np.float64)  # (N, 2) start, end s
+    fps = reader.get_avg_fps()
+    check_complete(name, spans[-1, 1], 1 / fps if fps else 0.0, _header_duration(handle, name), end)
+    times = spans[:, 0]
     chosen = _select(times, frames, sampling, start, end, rng, name)
-    pixels = torch.from_numpy(reader.get_batch(chosen.tolist()).asnumpy()).permute(0, 3, 1, 2)
+    try:
+        batch = reader.get_batch(chosen.tolist()).asnumpy()  # (T, H, W, 3), upright
+    except (RuntimeError, decord.DECORDError) as error:
+        raise VideoError(name, f"decord could not decode the frames ({error})") from None
+    pixels = torch.from_numpy(batch).permute(0, 3, 1, 2)
     return DecodedClip(pixels, times[chosen], pixels.shape[3], pixels.shape[2])
+
+
+def _header_duration(handle: str | Path | BinaryIO, name: str) -> float | None:
+    """`declared_duration` of a path or file object, from PyAV's read of the header (about 1 ms)."""
+    if hasattr(handle, "seek"):
+        handle.seek(0)
+    container = _open_pyav(handle, name)
+    try:
+        return declared_duration(container, container.streams.video[0])
+    finally:
+        container.close()
 
 
 def _decode_torchcodec(source, name, frames, sampling, start, end, rng, threads) -> DecodedClip:
@@ -313,15 +393,23 @@ def _decode_torchcodec(source, name, frames, sampling, start, end, rng, threads)
         decoder = VideoDecoder(str(source) if isinstance(source, Path) else source, seek_mode="exact")
     except (RuntimeError, ValueError) as error:
         raise VideoError(name, f"not a readable video ({error})") from None
-    count = decoder.metadata.num_frames or 0
+    metadata = decoder.metadata
+    count = metadata.num_frames or 0
     if count == 0:
         raise VideoError(name, "has no video frames")
-    begin = decoder.metadata.begin_stream_seconds or 0.0
+    begin = metadata.begin_stream_seconds or 0.0
+    interval = 1 / metadata.average_fps if metadata.average_fps else 0.0
+    data_end = metadata.end_stream_seconds_from_content  # from the scan of seek_mode="exact"
+    if data_end is not None:
+        check_complete(name, data_end - begin, interval, metadata.duration_seconds_from_header, end)
     if times is None:
         chosen = segment_indices(count, frames, sampling, rng)
     else:
         chosen = _select(times - begin, frames, sampling, start, end, rng, name)
-    batch = decoder.get_frames_at(indices=chosen.tolist())
+    try:
+        batch = decoder.get_frames_at(indices=chosen.tolist())
+    except RuntimeError as error:
+        raise VideoError(name, f"decoding failed, file damaged or truncated ({error})") from None
     pixels = batch.data  # (T, 3, H, W) uint8
     stamps = batch.pts_seconds.double().numpy() - begin
     return DecodedClip(pixels, stamps, pixels.shape[3], pixels.shape[2])
@@ -371,10 +459,14 @@ def read_frame_images(folder: Path, names: list[str]) -> np.ndarray:
     """The named images of a frame folder as RGB (N, H, W, 3) uint8; ValueError naming the file when one
     is unreadable, or the sizes when they differ."""
     images = [read_frame_image(folder / name) for name in names]
-    sizes = {image.shape[:2] for image in images}
+    check_same_size({image.shape[:2] for image in images})
+    return np.stack(images)
+
+
+def check_same_size(sizes: set[tuple[int, int]]) -> None:
+    """ValueError listing the (height, width) `sizes` of a frame folder's images when they differ."""
     if len(sizes) > 1:
         raise ValueError(f"frames of different sizes (height, width): {sorted(sizes)}")
-    return np.stack(images)
 
 
 def _decode_frame_folder(folder: Path, name, frames, sampling, start, end, rng, frame_rate) -> DecodedClip:
@@ -422,7 +514,8 @@ def decode_clip(
     """Decode `frames` frames of a video file (path, bytes or file object) or frame folder in
     [start, end) seconds.
 
-    Raises VideoError naming the file (or `name`) when it cannot give the frames. `threads` is
+    Raises VideoError naming the file (or `name`) when it cannot give the frames, ValueError when
+    start/end are not a window (not finite, negative, or start >= end). `threads` is
     the decoder's thread count: 1 inside DataLoader workers, which already run in parallel.
     `frame_rate` is the rate at which a frame folder's images were extracted.
     """
@@ -430,11 +523,12 @@ def decode_clip(
         raise ValueError(f"unknown decoder '{decoder}' (known: {', '.join(DECODERS)})")
     if frames < 1:
         raise ValueError(f"frames must be at least 1, got {frames}")
+    label = name or (str(source) if isinstance(source, (str, Path)) else "<video bytes>")
+    check_window(start, end, label)
     if isinstance(source, (str, Path)) and os.path.isdir(source):
-        return _decode_frame_folder(Path(source), name or str(source), frames, sampling, start, end, rng, frame_rate)
+        return _decode_frame_folder(Path(source), label, frames, sampling, start, end, rng, frame_rate)
     if isinstance(source, bytes):
         source = io.BytesIO(source)
-    label = name or (str(source) if isinstance(source, (str, Path)) else "<video bytes>")
     if isinstance(source, io.BytesIO) and source.getbuffer().nbytes == 0:
         raise VideoError(label, "file is empty (0 bytes)")
     return _BACKENDS[decoder](source, label, frames, sampling, start, end, rng, threads)

@@ -9,6 +9,7 @@ are reported in pixels of the original frames.
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights, fasterrcnn_resnet50_fpn_v2
 
-from stoa_vlp.data.decode import frame_folder_images, read_frame_images, stream_origin
+from stoa_vlp.data.decode import frame_folder_images, quarter_turns, read_frame_images, stream_origin
 from stoa_vlp.data.detections import FrameDetections, VideoDetections
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,18 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise FileNotFoundError(f"detector weights {path} do not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # not a torch.save file, or cut short
+        raise ValueError(f"{path}: not a readable PyTorch weights file ({type(error).__name__}); "
+                         "expected a state dict saved with torch.save, or a .safetensors file") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
@@ -115,12 +124,13 @@ def sample_frames(path: Path, fps: float, frame_rate: float = 1.0) -> SampledFra
                 target = step / fps
                 best = previous if previous is not None and target - previous[0] < time - target else (time, frame)
                 if not picked or best[0] != picked[-1][0]:
-                    picked.append((best[0], best[1].to_ndarray(format="rgb24")))
+                    upright = np.rot90(best[1].to_ndarray(format="rgb24"), quarter_turns(best[1].rotation))
+                    picked.append((best[0], np.ascontiguousarray(upright)))
                 step += 1
             previous = (time, frame)
-        width, height = stream.codec_context.width, stream.codec_context.height
     if not picked:
         raise ValueError("no frames decoded")
+    height, width = picked[0][1].shape[:2]  # upright, as decode_clip gives frames and sizes
     return width, height, picked
 
 

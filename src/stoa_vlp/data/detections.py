@@ -4,6 +4,8 @@ per-clip selection of boxes and trajectory categories.
 File format (design.md §3), one video per line, boxes x0,y0,x1,y1 in pixels of the original video:
     {"video_id": "video17", "width": 320, "height": 240,
      "frames": [{"time": 0.50, "objects": [{"class": "dog", "rect": [12, 40, 88, 120], "conf": 0.93}]}]}
+video_id and class are non-empty strings, width and height positive integers, time and rect finite
+numbers (x0 <= x1, y0 <= y1) and conf a number from 0 to 1; anything else is an error naming file:line.
 
 Selection for one clip (`select_objects`): each sampled frame takes the nearest detected frame in
 time; its boxes are mapped through the frame transform (boxes leaving the crop are dropped), a box
@@ -15,6 +17,8 @@ the label ids with the highest confidence summed over the kept boxes of all samp
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -26,7 +30,7 @@ import torch
 from torchvision.ops import box_iou
 
 from stoa_vlp.data.geometry import CropGeometry
-from stoa_vlp.data.jsonl import read_jsonl, write_jsonl_atomic
+from stoa_vlp.data.jsonl import open_text, read_jsonl, write_jsonl_atomic
 
 
 class DetectionsError(ValueError):
@@ -49,33 +53,54 @@ class VideoDetections:
     frames: list[FrameDetections]  # sorted by time
 
 
+def _finite(value, name: str, where: str) -> float:
+    """`value` of field `name`, which must be a finite number (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise DetectionsError(f"{where}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _pixels(value, name: str, where: str) -> int:
+    """`value` of field `name`, an image width or height: a positive integer (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise DetectionsError(f"{where}: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _name(value, name: str, where: str) -> str:
+    """`value` of field `name`, which must be a non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise DetectionsError(f"{where}: {name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _object_from_json(obj: object, where: str) -> tuple[str, list[float], float]:
+    """(class, rect, conf) of one detected object; `where` names it ("file:line frame 0: object 2")."""
+    if not isinstance(obj, dict) or not {"class", "rect", "conf"} <= obj.keys():
+        raise DetectionsError(f"{where} needs 'class', 'rect' and 'conf'")
+    rect = obj["rect"]
+    if not isinstance(rect, list) or len(rect) != 4:
+        raise DetectionsError(f"{where} 'rect' must be [x0, y0, x1, y1]")
+    rect = [_finite(v, "'rect' value", where) for v in rect]
+    if rect[2] < rect[0] or rect[3] < rect[1]:
+        raise DetectionsError(f"{where} 'rect' {rect} has x1 < x0 or y1 < y0")
+    conf = _finite(obj["conf"], "'conf'", where)
+    if not 0 <= conf <= 1:
+        raise DetectionsError(f"{where} 'conf' {conf} is not between 0 and 1")
+    return _name(obj["class"], "'class'", where), rect, conf
+
+
 def _frame_from_json(value: object, where: str) -> FrameDetections:
     if not isinstance(value, dict) or "time" not in value or "objects" not in value:
         raise DetectionsError(f"{where}: each frame needs 'time' and 'objects'")
     objects = value["objects"]
     if not isinstance(objects, list):
         raise DetectionsError(f"{where}: 'objects' must be a list")
-    classes, rects, confs = [], [], []
-    for number, obj in enumerate(objects):
-        if not isinstance(obj, dict) or not {"class", "rect", "conf"} <= obj.keys():
-            raise DetectionsError(f"{where}: object {number} needs 'class', 'rect' and 'conf'")
-        rect = obj["rect"]
-        if not isinstance(rect, list) or len(rect) != 4:
-            raise DetectionsError(f"{where}: object {number} 'rect' must be [x0, y0, x1, y1]")
-        try:
-            rect = [float(v) for v in rect]
-            conf = float(obj["conf"])
-        except (TypeError, ValueError):
-            raise DetectionsError(f"{where}: object {number} has a non-numeric 'rect' or 'conf'") from None
-        if rect[2] < rect[0] or rect[3] < rect[1]:
-            raise DetectionsError(f"{where}: object {number} 'rect' {rect} has x1 < x0 or y1 < y0")
-        classes.append(str(obj["class"]))
-        rects.append(rect)
-        confs.append(conf)
-    try:
-        time = float(value["time"])
-    except (TypeError, ValueError):
-        raise DetectionsError(f"{where}: 'time' must be a number") from None
+    time = _finite(value["time"], "'time'", where)
+    parsed = [_object_from_json(obj, f"{where}: object {number}") for number, obj in enumerate(objects)]
+    classes = [name for name, _, _ in parsed]
+    rects = [rect for _, rect, _ in parsed]
+    confs = [conf for _, _, conf in parsed]
     return FrameDetections(
         time=time,
         classes=classes,
@@ -93,12 +118,11 @@ def video_from_json(value: object, where: str) -> VideoDetections:
         raise DetectionsError(f"{where}: missing {', '.join(missing)}")
     if not isinstance(value["frames"], list):
         raise DetectionsError(f"{where}: 'frames' must be a list")
-    width, height = value["width"], value["height"]
-    if not isinstance(width, int) or not isinstance(height, int) or width <= 0 or height <= 0:
-        raise DetectionsError(f"{where}: 'width' and 'height' must be positive integers")
+    video_id = _name(value["video_id"], "'video_id'", where)
+    width, height = _pixels(value["width"], "'width'", where), _pixels(value["height"], "'height'", where)
     frames = [_frame_from_json(frame, f"{where} frame {i}") for i, frame in enumerate(value["frames"])]
     frames.sort(key=lambda frame: frame.time)
-    return VideoDetections(str(value["video_id"]), width, height, frames)
+    return VideoDetections(video_id, width, height, frames)
 
 
 def video_to_json(video: VideoDetections) -> dict:
@@ -145,6 +169,26 @@ def write_detections(path: str | Path, videos: Iterable[VideoDetections]) -> int
 VINVL_KEY = re.compile(r"^(?P<video>.+?)[/_](?P<frame>\d+)(\.\w+)?$")
 
 
+def _vinvl_frame(
+    time: float, prediction: dict | list, size: tuple[int, int] | None, where: str
+) -> tuple[FrameDetections, tuple[int, int] | None]:
+    """(frame, image size) of one VinVL prediction: {"objects", "image_w", "image_h"} or the bare
+    list of objects, whose size is `size` (also when the prediction has no image_w/image_h)."""
+    if not isinstance(prediction, dict):
+        return _frame_from_json({"time": time, "objects": prediction}, where), size
+    if "image_w" in prediction or "image_h" in prediction:
+        width, height = prediction.get("image_w"), prediction.get("image_h")
+        size = (_pixels(width, "image_w", where), _pixels(height, "image_h", where))
+    return _frame_from_json({"time": time, "objects": prediction.get("objects")}, where), size
+
+
+def _same_size(size: tuple[int, int], first: tuple[int, int], first_where: str, where: str) -> None:
+    """Boxes of one video are in the pixels of one frame size: another size is an error."""
+    if size != first:
+        raise DetectionsError(f"{where}: image size {size[0]}x{size[1]} differs from {first[0]}x{first[1]} "
+                              f"at {first_where} (all frames of a video must have its size)")
+
+
 def convert_vinvl(
     video_id: str,
     frames: Sequence[tuple[float, dict | list]],
@@ -155,22 +199,26 @@ def convert_vinvl(
 
     `frames` holds (time in seconds, prediction) where a prediction is VinVL's
     {"objects": [{"class", "rect": [x0, y0, x1, y1], "conf", ...}], "image_w", "image_h"} or just its
-    list of objects (then `width` and `height` are required). Attributes are ignored.
+    list of objects (then `width` and `height` are required). Attributes are ignored. Every frame
+    must have the same size.
     """
-    converted = []
+    given = None
+    if width is not None and height is not None:
+        given = (_pixels(width, "width", f"video {video_id}"), _pixels(height, "height", f"video {video_id}"))
+    converted, size = [], None
     for number, (time, prediction) in enumerate(frames):
         where = f"video {video_id} frame {number}"
-        if isinstance(prediction, dict):
-            width = prediction.get("image_w", width)
-            height = prediction.get("image_h", height)
-            objects = prediction.get("objects")
-        else:
-            objects = prediction
-        converted.append(_frame_from_json({"time": time, "objects": objects}, where))
-    if width is None or height is None:
-        raise DetectionsError(f"video {video_id}: no image_w/image_h in the predictions; pass width and height")
+        frame, frame_size = _vinvl_frame(time, prediction, given, where)
+        if frame_size is None:
+            raise DetectionsError(f"{where}: no image_w/image_h in the prediction; pass width and height")
+        size = size or frame_size
+        _same_size(frame_size, size, f"video {video_id} frame 0", where)
+        converted.append(frame)
+    size = size or given
+    if size is None:
+        raise DetectionsError(f"video {video_id}: no frames to take the image size from; pass width and height")
     converted.sort(key=lambda frame: frame.time)
-    return VideoDetections(video_id, int(width), int(height), converted)
+    return VideoDetections(video_id, *size, converted)
 
 
 def read_hw_tsv(path: str | Path) -> dict[str, tuple[int, int]]:
@@ -178,7 +226,7 @@ def read_hw_tsv(path: str | Path) -> dict[str, tuple[int, int]]:
     "width": W}]` per image), the image sizes its prediction TSV leaves out."""
     path = Path(path)
     sizes = {}
-    with open(path) as handle:
+    with open_text(path, DetectionsError) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -186,20 +234,30 @@ def read_hw_tsv(path: str | Path) -> dict[str, tuple[int, int]]:
             try:
                 value = json.loads(payload)
                 size = value[0] if isinstance(value, list) else value
-                sizes[key] = (int(size["width"]), int(size["height"]))
-            except (json.JSONDecodeError, LookupError, TypeError, ValueError):
+                width, height = size["width"], size["height"]
+            except (json.JSONDecodeError, LookupError, TypeError):
                 raise DetectionsError(f"{path}:{line_number}: expected <key>\\t[{{\"height\": H, \"width\": W}}]") from None
+            where = f"{path}:{line_number}"
+            sizes[key] = (_pixels(width, "width", where), _pixels(height, "height", where))
     return sizes
+
+
+@dataclass
+class _VinvlVideo:
+    size: tuple[int, int]  # of its first frame, at line `first_line`
+    first_line: str
+    frames: dict[int, tuple[str, FrameDetections]]  # frame index -> (file:line, frame)
 
 
 def read_vinvl_tsv(path: str | Path, fps: float, sizes: dict[str, tuple[int, int]] | None = None) -> list[VideoDetections]:
     """VinVL's prediction TSV (`<key>\\t<json>` per image) with keys `<video_id>_<frame index>` or
     `<video_id>/<frame index>.<ext>`; a frame's time is its index / `fps`. Image sizes come from each
     prediction's image_w/image_h or else from `sizes` ({key: (width, height)}, `read_hw_tsv`):
-    scene_graph_benchmark writes only {"objects", "relations"}."""
+    scene_graph_benchmark writes only {"objects", "relations"}. The frames of a video must have one
+    size, and each frame one line; errors name file:line."""
     path = Path(path)
-    by_video: dict[str, list[tuple[float, dict]]] = {}
-    with open(path) as handle:
+    by_video: dict[str, _VinvlVideo] = {}
+    with open_text(path, DetectionsError) as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -214,18 +272,20 @@ def read_vinvl_tsv(path: str | Path, fps: float, sizes: dict[str, tuple[int, int
                 raise DetectionsError(f"{where}: malformed JSON ({error.msg})") from None
             if not isinstance(prediction, dict) or "objects" not in prediction:
                 raise DetectionsError(f"{where}: prediction is not a JSON object with 'objects'")
-            if "image_w" not in prediction or "image_h" not in prediction:
-                if sizes is None or key not in sizes:
-                    raise DetectionsError(f"{where}: no image_w/image_h for {key!r} and no size for it in the hw file")
-                prediction = {**prediction, "image_w": sizes[key][0], "image_h": sizes[key][1]}
-            by_video.setdefault(match["video"], []).append((int(match["frame"]) / fps, prediction))
-    videos = []
-    for video_id, frames in by_video.items():
-        try:
-            videos.append(convert_vinvl(video_id, frames))
-        except DetectionsError as error:
-            raise DetectionsError(f"{path}: {error}") from None
-    return videos
+            index = int(match["frame"])
+            frame, size = _vinvl_frame(index / fps, prediction, (sizes or {}).get(key), where)
+            if size is None:
+                raise DetectionsError(f"{where}: no image_w/image_h for {key!r} and no size for it in the hw file")
+            video = by_video.setdefault(match["video"], _VinvlVideo(size, where, {}))
+            _same_size(size, video.size, video.first_line, where)
+            if index in video.frames:
+                first_where = video.frames[index][0]
+                raise DetectionsError(f"{where}: frame {index} of video {match['video']!r} is also at {first_where}")
+            video.frames[index] = (where, frame)
+    return [
+        VideoDetections(video_id, *video.size, [frame for _, (_, frame) in sorted(video.frames.items())])
+        for video_id, video in by_video.items()
+    ]
 
 
 # ---------------------------------------------------------------- label vocabulary
@@ -241,7 +301,8 @@ class LabelVocab:
         self.names = ["<pad>", "<unknown>", *names]
         self.ids = {name: index for index, name in enumerate(self.names)}
         if len(self.ids) != len(self.names):
-            raise ValueError("duplicate class names in the label vocabulary")
+            repeated = sorted({name for name in self.names if self.names.count(name) > 1})
+            raise ValueError(f"duplicate class names in the label vocabulary: {', '.join(repeated)}")
 
     @classmethod
     def from_detections(
@@ -272,12 +333,19 @@ class LabelVocab:
     def load(cls, path: str | Path) -> "LabelVocab":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            with open_text(path) as handle:
+                data = json.load(handle)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: malformed JSON at line {error.lineno} ({error.msg})") from None
         if not isinstance(data, dict) or data.get("format") != VOCAB_FORMAT or not isinstance(data.get("names"), list):
             raise ValueError(f"{path}: not a stoa-vlp label vocabulary")
-        return cls(data["names"])
+        odd = [name for name in data["names"] if not isinstance(name, str) or not name]
+        if odd:
+            raise ValueError(f"{path}: class names must be non-empty strings, got {odd[0]!r}")
+        try:
+            return cls(data["names"])
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
 
 # ---------------------------------------------------------------- selection per clip

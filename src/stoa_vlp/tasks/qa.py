@@ -32,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from stoa_vlp.checks import require
+from stoa_vlp.config import read_json_object
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.data.dataset import VideoTextDataset
 from stoa_vlp.tasks.data import LabelledBatch, LabelledCollate, read_jsonl_rows
@@ -165,14 +166,19 @@ class AnswerVocab:
 
     @classmethod
     def load(cls, path: str | Path) -> "AnswerVocab":
-        with open(path) as handle:
-            mapping = json.load(handle)
-        if sorted(mapping.values()) != list(range(len(mapping))):
-            raise ValueError(f"{path}: labels must be 0..{len(mapping) - 1}, each once")
+        mapping = read_json_object(path)
+        if not mapping:
+            raise ValueError(f"{path}: no answers")
+        labels = list(mapping.values())
+        if not all(type(label) is int for label in labels) or sorted(labels) != list(range(len(labels))):
+            raise ValueError(f"{path}: labels must be the integers 0..{len(labels) - 1}, each once")
         answers = [normalise_answer(answer) for answer, _ in sorted(mapping.items(), key=lambda item: item[1])]
         if len(set(answers)) != len(answers):
             raise ValueError(f"{path}: two answers are the same once lower-cased and with single spaces")
         return cls(answers)
+
+
+ANSWER_OUTPUTS = "head.classifier.3.bias"  # in a QAModel's state dict: one value per answer
 
 
 class QAHead(nn.Module):

@@ -81,6 +81,23 @@ def require_one_clip_per_video(video_ids: list[str], task: str) -> None:
                          f"(e.g. {', '.join(repeated[:3])})")
 
 
+def require_distinct_clips(records) -> None:
+    """A ValueError naming the clips (same video, same start and end) that several records list: each
+    copy would be a separate candidate, and every caption's retrieval of the other copy a miss."""
+    counts = Counter((record.video_id, record.start, record.end) for record in records)
+    repeated = [clip_name(*clip) for clip, count in counts.items() if count > 1]
+    if repeated:
+        raise ValueError(f"retrieval evaluation needs each clip once, but {len(repeated)} clips are listed more "
+                         f"than once (e.g. {', '.join(repeated[:3])}): list each clip once, with all its captions")
+
+
+def clip_name(video_id: str, start: float | None, end: float | None) -> str:
+    """'video7', or 'video7 [2.0-9.5 s]' for a part of it."""
+    if start is None and end is None:
+        return video_id
+    return f"{video_id} [{'' if start is None else start}-{'' if end is None else end} s]"
+
+
 @torch.no_grad()
 def encode_videos(model, loader: Iterable[Batch], device, progress: bool = False) -> tuple[list[str], object]:
     """(each clip's video id, VideoFeatures of each clip) in first-seen order over a loader of Batches."""
@@ -250,7 +267,9 @@ def evaluate_retrieval_records(
 ) -> dict[str, float]:
     """Like `evaluate_retrieval`, but decodes each record's clip once (`video_loader` has one row per
     record, in record order) and takes every caption of every record as a query; with
-    `querybank_captions` (e.g. the training captions), also QB-Norm's "t2v_qb_..." numbers."""
+    `querybank_captions` (e.g. the training captions), also QB-Norm's "t2v_qb_..." numbers. A clip
+    listed twice is refused (`require_distinct_clips`)."""
+    require_distinct_clips(records)
     ids, videos = encode_videos(model, video_loader, device, progress)
     if ids != [record.video_id for record in records]:
         raise ValueError("the video loader must hold one row per record, in record order")

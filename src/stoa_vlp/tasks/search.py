@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from stoa_vlp.config import read_json_object
 from stoa_vlp.model import VideoFeatures
 from stoa_vlp.tasks.retrieval import contrastive_similarity, encode_texts, logit_scale_value, match_log_odds
 from stoa_vlp.tokenizer import Tokenizer
@@ -58,9 +60,11 @@ def load_index(folder: str | Path, device="cpu") -> SearchIndex:
     for name in (INDEX_FILE, FEATURES_FILE):
         if not (folder / name).exists():
             raise FileNotFoundError(f"{folder}: not a search index (missing {name}; build one with `stoa-vlp index`)")
-    with open(folder / INDEX_FILE) as handle:
-        info = json.load(handle)
-    tensors = load_file(str(folder / FEATURES_FILE), device=str(device))
+    info = read_json_object(folder / INDEX_FILE, {"video_ids": list, "paths": list, "checkpoint": str, "config": dict})
+    try:
+        tensors = load_file(str(folder / FEATURES_FILE), device=str(device))
+    except SafetensorError as error:
+        raise ValueError(f"{folder / FEATURES_FILE}: not a readable safetensors file ({error})") from None
     expected = {f.name for f in dataclasses.fields(VideoFeatures)}
     if set(tensors) != expected:
         raise ValueError(f"{folder / FEATURES_FILE}: fields {sorted(tensors)} differ from VideoFeatures {sorted(expected)}")

@@ -6,15 +6,19 @@ A checkpoint is a folder `RUN/checkpoints/step_00000300/`:
                       directory
   training_state.pt   optimiser, LR scheduler and GradScaler states
   rng_rank{r}.pt      python / numpy / torch (CPU and CUDA) RNG states of rank r
-  state.json          step, epoch, data position, worker seeds, metrics, config; written last
+  state.json          step, epoch, data position (and the global batch it counts), worker seeds, the
+                      best validation and its checkpoint, bad-sample counts, metrics, config; written last
 It is written into `checkpoints/.tmp-step_00000300/` and renamed into place, so a kill leaves either
 the complete new folder or only a stale temporary one; loaders never look at temporary folders.
 `best.json` (replaced atomically) names the best-on-validation checkpoint; pruning keeps the last
-`keep_last` checkpoints and the best one.
+`keep_last` checkpoints and the best one. Every state.json also names the best checkpoint, so a resume
+rewrites best.json from it. A run resumed from an older checkpoint moves the later ones into
+`checkpoints/abandoned-step_N/`, which pruning and `--resume latest` never look into.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -27,12 +31,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from stoa_vlp.config import read_json_object
 from stoa_vlp.data.jsonl import write_json_atomic
 
 CHECKPOINTS = "checkpoints"
+BEST = "best.json"
 RUN_MARKER = "run.json"
 FINISHED_MARKER = "finished.json"
 _TEMP_PREFIX = ".tmp-"
+_ABANDONED_PREFIX = "abandoned-"
 
 
 class CheckpointError(RuntimeError):
@@ -68,9 +75,12 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as handle:
-        state = {name: handle.get_tensor(name) for name in handle.keys()}
-        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
+            aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+    except Exception as error:  # safetensors raises its own error types for a missing or damaged file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({' '.join(str(error).split())})") from None
     for name, source in aliases.items():
         state[name] = state[source]
     return state
@@ -131,12 +141,45 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def read_best(run_dir: Path) -> dict[str, Any] | None:
+    """best.json's record, {"name": "step_00000300", "step": 300}; None without one."""
+    record = Path(run_dir) / CHECKPOINTS / BEST
+    return read_json_object(record, {"name": str}) if record.is_file() else None
+
+
 def best_checkpoint(run_dir: Path) -> Path | None:
-    record = Path(run_dir) / CHECKPOINTS / "best.json"
-    if not record.is_file():
+    record = read_best(run_dir)
+    if record is None:
         return None
-    folder = record.parent / json.loads(record.read_text())["name"]
+    folder = Path(run_dir) / CHECKPOINTS / record["name"]
     return folder if is_complete(folder) else None
+
+
+def restore_best(run_dir: Path, record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Make best.json hold `record` (a resumed checkpoint's); remove it when `record` is None or names no
+    complete checkpoint of this run. Returns the record kept."""
+    path = Path(run_dir) / CHECKPOINTS / BEST
+    if record is not None and is_complete(path.parent / record["name"]):
+        write_json_atomic(path, record)
+        return record
+    path.unlink(missing_ok=True)
+    return None
+
+
+def set_aside_later_checkpoints(run_dir: Path, step: int) -> list[Path]:
+    """Move the checkpoints after `step` (an abandoned continuation of a run resumed from an older
+    checkpoint) into a new `checkpoints/abandoned-step_N/` (`.2`, `.3`... if taken). Returns where they went."""
+    root = Path(run_dir) / CHECKPOINTS
+    later = sorted(p.name for p in root.glob("step_*") if p.is_dir() and p.name > checkpoint_name(step))
+    if not later:
+        return []
+    base = f"{_ABANDONED_PREFIX}{checkpoint_name(step)}"
+    aside = next(root / name for name in itertools.chain([base], (f"{base}.{k}" for k in itertools.count(2)))
+                 if not (root / name).exists())
+    aside.mkdir()
+    for name in later:
+        os.rename(root / name, aside / name)
+    return [aside / name for name in later]
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path:
@@ -183,7 +226,7 @@ def finish_checkpoint(run_dir: Path, temporary: Path, step: int, keep_last: int,
         shutil.rmtree(final)
     os.rename(temporary, final)
     if is_best:
-        write_json_atomic(final.parent / "best.json", {"name": final.name, "step": step})
+        write_json_atomic(final.parent / BEST, {"name": final.name, "step": step})
     prune(run_dir, keep_last)
     return final
 
@@ -207,7 +250,7 @@ def read_checkpoint(folder: Path, rank: int) -> dict[str, Any]:
         raise CheckpointError(f"{folder} is not a complete checkpoint (no state.json)")
     rng_file = folder / f"rng_rank{rank}.pt"
     return {
-        "state": json.loads((folder / "state.json").read_text()),
+        "state": read_json_object(folder / "state.json", {"step": int, "config": dict}),
         "weights": load_weights(folder / "model.safetensors"),
         "training_state": torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False),
         "rng": torch.load(rng_file, weights_only=False) if rng_file.is_file() else None,

@@ -38,11 +38,14 @@ class FirstVideos:
 
 def retrieval_loader(config: Config, split: str, max_videos: int = 0) -> Iterable[Batch]:
     """Sequential loader over every (video, caption) of `split`; with `max_videos`, only the captions
-    of the split's first `max_videos` videos."""
+    of the split's first `max_videos` videos. A clip listed twice is refused (`require_distinct_clips`)."""
     from stoa_vlp.data.dataset import build_dataset, collate
+    from stoa_vlp.tasks.retrieval import require_distinct_clips
 
     dataset = build_dataset(config, split)
     streamed = isinstance(dataset, IterableDataset)
+    if not streamed:
+        require_distinct_clips(list(dataset.records))
     if max_videos > 0 and not streamed:
         keep = np.flatnonzero(dataset.items[:, 0] < max_videos).tolist()
         dataset = Subset(dataset, keep)

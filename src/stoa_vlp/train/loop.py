@@ -26,7 +26,14 @@ from stoa_vlp.train import checkpointing as ckpt
 from stoa_vlp.train.data_position import ResumableSampler, SeededDataset, WorkerSeeder, loader_seed, worker_seed
 from stoa_vlp.train.distributed import DistEnv, all_reduce_mean, any_rank, barrier, gather_objects, wrap_model
 from stoa_vlp.train.logging import MetricsLogger, Progress, format_table
-from stoa_vlp.train.optim import build_optimizer, build_scheduler, parameter_groups
+from stoa_vlp.train.optim import (
+    apply_settings,
+    build_optimizer,
+    build_scheduler,
+    changed_settings,
+    group_settings,
+    parameter_groups,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +122,8 @@ class Trainer:
         self.step = 0
         self.skipped_batches = 0
         self.best_value: float | None = None
+        self.best: dict[str, float] | None = None  # {"step": ..., "val/...": ...} of the best validation
+        self.best_checkpoint: dict[str, Any] | None = None  # best.json's record of it
         self.validations: list[dict[str, float]] = []
 
     # ---- data --------------------------------------------------------------------------------
@@ -169,14 +178,19 @@ class Trainer:
             temporary = self.run_dir / ckpt.CHECKPOINTS / f".tmp-{ckpt.checkpoint_name(self.step)}"
             temporary.mkdir(parents=True, exist_ok=True)
         main = self.env.is_main
+        data_skips = self._data_skip_counts()
         state = {
             "format": 1,
             "step": self.step,
             "epoch": self.sampler.epoch,
-            "data_position": self.sampler.start_batch,
+            "data_position": self.sampler.start_batch,  # global batches of this epoch consumed
+            "global_batch": self.sampler.global_batch,  # samples in one
             "world_size": self.env.world_size,
             "skipped_batches": self.skipped_batches,
+            "data_skips": data_skips,
             "best_value": self.best_value,
+            "best": self.best,
+            "best_checkpoint": self.best_checkpoint,
             "worker_seeds": {
                 "seed": self.train.seed,
                 "epoch": self.sampler.epoch,
@@ -211,6 +225,7 @@ class Trainer:
     def load_checkpoint(self, folder: Path) -> None:
         loaded = ckpt.read_checkpoint(folder, self.env.rank)
         state = loaded["state"]
+        settings = group_settings(self.optimizer)  # this run's: the loaded states bring the old run's
         weights = {self.weights_prefix + name: value for name, value in loaded["weights"].items()}
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
@@ -228,10 +243,21 @@ class Trainer:
             ckpt.load_module_state(self.module, weights, str(folder))
             self.optimizer.load_state_dict(loaded["training_state"]["optimizer"])
         self.scheduler.load_state_dict(loaded["training_state"]["scheduler"])
+        apply_settings(self.optimizer, self.scheduler, settings)
+        changed = changed_settings(state["config"]["train"], self.train)
+        if changed:
+            log.warning("%s: this run's optimiser and LR schedule settings replace the checkpoint's: %s", folder,
+                        ", ".join(changed))
         self.scaler.load_state_dict(loaded["training_state"]["scaler"])
         self.step = state["step"]
         self.skipped_batches = state["skipped_batches"]
         self.best_value = state["best_value"]
+        self.best = state.get("best")
+        self.best_checkpoint = state.get("best_checkpoint", ckpt.read_best(self.run_dir))
+        if self.env.is_main:
+            if self.data_skips is not None and state.get("data_skips") is not None:
+                self.data_skips.add(*state["data_skips"])
+            self._tidy_checkpoints(folder)
         if self.streamed:
             self.sampler.set_position(state["epoch"], state["data_position"])
             if hasattr(self.dataset, "set_position"):
@@ -242,7 +268,7 @@ class Trainer:
                 log.warning("%s: %s has no set_position: its stream restarts on resume", folder,
                             type(self.dataset).__name__)
         elif state["world_size"] == self.env.world_size:
-            self.sampler.set_position(state["epoch"], state["data_position"])
+            self.sampler.set_position(state["epoch"], self._data_position(folder, state))
         else:
             log.warning(
                 "%s was written by %d ranks, this run has %d: the data order restarts at epoch %d and "
@@ -255,6 +281,36 @@ class Trainer:
         elif loaded["rng"] is None:
             log.warning("%s holds no RNG state for rank %d: its random draws will differ", folder, self.env.rank)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, *self._position())
+
+    def _data_position(self, folder: Path, state: dict[str, Any]) -> int:
+        """The checkpoint's data position in this run's global batches: the samples consumed, rounded
+        down to whole batches when the global batch changed (a few samples are seen again, none skipped)."""
+        saved_batch = state.get("global_batch", self.sampler.global_batch)
+        consumed = state["data_position"] * saved_batch
+        position = consumed // self.sampler.global_batch
+        if saved_batch != self.sampler.global_batch:
+            restart = position * self.sampler.global_batch
+            log.warning(
+                "%s was written with global batches of %d samples, this run's are %d (data.batch_size x ranks): "
+                "it resumes epoch %d at sample %d of the %d consumed, so %d samples seen again and none skipped",
+                folder, saved_batch, self.sampler.global_batch, state["epoch"], restart, consumed, consumed - restart,
+            )
+        return position
+
+    def _tidy_checkpoints(self, folder: Path) -> None:
+        """Rank 0, on resume: set aside this run's checkpoints after the resumed step (the abandoned
+        continuation of a resume from an older checkpoint, which pruning and --resume latest would take
+        for the newest), then rewrite best.json from the resumed checkpoint (a kill can fall between a
+        best checkpoint's rename and best.json's update)."""
+        moved = ckpt.set_aside_later_checkpoints(self.run_dir, self.step)
+        if moved:
+            log.warning("resumed from %s: this run's later checkpoints %s are moved to %s", folder,
+                        ", ".join(path.name for path in moved), moved[0].parent)
+        kept = ckpt.restore_best(self.run_dir, self.best_checkpoint)
+        if kept is None and self.best_checkpoint is not None:
+            log.warning("the best checkpoint %s named by %s is not in %s: no best.json until a validation beats %s",
+                        self.best_checkpoint["name"], folder, self.run_dir / ckpt.CHECKPOINTS, self.best_value)
+        self.best_checkpoint = kept
 
     def _position(self) -> tuple[int, int]:
         return self.sampler.epoch, self.sampler.start_batch
@@ -380,7 +436,7 @@ class Trainer:
                 if self.step % self.train.log_every == 0 or self.step == self.train.steps:
                     counts = {"skipped_batches": self.skipped_batches}
                     if self.data_skips is not None:
-                        counts["skipped_samples"] = sum(self.data_skips.skipped.values())
+                        counts["skipped_samples"] = sum(self._data_skip_counts()[1].values())
                     logger.log("train", self.step, {**metrics, **counts})
                 self._after_step(logger, result, metrics)
         finally:
@@ -391,6 +447,7 @@ class Trainer:
         result.seconds = time.perf_counter() - started
         result.clips_per_s = clips_done / max(result.seconds, 1e-9)
         result.validations = self.validations
+        result.best = self.best
         result.data_skips = self._data_skip_summary()
         if self.env.is_main:
             if result.data_skips is not None:
@@ -405,9 +462,16 @@ class Trainer:
             return None
         from stoa_vlp.data.dataset import skip_summary
 
+        return skip_summary(*self._data_skip_counts())
+
+    def _data_skip_counts(self) -> tuple[int, dict[str, int]] | None:
+        """The training data's SkipCounter counts (samples drawn, skips per reason) summed over the ranks;
+        None without one. Collective."""
+        if self.data_skips is None:
+            return None
         counts = gather_objects((self.data_skips.total, self.data_skips.skipped), self.env)
         skipped = {reason: sum(rank_skipped[reason] for _, rank_skipped in counts) for reason in counts[0][1]}
-        return skip_summary(sum(total for total, _ in counts), skipped)
+        return sum(total for total, _ in counts), skipped
 
     def _after_step(self, logger: MetricsLogger, result: TrainResult, train_metrics: dict[str, float]) -> None:
         final = self.step == self.train.steps
@@ -420,7 +484,8 @@ class Trainer:
             self.validations.append({"step": self.step, **val_metrics})
         is_best = self._is_best(val_metrics)
         if is_best:
-            result.best = {"step": self.step, **val_metrics}
+            self.best = {"step": self.step, **val_metrics}
+            self.best_checkpoint = {"name": ckpt.checkpoint_name(self.step), "step": self.step}
         if final or self.step % self.train.save_every == 0 or is_best:  # the best is always saved
             result.last_checkpoint = self.save_checkpoint({**train_metrics, **val_metrics}, is_best)
 

@@ -3,6 +3,8 @@ then cosine decay."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import torch
@@ -10,6 +12,10 @@ from torch import nn
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from stoa_vlp.config import TrainConfig
+
+# the train.* settings of the optimiser's groups and of the LR schedule; a resumed run uses its own
+SETTINGS = ("lr", "tower_lr_scale", "weight_decay", "betas", "eps", "steps", "warmup_steps", "min_lr_scale")
+_GROUP_SETTINGS = ("initial_lr", "weight_decay", "betas", "eps")  # what the config sets in a parameter group
 
 
 def parameter_groups(module: nn.Module, train: TrainConfig) -> list[dict]:
@@ -65,3 +71,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> tor
         optimizer,
         lambda step: warmup_cosine(step, train.warmup_steps, train.steps, train.min_lr_scale),
     )
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's settings from the config: base lr (the scheduler's), weight decay, betas, eps."""
+    return [{key: group[key] for key in _GROUP_SETTINGS} for group in optimizer.param_groups]
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                   settings: list[dict]) -> None:
+    """After loading a checkpoint's optimiser and scheduler states, which carry the old run's settings:
+    `settings` (`group_settings` of the fresh optimiser) in every group and as the base lrs, Adam's
+    moments kept, and every group's lr from this run's schedule at the restored step."""
+    for group, values in zip(optimizer.param_groups, settings, strict=True):
+        group.update(values)
+    scheduler.base_lrs = [values["initial_lr"] for values in settings]
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+
+
+def changed_settings(saved: dict, train: TrainConfig) -> list[str]:
+    """"train.lr 0.01 -> 0.1" for every SETTINGS key in which `train` differs from a saved train config."""
+    current = json.loads(json.dumps(dataclasses.asdict(train)))  # as saved: tuples are lists
+    return [f"train.{key} {saved.get(key)} -> {current[key]}" for key in SETTINGS if saved.get(key) != current[key]]

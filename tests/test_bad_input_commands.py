@@ -1,0 +1,99 @@
+"""Bad input to the commands that read runs, checkpoints and indexes: a one-line error naming the file and
+the problem, with exit status 2 (`console_main`), never a traceback or a bare exit."""
+
+import json
+
+import numpy as np
+import pytest
+
+from stoa_vlp.cli import console_main
+from stoa_vlp.config import load_config
+from stoa_vlp.data.annotations import VideoRecord
+from stoa_vlp.data.synth import write_video
+from stoa_vlp.tasks.retrieval import evaluate_retrieval_records, require_distinct_clips
+
+
+def checkpoint_folder(run, values):
+    """RUN/checkpoints/step_00000001 holding only a state.json of `values` (a JSON text, or a value to dump)."""
+    folder = run / "checkpoints" / "step_00000001"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(values if isinstance(values, str) else json.dumps(values))
+    return folder
+
+
+def error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "state, problem",
+    [
+        ("{not json", "malformed JSON at line 1, column 2"),
+        ("[1, 2]", "expected a JSON object, got an array"),
+        ({"step": 1}, 'no "config"'),
+        ({"config": {"model": {"frames": "four"}}}, "model.frames: expected an integer, got 'four'"),
+        ({"config": {"model": {"frames": 0}}}, "model.frames must be at least 1, got 0"),
+    ],
+)
+def test_a_bad_state_json_is_named(tmp_path, capsys, state, problem):
+    checkpoint = checkpoint_folder(tmp_path / "run", state)
+    assert console_main(["evaluate", str(checkpoint)]) == 2
+    assert error_line(capsys).startswith(f"stoa-vlp evaluate: error: {checkpoint / 'state.json'}: {problem}")
+
+
+def test_an_override_error_names_the_override_not_the_checkpoint(tmp_path, capsys):
+    checkpoint = checkpoint_folder(tmp_path / "run", {"config": load_config("tiny").to_dict()})
+    assert console_main(["evaluate", str(checkpoint), "--set", "data.batch_size=0"]) == 2
+    assert error_line(capsys).startswith(
+        "stoa-vlp evaluate: error: override 'data.batch_size=0': data.batch_size must be at least 1, got 0")
+
+
+def test_refusals_exit_with_status_2_and_one_error_line(tmp_path, capsys):
+    pretrained = checkpoint_folder(tmp_path / "pretrain", {"config": load_config("tiny").to_dict()})
+    answer = ["answer", "--checkpoint", str(pretrained), "clip.mp4", "what is it?"]
+    assert console_main(answer) == 2
+    assert error_line(capsys).startswith(f"stoa-vlp answer: error: {pretrained} was trained for pre-training, not QA")
+    assert console_main(["evaluate", str(pretrained), "--task", "qa"]) == 2
+    assert error_line(capsys).startswith(f"stoa-vlp evaluate: error: {pretrained} was trained for pre-training")
+    (tmp_path / "empty").mkdir()
+    index = ["index", str(tmp_path / "empty"), "--checkpoint", str(pretrained), "--output", str(tmp_path / "idx")]
+    assert console_main(index) == 2
+    assert error_line(capsys).startswith(f"stoa-vlp index: error: {tmp_path / 'empty'}: no video files")
+    finetune = ["finetune", "--task", "retrieval", "--config", "tiny", "--test", "--output", str(tmp_path / "ft")]
+    assert console_main(finetune) == 2
+    assert error_line(capsys).startswith("stoa-vlp finetune: error: --test needs data.test")
+
+
+def test_search_with_the_checkpoint_of_another_model_is_refused(tmp_path, capsys):
+    import torch
+
+    from stoa_vlp.model import VideoFeatures
+    from stoa_vlp.tasks.search import SearchIndex, save_index
+
+    built_with = checkpoint_folder(tmp_path / "built", {"config": load_config("tiny").to_dict()})
+    other = checkpoint_folder(tmp_path / "other", {"config": load_config("tiny", ["model.frames=2"]).to_dict()})
+    videos = VideoFeatures(*(torch.zeros(1, 3) for _ in range(5)))
+    info = {"checkpoint": str(built_with.resolve()), "config": load_config("tiny").to_dict()}
+    save_index(tmp_path / "idx", SearchIndex(["a"], ["/v/a.mp4"], videos, info))
+    assert console_main(["search", str(tmp_path / "idx"), "a query", "--checkpoint", str(other)]) == 2
+    assert error_line(capsys).startswith(f"stoa-vlp search: error: {other} is another model than")
+
+
+def test_retrieval_evaluation_refuses_a_clip_listed_twice():
+    clip = VideoRecord("video7", "/v/video7.mp4", None, None, ["a caption"])
+    moments = [VideoRecord("video8", "/v/video8.mp4", start, start + 5.0, ["a moment"]) for start in (0.0, 5.0)]
+    require_distinct_clips([clip, *moments])  # moments of one video are distinct clips
+    with pytest.raises(ValueError, match=r"needs each clip once, but 2 clips are listed more than once "
+                                         r"\(e.g. video7, video8 \[5.0-10.0 s\]\)"):
+        evaluate_retrieval_records(None, [], [clip, *moments, clip, moments[1]], None, "cpu")
+
+
+def test_prepare_takes_a_single_video_file(tmp_path):
+    video = tmp_path / "clip.mp4"
+    write_video(video, np.zeros((4, 32, 32, 3), np.uint8), fps=4)
+    out = tmp_path / "prepared"
+    argv = ["prepare", str(video), str(out), "--fps", "2", "--short-side", "32", "--workers", "1", "--no-progress"]
+    assert console_main(argv) == 0
+    assert (out / "videos" / "clip.mp4").is_file()
