@@ -54,7 +54,8 @@ def test_read_choices_of_clipbert_string_answers_and_jsfusion_csv(tmp_path):
         read_choices(tmp_path / "absent.csv")
 
 
-def test_multiple_choice_scores_match_brute_force():
+def two_videos():
+    """(tiny model without objects, its tokenizer, a loader of videos v0 and v1, their frames)."""
     torch.manual_seed(0)
     config = load_config("tiny", ["model.objects=false"])
     model = build_model(config.model).eval()
@@ -65,6 +66,11 @@ def test_multiple_choice_scores_match_brute_force():
     empty = torch.zeros(2, 0)
     loader = [Batch(frames, empty, empty, empty, empty, empty, tokens, mask, torch.zeros_like(tokens),
                     torch.arange(2), ["v0", "v1"])]
+    return model, tokenizer, loader, frames
+
+
+def test_multiple_choice_scores_match_brute_force():
+    model, tokenizer, loader, frames = two_videos()
     with torch.no_grad():
         videos = model.encode_video(frames, *[None] * 5)
         vtm_pick, vtc_pick = [], []
@@ -91,16 +97,7 @@ def test_a_tie_counts_against_the_model():
 
 
 def test_a_confident_matching_head_is_scored_by_log_odds_not_a_rounded_probability():
-    torch.manual_seed(0)
-    config = load_config("tiny", ["model.objects=false"])
-    model = build_model(config.model).eval()
-    tokenizer = Tokenizer(config.model.text_len)
-    m = config.model
-    frames = torch.randn(2, m.frames, 3, m.image_size, m.image_size)
-    tokens, mask = tokenizer(["x", "y"])
-    empty = torch.zeros(2, 0)
-    loader = [Batch(frames, empty, empty, empty, empty, empty, tokens, mask, torch.zeros_like(tokens),
-                    torch.arange(2), ["v0", "v1"])]
+    model, tokenizer, loader, frames = two_videos()
     with torch.no_grad():
         videos = model.encode_video(frames, *[None] * 5)
         log_odds = []
