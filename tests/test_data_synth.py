@@ -1,6 +1,7 @@
 """The synthetic world: determinism, temporal order, real H.264 files, consistent annotations."""
 
 import json
+import re
 import math
 
 import av
@@ -18,6 +19,7 @@ from stoa_vlp.data.synth import (
     WorldObject,
     canonical_caption,
     make_choice,
+    make_questions,
     noisy_detections,
     render_frames,
     render_world,
@@ -217,18 +219,48 @@ def test_multiple_choice_has_one_true_option(world):
             assert item["options"].count(correct) == 1
 
 
-def test_choices_include_swapped_actions_for_several_objects():
+def test_false_options_change_actions_or_looks():
     red = WorldObject("circle", "red", "left", Pose(48, 20, 6, 0), Pose(16, 20, 6, 0))
     blue = WorldObject("square", "blue", "grow", Pose(32, 46, 4, 0), Pose(32, 46, 10, 0))
-    clip = _clip(red, blue)
-    swapped = canonical_caption([("red", "circle", "grow"), ("blue", "square", "left")])
-    reversed_red = canonical_caption([("red", "circle", "right"), ("blue", "square", "grow")])
-    seen = set()
-    for seed in range(10):
-        item = make_choice(clip, [], np.random.default_rng(seed))
-        assert item["options"][item["answer"]] == "a red circle moves left while a blue square grows"
-        seen.update(item["options"])
-    assert swapped in seen and reversed_red in seen
+    truth = "a red circle moves left while a blue square grows"
+    looks = re.compile(r"a red circle .* while a blue square .*")
+    false = set()
+    for seed in range(40):
+        item = make_choice(_clip(red, blue), np.random.default_rng(seed))
+        assert item["options"][item["answer"]] == truth
+        false.update(option for option in item["options"] if option != truth)
+    same_looks = {option for option in false if looks.fullmatch(option)}
+    assert same_looks and false - same_looks  # some tell the clip apart only by its actions, some by looks
+    assert canonical_caption([("red", "circle", "right"), ("blue", "square", "shrink")]) in same_looks  # both reversed
+
+
+def sampled_clips(count: int) -> list[ClipSpec]:
+    rng = np.random.default_rng(0)
+    return [sample_clip(rng, f"v{i}", "test") for i in range(count)]
+
+
+def test_the_true_option_does_not_stand_out_by_its_words():
+    # a solver that never sees the video: the option whose facts the other options repeat most
+    hits = 0
+    clips = sampled_clips(400)
+    for index, clip in enumerate(clips):
+        item = make_choice(clip, np.random.default_rng(index))
+        facts = [set(re.split(r", | while | and (?=a )", option)) for option in item["options"]]
+        shared = [sum(len(mine & theirs) for theirs in facts if theirs is not mine) for mine in facts]
+        best = [k for k, value in enumerate(shared) if value == max(shared)]
+        hits += best == [item["answer"]]
+    assert hits / len(clips) < 0.3  # 5 options: chance is 0.2 (true options used to share the most: 0.9)
+
+
+def test_a_yes_no_question_s_verb_does_not_give_its_answer():
+    answers: dict[str, list[str]] = {}
+    for index, clip in enumerate(sampled_clips(400)):
+        for row in make_questions(clip, np.random.default_rng(index), count=100):
+            if row["answer_type"] == "yesno":
+                verb = row["question"].split(" ", 4)[-1]  # "does the red circle move left?" -> "move left?"
+                answers.setdefault(verb, []).append(row["answer"])
+    for verb, given in answers.items():
+        assert 0.35 < given.count("yes") / len(given) < 0.65, (verb, len(given))
 
 
 def test_synth_command(tmp_path):
@@ -262,6 +294,6 @@ def test_no_false_option_looks_like_the_clip():
     right = WorldObject("square", "yellow", "right", Pose(16, 46, 6, 0), Pose(48, 46, 6, 0))
     clip = _clip(still, right)
     looks_true = canonical_caption([("blue", "circle", "rotate"), ("yellow", "square", "right")])  # a circle spins unseen
-    options = {option for seed in range(300) for option in make_choice(clip, [], np.random.default_rng(seed))["options"]}
+    options = {option for seed in range(300) for option in make_choice(clip, np.random.default_rng(seed))["options"]}
     assert "a blue circle stays still while a yellow square moves right" in options  # the truth, in canonical words
     assert looks_true not in options

@@ -415,9 +415,11 @@ def make_captions(clip: ClipSpec, rng: np.random.Generator, count: int) -> list[
     return captions
 
 
-def _other_action(action: str) -> str:
-    """The opposite action where there is one, else a fixed different one."""
-    return OPPOSITE.get(action, "grow" if action == "still" else "still")
+def _other_action(obj: WorldObject, rng: np.random.Generator) -> str:
+    """An action `obj` does not do, drawn uniformly from those its shape can do (a circle never rotates),
+    so that a yes/no question's verb says nothing about its answer."""
+    others = [a for a in ACTIONS if a != obj.action and not (obj.shape == "circle" and a == "rotate")]
+    return others[int(rng.integers(len(others)))]
 
 
 def make_questions(clip: ClipSpec, rng: np.random.Generator, count: int) -> list[dict]:
@@ -436,7 +438,7 @@ def make_questions(clip: ClipSpec, rng: np.random.Generator, count: int) -> list
             candidates.append(
                 {"question": f"which way does the {obj.name} move?", "answer": obj.action, "answer_type": "direction"}
             )
-        asked = obj.action if rng.random() < 0.5 else _other_action(obj.action)
+        asked = obj.action if rng.random() < 0.5 else _other_action(obj, rng)
         candidates.append(
             {
                 "question": f"does the {obj.name} {BASE_VERB[asked]}?",
@@ -448,9 +450,9 @@ def make_questions(clip: ClipSpec, rng: np.random.Generator, count: int) -> list
     return [{"video_id": clip.video_id, **candidates[i]} for i in sorted(picked)]
 
 
-def _perturb(clip: ClipSpec, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """A false description of the clip: one object's action, look, or two objects' actions changed."""
-    facts = [(o.colour, o.shape, o.action) for o in clip.objects]
+def _perturb(facts: list[tuple[str, str, str]], rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """`facts` (colour, shape, action) with one object's action or look, or two objects' actions, changed."""
+    facts = list(facts)
     i = int(rng.integers(len(facts)))
     colour, shape, action = facts[i]
     kind = int(rng.integers(3))
@@ -473,22 +475,22 @@ def _as_seen(fact: tuple[str, str, str]) -> tuple[str, str, str]:
     return (colour, shape, "still") if (shape, action) == ("circle", "rotate") else fact
 
 
-def make_choice(clip: ClipSpec, world: list[ClipSpec], rng: np.random.Generator) -> dict:
-    """A 5-way multiple-choice item: the true canonical caption and 4 false ones, 3 perturbations
-    of this clip and one caption of another clip of `world` (more perturbations where no other
-    clip's caption is false for this one)."""
-    truth = clip.facts
+def make_choice(clip: ClipSpec, rng: np.random.Generator) -> dict:
+    """A 5-way multiple-choice item: the true canonical caption and 4 false ones.
+
+    All five are one change (`_perturb`) away from a false pivot description, itself one change away
+    from the truth, so that no option stands out by its words: were the false options changes of the
+    truth, the truth would be the option sharing most with the others, found without the video.
+    """
+    truth = clip.facts  # as the pixels show them: a rotating circle is a still one
     true_facts = [(o.colour, o.shape, o.action) for o in clip.objects]
+    pivot = _perturb(true_facts, rng)
     options = [canonical_caption(true_facts)]
-    seen = {frozenset(true_facts)}  # as the pixels show them: a rotating circle is a still one
-    for attempt in range(200):
+    seen = {frozenset(true_facts)}
+    for _attempt in range(200):
         if len(options) == 5:
             break
-        if len(options) == 4 and world and attempt % 2 == 0:
-            other = world[int(rng.integers(len(world)))]
-            candidate = [(o.colour, o.shape, o.action) for o in other.objects]
-        else:
-            candidate = _perturb(clip, rng)
+        candidate = _perturb(pivot, rng)
         key = frozenset(map(_as_seen, candidate))
         if key in seen or key <= truth:  # already an option, or true of this clip
             continue
@@ -613,7 +615,7 @@ def render_world(
             sentences.append({"caption": caption, "video_id": clip.video_id, "sen_id": len(sentences)})
         questions[clip.split] += make_questions(clip, np.random.default_rng([seed, index, 2]), questions_per_clip)
         if clip.split in choices:
-            choices[clip.split].append(make_choice(clip, clips, np.random.default_rng([seed, index, 3])))
+            choices[clip.split].append(make_choice(clip, np.random.default_rng([seed, index, 3])))
 
     paths = world_paths(root, {split: [c.video_id for c in clips if c.split == split] for split in SPLITS})
     with open(paths.annotations, "w") as handle:
