@@ -59,6 +59,17 @@ def test_costs_are_row_softmax_over_valid_candidates_with_dot_or_cosine():
     torch.testing.assert_close(cosine[0, 0, [0, 2]], expected)
 
 
+def test_costs_are_float32_under_autocast():
+    torch.manual_seed(0)
+    predictions, targets = 3 * torch.randn(2, 8, 64), 3 * torch.randn(2, 12, 64)  # feature-sized scores
+    task = AlignmentTask(predictions, torch.ones(2, 8, dtype=torch.bool), targets, torch.ones(2, 12, dtype=torch.bool))
+    expected = alignment_costs(task, "dot")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        costs = alignment_costs(task, "dot")
+    assert costs.dtype == torch.float32
+    torch.testing.assert_close(costs, expected)  # bf16 products were off by up to 2e-2
+
+
 def test_candidates_are_tagged_tokens_plus_the_sentence():
     tokens, sentence = torch.randn(2, 4, 3, requires_grad=True), torch.randn(2, 3)
     text_mask = torch.tensor([[True, True, True, False], [True, True, True, True]])

@@ -178,3 +178,54 @@ def test_two_gloo_ranks_fine_tune(tmp_path, task):
     """Fine-tuning modules leave parameters without gradient (DDP failed at the second step)."""
     mp.spawn(finetune_rank, args=(str(tmp_path / "init"), str(tmp_path / "run"), task), nprocs=2, join=True)
     assert [r["step"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"][-1] == STEPS
+
+
+class OverflowOnce(torch.nn.Module):
+    """Linear(6, 1) whose first step's input feature 0 is so large that the fp16 weight gradient
+    overflows in W[0, 0] only: on one FSDP rank's shard, the other rank's shard stays finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(6, 1)
+        self.steps = 0
+
+    def forward(self, batch):
+        self.steps += 1
+        scale = torch.tensor([1000.0 if self.steps == 1 else 1.0, 0.1, 0.1, 0.1, 0.1, 0.1])
+        return {"loss": 0.5 * self.net(batch.x * scale).float().mean()}
+
+
+def fp16_overflow_rank(rank: int, init_file: str, run_dir: str, report: str) -> None:
+    from _train_toys import ToyDataset
+    from _train_toys import collate as toy_collate
+
+    one_thread()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        config = load_config("tiny", ["train.steps=2", "train.warmup_steps=1", "train.progress=false",
+                                      "train.tensorboard=false", "train.device=cpu", "train.distributed=fsdp",
+                                      "train.precision=amp_fp16", "data.batch_size=2", "data.num_workers=0",
+                                      "train.save_every=100", "train.clip_grad=0"])
+        torch.manual_seed(0)
+        trainer = Trainer(config, OverflowOnce(), ToyDataset(), toy_collate, run_dir, env=DistEnv.current("cpu"))
+        before = [p.detach().clone() for p in trainer.module.parameters()]
+        batches = trainer._micro_batches()
+        trainer._train_step(batches)  # overflows on rank 0's shard only
+        changed = sum(int((b != p.detach()).sum()) for b, p in zip(before, trainer.module.parameters()))
+        scale = trainer.scaler.get_scale()
+        trainer._train_step(batches)
+        grads = [p.grad.tolist() for p in trainer.module.parameters() if p.grad is not None]  # this rank's shard
+        torch.save({"changed": changed, "scale": scale, "grads": grads}, f"{report}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_fp16_overflow_in_one_fsdp_shard_skips_the_step_on_every_rank(tmp_path):
+    """A plain GradScaler sees only its rank's shard: rank 0 skipped the step and halved its scale while
+    rank 1 stepped and kept its own, and the next gradients were averaged over differently scaled losses."""
+    report = str(tmp_path / "report")
+    mp.spawn(fp16_overflow_rank, args=(str(tmp_path / "init"), str(tmp_path / "run"), report), nprocs=2, join=True)
+    ranks = [torch.load(f"{report}.{rank}") for rank in range(2)]
+    assert [r["changed"] for r in ranks] == [0, 0]  # no parameter moved on any rank
+    assert ranks[0]["scale"] == ranks[1]["scale"] == 2.0**15  # both halved the initial 2 ** 16
+    assert ranks[1]["grads"][-1] == [0.5]  # the bias, in rank 1's shard: d(0.5 * mean(w.x + b)) / db, exactly

@@ -219,6 +219,45 @@ def test_nonfinite_skip_counts_and_leaves_weights_finite(tmp_path):
     assert last["skipped_batches"] == result.skipped_batches
 
 
+class GradientPoison(ToyModel):
+    """A finite loss whose gradient is NaN for the clips in `poison_gradient` (0 x d sqrt(u)/du at u = 0),
+    as a backward that overflows gives."""
+
+    poison_gradient: set[str] = set()
+
+    def forward(self, batch):
+        outputs = super().forward(batch)
+        if self.poison_gradient & set(batch.video_ids):
+            weight = self.net[0].weight.sum()
+            outputs["loss"] = outputs["loss"] + 0.0 * torch.sqrt(weight - weight.detach())
+        return outputs
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
+def test_a_non_finite_gradient_is_caught_before_it_reaches_the_weights(tmp_path, precision):
+    model = GradientPoison()
+    model.poison_gradient = {"video5"}
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient at step") as raised:
+        toy_trainer(toy_config(f"train.precision={precision}", "train.clip_grad=0"), tmp_path / "stop", model=model).fit()
+    assert "video5" in raised.value.video_ids  # the step's own clips, not the next step's
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    model = GradientPoison()
+    model.poison_gradient = {"video5"}
+    trainer = toy_trainer(toy_config(f"train.precision={precision}", "train.nonfinite=skip", "train.steps=8"),
+                          tmp_path / "skip", model=model)
+    result = trainer.fit()
+    assert result.step == 8 and result.skipped_batches >= 1
+    assert all(torch.isfinite(p).all() for p in trainer.module.parameters())
+
+
+def test_skipping_gives_up_when_every_step_is_skipped(tmp_path):
+    model = GradientPoison()
+    model.poison_gradient = {f"video{i}" for i in range(32)}  # a diverged model: every batch
+    with pytest.raises(NonFiniteLossError, match="50 steps in a row were skipped: the model itself has diverged"):
+        toy_trainer(toy_config("train.nonfinite=skip"), tmp_path / "run", model=model).fit()
+
+
 def test_finished_run_is_not_overwritten_without_flag(tmp_path):
     run = tmp_path / "run"
     toy_trainer(toy_config("train.steps=1"), run).fit()

@@ -58,14 +58,17 @@ def text_candidates(text_tokens: torch.Tensor, sentence: torch.Tensor, text_mask
 
 
 def alignment_costs(task: AlignmentTask, similarity: str) -> torch.Tensor:
-    """(B, R, C) row-softmax over valid candidates of the similarity; NaN at invalid rows/columns."""
-    predictions, targets = task.predictions.detach().float(), task.targets.float()
-    if similarity == "cosine":
-        predictions, targets = F.normalize(predictions, dim=-1), F.normalize(targets, dim=-1)
-    elif similarity != "dot":
+    """(B, R, C) row-softmax over valid candidates of the similarity; NaN at invalid rows/columns.
+    Computed in float32 even under autocast, which would run the product (and on the CPU the
+    softmax) in bf16/fp16 and change some matches (4 of 256 pairs in a check)."""
+    if similarity not in SIMILARITIES:
         raise ValueError(f"loss.match_similarity must be one of {SIMILARITIES}, got {similarity!r}")
-    scores = (predictions @ targets.transpose(1, 2)).masked_fill(~task.target_mask[:, None, :], float("-inf"))
-    costs = torch.softmax(scores, dim=-1)
+    with torch.autocast(task.predictions.device.type, enabled=False):
+        predictions, targets = task.predictions.detach().float(), task.targets.float()
+        if similarity == "cosine":
+            predictions, targets = F.normalize(predictions, dim=-1), F.normalize(targets, dim=-1)
+        scores = (predictions @ targets.transpose(1, 2)).masked_fill(~task.target_mask[:, None, :], float("-inf"))
+        costs = torch.softmax(scores, dim=-1)
     valid = task.prediction_mask[:, :, None] & task.target_mask[:, None, :]
     return costs.masked_fill(~valid, float("nan"))
 

@@ -36,6 +36,7 @@ from stoa_vlp.train.optim import (
 )
 
 log = logging.getLogger(__name__)
+MAX_SKIPS_IN_A_ROW = 50  # train.nonfinite=skip gives up after this many skipped steps with none taken
 
 Evaluator = Callable[[nn.Module], dict[str, float]]  # trained module (unwrapped) -> validation metrics
 
@@ -43,13 +44,14 @@ PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float1
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss was NaN or infinite and train.nonfinite is "stop"."""
+    """The loss or the gradient was NaN or infinite and train.nonfinite is "stop" (or, with "skip", the
+    steps kept being skipped: the model itself has diverged)."""
 
-    def __init__(self, step: int, video_ids: list[str], values: dict[str, float]):
+    def __init__(self, step: int, video_ids: list[str], values: dict[str, float], what: str = "loss",
+                 advice: str = "Set train.nonfinite=skip to skip such batches."):
         self.step, self.video_ids, self.values = step, video_ids, values
         super().__init__(
-            f"non-finite loss at step {step} (losses {values}); batch video ids: {', '.join(video_ids)}. "
-            "Set train.nonfinite=skip to skip such batches."
+            f"non-finite {what} at step {step} (values {values}); batch video ids: {', '.join(video_ids)}. {advice}"
         )
 
 
@@ -106,9 +108,10 @@ class Trainer:
         groups = parameter_groups(self.module, self.train)
         self.wrapped = wrap_model(self.module, self.train.distributed, self.env, self.train.find_unused_parameters)
         self.fsdp = self.env.distributed and self.train.distributed == "fsdp"
-        self.optimizer = build_optimizer(groups, self.train, self.env.device)
+        self.optimizer = build_optimizer(groups, self.train, self.env.device, self.fsdp)
         self.scheduler = build_scheduler(self.optimizer, self.train)
-        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=self.train.precision == "amp_fp16")
+        self.scaler = grad_scaler(self.env.device.type, self.train.precision == "amp_fp16", self.fsdp)
+        self.skipped_in_a_row = 0  # steps skipped since the last one taken (train.nonfinite=skip)
         self.forward = torch.compile(self.wrapped) if self.train.compile else self.wrapped
         # a streamed dataset (WebDataset shards) orders and splits its samples itself: its position
         # is counted, and a resumed stream is seeded from it (`set_position`), not replayed exactly
@@ -330,9 +333,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         clips = 0
+        step_video_ids: list[str] = []
         for micro in range(accum):
             batch = next(batches).to(self.env.device, non_blocking=True)
             clips += len(batch)
+            step_video_ids += batch.video_ids
             last = micro == accum - 1
             sync = contextlib.nullcontext() if last or not self.env.distributed else self.wrapped.no_sync()
             with sync:
@@ -341,33 +346,44 @@ class Trainer:
                 loss = outputs["loss"]
                 values = {name: float(value.detach()) for name, value in outputs.items()}
                 if any_rank(not math.isfinite(values["loss"]), self.env):
-                    return self._non_finite(batch, values)
+                    return self._non_finite(batch.video_ids if not math.isfinite(values["loss"]) else [], values, "loss")
                 self.scaler.scale(loss / accum).backward()
             for name, value in values.items():
                 totals[name] = totals.get(name, 0.0) + value / accum
         self.scaler.unscale_(self.optimizer)
-        if self.train.clip_grad > 0:
-            clip = self.wrapped.clip_grad_norm_ if self.fsdp else self._clip_local
-            totals["grad_norm"] = float(clip(self.train.clip_grad))
+        clip = self.wrapped.clip_grad_norm_ if self.fsdp else self._clip_local
+        # the norm of the whole (all-reduced or sharded) gradient: the same on every rank
+        totals["grad_norm"] = float(clip(self.train.clip_grad if self.train.clip_grad > 0 else math.inf))
+        if not self.scaler.is_enabled() and not math.isfinite(totals["grad_norm"]):
+            # a finite loss can still overflow in the backward; stepping would make every weight NaN
+            # (with amp_fp16 the GradScaler skips such steps itself and lowers its scale)
+            return self._non_finite(step_video_ids, totals, "gradient")
         totals["lr"] = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
+        self.skipped_in_a_row = 0
         totals["clips"] = float(clips)
         return all_reduce_mean(totals, self.env)
 
     def _clip_local(self, max_norm: float) -> torch.Tensor:
         return nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
 
-    def _non_finite(self, batch: Any, values: dict[str, float]) -> None:
-        bad_ids = gather_objects(list(batch.video_ids) if not math.isfinite(values["loss"]) else [], self.env)
-        video_ids = [video_id for ids in bad_ids for video_id in ids]
+    def _non_finite(self, video_ids: list[str], values: dict[str, float], what: str) -> None:
+        """Apply train.nonfinite to a step whose `what` ("loss" or "gradient") is not finite; `video_ids` are
+        this rank's clips to blame (none where its values are finite). Collective."""
+        video_ids = [video_id for ids in gather_objects(list(video_ids), self.env) for video_id in ids]
         if self.train.nonfinite == "stop":
-            raise NonFiniteLossError(self.step + 1, video_ids, values)
+            raise NonFiniteLossError(self.step + 1, video_ids, values, what)
         self.optimizer.zero_grad(set_to_none=True)
         self.skipped_batches += 1
-        log.warning("skipped step %d: non-finite loss %s (video ids %s)", self.step + 1, values, video_ids)
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row == MAX_SKIPS_IN_A_ROW:
+            raise NonFiniteLossError(self.step + 1, video_ids, values, what, advice=(
+                f"{MAX_SKIPS_IN_A_ROW} steps in a row were skipped: the model itself has diverged (lower train.lr, "
+                "or resume from an earlier checkpoint)"))
+        log.warning("skipped step %d: non-finite %s %s (video ids %s)", self.step + 1, what, values, video_ids)
         return None
 
     # ---- validation --------------------------------------------------------------------------
@@ -488,6 +504,17 @@ class Trainer:
             self.best_checkpoint = {"name": ckpt.checkpoint_name(self.step), "step": self.step}
         if final or self.step % self.train.save_every == 0 or is_best:  # the best is always saved
             result.last_checkpoint = self.save_checkpoint({**train_metrics, **val_metrics}, is_best)
+
+
+def grad_scaler(device_type: str, enabled: bool, fsdp: bool) -> torch.amp.GradScaler:
+    """The loss scaler of amp_fp16 (disabled otherwise). Under FSDP each rank holds a shard of the
+    gradients, so the scaler must agree on overflow across ranks (ShardedGradScaler all-reduces it):
+    a plain one skipped the step on one rank only and let the ranks' scales drift apart."""
+    if fsdp:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device_type, enabled=enabled)
+    return torch.amp.GradScaler(device_type, enabled=enabled)
 
 
 def weights_prefix(module: nn.Module) -> str:

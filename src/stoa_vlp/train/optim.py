@@ -43,10 +43,12 @@ def parameter_groups(module: nn.Module, train: TrainConfig) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-def build_optimizer(groups: list[dict], train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(groups: list[dict], train: TrainConfig, device: torch.device, fsdp: bool = False) -> torch.optim.AdamW:
     """AdamW over `parameter_groups(...)`, fused where the device has fused kernels (CUDA and CPU in
-    torch >= 2.4)."""
-    fused = device.type in _get_fused_kernels_supported_devices()
+    torch >= 2.4), except under FSDP with amp_fp16: its ShardedGradScaler hands the optimiser an
+    overflow flag of shape (1,), which the fused kernels refuse (they take a 0-d one)."""
+    sharded_scaler = fsdp and train.precision == "amp_fp16"
+    fused = device.type in _get_fused_kernels_supported_devices() and not sharded_scaler
     return torch.optim.AdamW(
         groups,
         lr=train.lr,
