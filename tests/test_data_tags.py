@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from stoa_vlp.batch import TAG_NONE, TAG_NOUN, TAG_VERB
@@ -99,8 +100,12 @@ def test_cleaning_and_unicode_keep_alignment(tokenizer, nlp):
     assert words["dog"] == TAG_NOUN and words["cat"] == TAG_NOUN and words["&"] == TAG_NONE
     words = dict(_tags_of_words("a café owner smiles", tokenizer, nlp))
     assert words["owner"] == TAG_NOUN and words["smiles"] == TAG_VERB
-    (special,) = tag_pieces(["a dog <end_of_text> runs"], tokenizer, nlp)  # a special token's text
-    assert len(special) == 4 and special[-1] == TAG_VERB
+    # a special token's text is not a special token: it used to end the caption there (mask and all)
+    (special,) = tag_pieces(["a dog <End_of_Text> runs"], tokenizer, nlp)
+    assert special.tolist() == [TAG_NONE, TAG_NOUN, TAG_VERB]
+    tokens, mask = tokenizer(["a dog <End_of_Text> runs", "<start_of_text>a dog runs"])
+    expected, _ = tokenizer("a dog runs")
+    assert torch.equal(tokens, expected.expand(2, -1)) and mask.sum(dim=1).tolist() == [5, 5]
     (empty,) = tag_tokens([""], tokenizer, nlp)
     assert np.all(empty == TAG_NONE)
 

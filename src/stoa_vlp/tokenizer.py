@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
+
+# open_clip's pre-tokenizer turns these strings into the start and end ids wherever a text holds them
+SPECIAL_TEXT = re.compile(r"<start_of_text>|<end_of_text>", re.IGNORECASE)
+
+
+def plain_text(text: str) -> str:
+    """`text` without the literal strings of CLIP's special tokens: in a caption, "<end_of_text>" would
+    end it there (the rest masked out) and "<start_of_text>" start it again."""
+    return SPECIAL_TEXT.sub(" ", text)
 
 
 class Tokenizer:
@@ -37,7 +47,7 @@ class Tokenizer:
         """Returns token ids (B, L) long and the mask of real tokens (B, L) bool."""
         if isinstance(texts, str):
             texts = [texts]
-        tokens = self.bpe(texts, context_length=self.length)
+        tokens = self.bpe([plain_text(text) for text in texts], context_length=self.length)
         # id 0 is also the word "!", so the mask comes from the end token's position
         end = (tokens == self.eot_id).int().argmax(dim=1, keepdim=True)
         mask = torch.arange(self.length).unsqueeze(0) <= end
@@ -45,7 +55,7 @@ class Tokenizer:
 
     def encode_words(self, text: str) -> list[int]:
         """BPE ids of `text` without start/end tokens and without truncation."""
-        return self.bpe.encode(text)
+        return self.bpe.encode(plain_text(text))
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """Text of the word tokens in `ids`, stopping at the end token."""

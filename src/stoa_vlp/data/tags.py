@@ -23,7 +23,7 @@ from tqdm import tqdm
 from stoa_vlp.batch import TAG_NONE, TAG_NOUN, TAG_VERB
 from stoa_vlp.data.jsonl import open_text, write_json_atomic
 from stoa_vlp.data.serialized import SerializedDict
-from stoa_vlp.tokenizer import Tokenizer
+from stoa_vlp.tokenizer import Tokenizer, plain_text
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def _pieces(tokenizer: Tokenizer, text: str) -> list[tuple[int, int, int]]:
 
 def _texts(caption: str, tokenizer: Tokenizer) -> tuple[str, str]:
     """(text CLIP tokenizes, text spaCy tags): the same characters, the second keeps its case."""
+    caption = plain_text(caption)  # as Tokenizer encodes it
     lowered = tokenizer.bpe.clean_fn(caption)
     cased = whitespace_clean(basic_clean(caption))
     if len(cased) != len(lowered) or cased.lower() != lowered:
