@@ -109,6 +109,19 @@ def test_frame_folders_are_found_by_name(tmp_path):
     assert [record.path for record in records] == [str(root / "video0"), str(root / "nested" / "video1")]
 
 
+def test_an_image_beside_videos_does_not_make_their_folder_a_frame_folder(tmp_path):
+    mixed = tmp_path / "mixed"
+    write_frames(mixed, 1)  # a poster
+    for name in ("a.mp4", "b.mp4"):
+        (mixed / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    write_frames(tmp_path / "sub" / "inner", 1)
+    (tmp_path / "sub" / "inner" / "c.mp4").write_bytes(b"")
+    expected = [("a", str(mixed / "a.mp4")), ("b", str(mixed / "b.mp4"))]
+    assert find_videos([mixed]) == expected  # was [("mixed", mixed)]: one "video" of the poster
+    assert find_videos([tmp_path / "sub"]) == [("c", str(tmp_path / "sub" / "inner" / "c.mp4"))]
+
+
 def test_one_id_for_two_videos_is_an_error_where_it_is_used(tmp_path):
     root = tmp_path / "videos"
     write_frames(root / "a" / "clip", 2)

@@ -46,6 +46,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert train_rows and {"vtc", "vtm", "mlm", "plm", "dota", "stasp"} <= set(train_rows[-1])
     assert [r["split"] for r in read_metrics(folder / "pretrain")][-1] == "val"
     assert (folder / "pretrain" / "checkpoints" / "step_00000003" / "model.safetensors").exists()
+    vocabularies = [(folder / run / "label_vocab.json").read_text() for run in ("pretrain", "captioning", "qa")]
+    assert vocabularies[0] == vocabularies[1] == vocabularies[2]  # each run keeps its ids when copied alone
     assert len(list((folder / "world" / "videos").glob("*.mp4"))) == 21
 
     with pytest.raises(CheckpointError, match="overwrite"):

@@ -301,6 +301,20 @@ def test_save_load_round_trip_is_exact(tmp_path):
         assert torch.equal(before, after)
 
 
+def test_a_task_checkpoint_with_its_own_head_loads_its_model_part(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config = load_config("tiny").model
+    model = STOAVLP(config)
+    save_pretrained(model, tmp_path / "qa")
+    weights = {f"model.{name}": value for name, value in load_file(tmp_path / "qa" / "model.safetensors").items()}
+    save_file({**weights, "head.classifier.weight": torch.zeros(3, 4)}, tmp_path / "qa" / "model.safetensors")  # as QA saves
+    loaded = load_pretrained(tmp_path / "qa")
+    inputs = random_inputs(config)
+    for before, after in zip(all_outputs(model, *inputs), all_outputs(loaded, *inputs)):
+        assert torch.equal(before, after)
+
+
 def test_loading_a_checkpoint_of_another_shape_names_the_keys(tmp_path):
     save_pretrained(STOAVLP(load_config("tiny", ["model.action_queries=3"]).model), tmp_path / "ckpt")
     mismatch = r"action_encoder.query_embedding \(checkpoint \(3, 64\), model \(2, 64\)\)"

@@ -129,6 +129,14 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
         state_file.write_text(json.dumps(state))
         with pytest.raises(ValueError, match="is another model than .* was built with"):
             main(["search", str(index), "a red circle", "--checkpoint", str(moved)])
+        # an index built at another frame count (resampled tables) still finds its moved checkpoint
+        resampled = tmp_path / "index8"
+        assert main(["index", str(world.videos), "--checkpoint", str(run), "--output", str(resampled),
+                     "--detections", str(world.detections), "--set", "model.frames=8"]) == 0
+        shutil.rmtree(moved)
+        shutil.copytree(run, moved)
+        assert main(["search", str(resampled), "a red circle", "--checkpoint", str(moved), "--rerank-k", "0",
+                     "--set", "train.device=cpu"]) == 0
 
 
 def test_inference_detections_come_from_the_flag_or_an_override(world, tmp_path):

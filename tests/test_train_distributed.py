@@ -229,3 +229,13 @@ def test_an_fp16_overflow_in_one_fsdp_shard_skips_the_step_on_every_rank(tmp_pat
     assert [r["changed"] for r in ranks] == [0, 0]  # no parameter moved on any rank
     assert ranks[0]["scale"] == ranks[1]["scale"] == 2.0**15  # both halved the initial 2 ** 16
     assert ranks[1]["grads"][-1] == [0.5]  # the bias, in rank 1's shard: d(0.5 * mean(w.x + b)) / db, exactly
+
+
+def test_asking_for_a_missing_cuda_device_is_bad_input(monkeypatch):
+    from stoa_vlp.cli import bad_input_errors
+    from stoa_vlp.train.distributed import choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(bad_input_errors(), match="train.device=cuda but no CUDA device is available"):
+        choose_device("cuda", 0)
+    assert choose_device("auto", 0) == torch.device("cpu")

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from stoa_vlp.commands.task_common import file_records, inference_model
+    from stoa_vlp.commands.task_common import checkpoint_config, file_records, inference_model
     from stoa_vlp.data.dataset import load_detections
     from stoa_vlp.data.video_files import find_videos
     from stoa_vlp.tasks.data import video_loader
@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
     loader = video_loader(records, config, detections, label_vocab)
     ids, videos = encode_videos(model, loader, device, progress=not args.no_progress)
     paths = {record.video_id: str(Path(record.path).resolve()) for record in records}
-    info = {"checkpoint": str(checkpoint.resolve()), "config": config.to_dict()}
+    trained, _ = checkpoint_config(checkpoint, [])
+    info = {"checkpoint": str(checkpoint.resolve()), "config": config.to_dict(),
+            "trained_model": trained.to_dict()["model"]}
     save_index(args.output, SearchIndex(ids, [paths[i] for i in ids], videos, info))
     print(f"indexed {len(ids)} videos from {args.folder} into {args.output} "
           f"({config.model.frames} frames at {config.model.image_size} px, checkpoint {checkpoint})")

@@ -21,13 +21,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank-k", type=non_negative_int, help="re-rank this many contrastive top videos (default task.rerank_k)")
     parser.add_argument("--checkpoint", help="where the index's checkpoint is now, if it moved "
                                              "(default: the one the index was built with)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override on the index's config, e.g. train.device=cpu (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from stoa_vlp.commands.task_common import checkpoint_config, device_of, load_task_weights, resolve_checkpoint
+    from stoa_vlp.commands.task_common import (
+        checkpoint_config,
+        device_of,
+        load_task_weights,
+        merge_overrides,
+        resolve_checkpoint,
+    )
     from stoa_vlp.config import from_dict
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.search import INDEX_FILE, load_index, search
@@ -35,10 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.train.logging import format_table
 
     index = load_index(args.index)
-    config = from_dict(index.info["config"], str(Path(args.index) / INDEX_FILE))
+    source = str(Path(args.index) / INDEX_FILE)
+    config = from_dict(merge_overrides(index.info["config"], args.overrides), source)
     checkpoint = resolve_checkpoint(Path(args.checkpoint or index.info["checkpoint"]))
     if checkpoint.resolve() != Path(index.info["checkpoint"]):
-        if checkpoint_config(checkpoint, [])[0].model != config.model:
+        # the model the index's checkpoint was trained as (before any override of the index, such as frames)
+        trained = from_dict({"model": index.info.get("trained_model", index.info["config"]["model"])}, source)
+        if checkpoint_config(checkpoint, [])[0].model != trained.model:
             raise ValueError(f"{checkpoint} is another model than {args.index} was built with "
                              f"({index.info['checkpoint']}): its queries cannot be compared with the index's videos")
         logging.getLogger("stoa_vlp.search").warning(

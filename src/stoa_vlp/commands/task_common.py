@@ -78,7 +78,7 @@ def trained_for(config: Config) -> str:
 def load_task_weights(module: nn.Module, checkpoint: Path) -> None:
     """Strictly load a checkpoint's model.safetensors into the task module that wrote it
     (frame tables resampled when the module was built with another `model.frames`)."""
-    from stoa_vlp.model.checkpoint import resample_frame_tables
+    from stoa_vlp.model.checkpoint import model_part, resample_frame_tables
     from stoa_vlp.train.checkpointing import load_module_state, load_weights
     from stoa_vlp.train.loop import weights_prefix
 
@@ -104,16 +104,6 @@ def require_matching_answers(module: nn.Module, weights: dict[str, torch.Tensor]
                          "answer head")
 
 
-def model_part(module: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`weights` for `module`; for a bare STOAVLP from a task module with a head of its own (QA saves
-    "model.*" and "head.*"), the model's weights without their prefix, the head left out."""
-    from stoa_vlp.model import STOAVLP
-
-    if not isinstance(module, STOAVLP) or any(name in weights for name in module.state_dict()):
-        return weights
-    return {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")}
-
-
 def init_folder(path: str | Path) -> Path:
     """The folder holding model.safetensors: `path` itself (a checkpoint or save_pretrained folder) or
     the checkpoint a run folder selects (`resolve_checkpoint`)."""
@@ -124,7 +114,7 @@ def init_folder(path: str | Path) -> Path:
 def load_model_weights_from(model: nn.Module, path: str | Path) -> Path:
     """Initialise a STOAVLP from a pre-training checkpoint (folder or run folder) or a save_pretrained folder
     (frame tables resampled when `model` was built with another `model.frames`)."""
-    from stoa_vlp.model.checkpoint import resample_frame_tables
+    from stoa_vlp.model.checkpoint import model_part, resample_frame_tables
     from stoa_vlp.train.checkpointing import load_module_state, load_weights
 
     folder = init_folder(path)

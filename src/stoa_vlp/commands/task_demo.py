@@ -29,7 +29,7 @@ def stage_config(run, task: str, overrides: list[str]):
 
 def fine_tune(run, config, runner):
     """Train the task module from the pre-trained demo weights; returns (module, TrainResult)."""
-    from stoa_vlp.commands.common import seed_everything
+    from stoa_vlp.commands.common import keep_label_vocab, seed_everything
     from stoa_vlp.model import build_model
     from stoa_vlp.train.distributed import DistEnv
     from stoa_vlp.train.loop import Trainer
@@ -40,6 +40,7 @@ def fine_tune(run, config, runner):
     module = runner.module(model)
     dataset, collate = runner.train_data()
     env = DistEnv.current(config.train.device)
+    keep_label_vocab(config, runner.label_vocab, config.train.output_dir, env)  # a copied run keeps its ids
     result = Trainer(config, module, dataset, collate, config.train.output_dir, env, None).fit()
     return module.eval(), result
 

@@ -1,5 +1,5 @@
 """Finding videos on disk: video files, whose id is the file name's stem, and frame folders (folders
-holding frame images, `decode.is_frame_image`), whose id is the folder's name.
+holding frame images, `decode.is_frame_image`, and no video file), whose id is the folder's name.
 
 `find_videos` lists a collection for `prepare`, `detect` and `index`, and refuses two videos with one
 id. `VideoLookup` finds the videos an annotation file names under its video root; there only an id
@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from stoa_vlp.data.decode import frame_folder_images, is_frame_image
+from stoa_vlp.data.decode import is_frame_image
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
 
@@ -21,13 +21,20 @@ def is_video_file(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
 
 
+def holds_frames(names: Iterable[str]) -> bool:
+    """Whether a folder of these file names is a frame folder: images and no video file (a poster image
+    beside videos does not make their folder one video)."""
+    names = list(names)
+    return any(map(is_frame_image, names)) and not any(map(is_video_file, names))
+
+
 def videos_below(root: str | Path) -> Iterator[tuple[str, str]]:
     """(video id, path) of every video file and frame folder below `root`, in sorted path order.
     `root` itself is not a frame folder here; ids may repeat."""
     root = str(root)
     for folder, subfolders, names in os.walk(root):
         subfolders.sort()
-        if folder != root and any(map(is_frame_image, names)):
+        if folder != root and holds_frames(names):
             yield os.path.basename(folder), folder
         for name in sorted(names):
             if is_video_file(name):
@@ -40,7 +47,7 @@ def find_videos(inputs: Iterable[str | Path]) -> list[tuple[str, str]]:
     not exist."""
     found: dict[str, str] = {}
     for item in map(Path, inputs):
-        if item.is_dir() and frame_folder_images(item):
+        if item.is_dir() and holds_frames(os.listdir(item)):
             videos = [(item.name, str(item))]
         elif item.is_dir():
             videos = list(videos_below(item))

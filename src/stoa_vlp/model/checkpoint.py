@@ -328,11 +328,21 @@ def load_pretrained(directory: str | Path, **model_overrides) -> STOAVLP:
     return model
 
 
+def model_part(module: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` for `module`; for a bare STOAVLP from a task module with a head of its own (QA saves
+    "model.*" and "head.*"), the model's weights without their prefix, the head left out."""
+    if not isinstance(module, STOAVLP) or any(name in weights for name in module.state_dict()):
+        return weights
+    return {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")}
+
+
 def load_model_weights(model: STOAVLP, path: str | Path) -> None:
-    """Strictly load a full STOAVLP safetensors file into `model` (frame tables resampled to its frames)."""
+    """Strictly load a STOAVLP safetensors file into `model` (frame tables resampled to its frames); a
+    task checkpoint with a head of its own (QA) gives its model part."""
     try:
         state = load_file(path)
     except Exception as error:  # safetensors raises its own error types for a damaged file
         raise CheckpointError(f"{path}: cannot read safetensors weights ({error})") from error
+    state = model_part(model, state)
     source = f"checkpoint {path}"
     load_state_checked(model, resample_frame_tables(model, with_vector_logit_scale(state), source), source)

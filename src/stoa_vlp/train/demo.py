@@ -150,7 +150,8 @@ def pretrain_stage(run: DemoRun) -> None:
     module = Pretrainer(build_model(config.model), config.loss)
     train_set = build_dataset(config, "train")
     env = DistEnv.current(config.train.device)
-    keep_label_vocab(config, train_set.label_vocab, run.folder, env)  # validation, test and the task stages use it
+    # in the run's own folder, as `pretrain` keeps it: validation, test and the task stages use it
+    keep_label_vocab(config, train_set.label_vocab, config.train.output_dir, env)
     evaluate = RetrievalEvaluator(config, "val", env.device, config.train.val_max_clips) if run.settings.val_clips > 0 else None
     trainer = Trainer(config, module, train_set, collate, config.train.output_dir, env, evaluate)
     result = trainer.fit()

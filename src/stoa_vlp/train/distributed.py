@@ -50,7 +50,7 @@ def choose_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise ValueError("train.device=cuda but no CUDA device is available (set train.device=cpu or auto)")
     return torch.device("cuda", local_rank)
 
 
