@@ -69,6 +69,14 @@ def test_train_loader_batch_shapes_and_video_index(world):
     assert len(videos) == 4
 
 
+def test_evaluation_on_several_ranks_reads_each_item_once(world):
+    config = tiny(world)
+    size = len(build_loader(config, "test").dataset)
+    for world_size in (2, 3, 4, 5):  # DistributedSampler padded those that do not divide the size with repeats
+        shares = [list(build_loader(config, "test", rank, world_size).sampler) for rank in range(world_size)]
+        assert sorted(index for share in shares for index in share) == list(range(size)), world_size
+
+
 def test_eval_sample_matches_reference_pipeline(world):
     config = tiny(world)
     dataset = build_loader(config, "test").dataset

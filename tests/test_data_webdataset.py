@@ -127,3 +127,14 @@ def test_an_unreadable_shard_is_a_one_line_error(tmp_path):
     with pytest.raises(AnnotationError, match=r"00000.tar: not a readable tar shard") as raised:
         read_annotations(tmp_path / "00000.tar")
     assert "\n" not in str(raised.value)
+
+
+def test_fine_tuning_streams_a_share_of_the_shards_per_rank(video, tmp_path):
+    from stoa_vlp.tasks.pipeline import TaskRunner, task_config
+
+    for i in range(2):
+        write_shard(tmp_path / f"0000{i}.tar", [(f"{i}.mp4", video), (f"{i}.txt", b"a dog runs")])
+    config = task_config(tiny(f"data.train={tmp_path}"), "retrieval")
+    runner = TaskRunner(config, "cpu")
+    streams = [runner.train_data(rank, 2)[0] for rank in range(2)]
+    assert [(stream.rank, stream.world_size) for stream in streams] == [(0, 2), (1, 2)]  # was (0, 1) on every rank

@@ -258,6 +258,17 @@ def test_skipping_gives_up_when_every_step_is_skipped(tmp_path):
         toy_trainer(toy_config("train.nonfinite=skip"), tmp_path / "run", model=model).fit()
 
 
+def test_a_stream_without_a_batch_for_this_rank_is_an_error_not_a_hang(tmp_path):
+    class EmptyStream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    torch.manual_seed(0)
+    trainer = Trainer(toy_config(), ToyModel(), EmptyStream(), collate, tmp_path / "run")
+    with pytest.raises(ValueError, match="rank 0: the training data gave no batch of 4 in epoch 0"):
+        trainer.fit()
+
+
 def test_finished_run_is_not_overwritten_without_flag(tmp_path):
     run = tmp_path / "run"
     toy_trainer(toy_config("train.steps=1"), run).fit()

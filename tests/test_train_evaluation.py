@@ -63,6 +63,23 @@ def test_a_stream_is_capped_at_its_first_videos(world, tmp_path):
     assert metrics["num_videos"] == metrics["num_texts"] == 4.0
 
 
+def test_a_capped_stream_validates_the_same_videos_whatever_the_worker_count(world, tmp_path):
+    records = read_annotations(world.annotations, split="val")
+    for number, part in enumerate((records[:3], records[3:])):  # two shards: workers would take one each
+        with tarfile.open(tmp_path / f"val{number}.tar", "w") as archive:
+            for record in part:
+                for name, data in ((f"{record.video_id}.mp4", open(record.path, "rb").read()),
+                                   (f"{record.video_id}.txt", record.captions[0].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+    seen = []
+    for workers in (0, 2):
+        config = tiny(world, f"data.val={tmp_path}", f"data.num_workers={workers}", "data.batch_size=2")
+        seen.append([video_id for batch in retrieval_loader(config, "val", max_videos=3) for video_id in batch.video_ids])
+    assert seen[0] == seen[1] == [record.video_id for record in records[:3]]
+
+
 def test_validation_refuses_a_clip_listed_twice(world, tmp_path):
     data = json.loads(open(world.annotations).read())
     first = next(video for video in data["videos"] if video["split"] == "validate")

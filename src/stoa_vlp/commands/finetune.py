@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             load_model_weights_from(model, init)
             print(f"initialised from {init}")
         module = runner.module(model)
-        dataset, collate = runner.train_data()
+        dataset, collate = runner.train_data(env.rank, env.world_size)  # shards are split over the ranks
         evaluate = runner.evaluator("val") if config.data.val else None
         result = Trainer(config, module, dataset, collate, run_dir, env, evaluate).fit(resume=args.resume)
         if not env.is_main:

@@ -562,8 +562,12 @@ def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1
 
 
 def build_loader(config: Config, split: str, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """DataLoader of Batches for a split; training shuffles (per rank with DistributedSampler).
+    """DataLoader of Batches for a split; training shuffles.
 
+    On several ranks, training uses a DistributedSampler (call `loader.sampler.set_epoch(epoch)` before
+    each epoch, or every epoch repeats the first order), and evaluation gives rank r the items r, r +
+    world_size, ... with no padding, so that no item is read twice. The Trainer does not use this
+    loader: its resumable sampler also makes N ranks' global batch the one of a single rank.
     The dataset (with `.skips` and `.label_vocab`) is `loader.dataset`.
     """
     dataset = build_dataset(config, split, rank, world_size)
@@ -582,9 +586,10 @@ def build_loader(config: Config, split: str, rank: int = 0, world_size: int = 1)
     if training and len(dataset) < config.data.batch_size * world_size:
         raise ValueError(f"data.train has {len(dataset)} items, fewer than one global batch "
                          f"(data.batch_size={config.data.batch_size} x {world_size} ranks)")
-    if world_size > 1:
-        sampler = DistributedSampler(dataset, world_size, rank, shuffle=training, seed=config.train.seed,
-                                     drop_last=training)
+    if world_size > 1 and training:
+        sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=config.train.seed, drop_last=True)
         return DataLoader(dataset, sampler=sampler, **common)
+    if world_size > 1:  # not DistributedSampler, which pads the last round with repeated items
+        return DataLoader(dataset, sampler=range(rank, len(dataset), world_size), **common)
     generator = torch.Generator().manual_seed(config.train.seed)
     return DataLoader(dataset, shuffle=training, generator=generator if training else None, **common)

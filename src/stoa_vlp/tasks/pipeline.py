@@ -166,8 +166,8 @@ class TaskRunner:
 
         return QAModel(model, len(self.answers))
 
-    def train_data(self):
-        """(dataset, collate) of the training split."""
+    def train_data(self, rank: int = 0, world_size: int = 1):
+        """(dataset, collate) of the training split; a stream (WebDataset shards) of this rank's share."""
         if self.task == "qa":
             from stoa_vlp.tasks.qa import question_dataset, read_questions
 
@@ -179,7 +179,7 @@ class TaskRunner:
             return dataset, collate
         from stoa_vlp.data.dataset import build_dataset, collate
 
-        return build_dataset(self.config, "train"), collate
+        return build_dataset(self.config, "train", rank, world_size), collate
 
     def _video_paths(self, video_ids: list[str], source: str) -> dict[str, str]:
         return find_video_paths(video_ids, video_root(self.config, source), source)

@@ -53,7 +53,9 @@ def retrieval_loader(config: Config, split: str, max_videos: int = 0) -> Iterabl
         dataset,
         batch_size=config.data.batch_size,
         shuffle=False,
-        num_workers=config.data.num_workers,
+        # a capped stream is read by one process: workers interleave their shards, so its first videos
+        # would depend on data.num_workers
+        num_workers=0 if max_videos > 0 and streamed else config.data.num_workers,
         collate_fn=collate,
     )
     return FirstVideos(loader, max_videos) if max_videos > 0 and streamed else loader

@@ -149,11 +149,17 @@ class Trainer:
         )
 
     def _micro_batches(self) -> Iterator[Any]:
-        """Batches forever, epoch after epoch; sampler.start_batch counts the batches handed out."""
+        """Batches forever, epoch after epoch; sampler.start_batch counts the batches handed out. An epoch
+        without a single batch for this rank is an error (it would loop here while the others wait)."""
         while True:
+            fresh_epoch, handed_out = self.sampler.start_batch == 0, 0  # a resumed epoch may have none left
             for batch in self._loader():
                 self.sampler.start_batch += 1
+                handed_out += 1
                 yield batch
+            if fresh_epoch and handed_out == 0:
+                raise ValueError(f"rank {self.env.rank}: the training data gave no batch of {self.config.data.batch_size} "
+                                 f"in epoch {self.sampler.epoch} (a stream without shards or samples for this rank?)")
             self.sampler.set_position(self.sampler.epoch + 1, 0)
 
     # ---- checkpoints -------------------------------------------------------------------------
