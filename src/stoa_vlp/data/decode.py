@@ -40,6 +40,9 @@ import torch
 DECODERS = ("pyav", "decord", "torchcodec")
 SAMPLING = ("uniform", "rand")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# containers without a reliable index (MPEG program/transport streams, AVI): decord and torchcodec
+# gave frames of other times than they reported there (checked against PyAV); PyAV handles them
+PYAV_ONLY_EXTENSIONS = (".mpg", ".mpeg", ".ts", ".m2ts", ".mts", ".vob", ".avi")
 
 
 class VideoError(RuntimeError):
@@ -250,22 +253,27 @@ def _seek_keyframe(container, stream, stamp: int) -> list:
     """Seek to a keyframe shown at or before `stamp`; returns the packets read to check it.
 
     FFmpeg may give an open GOP's keyframe shown after `stamp` when its leading frames (decoded
-    after it, shown before it, referencing the GOP before) are shown from `stamp` on: then seek
-    again from before that keyframe's decode stamp. Not seekable: read from the beginning.
+    after it, shown before it, referencing the GOP before) are shown from `stamp` on, and, in a
+    container without an index (MPEG-TS/PS), a packet that is no keyframe: then seek again from
+    before it. Not seekable: read from the beginning, as after three seeks without a keyframe.
     """
     import av
 
-    target, first = stamp, None
-    for _ in range(3):
+    target = stamp
+    for attempt in range(3):
         try:
             container.seek(target, stream=stream, backward=True, any_frame=False)
         except av.FFmpegError:
             break
         first = next((packet for packet in container.demux(stream) if packet.size), None)
-        if first is None or first.pts is None or first.dts is None or first.pts <= stamp:
-            break
+        if first is None or first.pts is None or first.dts is None:
+            return [first] if first is not None else []
+        if first.is_keyframe and first.pts <= stamp:
+            return [first]
         target = min(first.pts, first.dts) - 1
-    return [first] if first is not None else []
+    if attempt > 0:  # packets were read: back to the start
+        container.seek(0)
+    return []
 
 
 def _to_array(images: list) -> torch.Tensor:
@@ -531,4 +539,7 @@ def decode_clip(
         source = io.BytesIO(source)
     if isinstance(source, io.BytesIO) and source.getbuffer().nbytes == 0:
         raise VideoError(label, "file is empty (0 bytes)")
+    if decoder != "pyav" and isinstance(source, (str, Path)) and Path(source).suffix.lower() in PYAV_ONLY_EXTENSIONS:
+        raise VideoError(label, f"data.decoder={decoder} gives wrong frame times for MPEG-TS/PS and AVI files: "
+                                "use data.decoder=pyav, or `stoa-vlp prepare` the videos (mp4)")
     return _BACKENDS[decoder](source, label, frames, sampling, start, end, rng, threads)

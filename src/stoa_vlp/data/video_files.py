@@ -14,7 +14,8 @@ from pathlib import Path
 
 from stoa_vlp.data.decode import is_frame_image
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".m2ts",
+                    ".mts")
 
 
 def is_video_file(name: str) -> bool:
