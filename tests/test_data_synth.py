@@ -1,8 +1,8 @@
 """The synthetic world: determinism, temporal order, real H.264 files, consistent annotations."""
 
 import json
-import re
 import math
+import re
 
 import av
 import numpy as np

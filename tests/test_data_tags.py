@@ -3,8 +3,8 @@
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from stoa_vlp.batch import TAG_NONE, TAG_NOUN, TAG_VERB
 from stoa_vlp.cli import console_main, main
