@@ -120,6 +120,40 @@ def test_detect_command_writes_detections(tmp_path, weights):
             np.testing.assert_allclose(frame.confs, output["scores"][keep].numpy(), atol=1e-3)
 
 
+def test_frames_of_other_sizes_in_one_batch_keep_their_own_detections(weights):
+    from stoa_vlp.data.detect import _detect_batch
+
+    model = build_detector(weights, DetectSettings(**SETTINGS), torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    # resized to at most 64 px a side: the square frame to 64 x 64, the wide one to 32 x 64, which a
+    # shared batch pads to 64 x 64
+    square, wide = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)
+    together = _detect_batch(model, [square, wide, square], torch.device("cpu"))
+    alone = [_detect_batch(model, [image], torch.device("cpu"))[0] for image in (square, wide)]
+    for got, expected in zip(together, [alone[0], alone[1], alone[0]]):
+        assert got.classes == expected.classes
+        np.testing.assert_allclose(got.rects, expected.rects, atol=1e-3)
+
+
+def test_a_video_whose_frame_size_changes_is_refused(tmp_path):
+    segments = []
+    for first, (height, width) in ((0, (48, 64)), (4, (24, 32))):  # two MPEG-TS segments joined, as cameras cut them
+        path = tmp_path / f"part{first}.ts"
+        with av.open(str(path), "w", format="mpegts") as container:
+            stream = container.add_stream("mpeg2video", rate=4)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for index in range(first, first + 4):
+                frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 30 * index, np.uint8), format="rgb24")
+                frame.pts, frame.time_base = index, Fraction(1, 4)
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        segments.append(path.read_bytes())
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(b"".join(segments))
+    with pytest.raises(ValueError, match="frames of different sizes: 64x48 at the start, 32x24 at"):
+        sample_frames(joined, fps=4.0)
+
+
 def test_wrong_weights_are_an_error(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, path)
@@ -127,6 +161,10 @@ def test_wrong_weights_are_an_error(tmp_path):
         build_detector(path, DetectSettings(**SETTINGS), torch.device("cpu"))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_detector(tmp_path / "missing.pth", DetectSettings(**SETTINGS), torch.device("cpu"))
+    fine_tuned = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=81).state_dict()
+    torch.save(fine_tuned, tmp_path / "coco80.pth")  # the same keys, other class count: a size mismatch
+    with pytest.raises(ValueError, match="coco80.pth: not Faster R-CNN ResNet-50 FPN v2 weights with 91 COCO classes"):
+        build_detector(tmp_path / "coco80.pth", DetectSettings(**SETTINGS), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("name, content", [("garbage.pth", bytes(range(256)) * 4), ("empty.pth", b""),

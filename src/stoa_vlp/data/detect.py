@@ -88,7 +88,11 @@ def build_detector(weights: str | Path, settings: DetectSettings, device: torch.
         rpn_pre_nms_top_n_test=settings.proposals,
         rpn_post_nms_top_n_test=settings.proposals,
     )
-    result = model.load_state_dict(load_state_dict(weights), strict=False)
+    try:
+        result = model.load_state_dict(load_state_dict(weights), strict=False)
+    except RuntimeError as error:  # tensors of other shapes, e.g. a detector of another class count
+        raise ValueError(f"{weights}: not Faster R-CNN ResNet-50 FPN v2 weights with {len(COCO_CATEGORIES)} COCO "
+                         f"classes ({' '.join(str(error).split())[:300]})") from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{weights}: not Faster R-CNN ResNet-50 FPN v2 weights "
@@ -125,6 +129,9 @@ def sample_frames(path: Path, fps: float, frame_rate: float = 1.0) -> SampledFra
                 best = previous if previous is not None and target - previous[0] < time - target else (time, frame)
                 if not picked or best[0] != picked[-1][0]:
                     upright = np.rot90(best[1].to_ndarray(format="rgb24"), quarter_turns(best[1].rotation))
+                    if picked and upright.shape != picked[0][1].shape:  # boxes are in one size of the video
+                        raise ValueError(f"frames of different sizes: {picked[0][1].shape[1]}x{picked[0][1].shape[0]} "
+                                         f"at the start, {upright.shape[1]}x{upright.shape[0]} at {best[0]:.2f} s")
                     picked.append((best[0], np.ascontiguousarray(upright)))
                 step += 1
             previous = (time, frame)
@@ -148,6 +155,19 @@ def _sample_folder_frames(folder: Path, fps: float, frame_rate: float) -> Sample
 
 @torch.inference_mode()
 def _detect_batch(model: torch.nn.Module, images: list[np.ndarray], device: torch.device) -> list[FrameDetections]:
+    """Detections of `images` in order. Frames of one size go to the detector together: torchvision
+    pads a batch to its largest image, which would change a smaller frame's detections."""
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(image.shape, []).append(index)
+    results: list[FrameDetections | None] = [None] * len(images)
+    for indices in by_size.values():
+        for index, detections in zip(indices, _detect_same_size(model, [images[i] for i in indices], device)):
+            results[index] = detections
+    return results
+
+
+def _detect_same_size(model: torch.nn.Module, images: list[np.ndarray], device: torch.device) -> list[FrameDetections]:
     tensors = [torch.from_numpy(image).to(device).permute(2, 0, 1).float().div_(255) for image in images]
     results = []
     for output in model(tensors):
