@@ -194,3 +194,15 @@ def test_a_kill_before_best_json_is_written_is_repaired_on_resume(tmp_path, monk
     fit(run, *overrides, scores=[0.1, 0.2, 0.3, 0.4], resume="latest")
     assert ckpt.best_checkpoint(run).name == "step_00000002"
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000002", "step_00000006"]
+
+
+def test_a_resume_whose_best_was_pruned_selects_the_best_anew(tmp_path):
+    run = tmp_path / "run"
+    settings = ("train.steps=4", "train.save_every=1", "train.keep_last=2")
+    fit(run, *settings, scores=[0.1, 0.5, 0.5, 0.9])  # step 4 beats step 2, which is pruned
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000003", "step_00000004"]
+    # step 3 names step 2 as its best: gone, so step 4's 0.5 (no better than the lost 0.5) is the new best
+    resumed = fit(run, *settings, scores=[0.5], resume=str(run / "checkpoints" / "step_00000003"))
+    assert resumed.best == {"step": 4, "val/score": 0.5}
+    assert ckpt.best_checkpoint(run).name == "step_00000004"
+    assert json.loads((run / "finished.json").read_text())["best"]["step"] == 4

@@ -317,8 +317,11 @@ class Trainer:
                         ", ".join(path.name for path in moved), moved[0].parent)
         kept = ckpt.restore_best(self.run_dir, self.best_checkpoint)
         if kept is None and self.best_checkpoint is not None:
-            log.warning("the best checkpoint %s named by %s is not in %s: no best.json until a validation beats %s",
-                        self.best_checkpoint["name"], folder, self.run_dir / ckpt.CHECKPOINTS, self.best_value)
+            # pruned after a later best that this resume abandons: the next validation selects anew, so
+            # that best.json, finished.json and a fine-tuning report name a checkpoint that exists
+            log.warning("the best checkpoint %s named by %s is not in %s: the next validation selects the best anew",
+                        self.best_checkpoint["name"], folder, self.run_dir / ckpt.CHECKPOINTS)
+            self.best_value, self.best = None, None
         self.best_checkpoint = kept
 
     def _position(self) -> tuple[int, int]:
