@@ -4,15 +4,11 @@ A `Config` has five sections (model, loss, data, train, task). It is built from 
 (`tiny`, `base`) or a YAML file, then changed with dotted overrides such as
 `model.frames=8`. Unknown keys, keys given twice, values of the wrong type and values out of range
 are errors that name the key.
-
-`read_json_object` reads the JSON files that hold a config or other settings (a checkpoint's
-state.json, a search index's index.json, a QA run's answers.json) with errors that name the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,27 +331,3 @@ def save_config(config: Config, path: str | Path) -> None:
     values["train"]["betas"] = list(values["train"]["betas"])
     with open(path, "w") as handle:
         yaml.safe_dump(values, handle, sort_keys=False)
-
-
-JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
-              bool: "true or false", type(None): "null"}
-
-
-def read_json_object(path: str | Path, expected: dict[str, type] | None = None) -> dict[str, Any]:
-    """The JSON object in the file `path`, with the `expected` keys holding values of their types;
-    otherwise a ValueError naming the file and the problem."""
-    path = Path(path)
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno} ({error.msg})") from None
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {JSON_KINDS[type(values)]}")
-    for key, kind in (expected or {}).items():
-        if key not in values:
-            raise ValueError(f"{path}: no \"{key}\"")
-        if not isinstance(values[key], kind):
-            raise ValueError(f"{path}: \"{key}\" must be {JSON_KINDS[kind]}, got {JSON_KINDS[type(values[key])]}")
-    return values

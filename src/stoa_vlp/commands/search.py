@@ -29,14 +29,8 @@ def run(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from stoa_vlp.commands.task_common import (
-        checkpoint_config,
-        device_of,
-        load_task_weights,
-        merge_overrides,
-        resolve_checkpoint,
-    )
-    from stoa_vlp.config import from_dict
+    from stoa_vlp.commands.task_common import checkpoint_config, device_of, load_task_weights, resolve_checkpoint
+    from stoa_vlp.config import apply_overrides, from_dict
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.search import INDEX_FILE, load_index, search
     from stoa_vlp.tokenizer import Tokenizer
@@ -44,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     index = load_index(args.index)
     source = str(Path(args.index) / INDEX_FILE)
-    config = from_dict(merge_overrides(index.info["config"], args.overrides), source)
+    config = apply_overrides(from_dict(index.info["config"], source), args.overrides)
     checkpoint = resolve_checkpoint(Path(args.checkpoint or index.info["checkpoint"]))
     if checkpoint.resolve() != Path(index.info["checkpoint"]):
         # the model the index's checkpoint was trained as (before any override of the index, such as frames)

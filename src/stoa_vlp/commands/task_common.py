@@ -5,13 +5,13 @@ and printing which split and which preprocessing every number comes from."""
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from stoa_vlp.config import Config, apply_overrides, from_dict, parse_override, read_json_object
+from stoa_vlp.config import Config, apply_overrides, from_dict
+from stoa_vlp.data.jsonl import read_json_object
 
 PREPROCESSING = ("model.frames", "model.image_size", "model.text_len", "data.eval_sampling", "data.decoder")
 VIDEOS = "videos (data.video_root)"
@@ -36,21 +36,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def run_dir_of(checkpoint: Path) -> Path:
     """RUN for RUN/checkpoints/step_N."""
     return checkpoint.parent.parent
-
-
-def merge_overrides(values: dict, overrides: list[str]) -> dict:
-    """Dotted overrides applied onto a nested config dict (a new dict)."""
-    merged = json.loads(json.dumps(values))
-    for text in overrides:
-        stack = [(merged, parse_override(text))]
-        while stack:
-            target, update = stack.pop()
-            for key, value in update.items():
-                if isinstance(value, dict) and isinstance(target.get(key), dict):
-                    stack.append((target[key], value))
-                else:
-                    target[key] = value
-    return merged
 
 
 def checkpoint_config(checkpoint: Path, overrides: list[str]) -> tuple[Config, Config]:

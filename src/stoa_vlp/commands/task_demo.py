@@ -15,16 +15,15 @@ EXAMPLES_SHOWN = 3
 
 
 def stage_config(run, task: str, overrides: list[str]):
-    from stoa_vlp.commands.task_common import merge_overrides
-    from stoa_vlp.config import from_dict
+    from stoa_vlp.config import apply_overrides, from_dict
     from stoa_vlp.tasks.pipeline import task_config
 
     steps = max(1, round(run.config.train.steps * STEPS_SHARE[task]))
-    values = merge_overrides(run.config.to_dict(), [
+    config = apply_overrides(from_dict(run.config.to_dict()), [  # a copy of the demo's config, changed
         f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}", f"train.save_every={steps}",
         f"train.eval_every={steps}", f"train.output_dir={run.folder / task}", *overrides,
     ])
-    return task_config(from_dict(values), task)
+    return task_config(config, task)
 
 
 def fine_tune(run, config, runner):

@@ -37,7 +37,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import pickle
 import re
@@ -46,7 +45,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stoa_vlp.data.jsonl import open_text, read_jsonl
+from stoa_vlp.data.jsonl import is_finite_number, non_empty_string, one_line, open_text, read_jsonl, shown
 from stoa_vlp.data.video_files import VideoLookup
 
 log = logging.getLogger(__name__)
@@ -104,29 +103,11 @@ def clean_caption(text: str) -> str:
     return " ".join(text.split())
 
 
-def _shown(value, limit: int = 80) -> str:
-    """`value` as Python writes it, cut to `limit` characters for an error message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _string(value, name: str, where: str) -> str:
-    """`value` of field `name`, which must be a non-empty string."""
-    if not isinstance(value, str) or not value:
-        raise AnnotationError(f"{where}: {name} must be a non-empty string, got {_shown(value)}")
-    return value
-
-
 def _list(value, name: str, where: str) -> list:
     """`value` of field `name`, which must be a list."""
     if not isinstance(value, list):
-        raise AnnotationError(f"{where}: {name} must be a list, got {_shown(value)}")
+        raise AnnotationError(f"{where}: {name} must be a list, got {shown(value)}")
     return value
-
-
-def _is_seconds(value) -> bool:
-    """Whether `value` may be a time in seconds: a finite number, not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_window(start: float | None, end: float | None, where: str) -> None:
@@ -233,7 +214,7 @@ def _msrvtt_sentences(data: dict, path: Path, captions: _Captions) -> dict[str, 
         where = f"{path}: sentences[{number}]"
         if not isinstance(sentence, dict) or "video_id" not in sentence or "caption" not in sentence:
             raise AnnotationError(f"{where}: needs video_id and caption")
-        video_id = _string(sentence["video_id"], "video_id", where)
+        video_id = non_empty_string(sentence["video_id"], "video_id", where, AnnotationError)
         text = captions.clean(sentence["caption"], where)
         if text:
             by_video[video_id].append(text)
@@ -246,9 +227,9 @@ def _msrvtt_split_ids(data: dict, path: Path, file_split: str) -> list[str]:
     for number, video in enumerate(_list(data["videos"], "videos", str(path))):
         where = f"{path}: videos[{number}]"
         if not isinstance(video, dict):
-            raise AnnotationError(f"{where}: expected an object with video_id and split, got {_shown(video)}")
-        video_id = _string(video.get("video_id"), "video_id", where)
-        if _string(video.get("split"), "split", where) == file_split:
+            raise AnnotationError(f"{where}: expected an object with video_id and split, got {shown(video)}")
+        video_id = non_empty_string(video.get("video_id"), "video_id", where, AnnotationError)
+        if non_empty_string(video.get("split"), "split", where, AnnotationError) == file_split:
             ids.append(video_id)
     return ids
 
@@ -266,7 +247,7 @@ def _read_msrvtt(path: Path, split: str | None, captions: _Captions) -> list[tup
         rows = _csv_rows(path, ("video_id", "sentence"))
         items = []
         for line, row in rows:
-            video_id = _string(row["video_id"], "video_id", f"{path}:{line}")
+            video_id = non_empty_string(row["video_id"], "video_id", f"{path}:{line}", AnnotationError)
             text = captions.clean(row["sentence"], f"{path}:{line}")
             items.append((video_id, [text] if text else [], None, None))
         return items
@@ -275,7 +256,7 @@ def _read_msrvtt(path: Path, split: str | None, captions: _Captions) -> list[tup
     if not data_path.exists():
         raise AnnotationError(f"{path}: needs MSRVTT_data.json beside it for the captions")
     by_video = _msrvtt_sentences(_json(data_path), data_path, captions)
-    ids = [_string(row["video_id"], "video_id", f"{path}:{line}") for line, row in rows]
+    ids = [non_empty_string(row["video_id"], "video_id", f"{path}:{line}", AnnotationError) for line, row in rows]
     return [(video_id, by_video.get(video_id, []), None, None) for video_id in ids]
 
 
@@ -308,7 +289,7 @@ def _msvd_sentence(words, where: str):
     if not isinstance(words, (list, tuple)):
         return words
     if not all(isinstance(word, str) for word in words):
-        raise AnnotationError(f"{where}: words must be strings, got {_shown(words)}")
+        raise AnnotationError(f"{where}: words must be strings, got {shown(words)}")
     return " ".join(words)
 
 
@@ -325,7 +306,7 @@ def _read_didemo(path: Path, captions: _Captions, paragraph: bool):
         where = f"{path}: [{number}]"
         if not isinstance(entry, dict) or not {"video", "description", "times"} <= entry.keys():
             raise AnnotationError(f"{where}: needs video, description and times")
-        video_id = _string(entry["video"], "video", where)
+        video_id = non_empty_string(entry["video"], "video", where, AnnotationError)
         if keep is not None and video_id not in keep:
             continue
         text = captions.clean(entry["description"], where)
@@ -344,11 +325,11 @@ def _didemo_moment(times, where: str) -> tuple[float, float]:
     """(start, end) seconds of a DiDeMo moment from its annotators' [start, end] 5-second segment
     numbers: start mean * 5, (end mean + 1) * 5."""
     pairs = isinstance(times, list) and times and all(
-        isinstance(pair, (list, tuple)) and len(pair) == 2 and all(_is_seconds(t) for t in pair) for pair in times
+        isinstance(pair, (list, tuple)) and len(pair) == 2 and all(is_finite_number(t) for t in pair) for pair in times
     )
     if not pairs:
         raise AnnotationError(
-            f"{where}: times must be a list of [start, end] segment number pairs, got {_shown(times)}"
+            f"{where}: times must be a list of [start, end] segment number pairs, got {shown(times)}"
         )
     start = 5.0 * sum(pair[0] for pair in times) / len(times)
     end = 5.0 * (sum(pair[1] for pair in times) / len(times) + 1)
@@ -375,7 +356,7 @@ def _read_lsmdc(path: Path, captions: _Captions):
 
 def _seconds(entry: dict, name: str, where: str) -> float | None:
     value = entry.get(name)
-    if value is not None and not _is_seconds(value):
+    if value is not None and not is_finite_number(value):
         raise AnnotationError(f"{where}: {name} must be a number of seconds or null, got {value!r}")
     return value
 
@@ -384,7 +365,7 @@ def _jsonl_video_id(value, where: str) -> str:
     """A JSONL line's video_id: a non-empty string, or an integer (numeric ids, as WebVid's)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    return _string(value, "video_id", where)
+    return non_empty_string(value, "video_id", where, AnnotationError)
 
 
 def _read_jsonl(path: Path, captions: _Captions):
@@ -397,7 +378,7 @@ def _read_jsonl(path: Path, captions: _Captions):
         video_id = _jsonl_video_id(entry["video_id"], where)
         start, end = _seconds(entry, "start", where), _seconds(entry, "end", where)
         _check_window(start, end, where)
-        video = _string(entry.get("video", video_id), "video", where)
+        video = non_empty_string(entry.get("video", video_id), "video", where, AnnotationError)
         video, texts = segments.setdefault((video_id, start, end), (video, []))
         given = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
         texts.extend(text for text in (captions.clean(t, where) for t in given) if text)
@@ -408,7 +389,7 @@ def _read_webvid(path: Path, captions: _Captions):
     rows = _csv_rows(path, ("videoid", "name", "page_dir"))
     items = []
     for line, row in rows:
-        video_id = _string(row["videoid"], "videoid", f"{path}:{line}")
+        video_id = non_empty_string(row["videoid"], "videoid", f"{path}:{line}", AnnotationError)
         text = captions.clean(row["name"], f"{path}:{line}")
         relative = os.path.join(row["page_dir"], f"{video_id}.mp4")
         items.append((video_id, [text] if text else [], None, None, relative))
@@ -447,7 +428,7 @@ def shard_list(path: Path) -> list[str]:
 
 def unreadable_shard(shard: str, error: Exception) -> str:
     """The one-line message for a shard that tarfile cannot read (its messages may span lines)."""
-    return f"{shard}: not a readable tar shard ({' '.join(str(error).split())})"
+    return f"{shard}: not a readable tar shard ({one_line(error)})"
 
 
 CAPTION_EXTENSIONS = ("txt", "json")  # shard members that may hold a caption, the preferred first
@@ -518,14 +499,27 @@ def _read_webdataset(path: Path, captions: _Captions):
     return items
 
 
-def _warn_repeated_clips(path: Path, records: list[VideoRecord]) -> None:
-    """Warn when a clip (video id, start, end) is listed more than once: each copy is a record, so
-    evaluation would count it as several videos. Moments of one video at other times are fine."""
+def repeated_clips(records: list[VideoRecord]) -> dict[tuple[str, float | None, float | None], int]:
+    """{clip (video id, start, end): records listing it} of the clips listed more than once. Moments of
+    one video at other times are other clips."""
     counts = Counter((record.video_id, record.start, record.end) for record in records)
-    repeated = [clip[0] for clip, count in counts.items() if count > 1]
+    return {clip: count for clip, count in counts.items() if count > 1}
+
+
+def clip_name(video_id: str, start: float | None, end: float | None) -> str:
+    """'video7', or 'video7 [2.0-9.5 s]' for a part of it."""
+    if start is None and end is None:
+        return video_id
+    return f"{video_id} [{'' if start is None else start}-{'' if end is None else end} s]"
+
+
+def _warn_repeated_clips(path: Path, records: list[VideoRecord]) -> None:
+    """Warn when a clip is listed more than once: each copy is a record, so evaluation would count it
+    as several videos."""
+    repeated = repeated_clips(records)
     if repeated:
-        log.warning("%s: %d clips are listed more than once (%d extra records; e.g. %s)",
-                    path, len(repeated), sum(counts.values()) - len(counts), ", ".join(repeated[:3]))
+        log.warning("%s: %d clips are listed more than once (%d extra records; e.g. %s)", path, len(repeated),
+                    sum(repeated.values()) - len(repeated), ", ".join(clip[0] for clip in list(repeated)[:3]))
 
 
 _counts_logged: dict[tuple[str, str, str | None], tuple[int, int]] = {}  # (file, format, split) -> counts said

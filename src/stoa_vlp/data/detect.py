@@ -21,6 +21,7 @@ from torchvision.models.detection import FasterRCNN_ResNet50_FPN_V2_Weights, fas
 
 from stoa_vlp.data.decode import frame_folder_images, quarter_turns, read_frame_images, stream_origin
 from stoa_vlp.data.detections import FrameDetections, VideoDetections
+from stoa_vlp.data.jsonl import one_line
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def build_detector(weights: str | Path, settings: DetectSettings, device: torch.
         result = model.load_state_dict(load_state_dict(weights), strict=False)
     except RuntimeError as error:  # tensors of other shapes, e.g. a detector of another class count
         raise ValueError(f"{weights}: not Faster R-CNN ResNet-50 FPN v2 weights with {len(COCO_CATEGORIES)} COCO "
-                         f"classes ({' '.join(str(error).split())[:300]})") from None
+                         f"classes ({one_line(error)[:300]})") from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             f"{weights}: not Faster R-CNN ResNet-50 FPN v2 weights "

@@ -17,7 +17,6 @@ the label ids with the highest confidence summed over the kept boxes of all samp
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import re
 from collections import Counter
@@ -30,7 +29,7 @@ import torch
 from torchvision.ops import box_iou
 
 from stoa_vlp.data.geometry import CropGeometry
-from stoa_vlp.data.jsonl import open_text, read_jsonl, write_jsonl_atomic
+from stoa_vlp.data.jsonl import is_finite_number, non_empty_string, open_text, read_json, read_jsonl, write_jsonl_atomic
 
 
 class DetectionsError(ValueError):
@@ -55,7 +54,7 @@ class VideoDetections:
 
 def _finite(value, name: str, where: str) -> float:
     """`value` of field `name`, which must be a finite number (not a bool, not a string)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise DetectionsError(f"{where}: {name} must be a finite number, got {value!r}")
     return float(value)
 
@@ -65,13 +64,6 @@ def _pixels(value, name: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise DetectionsError(f"{where}: {name} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def _name(value, name: str, where: str) -> str:
-    """`value` of field `name`, which must be a non-empty string."""
-    if not isinstance(value, str) or not value:
-        raise DetectionsError(f"{where}: {name} must be a non-empty string, got {value!r}")
-    return value
 
 
 def _object_from_json(obj: object, where: str) -> tuple[str, list[float], float]:
@@ -87,7 +79,7 @@ def _object_from_json(obj: object, where: str) -> tuple[str, list[float], float]
     conf = _finite(obj["conf"], "'conf'", where)
     if not 0 <= conf <= 1:
         raise DetectionsError(f"{where} 'conf' {conf} is not between 0 and 1")
-    return _name(obj["class"], "'class'", where), rect, conf
+    return non_empty_string(obj["class"], "'class'", where, DetectionsError), rect, conf
 
 
 def _frame_from_json(value: object, where: str) -> FrameDetections:
@@ -118,7 +110,7 @@ def video_from_json(value: object, where: str) -> VideoDetections:
         raise DetectionsError(f"{where}: missing {', '.join(missing)}")
     if not isinstance(value["frames"], list):
         raise DetectionsError(f"{where}: 'frames' must be a list")
-    video_id = _name(value["video_id"], "'video_id'", where)
+    video_id = non_empty_string(value["video_id"], "'video_id'", where, DetectionsError)
     width, height = _pixels(value["width"], "'width'", where), _pixels(value["height"], "'height'", where)
     frames = [_frame_from_json(frame, f"{where} frame {i}") for i, frame in enumerate(value["frames"])]
     frames.sort(key=lambda frame: frame.time)
@@ -332,11 +324,7 @@ class LabelVocab:
     @classmethod
     def load(cls, path: str | Path) -> "LabelVocab":
         path = Path(path)
-        try:
-            with open_text(path) as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: malformed JSON at line {error.lineno} ({error.msg})") from None
+        data = read_json(path)
         if not isinstance(data, dict) or data.get("format") != VOCAB_FORMAT or not isinstance(data.get("names"), list):
             raise ValueError(f"{path}: not a stoa-vlp label vocabulary")
         odd = [name for name in data["names"] if not isinstance(name, str) or not name]

@@ -1,10 +1,12 @@
-"""Text file opening (UTF-8, errors naming file and line) and JSON Lines reading shared by the
-annotation, detection, tag and task-file readers, and the atomic JSON and JSONL file writing of
-checkpoints, `prepare` and `detect`."""
+"""Text file opening (UTF-8, errors naming file and line), JSON and JSON Lines reading and the
+checks of their fields, shared by the annotation, detection, tag, checkpoint and task-file readers,
+and the atomic JSON and JSONL file writing of checkpoints, `prepare` and `detect`."""
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -46,6 +48,57 @@ def read_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterato
                 yield number, json.loads(line)
             except json.JSONDecodeError as decode_error:
                 raise error(f"{path}:{number}: malformed JSON ({decode_error.msg})") from None
+
+
+JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
+              bool: "true or false", type(None): "null"}
+
+
+def read_json(path: str | Path, error: type[Exception] = ValueError) -> Any:
+    """The JSON value in the file `path`; malformed JSON or text that is not UTF-8 raises `error` naming it."""
+    try:
+        with open_text(path, error) as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as decode_error:
+        position = f"line {decode_error.lineno}, column {decode_error.colno}"
+        raise error(f"{path}: malformed JSON at {position} ({decode_error.msg})") from None
+
+
+def read_json_object(path: str | Path, expected: dict[str, type] | None = None) -> dict[str, Any]:
+    """The JSON object in the file `path`, with the `expected` keys holding values of their types;
+    otherwise a ValueError naming the file and the problem."""
+    values = read_json(path)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {JSON_KINDS[type(values)]}")
+    for key, kind in (expected or {}).items():
+        if key not in values:
+            raise ValueError(f"{path}: no \"{key}\"")
+        if not isinstance(values[key], kind):
+            raise ValueError(f"{path}: \"{key}\" must be {JSON_KINDS[kind]}, got {JSON_KINDS[type(values[key])]}")
+    return values
+
+
+def shown(value, limit: int = 80) -> str:
+    """`value` as Python writes it, cut to `limit` characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (tarfile's and safetensors' may span several)."""
+    return " ".join(str(error).split())
+
+
+def non_empty_string(value, name: str, where: str, error: type[Exception] = ValueError) -> str:
+    """`value` of field `name` of the item `where` names, which must be a non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise error(f"{where}: {name} must be a non-empty string, got {shown(value)}")
+    return value
+
+
+def is_finite_number(value) -> bool:
+    """Whether `value` is a finite number (not a bool, not a string)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @contextmanager

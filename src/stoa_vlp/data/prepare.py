@@ -42,7 +42,7 @@ from stoa_vlp.data.decode import (
     quarter_turns,
     read_frame_image,
 )
-from stoa_vlp.data.jsonl import write_json_atomic, write_jsonl_atomic
+from stoa_vlp.data.jsonl import read_json_object, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -322,16 +322,7 @@ def prepare_videos(
 def read_settings(out_dir: str | Path) -> dict | None:
     """The settings recorded in OUT/prepare.json, or None where there is none."""
     path = Path(out_dir) / SETTINGS_FILE
-    if not path.is_file():
-        return None
-    try:
-        with open(path) as handle:
-            settings = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path}: expected a JSON object of prepare settings")
-    return settings
+    return read_json_object(path) if path.is_file() else None
 
 
 def record_settings(out_dir: Path, options: PrepareOptions) -> None:

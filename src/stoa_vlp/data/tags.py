@@ -11,7 +11,6 @@ Tags are computed per word piece, independent of the token limit, and cut like t
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Iterable
@@ -21,7 +20,7 @@ from open_clip.tokenizer import basic_clean, whitespace_clean
 from tqdm import tqdm
 
 from stoa_vlp.batch import TAG_NONE, TAG_NOUN, TAG_VERB
-from stoa_vlp.data.jsonl import open_text, write_json_atomic
+from stoa_vlp.data.jsonl import open_text, read_json, write_json_atomic
 from stoa_vlp.data.serialized import SerializedDict
 from stoa_vlp.tokenizer import Tokenizer, plain_text
 
@@ -161,11 +160,7 @@ class TagCache:
 
     def _read(self) -> dict:
         """The file's JSON object, checked."""
-        try:
-            with open_text(self.path) as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{self.path}: malformed JSON at line {error.lineno} ({error.msg})") from None
+        data = read_json(self.path)
         valid = isinstance(data, dict) and data.get("format") == CACHE_FORMAT and isinstance(data.get("tags"), dict)
         if not valid:
             raise ValueError(f"{self.path}: not a stoa-vlp tag cache")

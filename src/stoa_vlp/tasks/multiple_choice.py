@@ -8,7 +8,8 @@ Two file formats:
 Each option is scored against its video by the fusion
 encoder's matching head (vtm: its log-odds, in float64, which order the options as P(matched) does
 without rounding to 1.0) and by the contrastive cosine (vtc); an item is answered correctly when
-its answer scores above every other option (a tie counts against the model). Both accuracies are reported; `task.mc_scoring` names the headline one.
+its answer scores above every other option (a tie counts against the model). Both accuracies are
+reported; `task.mc_scoring` names the headline one.
 Fine-tuning for MC is retrieval fine-tuning (VTC + VTM on captions), as in the reference code.
 """
 

@@ -32,9 +32,9 @@ from torch import nn
 from tqdm import tqdm
 
 from stoa_vlp.checks import require
-from stoa_vlp.config import read_json_object
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.data.dataset import VideoTextDataset
+from stoa_vlp.data.jsonl import read_json_object
 from stoa_vlp.tasks.data import LabelledBatch, LabelledCollate, read_jsonl_rows
 
 log = logging.getLogger(__name__)

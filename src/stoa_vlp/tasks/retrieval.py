@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from stoa_vlp.batch import Batch
+from stoa_vlp.data.annotations import clip_name, repeated_clips
 from stoa_vlp.metrics.retrieval import querybank_normalise, rerank_top_k, retrieval_metrics
 from stoa_vlp.objectives.vtc import MAX_LOGIT_SCALE, video_embedding
 from stoa_vlp.tokenizer import Tokenizer
@@ -84,18 +85,10 @@ def require_one_clip_per_video(video_ids: list[str], task: str) -> None:
 def require_distinct_clips(records) -> None:
     """A ValueError naming the clips (same video, same start and end) that several records list: each
     copy would be a separate candidate, and every caption's retrieval of the other copy a miss."""
-    counts = Counter((record.video_id, record.start, record.end) for record in records)
-    repeated = [clip_name(*clip) for clip, count in counts.items() if count > 1]
+    repeated = [clip_name(*clip) for clip in repeated_clips(records)]
     if repeated:
         raise ValueError(f"retrieval evaluation needs each clip once, but {len(repeated)} clips are listed more "
                          f"than once (e.g. {', '.join(repeated[:3])}): list each clip once, with all its captions")
-
-
-def clip_name(video_id: str, start: float | None, end: float | None) -> str:
-    """'video7', or 'video7 [2.0-9.5 s]' for a part of it."""
-    if start is None and end is None:
-        return video_id
-    return f"{video_id} [{'' if start is None else start}-{'' if end is None else end} s]"
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from stoa_vlp.config import read_json_object
+from stoa_vlp.data.jsonl import read_json_object
 from stoa_vlp.model import VideoFeatures
 from stoa_vlp.tasks.retrieval import contrastive_similarity, encode_texts, logit_scale_value, match_log_odds
 from stoa_vlp.tokenizer import Tokenizer

@@ -31,8 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from stoa_vlp.config import read_json_object
-from stoa_vlp.data.jsonl import write_json_atomic
+from stoa_vlp.data.jsonl import one_line, read_json_object, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 BEST = "best.json"
@@ -80,7 +79,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
             state = {name: handle.get_tensor(name) for name in handle.keys()}
             aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
     except Exception as error:  # safetensors raises its own error types for a missing or damaged file
-        raise CheckpointError(f"{path}: not a readable safetensors file ({' '.join(str(error).split())})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(error)})") from None
     for name, source in aliases.items():
         state[name] = state[source]
     return state
