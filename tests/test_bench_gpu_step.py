@@ -21,7 +21,9 @@ def test_smoke_mode_prints_every_variant(capsys):
     for row in rows:
         ms_per_step, clips_per_second, _, gflop = (float(v) for v in row[44:].split()[:4])
         assert ms_per_step > 0 and gflop > 0
-        assert abs(clips_per_second - 2 / (ms_per_step / 1e3)) < 0.01 * clips_per_second + 0.1
+        # 2 clips per step; both figures are printed to 0.1, so the step took ms_per_step +- 0.05 ms
+        fastest, slowest = 2e3 / (ms_per_step - 0.05), 2e3 / (ms_per_step + 0.05)
+        assert slowest - 0.05 <= clips_per_second <= fastest + 0.05
     assert "Hungarian matching on the host: median" in output  # timed on the steps with DOTA/STASP
     assert "profile of STOA-VLP full step" in output
 
