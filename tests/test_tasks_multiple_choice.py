@@ -47,6 +47,9 @@ def test_read_choices_of_clipbert_string_answers_and_jsfusion_csv(tmp_path):
     table.write_text(header + "MC1\tmsr7010\tone\ttwo\tthree\tfour\tfive\t5\n")
     with pytest.raises(ValueError, match=r"MSR_MC_test.csv:2: answer must be an option index in 0..4, got 5"):
         read_choices(table)
+    table.write_bytes(header.encode() + b"MC1\tmsr7010\tone\ttwo\tthree\tfour\tcaf\xe9\t3\n")  # Latin-1
+    with pytest.raises(ValueError, match=r"MSR_MC_test.csv:2: not UTF-8 text"):
+        read_choices(table)
     table.write_text("key,vid_key,a1,a2,a3,a4,a5,answer\n")
     with pytest.raises(ValueError, match=r"MSR_MC_test.csv: not a JSFusion MC file: no column\(s\) vid_key"):
         read_choices(table)

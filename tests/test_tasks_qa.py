@@ -62,6 +62,9 @@ def test_read_questions_of_the_original_release_maps_video_ids(tmp_path):
     (msvd.parent / "youtube_mapping.txt").write_text("-4wsuPCjDBc_5_15 vid1\n")
     with pytest.raises(ValueError, match=r"test_qa.json: record 0: video_id 1201 has no line 'vid1201' in .*youtube_mapping.txt"):
         read_questions(msvd)
+    (msvd.parent / "youtube_mapping.txt").write_bytes(b"-4wsuPCjDBc_5_15 vid1\ncaf\xe9_1_2 vid1201\n")  # Latin-1
+    with pytest.raises(ValueError, match=r"youtube_mapping.txt:2: not UTF-8 text"):
+        read_questions(msvd)
     (msvd.parent / "youtube_mapping.txt").write_text("-4wsuPCjDBc_5_15 1\n")
     with pytest.raises(ValueError, match=r"youtube_mapping.txt:1: expected '<clip name> vid<N>'"):
         read_questions(msvd)
@@ -75,7 +78,10 @@ def test_read_questions_of_the_original_release_maps_video_ids(tmp_path):
     with pytest.raises(ValueError, match=r"test_qa.json: record 1: missing answer"):
         read_questions(bad)
     bad.write_text("[{oops")
-    with pytest.raises(ValueError, match=r"test_qa.json: not valid JSON"):
+    with pytest.raises(ValueError, match=r"test_qa.json: malformed JSON at line 1, column 3"):
+        read_questions(bad)
+    bad.write_bytes(b'[{"question": "caf\xe9?", "answer": "a", "video_id": 3}]')  # Latin-1
+    with pytest.raises(ValueError, match=r"test_qa.json:1: not UTF-8 text"):
         read_questions(bad)
 
 

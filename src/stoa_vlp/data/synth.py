@@ -4,7 +4,7 @@ Each clip shows 1-3 objects (a shape in a colour, e.g. "red circle") on a plain 
 each doing one action over the whole clip: moving left/right/up/down, growing, shrinking, rotating
 or standing still. No two objects of a clip share their colour-and-shape or their action, so "which
 object does what" has one answer. Every object interpolates between a start and an end pose, so the
-clip of "moves right" (or "shrinks") is exactly the clip of "moves left" (or "grows") played
+clip of "is moving right" (or "is shrinking") is exactly the clip of "is moving left" (or "is growing") played
 backwards: only the order of the frames tells them apart.
 
 `render_world` writes, under one folder:
@@ -48,16 +48,20 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up", "grow"
 SPLITS = ("train", "val", "test")
 MSRVTT_SPLIT = {"train": "train", "val": "validate", "test": "test"}
 
-# caption phrases per action (present tense, third person)
+# caption phrases per action (present tense, third person; the first is the canonical wording). Each
+# is one that spaCy's small English tagger reads with its verb as a VERB and the shape before it as a
+# noun: "moves", "slides", "shrinks", "spins" after a shape name read as plural nouns (the verb and
+# the shape's noun tag lost in about a quarter of captions), so most phrases are progressive, the
+# style of MSR-VTT's captions ("a man is cooking"); tests/test_data_synth.py checks the rates
 PHRASES = {
-    "left": ("moves left", "moves to the left", "slides left", "goes left", "travels leftward"),
-    "right": ("moves right", "moves to the right", "slides right", "goes right", "travels rightward"),
-    "up": ("moves up", "rises", "goes up", "floats upward", "moves upward"),
-    "down": ("moves down", "falls", "goes down", "sinks downward", "moves downward"),
-    "grow": ("grows", "gets bigger", "expands", "becomes larger", "grows in size"),
-    "shrink": ("shrinks", "gets smaller", "contracts", "becomes smaller", "shrinks in size"),
-    "rotate": ("rotates", "spins", "turns around", "is rotating", "spins in place"),
-    "still": ("stays still", "does not move", "stands still", "remains in place", "sits still"),
+    "left": ("is moving left", "is sliding left", "is going left", "is heading left", "is travelling left"),
+    "right": ("is moving right", "is sliding right", "is going right", "is heading right", "is travelling right"),
+    "up": ("is moving up", "is rising", "goes up", "floats upward", "is climbing"),
+    "down": ("is moving down", "falls", "goes down", "is sinking", "drops down"),
+    "grow": ("is growing", "gets bigger", "expands", "becomes larger", "grows"),
+    "shrink": ("is shrinking", "gets smaller", "is contracting", "becomes smaller", "is getting smaller"),
+    "rotate": ("is rotating", "is spinning", "turns around", "is turning around", "is turning"),
+    "still": ("is not moving", "stands still", "does not move", "sits still", "is staying still"),
 }
 CANONICAL = {action: phrases[0] for action, phrases in PHRASES.items()}
 BASE_VERB = {

@@ -23,6 +23,7 @@ from typing import Iterable
 import torch
 
 from stoa_vlp.batch import Batch
+from stoa_vlp.data.jsonl import open_text
 from stoa_vlp.tasks.data import read_jsonl_rows
 from stoa_vlp.tasks.retrieval import (
     contrastive_similarity,
@@ -71,7 +72,7 @@ def _jsfusion_rows(path: Path) -> list[tuple[str, dict]]:
     """(location, {video_id, options, answer}) per line of JSFusion's tab-separated MC file."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: multiple-choice file does not exist")
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open_text(path, newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t")
         option_columns = [f"a{i}" for i in range(1, 6)]
         missing = [name for name in ("vid_key", *option_columns, "answer") if name not in (reader.fieldnames or [])]

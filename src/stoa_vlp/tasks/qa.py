@@ -34,7 +34,7 @@ from tqdm import tqdm
 from stoa_vlp.checks import require
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.data.dataset import VideoTextDataset
-from stoa_vlp.data.jsonl import read_json_object
+from stoa_vlp.data.jsonl import open_text, read_json, read_json_object
 from stoa_vlp.tasks.data import LabelledBatch, LabelledCollate, read_jsonl_rows
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def read_questions(path: str | Path) -> list[Question]:
         raise FileNotFoundError(f"{path}: QA file does not exist")
     original = False
     if path.suffix == ".json":  # the original release; ALPRO's files are .jsonl
-        with open(path, encoding="utf-8") as handle:
+        with open_text(path) as handle:
             original = handle.read(64).lstrip().startswith("[")
     if original:
         rows = _original_rows(path)
@@ -87,11 +87,7 @@ def read_questions(path: str | Path) -> list[Question]:
 
 def _original_rows(path: Path) -> list[tuple[str, dict]]:
     """(location, row) of the original release's JSON array, with video ids and answer types filled in."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            records = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    records = read_json(path)
     video_name = _video_names(path)
     rows = []
     for index, record in enumerate(records):
@@ -117,7 +113,9 @@ def _video_names(path: Path):
         mapping = None
     else:
         mapping = {}
-        for number, line in enumerate(mapping_file.read_text(encoding="utf-8").splitlines(), 1):
+        with open_text(mapping_file) as handle:
+            lines = handle.read().splitlines()
+        for number, line in enumerate(lines, 1):
             parts = line.split()
             if not parts:
                 continue
