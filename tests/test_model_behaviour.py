@@ -253,6 +253,19 @@ def test_every_trainable_parameter_gets_a_gradient_with_and_without_checkpointin
         torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_new_encoders_start_from_the_last_visual_blocks_lined_up_at_the_end(depth):
+    model = make_model("model.vision_layers=2", f"model.object_layers={depth}", f"model.action_layers={depth}")
+    visual = [block.state_dict() for block in model.visual.transformer.resblocks]
+    for encoder in (model.trajectory_encoder, model.action_encoder):
+        blocks = encoder.transformer.resblocks
+        for position, block in enumerate(blocks):
+            source = len(visual) - len(blocks) + position  # < 0: deeper than the ViT, keeps its own start
+            weights = block.state_dict()
+            same = [all(torch.equal(weights[key], start[key]) for key in weights) for start in visual]
+            assert same == [index == source for index in range(len(visual))], (depth, position)
+
+
 def test_parameter_groups():
     model = make_model()
     groups = {g["name"]: g for g in model.param_groups(lr=1e-4, tower_lr_scale=0.01, weight_decay=0.2)}

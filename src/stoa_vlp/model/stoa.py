@@ -111,14 +111,16 @@ class STOAVLP(nn.Module):
     @torch.no_grad()
     def initialise_from_towers(self) -> None:
         """Start the new transformers from CLIP blocks: fusion from the first text blocks, the trajectory
-        and action encoders from the last visual blocks (as the reference code does)."""
+        and action encoders from the last visual blocks (as the reference code does), lined up at the
+        end: an encoder deeper than the ViT starts its last blocks from all of the ViT's."""
         self.fusion.initialise_from_text(self.text)
         visual_blocks = self.visual.transformer.resblocks
         for encoder in (self.trajectory_encoder, self.action_encoder):
             if encoder is None:
                 continue
             blocks = encoder.transformer.resblocks
-            for block, source in zip(blocks, visual_blocks[len(visual_blocks) - len(blocks) :]):
+            shared = min(len(blocks), len(visual_blocks))
+            for block, source in zip(blocks[len(blocks) - shared :], visual_blocks[len(visual_blocks) - shared :]):
                 block.load_state_dict(source.state_dict())
 
     @property
