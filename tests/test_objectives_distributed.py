@@ -1,6 +1,7 @@
 """Two gloo ranks equal one rank on the concatenated batch: VTC (with and without local_loss), VTM with
-negatives from the other rank, and the row gather itself. Loss and parameter gradients, 1e-6 in fp32;
-ranks average their gradients as DDP does."""
+negatives from the other rank and more valid pairs on one rank than on the other, a mean over terms
+all on one rank (`global_mean`, as MLM, PLM, DOTA and STASP take theirs), and the row gather itself.
+Loss and parameter gradients, 1e-6 in fp32; ranks average their gradients as DDP does."""
 
 import math
 from dataclasses import dataclass
@@ -10,15 +11,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from stoa_vlp.objectives.distributed import gather_features
+from stoa_vlp.objectives.distributed import gather_features, global_mean
 from stoa_vlp.objectives.vtc import ContrastiveEmbeddings, video_embedding, vtc_loss
 from stoa_vlp.objectives.vtm import vtm_loss
 
 # 8 captions, two ranks of 4; repeats within a rank (10, 12) and across the ranks (3)
 GLOBAL_INDEX = torch.tensor([10, 10, 3, 7, 11, 12, 12, 3])
-# VTM draws fixed here (global rows); each rank has one caption and one video without a negative
-NEGATIVE_VIDEO = (torch.tensor([5, 6, 0, 2, 1, 3, 0, 7]), torch.tensor([1, 1, 0, 1, 1, 0, 1, 1], dtype=torch.bool))
-NEGATIVE_TEXT = (torch.tensor([4, 2, 7, 0, 3, 1, 5, 6]), torch.tensor([1, 0, 1, 1, 1, 1, 1, 0], dtype=torch.bool))
+# VTM draws fixed here (global rows); rank 0 has 9 valid pairs, rank 1 has 12 (every negative)
+NEGATIVE_VIDEO = (torch.tensor([5, 6, 0, 2, 1, 3, 0, 7]), torch.tensor([1, 0, 0, 1, 1, 1, 1, 1], dtype=torch.bool))
+NEGATIVE_TEXT = (torch.tensor([4, 2, 7, 0, 3, 1, 5, 6]), torch.tensor([1, 0, 1, 1, 1, 1, 1, 1], dtype=torch.bool))
+# the terms of the "mean" objective: three on rank 0, none on rank 1 (a rank without detections in DOTA)
+TERMS = torch.tensor([1, 1, 0, 1, 0, 0, 0, 0], dtype=torch.bool)
 
 
 @dataclass
@@ -75,6 +78,10 @@ def loss_and_gradients(rows: slice, objective: str):
         negative_text = tuple(part[rows] for part in NEGATIVE_TEXT)
         all_video, all_text = gather_features(video), gather_features(text)
         loss = vtm_loss(parts["pair"], video, text, all_video, all_text, negative_video, negative_text)
+    elif objective == "mean":
+        terms = video_frames.pow(2).mean(dim=(1, 2))  # (B,)
+        weights = TERMS[rows].float()
+        loss = global_mean((terms * weights).sum(), weights.sum())
     else:
         embeddings = ContrastiveEmbeddings.gather(
             video_embedding(video_frames, video_frames.mean(1), "mean"),
@@ -87,7 +94,7 @@ def loss_and_gradients(rows: slice, objective: str):
     return loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad for p in parameters]
 
 
-OBJECTIVES = ("vtc", "vtc_local", "vtm")
+OBJECTIVES = ("vtc", "vtc_local", "vtm", "mean")
 
 
 def rank_worker(rank: int, init_file: str, out_file: str) -> None:

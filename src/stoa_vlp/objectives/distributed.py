@@ -1,4 +1,5 @@
-"""Collectives the objectives need: the rank/world, row-wise all-gather, global video ids.
+"""Collectives the objectives need: the rank/world, row-wise all-gather, global video ids, means over
+the terms of every rank.
 
 Nothing here initialises a process group; without one (or with one rank) every function is the
 identity. Gathering assumes every rank holds the same batch shape, as training with
@@ -43,6 +44,23 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(payload) for _ in range(world)]
     dist.all_gather(parts, payload)
     return torch.cat(parts, dim=0).to(tensor.dtype)
+
+
+def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a mean over the terms of every rank: `total` (the sum of this rank's terms)
+    times the world size, over the number of terms on all ranks (`count` summed; at least 1).
+
+    DDP and FSDP average gradients over ranks, so every rank applies the gradient of the mean over the
+    whole batch, however the terms fall across ranks (masked tokens, valid pairs, matched trajectories:
+    a rank without detections has no DOTA pair); a per-rank mean would weigh each rank alike instead,
+    so that an objective's weight changed with the world size and the data. The mean of the ranks'
+    values is the whole batch's mean. The count is summed without gradient, by a functional all-reduce
+    (which torch.compile traces) and no host sync; with one rank this is total / max(count, 1).
+    """
+    _, world = rank_and_world()
+    if world > 1:
+        count = funcol.wait_tensor(funcol.all_reduce(count.detach(), "sum", dist.group.WORLD))
+    return total * world / count.clamp(min=1.0)
 
 
 def map_tensor_fields(function, features: Features) -> Features:

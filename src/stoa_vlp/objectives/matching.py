@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from stoa_vlp.objectives.distributed import global_mean
+
 SIMILARITIES = ("dot", "cosine")
 
 
@@ -163,7 +165,8 @@ def stacked_costs(tasks: list[AlignmentTask], similarity: str) -> torch.Tensor:
 
 
 def matched_losses(tasks: list[AlignmentTask], columns: torch.Tensor) -> list[torch.Tensor]:
-    """The MSE over the matched pairs of each task, given the (G, R) matched columns of `stacked_costs`.
+    """The MSE over the matched pairs of each task (of every rank, `global_mean`), given the (G, R)
+    matched columns of `stacked_costs`.
 
     A task without any matched pair gives 0, still attached to the graph.
     """
@@ -180,7 +183,7 @@ def matched_losses(tasks: list[AlignmentTask], columns: torch.Tensor) -> list[to
     for index in range(len(tasks)):
         task_rows = slice(index * batch, (index + 1) * batch)
         pairs = matched[task_rows].sum().to(squared_errors.dtype)
-        losses.append(squared_errors[task_rows].sum() / pairs.clamp(min=1.0))
+        losses.append(global_mean(squared_errors[task_rows].sum(), pairs))
     return losses
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stoa_vlp.objectives.distributed import global_mean
 from stoa_vlp.objectives.fusion_rows import FusionRows, fuse_rows
 
 MASK_INPUT_ID = 0
@@ -67,9 +68,9 @@ def position_logits(model, video, masked_text_tokens: torch.Tensor, text_mask: t
 
 
 def mlm_loss_from_fused(model, fused_text: torch.Tensor, masked: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy at the masked positions given the fused text outputs (B, L, E) of `mlm_rows`;
-    0 (still attached to the graph) when nothing is masked."""
+    """Mean cross-entropy at the masked positions (of every rank, `global_mean`) given the fused text
+    outputs (B, L, E) of `mlm_rows`; 0 (still attached to the graph) when nothing is masked."""
     logits = model.lm_logits(fused_text)  # (B, L, V)
     errors = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")  # (B*L,)
     weights = masked.flatten().to(errors.dtype)
-    return (errors * weights).sum() / weights.sum().clamp(min=1.0)
+    return global_mean((errors * weights).sum(), weights.sum())

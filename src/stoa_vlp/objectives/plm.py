@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stoa_vlp.objectives.distributed import global_mean
 from stoa_vlp.objectives.fusion_rows import FusionRows, fuse_rows
 
 
@@ -42,13 +43,13 @@ def plm_rows(video, text_tokens: torch.Tensor, text_mask: torch.Tensor) -> Fusio
 
 def plm_loss_from_fused(model, fused_text: torch.Tensor, text_mask: torch.Tensor, tokens: torch.Tensor,
                         starts: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy at the targets s..e, given the fused text outputs (B, L, E) of
-    `plm_rows`; tokens: (B, L) ids."""
+    """Mean next-token cross-entropy at the targets s..e (of every rank, `global_mean`), given the fused
+    text outputs (B, L, E) of `plm_rows`; tokens: (B, L) ids."""
     targets = scored_positions(text_mask, starts)[:, 1:]  # (B, L-1): position 0 is never a target
     logits = model.lm_logits(fused_text[:, :-1])  # (B, L-1, V): position i predicts token i+1
     errors = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
     weights = targets.flatten().to(errors.dtype)
-    return (errors * weights).sum() / weights.sum().clamp(min=1.0)
+    return global_mean((errors * weights).sum(), weights.sum())
 
 
 def plm_loss(model, video, text_tokens: torch.Tensor, text_mask: torch.Tensor, tokens: torch.Tensor,

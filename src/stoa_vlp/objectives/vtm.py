@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from stoa_vlp.model.stoa import FusionOutput
-from stoa_vlp.objectives.distributed import map_tensor_fields
+from stoa_vlp.objectives.distributed import global_mean, map_tensor_fields
 from stoa_vlp.objectives.fusion_rows import FusionRows, concat_rows, fuse_rows
 
 
@@ -61,14 +61,14 @@ def vtm_rows(video, text, all_video, all_text, negative_video, negative_text) ->
 
 
 def vtm_loss_from_fused(model, fused: FusionOutput, video_valid: torch.Tensor, text_valid: torch.Tensor):
-    """2-way matching cross-entropy over the fused pairs of `vtm_rows`; a pair whose negative is not
-    valid (video_valid / text_valid False) weighs 0 in the mean."""
+    """2-way matching cross-entropy over the fused pairs of `vtm_rows` (mean over every rank's pairs,
+    `global_mean`); a pair whose negative is not valid (video_valid / text_valid False) weighs 0."""
     logits = model.match_logits(fused)  # (3B, 2)
     positives = torch.ones_like(video_valid)
     labels = torch.cat([positives, torch.zeros_like(video_valid), torch.zeros_like(text_valid)]).long()
     weights = torch.cat([positives, video_valid, text_valid]).float()
     pair_losses = F.cross_entropy(logits.float(), labels, reduction="none")
-    return (pair_losses * weights).sum() / weights.sum()
+    return global_mean((pair_losses * weights).sum(), weights.sum())
 
 
 def vtm_loss(model, video, text, all_video, all_text, negative_video, negative_text) -> torch.Tensor:
