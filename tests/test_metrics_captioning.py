@@ -53,3 +53,14 @@ def test_mismatched_ids_and_missing_java(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(JavaMissingError, match="Java"):
         CaptionScorer(meteor=False)
+
+
+@pytest.mark.parametrize("line_break", ["\r", "\x0b", "\x0c", "\u2028"])
+def test_a_line_break_inside_a_caption_shifts_no_other_caption(line_break):
+    """The PTB tokenizer reads one caption per line and pycocoevalcap pairs lines with ids in order;
+    before, a "\r" in v1's prediction gave v2 the end of v1's caption and v3 v2's."""
+    scorer = CaptionScorer(meteor=False)
+    broken = {**PREDICTIONS, "v1": PREDICTIONS["v1"].replace(" moves", line_break + "moves")}
+    assert scorer.score(broken, REFERENCES) == pytest.approx(scorer.score(PREDICTIONS, REFERENCES), rel=1e-12)
+    assert scorer.score(PREDICTIONS, {**REFERENCES, "v2": [line_break.join(c.split()) for c in REFERENCES["v2"]]}) \
+        == pytest.approx(scorer.score(PREDICTIONS, REFERENCES), rel=1e-12)

@@ -90,3 +90,13 @@ def test_beam_finds_the_best_caption_of_a_restricted_vocabulary(setup):
         best_score, best_seq = max(scored, key=lambda pair: pair[0])
         assert found[item].tokens == best_seq
         assert found[item].score == pytest.approx(best_score, abs=1e-4)
+
+
+def test_a_generated_line_break_token_decodes_as_a_space():
+    """CLIP's vocabulary has tokens for "\r", "\x0b" and "\x0c" (ids 199-201, 455-457), which a caption
+    model can generate; a caption keeps no such character (it broke the PTB tokenizer's one caption per line)."""
+    tokenizer = Tokenizer(16)
+    words = tokenizer.encode_words("a man cooks")
+    for control in (199, 200, 201, 455, 456, 457):
+        ids = [tokenizer.sot_id, *words[:2], control, words[2], tokenizer.eot_id]
+        assert tokenizer.decode(ids) == "a man cooks"

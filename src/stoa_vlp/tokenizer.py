@@ -58,7 +58,8 @@ class Tokenizer:
         return self.bpe.encode(plain_text(text))
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
-        """Text of the word tokens in `ids`, stopping at the end token."""
+        """Text of the word tokens in `ids`, stopping at the end token, with each run of whitespace
+        (CLIP's vocabulary has tokens for "\\r", "\\x0b" and "\\x0c") one space."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         words = []
@@ -67,4 +68,4 @@ class Tokenizer:
                 break
             if token != self.sot_id:
                 words.append(token)
-        return self.bpe.decode(words).strip()
+        return " ".join(self.bpe.decode(words).split())

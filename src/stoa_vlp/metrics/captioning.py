@@ -46,10 +46,14 @@ def check_java() -> str:
 
 
 def ptb_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
-    """PTB-tokenise {id: [caption, ...]} with pycocoevalcap's tokenizer."""
+    """PTB-tokenise {id: [caption, ...]} with pycocoevalcap's tokenizer, each caption's whitespace
+    runs made single spaces first: the tokenizer reads one caption per line and pairs lines with ids
+    in order, and pycocoevalcap replaces only "\\n", so a "\\r", "\\x0b", "\\x0c" or "\\u2028" in a
+    caption (CLIP's vocabulary can generate the first three) gave every later id the next caption."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    return PTBTokenizer().tokenize({key: [{"caption": c} for c in values] for key, values in captions.items()})
+    lines = {key: [{"caption": " ".join(caption.split())} for caption in values] for key, values in captions.items()}
+    return PTBTokenizer().tokenize(lines)
 
 
 class CaptionScorer:
