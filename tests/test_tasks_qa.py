@@ -105,6 +105,13 @@ def test_a_given_answer_vocabulary_is_used_and_kept_with_the_run(tmp_path):
     config.task.answer_vocab = ""
     assert TaskRunner(config, "cpu", tmp_path / "run").answers.answers == ["blue", "red", "two"]  # the run's own
     assert TaskRunner(config, "cpu", tmp_path / "other", fine_tuning=True).answers.answers == ["green"]
+    # a new fine-tuning into a folder a failed attempt left answers.json in takes its own configuration's
+    # answers (the old file won silently); resuming keeps the run's
+    config.task.answer_vocab = str(alpro)
+    assert TaskRunner(config, "cpu", tmp_path / "other", fine_tuning=True, resume=True).answers.answers == ["green"]
+    assert TaskRunner(config, "cpu", tmp_path / "other", fine_tuning=True).answers.answers == ["blue", "red", "two"]
+    assert json.loads((tmp_path / "other" / "answers.json").read_text()) == {"blue": 0, "red": 1, "two": 2}
+    config.task.answer_vocab = ""
     with pytest.raises(FileNotFoundError, match="elsewhere/answers.json does not exist: it holds the answers"):
         TaskRunner(config, "cpu", tmp_path / "elsewhere")  # evaluation never makes up the head's answers
     assert not (tmp_path / "elsewhere").exists()

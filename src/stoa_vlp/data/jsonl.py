@@ -104,9 +104,10 @@ def is_finite_number(value) -> bool:
 @contextmanager
 def _atomic_text_file(path: str | Path) -> Iterator[TextIO]:
     """A temporary file beside `path` that replaces it when the block completes; if the block raises
-    (or is interrupted) the temporary file is removed and `path` is left as it was."""
+    (or is interrupted) the temporary file is removed and `path` is left as it was. The temporary name
+    holds the process id, so processes writing one file (ranks saving the same result) never share it."""
     path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(temporary, "w") as handle:
             yield handle

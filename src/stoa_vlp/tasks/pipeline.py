@@ -103,12 +103,15 @@ class TaskRunner:
     """Builds the task's module, training data and evaluations from a Config.
 
     run_dir: the run folder, where fine-tuning (`fine_tuning`) saves the QA answer vocabulary and
-    evaluation reads it: the answers the trained head's outputs stand for.
+    evaluation reads it: the answers the trained head's outputs stand for. A resumed fine-tuning
+    (`resume`) reads the run's own.
     """
 
-    def __init__(self, config: Config, device, run_dir: str | Path | None = None, fine_tuning: bool = False):
+    def __init__(self, config: Config, device, run_dir: str | Path | None = None, fine_tuning: bool = False,
+                 resume: bool = False):
         self.config = config
         self.fine_tuning = fine_tuning
+        self.resume = resume
         self.task = config.task.name
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r} (known: {', '.join(TASKS)})")
@@ -128,13 +131,14 @@ class TaskRunner:
     # ---- set-up ------------------------------------------------------------------------------
 
     def _answer_vocab(self):
-        """The run's answers (RUN/answers.json; evaluating a run requires them). Fine-tuning, or a
-        runner without a run folder, takes task.answer_vocab's, else the task.answers most frequent
-        training answers, and fine-tuning saves them in the run folder."""
+        """The run's answers (RUN/answers.json) when evaluating a run (which requires them) or resuming
+        its fine-tuning. A new fine-tuning, or a runner without a run folder, takes task.answer_vocab's,
+        else the task.answers most frequent training answers, and fine-tuning saves them in the run
+        folder (replacing any a failed earlier attempt left there)."""
         from stoa_vlp.tasks.qa import AnswerVocab, read_questions
 
         saved = self.run_dir / ANSWERS_FILE if self.run_dir is not None else None
-        if saved is not None and saved.exists():
+        if saved is not None and saved.exists() and (self.resume or not self.fine_tuning):
             return AnswerVocab.load(saved)
         if saved is not None and not self.fine_tuning:
             raise FileNotFoundError(f"{saved} does not exist: it holds the answers the QA head was fine-tuned on "

@@ -19,7 +19,6 @@ Accuracy is reported overall and per answer type.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from stoa_vlp.checks import require
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.data.dataset import VideoTextDataset
-from stoa_vlp.data.jsonl import open_text, read_json, read_json_object
+from stoa_vlp.data.jsonl import open_text, read_json, read_json_object, write_json_atomic
 from stoa_vlp.tasks.data import LabelledBatch, LabelledCollate, read_jsonl_rows
 
 log = logging.getLogger(__name__)
@@ -159,8 +158,7 @@ class AnswerVocab:
         return self.index.get(normalise_answer(answer), -1)
 
     def save(self, path: str | Path) -> None:
-        with open(path, "w") as handle:
-            json.dump(self.index, handle, indent=0)
+        write_json_atomic(path, self.index, indent=0)
 
     @classmethod
     def load(cls, path: str | Path) -> "AnswerVocab":
