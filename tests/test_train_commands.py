@@ -52,3 +52,28 @@ def test_a_run_that_cannot_start_writes_nothing(tmp_path, command):
     with pytest.raises(ValueError, match="train.eval_every must be at least 1, got 0"):
         main(argv)
     assert not run.exists()  # nothing (no label_vocab.json) that --overwrite would refuse to delete
+
+
+@pytest.mark.parametrize("command", [["pretrain"], ["finetune", "--task", "retrieval"], ["finetune", "--task", "qa"],
+                                     ["finetune", "--task", "mc", "--test"]])
+@pytest.mark.parametrize("problem", ["missing file", "missing video"])
+def test_evaluation_splits_are_checked_before_training(tmp_path, command, problem):
+    """A wrong data.val (or, with --test, data.test) used to fail at the first validation, before that
+    step's checkpoint, or after the whole fine-tuning; it fails before the first step now."""
+    world = render_world(tmp_path / "world", train=2, val=2, test=0, seconds=1.0, fps=4.0, captions_per_clip=1)
+    task = command[2] if len(command) > 2 else "retrieval"
+    split = {"retrieval": world.annotations, "qa": world.qa["val"], "mc": world.mc["val"]}[task]
+    train = world.qa["train"] if task == "qa" else world.annotations
+    if problem == "missing video":
+        (world.videos / f"{world.video_ids['val'][1]}.mp4").unlink()
+    else:
+        split = tmp_path / "typo.json"
+    evaluated = "test" if "--test" in command else "val"
+    run = tmp_path / "run"
+    argv = [*command, "--config", "tiny", "--output", str(run), "--set", f"data.train={train}",
+            "--set", f"data.{evaluated}={split}", "--set", f"data.video_root={world.videos}",
+            "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.steps=1"]
+    expected = "does not exist" if problem == "missing file" else "1 (of 2 )?videos not found"
+    with pytest.raises((ValueError, FileNotFoundError), match=expected):
+        main(argv)
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()

@@ -506,6 +506,15 @@ def repeated_clips(records: list[VideoRecord]) -> dict[tuple[str, float | None, 
     return {clip: count for clip, count in counts.items() if count > 1}
 
 
+def require_video_files(records: list[VideoRecord], source: str | Path) -> None:
+    """AnnotationError naming `source` when videos its records point to do not exist (members of
+    WebDataset shards are not looked for): evaluation never skips a video, so it would fail at it."""
+    missing = sorted({r.video_id for r in records if "::" not in r.path and not os.path.exists(r.path)})
+    if missing:
+        videos = len({record.video_id for record in records})
+        raise AnnotationError(f"{source}: {len(missing)} of {videos} videos not found (e.g. {', '.join(missing[:3])})")
+
+
 def clip_name(video_id: str, start: float | None, end: float | None) -> str:
     """'video7', or 'video7 [2.0-9.5 s]' for a part of it."""
     if start is None and end is None:

@@ -541,6 +541,11 @@ def _load_side_data(config: Config, records: list[VideoRecord] | None, source: s
     return detections, label_vocab, tag_cache
 
 
+def is_webdataset(config: Config, path: str | Path) -> bool:
+    """Whether the split file `path` is read as WebDataset shards (data.format, or detected)."""
+    return config.data.format == "webdataset" or (config.data.format == "auto" and detect_format(path) == "webdataset")
+
+
 def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1):
     """The dataset of a split ("train", "val" or "test") as the config names it."""
     if split not in ("train", "val", "test"):
@@ -550,7 +555,7 @@ def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1
         raise ValueError(f"data.{split} is not set: give the annotation file of the {split} split")
     training = split == "train"
     existing_annotations(path)
-    if config.data.format == "webdataset" or (config.data.format == "auto" and detect_format(path) == "webdataset"):
+    if is_webdataset(config, path):
         detections, label_vocab, tag_cache = _load_side_data(config, None, path)
         return WebDatasetShards(shard_list(Path(path)), config, training, detections, label_vocab, tag_cache,
                                 rank=rank, world_size=world_size)

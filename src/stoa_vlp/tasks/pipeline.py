@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from stoa_vlp.config import Config, TrainConfig
-from stoa_vlp.data.annotations import VideoRecord, read_annotations
+from stoa_vlp.data.annotations import VideoRecord, read_annotations, require_video_files
 from stoa_vlp.data.dataset import load_detections
 from stoa_vlp.tasks.data import evaluation_loader, find_video_paths, video_loader, video_root
 from stoa_vlp.tokenizer import Tokenizer
@@ -199,6 +199,15 @@ class TaskRunner:
         from stoa_vlp.tasks.multiple_choice import read_choices
 
         return {choice.video_id for choice in read_choices(self._split_file(split))}
+
+    def check_split(self, split: str) -> None:
+        """Read `split`'s file as its evaluation will and find its videos, so that a wrong path, a
+        malformed file or a missing video fails before training, not at the first validation (before
+        that step's checkpoint) or after the last step."""
+        if self.task in ("retrieval", "captioning"):
+            require_video_files(self._records(split), self._split_file(split))
+        else:
+            self._video_paths(sorted(self.video_ids(split)), self._split_file(split))
 
     def _records(self, split: str) -> list[VideoRecord]:
         path = self._split_file(split)

@@ -61,14 +61,31 @@ def retrieval_loader(config: Config, split: str, max_videos: int = 0) -> Iterabl
     return FirstVideos(loader, max_videos) if max_videos > 0 and streamed else loader
 
 
+def check_split_videos(config: Config, split: str, max_videos: int = 0) -> None:
+    """Read `split`'s annotation file and find the videos its evaluation reads (the first `max_videos`
+    when set), so that a wrong path, a malformed file or a missing video fails before training, not at
+    the first validation (before that step's checkpoint). WebDataset shards are only looked for:
+    reading them would be reading their videos."""
+    from stoa_vlp.data.annotations import existing_annotations, read_annotations, require_video_files
+    from stoa_vlp.data.dataset import is_webdataset
+
+    path = getattr(config.data, split)
+    existing_annotations(path)
+    if not is_webdataset(config, path):
+        records = read_annotations(path, config.data.format, split, config.data.video_root or None, strict=True)
+        require_video_files(records[:max_videos] if max_videos > 0 else records, path)
+
+
 class RetrievalEvaluator:
     """`evaluator(module) -> metrics` for the Trainer: retrieval metrics (t2v_r1 ... v2t_mnr) of
-    `module.model` (or `module` itself) on a split. The loader is built on first use. The Trainer
-    runs it on rank 0 only, which shows its bars when `train.progress` is on."""
+    `module.model` (or `module` itself) on a split. The split's file and videos are checked here
+    (`check_split_videos`), the loader is built on first use. The Trainer runs it on rank 0 only,
+    which shows its bars when `train.progress` is on."""
 
     def __init__(self, config: Config, split: str, device: torch.device, max_videos: int = 0):
         self.config, self.split, self.device, self.max_videos = config, split, device, max_videos
         self.loader: Iterable[Batch] | None = None
+        check_split_videos(config, split, max_videos)
 
     def __call__(self, module: nn.Module) -> dict[str, float]:
         from stoa_vlp.tasks.retrieval import evaluate_retrieval
