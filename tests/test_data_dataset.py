@@ -69,6 +69,22 @@ def test_train_loader_batch_shapes_and_video_index(world):
     assert len(videos) == 4
 
 
+def test_a_pinning_data_loader_pins_every_tensor_of_a_batch(world, monkeypatch):
+    """DataLoader(pin_memory=True) pins what it knows (tensors, mappings, sequences) and objects with a
+    pin_memory method; a Batch had none and went to the GPU unpinned. Page-locked memory needs a GPU,
+    so pinning is counted here, not done."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    batch = next(iter(build_loader(tiny(world, "data.batch_size=2"), "train")))
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor, *args: pinned.append(tensor) or tensor.clone())
+    result = pin_memory(batch)
+    tensors = [value for value in vars(batch).values() if isinstance(value, torch.Tensor)]
+    assert isinstance(result, Batch) and len(pinned) == len(tensors) == 10
+    assert all(any(tensor is seen for seen in pinned) for tensor in tensors)
+    assert result.video_ids == batch.video_ids and torch.equal(result.frames, batch.frames)
+
+
 def test_evaluation_on_several_ranks_reads_each_item_once(world):
     config = tiny(world)
     size = len(build_loader(config, "test").dataset)

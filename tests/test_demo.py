@@ -68,10 +68,10 @@ def test_chance_closed_form_matches_random_scores():
     text_to_video = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4, 5, 6, 7, 7, 8, 9, 10, 11, 11])  # 1-4 captions each
     exact = chance_metrics(text_to_video, 12)
     assert exact["t2v_r1"] == pytest.approx(100 / 12) and exact["t2v_r10"] == pytest.approx(1000 / 12)
-    assert exact["t2v_mdr"] == 6 and exact["t2v_mnr"] == pytest.approx(6.5)  # uniform rank on 1..12
+    assert exact["t2v_mdr"] == 6.5 and exact["t2v_mnr"] == pytest.approx(6.5)  # uniform rank on 1..12
     generator = torch.Generator().manual_seed(0)
     draws = [retrieval_metrics(torch.rand(20, 12, generator=generator), text_to_video) for _ in range(120)]
-    for name in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5", "v2t_r10", "v2t_mnr"):
+    for name in ("t2v_r1", "t2v_r5", "t2v_mdr", "v2t_r1", "v2t_r5", "v2t_r10", "v2t_mnr"):
         simulated = sum(d[name] for d in draws) / len(draws)
         assert simulated == pytest.approx(exact[name], rel=0.12, abs=1.0), name
 

@@ -194,6 +194,29 @@ def test_a_best_validation_between_saves_is_saved(tmp_path):
     assert ckpt.best_checkpoint(tmp_path / "run").name == "step_00000003" and result.best["step"] == 3
 
 
+def test_a_step_reads_nothing_from_the_device_before_its_backward_is_queued(tmp_path, monkeypatch):
+    """Each float() of an output between the forward and the backward made the host wait for the
+    forward before it could queue the backward (a device sync per output on a GPU). The outputs are
+    now read once backward() has returned; on a GPU, in one transfer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    events = []
+
+    class ScalarReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                events.append("read")
+            return func(*args, **(kwargs or {}))
+
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda *a, **k: (events.append("backward"), backward(*a, **k))[1])
+    trainer = toy_trainer(toy_config(), tmp_path / "run")
+    batch = next(trainer._micro_batches())
+    with ScalarReads():
+        assert trainer._train_step(iter([batch])) is not None
+    assert "backward" in events and "read" not in events[: events.index("backward")], events
+
+
 def test_nonfinite_stop_names_step_and_videos(tmp_path):
     model = ToyModel()
     model.poison = {f"video{i}" for i in range(32)}

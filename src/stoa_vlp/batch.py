@@ -28,22 +28,25 @@ class Batch:
     video_index: torch.Tensor  # (B,) long, equal for captions of the same video (positives in VTC)
     video_ids: list[str]  # (B,) the dataset's video ids, for logs and error messages
 
+    def map_tensors(self, function) -> "Batch":
+        """A copy with `function` applied to every tensor field."""
+        tensors = [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+        return replace(self, **{name: function(getattr(self, name)) for name in tensors})
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return replace(self, **moved)
+        return self.map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, which DataLoader(pin_memory=True) asks of a batch type it does not know:
+        without this method it passed the Batch on unpinned, so `to(device, non_blocking=True)` could
+        not overlap the copy with the step."""
+        return self.map_tensors(torch.Tensor.pin_memory)
 
     def select(self, rows: list[int]) -> "Batch":
         """The batch of `rows` only, in that order."""
-        picked = {
-            f.name: getattr(self, f.name)[torch.tensor(rows, dtype=torch.long, device=getattr(self, f.name).device)]
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return replace(self, **picked, video_ids=[self.video_ids[row] for row in rows])
+        index = torch.tensor(rows, dtype=torch.long)
+        picked = self.map_tensors(lambda tensor: tensor[index.to(tensor.device)])
+        return replace(picked, video_ids=[self.video_ids[row] for row in rows])
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -60,6 +60,10 @@ def check_settings(config: Config) -> None:
     check_train_settings(config.train)
     if config.task.name in ("retrieval", "mc"):
         check_loss_config(config.loss, config.model)
+    if config.train.warmup_steps >= config.train.steps:
+        log.warning("train.warmup_steps=%d is not below train.steps=%d: the learning rate rises for the whole "
+                    "run and never decays; set train.steps for your data and train.warmup_steps to about a tenth "
+                    "of it (the paper warms up over 10%%)", config.train.warmup_steps, config.train.steps)
 
 
 def warn_if_random_towers(config: Config) -> None:

@@ -185,7 +185,9 @@ def chance_rank_cdf(candidates: int, positives: int, k: int) -> float:
 def chance_metrics(text_to_video: torch.Tensor, num_videos: int) -> dict[str, float]:
     """R@1/5/10, MdR and MnR of random scores, in closed form (same keys as retrieval_metrics).
     t2v: one positive video among num_videos; v2t: a video's captions among all captions.
-    MdR is the median of the rank distribution pooled over queries."""
+    MdR is the median of the rank distribution pooled over queries, the midpoint of k and k + 1 where
+    half the mass lies at or below k (as numpy's median of an even count): uniform ranks on 1..100 give
+    50.5, the expected median of random scores, where the lower median said 50."""
     captions_per_video = torch.bincount(torch.as_tensor(text_to_video), minlength=num_videos).tolist()
     num_texts = len(text_to_video)
     queries = {"t2v": [(num_videos, 1)] * num_texts, "v2t": [(num_texts, p) for p in captions_per_video]}
@@ -196,7 +198,8 @@ def chance_metrics(text_to_video: torch.Tensor, num_videos: int) -> dict[str, fl
 
         for k in (1, 5, 10):
             metrics[f"{direction}_r{k}"] = 100.0 * pooled_cdf(k)
-        metrics[f"{direction}_mdr"] = float(next(k for k in range(1, max(n for n, _ in cases) + 1) if pooled_cdf(k) >= 0.5))
+        median = next(k for k in range(1, max(n for n, _ in cases) + 1) if pooled_cdf(k) >= 0.5)
+        metrics[f"{direction}_mdr"] = median + 0.5 if math.isclose(pooled_cdf(median), 0.5) else float(median)
         metrics[f"{direction}_mnr"] = sum(1 + (n - p) / (p + 1) for n, p in cases) / len(cases)
     return metrics
 
@@ -223,7 +226,8 @@ def retrieval_stage(run: DemoRun) -> None:
     run.report.append(
         "## Zero-shot retrieval (test clips)\n\n"
         f"{videos.video.shape[0]} test clips, {len(text_to_video)} captions, scored with the final pre-trained "
-        "weights; recalls in percent, tie-robust ranks, chance = the expected value under random scores.\n\n"
+        "weights; recalls in percent, tie-robust ranks, chance = the expected value under random scores (for "
+        "MdR the median of the rank distribution).\n\n"
         f"{table}\n"
     )
 

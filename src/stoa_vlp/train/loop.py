@@ -352,11 +352,14 @@ class Trainer:
             with sync:
                 with self._autocast():
                     outputs = self.forward(batch)
-                loss = outputs["loss"]
-                values = {name: float(value.detach()) for name, value in outputs.items()}
-                if any_rank(not math.isfinite(values["loss"]), self.env):
-                    return self._non_finite(batch.video_ids if not math.isfinite(values["loss"]) else [], values, "loss")
-                self.scaler.scale(loss / accum).backward()
+                self.scaler.scale(outputs["loss"] / accum).backward()
+            # read once the backward is queued, in one transfer: a read between the forward and the
+            # backward made the host wait for the forward before queueing any backward kernel. A
+            # non-finite loss's gradients are dropped by the skip (every rank ran its backward alike).
+            read = torch.stack([value.detach().float() for value in outputs.values()]).tolist()
+            values = dict(zip(outputs, read))
+            if any_rank(not math.isfinite(values["loss"]), self.env):
+                return self._non_finite(batch.video_ids if not math.isfinite(values["loss"]) else [], values, "loss")
             for name, value in values.items():
                 totals[name] = totals.get(name, 0.0) + value / accum
         self.scaler.unscale_(self.optimizer)
