@@ -25,6 +25,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--output", str(folder), *SMALL]) == 0
     printed = capsys.readouterr().out
     assert "Zero-shot retrieval on 6 test clips (30 captions)" in printed and str(folder) in printed
+    assert printed.rstrip().endswith(f"everything is in {folder}/ (captioning/, demo_metrics.json, pretrain/, qa/, "
+                                     "report.md, visual.png, world/)")
 
     report = (folder / "report.md").read_text()
     for heading in ("## Synthetic world", "## Tags", "## Pre-training", "## Zero-shot retrieval",

@@ -16,7 +16,7 @@ EXAMPLES = """examples:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from stoa_vlp.commands.task_common import add_inference_arguments
 
-    parser.add_argument("video", help="video file")
+    parser.add_argument("video", help="video file or frame folder")
     parser.add_argument("question", help="the question, in quotes")
     add_inference_arguments(parser)
     parser.add_argument("--top", type=positive_int, default=3, help="answers to print, most probable first (default 3)")

@@ -6,7 +6,7 @@ import argparse
 
 from stoa_vlp.commands.arguments import positive_int
 
-HELP = "caption video files with a fine-tuned captioning checkpoint"
+HELP = "caption videos (files or frame folders) with a fine-tuned captioning checkpoint"
 EXAMPLES = """examples:
   stoa-vlp caption --checkpoint runs/cap clip1.mp4 clip2.mp4
   stoa-vlp caption --checkpoint runs/cap --beam 5 --detections dets.jsonl videos/*.mp4
@@ -17,7 +17,7 @@ Frames and preprocessing are the checkpoint's training settings (override with -
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from stoa_vlp.commands.task_common import add_inference_arguments
 
-    parser.add_argument("videos", nargs="+", help="video files")
+    parser.add_argument("videos", nargs="+", help="video files or frame folders")
     add_inference_arguments(parser)
     parser.add_argument("--beam", type=positive_int, help="beam size (default task.beam_size of the checkpoint; 1 = greedy)")
     parser.add_argument("--length-penalty", type=float, help="beam length penalty (default task.length_penalty)")

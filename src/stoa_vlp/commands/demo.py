@@ -8,7 +8,8 @@ from stoa_vlp.commands.arguments import non_negative_int, positive_int
 
 CLIPS = {"train": 300, "val": 20, "test": 100}  # clips the demo renders by default, per split
 
-HELP = "render a synthetic world, pre-train the tiny model on the CPU and evaluate zero-shot retrieval"
+HELP = ("render a synthetic world, pre-train the tiny model on the CPU, evaluate zero-shot retrieval and object "
+        "alignment, and fine-tune and score captioning and video QA")
 EXAMPLES = """examples:
   stoa-vlp demo
   stoa-vlp demo --output runs/my-demo --overwrite
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from stoa_vlp.train.checkpointing import RUN_MARKER, CheckpointError
-    from stoa_vlp.train.demo import METRICS_FILE, REPORT_FILE, DemoSettings, run_demo
+    from stoa_vlp.train.demo import REPORT_FILE, DemoSettings, run_demo
 
     folder = Path(args.output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     if folder.exists() and any(folder.iterdir()):
@@ -59,6 +60,6 @@ def run(args: argparse.Namespace) -> int:
         overrides=args.overrides, world=args.world,
     )
     demo = run_demo(settings, folder)
-    print(f"\ndemo finished in {demo.seconds['total']:.0f} s; everything is in {folder}/ "
-          f"({REPORT_FILE}, {METRICS_FILE}, world/, pretrain/)")
+    written = ", ".join(sorted(path.name + "/" * path.is_dir() for path in folder.iterdir()))
+    print(f"\ndemo finished in {demo.seconds['total']:.0f} s; everything is in {folder}/ ({written})")
     return 0

@@ -15,7 +15,7 @@ Then: stoa-vlp search my_index "a dog catches a frisbee"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from stoa_vlp.commands.task_common import add_inference_arguments
 
-    parser.add_argument("folder", help="folder of video files (searched recursively; id = file name stem)")
+    parser.add_argument("folder", help="folder of video files or frame folders (searched recursively; id = file name stem or folder name)")
     parser.add_argument("--output", required=True, help="index folder to write")
     add_inference_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
