@@ -9,8 +9,13 @@ warm-up, median of at least 10 steps) each variant of VARIANTS chosen by --eager
   - timm's `vit_base_patch16_clip_224` (random init) forward + backward on the same frames, eager
     and compiled (the baseline);
   - the tower and the full step with a bf16 residual stream (`model.low_precision_residual`:
-    tower-lowp, full-lowp), not timed unless named.
-Model FLOPs come from `torch.utils.flop_counter.FlopCounterMode`; MFU is measured against a bf16
+    tower-lowp, full-lowp), not timed unless named;
+  - `trainer`: the Trainer's own step (`Trainer._train_step`, compiled by the Trainer itself with
+    train.compile) on the full model, with what a run does beyond the bare step: the batch copied
+    from pinned host memory, the losses read, the gradient clipped and its norm read, the LR
+    scheduled; not timed unless named.
+Model FLOPs come from `torch.utils.flop_counter.FlopCounterMode` on an eager step without activation
+checkpointing (its recomputed forward is work, not model FLOPs); MFU is measured against a bf16
 matrix product timed in the same run. --profile prints where the device time of a variant goes
 (kernel families and top kernels, torch.profiler) and where the device idles (gaps between
 kernels, named by the host ops running meanwhile); with --out also the op table and a gzipped
@@ -42,6 +47,7 @@ from stoa_vlp.batch import TAG_NOUN, TAG_VERB, Batch
 from stoa_vlp.config import Config, load_config
 from stoa_vlp.model import STOAVLP
 from stoa_vlp.objectives import Pretrainer, matching
+from stoa_vlp.train.loop import Trainer
 
 SOT, EOT = 49406, 49407
 
@@ -160,6 +166,19 @@ def make_train_step(loss_of, parameters, autocast):
     return step
 
 
+def trainer_step(config: Config, model: STOAVLP, batch: Batch, compiled: bool, run_dir: str):
+    """One `Trainer._train_step` on `batch` (kept on the host, pinned on CUDA, as the DataLoader gives
+    it), with the Trainer's own optimiser, schedule, precision, clipping and (with `compiled`) its
+    torch.compile; `run_dir` is never written, since nothing here saves."""
+    train = dataclasses.replace(config.train, compile=compiled, device=batch.frames.device.type, grad_accum=1)
+    data = dataclasses.replace(config.data, batch_size=len(batch))
+    trainer = Trainer(dataclasses.replace(config, train=train, data=data), Pretrainer(model, config.loss),
+                      range(len(batch)), None, run_dir)
+    host = batch.to("cpu")
+    host = host.pin_memory() if torch.cuda.is_available() else host
+    return lambda: trainer._train_step(iter([host]))
+
+
 def print_table(timings: list[Timing], peak: float, frames: int) -> None:
     header = (
         f"{'what':44s} {'ms/step':>9s} {'clips/s':>9s} {'frames/s':>9s} {'GFLOP':>10s} "
@@ -214,6 +233,7 @@ VARIANTS = {
     "no-align": Variant("step without DOTA/STASP", {"dota": 0.0, "stasp": 0.0}),
     "full": Variant("STOA-VLP full step (6 objectives)", {}),
     "full-lowp": Variant("full step, bf16 residual", {}, LOW_PRECISION),
+    "trainer": Variant("Trainer step (host batch, loss reads, clip)", "trainer"),
 }
 EAGER_DEFAULT = "timm,tower,encoder,text,no-fusion,no-align,full"
 COMPILED_DEFAULT = "timm,tower,full"
@@ -232,14 +252,17 @@ def kernel_summary(profiler, steps: int, wall_seconds: float, top: int) -> str:
     kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     if not kernels:
         return "no device kernels recorded (CPU run)\n"
-    families = {"gemm": ("gemm", "xmma", "cutlass", "nvjet", "cublas"), "attention": ("flash", "fmha", "attention"),
-                "triton (compiled)": ("triton",)}
+    # checked in this order: Inductor's kernels are named after the ops they fuse ("..._attention_..."),
+    # and the memory-efficient attention kernels are CUTLASS ones (fmha_cutlass...)
+    families = {"triton (compiled)": ("triton",), "attention": ("flash", "fmha", "attention", "sdpa"),
+                "gemm": ("gemm", "xmma", "cutlass", "nvjet", "cublas")}
     per_family: dict[str, float] = {}
     per_kernel: dict[str, list[float]] = {}
     for event in kernels:
         micros = event.time_range.elapsed_us()
         lower = event.name.lower()
         family = next((f for f, keys in families.items() if any(k in lower for k in keys)), "other")
+        family = "triton (compiled)" if lower.startswith("triton") else family
         per_family[family] = per_family.get(family, 0.0) + micros
         per_kernel.setdefault(event.name, []).append(micros)
     busy = sum(per_family.values()) / 1e3 / steps
@@ -399,8 +422,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'CPU (tiny smoke test)'}; "
           f"torch {torch.__version__}; measured bf16 matmul {peak / 1e12:.1f} TFLOP/s", flush=True)
 
-    def build(name: str, clips: int, compiled: bool):
-        """A zero-argument training step of variant `name`."""
+    def build(name: str, clips: int, compiled: bool, counting: bool = False):
+        """A zero-argument training step of variant `name`; `counting`: for FLOP counting, without
+        activation checkpointing."""
         torch.manual_seed(0)
         batch = synthetic_batch(config, clips, device)
         if name == "timm":
@@ -414,8 +438,13 @@ def main(argv: list[str] | None = None) -> None:
                 lambda: runner(frames).float().square().mean(), [{"params": list(vit.parameters())}], autocast
             )
         variant = VARIANTS[name]
-        model = STOAVLP(dataclasses.replace(config.model, **dict(variant.model))).to(device)
+        model_config = dataclasses.replace(config.model, **dict(variant.model))
+        if counting:
+            model_config = dataclasses.replace(model_config, grad_checkpointing=False)
+        model = STOAVLP(model_config).to(device)
         what = variant.run
+        if what == "trainer":
+            return trainer_step(dataclasses.replace(config, model=model_config), model, batch, compiled, args.out or ".")
         if isinstance(what, dict):
             pretrainer = Pretrainer(model, dataclasses.replace(config.loss, **what)).to(device)
             runner = torch.compile(pretrainer, mode=args.compile_mode) if compiled else pretrainer
@@ -447,8 +476,8 @@ def main(argv: list[str] | None = None) -> None:
             label = VARIANTS[name].label + (", compiled" if compiled else "")
             began = time.perf_counter()
             try:
-                if compiled and name not in eager_flops:  # FLOPs are counted on an eager step
-                    eager_flops[name] = count_flops(build(name, clips, False))
+                if name not in eager_flops and (compiled or config.model.grad_checkpointing):
+                    eager_flops[name] = count_flops(build(name, clips, False, counting=True))
                     if on_gpu:
                         torch.cuda.empty_cache()
                 step = build(name, clips, compiled)

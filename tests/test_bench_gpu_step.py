@@ -80,3 +80,27 @@ def test_idle_summary_names_what_the_host_did_while_the_device_waited():
     lines = summary.splitlines()
     assert lines[2].split() == ["0.40", "hungarian"] and lines[3].split() == ["0.04", "optimizer"]
     assert "step > matched_columns > hungarian" in summary
+
+
+def test_kernel_families_put_attention_and_fused_kernels_where_they_belong():
+    """Memory-efficient attention kernels are CUTLASS ones and Inductor names kernels after the ops
+    they fuse; both used to land in the wrong family (gemm, attention)."""
+    bench = load_bench("gpu_step")
+    names = {"sm90_xmma_gemm_bf16bf16_bf16f32": 4.0, "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": 2.0,
+             "fmha_cutlassB_bf16_aligned_64x64_k64_sm80": 3.0, "cudnn_generated_fort_native_sdpa_sm90": 1.0,
+             "triton_poi_fused__scaled_dot_product_efficient_attention_0": 0.5, "elementwise_kernel": 0.2}
+    events = [SimpleNamespace(name=name, device_type=torch.autograd.DeviceType.CUDA,
+                              time_range=SimpleNamespace(elapsed_us=lambda ms=ms: ms * 1e3)) for name, ms in names.items()]
+    summary = bench.kernel_summary(SimpleNamespace(events=lambda: events), steps=1, wall_seconds=0.02, top=3)
+    families = {line.split()[0]: float(line.split()[-2]) for line in summary.splitlines()[1:5]}
+    assert families == {"attention": 6.0, "gemm": 4.0, "triton": 0.5, "other": 0.2}
+
+
+def test_flops_leave_out_the_forward_that_activation_checkpointing_recomputes(capsys):
+    bench = load_bench("gpu_step")
+    flops = []
+    for checkpointing in ("false", "true"):
+        bench.main(["--eager", "full,trainer", "--compiled", "", "--set", f"model.grad_checkpointing={checkpointing}"])
+        table = capsys.readouterr().out.split("\n\n")[-1].splitlines()[2:]
+        flops.append([float(row[44:].split()[3]) for row in table])
+    assert flops[0] == flops[1] and flops[0][0] == flops[0][1]  # the Trainer's step does the full step's work
