@@ -194,3 +194,15 @@ def test_answers_that_do_not_match_the_checkpoints_head_name_answers_json(tmp_pa
     answers = tmp_path / "run" / "answers.json"
     with pytest.raises(ValueError, match=f"^{answers}: 2 answers, but the answer head of {checkpoint} has 3 outputs"):
         load_task_weights(QAModel(build_model(config.model), num_answers=2), checkpoint)
+
+
+def test_writers_of_one_file_never_share_a_temporary(tmp_path):
+    """Every rank of a QA fine-tuning saves answers.json; temporaries named by the process id were
+    shared by ranks on nodes whose process ids repeat (containers), and one rank's rename then failed."""
+    from stoa_vlp.data.jsonl import _atomic_text_file
+
+    path = tmp_path / "answers.json"
+    with _atomic_text_file(path) as first, _atomic_text_file(path) as second:  # as two ranks at once
+        first.write('{"red": 0}')
+        second.write('{"red": 0}')
+    assert AnswerVocab.load(path).answers == ["red"] and list(tmp_path.iterdir()) == [path]

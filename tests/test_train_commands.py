@@ -77,3 +77,21 @@ def test_evaluation_splits_are_checked_before_training(tmp_path, command, proble
     with pytest.raises((ValueError, FileNotFoundError), match=expected):
         main(argv)
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("task", ["retrieval", "qa"])
+def test_a_capped_validation_needs_only_the_videos_it_reads(tmp_path, task):
+    """With train.val_max_clips, validation reads the first videos only; a later video missing from
+    disk (a clip taken down) must not stop the run."""
+    world = render_world(tmp_path / "world", train=2, val=3, test=0, seconds=1.0, fps=4.0, captions_per_clip=1)
+    (world.videos / f"{world.video_ids['val'][-1]}.mp4").unlink()
+    train, val = (world.qa["train"], world.qa["val"]) if task == "qa" else (world.annotations, world.annotations)
+    run = tmp_path / "run"
+    argv = ["finetune", "--task", task, "--config", "tiny", "--output", str(run), "--set", f"data.train={train}",
+            "--set", f"data.val={val}", "--set", f"data.video_root={world.videos}", "--set", "train.val_max_clips=1",
+            "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.steps=1",
+            "--set", "data.batch_size=2"]
+    assert main(argv) == 0
+    validations = [r for r in read_metrics(run) if r["split"] == "val"]
+    counted = "num_videos" if task == "retrieval" else "num_questions"
+    assert len(validations) == 1 and 0 < validations[0][counted] <= (1 if task == "retrieval" else 10)

@@ -84,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
         init_run = [run_dir_of(init)] if init is not None and init.parent.name == "checkpoints" else []
         adopt_label_vocab(config, run_dir, *init_run)  # the class ids the weights were trained with
         runner = TaskRunner(config, env.device, run_dir, fine_tuning=True, resume=bool(args.resume))
-        for split in ("val",) * bool(config.data.val) + ("test",) * bool(args.test):
-            runner.check_split(split)
+        if config.data.val:
+            runner.check_split("val", config.train.val_max_clips)  # validation reads only those
+        if args.test:
+            runner.check_split("test")
         keep_label_vocab(config, runner.label_vocab, run_dir, env)
         if config.data.val and config.data.test and env.is_main:
             warn_if_validation_sees_test(runner)

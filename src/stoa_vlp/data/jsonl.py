@@ -8,6 +8,7 @@ import json
 import math
 import numbers
 import os
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,11 +106,12 @@ def is_finite_number(value) -> bool:
 def _atomic_text_file(path: str | Path) -> Iterator[TextIO]:
     """A temporary file beside `path` that replaces it when the block completes; if the block raises
     (or is interrupted) the temporary file is removed and `path` is left as it was. The temporary name
-    holds the process id, so processes writing one file (ranks saving the same result) never share it."""
+    is random, so processes writing one file (ranks saving the same result, on one node or several
+    whose process ids repeat) never share it."""
     path = Path(path)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(temporary, "w") as handle:
+        with open(temporary, "x") as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

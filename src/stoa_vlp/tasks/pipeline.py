@@ -190,24 +190,30 @@ class TaskRunner:
 
     def video_ids(self, split: str) -> set[str]:
         """The videos that the split's file names, read as this task reads it."""
+        return {item.video_id for item in self._task_items(split)}
+
+    def _task_items(self, split: str) -> list:
+        """The split's items as this task reads them: records, questions or multiple-choice items."""
         if self.task in ("retrieval", "captioning"):
-            return {record.video_id for record in self._records(split)}
+            return self._records(split)
         if self.task == "qa":
             from stoa_vlp.tasks.qa import read_questions
 
-            return {question.video_id for question in read_questions(self._split_file(split))}
+            return read_questions(self._split_file(split))
         from stoa_vlp.tasks.multiple_choice import read_choices
 
-        return {choice.video_id for choice in read_choices(self._split_file(split))}
+        return read_choices(self._split_file(split))
 
-    def check_split(self, split: str) -> None:
-        """Read `split`'s file as its evaluation will and find its videos, so that a wrong path, a
-        malformed file or a missing video fails before training, not at the first validation (before
-        that step's checkpoint) or after the last step."""
+    def check_split(self, split: str, max_videos: int = 0) -> None:
+        """Read `split`'s file as its evaluation will and find the videos it reads (of its first
+        `max_videos` videos when that is set, as `evaluate`), so that a wrong path, a malformed file or
+        a missing video fails before training, not at the first validation (before that step's
+        checkpoint) or after the last step."""
         if self.task in ("retrieval", "captioning"):
-            require_video_files(self._records(split), self._split_file(split))
+            require_video_files(first_videos(self._records(split), max_videos), self._split_file(split))
         else:
-            self._video_paths(sorted(self.video_ids(split)), self._split_file(split))
+            items = first_videos(self._task_items(split), max_videos)
+            self._video_paths(sorted({item.video_id for item in items}), self._split_file(split))
 
     def _records(self, split: str) -> list[VideoRecord]:
         path = self._split_file(split)
