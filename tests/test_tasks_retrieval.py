@@ -195,3 +195,18 @@ def test_querybank_captions_are_the_training_captions_read_once(tmp_path, monkey
     assert runner.querybank_captions == ["a red disc", "a blue square", "a square moves"]
     assert runner.querybank_captions is runner.querybank_captions
     assert len(reads) == 1
+
+
+def test_contrastive_similarity_is_float32_under_autocast():
+    """bf16 cosines in [0.25, 0.5) are 0.002 apart: under autocast half the queries of 1,000 videos
+    tied with another video, and ties count against the model."""
+    from types import SimpleNamespace
+
+    generator = torch.Generator().manual_seed(0)
+    videos = SimpleNamespace(frames=torch.randn(50, 4, 16, generator=generator), video=torch.randn(50, 16, generator=generator))
+    texts = SimpleNamespace(sentence=torch.randn(80, 16, generator=generator))
+    exact = contrastive_similarity(videos, texts, "mean")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = contrastive_similarity(videos, texts, "mean")
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=0, atol=1e-6)

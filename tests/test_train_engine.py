@@ -409,6 +409,20 @@ def test_mixed_precision_trains_and_checkpoints_the_scaler(tmp_path, precision):
         assert not trainer.scaler.is_enabled()
 
 
+def test_validation_runs_in_float32_whatever_the_training_precision(tmp_path):
+    """Under bf16 autocast, retrieval scores rounded into ties that count against the model, so the
+    checkpoint was chosen on numbers lower than `evaluate` then reported for it."""
+    seen = []
+
+    def evaluate(module):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return {"score": 1.0}
+
+    config = toy_config("train.steps=2", "train.precision=amp_bf16", "train.eval_every=1", "train.best_metric=score")
+    toy_trainer(config, tmp_path / "run", evaluate=evaluate).fit()
+    assert seen == [False, False]
+
+
 def test_bad_train_settings_are_named():
     with pytest.raises(ValueError, match="train.precision"):
         toy_trainer(toy_config("train.precision=fp8"), "unused")

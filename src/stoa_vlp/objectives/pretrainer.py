@@ -44,7 +44,14 @@ from stoa_vlp.objectives.matching import (
 )
 from stoa_vlp.objectives.mlm import choose_mlm_positions, masked_input_ids, mlm_loss_from_fused, mlm_rows
 from stoa_vlp.objectives.plm import plm_loss_from_fused, plm_rows, sample_suffix_starts
-from stoa_vlp.objectives.vtc import VIDEO_FEATURES, ContrastiveEmbeddings, clamped_scale, video_embedding, vtc_loss
+from stoa_vlp.objectives.vtc import (
+    VIDEO_FEATURES,
+    ContrastiveEmbeddings,
+    clamped_scale,
+    scaled_similarity,
+    video_embedding,
+    vtc_loss,
+)
 from stoa_vlp.objectives.vtm import sample_hard_negatives, vtm_loss_from_fused, vtm_rows
 
 OBJECTIVES = ("vtc", "vtm", "mlm", "plm", "dota", "stasp")
@@ -119,8 +126,10 @@ class Pretrainer(nn.Module):
         with torch.no_grad():
             scale = clamped_scale(self.model.logit_scale)
             positives = embeddings.positives()  # (B, W*B)
-            negative_video = sample_hard_negatives(scale * embeddings.text @ embeddings.all_video.T, positives)
-            negative_text = sample_hard_negatives(scale * embeddings.video @ embeddings.all_text.T, positives)
+            text_to_video = scaled_similarity(scale, embeddings.text, embeddings.all_video)  # (B, W*B)
+            video_to_text = scaled_similarity(scale, embeddings.video, embeddings.all_text)
+            negative_video = sample_hard_negatives(text_to_video, positives)
+            negative_text = sample_hard_negatives(video_to_text, positives)
         video, text = self.fusion_inputs(video, text)
         rows = vtm_rows(video, text, gather_features(video), gather_features(text), negative_video, negative_text)
         return rows, negative_video[1], negative_text[1]

@@ -67,6 +67,14 @@ def clamped_scale(logit_scale: torch.Tensor) -> torch.Tensor:
     return logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
 
+def scaled_similarity(scale: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """scale x rows @ columns.T, in float32 under any autocast: bf16 logits near scale 100 are 0.5
+    apart, which put 2% of error in the contrastive gradient and up to 24% in hard-negative
+    probabilities. One (B, W*B) product, cheap in float32."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return scale.float() * (rows.float() @ columns.float().T)
+
+
 def multi_positive_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """Mean over rows of -mean_{j in positives(i)} log softmax(logits_i)_j. Every row needs a positive."""
     target = positives.float() / positives.sum(dim=1, keepdim=True)
@@ -78,12 +86,12 @@ def vtc_loss(embeddings: ContrastiveEmbeddings, logit_scale: torch.Tensor, local
     scale = clamped_scale(logit_scale)
     if local_loss:
         positives = embeddings.positives()  # (B, W*B)
-        text_to_video = scale * embeddings.text @ embeddings.all_video.T
-        video_to_text = scale * embeddings.video @ embeddings.all_text.T
+        text_to_video = scaled_similarity(scale, embeddings.text, embeddings.all_video)
+        video_to_text = scaled_similarity(scale, embeddings.video, embeddings.all_text)
     else:
         index = embeddings.all_video_index
         positives = index[:, None] == index[None, :]  # (W*B, W*B)
-        text_to_video = scale * embeddings.all_text @ embeddings.all_video.T
+        text_to_video = scaled_similarity(scale, embeddings.all_text, embeddings.all_video)
         video_to_text = text_to_video.T
     return (
         multi_positive_cross_entropy(text_to_video, positives)

@@ -125,9 +125,11 @@ def extract_features(model, loader: Iterable[Batch], device: torch.device | str,
 
 
 def contrastive_similarity(videos, texts, video_feature: str) -> torch.Tensor:
-    """(num_texts, num_videos) VTC cosine similarity; video_feature as loss.vtc_video_feature."""
-    video = video_embedding(videos.frames.float(), videos.video.float(), video_feature)
-    return F.normalize(texts.sentence.float(), dim=-1) @ video.t()
+    """(num_texts, num_videos) VTC cosine similarity in float32 (also under autocast, which would round
+    it to bf16 and make ties that count against the model); video_feature as loss.vtc_video_feature."""
+    with torch.autocast(texts.sentence.device.type, enabled=False):
+        video = video_embedding(videos.frames.float(), videos.video.float(), video_feature)
+        return F.normalize(texts.sentence.float(), dim=-1) @ video.t()
 
 
 @torch.no_grad()
