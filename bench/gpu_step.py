@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import gzip
 import os
 import shutil
@@ -473,6 +474,10 @@ def main(argv: list[str] | None = None) -> None:
     eager_flops: dict[str, float] = {}
     for compiled, names in ((False, eager_names), (True, compiled_names)):
         for name in names:
+            step = None  # the last variant's model and optimiser go before the next is built
+            gc.collect()
+            if on_gpu:
+                torch.cuda.empty_cache()
             label = VARIANTS[name].label + (", compiled" if compiled else "")
             began = time.perf_counter()
             try:

@@ -195,3 +195,28 @@ def test_a_run_without_one_readable_video_leaves_the_old_file(tmp_path, weights)
     with pytest.raises(ValueError, match=r"none of the 1 videos could be read: .*dets.jsonl was not written"):
         main(argv + ["--min-size", "64", "--max-size", "64", "--proposals", "2"])
     assert out.read_text() == "earlier detections\n"
+
+
+def test_a_frame_s_labels_are_read_from_the_device_once():
+    """int() of each label was a device read per box (twice), about 100 blocking reads per frame on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from stoa_vlp.data.detect import _detect_same_size
+
+    reads = []
+
+    class ScalarReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    labels = torch.tensor([1, 12, 3, 1, 83])  # person, N/A (not a class), car, person, N/A
+
+    def detector(images):
+        return [{"labels": labels, "boxes": torch.rand(5, 4), "scores": torch.rand(5)} for _ in images]
+
+    with ScalarReads():
+        (frame,) = _detect_same_size(detector, [np.zeros((8, 8, 3), dtype=np.uint8)], torch.device("cpu"))
+    assert frame.classes == [COCO_CATEGORIES[1], COCO_CATEGORIES[3], COCO_CATEGORIES[1]] and len(frame.rects) == 3
+    assert reads == []

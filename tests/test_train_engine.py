@@ -93,6 +93,32 @@ def test_seeded_dataset_repeats_samples_and_keeps_caller_rng():
     assert not torch.equal(dataset[(3, 78)][0], first)
 
 
+def test_seeding_a_sample_leaves_the_gpu_generators_alone(monkeypatch):
+    """torch.manual_seed also reseeds every GPU, which fork_rng(devices=[]) does not restore: with
+    data.num_workers=0 each sample reset the training's GPU random state."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    SeededDataset(ToyDataset())[(3, 77)]
+    assert reseeded == []
+
+
+def test_a_checkpoint_keeps_the_random_state_of_its_own_gpu_only(monkeypatch):
+    """Saving every visible GPU's state and restoring them all failed on a machine with fewer GPUs."""
+    states = {0: torch.tensor([1], dtype=torch.uint8), 1: torch.tensor([2], dtype=torch.uint8)}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[1])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    saved = ckpt.rng_state()
+    assert torch.equal(saved["cuda"], states[1])
+    ckpt.set_rng_state(saved)
+    ckpt.set_rng_state({**saved, "cuda": [states[0], states[1]]})  # a checkpoint from before 2026-11-27
+    ckpt.set_rng_state({**saved, "cuda": [states[0]]})  # ... saved where this device did not exist
+    assert [state.tolist() for state in restored] == [[2], [2]]
+
+
 def test_kill_and_resume_matches_straight_run(tmp_path):
     straight = toy_trainer(toy_config(), tmp_path / "straight").fit()
 

@@ -172,12 +172,13 @@ def _detect_same_size(model: torch.nn.Module, images: list[np.ndarray], device: 
     tensors = [torch.from_numpy(image).to(device).permute(2, 0, 1).float().div_(255) for image in images]
     results = []
     for output in model(tensors):
-        keep = [COCO_CATEGORIES[int(label)] not in NOT_A_CLASS for label in output["labels"]]
+        names = [COCO_CATEGORIES[label] for label in output["labels"].tolist()]  # one read, not one per box
+        keep = [name not in NOT_A_CLASS for name in names]
         keep_index = torch.tensor(keep, dtype=torch.bool, device=output["labels"].device)
         results.append(
             FrameDetections(
                 time=0.0,
-                classes=[COCO_CATEGORIES[int(label)] for label in output["labels"][keep_index]],
+                classes=[name for name, kept in zip(names, keep) if kept],
                 rects=output["boxes"][keep_index].float().cpu().numpy().reshape(-1, 4),
                 confs=output["scores"][keep_index].float().cpu().numpy(),
             )

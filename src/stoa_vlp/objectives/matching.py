@@ -136,7 +136,7 @@ def costs_to_host(costs: torch.Tensor) -> torch.Tensor:
     host = torch.empty(costs.shape, dtype=costs.dtype, pin_memory=True)
     host.copy_(costs, non_blocking=True)
     done = torch.cuda.Event()
-    done.record()
+    done.record(torch.cuda.current_stream(costs.device))  # the copy's stream, whatever the current device
     _copies_in_flight[host.data_ptr()] = done
     return host
 

@@ -108,20 +108,28 @@ def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], s
 
 
 def rng_state() -> dict[str, Any]:
+    """The process's random states; on a GPU, of its own device only (a rank draws on no other)."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`; the device state goes to the current device. Checkpoints before
+    2026-11-27 hold every visible device's state in a list, which the current device's index picks
+    from (restoring the whole list failed on a machine with fewer GPUs)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):
+        device = torch.cuda.current_device() if cuda and torch.cuda.is_available() else len(cuda)
+        cuda = cuda[device] if device < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 # ---- checkpoint folders ------------------------------------------------------------------------

@@ -106,7 +106,7 @@ class SeededDataset(Dataset):
         index, seed = item
         numpy_state, python_state = np.random.get_state(), random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it reseeds the GPUs too
             np.random.seed(seed)
             random.seed(seed)
             try:
