@@ -57,7 +57,8 @@ def test_the_executable_reports_bad_input_in_one_line(tmp_path, capsys):
     missing = tmp_path / "nope.json"
     assert cli.console_main(["prepare", str(missing), str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert error == [f"stoa-vlp prepare: error: {missing}: annotation file does not exist (-v shows the traceback)"]
+    assert error == [f"stoa-vlp prepare: error: {missing}: annotation file does not exist "
+                     "(stoa-vlp -v prepare ... shows the traceback)"]
     with pytest.raises(ValueError, match="annotation file does not exist"):  # -v: the whole traceback
         cli.console_main(["-v", "prepare", str(missing), str(tmp_path / "out")])
     config = tmp_path / "bad.yaml"

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from stoa_vlp.config import Config, ConfigError, load_config, parse_override, save_config
+from stoa_vlp.config import Config, ConfigError, load_config, parse_override, path_override, save_config
 
 
 def test_presets_load_and_differ():
@@ -130,3 +130,28 @@ def test_values_out_of_range_in_a_file_or_a_dict_name_their_source(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match=r"^run/state.json: model.frames must be at least 1, got 0$"):
         from_dict({"model": {"frames": 0}}, "run/state.json")
+
+
+def test_a_config_file_without_an_extension_is_read_as_a_file(tmp_path):
+    path = tmp_path / "config_backup"  # was taken for the name of a preset
+    path.write_text("model:\n  frames: 3\n")
+    assert load_config(str(path)).model.frames == 3
+
+
+@pytest.mark.parametrize("path", ["world/dets #2.jsonl", "world/dets: v2.jsonl", "a 'quoted' \"path\".jsonl", ""])
+def test_a_path_given_to_a_command_reads_back_as_itself(path):
+    """Commands pass paths (--detections, the demo's folders) as overrides, read as YAML: a ' #' cut the
+    path off and a ': ' made it a mapping."""
+    assert load_config("tiny", [path_override("data.detections", path)]).data.detections == path
+
+
+def test_settings_that_would_fail_after_the_run_started_fail_before_it():
+    from stoa_vlp.commands.common import check_settings
+
+    for override, message in [("data.eval_sampling=centre", "data.eval_sampling must be one of uniform, rand"),
+                              ("data.train_sampling=random", "data.train_sampling must be one of uniform, rand"),
+                              ("model.text_len=64", "the fusion sequence takes 76 positions")]:
+        with pytest.raises(ValueError, match=message):
+            check_settings(load_config("tiny", [override]))
+    for preset in ("tiny", "base"):
+        check_settings(load_config(preset))

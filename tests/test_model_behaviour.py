@@ -352,10 +352,8 @@ def test_config_errors_are_clear():
     message = r"box labels must be in 0..63 \(model.num_object_classes=64\)"
     with torch.no_grad(), pytest.raises(ValueError, match=message):
         run_all(model, inputs)
-    model = make_model("model.fusion_positions=20")
-    inputs = make_inputs(model.config)
-    with torch.no_grad(), pytest.raises(ValueError, match="exceeds model.fusion_positions=20"):
-        run_all(model, inputs)
+    with pytest.raises(ValueError, match=r"fusion sequence takes 36 positions .* more than model.fusion_positions=20"):
+        STOAVLP(tiny("model.fusion_positions=20"))  # checked when built, not at the first step
 
 
 def test_trajectories_match_one_sequence_per_category_brute_force():

@@ -33,7 +33,10 @@ def test_pretrain_command_resumes_and_guards_finished_runs(tmp_path, caplog):
     with pytest.raises(CheckpointError, match="finished run"):
         main(common + ["--set", "train.steps=3"])
 
+    caplog.clear()
     assert main(common + ["--set", "train.steps=3", "--resume", "latest"]) == 0
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert not any(w.startswith("model.init_checkpoint is not set") for w in warnings)  # its towers were trained
     state = json.loads((run / "checkpoints" / "step_00000003" / "state.json").read_text())
     assert state["step"] == 3 and state["config"]["train"]["steps"] == 3
     train_steps = [r["step"] for r in read_metrics(run) if r["split"] == "train"]

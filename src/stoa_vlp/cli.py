@@ -75,7 +75,7 @@ def console_main(argv: list[str] | None = None) -> int:
         if "-v" in argv or "--verbose" in argv:
             raise
         command = next((word for word in argv if word in COMMANDS), "")
-        print(f"stoa-vlp {command}: error: {error} (-v shows the traceback)".replace("  ", " "), file=sys.stderr)
+        print(f"stoa-vlp {command}: error: {error} (stoa-vlp -v {command} ... shows the traceback)".replace("  ", " "), file=sys.stderr)
         return 2
 
 

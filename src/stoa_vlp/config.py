@@ -9,6 +9,7 @@ are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,6 +279,12 @@ def from_dict(values: dict[str, Any], source: str = "") -> Config:
     return config
 
 
+def path_override(key: str, path: str | Path) -> str:
+    """`key=path` as an override that reads back as exactly `path`: written plainly, a " #" in a
+    path starts a YAML comment and a ": " makes it a mapping."""
+    return f"{key}={json.dumps(str(path))}"
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """'model.frames=8' -> {'model': {'frames': 8}}; the value is read as YAML."""
     if "=" not in text:
@@ -296,7 +303,7 @@ def parse_override(text: str) -> dict[str, Any]:
 def load_config(preset_or_path: str = "tiny", overrides: list[str] | None = None) -> Config:
     """Build a config from a preset name or a YAML file, then apply dotted overrides."""
     path = Path(preset_or_path)
-    if not path.suffix:
+    if not path.suffix and not path.is_file():  # a preset name; a file is read whatever its name
         path = PRESET_DIR / f"{preset_or_path}.yaml"
         if not path.exists():
             known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))

@@ -56,8 +56,13 @@ def check_settings(config: Config) -> None:
     from stoa_vlp.objectives.pretrainer import check_loss_config
     from stoa_vlp.train.loop import check_train_settings
 
+    from stoa_vlp.data.decode import SAMPLING
+
     check_config(config.model)
     check_train_settings(config.train)
+    for name in ("train_sampling", "eval_sampling"):
+        if getattr(config.data, name) not in SAMPLING:
+            raise ValueError(f"data.{name} must be one of {', '.join(SAMPLING)}, got {getattr(config.data, name)!r}")
     if config.task.name in ("retrieval", "mc"):
         check_loss_config(config.loss, config.model)
     if config.train.warmup_steps >= config.train.steps:

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         keep_label_vocab(config, runner.label_vocab, run_dir, env)
         if config.data.val and config.data.test and env.is_main:
             warn_if_validation_sees_test(runner)
-        if init is None and env.is_main:
+        if init is None and not args.resume and env.is_main:  # a resumed run's towers come from its checkpoint
             warn_if_random_towers(config)
         model = build_model(config.model)
         if init:

@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if env.is_main:
             warn_if_objectives_lack_data(config)
-            warn_if_random_towers(config)
+            if not args.resume:  # a resumed run's towers come from its checkpoint
+                warn_if_random_towers(config)
         run_dir = prepare_run(config, env, args)
         adopt_label_vocab(config, run_dir)  # a resumed run keeps its class ids
         module = Pretrainer(build_model(config.model), config.loss)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stoa_vlp.config import Config, apply_overrides, from_dict
+from stoa_vlp.config import Config, apply_overrides, from_dict, path_override
 from stoa_vlp.data.jsonl import read_json_object
 
 PREPROCESSING = ("model.frames", "model.image_size", "model.text_len", "data.eval_sampling", "data.decoder")
@@ -156,7 +156,7 @@ def inference_config(args) -> tuple[Path, Config]:
     """(checkpoint folder, its config with --set and --detections applied)."""
     checkpoint = resolve_checkpoint(args.checkpoint)
     # the training videos' detections are not the user's videos': none unless --detections or --set give them
-    overrides = [f"data.detections={args.detections or ''}", *args.overrides]
+    overrides = [path_override("data.detections", args.detections or ""), *args.overrides]
     _, config = checkpoint_config(checkpoint, overrides)
     return checkpoint, config
 

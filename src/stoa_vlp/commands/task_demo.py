@@ -15,13 +15,13 @@ EXAMPLES_SHOWN = 3
 
 
 def stage_config(run, task: str, overrides: list[str]):
-    from stoa_vlp.config import apply_overrides, from_dict
+    from stoa_vlp.config import apply_overrides, from_dict, path_override
     from stoa_vlp.tasks.pipeline import task_config
 
     steps = max(1, round(run.config.train.steps * STEPS_SHARE[task]))
     config = apply_overrides(from_dict(run.config.to_dict()), [  # a copy of the demo's config, changed
         f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}", f"train.save_every={steps}",
-        f"train.eval_every={steps}", f"train.output_dir={run.folder / task}", *overrides,
+        f"train.eval_every={steps}", path_override("train.output_dir", run.folder / task), *overrides,
     ])
     return task_config(config, task)
 
@@ -87,13 +87,14 @@ def captioning_stage(run) -> None:
 
 def qa_stage(run) -> None:
     from stoa_vlp.commands.task_common import device_of
+    from stoa_vlp.config import path_override
     from stoa_vlp.tasks.pipeline import TaskRunner
     from stoa_vlp.tasks.qa import accuracy_by_type, read_questions
     from stoa_vlp.train.logging import format_table
 
     world = run.world
-    config = stage_config(run, "qa", [f"data.train={world.qa['train']}", f"data.val={world.qa['val']}",
-                                      f"data.test={world.qa['test']}"])
+    splits = [path_override(f"data.{split}", world.qa[split]) for split in ("train", "val", "test")]
+    config = stage_config(run, "qa", splits)
     runner = TaskRunner(config, device_of(config), Path(config.train.output_dir), fine_tuning=True)
     module, result = fine_tune(run, config, runner)
     metrics = runner.evaluate(module, "test")

@@ -81,6 +81,12 @@ def check_config(config: ModelConfig) -> None:
         problems.append("model.actions needs action_queries of at least 1")
     if config.text_len > config.context_length:
         problems.append(f"model.text_len {config.text_len} exceeds model.context_length {config.context_length}")
+    # frames, video-SEP, trajectories, actions, text, and one slot for a QA answer
+    fused = (config.frames + 1 + config.trajectories * config.objects + config.action_queries * config.actions
+             + config.text_len + 1)
+    if fused > config.fusion_positions:
+        problems.append(f"the fusion sequence takes {fused} positions (frames + 1 + trajectories + action_queries "
+                        f"+ text_len + 1), more than model.fusion_positions={config.fusion_positions}")
     if problems:
         raise ValueError("invalid model config: " + "; ".join(problems))
 

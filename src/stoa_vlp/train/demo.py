@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from stoa_vlp.commands.task_demo import DOWNSTREAM_STAGES
-from stoa_vlp.config import Config, load_config
+from stoa_vlp.config import Config, load_config, path_override
 from stoa_vlp.train.logging import format_table
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,14 @@ DemoStage = Callable[[DemoRun], None]
 def demo_config(run: DemoRun) -> Config:
     world = run.world
     data = [
-        f"data.train={world.annotations}",
-        f"data.val={world.annotations}",
-        f"data.test={world.annotations}",
+        path_override("data.train", world.annotations),
+        path_override("data.val", world.annotations),
+        path_override("data.test", world.annotations),
         "data.format=msrvtt",
-        f"data.video_root={world.videos}",
-        f"data.detections={world.detections}",
-        f"data.tags={world.root / 'tags.json'}",
-        f"train.output_dir={run.folder / 'pretrain'}",
+        path_override("data.video_root", world.videos),
+        path_override("data.detections", world.detections),
+        path_override("data.tags", world.root / 'tags.json'),
+        path_override("train.output_dir", run.folder / 'pretrain'),
         f"train.seed={run.settings.seed}",
     ]
     return load_config("tiny", DEMO_OVERRIDES + data + list(run.settings.overrides))
