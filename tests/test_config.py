@@ -132,13 +132,17 @@ def test_values_out_of_range_in_a_file_or_a_dict_name_their_source(tmp_path):
         from_dict({"model": {"frames": 0}}, "run/state.json")
 
 
-def test_a_config_file_without_an_extension_is_read_as_a_file(tmp_path):
+def test_a_config_file_without_an_extension_is_read_as_a_file(tmp_path, monkeypatch):
     path = tmp_path / "config_backup"  # was taken for the name of a preset
     path.write_text("model:\n  frames: 3\n")
     assert load_config(str(path)).model.frames == 3
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").write_text("model:\n  frames: 3\n")  # a preset's name still names the preset
+    assert load_config("base").model.frames == 12
 
 
-@pytest.mark.parametrize("path", ["world/dets #2.jsonl", "world/dets: v2.jsonl", "a 'quoted' \"path\".jsonl", ""])
+@pytest.mark.parametrize("path", ["world/dets #2.jsonl", "world/dets: v2.jsonl", "a 'quoted' \"path\".jsonl", "",
+                                  "runs/demo-\U0001F389/dets.jsonl", "C:\\data\\caf\u00e9\tx.jsonl"])
 def test_a_path_given_to_a_command_reads_back_as_itself(path):
     """Commands pass paths (--detections, the demo's folders) as overrides, read as YAML: a ' #' cut the
     path off and a ': ' made it a mapping."""
@@ -150,8 +154,19 @@ def test_settings_that_would_fail_after_the_run_started_fail_before_it():
 
     for override, message in [("data.eval_sampling=centre", "data.eval_sampling must be one of uniform, rand"),
                               ("data.train_sampling=random", "data.train_sampling must be one of uniform, rand"),
-                              ("model.text_len=64", "the fusion sequence takes 76 positions")]:
+                              ("model.text_len=64", "the fusion sequence takes 75 positions")]:
         with pytest.raises(ValueError, match=message):
             check_settings(load_config("tiny", [override]))
     for preset in ("tiny", "base"):
         check_settings(load_config(preset))
+
+
+def test_the_fusion_length_counts_an_answer_slot_for_video_qa_only():
+    from stoa_vlp.model import STOAVLP
+    from stoa_vlp.tasks.pipeline import task_config
+
+    exact = load_config("tiny", ["model.fusion_positions=35"])  # 4 frames + 1 + 4 + 2 + 24 tokens
+    STOAVLP(exact.model)  # a model whose sequence fills the table exactly
+    task_config(exact, "captioning")
+    with pytest.raises(ValueError, match="video QA adds an answer slot: the fusion sequence takes 36 positions"):
+        task_config(exact, "qa")

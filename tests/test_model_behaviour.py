@@ -352,7 +352,7 @@ def test_config_errors_are_clear():
     message = r"box labels must be in 0..63 \(model.num_object_classes=64\)"
     with torch.no_grad(), pytest.raises(ValueError, match=message):
         run_all(model, inputs)
-    with pytest.raises(ValueError, match=r"fusion sequence takes 36 positions .* more than model.fusion_positions=20"):
+    with pytest.raises(ValueError, match=r"fusion sequence takes 35 positions .* more than model.fusion_positions=20"):
         STOAVLP(tiny("model.fusion_positions=20"))  # checked when built, not at the first step
 
 

@@ -9,7 +9,7 @@ are errors that name the key.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,8 +281,10 @@ def from_dict(values: dict[str, Any], source: str = "") -> Config:
 
 def path_override(key: str, path: str | Path) -> str:
     """`key=path` as an override that reads back as exactly `path`: written plainly, a " #" in a
-    path starts a YAML comment and a ": " makes it a mapping."""
-    return f"{key}={json.dumps(str(path))}"
+    path starts a YAML comment and a ": " makes it a mapping. YAML quotes it (JSON's quoting split
+    characters beyond U+FFFF into surrogates that YAML reads back apart)."""
+    quoted = yaml.safe_dump(str(path), default_style='"', width=math.inf).strip().removesuffix("...").strip()
+    return f"{key}={quoted}"
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -303,11 +305,11 @@ def parse_override(text: str) -> dict[str, Any]:
 def load_config(preset_or_path: str = "tiny", overrides: list[str] | None = None) -> Config:
     """Build a config from a preset name or a YAML file, then apply dotted overrides."""
     path = Path(preset_or_path)
-    if not path.suffix and not path.is_file():  # a preset name; a file is read whatever its name
+    presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    if preset_or_path in presets or not (path.suffix or path.is_file()):  # a preset name before a file
         path = PRESET_DIR / f"{preset_or_path}.yaml"
         if not path.exists():
-            known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-            raise ConfigError(f"unknown preset '{preset_or_path}' (known: {', '.join(known)})")
+            raise ConfigError(f"unknown preset '{preset_or_path}' (known: {', '.join(presets)})")
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     config = Config()

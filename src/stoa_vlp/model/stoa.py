@@ -59,6 +59,13 @@ def end_positions(text_mask: torch.Tensor) -> torch.Tensor:
     return (text_mask.sum(dim=1) - 1).clamp(min=0)
 
 
+def fusion_length(config: ModelConfig, extra_slots: int = 0) -> int:
+    """Positions of a fused sequence: frames, video-SEP, trajectories, actions, text and `extra_slots`
+    (video QA's answer slot)."""
+    return (config.frames + 1 + config.trajectories * config.objects + config.action_queries * config.actions
+            + config.text_len + extra_slots)
+
+
 def check_config(config: ModelConfig) -> None:
     problems = []
     if config.embed_dim != config.text_width:
@@ -81,12 +88,9 @@ def check_config(config: ModelConfig) -> None:
         problems.append("model.actions needs action_queries of at least 1")
     if config.text_len > config.context_length:
         problems.append(f"model.text_len {config.text_len} exceeds model.context_length {config.context_length}")
-    # frames, video-SEP, trajectories, actions, text, and one slot for a QA answer
-    fused = (config.frames + 1 + config.trajectories * config.objects + config.action_queries * config.actions
-             + config.text_len + 1)
-    if fused > config.fusion_positions:
-        problems.append(f"the fusion sequence takes {fused} positions (frames + 1 + trajectories + action_queries "
-                        f"+ text_len + 1), more than model.fusion_positions={config.fusion_positions}")
+    if fusion_length(config) > config.fusion_positions:
+        problems.append(f"the fusion sequence takes {fusion_length(config)} positions (frames + 1 + trajectories + "
+                        f"action_queries + text_len), more than model.fusion_positions={config.fusion_positions}")
     if problems:
         raise ValueError("invalid model config: " + "; ".join(problems))
 
