@@ -3,6 +3,7 @@ through the command line: finetune (validation selection, one test evaluation), 
 answer, index, search and visualise."""
 
 import json
+import os
 import shutil
 
 import av
@@ -109,6 +110,8 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
         assert main(["answer", "--checkpoint", str(run), str(video), "what shape moves left?", "--top", "2"]) == 0
         lines = capsys.readouterr().out.strip().splitlines()
         assert lines[0] == "Q: what shape moves left?" and len(lines) == 3 and lines[1].startswith("A: ")
+        with pytest.raises(ValueError, match="the question is empty"):
+            main(["answer", "--checkpoint", str(run), str(video), "\t"])
         assert main(["caption", "--checkpoint", str(run), str(video), "--max-tokens", "3"]) == 0  # its model part
         assert capsys.readouterr().out.startswith(f"{video}\t")
     if task == "retrieval":
@@ -119,6 +122,26 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
         assert main(["search", str(index), "a red circle moves left", "--top", "3", "--rerank-k", "2"]) == 0
         rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "video" in line]
         assert len(rows) == 4  # header + 3 hits
+        with pytest.raises(ValueError, match="the query is empty"):
+            main(["search", str(index), "  "])
+        # the run trained again in place: same path, other weights
+        weights = next((run / "checkpoints").glob("step_*/model.safetensors"))
+        os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+        assert main(["search", str(index), "a red circle", "--rerank-k", "0"]) == 0
+        assert "changed since" in caplog.text and "build the index again" in caplog.text
+        partial = tmp_path / "partial.jsonl"  # detections of the first video only
+        partial.write_text(world.detections.read_text().splitlines()[0] + "\n")
+        caplog.clear()
+        assert main(["index", str(world.videos), "--checkpoint", str(run), "--output", str(tmp_path / "index2"),
+                     "--detections", str(partial)]) == 0
+        assert f"{partial}: {len(list(world.videos.glob('*.mp4'))) - 1} of" in caplog.text  # reported, not silent
+        video = world.videos / f"{world.video_ids['test'][0]}.mp4"
+        with pytest.raises(ValueError, match="the caption is empty"):
+            main(["visualise", "--checkpoint", str(run), str(video), " ", "--out", str(tmp_path / "v.png")])
+        with pytest.raises(ValueError, match="its folder does not exist"):
+            main(["visualise", "--checkpoint", str(run), str(video), "a red circle", "--out", str(tmp_path / "v.png"),
+                  "--json", str(tmp_path / "missing" / "v.json")])
+        assert not (tmp_path / "v.png").exists()  # nothing drawn for a run that fails
         moved = tmp_path / "moved"
         shutil.copytree(run, moved)
         assert main(["search", str(index), "a red circle", "--checkpoint", str(moved), "--rerank-k", "0"]) == 0

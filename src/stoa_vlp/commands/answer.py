@@ -29,15 +29,18 @@ def run(args: argparse.Namespace) -> int:
         device_of,
         file_records,
         inference_config,
+        inference_detections,
         load_task_weights,
         run_dir_of,
         trained_for,
     )
-    from stoa_vlp.data.dataset import VideoTextDataset, load_detections
+    from stoa_vlp.data.dataset import VideoTextDataset
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.data import LabelledCollate, evaluation_loader
     from stoa_vlp.tasks.pipeline import TaskRunner
 
+    if not args.question.strip():
+        raise ValueError("the question is empty")
     checkpoint, config = inference_config(args)
     fine_tuned_for = trained_for(config)
     if fine_tuned_for != "qa":
@@ -48,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
     qa_model = runner.module(build_model(config.model))
     load_task_weights(qa_model, checkpoint)
     qa_model.to(device).eval()
-    detections, label_vocab = load_detections(config)
-    dataset = VideoTextDataset(file_records([args.video], args.question), config, False, detections, label_vocab)
+    records = file_records([args.video], args.question)
+    detections, label_vocab = inference_detections(config, records)
+    dataset = VideoTextDataset(records, config, False, detections, label_vocab)
     batch = next(iter(evaluation_loader(dataset, config, LabelledCollate([-1])))).to(device)
     with torch.no_grad():
         probabilities = torch.softmax(qa_model.logits(batch).float(), dim=-1)[0]

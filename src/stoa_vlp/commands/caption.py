@@ -25,8 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stoa_vlp.commands.task_common import file_records, inference_model
-    from stoa_vlp.data.dataset import load_detections
+    from stoa_vlp.commands.task_common import file_records, inference_detections, inference_model
     from stoa_vlp.tasks.captioning import generate_captions
     from stoa_vlp.tasks.data import video_loader
     from stoa_vlp.tasks.retrieval import encode_videos
@@ -34,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     _, config, model, device = inference_model(args)
     records = file_records(args.videos, "video")
-    detections, label_vocab = load_detections(config)
+    detections, label_vocab = inference_detections(config, records)
     loader = video_loader(records, config, detections, label_vocab)
     ids, videos = encode_videos(model, loader, device, progress=config.train.progress)
     beam = args.beam or config.task.beam_size

@@ -24,24 +24,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from stoa_vlp.commands.task_common import checkpoint_config, file_records, inference_model
-    from stoa_vlp.data.dataset import load_detections
+    from stoa_vlp.commands.task_common import checkpoint_config, file_records, inference_detections, inference_model
     from stoa_vlp.data.video_files import find_videos
     from stoa_vlp.tasks.data import video_loader
     from stoa_vlp.tasks.retrieval import encode_videos
-    from stoa_vlp.tasks.search import SearchIndex, save_index
+    from stoa_vlp.tasks.search import SearchIndex, save_index, weights_stamp
 
     found = find_videos([args.folder])
     if not found:
         raise ValueError(f"{args.folder}: no video files or frame folders")
     checkpoint, config, model, device = inference_model(args)
     records = file_records([path for _, path in found], "video")
-    detections, label_vocab = load_detections(config)
+    detections, label_vocab = inference_detections(config, records)
     loader = video_loader(records, config, detections, label_vocab)
     ids, videos = encode_videos(model, loader, device, progress=not args.no_progress)
     paths = {record.video_id: str(Path(record.path).resolve()) for record in records}
     trained, _ = checkpoint_config(checkpoint, [])
-    info = {"checkpoint": str(checkpoint.resolve()), "config": config.to_dict(),
+    info = {"checkpoint": str(checkpoint.resolve()), "weights": weights_stamp(checkpoint), "config": config.to_dict(),
             "trained_model": trained.to_dict()["model"]}
     save_index(args.output, SearchIndex(ids, [paths[i] for i in ids], videos, info))
     print(f"indexed {len(ids)} videos from {args.folder} into {args.output} "

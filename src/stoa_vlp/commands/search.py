@@ -32,10 +32,12 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.commands.task_common import checkpoint_config, device_of, load_task_weights, resolve_checkpoint
     from stoa_vlp.config import apply_overrides, from_dict
     from stoa_vlp.model import build_model
-    from stoa_vlp.tasks.search import INDEX_FILE, load_index, search
+    from stoa_vlp.tasks.search import INDEX_FILE, load_index, search, weights_stamp
     from stoa_vlp.tokenizer import Tokenizer
     from stoa_vlp.train.logging import format_table
 
+    if not args.query.strip():
+        raise ValueError("the query is empty")
     index = load_index(args.index)
     source = str(Path(args.index) / INDEX_FILE)
     config = apply_overrides(from_dict(index.info["config"], source), args.overrides)
@@ -49,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("stoa_vlp.search").warning(
             "queries are encoded with %s, the index's videos with %s: the scores hold only if these are the same "
             "weights (a moved run); otherwise build the index again", checkpoint, index.info["checkpoint"])
+    elif index.info.get("weights", weights_stamp(checkpoint)) != weights_stamp(checkpoint):
+        logging.getLogger("stoa_vlp.search").warning(
+            "the weights in %s changed since %s was built (trained again in place?): the index's videos were "
+            "encoded with the old ones, so the scores hold only if the weights are the same; build the index again",
+            checkpoint, args.index)
     device = device_of(config)
     model = build_model(config.model)
     load_task_weights(model, checkpoint)
@@ -59,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
                   config.loss.vtc_video_feature)
     rows = [[rank, hit.video_id, round(hit.score, 4), round(hit.cosine, 4),
              "" if hit.match is None else round(hit.match, 4), hit.path] for rank, hit in enumerate(hits, 1)]
-    print(f"query: {args.query!r} ({len(index.video_ids)} videos; top {rerank_k} re-ranked by the matching head)")
+    reranked = min(rerank_k, len(index.video_ids))
+    print(f"query: {args.query!r} ({len(index.video_ids)} videos; top {reranked} re-ranked by the matching head)")
     print(format_table(["rank", "video", "score", "cosine", "P(match)", "path"], rows))
     return 0

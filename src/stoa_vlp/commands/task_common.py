@@ -161,6 +161,17 @@ def inference_config(args) -> tuple[Path, Config]:
     return checkpoint, config
 
 
+def inference_detections(config: Config, records: list) -> tuple:
+    """(detections, label vocabulary) of `load_detections` for the videos of `records`, with the videos
+    that have no line in the file reported as training reports them (their clips get no objects)."""
+    from stoa_vlp.data.dataset import load_detections, report_detection_coverage
+
+    detections, label_vocab = load_detections(config)
+    if detections is not None:
+        report_detection_coverage(config.data.detections, detections, records, "the given videos")
+    return detections, label_vocab
+
+
 def inference_model(args):
     """(checkpoint folder, config, model on its device, device) of `inference_config(args)`: the
     checkpoint's STOAVLP weights, whatever task it was fine-tuned for."""

@@ -46,16 +46,23 @@ def caption_tags(caption: str, tokenizer, spacy_model: str):
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from stoa_vlp.commands.task_common import file_records, inference_model
-    from stoa_vlp.data.dataset import VideoTextDataset, load_detections
+    from pathlib import Path
+
+    from stoa_vlp.commands.task_common import file_records, inference_detections, inference_model
+    from stoa_vlp.data.dataset import VideoTextDataset
     from stoa_vlp.tasks.data import evaluation_loader
     from stoa_vlp.tasks.visualise import explain_clip, render
     from stoa_vlp.tokenizer import Tokenizer
     from stoa_vlp.train.logging import format_table
 
+    if not args.caption.strip():
+        raise ValueError("the caption is empty")
+    for path in filter(None, (args.out, args.json)):  # checked before drawing: a failed run leaves no file
+        if not Path(path).resolve().parent.is_dir():
+            raise ValueError(f"{path}: its folder does not exist")
     _, config, model, device = inference_model(args)
-    detections, label_vocab = load_detections(config)
     records = file_records([args.video], args.caption)
+    detections, label_vocab = inference_detections(config, records)
     dataset = VideoTextDataset(records, config, False, detections, label_vocab)
     batch = next(iter(evaluation_loader(dataset, config))).to(device)
     tokenizer = Tokenizer(config.model.text_len)

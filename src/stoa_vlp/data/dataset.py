@@ -508,27 +508,31 @@ def load_detections(config: Config) -> tuple[dict | None, LabelVocab | None]:
     return detections, LabelVocab.from_detections(detections, max_size=classes)
 
 
+def report_detection_coverage(path: str, detections: dict, records: list[VideoRecord], source: str) -> None:
+    """Log how the detections file `path` covers the videos of `records` (from `source`): lines for
+    other videos (info), videos without a line (a warning: their clips get no objects), detected
+    frames without a box (info)."""
+    known = {record.video_id for record in records}
+    unknown = sorted(set(detections) - known)
+    if unknown:  # one detections file for all splits is usual
+        log.info("%s: %d detection lines are for videos not in %s (e.g. %s); they are ignored",
+                 path, len(unknown), source, unknown[0])
+    without = sorted(known - set(detections))
+    if without:
+        log.warning("%s: %d of %d videos have no detections (no object trajectories; e.g. %s)",
+                    path, len(without), len(known), without[0])
+    frames = [frame for video_id in known & set(detections) for frame in detections[video_id].frames]
+    empty = sum(not frame.classes for frame in frames)
+    if empty:
+        log.info("%s: %d of %d detected frames of %s hold no box", path, empty, len(frames), source)
+
+
 def _load_side_data(config: Config, records: list[VideoRecord] | None, source: str):
     """Detections, label vocabulary and tag cache named by the config (each may be None)."""
     detections, label_vocab = load_detections(config)
     tag_cache = None
-    if detections is not None:
-        if records is not None:
-            known = {record.video_id for record in records}
-            unknown = sorted(set(detections) - known)
-            if unknown:  # one detections file for all splits is usual
-                log.info(
-                    "%s: %d detection lines are for videos not in %s (e.g. %s); they are ignored",
-                    config.data.detections, len(unknown), source, unknown[0],
-                )
-            without = len(known - set(detections))
-            if without:
-                log.warning("%s: %d of %d videos have no detections (empty object targets)",
-                            config.data.detections, without, len(known))
-            frames = [frame for video_id in known & set(detections) for frame in detections[video_id].frames]
-            empty = sum(not frame.classes for frame in frames)
-            if empty:
-                log.info("%s: %d of %d detected frames of %s hold no box", config.data.detections, empty, len(frames), source)
+    if detections is not None and records is not None:
+        report_detection_coverage(config.data.detections, detections, records, source)
     if config.data.tags:
         tag_cache = TagCache.read(config.data.tags, length=config.model.text_len)
         if records is not None:

@@ -29,12 +29,20 @@ FEATURES_FILE = "features.safetensors"
 INDEX_FILE = "index.json"
 
 
+def weights_stamp(checkpoint: Path) -> dict[str, int]:
+    """Size and modification time of a checkpoint folder's weights: the index records them, so that a
+    run trained again in place (same path, other weights) is told apart (hashing 800 MB per query
+    would cost more than the search)."""
+    stat = (Path(checkpoint) / "model.safetensors").stat()
+    return {"bytes": stat.st_size, "modified_ns": stat.st_mtime_ns}
+
+
 @dataclass
 class SearchIndex:
     video_ids: list[str]
     paths: list[str]
     videos: VideoFeatures
-    info: dict  # "checkpoint", "config" (as saved)
+    info: dict  # "checkpoint", "weights" (weights_stamp), "config" (as saved), "trained_model"
 
 
 @dataclass
