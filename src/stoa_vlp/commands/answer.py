@@ -8,7 +8,7 @@ from stoa_vlp.commands.arguments import positive_int
 
 HELP = "answer a question about a video with a fine-tuned video-QA checkpoint"
 EXAMPLES = """examples:
-  stoa-vlp answer --checkpoint runs/qa clip.mp4 "what colour is the shape that moves left?"
+  stoa-vlp answer --checkpoint runs/qa clip.mp4 "what colour is the shape that is moving left?"
   stoa-vlp answer --checkpoint runs/msrvtt-qa --top 5 video7010.mp4 "what is the man doing?"
 """
 

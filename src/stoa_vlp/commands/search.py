@@ -8,7 +8,7 @@ from stoa_vlp.commands.arguments import non_negative_int, positive_int
 
 HELP = "search an index built by `stoa-vlp index` with a text query"
 EXAMPLES = """examples:
-  stoa-vlp search my_index "a red square moves left"
+  stoa-vlp search my_index "a red square is moving left"
   stoa-vlp search my_index "a man is cooking" --top 20 --rerank-k 50
 Scores: contrastive cosine for every video, then fusion (matching head) re-ranking of the top --rerank-k.
 """

@@ -1,6 +1,6 @@
 """Annotation readers: every supported format becomes a list of `VideoRecord`.
 
-Formats (design.md §3), with the file `path` points at:
+Formats (README: Annotation formats), with the file `path` points at:
 - msrvtt: CLIP4Clip's `MSRVTT_data.json` ({"videos": [{"video_id", "split"}], "sentences":
   [{"video_id", "caption"}]}), split train / val ("validate" in the file) / test;
   `MSRVTT_train.9k.csv` (column video_id; captions from MSRVTT_data.json beside it);

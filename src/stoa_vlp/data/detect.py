@@ -1,4 +1,4 @@
-"""Run a torchvision object detector over videos and write the detections JSONL (design.md §3).
+"""Run a torchvision object detector over videos and write the detections JSONL (README: Detections format).
 
 The default detector is Faster R-CNN ResNet-50 FPN v2 with COCO's 91 categories; its weights come
 from a local file (nothing is downloaded). Frames are sampled at a fixed rate with PyAV (or picked

@@ -1,7 +1,7 @@
 """Object detections: the JSONL file format, VinVL conversion, the label vocabulary and the
 per-clip selection of boxes and trajectory categories.
 
-File format (design.md §3), one video per line, boxes x0,y0,x1,y1 in pixels of the original video:
+File format (README: Detections format), one video per line, boxes x0,y0,x1,y1 in pixels of the original video:
     {"video_id": "video17", "width": 320, "height": 240,
      "frames": [{"time": 0.50, "objects": [{"class": "dog", "rect": [12, 40, 88, 120], "conf": 0.93}]}]}
 video_id and class are non-empty strings, width and height positive integers, time and rect finite

@@ -10,7 +10,7 @@ backwards: only the order of the frames tells them apart.
 `render_world` writes, under one folder:
     videos/<video_id>.mp4   H.264 (libx264), short keyframe interval
     MSRVTT_data.json        CLIP4Clip's MSR-VTT format, splits train / validate / test
-    detections.jsonl        the true boxes per frame plus detector-like noise (design.md §3);
+    detections.jsonl        the true boxes per frame plus detector-like noise (README: Detections format);
                             class = "<colour> <shape>" (or the shape alone, `detection_classes`)
     qa_<split>.jsonl        ALPRO/ClipBERT-style {"video_id", "question", "answer", "answer_type"}
     mc_<split>.jsonl        MSR-VTT multiple-choice {"video_id", "options": [5 captions], "answer"}
