@@ -170,3 +170,11 @@ def test_the_fusion_length_counts_an_answer_slot_for_video_qa_only():
     task_config(exact, "captioning")
     with pytest.raises(ValueError, match="video QA adds an answer slot: the fusion sequence takes 36 positions"):
         task_config(exact, "qa")
+
+
+def test_answer_checks_the_answer_slot_before_loading_anything(tmp_path):
+    from stoa_vlp.tasks.pipeline import check_qa_fusion
+
+    check_qa_fusion(load_config("tiny", ["model.fusion_positions=36"]).model)  # 35 + the answer slot
+    with pytest.raises(ValueError, match="video QA adds an answer slot: the fusion sequence takes 36 positions"):
+        check_qa_fusion(load_config("tiny", ["model.fusion_positions=35"]).model)

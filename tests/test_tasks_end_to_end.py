@@ -122,8 +122,9 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
         assert main(["search", str(index), "a red circle moves left", "--top", "3", "--rerank-k", "2"]) == 0
         rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "video" in line]
         assert len(rows) == 4  # header + 3 hits
-        with pytest.raises(ValueError, match="the query is empty"):
-            main(["search", str(index), "  "])
+        for blank in ("  ", "\ufeff", "\x01"):  # nothing the tokenizer keeps: an empty query, not a search
+            with pytest.raises(ValueError, match="the query is empty"):
+                main(["search", str(index), blank])
         # the run trained again in place: same path, other weights
         weights = next((run / "checkpoints").glob("step_*/model.safetensors"))
         os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
@@ -141,6 +142,9 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
         with pytest.raises(ValueError, match="its folder does not exist"):
             main(["visualise", "--checkpoint", str(run), str(video), "a red circle", "--out", str(tmp_path / "v.png"),
                   "--json", str(tmp_path / "missing" / "v.json")])
+        with pytest.raises(ValueError, match="is a folder, not a file to write"):
+            main(["visualise", "--checkpoint", str(run), str(video), "a red circle", "--out", str(tmp_path / "v.png"),
+                  "--json", str(tmp_path)])
         assert not (tmp_path / "v.png").exists()  # nothing drawn for a run that fails
         moved = tmp_path / "moved"
         shutil.copytree(run, moved)

@@ -29,15 +29,20 @@ def run(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from stoa_vlp.commands.task_common import checkpoint_config, device_of, load_task_weights, resolve_checkpoint
+    from stoa_vlp.commands.task_common import (
+        checkpoint_config,
+        device_of,
+        load_task_weights,
+        require_text,
+        resolve_checkpoint,
+    )
     from stoa_vlp.config import apply_overrides, from_dict
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.search import INDEX_FILE, load_index, search, weights_stamp
     from stoa_vlp.tokenizer import Tokenizer
     from stoa_vlp.train.logging import format_table
 
-    if not args.query.strip():
-        raise ValueError("the query is empty")
+    require_text(args.query, "query")
     index = load_index(args.index)
     source = str(Path(args.index) / INDEX_FILE)
     config = apply_overrides(from_dict(index.info["config"], source), args.overrides)

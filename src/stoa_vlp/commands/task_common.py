@@ -161,6 +161,15 @@ def inference_config(args) -> tuple[Path, Config]:
     return checkpoint, config
 
 
+def require_text(text: str, what: str) -> None:
+    """ValueError when `text` has no word for the tokenizer (blank, or only characters it drops, such as
+    a byte-order mark or control characters): it would run as an empty query, question or caption."""
+    from stoa_vlp.tokenizer import Tokenizer
+
+    if not Tokenizer().encode_words(text):
+        raise ValueError(f"the {what} is empty (no word the tokenizer keeps)")
+
+
 def inference_detections(config: Config, records: list) -> tuple:
     """(detections, label vocabulary) of `load_detections` for the videos of `records`, with the videos
     that have no line in the file reported as training reports them (their clips get no objects)."""

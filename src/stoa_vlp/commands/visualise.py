@@ -48,18 +48,19 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from stoa_vlp.commands.task_common import file_records, inference_detections, inference_model
+    from stoa_vlp.commands.task_common import file_records, inference_detections, inference_model, require_text
     from stoa_vlp.data.dataset import VideoTextDataset
     from stoa_vlp.tasks.data import evaluation_loader
     from stoa_vlp.tasks.visualise import explain_clip, render
     from stoa_vlp.tokenizer import Tokenizer
     from stoa_vlp.train.logging import format_table
 
-    if not args.caption.strip():
-        raise ValueError("the caption is empty")
+    require_text(args.caption, "caption")
     for path in filter(None, (args.out, args.json)):  # checked before drawing: a failed run leaves no file
         if not Path(path).resolve().parent.is_dir():
             raise ValueError(f"{path}: its folder does not exist")
+        if Path(path).is_dir():
+            raise ValueError(f"{path} is a folder, not a file to write")
     _, config, model, device = inference_model(args)
     records = file_records([args.video], args.caption)
     detections, label_vocab = inference_detections(config, records)

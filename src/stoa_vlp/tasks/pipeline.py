@@ -61,17 +61,24 @@ def check_task_settings(config: Config) -> None:
         raise ValueError("; ".join(problems))
 
 
+def check_qa_fusion(model_config) -> None:
+    """ValueError when video QA's answer slot does not fit model.fusion_positions."""
+    from stoa_vlp.model.stoa import fusion_length
+
+    length = fusion_length(model_config, extra_slots=1)
+    if length > model_config.fusion_positions:
+        raise ValueError(f"video QA adds an answer slot: the fusion sequence takes {length} positions, more than "
+                         f"model.fusion_positions={model_config.fusion_positions}")
+
+
 def task_config(config: Config, task: str) -> Config:
     """A copy of `config` set up for `task`: task.name, the retrieval losses only (retrieval, mc),
     and train.best_metric = the task's validation metric unless set to a metric no task selects by."""
-    from stoa_vlp.model.stoa import fusion_length
-
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     check_task_settings(config)
-    if task == "qa" and fusion_length(config.model, extra_slots=1) > config.model.fusion_positions:
-        raise ValueError(f"video QA adds an answer slot: the fusion sequence takes {fusion_length(config.model, 1)} "
-                         f"positions, more than model.fusion_positions={config.model.fusion_positions}")
+    if task == "qa":
+        check_qa_fusion(config.model)
     config = dataclasses.replace(
         config, task=dataclasses.replace(config.task, name=task), loss=dataclasses.replace(config.loss),
         train=dataclasses.replace(config.train),
