@@ -112,6 +112,18 @@ def test_captions_without_a_video_are_left_out_with_a_count(tmp_path, caplog):
     assert f"{shard}: 2 captions have no .mp4 member and are left out (e.g. {shard}::0002)" in caplog.text
 
 
+def test_evaluation_streams_leave_out_keys_the_annotation_reader_leaves_out(video, tmp_path, caplog):
+    """A key with a caption and no video, or a video and no caption, stopped validation over shards (and
+    the run, before that step's checkpoint), while `evaluate` and the reader leave such keys out."""
+    members = [("0001.mp4", video), ("0001.txt", b"a dog runs"), ("0002.txt", b"no video"),
+               ("0003.mp4", video), ("0004.mp4", video), ("0004.txt", b"snow falls")]
+    shard = write_shard(tmp_path / "00000.tar", members)
+    read = [record.video_id for record in read_annotations(shard, strict=True)]
+    streamed = [sample.video_id for sample in WebDatasetShards([shard], tiny(), training=False)]
+    assert streamed == read == ["0001", "0004"]
+    assert "2 shard keys without a video or without a caption are left out" in caplog.text
+
+
 def test_a_shard_list_naming_a_missing_shard_is_an_error_up_front(tmp_path):
     write_shard(tmp_path / "00000.tar", [("0001.mp4", b"video"), ("0001.txt", b"a dog")])
     (tmp_path / "train.shards").write_text("00000.tar\nmissing.tar\n")

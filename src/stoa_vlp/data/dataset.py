@@ -457,9 +457,13 @@ class WebDatasetShards(IterableDataset):
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.start_batch}-{consumer}")
         sample_rng = np.random.default_rng(rng.getrandbits(63))
         buffer: list[tuple[str, str, bytes | None, dict[str, tuple[str, bytes]]]] = []
+        left_out: list[str] = []  # evaluation: keys without a video or a caption member
         for shard in self._shard_order(rng):
             try:
                 for key, video, captions in self._raw_samples(shard):
+                    if not self.training and (video is None or not captions):
+                        left_out.append(f"{shard}::{key}")  # as the annotation reader leaves them out
+                        continue
                     buffer.append((shard, key, video, captions))
                     if len(buffer) > self.shuffle_buffer:
                         sample = self._take(buffer, rng, sample_rng)
@@ -474,6 +478,9 @@ class WebDatasetShards(IterableDataset):
             sample = self._take(buffer, rng, sample_rng)
             if sample is not None:
                 yield sample
+        if left_out:
+            log.warning("%d shard keys without a video or without a caption are left out, as the annotation "
+                        "reader leaves them (e.g. %s)", len(left_out), left_out[0])
 
     def _take(self, buffer: list, rng: random.Random, sample_rng: np.random.Generator) -> Sample | None:
         """Build a random (training) or the oldest (evaluation) buffered sample; None if skipped."""
