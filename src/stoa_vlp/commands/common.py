@@ -52,11 +52,10 @@ def check_settings(config: Config) -> None:
     """The checks of the model, train and (for the tasks trained with the pre-training objectives) loss
     settings, made before the run folder is written: a run that cannot start leaves no files behind
     that --overwrite would then refuse to delete."""
+    from stoa_vlp.data.decode import SAMPLING
     from stoa_vlp.model.stoa import check_config
     from stoa_vlp.objectives.pretrainer import check_loss_config
     from stoa_vlp.train.loop import check_train_settings
-
-    from stoa_vlp.data.decode import SAMPLING
 
     check_config(config.model)
     check_train_settings(config.train)

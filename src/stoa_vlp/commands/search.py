@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("stoa_vlp.search").warning(
             "queries are encoded with %s, the index's videos with %s: the scores hold only if these are the same "
             "weights (a moved run); otherwise build the index again", checkpoint, index.info["checkpoint"])
-    elif index.info.get("weights", weights_stamp(checkpoint)) != weights_stamp(checkpoint):
+    elif "weights" in index.info and index.info["weights"] != weights_stamp(checkpoint):  # older indexes: none
         logging.getLogger("stoa_vlp.search").warning(
             "the weights in %s changed since %s was built (trained again in place?): the index's videos were "
             "encoded with the old ones, so the scores hold only if the weights are the same; build the index again",

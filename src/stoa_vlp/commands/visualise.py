@@ -45,7 +45,6 @@ def caption_tags(caption: str, tokenizer, spacy_model: str):
 
 def run(args: argparse.Namespace) -> int:
     import json
-
     from pathlib import Path
 
     from stoa_vlp.commands.task_common import file_records, inference_detections, inference_model, require_text
