@@ -126,7 +126,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     cuda = state["cuda"]
     if isinstance(cuda, list):
-        device = torch.cuda.current_device() if torch.cuda.is_available() else -1
+        device = torch.cuda.current_device() if cuda and torch.cuda.is_available() else -1
         cuda = cuda[device] if 0 <= device < len(cuda) else None
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
