@@ -14,6 +14,8 @@ warm-up, median of at least 10 steps) each variant of VARIANTS chosen by --eager
     train.compile) on the full model, with what a run does beyond the bare step: the batch copied
     from pinned host memory, the losses read, the gradient clipped and its norm read, the LR
     scheduled; not timed unless named.
+The frames are uint8, as the data pipeline gives them, and every variant (timm too) normalises them
+on the device inside its step.
 Model FLOPs come from `torch.utils.flop_counter.FlopCounterMode` on an eager step without activation
 checkpointing (its recomputed forward is work, not model FLOPs); MFU is measured against a bf16
 matrix product timed in the same run. --profile prints where the device time of a variant goes
@@ -47,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from stoa_vlp.batch import TAG_NOUN, TAG_VERB, Batch
 from stoa_vlp.config import Config, load_config
 from stoa_vlp.model import STOAVLP
+from stoa_vlp.model.towers import CLIP_MEAN, CLIP_STD
 from stoa_vlp.objectives import Pretrainer, matching
 from stoa_vlp.train.loop import Trainer
 
@@ -78,7 +81,7 @@ def synthetic_batch(config: Config, clips: int, device: torch.device, seed: int 
     tags = torch.where(tags == 1, TAG_NOUN, torch.where(tags == 2, TAG_VERB, 0))
     tags = tags * text_mask * (positions > 0) * (tokens != EOT)
     batch = Batch(
-        frames=torch.randn(clips, T, 3, S, S, generator=g),
+        frames=torch.randint(0, 256, (clips, T, 3, S, S), dtype=torch.uint8, generator=g),  # normalised by the model
         boxes=boxes,
         box_labels=box_labels,
         box_mask=box_mask,
@@ -431,10 +434,16 @@ def main(argv: list[str] | None = None) -> None:
         if name == "timm":
             import timm
 
-            frames = batch.frames.flatten(0, 1)  # (B*T, 3, H, W)
+            frames = batch.frames.flatten(0, 1)  # (B*T, 3, H, W) uint8
             shape = {} if on_gpu else dict(img_size=config.model.image_size, depth=2, embed_dim=64, num_heads=2)
             vit = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=0, **shape).to(device)
-            runner = torch.compile(vit, mode=args.compile_mode) if compiled else vit
+            mean, std = (torch.tensor(values, device=device).view(3, 1, 1) for values in (CLIP_MEAN, CLIP_STD))
+
+            def timm_forward(pixels: torch.Tensor) -> torch.Tensor:
+                """timm's ViT on the frames normalised on the device, as the video tower does it."""
+                return vit(pixels.to(torch.float32).mul(1.0 / 255).sub(mean).div(std))
+
+            runner = torch.compile(timm_forward, mode=args.compile_mode) if compiled else timm_forward
             return make_train_step(
                 lambda: runner(frames).float().square().mean(), [{"params": list(vit.parameters())}], autocast
             )

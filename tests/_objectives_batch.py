@@ -19,7 +19,7 @@ def tiny_model(config, seed: int = 0) -> STOAVLP:
 
 
 def make_batch(config, video_index=(0, 0, 1, 2), seed: int = 0, no_detections=(2,)) -> Batch:
-    """Random frames and captions; rows with equal video_index share their frames and boxes.
+    """Random uint8 frames and captions; rows with equal video_index share their frames and boxes.
 
     Clips listed in `no_detections` have no boxes (all trajectories padded). Captions have 3 to 10
     words with noun/verb tags; one caption has neither nouns nor verbs.
@@ -28,7 +28,8 @@ def make_batch(config, video_index=(0, 0, 1, 2), seed: int = 0, no_detections=(2
     generator = torch.Generator().manual_seed(seed)
     videos = sorted(set(video_index))
     size, frames, boxes_per_frame = len(video_index), model.frames, model.boxes_per_frame
-    clip_frames = torch.randn(len(videos), frames, 3, model.image_size, model.image_size, generator=generator)
+    pixels = (len(videos), frames, 3, model.image_size, model.image_size)
+    clip_frames = torch.randint(0, 256, pixels, dtype=torch.uint8, generator=generator)  # as the data pipeline gives them
     corner = torch.rand(len(videos), frames, boxes_per_frame, 2, generator=generator) * model.image_size * 0.6
     extent = 8 + torch.rand(len(videos), frames, boxes_per_frame, 2, generator=generator) * model.image_size * 0.3
     clip_boxes = torch.cat([corner, corner + extent], dim=-1)

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from stoa_vlp.config import load_config
 from stoa_vlp.model import STOAVLP, VideoFeatures
 from stoa_vlp.model.objects import ROI_OUTPUT_SIZE
+from stoa_vlp.model.towers import CLIP_MEAN, CLIP_STD
 from stoa_vlp.model.transformer import InputDtypeLayerNorm
 from stoa_vlp.tokenizer import Tokenizer
 from torchvision.ops import roi_align
+from torchvision.transforms import v2
 
 CAPTIONS = ["a man is riding a horse on the beach", "a red ball rolls to the left", "two dogs"]
 
@@ -110,6 +112,24 @@ def test_output_shapes_follow_the_api():
     picked = video.index_select(torch.tensor([2, 0]))
     assert torch.equal(picked.actions, video.actions[[2, 0]]) and torch.equal(picked.traj_mask, video.traj_mask[[2, 0]])
     assert not video.detach().frames.requires_grad
+
+
+def test_uint8_frames_are_normalised_as_torchvision_does_it():
+    """The data pipeline hands the model uint8 frames; the result equals the model on frames
+    normalised on the CPU with torchvision (the pipeline before 2026-11-27), bit for bit."""
+    model = make_model()
+    config = model.config
+    inputs = make_inputs(config)
+    pixels = torch.randint(0, 256, inputs["frames"].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
+    with torch.no_grad():
+        ours = run_all(model, {**inputs, "frames": pixels})["video"]
+        reference = run_all(model, {**inputs, "frames": normalise(pixels)})["video"]
+    for name in ("frames", "trajectories", "actions"):
+        assert torch.equal(getattr(ours, name), getattr(reference, name)), name
+    assert not any("pixel" in key for key in model.state_dict())  # constants, not checkpoint entries
+    with pytest.raises(ValueError, match="uint8 RGB or CLIP-normalised floats, got torch.int16"):
+        model.visual(pixels.to(torch.int16))
 
 
 def test_sentence_is_the_end_token_feature():

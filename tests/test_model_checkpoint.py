@@ -4,8 +4,10 @@ tokenizer parity, and our own save/load round trip."""
 import open_clip
 import pytest
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
+from torchvision.transforms import v2
 
 from stoa_vlp.config import load_config
 from stoa_vlp.model import CheckpointError, STOAVLP, build_model, load_clip_weights, load_pretrained, save_pretrained
@@ -70,6 +72,12 @@ def assert_tower_parity(model: STOAVLP, reference: CLIP, image_size: int) -> Non
         video = single_frame_video(model, images)
         torch.testing.assert_close(video.frames[:, 0], expected_image, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(video.video, expected_image, atol=1e-5, rtol=1e-5)
+        # uint8 pixels, as the data pipeline gives them: the model's own normalisation against
+        # open_clip's preprocessing constants applied with torchvision
+        pixels = torch.randint(0, 256, (1, 3, image_size, image_size), dtype=torch.uint8)
+        preprocess = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
+        expected_pixels = reference.encode_image(preprocess(pixels))
+        torch.testing.assert_close(single_frame_video(model, pixels).video, expected_pixels, atol=1e-5, rtol=1e-5)
 
         expected_text = reference.encode_text(open_clip.tokenize(CAPTIONS[:1]))
         for length in (77, model.config.text_len):

@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from _objectives_batch import make_batch, tiny_config, tiny_model
 from stoa_vlp.batch import TAG_NOUN, TAG_VERB
 from stoa_vlp.data.detections import LabelVocab
-from stoa_vlp.data.transforms import CLIP_MEAN, CLIP_STD
+from stoa_vlp.model.towers import CLIP_MEAN, CLIP_STD
 from stoa_vlp.tasks.visualise import (
     SENTENCE,
     explain_clip,
@@ -76,6 +76,7 @@ def test_input_frames_undo_the_clip_normalisation():
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     normalised = (image.float() / 255 - mean) / std
     assert torch.equal(input_frames(normalised), image)
+    assert torch.equal(input_frames(image), image)  # the data pipeline's uint8 frames, as they are
 
 
 def test_render_draws_each_box_in_its_trajectory_colour(tmp_path):

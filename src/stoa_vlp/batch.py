@@ -16,7 +16,7 @@ TAG_NONE, TAG_NOUN, TAG_VERB = 0, 1, 2
 
 @dataclass
 class Batch:
-    frames: torch.Tensor  # (B, T, 3, H, W) float, CLIP-normalised
+    frames: torch.Tensor  # (B, T, 3, H, W) uint8 RGB, or float CLIP-normalised (the model normalises uint8)
     boxes: torch.Tensor  # (B, T, K, 4) float, input-frame pixels
     box_labels: torch.Tensor  # (B, T, K) long, 0 = padding
     box_mask: torch.Tensor  # (B, T, K) bool

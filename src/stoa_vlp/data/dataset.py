@@ -140,7 +140,7 @@ def skip_summary(total: int, skipped: dict[str, int]) -> str:
 
 @dataclass
 class Sample:
-    frames: torch.Tensor  # (T, 3, S, S) float32, CLIP-normalised
+    frames: torch.Tensor  # (T, 3, S, S) uint8 RGB (the model normalises them)
     boxes: np.ndarray  # (T, K, 4) float32, input-frame pixels
     box_labels: np.ndarray  # (T, K) int64
     box_mask: np.ndarray  # (T, K) bool

@@ -15,6 +15,9 @@ from torch import nn
 from stoa_vlp.config import ModelConfig
 from stoa_vlp.model.transformer import Transformer, layer_norm
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # RGB pixel mean and std of CLIP's training images
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 @dataclass
 class VideoTowerOutput:
@@ -25,6 +28,11 @@ class VideoTowerOutput:
 
 class VideoTower(nn.Module):
     """CLIP ViT over T frames: the first blocks run per frame, the last `joint_blocks` over all frames' tokens.
+
+    Frames arrive as uint8 RGB, as the data pipeline makes them, and are CLIP-normalised here on
+    the model's device: a quarter of the bytes of float32 frames to collate, pin and copy to the
+    GPU, and no normalisation pass in the data-loading processes. Floating-point frames are taken
+    as CLIP-normalised already (open_clip's preprocessing, for instance).
 
     With `temporal_embedding` a learnable (T, W) frame position is added to every token before the
     first joint block (only when there are joint blocks: per-frame blocks cannot use it).
@@ -53,6 +61,18 @@ class VideoTower(nn.Module):
             self.temporal_embedding = nn.Parameter(0.01 * torch.randn(config.frames, width))
         else:
             self.temporal_embedding = None
+        # not in the state dict: constants, not weights
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(3, 1, 1), persistent=False)
+
+    def normalize(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) -> float32 CLIP-normalised, with torchvision's `ToDtype(scale=True)` and
+        `Normalize` operations in their order (equal results); floating-point frames pass unchanged."""
+        if frames.is_floating_point():
+            return frames
+        if frames.dtype != torch.uint8:
+            raise ValueError(f"frames must be uint8 RGB or CLIP-normalised floats, got {frames.dtype}")
+        return frames.to(torch.float32).mul_(1.0 / 255).sub_(self.pixel_mean).div_(self.pixel_std)
 
     def patch_embed(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, P, W): `conv1` (stride = kernel = patch) computed as one matrix product.
@@ -77,10 +97,11 @@ class VideoTower(nn.Module):
         return self.ln_pre(x)
 
     def forward(self, frames: torch.Tensor) -> VideoTowerOutput:
+        """frames (B, T, 3, H, W): uint8 RGB, or floats already CLIP-normalised."""
         batch, frames_per_clip = frames.shape[:2]
         if frames_per_clip != self.frames_per_clip:
             raise ValueError(f"video tower built for {self.frames_per_clip} frames, got {frames_per_clip}")
-        x = self.embed(frames.flatten(0, 1))  # (B*T, 1+P, W)
+        x = self.embed(self.normalize(frames.flatten(0, 1)))  # (B*T, 1+P, W)
         tokens, width = x.shape[1], x.shape[2]
         action_tap = object_tap = None
         for index in range(len(self.transformer.resblocks)):

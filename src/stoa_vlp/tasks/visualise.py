@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from stoa_vlp.batch import TAG_NOUN, TAG_VERB, Batch
-from stoa_vlp.data.transforms import CLIP_MEAN, CLIP_STD
+from stoa_vlp.model.towers import CLIP_MEAN, CLIP_STD
 from stoa_vlp.objectives.matching import AlignmentTask, alignment_costs, hungarian_on_host, text_candidates
 from stoa_vlp.objectives.mlm import word_positions
 from stoa_vlp.tasks.retrieval import contrastive_similarity
@@ -101,7 +101,10 @@ def token_words(tokens: list[int], tokenizer) -> list[str]:
 
 
 def input_frames(frames: torch.Tensor) -> torch.Tensor:
-    """(T, 3, S, S) uint8 images from CLIP-normalised frames (T, 3, S, S)."""
+    """(T, 3, S, S) uint8 images of a clip's input frames: uint8 frames (the data pipeline's) as they
+    are, CLIP-normalised float frames mapped back to pixels."""
+    if frames.dtype == torch.uint8:
+        return frames.cpu()
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return (frames.float().cpu() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
