@@ -3,12 +3,14 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from stoa_vlp.batch import Batch
 from stoa_vlp.config import load_config
+from stoa_vlp.data.detections import FrameDetections, VideoDetections, write_detections
 from stoa_vlp.model import build_model
 from stoa_vlp.tasks.data import LabelledBatch
 from stoa_vlp.tasks.pipeline import TaskRunner
@@ -206,3 +208,28 @@ def test_writers_of_one_file_never_share_a_temporary(tmp_path):
         first.write('{"red": 0}')
         second.write('{"red": 0}')
     assert AnswerVocab.load(path).answers == ["red"] and list(tmp_path.iterdir()) == [path]
+
+
+def test_qa_and_mc_report_videos_without_detections_once_per_split(tmp_path, caplog):
+    """QA and multiple-choice read their splits themselves (not through the captions dataset), so they
+    report the detections file's coverage themselves: a video without a line gets no trajectories."""
+    (tmp_path / "videos").mkdir()
+    for video_id in ("v1", "v2", "v3"):
+        (tmp_path / "videos" / f"{video_id}.mp4").write_bytes(b"")  # found by name; never decoded here
+    train = write_lines(tmp_path / "train.jsonl", [{"video_id": v, "question": "q?", "answer": "red"} for v in ("v1", "v2")])
+    val = write_lines(tmp_path / "val.jsonl", [{"video_id": v, "question": "q?", "answer": "red"} for v in ("v1", "v2", "v3")])
+    detections = tmp_path / "detections.jsonl"
+    write_detections(detections, [VideoDetections("v1", 64, 64, [FrameDetections(0.0, ["cat"], np.array([[1.0, 2, 30, 40]]), np.array([0.9]))])])
+    config = load_config("tiny", ["task.name=qa", f"data.train={train}", f"data.val={val}", f"data.detections={detections}"])
+    runner = TaskRunner(config, "cpu", tmp_path / "run", fine_tuning=True)
+    with caplog.at_level("INFO", logger="stoa_vlp"):
+        runner.train_data()
+        runner.check_split("val")
+        runner.check_split("val")  # validation reads the split again: reported once
+        choices = write_lines(tmp_path / "mc.jsonl", [{"video_id": "v3", "options": ["a", "b"], "answer": 0}])
+        mc_config = load_config("tiny", ["task.name=mc", f"data.test={choices}", f"data.detections={detections}"])
+        TaskRunner(mc_config, "cpu").check_split("test")
+    warnings = [r.getMessage() for r in caplog.records if "have no detections" in r.getMessage()]
+    assert warnings == [f"{detections}: 1 of 2 videos have no detections (no object trajectories; e.g. v2)",
+                        f"{detections}: 2 of 3 videos have no detections (no object trajectories; e.g. v2)",
+                        f"{detections}: 1 of 1 videos have no detections (no object trajectories; e.g. v3)"]

@@ -177,7 +177,8 @@ def inference_detections(config: Config, records: list) -> tuple:
 
     detections, label_vocab = load_detections(config)
     if detections is not None:
-        report_detection_coverage(config.data.detections, detections, records, "the given videos")
+        video_ids = (record.video_id for record in records)
+        report_detection_coverage(config.data.detections, detections, video_ids, "the given videos")
     return detections, label_vocab
 
 

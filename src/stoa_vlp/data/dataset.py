@@ -33,7 +33,7 @@ import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -515,11 +515,11 @@ def load_detections(config: Config) -> tuple[dict | None, LabelVocab | None]:
     return detections, LabelVocab.from_detections(detections, max_size=classes)
 
 
-def report_detection_coverage(path: str, detections: dict, records: list[VideoRecord], source: str) -> None:
-    """Log how the detections file `path` covers the videos of `records` (from `source`): lines for
+def report_detection_coverage(path: str, detections: dict, video_ids: Iterable[str], source: str) -> None:
+    """Log how the detections file `path` covers the videos `video_ids` (of `source`): lines for
     other videos (info), videos without a line (a warning: their clips get no objects), detected
     frames without a box (info)."""
-    known = {record.video_id for record in records}
+    known = set(video_ids)
     unknown = sorted(set(detections) - known)
     if unknown:  # one detections file for all splits is usual
         log.info("%s: %d detection lines are for videos not in %s (e.g. %s); they are ignored",
@@ -539,7 +539,7 @@ def _load_side_data(config: Config, records: list[VideoRecord] | None, source: s
     detections, label_vocab = load_detections(config)
     tag_cache = None
     if detections is not None and records is not None:
-        report_detection_coverage(config.data.detections, detections, records, source)
+        report_detection_coverage(config.data.detections, detections, (record.video_id for record in records), source)
     if config.data.tags:
         tag_cache = TagCache.read(config.data.tags, length=config.model.text_len)
         if records is not None:

@@ -15,13 +15,14 @@ import dataclasses
 import functools
 import logging
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from stoa_vlp.config import Config, TrainConfig
 from stoa_vlp.data.annotations import VideoRecord, read_annotations, require_video_files
-from stoa_vlp.data.dataset import load_detections
+from stoa_vlp.data.dataset import load_detections, report_detection_coverage
 from stoa_vlp.tasks.data import evaluation_loader, find_video_paths, video_loader, video_root
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -131,6 +132,7 @@ class TaskRunner:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.tokenizer = Tokenizer(config.model.text_len)
         self.detections, self.label_vocab = load_detections(config)
+        self.coverage_reported: set[str] = set()  # the splits whose detection coverage is logged
         self.scorer = None
         self.captions: dict[str, str] = {}  # the last captioning evaluation's {video_id: generated caption}
         if self.task == "captioning":
@@ -189,6 +191,7 @@ class TaskRunner:
 
             questions = read_questions(self.config.data.train)
             paths = self._video_paths([q.video_id for q in questions], self.config.data.train)
+            self._report_coverage("train", paths.keys())
             dataset, collate, _ = question_dataset(
                 questions, self.answers, self.config, True, paths, self.detections, self.label_vocab
             )
@@ -199,6 +202,13 @@ class TaskRunner:
 
     def _video_paths(self, video_ids: list[str], source: str) -> dict[str, str]:
         return find_video_paths(video_ids, video_root(self.config, source), source)
+
+    def _report_coverage(self, split: str, video_ids: Iterable[str]) -> None:
+        """Log, once per split, how data.detections covers the split's videos (as the training split's
+        dataset does): a video without detections gets no object trajectories."""
+        if self.detections is not None and split not in self.coverage_reported:
+            self.coverage_reported.add(split)
+            report_detection_coverage(self.config.data.detections, self.detections, video_ids, f"the {split} split")
 
     def video_ids(self, split: str) -> set[str]:
         """The videos that the split's file names, read as this task reads it."""
@@ -221,11 +231,12 @@ class TaskRunner:
         `max_videos` videos when that is set, as `evaluate`), so that a wrong path, a malformed file or
         a missing video fails before training, not at the first validation (before that step's
         checkpoint) or after the last step."""
+        items = first_videos(self._task_items(split), max_videos)
         if self.task in ("retrieval", "captioning"):
-            require_video_files(first_videos(self._records(split), max_videos), self._split_file(split))
+            require_video_files(items, self._split_file(split))
         else:
-            items = first_videos(self._task_items(split), max_videos)
             self._video_paths(sorted({item.video_id for item in items}), self._split_file(split))
+        self._report_coverage(split, (item.video_id for item in items))
 
     def _records(self, split: str) -> list[VideoRecord]:
         path = self._split_file(split)
@@ -258,6 +269,7 @@ class TaskRunner:
             from stoa_vlp.tasks.retrieval import evaluate_retrieval_records
 
             records = first_videos(self._records(split), max_videos)
+            self._report_coverage(split, (record.video_id for record in records))
             loader = video_loader(records, config, self.detections, self.label_vocab)
             querybank = self.querybank_captions if config.task.qb_norm else None
             return evaluate_retrieval_records(
@@ -269,6 +281,7 @@ class TaskRunner:
             from stoa_vlp.tasks.captioning import evaluate_captioning
 
             records = first_videos(self._records(split), max_videos)
+            self._report_coverage(split, (record.video_id for record in records))
             loader = video_loader(records, config, self.detections, self.label_vocab)
             references = {}
             for record in records:
@@ -284,6 +297,7 @@ class TaskRunner:
             path = self._split_file(split)
             questions = first_videos(read_questions(path), max_videos)
             paths = self._video_paths([q.video_id for q in questions], path)
+            self._report_coverage(split, paths.keys())
             dataset, collate, kept = question_dataset(
                 questions, self.answers, config, False, paths, self.detections, self.label_vocab
             )
@@ -294,6 +308,7 @@ class TaskRunner:
         path = self._split_file(split)
         choices = first_videos(read_choices(path), max_videos)
         paths = self._video_paths([c.video_id for c in choices], path)
+        self._report_coverage(split, paths.keys())
         first_option = {}
         for choice in choices:
             first_option.setdefault(choice.video_id, choice.options[0])
