@@ -71,7 +71,8 @@ class RandomClips(Dataset):
         m = config.model
         generator = torch.Generator().manual_seed(99)
         self.config, self.size = config, size
-        self.frames = torch.randn(size, m.frames, 3, m.image_size, m.image_size, generator=generator)
+        pixels = (size, m.frames, 3, m.image_size, m.image_size)
+        self.frames = torch.randint(0, 256, pixels, dtype=torch.uint8, generator=generator)  # as decoded
         corner = torch.rand(size, m.frames, m.boxes_per_frame, 2, generator=generator) * m.image_size / 2
         self.boxes = torch.cat([corner, corner + m.image_size / 4], dim=-1)
         self.box_labels = torch.randint(1, m.num_object_classes, (size, m.frames, m.boxes_per_frame), generator=generator)
@@ -89,12 +90,17 @@ class RandomClips(Dataset):
     def __len__(self) -> int:
         return self.size
 
+    def noisy_frames(self, index: int) -> torch.Tensor:
+        """(T, 3, S, S) uint8: the clip's frames with +-8 of noise per pixel."""
+        noise = torch.randint(-8, 9, self.frames[index].shape, dtype=torch.int16)
+        return (self.frames[index].to(torch.int16) + noise).clamp(0, 255).to(torch.uint8)
+
     def __getitem__(self, index: int):
         from stoa_vlp.data.dataset import Sample
 
         m = self.config.model
         return Sample(
-            frames=self.frames[index] + 0.1 * torch.randn_like(self.frames[index]),
+            frames=self.noisy_frames(index),
             boxes=self.boxes[index].numpy(),
             box_labels=self.box_labels[index].numpy(),
             box_mask=torch.ones(m.frames, m.boxes_per_frame, dtype=torch.bool).numpy(),

@@ -128,6 +128,9 @@ def test_uint8_frames_are_normalised_as_torchvision_does_it():
     for name in ("frames", "trajectories", "actions"):
         assert torch.equal(getattr(ours, name), getattr(reference, name)), name
     assert not any("pixel" in key for key in model.state_dict())  # constants, not checkpoint entries
+    tower = model.visual.double()  # a model cast to another dtype gets its frames in that dtype
+    with torch.no_grad():
+        assert torch.equal(tower(pixels).frames, tower(normalise(pixels).double()).frames)
     with pytest.raises(ValueError, match="uint8 RGB or CLIP-normalised floats, got torch.int16"):
         model.visual(pixels.to(torch.int16))
 

@@ -66,6 +66,8 @@ def run_rank(rank: int, world_size: int, init_file: str, run_dir: str, distribut
         config = load_config("tiny", [*overrides(GLOBAL_BATCH // world_size, distributed), *extra])
         trainer = Trainer(config, tiny_pretrainer(config), RandomClips(config), collate, run_dir,
                           env=DistEnv.current("cpu"), evaluate=weight_statistics)
+        if distributed == "ddp":  # the constant pixel mean/std buffers are not broadcast before each forward
+            assert list(trainer.wrapped.named_buffers()) and not trainer.wrapped.will_sync_module_buffers()
         trainer.fit(resume)
     finally:
         dist.destroy_process_group()

@@ -146,7 +146,8 @@ class STOAVLP(nn.Module):
         traj_labels: torch.Tensor,
         traj_mask: torch.Tensor,
     ) -> VideoFeatures:
-        """frames (B, T, 3, H, W); boxes (B, T, K, 4); box labels/mask (B, T, K); traj labels/mask (B, N)."""
+        """frames (B, T, 3, H, W) uint8 RGB or CLIP-normalised floats; boxes (B, T, K, 4); box labels/mask
+        (B, T, K); traj labels/mask (B, N)."""
         tower = self.visual(frames)
         batch = frames.shape[0]
         empty = tower.frames.new_zeros(batch, 0, self.embed_dim)

@@ -66,16 +66,19 @@ class VideoTower(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(3, 1, 1), persistent=False)
 
     def normalize(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 (..., 3, H, W) -> float32 CLIP-normalised, with torchvision's `ToDtype(scale=True)` and
-        `Normalize` operations in their order (equal results); floating-point frames pass unchanged."""
+        """uint8 (..., 3, H, W) -> CLIP-normalised, in float32 with torchvision's `ToDtype(scale=True)` and
+        `Normalize` operations in their order (equal results), then in the weights' dtype (float32 but
+        for a model cast to another); floating-point frames pass unchanged."""
         if frames.is_floating_point():
             return frames
         if frames.dtype != torch.uint8:
             raise ValueError(f"frames must be uint8 RGB or CLIP-normalised floats, got {frames.dtype}")
-        return frames.to(torch.float32).mul_(1.0 / 255).sub_(self.pixel_mean).div_(self.pixel_std)
+        normalised = frames.to(torch.float32).mul_(1.0 / 255).sub_(self.pixel_mean.float()).div_(self.pixel_std.float())
+        return normalised.to(self.conv1.weight.dtype)
 
     def patch_embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, P, W): `conv1` (stride = kernel = patch) computed as one matrix product.
+        """(N, 3, H, W) normalised frames -> (N, P, W): `conv1` (stride = kernel = patch) computed as one
+        matrix product.
 
         Cutting the images into patches and multiplying by the flattened kernel is the same
         function as the convolution; a GPU runs it as a plain GEMM, where cuDNN's convolution
@@ -90,7 +93,7 @@ class VideoTower(nn.Module):
         return F.linear(patches, self.conv1.weight.flatten(1))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, 1 + P, W) tokens after ln_pre."""
+        """(N, 3, H, W) normalised frames -> (N, 1 + P, W) tokens after ln_pre."""
         x = self.patch_embed(images)  # (N, P, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)

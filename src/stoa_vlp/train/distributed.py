@@ -7,6 +7,7 @@ CPU. Tests start their own group (gloo, file:// rendezvous) and call `DistEnv.cu
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -120,10 +121,16 @@ def wrap_model(module: nn.Module, strategy: str, env: DistEnv, find_unused_param
     if not env.distributed:
         return module
     if strategy == "ddp":
+        ddp = nn.parallel.DistributedDataParallel
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(
-            module, device_ids=device_ids, find_unused_parameters=find_unused_parameters
-        )
+        # the model's buffers are constants (the video tower's pixel mean and std), equal on every
+        # rank: syncing them before each forward would add a collective to every step. torch 2.14
+        # renamed the option and deprecated the old name.
+        if "forward_sync_buffers" in inspect.signature(ddp).parameters:
+            no_buffer_sync = {"forward_sync_buffers": False}
+        else:
+            no_buffer_sync = {"broadcast_buffers": False}
+        return ddp(module, device_ids=device_ids, find_unused_parameters=find_unused_parameters, **no_buffer_sync)
     from torch.distributed.fsdp import FullyShardedDataParallel  # runs on CPUs too (gloo), as tested
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
