@@ -348,6 +348,35 @@ def test_bf16_autocast_runs_close_to_fp32():
     assert (out["prefix"].hidden.float() - full).abs().mean() < 0.1 * full.abs().mean()
 
 
+def test_a_model_cast_to_bf16_runs_on_uint8_and_float_frames_close_to_fp32():
+    """`model.to(torch.bfloat16)` without autocast: frames, boxes and every module follow the weights."""
+    model = make_model()
+    inputs = make_inputs(model.config)
+    pixels = torch.randint(0, 256, inputs["frames"].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = run_all(model, {**inputs, "frames": pixels})["prefix"].hidden
+        model.to(torch.bfloat16)
+        for frames in (pixels, model.visual.normalize(pixels).float()):  # float32 frames given to a bf16 model
+            out = run_all(model, {**inputs, "frames": frames})["prefix"].hidden
+            assert out.dtype == torch.bfloat16
+            assert (out.float() - full).abs().mean() < 0.1 * full.abs().mean()
+
+
+def test_misshaped_frames_and_a_non_bool_text_mask_are_named():
+    model = make_model()
+    inputs = make_inputs(model.config)
+    with pytest.raises(ValueError, match=r"frames must be \(clips, frames, 3, height, width\), got shape \(4, 3, 64, 64\)"):
+        model.visual(inputs["frames"][0])  # one clip without its batch dimension
+    with pytest.raises(ValueError, match=r"got shape \(3, 4, 64, 64, 3\)"):
+        model.visual(inputs["frames"].permute(0, 1, 3, 4, 2))  # channels last
+    video = model.encode_video(*video_args(inputs))
+    text_mask = inputs["text_mask"].long()  # 0/1, as other tokenizers give it
+    with pytest.raises(ValueError, match="text_mask must be bool, True at real tokens, got torch.int64"):
+        model.encode_text(inputs["tokens"], text_mask)
+    with pytest.raises(ValueError, match="text_mask must be bool"):
+        model.fuse(video, model.encode_text(inputs["tokens"], inputs["text_mask"]).tokens, text_mask, "prefix")
+
+
 def test_low_precision_residual_changes_only_the_video_tower_layer_norms_and_nothing_without_autocast():
     plain = make_model()
     low = make_model("model.low_precision_residual=true")

@@ -1,6 +1,8 @@
 """CLIP checkpoint loading (open_clip and OpenAI TorchScript formats), parity with open_clip's towers,
 tokenizer parity, and our own save/load round trip."""
 
+import re
+
 import open_clip
 import pytest
 import torch
@@ -9,7 +11,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 from torchvision.transforms import v2
 
-from stoa_vlp.config import load_config
+from stoa_vlp.config import ConfigError, load_config
 from stoa_vlp.model import CheckpointError, STOAVLP, build_model, load_clip_weights, load_pretrained, save_pretrained
 from stoa_vlp.model.checkpoint import CONFIG_FILE, load_model_weights
 from stoa_vlp.tokenizer import Tokenizer
@@ -374,8 +376,12 @@ def test_load_pretrained_takes_model_overrides_such_as_another_frame_count(tmp_p
     assert model.config.frames == 6 and model.visual.temporal_embedding.shape == (6, 64)
     torch.testing.assert_close(model.visual.temporal_embedding[5], saved.visual.temporal_embedding[3])
     torch.testing.assert_close(model.text.token_embedding.weight, saved.text.token_embedding.weight)
-    with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['frame'\]"):
-        load_pretrained(tmp_path / "ckpt", frame=6)
+    # overrides are checked as config values are (before: a bare ValueError, or a crash deep in the build)
+    for overrides, message in (({"frame": 6}, "unknown config key 'model.frame'"),
+                               ({"frames": 0}, "model.frames must be at least 1, got 0"),
+                               ({"frames": "8"}, "model.frames: expected an integer, got '8'")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_pretrained(tmp_path / "ckpt", **overrides)
 
 
 def test_another_frame_count_does_not_excuse_another_width(tmp_path):

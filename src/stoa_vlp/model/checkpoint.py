@@ -307,7 +307,8 @@ def load_pretrained(directory: str | Path, **model_overrides) -> STOAVLP:
     """The model saved by `save_pretrained` in `directory` (in train mode, as built).
 
     `model_overrides` change its model config before the weights load, e.g. `frames=8`: the frame
-    tables are then resampled along time (`load_model_weights`); a key ModelConfig lacks is an error.
+    tables are then resampled along time (`load_model_weights`). They are checked as a config file's
+    values are: a key ModelConfig lacks, a value of the wrong type or out of range is a ConfigError.
     """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
@@ -320,10 +321,8 @@ def load_pretrained(directory: str | Path, **model_overrides) -> STOAVLP:
         config = from_dict({"model": values["model"]}).model
     except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as error:
         raise CheckpointError(f"{config_path}: not a valid model config ({error})") from error
-    unknown = sorted(set(model_overrides) - {field.name for field in dataclasses.fields(config)})
-    if unknown:
-        raise ValueError(f"load_pretrained: unknown model config key(s) {unknown}")
-    model = STOAVLP(dataclasses.replace(config, **model_overrides))
+    config = from_dict({"model": {**dataclasses.asdict(config), **model_overrides}}).model
+    model = STOAVLP(config)
     load_model_weights(model, weights_path)
     return model
 

@@ -106,7 +106,7 @@ class ObjectTokens(nn.Module):
         regions = self.regions(patch_tokens, safe_boxes)  # (B*T*K, s*s, W)
         regions = self.region_mlp(regions).amax(dim=1)  # (B*T*K, W)
         tokens = regions.reshape(batch, frames, slots, -1)
-        tokens = tokens + self.box_mlp(safe_boxes / self.image_size)
+        tokens = tokens + self.box_mlp((safe_boxes / self.image_size).to(tokens.dtype))  # a model cast to bf16
         tokens = tokens + self.frame_embedding[:, None, :] + self.slot_embedding[None, :, :]
         tokens = tokens + self.label_embedding(box_labels * box_mask)
         return torch.where(box_mask[..., None], tokens, torch.zeros_like(tokens))

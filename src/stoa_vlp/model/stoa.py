@@ -56,6 +56,8 @@ class FusionOutput:
 
 def end_positions(text_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) bool -> (B,) index of the last real token (the end token)."""
+    if text_mask.dtype != torch.bool:  # a 0/1 mask (as other tokenizers give) breaks the attention masks
+        raise ValueError(f"text_mask must be bool, True at real tokens, got {text_mask.dtype}")
     return (text_mask.sum(dim=1) - 1).clamp(min=0)
 
 
@@ -186,6 +188,7 @@ class STOAVLP(nn.Module):
         extra_slots: torch.Tensor | None = None,
     ) -> FusionOutput:
         """mode: "bidirectional", "prefix", or a (B,) bool tensor, True at the rows fused in prefix mode."""
+        text_ends = end_positions(text_mask)  # (B,), checking the mask before it enters the attention masks
         batch, frames = video.frames.shape[:2]
         parts = [video.frames, video.video[:, None, :], video.trajectories, video.actions]
         visual_length = sum(part.shape[1] for part in parts)
@@ -199,7 +202,7 @@ class STOAVLP(nn.Module):
         sequence = torch.cat([part.to(dtype) for part in parts], dim=1)  # (B, S, E)
         hidden = self.fusion(sequence, torch.cat(valid, dim=1), visual_length, mode)
         text = hidden[:, visual_length : visual_length + text_tokens.shape[1]]
-        sentence = text[torch.arange(batch, device=text.device), end_positions(text_mask)]
+        sentence = text[torch.arange(batch, device=text.device), text_ends]
         return FusionOutput(hidden=hidden, video_sep=hidden[:, frames], text=text, sentence=sentence)
 
     def match_logits(self, fused: FusionOutput) -> torch.Tensor:

@@ -67,14 +67,13 @@ class VideoTower(nn.Module):
 
     def normalize(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) -> CLIP-normalised, in float32 with torchvision's `ToDtype(scale=True)` and
-        `Normalize` operations in their order (equal results), then in the weights' dtype (float32 but
-        for a model cast to another); floating-point frames pass unchanged."""
-        if frames.is_floating_point():
-            return frames
-        if frames.dtype != torch.uint8:
+        `Normalize` operations in their order (equal results); floating-point frames are taken as
+        normalised. Either way in the weights' dtype (float32 but for a model cast to another)."""
+        if frames.dtype == torch.uint8:
+            frames = frames.to(torch.float32).mul_(1.0 / 255).sub_(self.pixel_mean.float()).div_(self.pixel_std.float())
+        elif not frames.is_floating_point():
             raise ValueError(f"frames must be uint8 RGB or CLIP-normalised floats, got {frames.dtype}")
-        normalised = frames.to(torch.float32).mul_(1.0 / 255).sub_(self.pixel_mean.float()).div_(self.pixel_std.float())
-        return normalised.to(self.conv1.weight.dtype)
+        return frames.to(self.conv1.weight.dtype)
 
     def patch_embed(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) normalised frames -> (N, P, W): `conv1` (stride = kernel = patch) computed as one
@@ -101,6 +100,8 @@ class VideoTower(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> VideoTowerOutput:
         """frames (B, T, 3, H, W): uint8 RGB, or floats already CLIP-normalised."""
+        if frames.ndim != 5 or frames.shape[2] != 3:
+            raise ValueError(f"frames must be (clips, frames, 3, height, width), got shape {tuple(frames.shape)}")
         batch, frames_per_clip = frames.shape[:2]
         if frames_per_clip != self.frames_per_clip:
             raise ValueError(f"video tower built for {self.frames_per_clip} frames, got {frames_per_clip}")
