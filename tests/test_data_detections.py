@@ -7,6 +7,7 @@ import pytest
 
 from stoa_vlp.cli import main
 from stoa_vlp.data.detections import (
+    PackedVideoDetections,
     DetectionsError,
     FrameDetections,
     LabelVocab,
@@ -293,6 +294,27 @@ def test_suppression_matches_brute_force():
             if all(labels[k] == labels[i] or _iou(boxes[k], boxes[i]) < 0.5 for k in kept):
                 kept.append(i)
         assert suppress_across_classes(boxes, labels, confs).tolist() == kept
+        limit = int(rng.integers(1, 4))  # the greedy pass stops once `limit` boxes are kept
+        assert suppress_across_classes(boxes, labels, confs, limit=limit).tolist() == kept[:limit]
+    nothing = np.zeros(0, dtype=np.float32)  # every box of a frame outside the crop
+    assert suppress_across_classes(nothing.reshape(0, 4), nothing.astype(np.int64), nothing, limit=3).tolist() == []
+
+
+def test_packed_video_detections_give_back_every_frame():
+    frames = [_frame(0.0, ("dog", [1, 2, 3, 4], 0.5), ("cat", [5, 6, 7, 8], 0.25)), _frame(0.5),
+              _frame(1.0, ("cat", [0, 0, 9, 9], 0.75))]
+    video = VideoDetections("v", 64, 48, frames)
+    packed = PackedVideoDetections.pack(video)
+    assert (packed.width, packed.height, packed.class_names) == (64, 48, ["cat", "dog"])
+    assert packed.times.tolist() == [0.0, 0.5, 1.0] and packed.ends.tolist() == [2, 2, 3]
+    for index, frame in enumerate(frames):
+        rows = packed.rows(index)
+        assert [packed.class_names[i] for i in packed.class_index[rows]] == frame.classes
+        assert np.array_equal(packed.rects[rows], frame.rects) and np.array_equal(packed.confs[rows], frame.confs)
+    assert packed.rects.dtype == np.float32 and packed.confs.dtype == np.float32
+    empty = PackedVideoDetections.pack(VideoDetections("w", 64, 48, [_frame(0.0)]))
+    assert empty.rects.shape == (0, 4) and empty.rows(0) == slice(0, 0)
+    assert PackedVideoDetections.pack(VideoDetections("x", 64, 48, [])).times.shape == (0,)
 
 
 def test_select_objects_hand_computed():

@@ -11,8 +11,8 @@ import pytest
 from stoa_vlp.config import load_config
 from stoa_vlp.data import serialized
 from stoa_vlp.data.annotations import read_annotations
-from stoa_vlp.data.dataset import VideoTextDataset
-from stoa_vlp.data.detections import LabelVocab, read_detections, select_objects
+from stoa_vlp.data.dataset import SampleBuilder, VideoTextDataset
+from stoa_vlp.data.detections import LabelVocab, PackedVideoDetections, read_detections, select_objects
 from stoa_vlp.data.geometry import resize_crop
 from stoa_vlp.data.serialized import SerializedDict, SerializedList
 from stoa_vlp.data.synth import render_world
@@ -61,7 +61,9 @@ def test_serialized_dict_tells_colliding_keys_apart(monkeypatch):
 @pytest.mark.parametrize("video_size", [(64, 64), (96, 64)])
 def test_packed_detections_select_the_same_objects(world, video_size):
     plain = read_detections(world.detections)
-    packed = SerializedDict(plain)
+    config = load_config("tiny", [f"data.train={world.annotations}"])
+    packed = SampleBuilder(config, training=True, detections=plain, label_vocab=LabelVocab([])).detections
+    assert isinstance(packed, SerializedDict) and isinstance(packed.get("video0"), PackedVideoDetections)
     vocab = LabelVocab.from_detections(plain)
     geometry = resize_crop(*video_size, 48)  # (96, 64): detections rescaled from 64x64, then cropped
     times = np.linspace(0.0, 1.0, 5).tolist()

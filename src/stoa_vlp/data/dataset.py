@@ -55,7 +55,7 @@ from stoa_vlp.data.annotations import (
     unreadable_shard,
 )
 from stoa_vlp.data.decode import DecodedClip, VideoError, check_decoder, decode_clip
-from stoa_vlp.data.detections import LabelVocab, empty_targets, read_detections, select_objects
+from stoa_vlp.data.detections import LabelVocab, PackedVideoDetections, empty_targets, read_detections, select_objects
 from stoa_vlp.data.geometry import resize_crop
 from stoa_vlp.data.serialized import SerializedDict, SerializedList
 from stoa_vlp.data.tags import PackedTags, TagCache
@@ -201,7 +201,7 @@ class SampleBuilder:
     """Turns (video source, caption) into a Sample: decode, transform, objects, tokens, tags.
 
     `detections` (VideoDetections by video id) and `tag_cache` (a TagCache) are kept packed
-    (SerializedDict, PackedTags); already packed ones are used as they are.
+    (a SerializedDict of PackedVideoDetections, PackedTags); already packed ones are used as they are.
     """
 
     def __init__(self, config: Config, training: bool, detections=None, label_vocab=None, tag_cache=None):
@@ -212,7 +212,7 @@ class SampleBuilder:
         if not config.model.objects:
             detections = None
         elif detections is not None and not isinstance(detections, SerializedDict):
-            detections = SerializedDict(detections)
+            detections = SerializedDict({video_id: PackedVideoDetections.pack(video) for video_id, video in detections.items()})
         self.detections = detections
         self.label_vocab = label_vocab
         self.tag_cache = PackedTags(tag_cache) if isinstance(tag_cache, TagCache) else tag_cache

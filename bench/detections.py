@@ -1,0 +1,111 @@
+"""Per-sample detections cost in a data-loading process: the stored form read back and the boxes chosen.
+
+A sample reads its video's detections from the dataset's SerializedDict (one pickle per video) and
+chooses the boxes of its sampled frames (`select_objects`). Timed, same run, on random videos of
+F detected frames x n boxes (as `stoa-vlp detect` writes them: 1 fps, up to 50 boxes):
+- read: unpickling the video as PackedVideoDetections (a few arrays; what the datasets store) against
+  unpickling it as VideoDetections (a list of per-frame objects; what they stored before 2026-11-27);
+- choose: `select_objects` on the packed video for 12 sampled frames and K=10 boxes per frame;
+- suppress: the cross-class suppression of one frame (`suppress_across_classes`, which stops at K kept
+  boxes) against the earlier code (a Python pass over every box, cut to K afterwards), same boxes.
+Videos are written and read back as a detections file, so their objects are as `read_detections`
+makes them.
+
+    python bench/detections.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import shutil
+import tempfile
+import timeit
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from stoa_vlp.data.detections import (
+    FrameDetections,
+    LabelVocab,
+    PackedVideoDetections,
+    VideoDetections,
+    read_detections,
+    select_objects,
+    suppress_across_classes,
+    write_detections,
+)
+from stoa_vlp.data.geometry import resize_crop
+
+CLASSES = [f"class{i}" for i in range(80)]
+
+
+def random_video(frames: int, boxes: int, rng: np.random.Generator, folder: Path) -> VideoDetections:
+    """`frames` detected frames at 1 fps of a 640x360 video, each with `boxes` random boxes, read back
+    from a detections file."""
+    detected = []
+    for second in range(frames):
+        corners = rng.uniform(0, 300, size=(boxes, 2))
+        rects = np.concatenate([corners, corners + rng.uniform(10, 200, size=(boxes, 2))], axis=1)
+        classes = [CLASSES[i] for i in rng.integers(0, len(CLASSES), boxes)]
+        confs = rng.uniform(0.2, 1, boxes)
+        detected.append(FrameDetections(float(second), classes, rects.astype(np.float32), confs.astype(np.float32)))
+    path = folder / "detections.jsonl"
+    write_detections(path, [VideoDetections("video", 640, 360, detected)])
+    return read_detections(path)["video"]
+
+
+def earlier_suppression(boxes: np.ndarray, labels: np.ndarray, confs: np.ndarray, limit: int, iou: float = 0.5):
+    """The baseline: the code before 2026-11-27, every box visited in Python, cut to `limit` after."""
+    order = np.argsort(-confs, kind="stable")
+    overlaps = box_iou(torch.from_numpy(boxes[order]).double(), torch.from_numpy(boxes[order]).double()).numpy()
+    kept: list[int] = []
+    for rank in range(len(order)):
+        if not any(overlaps[rank, k] >= iou and labels[order[k]] != labels[order[rank]] for k in kept):
+            kept.append(rank)
+    return order[kept][:limit]
+
+
+def per_call_ms(function, repeat: int) -> float:
+    """Best of 5 rounds of `repeat` calls, in ms per call."""
+    return min(timeit.repeat(function, number=repeat, repeat=5)) / repeat * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=20, help="calls per timed round")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    folder = Path(tempfile.mkdtemp(prefix="stoa_detections_bench_"))
+    vocab = LabelVocab(CLASSES)
+    geometry = resize_crop(640, 360, 224)
+    print("| detected frames x boxes | read VideoDetections (before) ms | read packed ms | speed-up | "
+          "choose 12 frames ms |")
+    print("|---|---:|---:|---:|---:|")
+    for frames, boxes in ((10, 10), (30, 50), (180, 50), (600, 50)):
+        video = random_video(frames, boxes, rng, folder)
+        plain, packed = (pickle.dumps(form, protocol=pickle.HIGHEST_PROTOCOL) for form in (video, PackedVideoDetections.pack(video)))
+        before = per_call_ms(lambda: pickle.loads(plain), args.repeat)
+        after = per_call_ms(lambda: pickle.loads(packed), args.repeat)
+        times = np.linspace(0, frames - 1, 12).tolist()
+        unpacked = pickle.loads(packed)
+        choose = per_call_ms(lambda: select_objects(unpacked, times, geometry, vocab, 10, 20), args.repeat)
+        print(f"| {frames} x {boxes} | {before:.3f} | {after:.3f} | {before / after:.0f}x | {choose:.2f} |")
+    print("\n| boxes in the frame | earlier code ms | suppress_across_classes, K=10 ms | speed-up |")
+    print("|---:|---:|---:|---:|")
+    for boxes in (10, 50, 100):
+        frame = random_video(1, boxes, rng, folder).frames[0]
+        labels = np.array([CLASSES.index(name) for name in frame.classes])
+        ours = suppress_across_classes(frame.rects, labels, frame.confs, limit=10)
+        assert np.array_equal(ours, earlier_suppression(frame.rects, labels, frame.confs, 10))
+        before = per_call_ms(lambda: earlier_suppression(frame.rects, labels, frame.confs, 10), args.repeat * 10)
+        after = per_call_ms(lambda: suppress_across_classes(frame.rects, labels, frame.confs, limit=10), args.repeat * 10)
+        print(f"| {boxes} | {before:.3f} | {after:.3f} | {before / after:.1f}x |")
+    shutil.rmtree(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
