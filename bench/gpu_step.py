@@ -81,7 +81,8 @@ def synthetic_batch(config: Config, clips: int, device: torch.device, seed: int 
     tags = torch.where(tags == 1, TAG_NOUN, torch.where(tags == 2, TAG_VERB, 0))
     tags = tags * text_mask * (positions > 0) * (tokens != EOT)
     batch = Batch(
-        frames=torch.randint(0, 256, (clips, T, 3, S, S), dtype=torch.uint8, generator=g),  # normalised by the model
+        # uint8 and channels last, as the data pipeline collates them (the compiled step guards on strides)
+        frames=torch.randint(0, 256, (clips, T, S, S, 3), dtype=torch.uint8, generator=g).permute(0, 1, 4, 2, 3),
         boxes=boxes,
         box_labels=box_labels,
         box_mask=box_mask,

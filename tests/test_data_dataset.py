@@ -25,6 +25,7 @@ from stoa_vlp.data.dataset import (
     build_loader,
     collate,
     keep_freed_memory,
+    stack_frames,
 )
 from stoa_vlp.data.decode import decode_clip
 from stoa_vlp.data.synth import DetectionNoise, render_world
@@ -67,6 +68,23 @@ def test_train_loader_batch_shapes_and_video_index(world):
         build_loader(tiny(world, "data.batch_size=13"), "train")
     videos = VideoTextDataset(read_annotations(world.annotations, split="train"), config, True, items="videos")
     assert len(videos) == 4
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_batches_of_any_mix_of_clips_have_one_frame_layout(frames):
+    """A compiled step guards on strides: resized clips, crop-only clips and contiguous ones must collate
+    alike (torch.stack made single-frame batches contiguous or channels last depending on the mix)."""
+    transform = FrameTransform(32)
+    decoded = torch.randint(0, 256, (frames, 48, 64, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # as decoders give
+    resized = transform(decoded)
+    crop_only = transform(torch.randint(0, 256, (frames, 32, 40, 3), dtype=torch.uint8).permute(0, 3, 1, 2))
+    contiguous = resized.contiguous()
+    layouts = set()
+    for clips in ([resized, resized], [crop_only, crop_only], [resized, crop_only], [contiguous, crop_only]):
+        batch = stack_frames(clips)
+        assert torch.equal(batch, torch.stack(clips))
+        layouts.add(batch.stride())
+    assert layouts == {(frames * 32 * 32 * 3, 32 * 32 * 3, 1, 32 * 3, 3)}  # channels last, as decoded
 
 
 def test_a_pinning_data_loader_pins_every_tensor_of_a_batch(world, monkeypatch):

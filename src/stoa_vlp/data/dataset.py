@@ -153,6 +153,18 @@ class Sample:
     video_id: str
 
 
+def stack_frames(clips: list[torch.Tensor]) -> torch.Tensor:
+    """(T, 3, S, S) uint8 clips -> (B, T, 3, S, S) in one memory layout whatever the clips' own: channels
+    last, as decoders give frames. A compiled step guards on its input's strides, and `torch.stack`
+    made a contiguous batch of some mixes of resized and crop-only single-frame clips and a
+    channels-last one of others, so the step compiled again when the mix changed."""
+    frames, channels, height, width = clips[0].shape
+    batch = torch.empty(len(clips), frames, height, width, channels, dtype=clips[0].dtype).permute(0, 1, 4, 2, 3)
+    for row, clip in enumerate(clips):
+        batch[row].copy_(clip)
+    return batch
+
+
 def collate(samples: list[Sample]) -> Batch:
     """Stack samples into a Batch (shapes in stoa_vlp.batch)."""
 
@@ -160,7 +172,7 @@ def collate(samples: list[Sample]) -> Batch:
         return torch.stack([torch.as_tensor(getattr(sample, name)) for sample in samples])
 
     return Batch(
-        frames=stack("frames"),
+        frames=stack_frames([sample.frames for sample in samples]),
         boxes=stack("boxes"),
         box_labels=stack("box_labels"),
         box_mask=stack("box_mask"),
