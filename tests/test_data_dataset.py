@@ -85,6 +85,8 @@ def test_batches_of_any_mix_of_clips_have_one_frame_layout(frames):
         assert torch.equal(batch, torch.stack(clips))
         layouts.add(batch.stride())
     assert layouts == {(frames * 32 * 32 * 3, 32 * 32 * 3, 1, 32 * 3, 3)}  # channels last, as decoded
+    with pytest.raises(ValueError, match=r"clips of one batch differ: torch.uint8 \(3, 3, 32, 32\)"):
+        stack_frames([resized, torch.zeros(3, 3, 32, 32, dtype=torch.uint8)])  # as torch.stack refused it
 
 
 def test_a_pinning_data_loader_pins_every_tensor_of_a_batch(world, monkeypatch):

@@ -159,6 +159,10 @@ def stack_frames(clips: list[torch.Tensor]) -> torch.Tensor:
     made a contiguous batch of some mixes of resized and crop-only single-frame clips and a
     channels-last one of others, so the step compiled again when the mix changed."""
     frames, channels, height, width = clips[0].shape
+    for clip in clips:
+        if clip.shape != clips[0].shape or clip.dtype != clips[0].dtype:
+            raise ValueError(f"clips of one batch differ: {clip.dtype} {tuple(clip.shape)} and "
+                             f"{clips[0].dtype} {tuple(clips[0].shape)}")
     batch = torch.empty(len(clips), frames, height, width, channels, dtype=clips[0].dtype).permute(0, 1, 4, 2, 3)
     for row, clip in enumerate(clips):
         batch[row].copy_(clip)

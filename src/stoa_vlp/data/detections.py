@@ -351,8 +351,9 @@ class ObjectTargets:
 @dataclass
 class PackedVideoDetections:
     """One video's detections as a few arrays: what a data-loading process keeps per video and
-    unpickles per sample. Unpickling VideoDetections rebuilt every detected frame's objects (14 ms
-    for 3 minutes at 1 fps and 50 boxes), though a clip reads only its sampled frames."""
+    unpickles per sample. Unpickling VideoDetections rebuilt every detected frame's objects (0.9 ms
+    for 3 minutes at 1 fps and 50 boxes, 46x the packed form: bench/RESULTS.md), though a clip reads
+    only its sampled frames."""
 
     width: int
     height: int

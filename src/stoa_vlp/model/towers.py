@@ -68,7 +68,8 @@ class VideoTower(nn.Module):
     def normalize(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) -> CLIP-normalised, in float32 with torchvision's `ToDtype(scale=True)` and
         `Normalize` operations in their order (equal results); floating-point frames are taken as
-        normalised. Either way in the weights' dtype (float32 but for a model cast to another)."""
+        normalised. Either way in the weights' dtype (float32 but for a model cast to another, which
+        also rounds the mean and std buffers, as it rounds every weight)."""
         if frames.dtype == torch.uint8:
             frames = frames.to(torch.float32).mul_(1.0 / 255).sub_(self.pixel_mean.float()).div_(self.pixel_std.float())
         elif not frames.is_floating_point():
