@@ -131,6 +131,16 @@ def test_querybank_normalisation_demotes_a_hub_as_the_exp_ratio_does():
     assert ranks(scores, positives).tolist() == [1, 1]
 
 
+def test_querybank_normalisation_reads_the_bank_in_chunks_with_the_same_scores():
+    generator = torch.Generator().manual_seed(4)
+    test, bank = torch.rand(7, 5, generator=generator), torch.rand(23, 5, generator=generator)
+    whole = querybank_normalise(test, bank, beta=20.0, chunk_rows=len(bank))
+    for chunk_rows in (1, 4, 22):
+        torch.testing.assert_close(querybank_normalise(test, bank, beta=20.0, chunk_rows=chunk_rows), whole,
+                                   rtol=1e-12, atol=1e-12)
+    assert not torch.equal(whole, test.double())  # some query was normalised
+
+
 def test_rerank_touches_only_top_k():
     generator = torch.Generator().manual_seed(1)
     sim = torch.rand(6, 10, generator=generator)

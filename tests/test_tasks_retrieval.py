@@ -13,6 +13,7 @@ from stoa_vlp.model import build_model
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.tasks.retrieval import (
     contrastive_similarity,
+    encode_sentences,
     encode_texts,
     encode_videos,
     evaluate_retrieval,
@@ -173,6 +174,7 @@ def test_querybank_numbers_come_from_the_bank_captions_and_leave_the_plain_ones(
     videos, texts = extract_features(model, video_rows, "cpu")[:2]
     captions = encode_texts(model, *tokenizer([c for r in records for c in r.captions]), "cpu")
     bank_texts = encode_texts(model, *tokenizer(bank), "cpu")
+    torch.testing.assert_close(encode_sentences(model, *tokenizer(bank), "cpu", batch_size=2), bank_texts.sentence)
     scores = querybank_normalise(contrastive_similarity(videos, captions, "mean"), contrastive_similarity(videos, bank_texts, "mean"))
     expected = retrieval_metrics(scores, torch.tensor([0, 1, 2]))
     assert {k: with_bank[k.replace("t2v_", "t2v_qb_")] for k in expected if k.startswith("t2v_")} == pytest.approx(

@@ -98,18 +98,30 @@ def encode_videos(model, loader: Iterable[Batch], device, progress: bool = False
     return ids, videos
 
 
+def _text_batches(model, tokens: torch.Tensor, mask: torch.Tensor, device, batch_size: int, progress: bool):
+    """TextFeatures of each batch of token rows (N, L), the model in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    starts = tqdm(range(0, len(tokens), batch_size), desc="encoding captions", unit="batch", disable=not progress)
+    for i in starts:
+        yield model.encode_text(tokens[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
+    model.train(was_training)
+
+
 @torch.no_grad()
 def encode_texts(model, tokens: torch.Tensor, mask: torch.Tensor, device, batch_size: int = 256,
                  progress: bool = False):
     """TextFeatures of token rows (N, L) with their masks, in batches."""
-    was_training = model.training
-    model.eval()
-    starts = tqdm(range(0, len(tokens), batch_size), desc="encoding captions", unit="batch", disable=not progress)
-    parts = [
-        model.encode_text(tokens[i : i + batch_size].to(device), mask[i : i + batch_size].to(device)) for i in starts
-    ]
-    model.train(was_training)
-    return concat_features(parts)
+    return concat_features(list(_text_batches(model, tokens, mask, device, batch_size, progress)))
+
+
+@torch.no_grad()
+def encode_sentences(model, tokens: torch.Tensor, mask: torch.Tensor, device, batch_size: int = 256,
+                     progress: bool = False) -> torch.Tensor:
+    """(N, E) sentence features of token rows (N, L), without keeping every token's feature as
+    `encode_texts` does: for a query bank of MSR-VTT's 180k training captions those would be 12 GB
+    (32 tokens x 512 float32 each)."""
+    return torch.cat([text.sentence for text in _text_batches(model, tokens, mask, device, batch_size, progress)])
 
 
 @torch.no_grad()
@@ -127,9 +139,14 @@ def extract_features(model, loader: Iterable[Batch], device: torch.device | str,
 def contrastive_similarity(videos, texts, video_feature: str) -> torch.Tensor:
     """(num_texts, num_videos) VTC cosine similarity in float32 (also under autocast, which would round
     it to bf16 and make ties that count against the model); video_feature as loss.vtc_video_feature."""
-    with torch.autocast(texts.sentence.device.type, enabled=False):
+    return sentence_similarity(videos, texts.sentence, video_feature)
+
+
+def sentence_similarity(videos, sentences: torch.Tensor, video_feature: str) -> torch.Tensor:
+    """`contrastive_similarity` of sentence features (num_texts, E)."""
+    with torch.autocast(sentences.device.type, enabled=False):
         video = video_embedding(videos.frames.float(), videos.video.float(), video_feature)
-        return F.normalize(texts.sentence.float(), dim=-1) @ video.t()
+        return F.normalize(sentences.float(), dim=-1) @ video.t()
 
 
 @torch.no_grad()
@@ -203,11 +220,12 @@ def retrieval_metrics_of_features(
     progress: bool = False,
 ) -> dict[str, float]:
     """Metrics from encoded videos and captions (see `evaluate_retrieval` for the keys); with
-    `querybank` (encoded training captions), also "t2v_qb_..." after QB-Norm."""
+    `querybank` ((B, E) sentence features of the training captions, `encode_sentences`), also
+    "t2v_qb_..." after QB-Norm."""
     similarity = contrastive_similarity(videos, texts, video_feature).cpu()
     metrics = retrieval_metrics(similarity, text_to_video, dual_softmax_scale)
     if querybank is not None:
-        bank_similarity = contrastive_similarity(videos, querybank, video_feature).cpu()
+        bank_similarity = sentence_similarity(videos, querybank, video_feature).cpu()
         normalised = querybank_normalise(similarity, bank_similarity, qb_norm_beta)
         t2v = retrieval_metrics(normalised, text_to_video, directions=("t2v",))
         metrics.update({k.replace("t2v_", "t2v_qb_"): v for k, v in t2v.items()})
@@ -274,7 +292,7 @@ def evaluate_retrieval_records(
     texts = encode_texts(model, tokens, mask, device, pair_batch_size, progress)
     querybank = None
     if querybank_captions is not None:
-        querybank = encode_texts(model, *tokenizer(querybank_captions), device, pair_batch_size, progress)
+        querybank = encode_sentences(model, *tokenizer(querybank_captions), device, pair_batch_size, progress)
     return retrieval_metrics_of_features(
         model, videos, texts, text_to_video, rerank_k, dual_softmax_scale, video_feature, pair_batch_size,
         querybank, qb_norm_beta, progress,
