@@ -139,6 +139,8 @@ def test_querybank_normalisation_reads_the_bank_in_chunks_with_the_same_scores()
         torch.testing.assert_close(querybank_normalise(test, bank, beta=20.0, chunk_rows=chunk_rows), whole,
                                    rtol=1e-12, atol=1e-12)
     assert not torch.equal(whole, test.double())  # some query was normalised
+    with pytest.raises(ValueError, match="chunk_rows must be at least 1, got 0"):
+        querybank_normalise(test, bank, chunk_rows=0)
 
 
 def test_rerank_touches_only_top_k():

@@ -92,8 +92,11 @@ def querybank_normalise(
     A query whose top-1 candidate is the top-1 of some bank query gets beta * s - log sum_b
     exp(beta * bank[b]) per candidate (the log of QB-Norm's exp-ratio, so the same ranking without
     overflow); every other query keeps its row. The bank is read `chunk_rows` rows at a time (in
-    float64): MSR-VTT's 180k training captions x 3k videos would take 4 GB per float64 copy.
+    float64; the same scores up to float64 rounding): MSR-VTT's 180k training captions x 3k videos
+    would take 4 GB per float64 copy.
     """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     similarity = similarity.double()
     activated = torch.zeros(similarity.shape[1], dtype=torch.bool, device=similarity.device)
     log_bank_sum = torch.full((similarity.shape[1],), -math.inf, dtype=torch.float64, device=similarity.device)

@@ -103,9 +103,11 @@ def _text_batches(model, tokens: torch.Tensor, mask: torch.Tensor, device, batch
     was_training = model.training
     model.eval()
     starts = tqdm(range(0, len(tokens), batch_size), desc="encoding captions", unit="batch", disable=not progress)
-    for i in starts:
-        yield model.encode_text(tokens[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
-    model.train(was_training)
+    try:
+        for i in starts:
+            yield model.encode_text(tokens[i : i + batch_size].to(device), mask[i : i + batch_size].to(device))
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
