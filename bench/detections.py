@@ -1,4 +1,8 @@
-"""Per-sample detections cost in a data-loading process: the stored form read back and the boxes chosen.
+"""Detections cost: the file read into memory, and per sample the stored form read back and the boxes chosen.
+
+File: a detections file of --videos videos (18 detected frames x 20 boxes of 40 classes each) read
+with `read_packed_detections` (each video packed as read; what training and evaluation hold)
+against `read_detections` (per-frame objects), same run: seconds and bytes per box held (tracemalloc).
 
 A sample reads its video's detections from the dataset's SerializedDict (one pickle per video) and
 chooses the boxes of its sampled frames (`select_objects`). Timed, same run, on random videos of
@@ -20,7 +24,9 @@ import argparse
 import pickle
 import shutil
 import tempfile
+import time
 import timeit
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +39,7 @@ from stoa_vlp.data.detections import (
     PackedVideoDetections,
     VideoDetections,
     read_detections,
+    read_packed_detections,
     select_objects,
     suppress_across_classes,
     write_detections,
@@ -42,19 +49,36 @@ from stoa_vlp.data.geometry import resize_crop
 CLASSES = [f"class{i}" for i in range(80)]
 
 
-def random_video(frames: int, boxes: int, rng: np.random.Generator, folder: Path) -> VideoDetections:
-    """`frames` detected frames at 1 fps of a 640x360 video, each with `boxes` random boxes, read back
-    from a detections file."""
+def generated_video(video_id: str, frames: int, boxes: int, classes: list[str], rng: np.random.Generator) -> VideoDetections:
+    """`frames` detected frames at 1 fps of a 640x360 video, each with `boxes` random boxes of `classes`."""
     detected = []
     for second in range(frames):
         corners = rng.uniform(0, 300, size=(boxes, 2))
         rects = np.concatenate([corners, corners + rng.uniform(10, 200, size=(boxes, 2))], axis=1)
-        classes = [CLASSES[i] for i in rng.integers(0, len(CLASSES), boxes)]
+        names = [classes[i] for i in rng.integers(0, len(classes), boxes)]
         confs = rng.uniform(0.2, 1, boxes)
-        detected.append(FrameDetections(float(second), classes, rects.astype(np.float32), confs.astype(np.float32)))
+        detected.append(FrameDetections(float(second), names, rects.astype(np.float32), confs.astype(np.float32)))
+    return VideoDetections(video_id, 640, 360, detected)
+
+
+def random_video(frames: int, boxes: int, rng: np.random.Generator, folder: Path) -> VideoDetections:
+    """`generated_video` of any of CLASSES, read back from a detections file."""
     path = folder / "detections.jsonl"
-    write_detections(path, [VideoDetections("video", 640, 360, detected)])
+    write_detections(path, [generated_video("video", frames, boxes, CLASSES, rng)])
     return read_detections(path)["video"]
+
+
+def read_cost(read, path: Path, boxes: int) -> tuple[float, float]:
+    """(seconds, bytes per box held) of `read(path)`: time untraced, then memory under tracemalloc."""
+    start = time.perf_counter()
+    read(path)
+    seconds = time.perf_counter() - start
+    tracemalloc.start()
+    held = read(path)
+    size = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    del held
+    return seconds, size / boxes
 
 
 def earlier_suppression(boxes: np.ndarray, labels: np.ndarray, confs: np.ndarray, limit: int, iou: float = 0.5):
@@ -76,9 +100,20 @@ def per_call_ms(function, repeat: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=20, help="calls per timed round")
+    parser.add_argument("--videos", type=int, default=1000, help="videos in the file read")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     folder = Path(tempfile.mkdtemp(prefix="stoa_detections_bench_"))
+    big = folder / "many.jsonl"
+    write_detections(big, (generated_video(f"v{i}", 18, 20, list(rng.choice(CLASSES, 40)), rng) for i in range(args.videos)))
+    boxes = args.videos * 18 * 20
+    print(f"| read a file of {args.videos} videos ({boxes} boxes) | seconds | bytes per box held |")
+    print("|---|---:|---:|")
+    for name, read in (("read_detections (per-frame objects)", read_detections),
+                       ("read_packed_detections (packed as read)", read_packed_detections)):
+        seconds, per_box = read_cost(read, big, boxes)
+        print(f"| {name} | {seconds:.2f} | {per_box:.0f} |")
+    print()
     vocab = LabelVocab(CLASSES)
     geometry = resize_crop(640, 360, 224)
     print("| detected frames x boxes | read VideoDetections (before) ms | read packed ms | speed-up | "

@@ -19,6 +19,7 @@ def test_the_earlier_suppression_keeps_the_same_boxes():
 
 
 def test_smoke_run_prints_both_tables(capsys):
-    assert load_bench("detections").main(["--repeat", "1"]) == 0
+    assert load_bench("detections").main(["--repeat", "1", "--videos", "5"]) == 0
     printed = capsys.readouterr().out
     assert "| 600 x 50 |" in printed and "| 100 |" in printed and "earlier code ms" in printed
+    assert "| read_packed_detections (packed as read) |" in printed

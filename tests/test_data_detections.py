@@ -7,15 +7,16 @@ import pytest
 
 from stoa_vlp.cli import main
 from stoa_vlp.data.detections import (
-    PackedVideoDetections,
     DetectionsError,
     FrameDetections,
     LabelVocab,
+    PackedVideoDetections,
     VideoDetections,
     convert_vinvl,
     nearest_frames,
     read_detections,
     read_hw_tsv,
+    read_packed_detections,
     read_vinvl_tsv,
     select_objects,
     suppress_across_classes,
@@ -182,6 +183,24 @@ def test_scene_graph_benchmark_predictions_take_their_sizes_from_the_hw_file(tmp
         read_hw_tsv(hw)
 
 
+def test_detections_are_read_packed_as_read_with_the_same_checks(tmp_path):
+    videos = [VideoDetections("a", 64, 48, [_frame(0.5, ("dog", [1, 2, 3, 4], 0.5)), _frame(0.0)]),
+              VideoDetections("b", 32, 32, [])]
+    path = tmp_path / "detections.jsonl"
+    write_detections(path, videos)
+    plain, packed_videos = read_detections(path), read_packed_detections(path)
+    assert list(packed_videos) == list(plain) == ["a", "b"]
+    for video_id, video in plain.items():
+        expected, got = PackedVideoDetections.pack(video), packed_videos[video_id]
+        assert (got.width, got.height, got.class_names) == (expected.width, expected.height, expected.class_names)
+        for field in ("times", "ends", "rects", "confs", "class_index"):
+            assert np.array_equal(getattr(got, field), getattr(expected, field)), field
+    assert packed_videos["a"].boxes_per_frame().tolist() == [0, 1]  # frames sorted by time
+    path.write_text(path.read_text() + path.read_text().splitlines()[0] + "\n")
+    with pytest.raises(DetectionsError, match="detections.jsonl:3: video 'a' appears twice"):
+        read_packed_detections(path)
+
+
 def test_label_vocab(tmp_path):
     frames = [_frame(0, ("dog", [0, 0, 1, 1], 1), ("cat", [0, 0, 1, 1], 1), ("dog", [0, 0, 1, 1], 1), ("ant", [0, 0, 1, 1], 1))]
     vocab = LabelVocab.from_detections({"v": VideoDetections("v", 2, 2, frames)})
@@ -191,6 +210,9 @@ def test_label_vocab(tmp_path):
     assert LabelVocab.load(tmp_path / "labels.json").names == vocab.names
     small = LabelVocab.from_detections([VideoDetections("v", 2, 2, frames)], max_size=3)
     assert small.names == ["<pad>", "<unknown>", "dog"] and small.id("cat") == 1
+    two = [VideoDetections("v", 2, 2, frames), VideoDetections("w", 2, 2, [_frame(0, ("cat", [0, 0, 1, 1], 1))] * 3)]
+    from_packed = LabelVocab.from_detections([PackedVideoDetections.pack(video) for video in two])
+    assert from_packed.names == LabelVocab.from_detections(two).names == ["<pad>", "<unknown>", "cat", "dog", "ant"]
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(ValueError, match="bad.json: not a stoa-vlp label vocabulary"):
         LabelVocab.load(tmp_path / "bad.json")

@@ -55,7 +55,7 @@ from stoa_vlp.data.annotations import (
     unreadable_shard,
 )
 from stoa_vlp.data.decode import DecodedClip, VideoError, check_decoder, decode_clip
-from stoa_vlp.data.detections import LabelVocab, PackedVideoDetections, empty_targets, read_detections, select_objects
+from stoa_vlp.data.detections import LabelVocab, empty_targets, packed, read_packed_detections, select_objects
 from stoa_vlp.data.geometry import resize_crop
 from stoa_vlp.data.serialized import SerializedDict, SerializedList
 from stoa_vlp.data.tags import PackedTags, TagCache
@@ -228,7 +228,7 @@ class SampleBuilder:
         if not config.model.objects:
             detections = None
         elif detections is not None and not isinstance(detections, SerializedDict):
-            detections = SerializedDict({video_id: PackedVideoDetections.pack(video) for video_id, video in detections.items()})
+            detections = SerializedDict({video_id: packed(video) for video_id, video in detections.items()})
         self.detections = detections
         self.label_vocab = label_vocab
         self.tag_cache = PackedTags(tag_cache) if isinstance(tag_cache, TagCache) else tag_cache
@@ -512,12 +512,12 @@ class WebDatasetShards(IterableDataset):
 
 
 def load_detections(config: Config) -> tuple[dict | None, LabelVocab | None]:
-    """(detections by video id, LabelVocab) named by data.detections and data.label_vocab, or (None,
-    None) without detections or objects. Without a data.label_vocab file the vocabulary is built from
-    the detections: the most frequent model.num_object_classes - 2 classes."""
+    """(PackedVideoDetections by video id, LabelVocab) named by data.detections and data.label_vocab,
+    or (None, None) without detections or objects. Without a data.label_vocab file the vocabulary is
+    built from the detections: the most frequent model.num_object_classes - 2 classes."""
     if not (config.data.detections and config.model.objects):
         return None, None
-    detections = read_detections(config.data.detections)
+    detections = read_packed_detections(config.data.detections)
     classes = config.model.num_object_classes
     if config.data.label_vocab and Path(config.data.label_vocab).exists():
         label_vocab = LabelVocab.load(config.data.label_vocab)
@@ -544,10 +544,11 @@ def report_detection_coverage(path: str, detections: dict, video_ids: Iterable[s
     if without:
         log.warning("%s: %d of %d videos have no detections (no object trajectories; e.g. %s)",
                     path, len(without), len(known), without[0])
-    frames = [frame for video_id in known & set(detections) for frame in detections[video_id].frames]
-    empty = sum(not frame.classes for frame in frames)
+    boxes_per_frame = [packed(detections[video_id]).boxes_per_frame() for video_id in known & set(detections)]
+    frames = sum(len(counts) for counts in boxes_per_frame)
+    empty = sum(int(np.count_nonzero(counts == 0)) for counts in boxes_per_frame)
     if empty:
-        log.info("%s: %d of %d detected frames of %s hold no box", path, empty, len(frames), source)
+        log.info("%s: %d of %d detected frames of %s hold no box", path, empty, frames, source)
 
 
 def _load_side_data(config: Config, records: list[VideoRecord] | None, source: str):

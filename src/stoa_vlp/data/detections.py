@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,55 @@ class VideoDetections:
     width: int
     height: int
     frames: list[FrameDetections]  # sorted by time
+
+
+@dataclass
+class PackedVideoDetections:
+    """One video's detections as a few arrays: what a data-loading process keeps per video and
+    unpickles per sample. Unpickling VideoDetections rebuilt every detected frame's objects (0.9 ms
+    for 3 minutes at 1 fps and 50 boxes, 46x the packed form: bench/RESULTS.md), though a clip reads
+    only its sampled frames."""
+
+    width: int
+    height: int
+    times: np.ndarray  # (F,) float64, sorted
+    ends: np.ndarray  # (F,) int64: frame f's boxes are rows ends[f - 1]:ends[f]
+    rects: np.ndarray  # (n, 4) float32
+    confs: np.ndarray  # (n,) float32
+    class_index: np.ndarray  # (n,) int32 into class_names
+    class_names: list[str]  # the video's distinct class names
+
+    @classmethod
+    def pack(cls, video: VideoDetections) -> PackedVideoDetections:
+        class_names = sorted({name for frame in video.frames for name in frame.classes})
+        index = {name: i for i, name in enumerate(class_names)}
+        return cls(
+            video.width,
+            video.height,
+            np.array([frame.time for frame in video.frames], dtype=np.float64),
+            np.cumsum([len(frame.classes) for frame in video.frames], dtype=np.int64),
+            np.concatenate([frame.rects.reshape(-1, 4) for frame in video.frames] or [np.zeros((0, 4))]).astype(np.float32),
+            np.concatenate([frame.confs for frame in video.frames] or [np.zeros(0)]).astype(np.float32),
+            np.array([index[name] for frame in video.frames for name in frame.classes], dtype=np.int32),
+            class_names,
+        )
+
+    def rows(self, f: int) -> slice:
+        """The rows of detected frame f's boxes."""
+        return slice(int(self.ends[f - 1]) if f > 0 else 0, int(self.ends[f]))
+
+    def boxes_per_frame(self) -> np.ndarray:
+        """(F,) int64."""
+        return np.diff(self.ends, prepend=0)
+
+    def box_counts_by_class(self) -> np.ndarray:
+        """(len(class_names),) int64: the video's boxes of each class."""
+        return np.bincount(self.class_index, minlength=len(self.class_names))
+
+
+def packed(video: VideoDetections | PackedVideoDetections) -> PackedVideoDetections:
+    """`video` as PackedVideoDetections (packed if it is not)."""
+    return video if isinstance(video, PackedVideoDetections) else PackedVideoDetections.pack(video)
 
 
 def _finite(value, name: str, where: str) -> float:
@@ -135,19 +184,31 @@ def video_to_json(video: VideoDetections) -> dict:
     }
 
 
-def read_detections(path: str | Path) -> dict[str, VideoDetections]:
-    """All videos of a detections JSONL file by video id. Blank lines are allowed."""
+def _read_videos(path: str | Path) -> Iterator[VideoDetections]:
+    """Each video of a detections JSONL file, in file order. Blank lines are allowed; a video given
+    twice is an error naming file and line."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"detections file {path} does not exist")
-    videos: dict[str, VideoDetections] = {}
+    seen: set[str] = set()
     for line_number, value in read_jsonl(path, DetectionsError):
         where = f"{path}:{line_number}"
         video = video_from_json(value, where)
-        if video.video_id in videos:
+        if video.video_id in seen:
             raise DetectionsError(f"{where}: video '{video.video_id}' appears twice")
-        videos[video.video_id] = video
-    return videos
+        seen.add(video.video_id)
+        yield video
+
+
+def read_detections(path: str | Path) -> dict[str, VideoDetections]:
+    """All videos of a detections JSONL file by video id."""
+    return {video.video_id: video for video in _read_videos(path)}
+
+
+def read_packed_detections(path: str | Path) -> dict[str, PackedVideoDetections]:
+    """`read_detections` with each video packed as soon as it is read: what training and evaluation
+    hold (36 bytes per box against about 130 for the per-frame objects, bench/RESULTS.md)."""
+    return {video.video_id: PackedVideoDetections.pack(video) for video in _read_videos(path)}
 
 
 def write_detections(path: str | Path, videos: Iterable[VideoDetections]) -> int:
@@ -298,12 +359,16 @@ class LabelVocab:
 
     @classmethod
     def from_detections(
-        cls, detections: dict[str, VideoDetections] | Iterable[VideoDetections], max_size: int | None = None
+        cls,
+        detections: dict[str, VideoDetections | PackedVideoDetections] | Iterable[VideoDetections | PackedVideoDetections],
+        max_size: int | None = None,
     ) -> "LabelVocab":
         """Classes by descending box count (then name); with `max_size` (ids included) the rarest
         classes are left out and become unknown."""
         videos = detections.values() if isinstance(detections, dict) else detections
-        counts = Counter(name for video in videos for frame in video.frames for name in frame.classes)
+        counts: Counter[str] = Counter()
+        for video in map(packed, videos):
+            counts.update(dict(zip(video.class_names, video.box_counts_by_class().tolist())))
         names = sorted(counts, key=lambda name: (-counts[name], name))
         if max_size is not None:
             names = names[: max(max_size - 2, 0)]
@@ -346,42 +411,6 @@ class ObjectTargets:
     mask: np.ndarray  # (T, K) bool
     traj_labels: np.ndarray  # (N,) int64, 0 = padding
     traj_mask: np.ndarray  # (N,) bool
-
-
-@dataclass
-class PackedVideoDetections:
-    """One video's detections as a few arrays: what a data-loading process keeps per video and
-    unpickles per sample. Unpickling VideoDetections rebuilt every detected frame's objects (0.9 ms
-    for 3 minutes at 1 fps and 50 boxes, 46x the packed form: bench/RESULTS.md), though a clip reads
-    only its sampled frames."""
-
-    width: int
-    height: int
-    times: np.ndarray  # (F,) float64, sorted
-    ends: np.ndarray  # (F,) int64: frame f's boxes are rows ends[f - 1]:ends[f]
-    rects: np.ndarray  # (n, 4) float32
-    confs: np.ndarray  # (n,) float32
-    class_index: np.ndarray  # (n,) int32 into class_names
-    class_names: list[str]  # the video's distinct class names
-
-    @classmethod
-    def pack(cls, video: VideoDetections) -> PackedVideoDetections:
-        class_names = sorted({name for frame in video.frames for name in frame.classes})
-        index = {name: i for i, name in enumerate(class_names)}
-        return cls(
-            video.width,
-            video.height,
-            np.array([frame.time for frame in video.frames], dtype=np.float64),
-            np.cumsum([len(frame.classes) for frame in video.frames], dtype=np.int64),
-            np.concatenate([frame.rects.reshape(-1, 4) for frame in video.frames] or [np.zeros((0, 4))]).astype(np.float32),
-            np.concatenate([frame.confs for frame in video.frames] or [np.zeros(0)]).astype(np.float32),
-            np.array([index[name] for frame in video.frames for name in frame.classes], dtype=np.int32),
-            class_names,
-        )
-
-    def rows(self, f: int) -> slice:
-        """The rows of detected frame f's boxes."""
-        return slice(int(self.ends[f - 1]) if f > 0 else 0, int(self.ends[f]))
 
 
 def empty_targets(frames: int, boxes_per_frame: int, trajectories: int) -> ObjectTargets:
@@ -443,8 +472,7 @@ def select_objects(
     rescaled to the size `geometry` was computed for. No detections -> all-padding targets.
     """
     targets = empty_targets(len(frame_times), boxes_per_frame, trajectories)
-    if isinstance(detections, VideoDetections):
-        detections = PackedVideoDetections.pack(detections)
+    detections = None if detections is None else packed(detections)
     if detections is None or len(detections.times) == 0 or len(frame_times) == 0:
         return targets
     rescale = np.array(
