@@ -116,6 +116,8 @@ def test_dataset_holds_detections_and_tags_packed(world, piece_tags, tmp_path):
     assert isinstance(builder.detections, SerializedDict) and isinstance(builder.tag_cache, PackedTags)
     assert python_containers(dataset.records, "records") == []
     assert python_containers(builder.detections, "detections") == []
+    # only the split's videos of a file that holds every split's (a copy per dataset, per process)
+    assert len(builder.detections) == len(records) < len(detections)
     assert python_containers(builder.tag_cache, "tag_cache") == []
     sample = dataset[0]  # built from the packed forms
     record = records[0]

@@ -216,8 +216,9 @@ def keep_freed_memory() -> bool:
 class SampleBuilder:
     """Turns (video source, caption) into a Sample: decode, transform, objects, tokens, tags.
 
-    `detections` (VideoDetections by video id) and `tag_cache` (a TagCache) are kept packed
-    (a SerializedDict of PackedVideoDetections, PackedTags); already packed ones are used as they are.
+    `detections` (VideoDetections or PackedVideoDetections by video id) and `tag_cache` (a TagCache)
+    are kept packed (a SerializedDict of PackedVideoDetections, PackedTags); already packed ones are
+    used as they are.
     """
 
     def __init__(self, config: Config, training: bool, detections=None, label_vocab=None, tag_cache=None):
@@ -344,6 +345,9 @@ class VideoTextDataset(Dataset):
         ]
         self.items = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)  # (record, caption or -1)
         self.training = training
+        if isinstance(detections, dict):  # keep only this dataset's videos of a file for all splits
+            wanted = {record.video_id for record in records}
+            detections = {video_id: video for video_id, video in detections.items() if video_id in wanted}
         self.builder = SampleBuilder(config, training, detections, label_vocab, tag_cache)
         self.label_vocab = label_vocab
         self.skips = skips if skips is not None else SkipCounter(config.data.max_bad_samples)

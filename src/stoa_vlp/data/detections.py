@@ -207,7 +207,7 @@ def read_detections(path: str | Path) -> dict[str, VideoDetections]:
 
 def read_packed_detections(path: str | Path) -> dict[str, PackedVideoDetections]:
     """`read_detections` with each video packed as soon as it is read: what training and evaluation
-    hold (36 bytes per box against about 130 for the per-frame objects, bench/RESULTS.md)."""
+    hold (33 bytes per box against 114 for the per-frame objects, bench/RESULTS.md)."""
     return {video.video_id: PackedVideoDetections.pack(video) for video in _read_videos(path)}
 
 
