@@ -292,8 +292,8 @@ def test_vinvl_sizes_of_one_video_must_agree_and_files_be_utf8(tmp_path):
 
 
 def test_nearest_frames():
-    frames = [_frame(t) for t in (0.0, 1.0, 2.0, 4.0)]
-    assert nearest_frames(frames, [-1.0, 0.4, 0.5, 0.6, 2.9, 3.0, 3.1, 9.0]) == [0, 0, 0, 1, 2, 2, 3, 3]
+    detected_times = np.array([0.0, 1.0, 2.0, 4.0])
+    assert nearest_frames(detected_times, [-1.0, 0.4, 0.5, 0.6, 2.9, 3.0, 3.1, 9.0]) == [0, 0, 0, 1, 2, 2, 3, 3]
 
 
 def _iou(a, b):

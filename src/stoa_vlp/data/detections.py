@@ -423,13 +423,10 @@ def empty_targets(frames: int, boxes_per_frame: int, trajectories: int) -> Objec
     )
 
 
-def nearest_frames(frames: Sequence[FrameDetections] | np.ndarray, times: Sequence[float]) -> list[int]:
-    """Index of the detected frame (or sorted frame time) nearest in time to each time (the earlier one
-    on a tie)."""
-    if isinstance(frames, np.ndarray):
-        detected = frames.astype(np.float64)
-    else:
-        detected = np.array([frame.time for frame in frames], dtype=np.float64)
+def nearest_frames(detected_times: np.ndarray, times: Sequence[float]) -> list[int]:
+    """Index of the detected frame (of sorted `detected_times`) nearest in time to each time (the earlier
+    one on a tie)."""
+    detected = detected_times.astype(np.float64)
     wanted = np.asarray(times, dtype=np.float64)
     after = np.clip(np.searchsorted(detected, wanted), 0, len(detected) - 1)
     before = np.clip(after - 1, 0, len(detected) - 1)

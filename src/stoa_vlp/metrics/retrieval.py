@@ -23,8 +23,8 @@ divided, per candidate, by the sum over the bank of exp(beta * bank similarity);
 
 from __future__ import annotations
 
-import math
 import logging
+import math
 from typing import Callable
 
 import numpy as np
