@@ -337,3 +337,20 @@ def test_keep_freed_memory_stops_page_faults_per_clip(world):
             FrameTransform(224)(decode_clip(path, 12).frames)  # a few MB allocated and freed per clip
         faults_per_clip.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
     assert min(faults_per_clip) < 100  # 4 KB pages; without the setting about 1,600-2,000
+
+
+def test_fine_tuning_reads_the_detections_file_once(world, monkeypatch):
+    """The task runner holds the detections it read at set-up; its training dataset takes those
+    instead of reading the file again (seconds per thousand videos, and a second copy meanwhile)."""
+    from stoa_vlp.data import dataset as dataset_module
+    from stoa_vlp.tasks.pipeline import TaskRunner
+
+    reads = []
+    read = dataset_module.read_packed_detections
+    monkeypatch.setattr(dataset_module, "read_packed_detections", lambda path: reads.append(path) or read(path))
+    config = tiny(world, f"data.detections={world.detections}", "task.name=retrieval")
+    runner = TaskRunner(config, "cpu")
+    train_set, _ = runner.train_data()
+    assert reads == [str(world.detections)]
+    assert train_set.label_vocab is runner.label_vocab
+    assert train_set[0].box_mask.any()

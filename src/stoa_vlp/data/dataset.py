@@ -555,9 +555,10 @@ def report_detection_coverage(path: str, detections: dict, video_ids: Iterable[s
         log.info("%s: %d of %d detected frames of %s hold no box", path, empty, frames, source)
 
 
-def _load_side_data(config: Config, records: list[VideoRecord] | None, source: str):
-    """Detections, label vocabulary and tag cache named by the config (each may be None)."""
-    detections, label_vocab = load_detections(config)
+def _load_side_data(config: Config, records: list[VideoRecord] | None, source: str, detections_and_vocab=None):
+    """Detections, label vocabulary and tag cache named by the config (each may be None); the first
+    two are read unless `detections_and_vocab` gives them (as `load_detections(config)` returned)."""
+    detections, label_vocab = detections_and_vocab if detections_and_vocab is not None else load_detections(config)
     tag_cache = None
     if detections is not None and records is not None:
         report_detection_coverage(config.data.detections, detections, (record.video_id for record in records), source)
@@ -578,8 +579,9 @@ def is_webdataset(config: Config, path: str | Path) -> bool:
     return config.data.format == "webdataset" or (config.data.format == "auto" and detect_format(path) == "webdataset")
 
 
-def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1):
-    """The dataset of a split ("train", "val" or "test") as the config names it."""
+def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1, detections_and_vocab=None):
+    """The dataset of a split ("train", "val" or "test") as the config names it. `detections_and_vocab`:
+    what `load_detections(config)` returned, for a caller that holds it already (read otherwise)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     path = getattr(config.data, split)
@@ -588,13 +590,14 @@ def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1
     training = split == "train"
     existing_annotations(path)
     if is_webdataset(config, path):
-        detections, label_vocab, tag_cache = _load_side_data(config, None, path)
+        detections, label_vocab, tag_cache = _load_side_data(config, None, path, detections_and_vocab)
         return WebDatasetShards(shard_list(Path(path)), config, training, detections, label_vocab, tag_cache,
                                 rank=rank, world_size=world_size)
     records = read_annotations(path, config.data.format, split, config.data.video_root or None, strict=not training)
     if not records:
         raise ValueError(f"{path}: no usable (video, caption) records for split {split}")
-    detections, label_vocab, tag_cache = _load_side_data(config, records, f"the {split} split of {path}")
+    detections, label_vocab, tag_cache = _load_side_data(config, records, f"the {split} split of {path}",
+                                                         detections_and_vocab)
     return VideoTextDataset(records, config, training, detections, label_vocab, tag_cache)
 
 

@@ -198,7 +198,8 @@ class TaskRunner:
             return dataset, collate
         from stoa_vlp.data.dataset import build_dataset, collate
 
-        return build_dataset(self.config, "train", rank, world_size), collate
+        detections_and_vocab = (self.detections, self.label_vocab)  # read once, at set-up
+        return build_dataset(self.config, "train", rank, world_size, detections_and_vocab), collate
 
     def _video_paths(self, video_ids: list[str], source: str) -> dict[str, str]:
         return find_video_paths(video_ids, video_root(self.config, source), source)
