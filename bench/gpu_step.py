@@ -12,8 +12,9 @@ warm-up, median of at least 10 steps) each variant of VARIANTS chosen by --eager
     tower-lowp, full-lowp), not timed unless named;
   - `trainer`: the Trainer's own step (`Trainer._train_step`, compiled by the Trainer itself with
     train.compile) on the full model, with what a run does beyond the bare step: the batch copied
-    from pinned host memory, the losses read, the gradient clipped and its norm read, the LR
-    scheduled; not timed unless named.
+    from pinned host memory, the gradient clipped, the update skipped on the device if anything is
+    not finite, the step before read by the host (its losses, gradient norm and flags, in one
+    transfer) and the LR scheduled; not timed unless named.
 The frames are uint8, as the data pipeline gives them, and every variant (timm too) normalises them
 on the device inside its step.
 Model FLOPs come from `torch.utils.flop_counter.FlopCounterMode` on an eager step without activation
@@ -21,8 +22,8 @@ checkpointing (its recomputed forward is work, not model FLOPs); MFU is measured
 matrix product timed in the same run. --profile prints where the device time of a variant goes
 (kernel families and top kernels, torch.profiler) and where the device idles (gaps between
 kernels, named by the host ops running meanwhile); with --out also the op table and a gzipped
-Chrome trace of the timeline; --sync-check lists the host syncs of an eager step
-(`torch.cuda.set_sync_debug_mode`); --compile-mode picks the torch.compile mode. On the CPU it
+Chrome trace of the timeline; --sync-check lists the host syncs of an eager full step and of
+the second of two eager Trainer steps (`torch.cuda.set_sync_debug_mode`); --compile-mode picks the torch.compile mode. On the CPU it
 runs the `tiny` configuration as a smoke test.
 
     python bench/gpu_step.py                 # CUDA: base model; CPU: tiny smoke test
@@ -181,7 +182,13 @@ def trainer_step(config: Config, model: STOAVLP, batch: Batch, compiled: bool, r
                       range(len(batch)), None, run_dir)
     host = batch.to("cpu")
     host = host.pin_memory() if torch.cuda.is_available() else host
-    return lambda: trainer._train_step(iter([host]))
+    queued = None  # each step finishes the one before, as in Trainer.fit
+
+    def step():
+        nonlocal queued
+        queued = trainer._train_step(iter([host]), queued)
+
+    return step
 
 
 def print_table(timings: list[Timing], peak: float, frames: int) -> None:
@@ -402,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compiled", default=COMPILED_DEFAULT, help="variants timed under torch.compile ('' = none)")
     parser.add_argument("--no-compile", action="store_true", help="same as --compiled ''")
     parser.add_argument("--profile", default="", help="variants to profile (eager, and compiled when timed so)")
-    parser.add_argument("--sync-check", action="store_true", help="list the host syncs of one eager full step")
+    parser.add_argument("--sync-check", action="store_true", help="list the host syncs of an eager full step and Trainer step")
     parser.add_argument("--out", default="", help="folder for the profiler op tables and timelines (.json.gz)")
     parser.add_argument("--compile-mode", default="default",
                         help="torch.compile mode, e.g. reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs")
@@ -477,8 +484,12 @@ def main(argv: list[str] | None = None) -> None:
           f"SDPA cuDNN backend {'off' if args.no_cudnn_attention else 'allowed'}", flush=True)
 
     if args.sync_check and on_gpu:
-        syncs = sync_report(build("full", clips, False))
-        print(f"host syncs in one eager full step: {len(syncs)}", *syncs, sep="\n  ", flush=True)
+        for name in ("full", "trainer"):
+            step = build(name, clips, False)
+            step()  # a Trainer step reads the one before it: the second step is checked
+            syncs = sync_report(step)
+            print(f"host syncs in an eager {name} step: {len(syncs)}", *syncs, sep="\n  ", flush=True)
+            step = None
 
     timings: list[Timing] = []
     eager_flops: dict[str, float] = {}

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import traceback
 
 import pytest
 import torch
@@ -220,27 +221,106 @@ def test_a_best_validation_between_saves_is_saved(tmp_path):
     assert ckpt.best_checkpoint(tmp_path / "run").name == "step_00000003" and result.best["step"] == 3
 
 
-def test_a_step_reads_nothing_from_the_device_before_its_backward_is_queued(tmp_path, monkeypatch):
-    """Each float() of an output between the forward and the backward made the host wait for the
-    forward before it could queue the backward (a device sync per output on a GPU). The outputs are
-    now read once backward() has returned; on a GPU, in one transfer."""
+def test_a_step_is_read_after_the_next_step_is_queued(tmp_path, monkeypatch):
+    """The host reads a step's losses, gradient norm and non-finite flags in one transfer, after it has
+    queued the next step's forward and backward, so the device never waits for the host between steps.
+    Only a step that a checkpoint (here every 3rd) or the end follows is read before the next is queued.
+    Before, the host read the losses after each backward and the gradient norm before each update: it
+    waited for the device twice per step, and the device then idled until the host queued more work."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from stoa_vlp.train.loop import QueuedStep
 
     events = []
 
     class ScalarReads(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                events.append("read")
+            # not the DataLoader's seed for each epoch's iterator, drawn from a generator on the host
+            loader = any("torch/utils/data" in frame.filename for frame in traceback.extract_stack())
+            if func is torch.ops.aten._local_scalar_dense.default and not loader:
+                events.append("scalar read")
             return func(*args, **(kwargs or {}))
 
-    backward = torch.Tensor.backward
+    backward, read = torch.Tensor.backward, QueuedStep.read
     monkeypatch.setattr(torch.Tensor, "backward", lambda *a, **k: (events.append("backward"), backward(*a, **k))[1])
-    trainer = toy_trainer(toy_config(), tmp_path / "run")
-    batch = next(trainer._micro_batches())
+    monkeypatch.setattr(QueuedStep, "read", lambda queued: (events.append("read"), read(queued))[1])
+    trainer = toy_trainer(toy_config("train.steps=6", "train.save_every=3"), tmp_path / "run")
     with ScalarReads():
-        assert trainer._train_step(iter([batch])) is not None
-    assert "backward" in events and "read" not in events[: events.index("backward")], events
+        result = trainer.fit()
+    assert result.step == 6
+    steps = " ".join(events).replace("backward", "B").replace("read", "R")
+    assert steps == "B B R B R R B B R B R R", steps  # steps 1-6: 3 and 6 are read at once, the others late
+
+
+def test_a_skipped_update_leaves_weights_moments_and_step_count(tmp_path):
+    """The update is skipped on the device: the fused kernels take the non-finite flag as they take a
+    GradScaler's; the other kernels read it first."""
+    for fused in (True, False):
+        trainer = toy_trainer(toy_config(), tmp_path / f"run{fused}")
+        trainer.optimizer = torch.optim.AdamW(trainer.module.parameters(), lr=0.1, fused=fused, foreach=not fused or None)
+        parameters = list(trainer.module.parameters())
+        for p in parameters:
+            p.grad = torch.ones_like(p)
+        trainer._update_unless(torch.tensor([False]))
+        taken = [p.detach().clone() for p in parameters]
+        state = {id(p): {k: v.clone() for k, v in trainer.optimizer.state[p].items()} for p in parameters}
+        assert all(int(s["step"]) == 1 for s in state.values())
+        trainer._update_unless(torch.tensor([True]))
+        for p, before in zip(parameters, taken):
+            assert torch.equal(p.detach(), before)
+            for name, value in trainer.optimizer.state[p].items():
+                assert torch.equal(value, state[id(p)][name]), (fused, name)
+        trainer._update_unless(torch.tensor([False]))
+        assert all(int(trainer.optimizer.state[p]["step"]) == 2 for p in parameters)
+        assert not any(torch.equal(p.detach(), before) for p, before in zip(parameters, taken))
+
+
+def batch_ids(config, tmp_path, index: int) -> set[str]:
+    """The video ids of the `index`-th batch a toy run of `config` draws."""
+    batches = toy_trainer(config, tmp_path / "ids")._micro_batches()
+    for _ in range(index):
+        next(batches)
+    return set(next(batches).video_ids)
+
+
+def test_a_skipped_step_leaves_the_schedule_where_it_was(tmp_path):
+    """The second batch is skipped; the step taken on the third batch is step 2 and gets step 2's
+    learning rate, though its update was queued before the host had read that the second was skipped."""
+    config = toy_config("train.nonfinite=skip", "train.steps=4", "train.warmup_steps=3", "train.save_every=100")
+    model = ToyModel()
+    model.poison = batch_ids(config, tmp_path, 1)
+    trainer = toy_trainer(config, tmp_path / "run", model=model)
+    result = trainer.fit()
+    assert result.skipped_batches == 1
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4]
+    expected = [0.01 * warmup_cosine(step, 3, 4, config.train.min_lr_scale) for step in range(4)]
+    assert [h["lr"] for h in result.history] == pytest.approx(expected, rel=1e-12)
+    assert int(trainer.optimizer.state[next(trainer.module.parameters())]["step"]) == 4
+
+
+class NaNLossFiniteGradient(ToyModel):
+    """For the clips in `poison`, a NaN loss whose gradient is finite (a NaN constant added)."""
+
+    def forward(self, batch):
+        error = (self.net(batch.x).squeeze(-1) - batch.y) ** 2
+        loss = error.mean() + (float("nan") if self.poison & set(batch.video_ids) else 0.0)
+        return {"loss": loss, "mse": loss.detach()}
+
+
+def test_a_non_finite_step_stops_with_the_weights_of_the_step_before(tmp_path):
+    """With train.nonfinite=stop, the error comes while the next step is queued; no update after the
+    last good step reaches the weights, even where the NaN loss has a finite gradient, and only the
+    micro-batch with the NaN loss is blamed."""
+    config = toy_config("train.grad_accum=2", "train.save_every=100", "train.steps=6")
+    poisoned, one_step = NaNLossFiniteGradient(), ToyModel()
+    one_step.load_state_dict(poisoned.state_dict())
+    poisoned.poison = batch_ids(config, tmp_path, 3)  # the second micro-batch of step 2
+    with pytest.raises(NonFiniteLossError) as raised:
+        toy_trainer(config, tmp_path / "stopped", model=poisoned).fit()
+    assert raised.value.step == 2 and set(raised.value.video_ids) == poisoned.poison
+    toy_trainer(toy_config("train.grad_accum=2", "train.steps=1"), tmp_path / "one", model=one_step).fit()
+    for a, b in zip(poisoned.parameters(), one_step.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_nonfinite_stop_names_step_and_videos(tmp_path):

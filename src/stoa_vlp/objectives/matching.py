@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from stoa_vlp.host_copy import start_copy_to_host
 from stoa_vlp.objectives.distributed import global_mean
 
 SIMILARITIES = ("dot", "cosine")
@@ -130,14 +131,9 @@ def costs_to_host(costs: torch.Tensor) -> torch.Tensor:
     On CUDA the copy goes asynchronously into pinned memory: the host tensor must not be read before
     `matched_columns` has waited for it. Elsewhere this is a plain copy.
     """
-    costs = costs.detach().float()
-    if costs.device.type != "cuda":
-        return costs.cpu()
-    host = torch.empty(costs.shape, dtype=costs.dtype, pin_memory=True)
-    host.copy_(costs, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record(torch.cuda.current_stream(costs.device))  # the copy's stream, whatever the current device
-    _copies_in_flight[host.data_ptr()] = done
+    host, done = start_copy_to_host(costs.detach().float())
+    if done is not None:
+        _copies_in_flight[host.data_ptr()] = done
     return host
 
 

@@ -82,22 +82,14 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: dict[str, float], env: DistEnv) -> dict[str, float]:
-    """Mean of each scalar over ranks (every rank must pass the same keys in the same order)."""
-    if not env.distributed or not values:
-        return dict(values)
-    stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=_comm_device(env))
-    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-    return {name: value / env.world_size for name, value in zip(values, stacked.tolist())}
-
-
-def any_rank(flag: bool, env: DistEnv) -> bool:
-    """True when `flag` is true on at least one rank (so that every rank takes the same branch)."""
+def mean_over_ranks(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The element-wise mean of `tensor` over ranks (every rank passes the same shape), on its device.
+    Under NCCL the all-reduce is queued on the device like a kernel: the host does not wait for it."""
     if not env.distributed:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=_comm_device(env))
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+        return tensor
+    summed = tensor.to(_comm_device(env), copy=True)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return summed.to(tensor.device) / env.world_size
 
 
 def gather_objects(value: object, env: DistEnv) -> list[object]:

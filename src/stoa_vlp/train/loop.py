@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -24,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from stoa_vlp.config import Config, TrainConfig, save_config
 from stoa_vlp.train import checkpointing as ckpt
 from stoa_vlp.train.data_position import ResumableSampler, SeededDataset, WorkerSeeder, loader_seed, worker_seed
-from stoa_vlp.train.distributed import DistEnv, all_reduce_mean, any_rank, barrier, gather_objects, wrap_model
+from stoa_vlp.host_copy import start_copy_to_host
+from stoa_vlp.train.distributed import DistEnv, barrier, gather_objects, mean_over_ranks, wrap_model
 from stoa_vlp.train.logging import MetricsLogger, Progress, format_table
 from stoa_vlp.train.optim import (
     apply_settings,
@@ -56,6 +58,29 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
+class QueuedStep:
+    """An optimiser step queued on the device, its outcome not yet read by the host."""
+
+    names: list[str]  # the module's outputs
+    # on the host once `ready` has completed: this rank's outputs per micro-batch (grad_accum x names),
+    # their mean over micro-batches and ranks (names), the gradient norm, then 1.0 where a loss (on
+    # any rank) and where the gradient were not finite
+    readout: torch.Tensor
+    ready: torch.cuda.Event | None
+    video_ids: list[list[str]]  # this rank's, per micro-batch
+    lr: float  # of its update (the first parameter group's)
+
+    @property
+    def clips(self) -> int:
+        return sum(len(ids) for ids in self.video_ids)
+
+    def read(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.readout.tolist()
+
+
+@dataclass
 class TrainResult:
     step: int  # optimiser steps done in total
     history: list[dict[str, float]] = field(default_factory=list)  # this session's steps, rank-averaged
@@ -66,6 +91,21 @@ class TrainResult:
     clips_per_s: float = 0.0
     last_checkpoint: Path | None = None
     data_skips: str | None = None  # the training data's skip summary over all ranks (a SkipCounter's)
+
+
+@dataclass
+class _RunRecord:
+    """What `Trainer.fit` keeps while it runs: where finished steps are logged, and their counts."""
+
+    logger: MetricsLogger
+    progress: Progress
+    result: TrainResult
+    started: float  # time.perf_counter() at the start
+    clips_done: float = 0.0
+    last_finished: float = field(init=False)  # when the last step was finished
+
+    def __post_init__(self):
+        self.last_finished = self.started
 
 
 def check_train_settings(train: TrainConfig) -> None:
@@ -335,60 +375,104 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.env.device.type, dtype=dtype)
 
-    def _train_step(self, batches: Iterator[Any]) -> dict[str, float] | None:
-        """Forward/backward over grad_accum micro-batches, then clip and step. Returns the step's
-        rank-averaged metrics, or None when a non-finite loss made it skip."""
+    def _train_step(self, batches: Iterator[Any], previous: QueuedStep | None = None,
+                    finished: Callable[[dict[str, float] | None], None] = lambda metrics: None) -> QueuedStep:
+        """Queue one optimiser step on the device: forward/backward over grad_accum micro-batches, then
+        clip and update, the update skipped on the device when a loss or the gradient is not finite.
+
+        Nothing is read from the device here. `previous`, the step queued before if still unread, is
+        finished once this step's backward is queued (the device has computed it by then, so the host
+        does not wait) and before this step's update, whose learning rate depends on whether `previous`
+        was taken; `finished` gets its metrics (`_finish_step`)."""
         accum = self.train.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        clips = 0
-        step_video_ids: list[str] = []
+        outputs_per_batch, video_ids = [], []
         for micro in range(accum):
             batch = next(batches).to(self.env.device, non_blocking=True)
-            clips += len(batch)
-            step_video_ids += batch.video_ids
+            video_ids.append(batch.video_ids)
             last = micro == accum - 1
             sync = contextlib.nullcontext() if last or not self.env.distributed else self.wrapped.no_sync()
             with sync:
                 with self._autocast():
                     outputs = self.forward(batch)
                 self.scaler.scale(outputs["loss"] / accum).backward()
-            # read once the backward is queued, in one transfer: a read between the forward and the
-            # backward made the host wait for the forward before queueing any backward kernel. A
-            # non-finite loss's gradients are dropped by the skip (every rank ran its backward alike).
-            read = torch.stack([value.detach().float() for value in outputs.values()]).tolist()
-            values = dict(zip(outputs, read))
-            if any_rank(not math.isfinite(values["loss"]), self.env):
-                return self._non_finite(batch.video_ids if not math.isfinite(values["loss"]) else [], values, "loss")
-            for name, value in values.items():
-                totals[name] = totals.get(name, 0.0) + value / accum
+            outputs_per_batch.append(torch.stack([value.detach().float() for value in outputs.values()]))
+        if previous is not None:
+            finished(self._finish_step(previous))
+        return self._queue_update(list(outputs), torch.stack(outputs_per_batch), video_ids)
+
+    def _queue_update(self, names: list[str], outputs: torch.Tensor, video_ids: list[list[str]]) -> QueuedStep:
+        """Clip and update after the backward; `outputs` (grad_accum, len(names)) are this rank's output
+        values per micro-batch."""
         self.scaler.unscale_(self.optimizer)
         clip = self.wrapped.clip_grad_norm_ if self.fsdp else self._clip_local
         # the norm of the whole (all-reduced or sharded) gradient: the same on every rank
-        totals["grad_norm"] = float(clip(self.train.clip_grad if self.train.clip_grad > 0 else math.inf))
-        if not self.scaler.is_enabled() and not math.isfinite(totals["grad_norm"]):
-            # a finite loss can still overflow in the backward; stepping would make every weight NaN
-            # (with amp_fp16 the GradScaler skips such steps itself and lowers its scale)
-            return self._non_finite(step_video_ids, totals, "gradient")
-        totals["lr"] = self.optimizer.param_groups[0]["lr"]
-        self.scaler.step(self.optimizer)
+        grad_norm = clip(self.train.clip_grad if self.train.clip_grad > 0 else math.inf).float().reshape(1)
+        local_loss_bad = (~torch.isfinite(outputs[:, names.index("loss")])).any().float().reshape(1)
+        # the step's mean outputs, and the share of ranks with a non-finite loss
+        shared = mean_over_ranks(torch.cat([outputs.mean(dim=0), local_loss_bad]), self.env)
+        loss_bad, gradient_bad = shared[-1:] > 0, ~torch.isfinite(grad_norm)
+        # a finite loss can still overflow in the backward, and stepping would make every weight NaN
+        # (with amp_fp16 the GradScaler has lowered its scale for such a step, which counts as taken)
+        self._update_unless(loss_bad | gradient_bad)
         self.scaler.update()
+        readout = torch.cat([outputs.flatten(), shared[:-1], grad_norm, loss_bad.float(), gradient_bad.float()])
+        host, ready = start_copy_to_host(readout)
+        return QueuedStep(names, host, ready, video_ids, lr=self.optimizer.param_groups[0]["lr"])
+
+    def _update_unless(self, skip: torch.Tensor) -> None:
+        """The optimiser's update unless `skip` (bool, shape (1,), on the device). The fused kernels take
+        the flag on the device, as they take a GradScaler's overflow flag: where it is set they leave the
+        weights, the moments and the step count as they were, and the host never waits. The other
+        kernels take no flag, so it is read first (a host sync)."""
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, skip.float().reshape(())
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        elif not bool(skip):
+            self.optimizer.step()
+
+    def _finish_step(self, queued: QueuedStep) -> dict[str, float] | None:
+        """Read a queued step's outcome (waiting for its copy to the host) and count it. Returns its
+        rank-averaged metrics when it was taken, None when a non-finite loss or gradient skipped it
+        (train.nonfinite=stop raises instead). Collective when it was skipped."""
+        width, batches = len(queued.names), len(queued.video_ids)
+        numbers = queued.read()
+        per_batch = [numbers[i * width:(i + 1) * width] for i in range(batches)]
+        metrics = dict(zip(queued.names, numbers[batches * width:(batches + 1) * width]))
+        grad_norm, loss_bad, gradient_bad = numbers[-3:]
+        if loss_bad:
+            loss_at = queued.names.index("loss")
+            blamed = [video_id for values, ids in zip(per_batch, queued.video_ids)
+                      if not math.isfinite(values[loss_at]) for video_id in ids]
+            return self._non_finite(blamed, metrics, "loss")
+        metrics["grad_norm"] = grad_norm
+        if gradient_bad and not self.scaler.is_enabled():
+            return self._non_finite([video_id for ids in queued.video_ids for video_id in ids], metrics, "gradient")
         self.scheduler.step()
         self.step += 1
         self.skipped_in_a_row = 0
-        totals["clips"] = float(clips)
-        return all_reduce_mean(totals, self.env)
+        return {**metrics, "lr": queued.lr, "clips": float(queued.clips)}
+
+    def _needs_outcome_at_once(self, step: int) -> bool:
+        """Whether validation, a checkpoint or the end of training follow optimiser step `step`: the step
+        queued as `step` is then finished before the next is queued, so that they see its weights and
+        random state, not the next step's."""
+        validates = self.evaluate is not None and step % self.train.eval_every == 0
+        return step == self.train.steps or step % self.train.save_every == 0 or validates
 
     def _clip_local(self, max_norm: float) -> torch.Tensor:
         return nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
 
     def _non_finite(self, video_ids: list[str], values: dict[str, float], what: str) -> None:
-        """Apply train.nonfinite to a step whose `what` ("loss" or "gradient") is not finite; `video_ids` are
-        this rank's clips to blame (none where its values are finite). Collective."""
+        """Apply train.nonfinite to a step whose update the device skipped because its `what` ("loss" or
+        "gradient") was not finite; `video_ids` are this rank's clips to blame (none where its values are
+        finite). Collective."""
         video_ids = [video_id for ids in gather_objects(list(video_ids), self.env) for video_id in ids]
         if self.train.nonfinite == "stop":
             raise NonFiniteLossError(self.step + 1, video_ids, values, what)
-        self.optimizer.zero_grad(set_to_none=True)
         self.skipped_batches += 1
         self.skipped_in_a_row += 1
         if self.skipped_in_a_row == MAX_SKIPS_IN_A_ROW:
@@ -449,34 +533,22 @@ class Trainer:
         result = TrainResult(step=self.step)
         self.module.train()
         batches = self._micro_batches()
-        started = time.perf_counter()
-        clips_done = 0.0
+        run = _RunRecord(logger, progress, result, started=time.perf_counter())
+        record = functools.partial(self._record, run)
+        pending: QueuedStep | None = None  # queued, and not yet read by the host
         try:
             while self.step < self.train.steps:
-                step_started = time.perf_counter()
-                metrics = self._train_step(batches)
-                if metrics is None:
-                    result.skipped_batches = self.skipped_batches
-                    continue
-                step_seconds = time.perf_counter() - step_started
-                clips = metrics.pop("clips") * self.env.world_size
-                clips_done += clips
-                metrics["clips_per_s"] = clips / max(step_seconds, 1e-9)
-                result.history.append({"step": self.step, **metrics})
-                progress.update(metrics["loss"], metrics["clips_per_s"], self.skipped_batches)
-                if self.step % self.train.log_every == 0 or self.step == self.train.steps:
-                    counts = {"skipped_batches": self.skipped_batches}
-                    if self.data_skips is not None:
-                        counts["skipped_samples"] = sum(self._data_skip_counts()[1].values())
-                    logger.log("train", self.step, {**metrics, **counts})
-                self._after_step(logger, result, metrics)
+                pending = self._train_step(batches, pending, record)
+                if self._needs_outcome_at_once(self.step + 1):
+                    record(self._finish_step(pending))
+                    pending = None
         finally:
             progress.close()
             logger.close()
         result.step = self.step
         result.skipped_batches = self.skipped_batches
-        result.seconds = time.perf_counter() - started
-        result.clips_per_s = clips_done / max(result.seconds, 1e-9)
+        result.seconds = time.perf_counter() - run.started
+        result.clips_per_s = run.clips_done / max(result.seconds, 1e-9)
         result.validations = self.validations
         result.best = self.best
         result.data_skips = self._data_skip_summary()
@@ -503,6 +575,25 @@ class Trainer:
         counts = gather_objects((self.data_skips.total, self.data_skips.skipped), self.env)
         skipped = {reason: sum(rank_skipped[reason] for _, rank_skipped in counts) for reason in counts[0][1]}
         return sum(total for total, _ in counts), skipped
+
+    def _record(self, run: _RunRecord, metrics: dict[str, float] | None) -> None:
+        """Log a finished step (None: skipped), then validate and save where due."""
+        if metrics is None:
+            run.result.skipped_batches = self.skipped_batches
+            return
+        now = time.perf_counter()
+        clips = metrics.pop("clips") * self.env.world_size
+        run.clips_done += clips
+        metrics["clips_per_s"] = clips / max(now - run.last_finished, 1e-9)  # finished step to finished step
+        run.last_finished = now
+        run.result.history.append({"step": self.step, **metrics})
+        run.progress.update(metrics["loss"], metrics["clips_per_s"], self.skipped_batches)
+        if self.step % self.train.log_every == 0 or self.step == self.train.steps:
+            counts = {"skipped_batches": self.skipped_batches}
+            if self.data_skips is not None:
+                counts["skipped_samples"] = sum(self._data_skip_counts()[1].values())
+            run.logger.log("train", self.step, {**metrics, **counts})
+        self._after_step(run.logger, run.result, metrics)
 
     def _after_step(self, logger: MetricsLogger, result: TrainResult, train_metrics: dict[str, float]) -> None:
         final = self.step == self.train.steps
