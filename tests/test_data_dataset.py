@@ -354,3 +354,22 @@ def test_fine_tuning_reads_the_detections_file_once(world, monkeypatch):
     assert reads == [str(world.detections)]
     assert train_set.label_vocab is runner.label_vocab
     assert train_set[0].box_mask.any()
+
+
+def test_a_batch_records_every_tensor_on_a_stream(monkeypatch):
+    """On CUDA the Trainer copies a Batch on a stream of its own and records its tensors on the step's
+    stream, so that the caching allocator does not hand their memory to the next copy while the step
+    still reads them; a tensor left out (a subclass's field) could be overwritten. CUDA streams need a
+    GPU, so recording is counted here, not done."""
+    from _objectives_batch import make_batch, tiny_config
+
+    from stoa_vlp.tasks.data import LabelledBatch
+
+    plain = make_batch(tiny_config())
+    batch = LabelledBatch(**plain.tensors(), video_ids=plain.video_ids, labels=torch.tensor([1, 0, 2, -1]))
+    recorded = []
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: recorded.append((tensor, stream)))
+    batch.record_stream("step stream")
+    tensors = [value for value in vars(batch).values() if isinstance(value, torch.Tensor)]
+    assert len(recorded) == len(tensors) == 11
+    assert all(any(tensor is seen and stream == "step stream" for seen, stream in recorded) for tensor in tensors)

@@ -252,6 +252,50 @@ def test_a_step_is_read_after_the_next_step_is_queued(tmp_path, monkeypatch):
     assert steps == "B B R B R R B B R B R R", steps  # steps 1-6: 3 and 6 are read at once, the others late
 
 
+def test_on_cuda_a_batch_is_copied_on_its_own_stream_and_waited_for(tmp_path, monkeypatch):
+    """The order of the side-stream copy, with CUDA's stream calls stood in for (no GPU here): the copy
+    is queued on the copy stream, then the step's stream waits for it (its forward must not read a
+    batch still being copied) and the batch's tensors are recorded there."""
+    import contextlib
+
+    from _objectives_batch import make_batch, tiny_config
+
+    from stoa_vlp.batch import Batch
+    from stoa_vlp.train import loop
+
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        events.append(f"enter {stream.name}")
+        yield
+        events.append(f"leave {stream.name}")
+
+    class StreamBatch(Batch):
+        def to(self, device, non_blocking=False):
+            events.append("copy")
+            return self
+
+        def record_stream(self, stream):
+            events.append(f"recorded on {stream.name}")
+
+    monkeypatch.setattr(loop.torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(loop.torch.cuda, "current_stream", lambda device: Stream("step"))
+    trainer = toy_trainer(toy_config(), tmp_path / "run")
+    trainer.copy_stream = Stream("copy")
+    batch = make_batch(tiny_config())
+    moved = trainer._to_device(StreamBatch(**batch.tensors(), video_ids=batch.video_ids))
+    assert isinstance(moved, StreamBatch)
+    assert events == ["enter copy", "copy", "leave copy", "step waits for copy", "recorded on step"]
+
+
 def test_a_skipped_update_leaves_weights_moments_and_step_count(tmp_path):
     """The update is skipped on the device: the fused kernels take the non-finite flag as they take a
     GradScaler's; the other kernels read it first."""

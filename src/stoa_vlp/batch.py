@@ -28,10 +28,19 @@ class Batch:
     video_index: torch.Tensor  # (B,) long, equal for captions of the same video (positives in VTC)
     video_ids: list[str]  # (B,) the dataset's video ids, for logs and error messages
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor fields by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
     def map_tensors(self, function) -> "Batch":
         """A copy with `function` applied to every tensor field."""
-        tensors = [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
-        return replace(self, **{name: function(getattr(self, name)) for name in tensors})
+        return replace(self, **{name: function(tensor) for name, tensor in self.tensors().items()})
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Tell the CUDA caching allocator that every tensor, made on another stream, is used on `stream`:
+        their memory is then not reused before the work queued there has read them."""
+        for tensor in self.tensors().values():
+            tensor.record_stream(stream)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         return self.map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))

@@ -152,6 +152,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.train)
         self.scaler = grad_scaler(self.env.device.type, self.train.precision == "amp_fp16", self.fsdp)
         self.skipped_in_a_row = 0  # steps skipped since the last one taken (train.nonfinite=skip)
+        self.copy_stream = torch.cuda.Stream(self.env.device) if self.env.device.type == "cuda" else None
         self.forward = torch.compile(self.wrapped) if self.train.compile else self.wrapped
         # a streamed dataset (WebDataset shards) orders and splits its samples itself: its position
         # is counted, and a resumed stream is seeded from it (`set_position`), not replayed exactly
@@ -388,7 +389,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         outputs_per_batch, video_ids = [], []
         for micro in range(accum):
-            batch = next(batches).to(self.env.device, non_blocking=True)
+            batch = self._to_device(next(batches))
             video_ids.append(batch.video_ids)
             last = micro == accum - 1
             sync = contextlib.nullcontext() if last or not self.env.distributed else self.wrapped.no_sync()
@@ -400,6 +401,19 @@ class Trainer:
         if previous is not None:
             finished(self._finish_step(previous))
         return self._queue_update(list(outputs), torch.stack(outputs_per_batch), video_ids)
+
+    def _to_device(self, batch: Any) -> Any:
+        """`batch` on the training device. On CUDA a Batch (which can `record_stream`) is copied on a stream
+        of its own, so that the copy overlaps the step the device is still running (the host queues a
+        step's work well ahead of the device); the step's stream waits for the copy before its forward."""
+        if self.copy_stream is None or not hasattr(batch, "record_stream"):
+            return batch.to(self.env.device, non_blocking=True)
+        step_stream = torch.cuda.current_stream(self.env.device)
+        with torch.cuda.stream(self.copy_stream):
+            moved = batch.to(self.env.device, non_blocking=True)
+        step_stream.wait_stream(self.copy_stream)
+        moved.record_stream(step_stream)
+        return moved
 
     def _queue_update(self, names: list[str], outputs: torch.Tensor, video_ids: list[list[str]]) -> QueuedStep:
         """Clip and update after the backward; `outputs` (grad_accum, len(names)) are this rank's output
