@@ -3,12 +3,16 @@
 File: a detections file of --videos videos (18 detected frames x 20 boxes of 40 classes each) read
 with `read_packed_detections` (each video packed as read; what training and evaluation hold)
 against `read_detections` (per-frame objects), same run: seconds and bytes per box held (tracemalloc).
+Also the file packed by `stoa-vlp pack` into a DetectionsStore and opened with its arrays mapped:
+the process holds next to nothing (tracemalloc), the pages read stay in the page cache, one copy for
+all processes of the machine.
 
 A sample reads its video's detections from the dataset's SerializedDict (one pickle per video) and
 chooses the boxes of its sampled frames (`select_objects`). Timed, same run, on random videos of
 F detected frames x n boxes (as `stoa-vlp detect` writes them: 1 fps, up to 50 boxes):
 - read: unpickling the video as PackedVideoDetections (a few arrays; what the datasets store) against
-  unpickling it as VideoDetections (a list of per-frame objects; what they stored before 2026-11-27);
+  unpickling it as VideoDetections (a list of per-frame objects; what they stored before 2026-11-27),
+  and reading it from a DetectionsStore (a search of the ids, slices of mapped arrays);
 - choose: `select_objects` on the packed video for 12 sampled frames and K=10 boxes per frame;
 - suppress: the cross-class suppression of one frame (`suppress_across_classes`, which stops at K kept
   boxes) against the earlier code (a Python pass over every box, cut to K afterwards), same boxes.
@@ -38,12 +42,14 @@ from stoa_vlp.data.detections import (
     LabelVocab,
     PackedVideoDetections,
     VideoDetections,
+    iter_detections,
     read_detections,
     read_packed_detections,
     select_objects,
     suppress_across_classes,
     write_detections,
 )
+from stoa_vlp.data.detections_store import DetectionsStore, write_detections_store
 from stoa_vlp.data.geometry import resize_crop
 
 CLASSES = [f"class{i}" for i in range(80)]
@@ -81,6 +87,12 @@ def read_cost(read, path: Path, boxes: int) -> tuple[float, float]:
     return seconds, size / boxes
 
 
+def mapped_store(folder: Path) -> DetectionsStore:
+    store = DetectionsStore(folder)
+    store.arrays  # maps the files
+    return store
+
+
 def earlier_suppression(boxes: np.ndarray, labels: np.ndarray, confs: np.ndarray, limit: int, iou: float = 0.5):
     """The baseline: the code before 2026-11-27, every box visited in Python, cut to `limit` after."""
     order = np.argsort(-confs, kind="stable")
@@ -113,21 +125,33 @@ def main(argv: list[str] | None = None) -> int:
                        ("read_packed_detections (packed as read)", read_packed_detections)):
         seconds, per_box = read_cost(read, big, boxes)
         print(f"| {name} | {seconds:.2f} | {per_box:.0f} |")
+    start = time.perf_counter()
+    write_detections_store(folder / "many.store", iter_detections(big))
+    packing = time.perf_counter() - start
+    seconds, per_box = read_cost(mapped_store, folder / "many.store", boxes)
+    print(f"| DetectionsStore (stoa-vlp pack), arrays mapped | {seconds:.2f} | {per_box:.1f} |")
+    on_disk = sum(path.stat().st_size for path in (folder / "many.store").iterdir()) / boxes
+    print(f"\npacking the file took {packing:.2f} s; the store takes {on_disk:.0f} bytes per box on disk")
     print()
     vocab = LabelVocab(CLASSES)
     geometry = resize_crop(640, 360, 224)
     print("| detected frames x boxes | read VideoDetections (before) ms | read packed ms | speed-up | "
-          "choose 12 frames ms |")
-    print("|---|---:|---:|---:|---:|")
+          "read from a store ms | choose 12 frames ms |")
+    print("|---|---:|---:|---:|---:|---:|")
     for frames, boxes in ((10, 10), (30, 50), (180, 50), (600, 50)):
         video = random_video(frames, boxes, rng, folder)
         plain, packed = (pickle.dumps(form, protocol=pickle.HIGHEST_PROTOCOL) for form in (video, PackedVideoDetections.pack(video)))
         before = per_call_ms(lambda: pickle.loads(plain), args.repeat)
         after = per_call_ms(lambda: pickle.loads(packed), args.repeat)
+        store_folder = folder / f"{frames}x{boxes}.store"
+        write_detections_store(store_folder, [video])
+        store = DetectionsStore(store_folder)
+        from_store = per_call_ms(lambda: store["video"], args.repeat)
         times = np.linspace(0, frames - 1, 12).tolist()
         unpacked = pickle.loads(packed)
         choose = per_call_ms(lambda: select_objects(unpacked, times, geometry, vocab, 10, 20), args.repeat)
-        print(f"| {frames} x {boxes} | {before:.3f} | {after:.3f} | {before / after:.0f}x | {choose:.2f} |")
+        print(f"| {frames} x {boxes} | {before:.3f} | {after:.3f} | {before / after:.0f}x | {from_store:.3f} | "
+              f"{choose:.2f} |")
     print("\n| boxes in the frame | earlier code ms | suppress_across_classes, K=10 ms | speed-up |")
     print("|---:|---:|---:|---:|")
     for boxes in (10, 50, 100):

@@ -23,3 +23,4 @@ def test_smoke_run_prints_both_tables(capsys):
     printed = capsys.readouterr().out
     assert "| 600 x 50 |" in printed and "| 100 |" in printed and "earlier code ms" in printed
     assert "| read_packed_detections (packed as read) |" in printed
+    assert "| DetectionsStore (stoa-vlp pack), arrays mapped |" in printed and "read from a store ms" in printed

@@ -21,6 +21,7 @@ COMMANDS = [
     "prepare",
     "detect",
     "vinvl",
+    "pack",
     "tag",
     "pretrain",
     "finetune",

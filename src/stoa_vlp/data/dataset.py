@@ -14,7 +14,9 @@ It reads members, captions and video ids by the rules `read_annotations` uses fo
 Records, detections and caption tags live in numpy arrays (stoa_vlp.data.serialized: one byte
 buffer with offsets, as detectron2 serialises its dataset lists), built once in the main
 process, so DataLoader workers share the pages instead of each touching (and so copying) Python
-objects through reference counts; each sample rebuilds the objects it reads.
+objects through reference counts; each sample rebuilds the objects it reads. Detections packed by
+`stoa-vlp pack` (a DetectionsStore) are mapped from their files instead, one copy in the page cache
+for all processes of a machine.
 
 Bad samples: in evaluation every problem is an error naming the file. In training a sample whose
 video is missing or unreadable, or whose caption is empty or unreadable, is skipped (another sample is drawn),
@@ -31,6 +33,7 @@ import logging
 import multiprocessing
 import random
 import tarfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -56,6 +59,7 @@ from stoa_vlp.data.annotations import (
 )
 from stoa_vlp.data.decode import DecodedClip, VideoError, check_decoder, decode_clip
 from stoa_vlp.data.detections import LabelVocab, empty_targets, packed, read_packed_detections, select_objects
+from stoa_vlp.data.detections_store import DetectionsStore
 from stoa_vlp.data.geometry import resize_crop
 from stoa_vlp.data.serialized import SerializedDict, SerializedList
 from stoa_vlp.data.tags import PackedTags, TagCache
@@ -217,8 +221,8 @@ class SampleBuilder:
     """Turns (video source, caption) into a Sample: decode, transform, objects, tokens, tags.
 
     `detections` (VideoDetections or PackedVideoDetections by video id) and `tag_cache` (a TagCache)
-    are kept packed (a SerializedDict of PackedVideoDetections, PackedTags); already packed ones are
-    used as they are.
+    are kept packed (a SerializedDict of PackedVideoDetections, PackedTags); already packed ones and a
+    memory-mapped DetectionsStore are used as they are.
     """
 
     def __init__(self, config: Config, training: bool, detections=None, label_vocab=None, tag_cache=None):
@@ -228,7 +232,7 @@ class SampleBuilder:
         self.config = config
         if not config.model.objects:
             detections = None
-        elif detections is not None and not isinstance(detections, SerializedDict):
+        elif detections is not None and not isinstance(detections, (SerializedDict, DetectionsStore)):
             detections = SerializedDict({video_id: packed(video) for video_id, video in detections.items()})
         self.detections = detections
         self.label_vocab = label_vocab
@@ -515,13 +519,18 @@ class WebDatasetShards(IterableDataset):
             return None
 
 
-def load_detections(config: Config) -> tuple[dict | None, LabelVocab | None]:
+def load_detections(config: Config) -> tuple[Mapping | None, LabelVocab | None]:
     """(PackedVideoDetections by video id, LabelVocab) named by data.detections and data.label_vocab,
-    or (None, None) without detections or objects. Without a data.label_vocab file the vocabulary is
-    built from the detections: the most frequent model.num_object_classes - 2 classes."""
+    or (None, None) without detections or objects. data.detections is a detections JSONL file, read
+    whole, or a store folder made by `stoa-vlp pack`, mapped into memory. Without a data.label_vocab
+    file the vocabulary is built from the detections: the most frequent model.num_object_classes - 2
+    classes."""
     if not (config.data.detections and config.model.objects):
         return None, None
-    detections = read_packed_detections(config.data.detections)
+    if Path(config.data.detections).is_dir():
+        detections = DetectionsStore(config.data.detections)
+    else:
+        detections = read_packed_detections(config.data.detections)
     classes = config.model.num_object_classes
     if config.data.label_vocab and Path(config.data.label_vocab).exists():
         label_vocab = LabelVocab.load(config.data.label_vocab)
@@ -535,20 +544,23 @@ def load_detections(config: Config) -> tuple[dict | None, LabelVocab | None]:
     return detections, LabelVocab.from_detections(detections, max_size=classes)
 
 
-def report_detection_coverage(path: str, detections: dict, video_ids: Iterable[str], source: str) -> None:
+def report_detection_coverage(path: str, detections: Mapping, video_ids: Iterable[str], source: str) -> None:
     """Log how the detections file `path` covers the videos `video_ids` (of `source`): lines for
     other videos (info), videos without a line (a warning: their clips get no objects), detected
     frames without a box (info)."""
-    known = set(video_ids)
-    unknown = sorted(set(detections) - known)
+    known, detected = set(video_ids), set(detections)
+    unknown = sorted(detected - known)
     if unknown:  # one detections file for all splits is usual
         log.info("%s: %d detection lines are for videos not in %s (e.g. %s); they are ignored",
                  path, len(unknown), source, unknown[0])
-    without = sorted(known - set(detections))
+    without = sorted(known - detected)
     if without:
         log.warning("%s: %d of %d videos have no detections (no object trajectories; e.g. %s)",
                     path, len(without), len(known), without[0])
-    boxes_per_frame = [packed(detections[video_id]).boxes_per_frame() for video_id in known & set(detections)]
+    if isinstance(detections, DetectionsStore):
+        boxes_per_frame = detections.boxes_per_frame_of(known & detected)
+    else:
+        boxes_per_frame = [packed(detections[video_id]).boxes_per_frame() for video_id in known & detected]
     frames = sum(len(counts) for counts in boxes_per_frame)
     empty = sum(int(np.count_nonzero(counts == 0)) for counts in boxes_per_frame)
     if empty:

@@ -20,6 +20,7 @@ import json
 import numbers
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -184,7 +185,7 @@ def video_to_json(video: VideoDetections) -> dict:
     }
 
 
-def _read_videos(path: str | Path) -> Iterator[VideoDetections]:
+def iter_detections(path: str | Path) -> Iterator[VideoDetections]:
     """Each video of a detections JSONL file, in file order. Blank lines are allowed; a video given
     twice is an error naming file and line."""
     path = Path(path)
@@ -202,13 +203,13 @@ def _read_videos(path: str | Path) -> Iterator[VideoDetections]:
 
 def read_detections(path: str | Path) -> dict[str, VideoDetections]:
     """All videos of a detections JSONL file by video id."""
-    return {video.video_id: video for video in _read_videos(path)}
+    return {video.video_id: video for video in iter_detections(path)}
 
 
 def read_packed_detections(path: str | Path) -> dict[str, PackedVideoDetections]:
     """`read_detections` with each video packed as soon as it is read: what training and evaluation
     hold (33 bytes per box against 114 for the per-frame objects, bench/RESULTS.md)."""
-    return {video.video_id: PackedVideoDetections.pack(video) for video in _read_videos(path)}
+    return {video.video_id: PackedVideoDetections.pack(video) for video in iter_detections(path)}
 
 
 def write_detections(path: str | Path, videos: Iterable[VideoDetections]) -> int:
@@ -360,15 +361,18 @@ class LabelVocab:
     @classmethod
     def from_detections(
         cls,
-        detections: dict[str, VideoDetections | PackedVideoDetections] | Iterable[VideoDetections | PackedVideoDetections],
+        detections: Mapping[str, VideoDetections | PackedVideoDetections] | Iterable[VideoDetections | PackedVideoDetections],
         max_size: int | None = None,
     ) -> "LabelVocab":
         """Classes by descending box count (then name); with `max_size` (ids included) the rarest
         classes are left out and become unknown."""
-        videos = detections.values() if isinstance(detections, dict) else detections
         counts: Counter[str] = Counter()
-        for video in map(packed, videos):
-            counts.update(dict(zip(video.class_names, video.box_counts_by_class().tolist())))
+        if hasattr(detections, "box_counts_by_class_name"):  # a DetectionsStore counts in one pass
+            counts.update(detections.box_counts_by_class_name())
+        else:
+            videos = detections.values() if isinstance(detections, Mapping) else detections
+            for video in map(packed, videos):
+                counts.update(dict(zip(video.class_names, video.box_counts_by_class().tolist())))
         names = sorted(counts, key=lambda name: (-counts[name], name))
         if max_size is not None:
             names = names[: max(max_size - 2, 0)]

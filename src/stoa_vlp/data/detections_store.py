@@ -1,0 +1,223 @@
+"""A detections file packed into a folder of memory-mapped arrays: `stoa-vlp pack`.
+
+A detections JSONL file is read whole into every training process (`read_packed_detections`): about
+33 bytes per box, so about 30 GB per rank for WebVid-2.5M detected densely (900M boxes). A store
+holds the same detections in flat binary files that every process maps into memory: the operating
+system reads the pages a sample touches and keeps one copy in its page cache for all ranks and data
+workers on a machine. `DetectionsStore` is a read-only mapping from video id to
+`PackedVideoDetections`, equal to what `read_packed_detections` gives for the file it was packed from.
+
+Layout (little-endian; the counts V videos, F detected frames, n boxes are in store.json):
+  store.json     format, version, counts, the sorted class names, the source file
+  ids.bin        uint8, the video ids' UTF-8 bytes, in sorted order, back to back
+  id_ends.bin    int64 (V,): video v's id is ids.bin[id_ends[v - 1]:id_ends[v]]
+  videos.bin     int64 (V, 4): width, height, first frame, end frame (rows of the frame arrays)
+  times.bin      float64 (F,): each video's frame times, sorted
+  frame_ends.bin int64 (F,): frame f's boxes are box rows frame_ends[f - 1]:frame_ends[f] (global)
+  rects.bin      float32 (n, 4) x0, y0, x1, y1 in pixels of the video; confs.bin float32 (n,)
+  classes.bin    int32 (n,): index into store.json's class names
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from stoa_vlp.data.detections import DetectionsError, PackedVideoDetections, VideoDetections
+
+FORMAT, VERSION = "stoa-vlp detections store", 1
+MANIFEST = "store.json"
+CHUNK = 1 << 24  # boxes per pass over classes.bin
+# file -> (dtype, shape of one row, the count in store.json that gives its rows)
+ARRAYS = {
+    "ids.bin": (np.uint8, (), "id_bytes"),
+    "id_ends.bin": (np.int64, (), "videos"),
+    "videos.bin": (np.int64, (4,), "videos"),
+    "times.bin": (np.float64, (), "frames"),
+    "frame_ends.bin": (np.int64, (), "frames"),
+    "rects.bin": (np.float32, (4,), "boxes"),
+    "confs.bin": (np.float32, (), "boxes"),
+    "classes.bin": (np.int32, (), "boxes"),
+}
+
+
+def write_detections_store(folder: str | Path, videos: Iterable[VideoDetections], source: str = "") -> dict:
+    """Pack `videos` (e.g. `iter_detections(path)`, read as they come: the file is never held whole) into
+    the store `folder`, written in a temporary folder renamed into place. Returns the manifest."""
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists: remove it, or pack into another folder")
+    temporary = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex}")
+    temporary.mkdir(parents=True)
+    try:
+        manifest = _write_arrays(temporary, videos, source)
+        (temporary / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(temporary, folder)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_arrays(folder: Path, videos: Iterable[VideoDetections], source: str) -> dict:
+    """Frames and boxes are appended to their files video by video; the video table (small) is sorted
+    by id at the end. Class indexes are by first appearance while writing, rewritten at the end to
+    index the sorted class names."""
+    table: list[tuple[bytes, int, int, int, int]] = []  # id, width, height, first frame, end frame
+    class_of: dict[str, int] = {}
+    frames = boxes = 0
+    names = ("times.bin", "frame_ends.bin", "rects.bin", "confs.bin", "classes.bin")
+    files = {name: open(folder / name, "wb") for name in names}
+    try:
+        for video in videos:
+            video_packed = PackedVideoDetections.pack(video)
+            store_index = np.array([class_of.setdefault(name, len(class_of)) for name in video_packed.class_names],
+                                   dtype=np.int32)
+            files["times.bin"].write(video_packed.times.tobytes())
+            files["frame_ends.bin"].write((boxes + video_packed.ends).tobytes())
+            files["rects.bin"].write(video_packed.rects.tobytes())
+            files["confs.bin"].write(video_packed.confs.tobytes())
+            files["classes.bin"].write(store_index[video_packed.class_index].tobytes())
+            table.append((video.video_id.encode(), video.width, video.height, frames, frames + len(video_packed.times)))
+            frames += len(video_packed.times)
+            boxes += len(video_packed.confs)
+    finally:
+        for file in files.values():
+            file.close()
+    class_names = sorted(class_of)
+    if boxes:
+        sorted_index = np.empty(len(class_names), dtype=np.int32)
+        sorted_index[[class_of[name] for name in class_names]] = np.arange(len(class_names), dtype=np.int32)
+        classes = np.memmap(folder / "classes.bin", dtype=np.int32, mode="r+", shape=(boxes,))
+        for start in range(0, boxes, CHUNK):
+            classes[start:start + CHUNK] = sorted_index[classes[start:start + CHUNK]]
+        classes.flush()
+        del classes
+    table.sort()
+    ids = [row[0] for row in table]
+    (folder / "ids.bin").write_bytes(b"".join(ids))
+    (folder / "id_ends.bin").write_bytes(np.cumsum([len(i) for i in ids], dtype=np.int64).tobytes())
+    (folder / "videos.bin").write_bytes(np.array([row[1:] for row in table], dtype=np.int64).reshape(-1, 4).tobytes())
+    return {
+        "format": FORMAT, "version": VERSION, "videos": len(table), "frames": frames, "boxes": boxes,
+        "id_bytes": sum(len(i) for i in ids), "class_names": class_names, "source": source,
+    }
+
+
+class DetectionsStore(Mapping):
+    """Read-only `{video id: PackedVideoDetections}` over a store folder. Its arrays are mapped when
+    first read in a process; a pickled store (a data-loading worker's copy) carries only its folder."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.manifest = _read_manifest(self.folder)
+        self.class_names: list[str] = self.manifest["class_names"]
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {"folder": self.folder, "manifest": self.manifest, "class_names": self.class_names, "_arrays": None}
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = {name: self._map(name, dtype, row, self.manifest[count])
+                            for name, (dtype, row, count) in ARRAYS.items()}
+        return self._arrays
+
+    def _map(self, name: str, dtype, row: tuple[int, ...], rows: int) -> np.ndarray:
+        if rows == 0:  # numpy cannot map an empty file
+            return np.zeros((0, *row), dtype=dtype)
+        return np.memmap(self.folder / name, dtype=dtype, mode="r", shape=(rows, *row))
+
+    def __len__(self) -> int:
+        return self.manifest["videos"]
+
+    def _id(self, v: int) -> bytes:
+        ends = self.arrays["id_ends.bin"]
+        return self.arrays["ids.bin"][int(ends[v - 1]) if v > 0 else 0:int(ends[v])].tobytes()
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._id(v).decode() for v in range(len(self)))
+
+    def _find(self, video_id: object) -> int | None:
+        """The row of `video_id` in the (sorted) video table, by binary search; None if absent."""
+        if not isinstance(video_id, str):
+            return None
+        key, low, high = video_id.encode(), 0, len(self)
+        while low < high:
+            middle = (low + high) // 2
+            if self._id(middle) < key:
+                low = middle + 1
+            else:
+                high = middle
+        return low if low < len(self) and self._id(low) == key else None
+
+    def __contains__(self, video_id: object) -> bool:
+        return self._find(video_id) is not None
+
+    def __getitem__(self, video_id: str) -> PackedVideoDetections:
+        v = self._find(video_id)
+        if v is None:
+            raise KeyError(video_id)
+        arrays = self.arrays
+        width, height, first, end = (int(value) for value in arrays["videos.bin"][v])
+        frame_ends = np.array(arrays["frame_ends.bin"][first:end])
+        start = int(arrays["frame_ends.bin"][first - 1]) if first > 0 else 0
+        stop = int(frame_ends[-1]) if end > first else start
+        store_classes = np.array(arrays["classes.bin"][start:stop])
+        present, class_index = np.unique(store_classes, return_inverse=True)  # sorted names: sorted indexes
+        return PackedVideoDetections(
+            width, height, np.array(arrays["times.bin"][first:end]), frame_ends - start,
+            np.array(arrays["rects.bin"][start:stop]), np.array(arrays["confs.bin"][start:stop]),
+            class_index.astype(np.int32).reshape(-1), [self.class_names[i] for i in present],
+        )
+
+    def boxes_per_frame_of(self, video_ids: set[str]) -> list[np.ndarray]:
+        """(F,) int64 box counts per detected frame of each video of `video_ids` in the store, in one
+        ordered pass over the video table (not one search per video)."""
+        table, frame_ends = self.arrays["videos.bin"], self.arrays["frame_ends.bin"]
+        counts = []
+        for v, video_id in enumerate(self):
+            if video_id in video_ids:
+                first, end = int(table[v, 2]), int(table[v, 3])
+                before = int(frame_ends[first - 1]) if first > 0 else 0
+                counts.append(np.diff(np.asarray(frame_ends[first:end]), prepend=before))
+        return counts
+
+    def box_counts_by_class_name(self) -> dict[str, int]:
+        """Boxes of each class over all videos (one pass over classes.bin, in chunks)."""
+        counts = np.zeros(len(self.class_names), dtype=np.int64)
+        classes = self.arrays["classes.bin"]
+        for start in range(0, len(classes), CHUNK):
+            counts += np.bincount(classes[start:start + CHUNK], minlength=len(self.class_names))
+        return dict(zip(self.class_names, counts.tolist()))
+
+
+def _read_manifest(folder: Path) -> dict:
+    """store.json, checked: format, version, and every array file of the size its counts give."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a detections store: it has no {MANIFEST} (stoa-vlp pack makes one)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DetectionsError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DetectionsError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise DetectionsError(f"{path}: store version {manifest.get('version')!r}, this stoa-vlp reads version "
+                              f"{VERSION}: pack the detections file again")
+    for name, (dtype, row, count) in ARRAYS.items():
+        expected = manifest[count] * int(np.prod(row, dtype=np.int64)) * np.dtype(dtype).itemsize
+        file = folder / name
+        size = file.stat().st_size if file.is_file() else None
+        if size != expected:
+            found = "is missing" if size is None else f"has {size} bytes"
+            raise DetectionsError(f"{file} {found}, {expected} expected from {path} (an interrupted copy?)")
+    return manifest

@@ -1,0 +1,131 @@
+"""The memory-mapped detections store (`stoa-vlp pack`): the same detections as the JSONL file it was
+packed from, the same samples, and clear errors for a store that cannot be read."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+
+import numpy as np
+import pytest
+
+from stoa_vlp.cli import main
+from stoa_vlp.config import load_config
+from stoa_vlp.data.dataset import build_dataset, load_detections
+from stoa_vlp.data.detections import (
+    DetectionsError,
+    FrameDetections,
+    LabelVocab,
+    VideoDetections,
+    iter_detections,
+    read_packed_detections,
+    write_detections,
+)
+from stoa_vlp.data.detections_store import DetectionsStore, write_detections_store
+from stoa_vlp.data.synth import render_world
+
+CLASSES = ["dog", "cat", "ball", "red cube", "chaise", "zebra", "émeu"]
+
+
+def random_videos(count: int = 40, seed: int = 0) -> list[VideoDetections]:
+    """Videos with no frame, frames with no box, several boxes of a class; ids that prefix each other,
+    unsorted, some not ASCII."""
+    rng = np.random.default_rng(seed)
+    ids = ["v1", "v10", "v1a", "vidéo", "a", "ab", "Z"] + [f"video{rng.integers(10**6)}_{i}" for i in range(count - 7)]
+    videos = []
+    for number, video_id in enumerate(ids):
+        frames = []
+        for f in range(0 if number == 2 else int(rng.integers(0, 6))):
+            boxes = int(rng.integers(0, 5))
+            corner = rng.uniform(0, 50, (boxes, 2))
+            rects = np.concatenate([corner, corner + rng.uniform(1, 30, (boxes, 2))], axis=1).astype(np.float32)
+            classes = [CLASSES[i] for i in rng.integers(0, len(CLASSES), boxes)]
+            frames.append(FrameDetections(f * 0.5, classes, rects, rng.uniform(0.1, 1, boxes).astype(np.float32)))
+        videos.append(VideoDetections(video_id, int(rng.integers(32, 640)), int(rng.integers(32, 480)), frames))
+    return videos
+
+
+@pytest.fixture
+def packed_file(tmp_path):
+    """(detections JSONL file, its store packed by the command line)."""
+    path = tmp_path / "detections.jsonl"
+    write_detections(path, random_videos())
+    assert main(["pack", str(path), "--out", str(tmp_path / "detections.store")]) == 0
+    return path, tmp_path / "detections.store"
+
+
+def assert_same_videos(store, expected) -> None:
+    assert len(store) == len(expected) and set(store) == set(expected)
+    for video_id, want in expected.items():
+        got = store[video_id]
+        assert (got.width, got.height, got.class_names) == (want.width, want.height, want.class_names), video_id
+        for field in ("times", "ends", "rects", "confs", "class_index"):
+            value, reference = getattr(got, field), getattr(want, field)
+            assert value.dtype == reference.dtype and np.array_equal(value, reference), (video_id, field)
+
+
+def test_a_store_holds_what_the_file_holds(packed_file):
+    path, folder = packed_file
+    store = DetectionsStore(folder)
+    assert_same_videos(store, read_packed_detections(path))
+    assert "v1" in store and "v" not in store and "v100" not in store and 3 not in store
+    assert store.get("missing") is None
+    with pytest.raises(KeyError):
+        store["missing"]
+    assert LabelVocab.from_detections(store).names == LabelVocab.from_detections(read_packed_detections(path)).names
+
+
+def test_a_data_worker_gets_the_folder_not_the_arrays(packed_file):
+    path, folder = packed_file
+    store = DetectionsStore(folder)
+    store["v1"]  # maps the arrays
+    copy = pickle.loads(pickle.dumps(store))
+    assert len(pickle.dumps(store)) < 2000 and copy._arrays is None
+    assert_same_videos(copy, read_packed_detections(path))
+
+
+def test_a_dataset_reads_the_same_samples_from_a_store(tmp_path, caplog):
+    world = render_world(tmp_path / "world", train=3, val=0, test=2, seconds=1.0, fps=8, captions_per_clip=2)
+    folder = tmp_path / "detections.store"
+    write_detections_store(folder, iter_detections(world.detections))
+    samples = {}
+    for detections in (world.detections, folder):
+        config = load_config("tiny", [f"data.test={world.annotations}", f"data.detections={detections}"])
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            dataset = build_dataset(config, "test")  # evaluation: the same frames every time
+        coverage = [record.getMessage().replace(str(detections), "DETECTIONS") for record in caplog.records
+                    if str(detections) in record.getMessage()]
+        samples[detections] = ([dataset[index] for index in range(len(dataset))], coverage)
+    (from_file, file_logs), (from_store, store_logs) = samples.values()
+    assert file_logs == store_logs
+    assert any(sample.box_mask.any() for sample in from_file)
+    for a, b in zip(from_file, from_store):
+        for name in ("boxes", "box_labels", "box_mask", "traj_labels", "traj_mask"):
+            assert np.array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name))), name
+
+
+def test_a_store_that_cannot_be_read_is_named(packed_file, tmp_path):
+    path, folder = packed_file
+    with pytest.raises(FileExistsError, match="detections.store exists"):
+        write_detections_store(folder, iter_detections(path))
+    (folder / "rects.bin").write_bytes((folder / "rects.bin").read_bytes()[:-16])
+    with pytest.raises(DetectionsError, match=r"rects.bin has \d+ bytes, \d+ expected from .*store.json"):
+        DetectionsStore(folder)
+    manifest = json.loads((folder / "store.json").read_text())
+    (folder / "store.json").write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(DetectionsError, match="store version 99, this stoa-vlp reads version 1: pack"):
+        DetectionsStore(folder)
+    config = load_config("tiny", [f"data.detections={tmp_path}"])  # a folder, not a store
+    with pytest.raises(FileNotFoundError, match="is not a detections store: it has no store.json"):
+        load_detections(config)
+
+
+def test_a_pack_that_fails_leaves_no_store(tmp_path):
+    path = tmp_path / "detections.jsonl"
+    write_detections(path, random_videos(10))
+    path.write_text(path.read_text() + '{"video_id": "broken"}\n')
+    with pytest.raises(DetectionsError, match="detections.jsonl:11"):
+        main(["pack", str(path), "--out", str(tmp_path / "detections.store")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["detections.jsonl"]
