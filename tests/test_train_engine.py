@@ -465,6 +465,22 @@ def test_tied_weights_round_trip(tmp_path):
     assert torch.equal(loaded["b.weight"], shared) and torch.equal(loaded["c"], state["c"])
 
 
+def test_a_steps_throughput_leaves_out_validation_and_checkpoints(tmp_path):
+    """Each step's clips/s counts the time from when the host began to queue it to when it began to
+    queue the next (or, for a step read at once, to its read): validation and checkpoints in between
+    are not the step's. Before, the step after a validation was charged with it."""
+    import time
+
+    def slow_validation(module):
+        time.sleep(0.5)
+        return {"t2v_r1": 1.0}
+
+    result = toy_trainer(toy_config("train.steps=6", "train.eval_every=2", "train.save_every=3"), tmp_path / "run",
+                         evaluate=slow_validation).fit()
+    seconds = [4 / step["clips_per_s"] for step in result.history]  # 4 clips per step
+    assert len(seconds) == 6 and max(seconds) < 0.25, seconds
+
+
 def test_metrics_file_and_state_json(tmp_path):
     toy_trainer(toy_config("train.steps=3", "train.tensorboard=true"), tmp_path / "run").fit()
     records = read_metrics(tmp_path / "run")

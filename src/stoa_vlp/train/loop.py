@@ -69,6 +69,7 @@ class QueuedStep:
     ready: torch.cuda.Event | None
     video_ids: list[list[str]]  # this rank's, per micro-batch
     lr: float  # of its update (the first parameter group's)
+    queued_at: float  # time.perf_counter() when the host began to queue it
 
     @property
     def clips(self) -> int:
@@ -102,10 +103,6 @@ class _RunRecord:
     result: TrainResult
     started: float  # time.perf_counter() at the start
     clips_done: float = 0.0
-    last_finished: float = field(init=False)  # when the last step was finished
-
-    def __post_init__(self):
-        self.last_finished = self.started
 
 
 def check_train_settings(train: TrainConfig) -> None:
@@ -385,6 +382,7 @@ class Trainer:
         finished once this step's backward is queued (the device has computed it by then, so the host
         does not wait) and before this step's update, whose learning rate depends on whether `previous`
         was taken; `finished` gets its metrics (`_finish_step`)."""
+        queued_at = time.perf_counter()
         accum = self.train.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         outputs_per_batch, video_ids = [], []
@@ -399,8 +397,8 @@ class Trainer:
                 self.scaler.scale(outputs["loss"] / accum).backward()
             outputs_per_batch.append(torch.stack([value.detach().float() for value in outputs.values()]))
         if previous is not None:
-            finished(self._finish_step(previous))
-        return self._queue_update(list(outputs), torch.stack(outputs_per_batch), video_ids)
+            finished(self._finish_step(previous, until=queued_at))
+        return self._queue_update(list(outputs), torch.stack(outputs_per_batch), video_ids, queued_at)
 
     def _to_device(self, batch: Any) -> Any:
         """`batch` on the training device. On CUDA a Batch (which can `record_stream`) is copied on a stream
@@ -415,7 +413,8 @@ class Trainer:
         moved.record_stream(step_stream)
         return moved
 
-    def _queue_update(self, names: list[str], outputs: torch.Tensor, video_ids: list[list[str]]) -> QueuedStep:
+    def _queue_update(self, names: list[str], outputs: torch.Tensor, video_ids: list[list[str]],
+                      queued_at: float) -> QueuedStep:
         """Clip and update after the backward; `outputs` (grad_accum, len(names)) are this rank's output
         values per micro-batch."""
         self.scaler.unscale_(self.optimizer)
@@ -432,7 +431,7 @@ class Trainer:
         self.scaler.update()
         readout = torch.cat([outputs.flatten(), shared[:-1], grad_norm, loss_bad.float(), gradient_bad.float()])
         host, ready = start_copy_to_host(readout)
-        return QueuedStep(names, host, ready, video_ids, lr=self.optimizer.param_groups[0]["lr"])
+        return QueuedStep(names, host, ready, video_ids, self.optimizer.param_groups[0]["lr"], queued_at)
 
     def _update_unless(self, skip: torch.Tensor) -> None:
         """The optimiser's update unless `skip` (bool, shape (1,), on the device). The fused kernels take
@@ -448,9 +447,11 @@ class Trainer:
         elif not bool(skip):
             self.optimizer.step()
 
-    def _finish_step(self, queued: QueuedStep) -> dict[str, float] | None:
+    def _finish_step(self, queued: QueuedStep, until: float | None = None) -> dict[str, float] | None:
         """Read a queued step's outcome (waiting for its copy to the host) and count it. Returns its
-        rank-averaged metrics when it was taken, None when a non-finite loss or gradient skipped it
+        rank-averaged metrics when it was taken, with its "seconds": from when the host began to queue
+        it to `until`, when it began to queue the next step (now if None: a step read at once, whose
+        read waits for the device to finish it). None when a non-finite loss or gradient skipped it
         (train.nonfinite=stop raises instead). Collective when it was skipped."""
         width, batches = len(queued.names), len(queued.video_ids)
         numbers = queued.read()
@@ -468,7 +469,8 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.skipped_in_a_row = 0
-        return {**metrics, "lr": queued.lr, "clips": float(queued.clips)}
+        seconds = (time.perf_counter() if until is None else until) - queued.queued_at
+        return {**metrics, "lr": queued.lr, "clips": float(queued.clips), "seconds": seconds}
 
     def _needs_outcome_at_once(self, step: int) -> bool:
         """Whether validation, a checkpoint or the end of training follow optimiser step `step`: the step
@@ -595,11 +597,9 @@ class Trainer:
         if metrics is None:
             run.result.skipped_batches = self.skipped_batches
             return
-        now = time.perf_counter()
         clips = metrics.pop("clips") * self.env.world_size
         run.clips_done += clips
-        metrics["clips_per_s"] = clips / max(now - run.last_finished, 1e-9)  # finished step to finished step
-        run.last_finished = now
+        metrics["clips_per_s"] = clips / max(metrics.pop("seconds"), 1e-9)
         run.result.history.append({"step": self.step, **metrics})
         run.progress.update(metrics["loss"], metrics["clips_per_s"], self.skipped_batches)
         if self.step % self.train.log_every == 0 or self.step == self.train.steps:
