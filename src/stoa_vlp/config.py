@@ -117,7 +117,7 @@ class DataConfig:
     test: str = ""
     format: str = "auto"  # auto, msrvtt, msvd, didemo, lsmdc, webvid, webdataset, jsonl
     video_root: str = ""
-    detections: str = ""  # detections JSONL (README: Detections format)
+    detections: str = ""  # detections JSONL (README: Detections format), or a store folder of `stoa-vlp pack`
     tags: str = ""  # noun/verb tag cache
     label_vocab: str = ""  # object class vocabulary file
     decoder: str = "pyav"  # pyav, decord, torchcodec
