@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import signal
 
 import numpy as np
 import pytest
@@ -32,7 +34,8 @@ def random_videos(count: int = 40, seed: int = 0) -> list[VideoDetections]:
     """Videos with no frame, frames with no box, several boxes of a class; ids that prefix each other,
     unsorted, some not ASCII."""
     rng = np.random.default_rng(seed)
-    ids = ["v1", "v10", "v1a", "vidéo", "a", "ab", "Z"] + [f"video{rng.integers(10**6)}_{i}" for i in range(count - 7)]
+    # "v\udcff": the id of a video file whose name is not UTF-8, as Python decodes file names
+    ids = ["v1", "v10", "v1a", "vidéo", "a", "ab", "Z", "v\udcff"] + [f"video{rng.integers(10**6)}_{i}" for i in range(count - 8)]
     videos = []
     for number, video_id in enumerate(ids):
         frames = []
@@ -69,7 +72,8 @@ def test_a_store_holds_what_the_file_holds(packed_file):
     path, folder = packed_file
     store = DetectionsStore(folder)
     assert_same_videos(store, read_packed_detections(path))
-    assert "v1" in store and "v" not in store and "v100" not in store and 3 not in store
+    assert "v1" in store and "v" not in store and "v100" not in store and 3 not in store and "v\udcff" in store
+    assert "v\udcfe" not in store
     assert store.get("missing") is None
     with pytest.raises(KeyError):
         store["missing"]
@@ -129,3 +133,47 @@ def test_a_pack_that_fails_leaves_no_store(tmp_path):
     with pytest.raises(DetectionsError, match="detections.jsonl:11"):
         main(["pack", str(path), "--out", str(tmp_path / "detections.store")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["detections.jsonl"]
+
+
+def test_a_killed_pack_leaves_no_store(tmp_path, monkeypatch):
+    """A job's time limit or a pre-emption sends SIGTERM: the partly written store goes too."""
+    from stoa_vlp.data import detections
+
+    path = tmp_path / "detections.jsonl"
+    write_detections(path, random_videos(10))
+    read = detections.iter_detections
+
+    def killed_midway(file):
+        for number, video in enumerate(read(file)):
+            if number == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield video
+
+    monkeypatch.setattr(detections, "iter_detections", killed_midway)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as killed:
+            main(["pack", str(path), "--out", str(tmp_path / "detections.store")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert killed.value.code == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["detections.jsonl"]
+
+
+def test_a_store_older_than_its_file_is_reported(packed_file, caplog):
+    path, folder = packed_file
+    config = load_config("tiny", [f"data.detections={folder}"])
+    with caplog.at_level(logging.WARNING):
+        load_detections(config)
+    assert "has changed since" not in caplog.text
+    path.write_text(path.read_text() + "\n")
+    with caplog.at_level(logging.WARNING):
+        load_detections(config)
+    assert f"the detections file it was packed from, {path}, has changed since: pack it again" in caplog.text
+    with pytest.raises(ValueError, match="give the store's folder, not its store.json"):
+        load_detections(load_config("tiny", [f"data.detections={folder / 'store.json'}"]))
+    manifest = json.loads((folder / "store.json").read_text())
+    del manifest["boxes"]
+    (folder / "store.json").write_text(json.dumps(manifest))
+    with pytest.raises(DetectionsError, match="store.json: boxes missing or not valid"):
+        DetectionsStore(folder)

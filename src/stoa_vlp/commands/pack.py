@@ -22,12 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
+    import sys
     from pathlib import Path
 
     from stoa_vlp.data.detections import iter_detections
-    from stoa_vlp.data.detections_store import write_detections_store
+    from stoa_vlp.data.detections_store import source_stamp, write_detections_store
 
-    manifest = write_detections_store(args.out, iter_detections(args.detections), source=str(Path(args.detections).resolve()))
+    # a kill (a job's time limit, a pre-emption) unwinds as an exception, so that the partly written
+    # store (tens of GB for a large set) is removed
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    if not Path(args.detections).is_file():
+        raise FileNotFoundError(f"detections file {args.detections} does not exist")
+    manifest = write_detections_store(args.out, iter_detections(args.detections), source_stamp(args.detections))
     size = sum(path.stat().st_size for path in Path(args.out).iterdir())
     print(f"{manifest['videos']} videos, {manifest['frames']} frames, {manifest['boxes']} boxes of "
           f"{len(manifest['class_names'])} classes packed into {args.out} ({size / 1e6:.1f} MB)")

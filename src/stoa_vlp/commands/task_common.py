@@ -147,7 +147,8 @@ def metric_rows(results: list[tuple[str, dict[str, float]]]) -> tuple[list[str],
 
 def add_inference_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint folder, or run folder (its best)")
-    parser.add_argument("--detections", metavar="JSONL", help="object detections of the videos (README: Detections format)")
+    parser.add_argument("--detections", metavar="JSONL|STORE",
+                        help="object detections of the videos (README: Detections format), or a store of stoa-vlp pack")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override on top of the checkpoint's config (repeatable)")
 

@@ -59,7 +59,7 @@ from stoa_vlp.data.annotations import (
 )
 from stoa_vlp.data.decode import DecodedClip, VideoError, check_decoder, decode_clip
 from stoa_vlp.data.detections import LabelVocab, empty_targets, packed, read_packed_detections, select_objects
-from stoa_vlp.data.detections_store import DetectionsStore
+from stoa_vlp.data.detections_store import MANIFEST, DetectionsStore
 from stoa_vlp.data.geometry import resize_crop
 from stoa_vlp.data.serialized import SerializedDict, SerializedList
 from stoa_vlp.data.tags import PackedTags, TagCache
@@ -527,8 +527,14 @@ def load_detections(config: Config) -> tuple[Mapping | None, LabelVocab | None]:
     classes."""
     if not (config.data.detections and config.model.objects):
         return None, None
+    if Path(config.data.detections).name == MANIFEST:
+        raise ValueError(f"data.detections={config.data.detections}: give the store's folder, not its {MANIFEST}")
     if Path(config.data.detections).is_dir():
         detections = DetectionsStore(config.data.detections)
+        if detections.source_changed():
+            log.warning("%s: the detections file it was packed from, %s, has changed since: pack it again "
+                        "(stoa-vlp pack) for the new detections", config.data.detections,
+                        detections.manifest["source"]["path"])
     else:
         detections = read_packed_detections(config.data.detections)
     classes = config.model.num_object_classes

@@ -8,8 +8,8 @@ workers on a machine. `DetectionsStore` is a read-only mapping from video id to
 `PackedVideoDetections`, equal to what `read_packed_detections` gives for the file it was packed from.
 
 Layout (little-endian; the counts V videos, F detected frames, n boxes are in store.json):
-  store.json     format, version, counts, the sorted class names, the source file
-  ids.bin        uint8, the video ids' UTF-8 bytes, in sorted order, back to back
+  store.json     format, version, counts, the sorted class names, the source file (path, size, mtime)
+  ids.bin        uint8, the video ids' UTF-8 bytes (lone surrogates passed through), sorted, back to back
   id_ends.bin    int64 (V,): video v's id is ids.bin[id_ends[v - 1]:id_ends[v]]
   videos.bin     int64 (V, 4): width, height, first frame, end frame (rows of the frame arrays)
   times.bin      float64 (F,): each video's frame times, sorted
@@ -21,6 +21,7 @@ Layout (little-endian; the counts V videos, F detected frames, n boxes are in st
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -31,25 +32,42 @@ import numpy as np
 
 from stoa_vlp.data.detections import DetectionsError, PackedVideoDetections, VideoDetections
 
+log = logging.getLogger(__name__)
+
 FORMAT, VERSION = "stoa-vlp detections store", 1
 MANIFEST = "store.json"
 CHUNK = 1 << 24  # boxes per pass over classes.bin
 # file -> (dtype, shape of one row, the count in store.json that gives its rows)
 ARRAYS = {
-    "ids.bin": (np.uint8, (), "id_bytes"),
-    "id_ends.bin": (np.int64, (), "videos"),
-    "videos.bin": (np.int64, (4,), "videos"),
-    "times.bin": (np.float64, (), "frames"),
-    "frame_ends.bin": (np.int64, (), "frames"),
-    "rects.bin": (np.float32, (4,), "boxes"),
-    "confs.bin": (np.float32, (), "boxes"),
-    "classes.bin": (np.int32, (), "boxes"),
+    "ids.bin": (np.dtype("u1"), (), "id_bytes"),
+    "id_ends.bin": (np.dtype("<i8"), (), "videos"),
+    "videos.bin": (np.dtype("<i8"), (4,), "videos"),
+    "times.bin": (np.dtype("<f8"), (), "frames"),
+    "frame_ends.bin": (np.dtype("<i8"), (), "frames"),
+    "rects.bin": (np.dtype("<f4"), (4,), "boxes"),
+    "confs.bin": (np.dtype("<f4"), (), "boxes"),
+    "classes.bin": (np.dtype("<i4"), (), "boxes"),
 }
+COUNTS = ("videos", "frames", "boxes", "id_bytes")
 
 
-def write_detections_store(folder: str | Path, videos: Iterable[VideoDetections], source: str = "") -> dict:
+def id_bytes(video_id: str) -> bytes:
+    """A video id as stored: UTF-8, a lone surrogate (a file name that is not UTF-8) passed through.
+    Byte order is code point order, so the ids sort alike either way."""
+    return video_id.encode("utf-8", "surrogatepass")
+
+
+def source_stamp(path: str | Path) -> dict:
+    """What tells a detections file's versions apart: its path, size and modification time."""
+    path = Path(path).resolve()
+    status = path.stat()
+    return {"path": str(path), "size": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+
+def write_detections_store(folder: str | Path, videos: Iterable[VideoDetections], source: dict | None = None) -> dict:
     """Pack `videos` (e.g. `iter_detections(path)`, read as they come: the file is never held whole) into
-    the store `folder`, written in a temporary folder renamed into place. Returns the manifest."""
+    the store `folder`, written in a temporary folder renamed into place; `source`: the file's
+    `source_stamp`, to tell later whether it changed. Returns the manifest."""
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder} exists: remove it, or pack into another folder")
@@ -65,7 +83,7 @@ def write_detections_store(folder: str | Path, videos: Iterable[VideoDetections]
     return manifest
 
 
-def _write_arrays(folder: Path, videos: Iterable[VideoDetections], source: str) -> dict:
+def _write_arrays(folder: Path, videos: Iterable[VideoDetections], source: dict | None) -> dict:
     """Frames and boxes are appended to their files video by video; the video table (small) is sorted
     by id at the end. Class indexes are by first appearance while writing, rewritten at the end to
     index the sorted class names."""
@@ -78,13 +96,13 @@ def _write_arrays(folder: Path, videos: Iterable[VideoDetections], source: str) 
         for video in videos:
             video_packed = PackedVideoDetections.pack(video)
             store_index = np.array([class_of.setdefault(name, len(class_of)) for name in video_packed.class_names],
-                                   dtype=np.int32)
-            files["times.bin"].write(video_packed.times.tobytes())
-            files["frame_ends.bin"].write((boxes + video_packed.ends).tobytes())
-            files["rects.bin"].write(video_packed.rects.tobytes())
-            files["confs.bin"].write(video_packed.confs.tobytes())
+                                   dtype=ARRAYS["classes.bin"][0])
+            files["times.bin"].write(video_packed.times.astype(ARRAYS["times.bin"][0]).tobytes())
+            files["frame_ends.bin"].write((boxes + video_packed.ends).astype(ARRAYS["frame_ends.bin"][0]).tobytes())
+            files["rects.bin"].write(video_packed.rects.astype(ARRAYS["rects.bin"][0]).tobytes())
+            files["confs.bin"].write(video_packed.confs.astype(ARRAYS["confs.bin"][0]).tobytes())
             files["classes.bin"].write(store_index[video_packed.class_index].tobytes())
-            table.append((video.video_id.encode(), video.width, video.height, frames, frames + len(video_packed.times)))
+            table.append((id_bytes(video.video_id), video.width, video.height, frames, frames + len(video_packed.times)))
             frames += len(video_packed.times)
             boxes += len(video_packed.confs)
     finally:
@@ -92,9 +110,9 @@ def _write_arrays(folder: Path, videos: Iterable[VideoDetections], source: str) 
             file.close()
     class_names = sorted(class_of)
     if boxes:
-        sorted_index = np.empty(len(class_names), dtype=np.int32)
-        sorted_index[[class_of[name] for name in class_names]] = np.arange(len(class_names), dtype=np.int32)
-        classes = np.memmap(folder / "classes.bin", dtype=np.int32, mode="r+", shape=(boxes,))
+        sorted_index = np.empty(len(class_names), dtype=ARRAYS["classes.bin"][0])
+        sorted_index[[class_of[name] for name in class_names]] = np.arange(len(class_names))
+        classes = np.memmap(folder / "classes.bin", dtype=ARRAYS["classes.bin"][0], mode="r+", shape=(boxes,))
         for start in range(0, boxes, CHUNK):
             classes[start:start + CHUNK] = sorted_index[classes[start:start + CHUNK]]
         classes.flush()
@@ -102,8 +120,9 @@ def _write_arrays(folder: Path, videos: Iterable[VideoDetections], source: str) 
     table.sort()
     ids = [row[0] for row in table]
     (folder / "ids.bin").write_bytes(b"".join(ids))
-    (folder / "id_ends.bin").write_bytes(np.cumsum([len(i) for i in ids], dtype=np.int64).tobytes())
-    (folder / "videos.bin").write_bytes(np.array([row[1:] for row in table], dtype=np.int64).reshape(-1, 4).tobytes())
+    (folder / "id_ends.bin").write_bytes(np.cumsum([len(i) for i in ids], dtype=ARRAYS["id_ends.bin"][0]).tobytes())
+    videos = np.array([row[1:] for row in table], dtype=ARRAYS["videos.bin"][0]).reshape(-1, 4)
+    (folder / "videos.bin").write_bytes(videos.tobytes())
     return {
         "format": FORMAT, "version": VERSION, "videos": len(table), "frames": frames, "boxes": boxes,
         "id_bytes": sum(len(i) for i in ids), "class_names": class_names, "source": source,
@@ -131,9 +150,10 @@ class DetectionsStore(Mapping):
         return self._arrays
 
     def _map(self, name: str, dtype, row: tuple[int, ...], rows: int) -> np.ndarray:
+        """A plain array over the mapped file (slices of a np.memmap cost more to make)."""
         if rows == 0:  # numpy cannot map an empty file
             return np.zeros((0, *row), dtype=dtype)
-        return np.memmap(self.folder / name, dtype=dtype, mode="r", shape=(rows, *row))
+        return np.asarray(np.memmap(self.folder / name, dtype=dtype, mode="r", shape=(rows, *row)))
 
     def __len__(self) -> int:
         return self.manifest["videos"]
@@ -143,13 +163,17 @@ class DetectionsStore(Mapping):
         return self.arrays["ids.bin"][int(ends[v - 1]) if v > 0 else 0:int(ends[v])].tobytes()
 
     def __iter__(self) -> Iterator[str]:
-        return (self._id(v).decode() for v in range(len(self)))
+        """The video ids in stored order, decoded in one pass."""
+        blob, start = self.arrays["ids.bin"].tobytes(), 0
+        for end in self.arrays["id_ends.bin"].tolist():
+            yield blob[start:end].decode("utf-8", "surrogatepass")
+            start = end
 
     def _find(self, video_id: object) -> int | None:
         """The row of `video_id` in the (sorted) video table, by binary search; None if absent."""
         if not isinstance(video_id, str):
             return None
-        key, low, high = video_id.encode(), 0, len(self)
+        key, low, high = id_bytes(video_id), 0, len(self)
         while low < high:
             middle = (low + high) // 2
             if self._id(middle) < key:
@@ -167,15 +191,18 @@ class DetectionsStore(Mapping):
             raise KeyError(video_id)
         arrays = self.arrays
         width, height, first, end = (int(value) for value in arrays["videos.bin"][v])
-        frame_ends = np.array(arrays["frame_ends.bin"][first:end])
+        frame_ends = arrays["frame_ends.bin"][first:end].astype(np.int64)
         start = int(arrays["frame_ends.bin"][first - 1]) if first > 0 else 0
         stop = int(frame_ends[-1]) if end > first else start
-        store_classes = np.array(arrays["classes.bin"][start:stop])
-        present, class_index = np.unique(store_classes, return_inverse=True)  # sorted names: sorted indexes
+        # the video's classes renumbered in the order of the (sorted) store names, as `pack` numbers them
+        store_classes = arrays["classes.bin"][start:stop]
+        present = np.flatnonzero(np.bincount(store_classes, minlength=len(self.class_names)))
+        renumber = np.zeros(len(self.class_names), dtype=np.int32)
+        renumber[present] = np.arange(len(present), dtype=np.int32)
         return PackedVideoDetections(
-            width, height, np.array(arrays["times.bin"][first:end]), frame_ends - start,
-            np.array(arrays["rects.bin"][start:stop]), np.array(arrays["confs.bin"][start:stop]),
-            class_index.astype(np.int32).reshape(-1), [self.class_names[i] for i in present],
+            width, height, arrays["times.bin"][first:end].astype(np.float64), frame_ends - start,
+            arrays["rects.bin"][start:stop].astype(np.float32), arrays["confs.bin"][start:stop].astype(np.float32),
+            renumber[store_classes], [self.class_names[i] for i in present],
         )
 
     def boxes_per_frame_of(self, video_ids: set[str]) -> list[np.ndarray]:
@@ -189,6 +216,13 @@ class DetectionsStore(Mapping):
                 before = int(frame_ends[first - 1]) if first > 0 else 0
                 counts.append(np.diff(np.asarray(frame_ends[first:end]), prepend=before))
         return counts
+
+    def source_changed(self) -> bool:
+        """Whether the detections file it was packed from is there and now differs (in size or time)."""
+        source = self.manifest.get("source")
+        if not source or not Path(source["path"]).exists():
+            return False
+        return source_stamp(source["path"]) != source
 
     def box_counts_by_class_name(self) -> dict[str, int]:
         """Boxes of each class over all videos (one pass over classes.bin, in chunks)."""
@@ -213,6 +247,10 @@ def _read_manifest(folder: Path) -> dict:
     if manifest.get("version") != VERSION:
         raise DetectionsError(f"{path}: store version {manifest.get('version')!r}, this stoa-vlp reads version "
                               f"{VERSION}: pack the detections file again")
+    odd = [key for key in COUNTS if isinstance(manifest.get(key), bool) or not isinstance(manifest.get(key), int)
+           or manifest[key] < 0]
+    if odd or not isinstance(manifest.get("class_names"), list):
+        raise DetectionsError(f"{path}: {', '.join(odd) or 'class_names'} missing or not valid")
     for name, (dtype, row, count) in ARRAYS.items():
         expected = manifest[count] * int(np.prod(row, dtype=np.int64)) * np.dtype(dtype).itemsize
         file = folder / name
