@@ -177,3 +177,10 @@ def test_a_store_older_than_its_file_is_reported(packed_file, caplog):
     (folder / "store.json").write_text(json.dumps(manifest))
     with pytest.raises(DetectionsError, match="store.json: boxes missing or not valid"):
         DetectionsStore(folder)
+
+
+def test_a_store_packed_from_videos_in_python_has_no_file_to_compare(tmp_path):
+    folder = tmp_path / "detections.store"
+    write_detections_store(folder, random_videos(10))  # no source file
+    store = DetectionsStore(folder)
+    assert store.manifest["source"] is None and not store.source_changed() and len(store) == 10

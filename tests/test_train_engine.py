@@ -272,28 +272,32 @@ def test_on_cuda_a_batch_is_copied_on_its_own_stream_and_waited_for(tmp_path, mo
         def wait_stream(self, other):
             events.append(f"{self.name} waits for {other.name}")
 
+    current = [Stream("step")]
+
     @contextlib.contextmanager
     def on_stream(stream):
         events.append(f"enter {stream.name}")
+        current.append(stream)
         yield
+        current.pop()
         events.append(f"leave {stream.name}")
 
     class StreamBatch(Batch):
         def to(self, device, non_blocking=False):
-            events.append("copy")
+            events.append(f"copy on {current[-1].name}" + (", not blocking" if non_blocking else ""))
             return self
 
         def record_stream(self, stream):
             events.append(f"recorded on {stream.name}")
 
     monkeypatch.setattr(loop.torch.cuda, "stream", on_stream)
-    monkeypatch.setattr(loop.torch.cuda, "current_stream", lambda device: Stream("step"))
+    monkeypatch.setattr(loop.torch.cuda, "current_stream", lambda device: current[-1])
     trainer = toy_trainer(toy_config(), tmp_path / "run")
     trainer.copy_stream = Stream("copy")
     batch = make_batch(tiny_config())
     moved = trainer._to_device(StreamBatch(**batch.tensors(), video_ids=batch.video_ids))
     assert isinstance(moved, StreamBatch)
-    assert events == ["enter copy", "copy", "leave copy", "step waits for copy", "recorded on step"]
+    assert events == ["enter copy", "copy on copy, not blocking", "leave copy", "step waits for copy", "recorded on step"]
 
 
 def test_a_skipped_update_leaves_weights_moments_and_step_count(tmp_path):

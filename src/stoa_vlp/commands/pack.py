@@ -29,9 +29,13 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.data.detections import iter_detections
     from stoa_vlp.data.detections_store import source_stamp, write_detections_store
 
-    # a kill (a job's time limit, a pre-emption) unwinds as an exception, so that the partly written
-    # store (tens of GB for a large set) is removed
-    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    def stop(number, frame):
+        """A kill (a job's time limit, a pre-emption) unwinds as an exception, so that the partly written
+        store (tens of GB for a large set) is removed; a repeated one must not interrupt that."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(128 + number)
+
+    signal.signal(signal.SIGTERM, stop)
     if not Path(args.detections).is_file():
         raise FileNotFoundError(f"detections file {args.detections} does not exist")
     manifest = write_detections_store(args.out, iter_detections(args.detections), source_stamp(args.detections))

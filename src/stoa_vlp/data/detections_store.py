@@ -220,8 +220,8 @@ class DetectionsStore(Mapping):
     def source_changed(self) -> bool:
         """Whether the detections file it was packed from is there and now differs (in size or time)."""
         source = self.manifest.get("source")
-        if not source or not Path(source["path"]).exists():
-            return False
+        if not isinstance(source, dict) or not isinstance(source.get("path"), str) or not Path(source["path"]).exists():
+            return False  # packed from videos given in Python, not from a file
         return source_stamp(source["path"]) != source
 
     def box_counts_by_class_name(self) -> dict[str, int]:
