@@ -36,9 +36,8 @@ def run(args: argparse.Namespace) -> int:
         sys.exit(128 + number)
 
     signal.signal(signal.SIGTERM, stop)
-    if not Path(args.detections).is_file():
-        raise FileNotFoundError(f"detections file {args.detections} does not exist")
-    manifest = write_detections_store(args.out, iter_detections(args.detections), source_stamp(args.detections))
+    videos = iter_detections(args.detections)  # checks that the file exists, before its stamp is taken
+    manifest = write_detections_store(args.out, videos, source_stamp(args.detections))
     size = sum(path.stat().st_size for path in Path(args.out).iterdir())
     print(f"{manifest['videos']} videos, {manifest['frames']} frames, {manifest['boxes']} boxes of "
           f"{len(manifest['class_names'])} classes packed into {args.out} ({size / 1e6:.1f} MB)")

@@ -187,10 +187,15 @@ def video_to_json(video: VideoDetections) -> dict:
 
 def iter_detections(path: str | Path) -> Iterator[VideoDetections]:
     """Each video of a detections JSONL file, in file order. Blank lines are allowed; a video given
-    twice is an error naming file and line."""
+    twice is an error naming file and line. A missing file is an error at the call, not at the first
+    video."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"detections file {path} does not exist")
+    return _videos(path)
+
+
+def _videos(path: Path) -> Iterator[VideoDetections]:
     seen: set[str] = set()
     for line_number, value in read_jsonl(path, DetectionsError):
         where = f"{path}:{line_number}"

@@ -92,16 +92,20 @@ def _write_arrays(folder: Path, videos: Iterable[VideoDetections], source: dict 
     frames = boxes = 0
     names = ("times.bin", "frame_ends.bin", "rects.bin", "confs.bin", "classes.bin")
     files = {name: open(folder / name, "wb") for name in names}
+
+    def append(name: str, values: np.ndarray) -> None:
+        files[name].write(values.astype(ARRAYS[name][0]).tobytes())
+
     try:
         for video in videos:
             video_packed = PackedVideoDetections.pack(video)
             store_index = np.array([class_of.setdefault(name, len(class_of)) for name in video_packed.class_names],
-                                   dtype=ARRAYS["classes.bin"][0])
-            files["times.bin"].write(video_packed.times.astype(ARRAYS["times.bin"][0]).tobytes())
-            files["frame_ends.bin"].write((boxes + video_packed.ends).astype(ARRAYS["frame_ends.bin"][0]).tobytes())
-            files["rects.bin"].write(video_packed.rects.astype(ARRAYS["rects.bin"][0]).tobytes())
-            files["confs.bin"].write(video_packed.confs.astype(ARRAYS["confs.bin"][0]).tobytes())
-            files["classes.bin"].write(store_index[video_packed.class_index].tobytes())
+                                   dtype=np.int64)
+            append("times.bin", video_packed.times)
+            append("frame_ends.bin", boxes + video_packed.ends)
+            append("rects.bin", video_packed.rects)
+            append("confs.bin", video_packed.confs)
+            append("classes.bin", store_index[video_packed.class_index])
             table.append((id_bytes(video.video_id), video.width, video.height, frames, frames + len(video_packed.times)))
             frames += len(video_packed.times)
             boxes += len(video_packed.confs)
@@ -159,8 +163,7 @@ class DetectionsStore(Mapping):
         return self.manifest["videos"]
 
     def _id(self, v: int) -> bytes:
-        ends = self.arrays["id_ends.bin"]
-        return self.arrays["ids.bin"][int(ends[v - 1]) if v > 0 else 0:int(ends[v])].tobytes()
+        return self.arrays["ids.bin"][_span(self.arrays["id_ends.bin"], v, v + 1)].tobytes()
 
     def __iter__(self) -> Iterator[str]:
         """The video ids in stored order, decoded in one pass."""
@@ -191,17 +194,16 @@ class DetectionsStore(Mapping):
             raise KeyError(video_id)
         arrays = self.arrays
         width, height, first, end = (int(value) for value in arrays["videos.bin"][v])
-        frame_ends = arrays["frame_ends.bin"][first:end].astype(np.int64)
-        start = int(arrays["frame_ends.bin"][first - 1]) if first > 0 else 0
-        stop = int(frame_ends[-1]) if end > first else start
+        rows = _span(arrays["frame_ends.bin"], first, end)  # the video's boxes
         # the video's classes renumbered in the order of the (sorted) store names, as `pack` numbers them
-        store_classes = arrays["classes.bin"][start:stop]
+        store_classes = arrays["classes.bin"][rows]
         present = np.flatnonzero(np.bincount(store_classes, minlength=len(self.class_names)))
         renumber = np.zeros(len(self.class_names), dtype=np.int32)
         renumber[present] = np.arange(len(present), dtype=np.int32)
         return PackedVideoDetections(
-            width, height, arrays["times.bin"][first:end].astype(np.float64), frame_ends - start,
-            arrays["rects.bin"][start:stop].astype(np.float32), arrays["confs.bin"][start:stop].astype(np.float32),
+            width, height, arrays["times.bin"][first:end].astype(np.float64),
+            arrays["frame_ends.bin"][first:end].astype(np.int64) - rows.start,
+            arrays["rects.bin"][rows].astype(np.float32), arrays["confs.bin"][rows].astype(np.float32),
             renumber[store_classes], [self.class_names[i] for i in present],
         )
 
@@ -213,8 +215,8 @@ class DetectionsStore(Mapping):
         for v, video_id in enumerate(self):
             if video_id in video_ids:
                 first, end = int(table[v, 2]), int(table[v, 3])
-                before = int(frame_ends[first - 1]) if first > 0 else 0
-                counts.append(np.diff(np.asarray(frame_ends[first:end]), prepend=before))
+                start = _span(frame_ends, first, end).start
+                counts.append(np.diff(frame_ends[first:end].astype(np.int64), prepend=start))
         return counts
 
     def source_changed(self) -> bool:
@@ -231,6 +233,12 @@ class DetectionsStore(Mapping):
         for start in range(0, len(classes), CHUNK):
             counts += np.bincount(classes[start:start + CHUNK], minlength=len(self.class_names))
         return dict(zip(self.class_names, counts.tolist()))
+
+
+def _span(ends: np.ndarray, first: int, end: int) -> slice:
+    """Rows first:end of an ends array (row i ends where row i + 1 starts) as a slice of what they index."""
+    start = int(ends[first - 1]) if first > 0 else 0
+    return slice(start, int(ends[end - 1]) if end > first else start)
 
 
 def _read_manifest(folder: Path) -> dict:

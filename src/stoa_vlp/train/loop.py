@@ -476,8 +476,10 @@ class Trainer:
         """Whether validation, a checkpoint or the end of training follow optimiser step `step`: the step
         queued as `step` is then finished before the next is queued, so that they see its weights and
         random state, not the next step's."""
-        validates = self.evaluate is not None and step % self.train.eval_every == 0
-        return step == self.train.steps or step % self.train.save_every == 0 or validates
+        return step == self.train.steps or step % self.train.save_every == 0 or self._validates_after(step)
+
+    def _validates_after(self, step: int) -> bool:
+        return self.evaluate is not None and (step == self.train.steps or step % self.train.eval_every == 0)
 
     def _clip_local(self, max_norm: float) -> torch.Tensor:
         return nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
@@ -611,7 +613,7 @@ class Trainer:
 
     def _after_step(self, logger: MetricsLogger, result: TrainResult, train_metrics: dict[str, float]) -> None:
         final = self.step == self.train.steps
-        validate = self.evaluate is not None and (final or self.step % self.train.eval_every == 0)
+        validate = self._validates_after(self.step)
         val_metrics: dict[str, float] = {}
         if validate:
             raw = self.validate()
