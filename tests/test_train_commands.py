@@ -8,6 +8,7 @@ import pytest
 
 from stoa_vlp.cli import main
 from stoa_vlp.data.synth import render_world
+from stoa_vlp.data.tags import TagCache
 from stoa_vlp.train.checkpointing import CheckpointError, list_checkpoints
 from stoa_vlp.train.logging import read_metrics
 
@@ -98,3 +99,38 @@ def test_a_capped_validation_needs_only_the_videos_it_reads(tmp_path, task):
     validations = [r for r in read_metrics(run) if r["split"] == "val"]
     counted = "num_videos" if task == "retrieval" else "num_questions"
     assert len(validations) == 1 and 0 < validations[0][counted] <= (1 if task == "retrieval" else 10)
+
+
+def test_pretraining_reads_detections_and_tags_once_for_training_and_validation(tmp_path, monkeypatch):
+    import numpy as np
+
+    from stoa_vlp.data import dataset as dataset_module
+    from stoa_vlp.data.annotations import read_annotations
+
+    world = render_world(tmp_path / "world", train=4, val=2, test=0, seed=1)
+    caption = read_annotations(world.annotations, "auto", "train")[0].captions[0]
+    tags = TagCache(tmp_path / "tags.json", length=16)
+    tags.update({caption: np.zeros(3, dtype=np.int64)})
+    tags.save()
+    reads = {"detections": 0, "tags": 0}
+
+    def counted(what, read):
+        def wrapper(*args, **kwargs):
+            reads[what] += 1
+            return read(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(dataset_module, "read_packed_detections", counted("detections", dataset_module.read_packed_detections))
+    monkeypatch.setattr(TagCache, "read", counted("tags", TagCache.read))
+    run = tmp_path / "run"
+    assert main([
+        "pretrain", "--config", "tiny", "--output", str(run),
+        "--set", f"data.train={world.annotations}", "--set", f"data.val={world.annotations}",
+        "--set", f"data.video_root={world.videos}", "--set", f"data.detections={world.detections}",
+        "--set", f"data.tags={tmp_path / 'tags.json'}",
+        "--set", "data.batch_size=4", "--set", "model.frames=2", "--set", "model.image_size=32",
+        "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.steps=1",
+        "--set", "train.eval_every=1", "--set", "train.warmup_steps=1",
+    ]) == 0
+    assert [r["step"] for r in read_metrics(run) if r["split"] == "val"] == [1]  # validation read its split
+    assert reads == {"detections": 1, "tags": 1}

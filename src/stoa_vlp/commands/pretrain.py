@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         keep_label_vocab,
         prepare_run,
     )
-    from stoa_vlp.data.dataset import build_dataset, collate
+    from stoa_vlp.data.dataset import build_dataset, collate, load_side_data, split_file
     from stoa_vlp.model import build_model
     from stoa_vlp.objectives import OBJECTIVES, Pretrainer
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
@@ -64,10 +64,12 @@ def run(args: argparse.Namespace) -> int:
         run_dir = prepare_run(config, env, args)
         adopt_label_vocab(config, run_dir)  # a resumed run keeps its class ids
         module = Pretrainer(build_model(config.model), config.loss)
-        train_set = build_dataset(config, "train", env.rank, env.world_size)
+        split_file(config, "train")  # a wrong path fails before the side data is read
+        side_data = load_side_data(config)  # read once, for training and validation
+        train_set = build_dataset(config, "train", env.rank, env.world_size, side_data)
         evaluate = None
         if config.data.val:
-            evaluate = RetrievalEvaluator(config, "val", env.device, config.train.val_max_clips)
+            evaluate = RetrievalEvaluator(config, "val", env.device, config.train.val_max_clips, side_data)
         trainer = Trainer(config, module, train_set, collate, run_dir, env, evaluate)
         keep_label_vocab(config, train_set.label_vocab, run_dir, env)  # last: a run that cannot start writes nothing
         trainer.fit(resume=args.resume)

@@ -36,7 +36,7 @@ import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -573,23 +573,35 @@ def report_detection_coverage(path: str, detections: Mapping, video_ids: Iterabl
         log.info("%s: %d of %d detected frames of %s hold no box", path, empty, frames, source)
 
 
-def _load_side_data(config: Config, records: list[VideoRecord] | None, source: str, detections_and_vocab=None):
-    """Detections, label vocabulary and tag cache named by the config (each may be None); the first
-    two are read unless `detections_and_vocab` gives them (as `load_detections(config)` returned)."""
+class SideData(NamedTuple):
+    """What a split's items read beside their videos and captions (each None where the config names none)."""
+
+    detections: Mapping | None
+    label_vocab: LabelVocab | None
+    tags: TagCache | None
+
+
+def load_side_data(config: Config, detections_and_vocab=None) -> SideData:
+    """The detections, label vocabulary and tag cache the config names, read once for every split that
+    uses them; the first two are read unless `detections_and_vocab` gives them (as `load_detections`
+    returned)."""
     detections, label_vocab = detections_and_vocab if detections_and_vocab is not None else load_detections(config)
-    tag_cache = None
-    if detections is not None and records is not None:
-        report_detection_coverage(config.data.detections, detections, (record.video_id for record in records), source)
-    if config.data.tags:
-        tag_cache = TagCache.read(config.data.tags, length=config.model.text_len)
-        if records is not None:
-            captions = {caption for record in records for caption in record.captions}
-            untagged = sum(caption not in tag_cache.tags for caption in captions)
-            if untagged:
-                log.warning("%s: %d of %d captions of %s are not in it: they get no noun/verb tags, so DOTA and "
-                            "STASP align them to the sentence feature only (run stoa-vlp tag on them)",
-                            config.data.tags, untagged, len(captions), source)
-    return detections, label_vocab, tag_cache
+    tags = TagCache.read(config.data.tags, length=config.model.text_len) if config.data.tags else None
+    return SideData(detections, label_vocab, tags)
+
+
+def _report_side_data(config: Config, side_data: SideData, records: list[VideoRecord], source: str) -> None:
+    """Log how the detections and tags cover `records` (of `source`)."""
+    if side_data.detections is not None:
+        report_detection_coverage(config.data.detections, side_data.detections,
+                                  (record.video_id for record in records), source)
+    if side_data.tags is not None:
+        captions = {caption for record in records for caption in record.captions}
+        untagged = sum(caption not in side_data.tags.tags for caption in captions)
+        if untagged:
+            log.warning("%s: %d of %d captions of %s are not in it: they get no noun/verb tags, so DOTA and "
+                        "STASP align them to the sentence feature only (run stoa-vlp tag on them)",
+                        config.data.tags, untagged, len(captions), source)
 
 
 def is_webdataset(config: Config, path: str | Path) -> bool:
@@ -597,26 +609,32 @@ def is_webdataset(config: Config, path: str | Path) -> bool:
     return config.data.format == "webdataset" or (config.data.format == "auto" and detect_format(path) == "webdataset")
 
 
-def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1, detections_and_vocab=None):
-    """The dataset of a split ("train", "val" or "test") as the config names it. `detections_and_vocab`:
-    what `load_detections(config)` returned, for a caller that holds it already (read otherwise)."""
+def split_file(config: Config, split: str) -> str:
+    """The annotation file (or shards) of `split` ("train", "val" or "test"), checked to exist."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
     path = getattr(config.data, split)
     if not path:
         raise ValueError(f"data.{split} is not set: give the annotation file of the {split} split")
-    training = split == "train"
     existing_annotations(path)
+    return path
+
+
+def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1,
+                  side_data: SideData | None = None):
+    """The dataset of a split ("train", "val" or "test") as the config names it. `side_data`: what
+    `load_side_data(config)` returned, for a caller that holds it already (read otherwise), so that
+    several splits share one copy."""
+    path = split_file(config, split)
+    training = split == "train"
+    side_data = side_data if side_data is not None else load_side_data(config)
     if is_webdataset(config, path):
-        detections, label_vocab, tag_cache = _load_side_data(config, None, path, detections_and_vocab)
-        return WebDatasetShards(shard_list(Path(path)), config, training, detections, label_vocab, tag_cache,
-                                rank=rank, world_size=world_size)
+        return WebDatasetShards(shard_list(Path(path)), config, training, *side_data, rank=rank, world_size=world_size)
     records = read_annotations(path, config.data.format, split, config.data.video_root or None, strict=not training)
     if not records:
         raise ValueError(f"{path}: no usable (video, caption) records for split {split}")
-    detections, label_vocab, tag_cache = _load_side_data(config, records, f"the {split} split of {path}",
-                                                         detections_and_vocab)
-    return VideoTextDataset(records, config, training, detections, label_vocab, tag_cache)
+    _report_side_data(config, side_data, records, f"the {split} split of {path}")
+    return VideoTextDataset(records, config, training, *side_data)
 
 
 def build_loader(config: Config, split: str, rank: int = 0, world_size: int = 1) -> DataLoader:

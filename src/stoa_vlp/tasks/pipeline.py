@@ -196,10 +196,10 @@ class TaskRunner:
                 questions, self.answers, self.config, True, paths, self.detections, self.label_vocab
             )
             return dataset, collate
-        from stoa_vlp.data.dataset import build_dataset, collate
+        from stoa_vlp.data.dataset import build_dataset, collate, load_side_data
 
-        detections_and_vocab = (self.detections, self.label_vocab)  # read once, at set-up
-        return build_dataset(self.config, "train", rank, world_size, detections_and_vocab), collate
+        side_data = load_side_data(self.config, (self.detections, self.label_vocab))  # detections read at set-up
+        return build_dataset(self.config, "train", rank, world_size, side_data), collate
 
     def _video_paths(self, video_ids: list[str], source: str) -> dict[str, str]:
         return find_video_paths(video_ids, video_root(self.config, source), source)

@@ -36,13 +36,14 @@ class FirstVideos:
             yield batch
 
 
-def retrieval_loader(config: Config, split: str, max_videos: int = 0) -> Iterable[Batch]:
+def retrieval_loader(config: Config, split: str, max_videos: int = 0, side_data=None) -> Iterable[Batch]:
     """Sequential loader over every (video, caption) of `split`; with `max_videos`, only the captions
-    of the split's first `max_videos` videos. A clip listed twice is refused (`require_distinct_clips`)."""
+    of the split's first `max_videos` videos. A clip listed twice is refused (`require_distinct_clips`).
+    `side_data`: as `build_dataset` takes it, to share the training split's."""
     from stoa_vlp.data.dataset import build_dataset, collate
     from stoa_vlp.tasks.retrieval import require_distinct_clips
 
-    dataset = build_dataset(config, split)
+    dataset = build_dataset(config, split, side_data=side_data)
     streamed = isinstance(dataset, IterableDataset)
     if not streamed:
         require_distinct_clips(list(dataset.records))
@@ -80,10 +81,12 @@ class RetrievalEvaluator:
     """`evaluator(module) -> metrics` for the Trainer: retrieval metrics (t2v_r1 ... v2t_mnr) of
     `module.model` (or `module` itself) on a split. The split's file and videos are checked here
     (`check_split_videos`), the loader is built on first use. The Trainer runs it on rank 0 only,
-    which shows its bars when `train.progress` is on."""
+    which shows its bars when `train.progress` is on. `side_data`: as `build_dataset` takes it (the
+    training split's, so that the detections and tags are not read a second time)."""
 
-    def __init__(self, config: Config, split: str, device: torch.device, max_videos: int = 0):
+    def __init__(self, config: Config, split: str, device: torch.device, max_videos: int = 0, side_data=None):
         self.config, self.split, self.device, self.max_videos = config, split, device, max_videos
+        self.side_data = side_data
         self.loader: Iterable[Batch] | None = None
         check_split_videos(config, split, max_videos)
 
@@ -91,7 +94,7 @@ class RetrievalEvaluator:
         from stoa_vlp.tasks.retrieval import evaluate_retrieval
 
         if self.loader is None:
-            self.loader = retrieval_loader(self.config, self.split, self.max_videos)
+            self.loader = retrieval_loader(self.config, self.split, self.max_videos, self.side_data)
         model = getattr(module, "model", module)
         return evaluate_retrieval(model, self.loader, self.device, video_feature=self.config.loss.vtc_video_feature,
                                   progress=self.config.train.progress)
