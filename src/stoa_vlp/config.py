@@ -251,21 +251,37 @@ AT_LEAST = {
     "model.text_len": 2,  # the start and end tokens
     "data.batch_size": 1,
     "data.num_workers": 0,
+    "data.max_bad_samples": 0,
     "train.lr": 0,
     "train.warmup_steps": 0,
 }
 
+# the bound a setting must stay below, and why
+BELOW = {
+    # a share of 1 is never exceeded: a split whose every sample is unreadable would be drawn from forever
+    "data.max_bad_samples": 1,
+}
+
 
 def check_ranges(config: Config) -> None:
-    """A ConfigError naming every setting of AT_LEAST below its least value (or NaN)."""
+    """A ConfigError naming every setting of AT_LEAST below its least value, or of BELOW not below its
+    bound (NaN is neither)."""
     problems = []
     for key, least in AT_LEAST.items():
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
+        value = _setting(config, key)
         if not value >= least:
             problems.append(f"{key} must be at least {least}, got {value}")
+    for key, bound in BELOW.items():
+        value = _setting(config, key)
+        if not value < bound:
+            problems.append(f"{key} must be below {bound}, got {value}")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _setting(config: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
 
 
 def from_dict(values: dict[str, Any], source: str = "") -> Config:
