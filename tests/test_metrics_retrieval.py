@@ -196,6 +196,16 @@ def test_rerank_keeps_equal_new_scores_equal_and_puts_nan_last():
     assert reranked[1, 1] == reranked[1, 2] > reranked[1, 3] and reranked[1, 0] == sim[1, 0].double()
 
 
+def test_a_nan_similarity_ranks_last_when_reranking_too():
+    # topk takes NaN for the largest value: it took a top-k slot and, through the softmax prior, made
+    # every re-ranked score of its row NaN
+    nan = float("nan")
+    sim = torch.tensor([[0.9, 0.5, nan, 0.1, 0.2], [0.1, 0.8, nan, 0.3, 0.2]])
+    reranked = rerank_top_k(sim, 2, lambda q, c: torch.zeros(len(q), dtype=torch.float64), prior_scale=1.0)
+    assert ranks(reranked, positive_mask(torch.tensor([0, 1]), 5)).tolist() == [1, 1]
+    assert reranked[0, 2] == float("-inf")
+
+
 def test_dual_softmax_does_not_underflow_into_ties():
     # caption 0's columns hold scores 1.15 and 1.18 above its own: exp(-115) and exp(-118) are 0 in
     # float32, which tied its two videos at 0 and ranked its video 2nd

@@ -13,20 +13,25 @@ from stoa_vlp.tasks.search import SearchIndex, load_index, save_index, search
 from stoa_vlp.tokenizer import Tokenizer
 
 
-def test_index_round_trip_and_ranking(tmp_path):
+def encoded_videos(count: int):
+    """(tiny config, its model, `count` random videos encoded by it)."""
     torch.manual_seed(0)
     config = load_config("tiny")
     model = build_model(config.model).eval()
-    tokenizer = Tokenizer(config.model.text_len)
     m = config.model
-    count = 6
     frames = torch.randn(count, m.frames, 3, m.image_size, m.image_size)
     boxes = torch.tensor([2.0, 2.0, 40.0, 40.0]).expand(count, m.frames, m.boxes_per_frame, 4).clone()
     labels = torch.ones(count, m.frames, m.boxes_per_frame, dtype=torch.long)
     traj = torch.zeros(count, m.trajectories, dtype=torch.long)
     traj[:, 0] = 1
     with torch.no_grad():
-        videos = model.encode_video(frames, boxes, labels, labels > 0, traj, traj > 0)
+        return config, model, model.encode_video(frames, boxes, labels, labels > 0, traj, traj > 0)
+
+
+def test_index_round_trip_and_ranking(tmp_path):
+    count = 6
+    config, model, videos = encoded_videos(count)
+    tokenizer = Tokenizer(config.model.text_len)
     ids = [f"clip{i}" for i in range(count)]
     info = {"checkpoint": "/runs/ret/checkpoints/step_00000001", "config": config.to_dict()}
     save_index(tmp_path / "idx", SearchIndex(ids, [f"/videos/{i}.mp4" for i in ids], videos, info))
@@ -46,6 +51,21 @@ def test_index_round_trip_and_ranking(tmp_path):
     assert [h.video_id for h in hits] == expected_head + expected_tail
     assert [h.match is None for h in hits] == [False] * 3 + [True] * 2
     assert hits[3].cosine == pytest.approx(float(cosine.sort(descending=True).values[3]), abs=1e-5)
+
+
+def test_a_video_with_nan_features_comes_last(tmp_path):
+    # torch's argsort takes NaN for the largest value: such a video came first, and in the re-ranked
+    # top-k its NaN made every fused score NaN
+    config, model, videos = encoded_videos(4)
+    for field in dataclasses.fields(videos):
+        values = getattr(videos, field.name)
+        if values.is_floating_point():
+            values[0] = float("nan")
+    ids = [f"clip{i}" for i in range(4)]
+    index = SearchIndex(ids, [f"/videos/{i}.mp4" for i in ids], videos, {})
+    for rerank_k in (0, 4):
+        hits = search(model, index, "a red square", Tokenizer(config.model.text_len), "cpu", top=4, rerank_k=rerank_k)
+        assert [hit.video_id for hit in hits][-1] == "clip0"
 
 
 def test_load_index_names_what_is_missing(tmp_path):

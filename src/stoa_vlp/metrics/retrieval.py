@@ -67,6 +67,12 @@ def ranks(similarity: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     return 1 + beaten_or_tied.sum(dim=1)
 
 
+def nan_lowest(scores: torch.Tensor) -> torch.Tensor:
+    """`scores` with NaN made -inf, the lowest score there is, as `ranks` takes it (torch's sort and
+    topk take NaN for the largest)."""
+    return scores.masked_fill(scores.isnan(), float("-inf"))
+
+
 def rank_metrics(query_ranks: torch.Tensor) -> dict[str, float]:
     """Keys r1, r5, r10 (R@K in percent), mdr (median rank) and mnr (mean rank) of 1-based ranks."""
     values = query_ranks.detach().cpu().numpy().astype(np.float64)
@@ -154,11 +160,12 @@ def rerank_top_k(
     in float64 keeps apart the small products that float32 rounds to one value. In each row the
     re-scored top-k are then placed, in the order of their new scores (equal scores stay equal),
     strictly above the row's untouched entries, so re-ranking only reorders the top-k among
-    themselves; a NaN new score goes last among them. Returns a new (Q, C) float64 matrix.
+    themselves; a NaN new score goes last among them, and a NaN similarity is the lowest score (it is
+    re-scored only where fewer than k are finite). Returns a new (Q, C) float64 matrix.
     """
     num_queries, num_candidates = similarity.shape
     k = min(k, num_candidates)
-    reranked = similarity.detach().double().cpu().clone()
+    reranked = nan_lowest(similarity.detach().double().cpu())
     if k <= 0 or num_queries == 0:
         return reranked
     top = reranked.topk(k, dim=1).indices  # (Q, k)

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from stoa_vlp.data.jsonl import read_json_object
+from stoa_vlp.metrics.retrieval import nan_lowest
 from stoa_vlp.model import VideoFeatures
 from stoa_vlp.tasks.retrieval import contrastive_similarity, encode_texts, logit_scale_value, match_log_odds
 from stoa_vlp.tokenizer import Tokenizer
@@ -99,16 +100,17 @@ def search(
     text = encode_texts(model, tokens, mask, device)
     videos = index.videos
     cosine = contrastive_similarity(videos, text, video_feature)[0].cpu()  # (num_videos,)
-    order = cosine.argsort(descending=True)
+    ranked = nan_lowest(cosine)  # a video whose features are NaN comes last
+    order = ranked.argsort(descending=True)
     k = min(rerank_k, len(order))
     hits = []
     if k > 0:
         candidates = order[:k]
         log_odds = match_log_odds(model, videos, text, torch.zeros(k, dtype=torch.long), candidates)
-        prior = torch.log_softmax(logit_scale_value(model) * cosine[candidates].double(), dim=0)
+        prior = torch.log_softmax(logit_scale_value(model) * ranked[candidates].double(), dim=0)
         fused = prior + F.logsigmoid(log_odds)  # log(softmax_k(scale * cosine) * P(matched)), float64
         match = torch.sigmoid(log_odds)
-        for rank in fused.argsort(descending=True).tolist():
+        for rank in nan_lowest(fused).argsort(descending=True).tolist():
             row = int(candidates[rank])
             hits.append(SearchHit(index.video_ids[row], index.paths[row], float(fused[rank]), float(cosine[row]),
                                   float(match[rank])))
