@@ -186,11 +186,13 @@ def test_evaluation_errors_name_the_file(world, tmp_path):
         dataset[len(dataset) - 1]
 
 
-def test_worker_skips_are_visible_in_the_main_process(world, tmp_path):
+@pytest.mark.parametrize("start_method", [None, "spawn"])  # None: the platform's default (fork on Linux)
+def test_worker_skips_are_visible_in_the_main_process(world, tmp_path, start_method):
     records = bad_records(world, tmp_path)
     skips = SkipCounter(max_share=1.0, min_seen=1)
     dataset = VideoTextDataset(records, tiny(world), True, skips=skips)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=collate,
+                                         multiprocessing_context=start_method)
     seen = sum(len(batch) for batch in loader)
     assert seen == len(dataset)
     assert skips.total >= len(dataset) and sum(skips.skipped.values()) >= 4

@@ -87,13 +87,15 @@ class BadSample(ValueError):
 class SkipCounter:
     """Counts drawn and skipped samples per reason, in shared memory visible to all workers.
 
-    Create it in the main process before the DataLoader starts its workers.
+    Create it in the main process before the DataLoader starts its workers. Its lock is made for
+    spawned processes, which forked ones can use too (one made for forking cannot be passed to a
+    spawned worker: a DataLoader given multiprocessing_context="spawn" failed to start).
     """
 
     def __init__(self, max_share: float, min_seen: int = 100):
         self.max_share = max_share
         self.min_seen = min_seen  # the share is not judged before this many samples were drawn
-        self._counts = multiprocessing.get_context().Array("q", 1 + len(SKIP_REASONS))  # seen, skips...
+        self._counts = multiprocessing.get_context("spawn").Array("q", 1 + len(SKIP_REASONS))  # seen, skips...
         self._logged = dict.fromkeys(SKIP_REASONS, 0)
 
     def seen(self) -> None:
