@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import av
 import numpy as np
@@ -106,6 +107,18 @@ def test_prepare_from_annotation_file(collection, tmp_path):
     assert main(["prepare", str(annotations), str(out), "--video-root", str(collection), "--fps", "1",
                  "--short-side", "16", "--no-progress", "--workers", "1"]) == 0
     assert read_manifest(out / "manifest.jsonl")["ramp"].frames == 3
+
+
+@pytest.mark.parametrize("video_id", ["../../escaped", "sub/ramp", ".."])
+def test_prepare_refuses_an_id_that_is_not_a_file_name(collection, tmp_path, video_id):
+    # the output is OUT/videos/<id>.mp4: "../../escaped" wrote outside OUT, and "sub/ramp" failed
+    # with a FileNotFoundError that blamed the source video
+    annotations = tmp_path / "train.jsonl"
+    annotations.write_text(json.dumps({"video_id": video_id, "video": "ramp.mp4", "caption": "grey"}) + "\n")
+    with pytest.raises(ValueError, match=f"video id {re.escape(repr(video_id))} .*ramp.mp4.* is not a plain file name"):
+        main(["prepare", str(annotations), str(tmp_path / "out" / "prepared"), "--video-root", str(collection),
+              "--no-progress"])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escaped.mp4").exists()
 
 
 def test_prepare_into_a_used_folder_keeps_the_entries_of_other_videos(collection, tmp_path, caplog):

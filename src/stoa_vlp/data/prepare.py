@@ -273,11 +273,16 @@ def prepare_videos(
     """Re-encode (video_id, source) pairs into out_dir/videos/<id>.mp4 and write out_dir/manifest.jsonl;
     returns this run's entries.
 
-    Finished outputs (from an earlier, maybe interrupted, run) are skipped. The manifest keeps the
+    An id that is not a plain file name (with a folder or "..") is refused before any work. Finished
+    outputs (from an earlier, maybe interrupted, run) are skipped. The manifest keeps the
     earlier entries of videos not in this run (see `_untouched_entries`) before this run's entries.
     """
     from tqdm import tqdm
 
+    for video_id, source in videos:
+        if video_id in ("", ".", "..") or os.path.basename(video_id) != video_id or "\\" in video_id:
+            raise ValueError(f"video id {video_id!r} (of {source}) is not a plain file name: prepare writes "
+                             "OUT/videos/<video id>.mp4, and a video's id is its file name's stem")
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     record_settings(out_dir, options)
