@@ -8,6 +8,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from _videos import damaged_copy, moving_frames
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
@@ -15,17 +16,6 @@ from stoa_vlp.data.decode import VideoError, check_decoder, decode_clip, segment
 from stoa_vlp.data.geometry import resize_crop
 from stoa_vlp.data.prepare import encode_video
 from stoa_vlp.data.transforms import FrameTransform
-
-
-def moving_frames(count: int, width: int = 64, height: int = 48, seed: int = 0):
-    """Frames with a bar whose position encodes the frame index, plus texture."""
-    rng = np.random.default_rng(seed)
-    texture = rng.integers(0, 120, (height, width, 3), dtype=np.uint8)
-    for index in range(count):
-        image = texture.copy()
-        column = (index * 3) % (width - 4)
-        image[:, column : column + 4] = 255
-        yield image
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +121,14 @@ def test_bad_files_name_the_file(tmp_path, clips):
     assert no_frames.stat().st_size > 0
     with pytest.raises(VideoError, match="no_frames.mp4: has no video (stream|frames)"):
         decode_clip(no_frames, 4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # FFmpeg's slice threads alone did not flag the frame
+def test_a_damaged_frame_is_refused_naming_its_time(tmp_path, clips, threads):
+    time = damaged_copy(clips["long_gop"], tmp_path / "damaged.mp4")
+    with pytest.raises(VideoError, match=f"damaged.mp4: the frame at {time:.3f} s is damaged"):
+        decode_clip(tmp_path / "damaged.mp4", 60, threads=threads)  # every frame
+    decode_clip(tmp_path / "damaged.mp4", 2, start=0.0, end=time - 0.5, threads=threads)  # frames before it are fine
 
 
 @pytest.mark.parametrize("decoder, module", [("decord", "decord"), ("torchcodec", "torchcodec.decoders")])

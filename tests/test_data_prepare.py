@@ -9,6 +9,7 @@ import re
 import av
 import numpy as np
 import pytest
+from _videos import damaged_copy, moving_frames
 
 from stoa_vlp.cli import main
 from stoa_vlp.data.prepare import describe_preparation, encode_video, even_size, read_manifest
@@ -232,3 +233,15 @@ def test_prepare_refuses_a_truncated_video(tmp_path):
     entry = read_manifest(out / "manifest.jsonl")["cut"]
     assert entry.status == "failed" and not os.path.exists(entry.output)
     assert entry.error.endswith("cut.mp4: truncated: its frames stop at 2.00s but its container says it lasts 3.00s")
+
+
+def test_prepare_refuses_a_video_with_a_damaged_frame(tmp_path):
+    # before, the frame FFmpeg decoded with concealed errors was encoded into an "ok" output
+    source = tmp_path / "damaged"
+    source.mkdir()
+    encode_video(tmp_path / "moving.mp4", moving_frames(60), fps=12, keyframe_interval=5.0)
+    time = damaged_copy(tmp_path / "moving.mp4", source / "moving.mp4")
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(source), str(out), "--fps", "12", "--no-progress"]) == 1  # every video failed
+    entry = read_manifest(out / "manifest.jsonl")["moving"]
+    assert entry.status == "failed" and f"the frame at {time:.3f} s is damaged" in entry.error

@@ -190,6 +190,7 @@ def _decode_pyav(
     try:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = threads
+        stream.thread_type = "AUTO"  # slice threads alone (PyAV's default) leave damaged frames unflagged
         try:
             packets = _read_packets(container, stream, start, end)
         except av.FFmpegError as error:
@@ -334,6 +335,9 @@ def _decode_wanted(stream, packets: list, stamps: list[int], wanted: set[int], n
         for frame in frames:
             stamp = frame.pts if frame.pts is not None else frame.dts
             if stamp in wanted and stamp not in decoded:
+                if frame.is_corrupt:  # FFmpeg concealed errors in it: damaged data, not the video's picture
+                    raise VideoError(name, f"the frame at {float(stamp * stream.time_base):.3f} s is damaged "
+                                           "(decoded with errors)")
                 decoded[stamp] = frame.reformat(format="rgb24", interpolation="BILINEAR")
 
     try:
@@ -522,8 +526,9 @@ def decode_clip(
     """Decode `frames` frames of a video file (path, bytes or file object) or frame folder in
     [start, end) seconds.
 
-    Raises VideoError naming the file (or `name`) when it cannot give the frames, ValueError when
-    start/end are not a window (not finite, negative, or start >= end). `threads` is
+    Raises VideoError naming the file (or `name`) when it cannot give the frames (with PyAV, also
+    when FFmpeg flags a wanted frame as decoded with errors), ValueError when start/end are not a
+    window (not finite, negative, or start >= end). `threads` is
     the decoder's thread count: 1 inside DataLoader workers, which already run in parallel.
     `frame_rate` is the rate at which a frame folder's images were extracted.
     """

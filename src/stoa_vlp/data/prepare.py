@@ -128,8 +128,9 @@ def _resampled_frames(container, fps: float, size: tuple[int, int]) -> Iterator[
     to `size` (width, height, before the display rotation) and turned upright.
 
     Only emitted frames are converted (and resized by swscale); a source frame shown for
-    several output frames is converted once. A VideoError when the frames stop well before the
-    container's declared duration (`check_complete`).
+    several output frames is converted once. A VideoError when a frame to emit was decoded with
+    errors (damaged data), or when the frames stop well before the container's declared duration
+    (`check_complete`).
     """
     stream = container.streams.video[0]
     origin = stream.start_time or 0
@@ -140,6 +141,8 @@ def _resampled_frames(container, fps: float, size: tuple[int, int]) -> Iterator[
 
     def image() -> np.ndarray:
         nonlocal held_image
+        if held.is_corrupt:  # as decoding for training refuses it
+            raise VideoError(container.name, f"the frame at {held_time:.3f} s is damaged (decoded with errors)")
         if held_image is None:
             resized = held.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="AREA")
             held_image = np.ascontiguousarray(np.rot90(resized, quarter_turns(held.rotation)))
@@ -198,6 +201,7 @@ def prepare_one(video_id: str, source: str, output: str, options: PrepareOptions
         else:
             container = _open_pyav(source, source)
             try:
+                container.streams.video[0].thread_type = "AUTO"  # frame threads also flag damaged frames
                 codec = container.streams.video[0].codec_context
                 size = even_size(codec.width, codec.height, options.short_side)
                 frames = encode_video(

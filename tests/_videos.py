@@ -1,0 +1,46 @@
+"""Test videos shared by the decoding and preparing tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def moving_frames(count: int, width: int = 64, height: int = 48, seed: int = 0):
+    """Frames with a bar whose position encodes the frame index, plus texture."""
+    rng = np.random.default_rng(seed)
+    texture = rng.integers(0, 120, (height, width, 3), dtype=np.uint8)
+    for index in range(count):
+        image = texture.copy()
+        column = (index * 3) % (width - 4)
+        image[:, column : column + 4] = 255
+        yield image
+
+
+def damaged_copy(source: Path, damaged: Path) -> float:
+    """Write `damaged`: `source` with the middle half of the bytes of one non-key frame inverted, as a
+    bit flip on disk or a bad download leaves it, choosing the first such frame (in time) that FFmpeg
+    flags as decoded with errors (it cannot tell for every one: entropy-coded data often still
+    parses). Returns that frame's time in seconds."""
+    with av.open(str(source)) as container:
+        stream = container.streams.video[0]
+        packets = sorted((packet.pts, packet.pos, packet.size) for packet in container.demux(stream)
+                         if packet.size and not packet.is_keyframe)
+        time_base = stream.time_base
+    for pts, position, size in packets:
+        data = bytearray(source.read_bytes())
+        for offset in range(position + size // 4, position + size // 4 + size // 2):
+            data[offset] ^= 0xFF
+        damaged.write_bytes(bytes(data))
+        with av.open(str(damaged)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # as decode_clip decodes (slice threads alone flag nothing)
+            try:
+                flagged = [frame.pts for frame in container.decode(stream) if frame.is_corrupt]
+            except av.FFmpegError:  # damage the decoder refuses outright: already a clear error
+                continue
+        if pts in flagged:
+            return float(pts * time_base)
+    raise AssertionError(f"no damaged frame of {source} is flagged by FFmpeg")
