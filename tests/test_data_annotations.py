@@ -62,6 +62,20 @@ def test_msrvtt_json_splits_and_video_lookup(tmp_path):
         read_annotations(tmp_path / "MSRVTT_data.json", split="train", strict=True)
 
 
+def test_a_video_without_captions_is_left_out_of_training_and_refused_in_evaluation(tmp_path, caplog):
+    # before, evaluation (strict) left it out of the candidates too, raising the recalls
+    data = json.loads(json.dumps(MSRVTT_DATA))
+    data["videos"].append({"category": 2, "url": "u", "video_id": "video4", "start time": 0.0, "end time": 5.0,
+                           "split": "test", "id": 4})
+    (tmp_path / "MSRVTT_data.json").write_text(json.dumps(data))
+    assert [r.video_id for r in read_annotations(tmp_path / "MSRVTT_data.json", split="test")] == ["video3"]
+    assert "1 videos have no caption and are left out (e.g. video4)" in caplog.text
+    with pytest.raises(AnnotationError, match="MSRVTT_data.json: 1 videos have no caption \\(e.g. video4\\)"):
+        read_annotations(tmp_path / "MSRVTT_data.json", split="test", strict=True)
+    # the empty caption of a training video is not the validation split's problem
+    assert [r.video_id for r in read_annotations(tmp_path / "MSRVTT_data.json", split="val", strict=True)] == ["video2"]
+
+
 def test_msrvtt_9k_csv_and_jsfusion_test(tmp_path, caplog):
     (tmp_path / "MSRVTT_data.json").write_text(json.dumps(MSRVTT_DATA))
     (tmp_path / "MSRVTT_train.9k.csv").write_text("video_id\nvideo1\nvideo0\n")

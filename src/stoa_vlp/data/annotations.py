@@ -26,7 +26,8 @@ Formats (README: Annotation formats), with the file `path` points at:
 Captions are whitespace-normalised (`clean_caption`), as the tag cache keys them.
 Video files are found under `video_root` (default: a `videos` folder beside the annotation file
 if there is one, else its folder) by file name stem, in any video extension, searching subfolders.
-Empty captions are dropped with a warning naming file and line (an error with strict=True);
+Empty captions, and videos left without a caption, are dropped with a warning naming file and line
+(errors with strict=True, as evaluation reads its splits);
 structural problems (malformed JSON, missing columns, text that is not UTF-8, fields of the wrong
 type, clip times that are not finite, negative or not increasing) are always errors naming file and
 line (or item). A clip listed more than once (same video id, start and end) is kept, with a warning.
@@ -206,15 +207,23 @@ def _csv_rows(path: Path, required: tuple[str, ...], delimiter: str = ",") -> li
     return rows
 
 
-def _msrvtt_sentences(data: dict, path: Path, captions: _Captions) -> dict[str, list[str]]:
+def _check_msrvtt_data(data, path: Path) -> None:
     if not isinstance(data, dict) or "sentences" not in data or "videos" not in data:
         raise AnnotationError(f"{path}: expected an object with 'videos' and 'sentences'")
+
+
+def _msrvtt_sentences(data: dict, path: Path, captions: _Captions, wanted: list[str]) -> dict[str, list[str]]:
+    """The captions of the `wanted` videos (those of other splits are not cleaned: an empty one is not
+    this split's problem)."""
+    wanted = set(wanted)
     by_video: dict[str, list[str]] = defaultdict(list)
     for number, sentence in enumerate(_list(data["sentences"], "sentences", str(path))):
         where = f"{path}: sentences[{number}]"
         if not isinstance(sentence, dict) or "video_id" not in sentence or "caption" not in sentence:
             raise AnnotationError(f"{where}: needs video_id and caption")
         video_id = non_empty_string(sentence["video_id"], "video_id", where, AnnotationError)
+        if video_id not in wanted:
+            continue
         text = captions.clean(sentence["caption"], where)
         if text:
             by_video[video_id].append(text)
@@ -239,9 +248,10 @@ def _read_msrvtt(path: Path, split: str | None, captions: _Captions) -> list[tup
     if name.endswith(".json"):
         split = _need_split(split, path)
         data = _json(path)
-        by_video = _msrvtt_sentences(data, path, captions)
+        _check_msrvtt_data(data, path)
         file_split = {"train": "train", "val": "validate", "test": "test"}[split]
         ids = _msrvtt_split_ids(data, path, file_split)
+        by_video = _msrvtt_sentences(data, path, captions, ids)
         return [(video_id, by_video.get(video_id, []), None, None) for video_id in ids]
     if "jsfusion" in name:
         rows = _csv_rows(path, ("video_id", "sentence"))
@@ -255,8 +265,10 @@ def _read_msrvtt(path: Path, split: str | None, captions: _Captions) -> list[tup
     data_path = path.parent / "MSRVTT_data.json"
     if not data_path.exists():
         raise AnnotationError(f"{path}: needs MSRVTT_data.json beside it for the captions")
-    by_video = _msrvtt_sentences(_json(data_path), data_path, captions)
+    data = _json(data_path)
+    _check_msrvtt_data(data, data_path)
     ids = [non_empty_string(row["video_id"], "video_id", f"{path}:{line}", AnnotationError) for line, row in rows]
+    by_video = _msrvtt_sentences(data, data_path, captions, ids)
     return [(video_id, by_video.get(video_id, []), None, None) for video_id in ids]
 
 
@@ -582,6 +594,8 @@ def read_annotations(
         else:
             location = files.path(video_id)
         records.append(VideoRecord(video_id, location, start, end, texts))
+    if without and strict:  # an evaluation split: leaving them out would shrink its candidates
+        raise AnnotationError(f"{path}: {len(without)} videos have no caption (e.g. {without[0]})")
     if without:
         log.warning("%s: %d videos have no caption and are left out (e.g. %s)", path, len(without), without[0])
     _warn_repeated_clips(path, records)
