@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from stoa_vlp.metrics.retrieval import (
+    best_caption_per_video,
     dual_softmax,
     positive_mask,
     querybank_normalise,
@@ -80,6 +81,41 @@ def test_several_captions_per_video_full_protocol():
     assert ranks(sim.t(), positive_mask(t2v, 2).t()).tolist() == [1, 2]
     metrics = retrieval_metrics(sim, t2v)
     assert metrics["v2t_r1"] == 50.0 and metrics["v2t_mdr"] == 1.5
+
+
+def test_video_to_text_among_videos_by_their_best_caption():
+    # videos 0, 1, 2 with captions (0, 1, 2), (3, 4), (5); columns: each video's scores for the captions
+    t2v = torch.tensor([0, 0, 0, 1, 1, 2])
+    sim = torch.tensor(
+        [
+            [0.5, 0.1, 0.3],
+            [0.2, 0.1, 0.35],
+            [0.1, 0.1, 0.2],
+            [0.6, 0.9, 0.3],
+            [0.7, 0.3, 0.1],
+            [0.55, 0.2, 0.3],
+        ]
+    )
+    # video 0 (own best 0.5): among captions 3, 4 and 5 beat it -> 4; among videos 1 (0.7) and 2 (0.55) -> 3.
+    # video 2 (own 0.3): captions 0 (tie), 1, 3 (tie) -> 4; videos 0 (best 0.35) and 1 (best 0.3, tie) -> 3.
+    metrics = retrieval_metrics(sim, t2v, dual_softmax_scale=100.0)
+    assert ranks(sim.t(), positive_mask(t2v, 3).t()).tolist() == [4, 1, 4]
+    assert metrics["v2t_mnr"] == 3.0 and metrics["v2t_mdr"] == 4.0
+    assert metrics["v2t_grouped_mnr"] == pytest.approx(7 / 3) and metrics["v2t_grouped_mdr"] == 3.0
+    assert metrics["v2t_grouped_r1"] == metrics["v2t_r1"] == pytest.approx(100 / 3)
+    assert "v2t_dsl_grouped_r1" in metrics and not any("t2v_grouped" in key for key in metrics)
+    assert not any("grouped" in key for key in retrieval_metrics(sim[[0, 3, 5]], torch.tensor([0, 1, 2])))
+
+
+def test_best_caption_per_video_matches_a_loop():
+    generator = torch.Generator().manual_seed(3)
+    t2v = torch.tensor([2, 0, 1, 1, 0, 2, 2, 3])
+    sim = torch.rand(8, 4, generator=generator, dtype=torch.float64)
+    grouped = best_caption_per_video(sim.t(), t2v, 4)
+    for video in range(4):
+        for group in range(4):
+            expected = max(float(sim[c, video]) for c in range(8) if t2v[c] == group)
+            assert grouped[video, group] == expected
 
 
 def test_matches_brute_force_on_random_matrix():
@@ -231,4 +267,5 @@ def test_one_direction_gives_the_same_numbers_as_both():
     for direction in ("t2v", "v2t"):
         one = retrieval_metrics(sim, t2v, dual_softmax_scale=100.0, directions=(direction,))
         assert one == {key: value for key, value in both.items() if key.startswith(direction)}
-        assert len(one) == 10  # r1, r5, r10, mdr, mnr, plain and dual softmax
+        # r1, r5, r10, mdr, mnr, plain and dual softmax; for v2t also ranked among videos (several captions)
+        assert len(one) == {"t2v": 10, "v2t": 20}[direction]

@@ -126,23 +126,46 @@ def retrieval_metrics(
     text_to_video: (num_texts,) index of each caption's video. Several captions per video give the
     MSR-VTT full protocol; one caption per video the 1k-A protocol. Keys: "t2v_r1", "t2v_r5",
     "t2v_r10", "t2v_mdr", "t2v_mnr" and the same for "v2t"; with `dual_softmax_scale`, also
-    "t2v_dsl_r1", ... and "v2t_dsl_..." computed from the same matrix.
+    "t2v_dsl_r1", ... and "v2t_dsl_..." computed from the same matrix. Where a video has several
+    captions, also "v2t_grouped_..." (and "v2t_dsl_grouped_..."): a video ranked among videos by
+    their best caption (`best_caption_per_video`), as CLIP4Clip-derived papers report video-to-text
+    on MSVD and the full MSR-VTT test; "v2t_..." ranks it among captions, so that another video's
+    20 captions can all count against it.
     """
     similarity = similarity.detach().double().cpu()
-    positives = positive_mask(text_to_video, similarity.shape[1])
+    num_videos = similarity.shape[1]
+    positives = positive_mask(text_to_video, num_videos)
     if not bool(positives.any(dim=0).all()):
         missing = torch.nonzero(~positives.any(dim=0)).flatten()[:5].tolist()
         raise ValueError(f"videos without any caption (first: {missing})")
+    several_captions = bool((positives.sum(dim=0) > 1).any())
     oriented = {"t2v": (similarity, positives), "v2t": (similarity.t(), positives.t())}
     metrics: dict[str, float] = {}
     for name in directions:
         scores, mask = oriented[name]
-        for key, value in rank_metrics(ranks(scores, mask)).items():
-            metrics[f"{name}_{key}"] = value
+        variants = {name: scores}
         if dual_softmax_scale is not None:
-            for key, value in rank_metrics(ranks(dual_softmax(scores, dual_softmax_scale), mask)).items():
-                metrics[f"{name}_dsl_{key}"] = value
+            variants[f"{name}_dsl"] = dual_softmax(scores, dual_softmax_scale)
+        for prefix, values in variants.items():
+            metrics.update(prefixed(prefix, rank_metrics(ranks(values, mask))))
+            if name == "v2t" and several_captions:
+                grouped = best_caption_per_video(values, text_to_video, num_videos)
+                metrics.update(prefixed(f"{prefix}_grouped", rank_metrics(ranks(grouped, torch.eye(num_videos) > 0))))
     return metrics
+
+
+def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}_{key}": value for key, value in metrics.items()}
+
+
+def best_caption_per_video(video_to_text: torch.Tensor, text_to_video: torch.Tensor, num_videos: int) -> torch.Tensor:
+    """(num_videos, num_videos) video-to-text scores with each video's captions as one candidate:
+    entry [i, j] is the best score of video j's captions for video i, so a video ranks among
+    videos (CLIP4Clip's multi-sentence video-to-text). video_to_text: (num_videos, num_texts)."""
+    text_to_video_scores = nan_lowest(video_to_text.t())  # (num_texts, num_videos)
+    groups = torch.as_tensor(text_to_video, dtype=torch.long)[:, None].expand_as(text_to_video_scores)
+    grouped = torch.full((num_videos, video_to_text.shape[0]), float("-inf"), dtype=video_to_text.dtype)
+    return grouped.scatter_reduce_(0, groups, text_to_video_scores, "amax").t()
 
 
 def rerank_top_k(
