@@ -61,6 +61,7 @@ def generated_video(video_id: str, frames: int, boxes: int, classes: list[str], 
     for second in range(frames):
         corners = rng.uniform(0, 300, size=(boxes, 2))
         rects = np.concatenate([corners, corners + rng.uniform(10, 200, size=(boxes, 2))], axis=1)
+        rects = np.minimum(rects, [640, 360, 640, 360])  # inside the image, as the reader requires
         names = [classes[i] for i in rng.integers(0, len(classes), boxes)]
         confs = rng.uniform(0.2, 1, boxes)
         detected.append(FrameDetections(float(second), names, rects.astype(np.float32), confs.astype(np.float32)))

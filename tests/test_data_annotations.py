@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import gzip
 import io
 import json
 import pickle
@@ -262,6 +263,16 @@ def test_generic_jsonl(tmp_path):
     path.write_text(json.dumps({"video": "a.mp4", "caption": "no id"}) + "\n")
     with pytest.raises(AnnotationError, match="train.jsonl:1: needs video_id and caption"):
         read_annotations(path)
+
+
+def test_gzip_compressed_text_is_read_as_the_text(tmp_path):
+    touch_videos(tmp_path, ["a.mp4"])
+    path = tmp_path / "train.jsonl.gz"
+    path.write_bytes(gzip.compress(json.dumps({"video_id": "a", "video": "a.mp4", "caption": "caf\u00e9"}).encode() + b"\n"))
+    assert read_annotations(path, "jsonl", video_root=tmp_path) == [VideoRecord("a", str(tmp_path / "a.mp4"), None, None, ["caf\u00e9"])]
+    path.write_bytes(gzip.compress(b'{"video_id": "a", "video": "a.mp4", "caption": "ok"}\n{"video_id": "caf\xe9"}\n'))
+    with pytest.raises(AnnotationError, match=r"train.jsonl.gz:2: not UTF-8 text"):
+        read_annotations(path, "jsonl", video_root=tmp_path)
 
 
 def test_jsonl_segments_of_one_video_are_records_of_their_own(tmp_path):

@@ -1,5 +1,6 @@
 """Detections: file format, VinVL conversion, label vocabulary and per-clip selection."""
 
+import gzip
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from stoa_vlp.data.detections import (
     PackedVideoDetections,
     VideoDetections,
     convert_vinvl,
+    misaligned_times,
     nearest_frames,
     read_detections,
     read_hw_tsv,
@@ -115,6 +117,13 @@ def object_line(fields: str, name: str = '"dog"') -> str:
         (object_line('"rect": [1, 2, 3, 4], "conf": -0.1'), r"object 0 'conf' -0.1 is not between 0 and 1"),
         (object_line('"rect": [1, 2, 3, 4], "conf": 0.5', '{"a": 1}'), r"object 0: 'class' must be a non-empty string"),
         (b'{"video_id": "caf\xe9", "width": 2, "height": 2, "frames": []}', r"not UTF-8 text"),
+        (object_line('"rect": [10, 10, 5000, 5000], "conf": 0.5'),
+         r"frame 0: object 0 'rect' \[10.0, 10.0, 5000.0, 5000.0\] reaches outside the 64x64 image"),
+        (object_line('"rect": [-30, -30, 20, 20], "conf": 0.5'), r"frame 0: object 0 'rect' \[-30.0, .* reaches outside"),
+        (object_line('"rect": [0.1, 0.1, 0.6, 0.7], "conf": 0.5'), r"every box lies within 1.5 pixels .* normalised"),
+        (frame_line('{"time": -5, "objects": []}'), r"frame 0: 'time' -5.0 is negative"),
+        (frame_line('{"time": 0.5, "objects": []}, {"time": 1, "objects": []}, {"time": 0.5, "objects": []}'),
+         r"frame 2: time 0.5 is also the time of .*dets.jsonl:3 frame 0"),
     ],
 )
 def test_errors_name_file_and_line(tmp_path, line, message):
@@ -135,6 +144,42 @@ def test_duplicate_video_and_missing_file(tmp_path):
         read_detections(tmp_path / "nothing.jsonl")
 
 
+def test_boxes_a_little_outside_the_image_are_clipped_to_it(tmp_path):
+    # slack: 2% of a side, at least 2 pixels (2 on the 64 x 48 video, 20 on the 1000 x 500 one)
+    small = VideoDetections("small", 64, 48, [_frame(0.0, ("dog", [-2, -1.5, 66, 49], 0.9), ("cat", [3, 4, 30, 40], 0.5))])
+    large = VideoDetections("large", 1000, 500, [_frame(0.0, ("dog", [-20, 480, 1019, 510], 0.9))])
+    corner = VideoDetections("corner", 16, 16, [_frame(0.0, ("dot", [0, 0, 1, 1], 0.9))])  # too small to judge normalised
+    path = tmp_path / "dets.jsonl"
+    write_detections(path, [small, large, corner])
+    videos = read_detections(path)
+    np.testing.assert_allclose(videos["small"].frames[0].rects, [[0, 0, 64, 48], [3, 4, 30, 40]])
+    np.testing.assert_allclose(videos["large"].frames[0].rects, [[0, 480, 1000, 500]])
+    np.testing.assert_allclose(videos["corner"].frames[0].rects, [[0, 0, 1, 1]])
+    small.frames[0].rects[1, 2] = 66.5
+    write_detections(path, [small])
+    with pytest.raises(DetectionsError, match=r"dets.jsonl:1 frame 0: object 1 'rect' \[3.0, 4.0, 66.5, 40.0\] reaches outside"):
+        read_detections(path)
+
+
+def test_gzip_compressed_detections_are_read_and_packed(tmp_path):
+    videos = [VideoDetections("a", 64, 48, [_frame(0.5, ("dog", [1, 2, 30, 40], 0.9))])]
+    plain = tmp_path / "dets.jsonl"
+    write_detections(plain, videos)
+    compressed = tmp_path / "dets.jsonl.gz"
+    compressed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert read_detections(compressed)["a"].frames[0].classes == ["dog"]
+    assert main(["pack", str(compressed), "--out", str(tmp_path / "dets.store")]) == 0
+    compressed.write_bytes(gzip.compress(plain.read_bytes() + b'{"video_id": "caf\xe9"}\n'))
+    with pytest.raises(DetectionsError, match=r"dets.jsonl.gz:2: not UTF-8 text"):
+        read_detections(compressed)
+    compressed.write_bytes(gzip.compress(plain.read_bytes())[:-10])
+    with pytest.raises(DetectionsError, match=r"dets.jsonl.gz: not readable gzip data"):
+        read_detections(compressed)
+    compressed.write_bytes(plain.read_bytes())
+    with pytest.raises(DetectionsError, match=r"dets.jsonl.gz: not readable gzip data"):
+        read_detections(compressed)
+
+
 def test_convert_vinvl(tmp_path):
     prediction = {
         "objects": [{"class": "man", "rect": [10, 20, 50, 90], "conf": 0.8, "attributes": ["tall"], "attr_scores": [0.5]}],
@@ -146,7 +191,7 @@ def test_convert_vinvl(tmp_path):
     assert [f.time for f in video.frames] == [0.0, 1.0]
     assert video.frames[1].classes == ["man"]
     np.testing.assert_allclose(video.frames[1].rects, [[10, 20, 50, 90]])
-    bare = convert_vinvl("v2", [(0.0, prediction["objects"])], width=64, height=48)
+    bare = convert_vinvl("v2", [(0.0, prediction["objects"])], width=64, height=96)
     assert bare.frames[0].classes == ["man"] and bare.width == 64
     with pytest.raises(DetectionsError, match="v2.*width and height"):
         convert_vinvl("v2", [(0.0, prediction["objects"])])
@@ -265,6 +310,10 @@ def vinvl_line(key: str, **prediction) -> str:
         ([vinvl_line("vid_0", objects=[{**VINVL_OBJECT, "conf": 1.5}])], r"predictions.tsv:1: object 0 'conf' 1.5 is not"),
         ([vinvl_line("vid_0", objects=[{**VINVL_OBJECT, "rect": [float("nan"), 2, 30, 40]}])],
          r"predictions.tsv:1: object 0: 'rect' value must be a finite number"),
+        ([vinvl_line("vid_0"), vinvl_line("vid_1", objects=[VINVL_OBJECT, {**VINVL_OBJECT, "rect": [1, 2, 30, 96]}])],
+         r"predictions.tsv:2: object 1 'rect' \[1.0, 2.0, 30.0, 96.0\] reaches outside the 64x48 image"),
+        ([vinvl_line("vid_0", objects=[{**VINVL_OBJECT, "rect": [0.1, 0.2, 0.5, 0.6]}])],
+         r"predictions.tsv: video 'vid': every box lies within 1.5 pixels"),
     ],
 )
 def test_vinvl_predictions_are_checked_as_the_detections_reader_checks_them(tmp_path, lines, message):
@@ -280,6 +329,10 @@ def test_vinvl_sizes_of_one_video_must_agree_and_files_be_utf8(tmp_path):
         convert_vinvl("v", frames)
     with pytest.raises(DetectionsError, match="video v: width must be a positive integer, got 0"):
         convert_vinvl("v", [(0.0, [])], width=0, height=48)
+    with pytest.raises(DetectionsError, match="video v frame 2: time 1.0 is also the time of video v frame 0"):
+        convert_vinvl("v", [(1.0, []), (0.0, []), (1.0, [])], width=64, height=48)
+    with pytest.raises(DetectionsError, match="video v frame 0: 'time' -0.5 is negative"):
+        convert_vinvl("v", [(-0.5, [])], width=64, height=48)
     assert (convert_vinvl("v", [], width=64, height=48).width, convert_vinvl("v", frames[:1]).height) == (64, 48)
     hw = tmp_path / "frames.hw.tsv"
     hw.write_text('vid_0\t[{"height": 48, "width": 64}]\nvid_1\t[{"height": 0, "width": 64}]\n')
@@ -294,6 +347,19 @@ def test_vinvl_sizes_of_one_video_must_agree_and_files_be_utf8(tmp_path):
 def test_nearest_frames():
     detected_times = np.array([0.0, 1.0, 2.0, 4.0])
     assert nearest_frames(detected_times, [-1.0, 0.4, 0.5, 0.6, 2.9, 3.0, 3.1, 9.0]) == [0, 0, 0, 1, 2, 2, 3, 3]
+
+
+def test_misaligned_times():
+    sampled = [0.1, 0.7, 1.3, 1.9]  # a 2 s clip
+    assert misaligned_times(np.array([0.0, 1.0, 2.0]), sampled) is None
+    assert misaligned_times(np.array([0.0, 0.5]), [0.0, 1.2, 1.5]) is None  # within the 1 s minimum after the last
+    assert misaligned_times(np.array([0.0, 5.0, 10.0]), [0.0, 12.0]) is None  # sparse: within the 5 s spacing
+    assert misaligned_times(np.array([5.0]), np.linspace(0, 10, 8)) is None  # one frame for the whole video
+    assert misaligned_times(np.array([]), sampled) is None and misaligned_times(np.array([1.0]), []) is None
+    message = misaligned_times(np.array([30.0, 31.0, 32.0]), sampled)  # frame indices written as times
+    assert message.startswith("the frame sampled at 0.10 s is 29.90 s from the nearest of 3 detected frames (30 to 32 s)")
+    assert misaligned_times(np.array([30.0]), sampled) is not None
+    assert misaligned_times(np.array([0.0, 1.0]), [0.0, 3.5]) is not None
 
 
 def _iou(a, b):

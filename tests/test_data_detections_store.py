@@ -38,14 +38,16 @@ def random_videos(count: int = 40, seed: int = 0) -> list[VideoDetections]:
     ids = ["v1", "v10", "v1a", "vidéo", "a", "ab", "Z", "v\udcff"] + [f"video{rng.integers(10**6)}_{i}" for i in range(count - 8)]
     videos = []
     for number, video_id in enumerate(ids):
+        width, height = int(rng.integers(32, 640)), int(rng.integers(32, 480))
         frames = []
         for f in range(0 if number == 2 else int(rng.integers(0, 6))):
             boxes = int(rng.integers(0, 5))
             corner = rng.uniform(0, 50, (boxes, 2))
-            rects = np.concatenate([corner, corner + rng.uniform(1, 30, (boxes, 2))], axis=1).astype(np.float32)
+            rects = np.concatenate([corner, corner + rng.uniform(1, 30, (boxes, 2))], axis=1)
+            rects = np.minimum(rects, [width, height] * 2).astype(np.float32)  # the reader allows boxes in the image
             classes = [CLASSES[i] for i in rng.integers(0, len(CLASSES), boxes)]
             frames.append(FrameDetections(f * 0.5, classes, rects, rng.uniform(0.1, 1, boxes).astype(np.float32)))
-        videos.append(VideoDetections(video_id, int(rng.integers(32, 640)), int(rng.integers(32, 480)), frames))
+        videos.append(VideoDetections(video_id, width, height, frames))
     return videos
 
 

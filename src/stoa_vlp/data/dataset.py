@@ -58,7 +58,14 @@ from stoa_vlp.data.annotations import (
     unreadable_shard,
 )
 from stoa_vlp.data.decode import DecodedClip, VideoError, check_decoder, decode_clip
-from stoa_vlp.data.detections import LabelVocab, empty_targets, packed, read_packed_detections, select_objects
+from stoa_vlp.data.detections import (
+    LabelVocab,
+    empty_targets,
+    misaligned_times,
+    packed,
+    read_packed_detections,
+    select_objects,
+)
 from stoa_vlp.data.detections_store import MANIFEST, DetectionsStore
 from stoa_vlp.data.geometry import resize_crop
 from stoa_vlp.data.serialized import SerializedDict, SerializedList
@@ -243,6 +250,8 @@ class SampleBuilder:
         self.transform = FrameTransform(config.model.image_size)
         self.tokenizer = Tokenizer(config.model.text_len)
         self.untagged = 0
+        self.misaligned = 0  # samples whose video's detection times cannot be its sampled frames'
+        self._misaligned_logged: set[str] = set()  # their first WARNINGS_PER_REASON video ids
         if self.detections is not None and label_vocab is None:
             raise ValueError("detections need a label vocabulary (data.label_vocab or LabelVocab.from_detections)")
 
@@ -277,8 +286,10 @@ class SampleBuilder:
         if self.detections is None:
             targets = empty_targets(model.frames, model.boxes_per_frame, model.trajectories)
         else:
+            detections = self.detections.get(video_id)  # None (no detections for this video) -> padding
+            self._check_detection_times(video_id, detections, clip.times)
             targets = select_objects(
-                self.detections.get(video_id),  # None (no detections for this video) -> padding
+                detections,
                 clip.times.tolist(),
                 resize_crop(clip.width, clip.height, model.image_size),
                 self.label_vocab,
@@ -292,6 +303,20 @@ class SampleBuilder:
             "traj_labels": targets.traj_labels,
             "traj_mask": targets.traj_mask,
         }
+
+    def _check_detection_times(self, video_id: str, detections, times: np.ndarray) -> None:
+        """Count a sample whose detected frames cannot be of its sampled times (`misaligned_times`:
+        its boxes show other moments of the video) and warn, once per video, for the first
+        WARNINGS_PER_REASON such videos of this process; the reader cannot tell, not knowing durations."""
+        problem = None if detections is None else misaligned_times(detections.times, times)
+        if problem is None:
+            return
+        self.misaligned += 1
+        if video_id not in self._misaligned_logged and len(self._misaligned_logged) < WARNINGS_PER_REASON:
+            self._misaligned_logged.add(video_id)
+            last = len(self._misaligned_logged) == WARNINGS_PER_REASON
+            later = " (later videos are counted, not logged)" if last else ""
+            log.warning("detections of video %s: %s%s", video_id, problem, later)
 
     def _tags(self, caption: str) -> np.ndarray:
         length = self.config.model.text_len

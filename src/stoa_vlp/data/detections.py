@@ -4,14 +4,17 @@ per-clip selection of boxes and trajectory categories.
 File format (README: Detections format), one video per line, boxes x0,y0,x1,y1 in pixels of the original video:
     {"video_id": "video17", "width": 320, "height": 240,
      "frames": [{"time": 0.50, "objects": [{"class": "dog", "rect": [12, 40, 88, 120], "conf": 0.93}]}]}
-video_id and class are non-empty strings, width and height positive integers, time and rect finite
-numbers (x0 <= x1, y0 <= y1) and conf a number from 0 to 1; anything else is an error naming file:line.
+video_id and class are non-empty strings, width and height positive integers, time a finite number
+>= 0 (one frame per time), rect finite numbers (x0 <= x1, y0 <= y1) within the image give or take
+`edge_slack` (clipped to it), not all within 1.5 pixels of its corner (normalised boxes), and conf a
+number from 0 to 1; anything else is an error naming file:line.
 
 Selection for one clip (`select_objects`): each sampled frame takes the nearest detected frame in
 time; its boxes are mapped through the frame transform (boxes leaving the crop are dropped), a box
 overlapping (IoU >= 0.5) a more confident kept box of another class is suppressed, and the K most
 confident remaining boxes are kept (several of one class allowed). The N trajectory categories are
 the label ids with the highest confidence summed over the kept boxes of all sampled frames.
+`misaligned_times` tells when a video's detection times cannot be those of its sampled frames.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numbers
 import re
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -139,6 +142,8 @@ def _frame_from_json(value: object, where: str) -> FrameDetections:
     if not isinstance(objects, list):
         raise DetectionsError(f"{where}: 'objects' must be a list")
     time = _finite(value["time"], "'time'", where)
+    if time < 0:
+        raise DetectionsError(f"{where}: 'time' {time} is negative (seconds from the start of the video)")
     parsed = [_object_from_json(obj, f"{where}: object {number}") for number, obj in enumerate(objects)]
     classes = [name for name, _, _ in parsed]
     rects = [rect for _, rect, _ in parsed]
@@ -162,9 +167,71 @@ def video_from_json(value: object, where: str) -> VideoDetections:
         raise DetectionsError(f"{where}: 'frames' must be a list")
     video_id = non_empty_string(value["video_id"], "'video_id'", where, DetectionsError)
     width, height = _pixels(value["width"], "'width'", where), _pixels(value["height"], "'height'", where)
-    frames = [_frame_from_json(frame, f"{where} frame {i}") for i, frame in enumerate(value["frames"])]
-    frames.sort(key=lambda frame: frame.time)
-    return VideoDetections(video_id, width, height, frames)
+    wheres = [f"{where} frame {i}" for i in range(len(value["frames"]))]
+    frames = [(frame_where, _frame_from_json(frame, frame_where))
+              for frame_where, frame in zip(wheres, value["frames"])]
+    return _checked_video(video_id, width, height, frames, where)
+
+
+EDGE_SLACK_SHARE, EDGE_SLACK_PIXELS = 0.02, 2.0
+NORMALISED_LIMIT, NORMALISED_MIN_SIDE = 1.5, 16
+
+
+def edge_slack(side: int) -> float:
+    """How far (pixels) a box may reach past an image side of `side` pixels and be clipped back rather
+    than be an error: 2% of the side, at least 2 pixels, about twice what detectors' boxes pass the
+    edge by (rounding, the inclusive x1 = width convention, the mapping back from a resized or padded
+    input: a pixel or two, up to about 1% of the side). A box reaching further is in other pixels
+    (another frame size, another video) and would be dropped by the crop without a word."""
+    return max(EDGE_SLACK_PIXELS, EDGE_SLACK_SHARE * side)
+
+
+def _fit_to_image(frame: FrameDetections, width: int, height: int, where: str) -> FrameDetections:
+    """`frame` with its boxes clipped to the width x height image; a box reaching further outside
+    than `edge_slack` is an error naming it."""
+    slack = np.array([edge_slack(width), edge_slack(height)] * 2)
+    size = np.array([width, height] * 2)
+    outside = ((frame.rects < -slack) | (frame.rects > size + slack)).any(axis=1)
+    if outside.any():
+        number = int(outside.argmax())
+        raise DetectionsError(
+            f"{where}: object {number} 'rect' {frame.rects[number].tolist()} reaches outside the {width}x{height} "
+            f"image by more than {EDGE_SLACK_SHARE:.0%} of its side (at least {EDGE_SLACK_PIXELS:g} pixels): "
+            "boxes are x0, y0, x1, y1 in pixels of that image")
+    return replace(frame, rects=np.clip(frame.rects, 0, size).astype(np.float32))
+
+
+def _not_normalised(frames: list[FrameDetections], width: int, height: int, where: str) -> None:
+    """Boxes normalised to 0-1 (as some detectors write them) fit any image, so they pass every other
+    check and end up as specks in its corner: a video whose boxes all lie within NORMALISED_LIMIT
+    pixels of the corner, on an image wider and taller than NORMALISED_MIN_SIDE, is an error."""
+    largest = max((float(frame.rects.max()) for frame in frames if len(frame.rects)), default=None)
+    if largest is not None and largest <= NORMALISED_LIMIT and min(width, height) > NORMALISED_MIN_SIDE:
+        raise DetectionsError(
+            f"{where}: every box lies within {NORMALISED_LIMIT:g} pixels of the corner of the {width}x{height} "
+            "image: the boxes look normalised to 0-1; give them in pixels (x * width, y * height)")
+
+
+def _sorted_by_time(frames: list[tuple[str, FrameDetections]]) -> list[FrameDetections]:
+    """The frames of (where, frame) pairs sorted by time. Two frames at one time are an error naming
+    both: a sampled frame takes one nearest detected frame, so the other's boxes would never be used."""
+    ordered = sorted(frames, key=lambda pair: pair[1].time)
+    for (first_where, first), (where, frame) in zip(ordered, ordered[1:]):
+        if frame.time == first.time:
+            raise DetectionsError(f"{where}: time {frame.time} is also the time of {first_where} "
+                                  "(give one frame per time, with all its objects)")
+    return [frame for _, frame in ordered]
+
+
+def _checked_video(
+    video_id: str, width: int, height: int, frames: list[tuple[str, FrameDetections]], where: str
+) -> VideoDetections:
+    """The video of `frames`, (where the frame was read, frame) pairs, after the checks that need its
+    image size or all its frames (`where` names the video in errors): boxes come back clipped to the
+    image, frames sorted by time."""
+    _not_normalised([frame for _, frame in frames], width, height, where)
+    fitted = [(frame_where, _fit_to_image(frame, width, height, frame_where)) for frame_where, frame in frames]
+    return VideoDetections(video_id, width, height, _sorted_by_time(fitted))
 
 
 def video_to_json(video: VideoDetections) -> dict:
@@ -259,7 +326,7 @@ def convert_vinvl(
     `frames` holds (time in seconds, prediction) where a prediction is VinVL's
     {"objects": [{"class", "rect": [x0, y0, x1, y1], "conf", ...}], "image_w", "image_h"} or just its
     list of objects (then `width` and `height` are required). Attributes are ignored. Every frame
-    must have the same size.
+    must have the same size; times and boxes are checked as `video_from_json` checks them.
     """
     given = None
     if width is not None and height is not None:
@@ -272,12 +339,11 @@ def convert_vinvl(
             raise DetectionsError(f"{where}: no image_w/image_h in the prediction; pass width and height")
         size = size or frame_size
         _same_size(frame_size, size, f"video {video_id} frame 0", where)
-        converted.append(frame)
+        converted.append((where, frame))
     size = size or given
     if size is None:
         raise DetectionsError(f"video {video_id}: no frames to take the image size from; pass width and height")
-    converted.sort(key=lambda frame: frame.time)
-    return VideoDetections(video_id, *size, converted)
+    return _checked_video(video_id, *size, converted, f"video {video_id}")
 
 
 def read_hw_tsv(path: str | Path) -> dict[str, tuple[int, int]]:
@@ -342,7 +408,8 @@ def read_vinvl_tsv(path: str | Path, fps: float, sizes: dict[str, tuple[int, int
                 raise DetectionsError(f"{where}: frame {index} of video {match['video']!r} is also at {first_where}")
             video.frames[index] = (where, frame)
     return [
-        VideoDetections(video_id, *video.size, [frame for _, (_, frame) in sorted(video.frames.items())])
+        _checked_video(video_id, *video.size, [video.frames[index] for index in sorted(video.frames)],
+                       f"{path}: video {video_id!r}")
         for video_id, video in by_video.items()
     ]
 
@@ -441,6 +508,32 @@ def nearest_frames(detected_times: np.ndarray, times: Sequence[float]) -> list[i
     before = np.clip(after - 1, 0, len(detected) - 1)
     take_before = np.abs(wanted - detected[before]) <= np.abs(detected[after] - wanted)
     return np.where(take_before, before, after).tolist()
+
+
+MIN_TIME_SLACK = 1.0  # seconds
+
+
+def misaligned_times(detected_times: np.ndarray, times: Sequence[float]) -> str | None:
+    """Why the detected frames (sorted `detected_times`) cannot be of a clip sampled at `times`, or None.
+
+    A detector sampling a video every g seconds leaves no moment of it further than g from a detected
+    frame. A sampled time further than that from every detected frame (g: the largest gap between
+    detected frames, or the sampled span for a lone detected frame standing for the whole video; at
+    least MIN_TIME_SLACK) lies outside the detected span: the times are likely frame indices,
+    milliseconds or counted from another start, and the nearest detected frame's boxes show another
+    moment. The video's duration is not known here, so times in another unit that still cover the
+    sampled ones (indices of every frame from 0) go unnoticed."""
+    if len(detected_times) == 0 or len(times) == 0:
+        return None
+    wanted = np.asarray(times, dtype=np.float64)
+    distance = np.abs(detected_times[nearest_frames(detected_times, wanted)] - wanted)
+    gaps = np.diff(detected_times) if len(detected_times) > 1 else np.ptp(wanted, keepdims=True)
+    worst = int(distance.argmax())
+    if distance[worst] <= max(MIN_TIME_SLACK, float(gaps.max())):
+        return None
+    return (f"the frame sampled at {wanted[worst]:.2f} s is {distance[worst]:.2f} s from the nearest of "
+            f"{len(detected_times)} detected frames ({detected_times[0]:g} to {detected_times[-1]:g} s): "
+            "are the times frame indices, or in another unit than seconds?")
 
 
 def suppress_across_classes(

@@ -1,34 +1,46 @@
-"""Text file opening (UTF-8, errors naming file and line), JSON and JSON Lines reading and the
-checks of their fields, shared by the annotation, detection, tag, checkpoint and task-file readers,
-and the atomic JSON and JSONL file writing of checkpoints, `prepare` and `detect`."""
+"""Text file opening (UTF-8, gzip-compressed when the name ends in .gz, errors naming file and line),
+JSON and JSON Lines reading and the checks of their fields, shared by the annotation, detection, tag,
+checkpoint and task-file readers, and the atomic JSON and JSONL file writing of checkpoints,
+`prepare` and `detect`."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import numbers
 import os
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
+
+
+def _open(path: str | Path, mode: str, **text) -> IO:
+    """`open(path, mode, **text)`, decompressing through gzip when the name ends in .gz (large
+    detection and annotation files are often kept compressed)."""
+    return gzip.open(path, mode, **text) if str(path).endswith(".gz") else open(path, mode, **text)
 
 
 @contextmanager
 def open_text(path: str | Path, error: type[Exception] = ValueError, newline: str | None = None) -> Iterator[TextIO]:
-    """`path` opened as UTF-8 text (`newline` as `open` takes it); bytes that are not UTF-8, met while
-    reading it in the block, raise `error` naming the file and line."""
+    """`path` opened as UTF-8 text (`newline` as `open` takes it), through gzip when its name ends in
+    .gz; bytes that are not UTF-8 (`error` naming the file and line) or a .gz file that is not gzip
+    or is cut short (`error` naming the file), met while reading it in the block, raise `error`."""
     try:
-        with open(path, encoding="utf-8", newline=newline) as handle:
+        with _open(path, "rt", encoding="utf-8", newline=newline) as handle:
             yield handle
     except UnicodeDecodeError:
         raise error(_not_utf8(path)) from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as problem:
+        raise error(f"{path}: not readable gzip data ({problem})") from None
 
 
 def _not_utf8(path: str | Path) -> str:
     """The error message for a file that is not UTF-8, naming the line and byte of its first bad bytes."""
-    with open(path, "rb") as handle:
+    with _open(path, "rb") as handle:
         for number, line in enumerate(handle, 1):
             try:
                 line.decode("utf-8")
