@@ -25,9 +25,11 @@ from stoa_vlp.data.dataset import (
     build_loader,
     collate,
     keep_freed_memory,
+    load_detections,
     stack_frames,
 )
 from stoa_vlp.data.decode import decode_clip
+from stoa_vlp.data.detections import LabelVocab, box_counts_by_class_name, read_detections
 from stoa_vlp.data.synth import DetectionNoise, render_world
 from stoa_vlp.data.tags import TagCache
 from stoa_vlp.data.transforms import FrameTransform
@@ -393,3 +395,30 @@ def test_a_batch_records_every_tensor_on_a_stream(monkeypatch):
     tensors = [value for value in vars(batch).values() if isinstance(value, torch.Tensor)]
     assert len(recorded) == len(tensors) == 11
     assert all(any(tensor is seen and stream == "step stream" for seen, stream in recorded) for tensor in tensors)
+
+
+def test_detected_classes_missing_from_the_label_vocabulary_are_reported(world, tmp_path, caplog):
+    # before, a vocabulary of another detector's classes turned every box into <unknown> without a word
+    counts = box_counts_by_class_name(read_detections(world.detections))
+    *others, rarest = sorted(counts, key=lambda name: (-counts[name], name))  # as LabelVocab orders them
+    vocab_file = tmp_path / "label_vocab.json"
+    detections = f"data.detections={world.detections}"
+
+    LabelVocab(["bottle", "handbag"]).save(vocab_file)
+    with caplog.at_level(logging.INFO, logger="stoa_vlp.data.dataset"):
+        load_detections(tiny(world, detections, f"data.label_vocab={vocab_file}"))
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert f"none of its {len(counts)} classes" in caplog.text and "every box becomes <unknown>" in caplog.text
+
+    caplog.clear()
+    LabelVocab(others).save(vocab_file)
+    with caplog.at_level(logging.INFO, logger="stoa_vlp.data.dataset"):
+        load_detections(tiny(world, detections, f"data.label_vocab={vocab_file}"))
+    share = 100 * counts[rarest] / sum(counts.values())
+    assert [r.levelname for r in caplog.records] == ["WARNING" if share >= 10 else "INFO"]
+    assert f"1 of its {len(counts)} classes ({share:.1f}% of the boxes; e.g. {rarest}) are not in" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stoa_vlp.data.dataset"):
+        load_detections(tiny(world, detections, f"model.num_object_classes={len(counts) + 1}"))
+    assert f"e.g. {rarest}) are not in the {len(counts) - 1} most frequent classes" in caplog.text

@@ -60,6 +60,7 @@ from stoa_vlp.data.annotations import (
 from stoa_vlp.data.decode import DecodedClip, VideoError, check_decoder, decode_clip
 from stoa_vlp.data.detections import (
     LabelVocab,
+    box_counts_by_class_name,
     empty_targets,
     misaligned_times,
     packed,
@@ -570,11 +571,37 @@ def load_detections(config: Config) -> tuple[Mapping | None, LabelVocab | None]:
         if len(label_vocab) > classes:
             raise ValueError(f"{config.data.label_vocab}: {len(label_vocab)} classes (with padding and unknown) "
                              f"do not fit model.num_object_classes={classes}")
+        report_unknown_classes(config.data.detections, detections, label_vocab, config.data.label_vocab)
         return detections, label_vocab
     if config.data.label_vocab:
         log.warning("%s does not exist: object class ids are rebuilt from %s and may differ from training",
                     config.data.label_vocab, config.data.detections)
-    return detections, LabelVocab.from_detections(detections, max_size=classes)
+    label_vocab = LabelVocab.from_detections(detections, max_size=classes)
+    report_unknown_classes(config.data.detections, detections, label_vocab, f"the {len(label_vocab) - 2} most "
+                           f"frequent classes (model.num_object_classes={classes} with padding and unknown)")
+    return detections, label_vocab
+
+
+UNKNOWN_BOXES_WARNED = 0.1  # share of boxes whose class is not in the vocabulary above which it is a warning
+
+
+def report_unknown_classes(path: str, detections: Mapping, label_vocab: LabelVocab, vocabulary: str) -> None:
+    """Log the detected classes of `path` that `label_vocab` (described by `vocabulary`) lacks: their
+    boxes become <unknown>. A warning when they hold UNKNOWN_BOXES_WARNED of the boxes or more (all of
+    them: detections of another detector than the model's classes came from), else info."""
+    counts = box_counts_by_class_name(detections)
+    unknown = sorted((name for name in counts if name not in label_vocab.ids), key=lambda name: (-counts[name], name))
+    if not unknown:
+        return
+    share = sum(counts[name] for name in unknown) / max(sum(counts.values()), 1)
+    if len(unknown) == len(counts):
+        log.warning("%s: none of its %d classes (e.g. %s) is in %s: every box becomes <unknown>, so the objects "
+                    "carry no class (detections of another detector than the model's?)",
+                    path, len(counts), ", ".join(unknown[:3]), vocabulary)
+        return
+    log.log(logging.WARNING if share >= UNKNOWN_BOXES_WARNED else logging.INFO,
+            "%s: %d of its %d classes (%.1f%% of the boxes; e.g. %s) are not in %s: their boxes become <unknown>",
+            path, len(unknown), len(counts), 100 * share, ", ".join(unknown[:3]), vocabulary)
 
 
 def report_detection_coverage(path: str, detections: Mapping, video_ids: Iterable[str], source: str) -> None:

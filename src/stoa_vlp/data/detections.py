@@ -420,6 +420,20 @@ PAD_ID, UNKNOWN_ID = 0, 1
 VOCAB_FORMAT = "stoa-vlp labels"
 
 
+def box_counts_by_class_name(
+    detections: Mapping[str, VideoDetections | PackedVideoDetections] | Iterable[VideoDetections | PackedVideoDetections],
+) -> Counter[str]:
+    """How many boxes of each class name the videos hold."""
+    counts: Counter[str] = Counter()
+    if hasattr(detections, "box_counts_by_class_name"):  # a DetectionsStore counts in one pass
+        counts.update(detections.box_counts_by_class_name())
+    else:
+        videos = detections.values() if isinstance(detections, Mapping) else detections
+        for video in map(packed, videos):
+            counts.update(dict(zip(video.class_names, video.box_counts_by_class().tolist())))
+    return counts
+
+
 class LabelVocab:
     """Object class names <-> ids; id 0 is padding, id 1 every class not in the vocabulary."""
 
@@ -438,13 +452,7 @@ class LabelVocab:
     ) -> "LabelVocab":
         """Classes by descending box count (then name); with `max_size` (ids included) the rarest
         classes are left out and become unknown."""
-        counts: Counter[str] = Counter()
-        if hasattr(detections, "box_counts_by_class_name"):  # a DetectionsStore counts in one pass
-            counts.update(detections.box_counts_by_class_name())
-        else:
-            videos = detections.values() if isinstance(detections, Mapping) else detections
-            for video in map(packed, videos):
-                counts.update(dict(zip(video.class_names, video.box_counts_by_class().tolist())))
+        counts = box_counts_by_class_name(detections)
         names = sorted(counts, key=lambda name: (-counts[name], name))
         if max_size is not None:
             names = names[: max(max_size - 2, 0)]
