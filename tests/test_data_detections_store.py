@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import signal
 
 import numpy as np
@@ -24,7 +25,7 @@ from stoa_vlp.data.detections import (
     read_packed_detections,
     write_detections,
 )
-from stoa_vlp.data.detections_store import DetectionsStore, write_detections_store
+from stoa_vlp.data.detections_store import ARRAYS, DetectionsStore, write_detections_store
 from stoa_vlp.data.synth import render_world
 
 CLASSES = ["dog", "cat", "ball", "red cube", "chaise", "zebra", "émeu"]
@@ -126,6 +127,79 @@ def test_a_store_that_cannot_be_read_is_named(packed_file, tmp_path):
     config = load_config("tiny", [f"data.detections={tmp_path}"])  # a folder, not a store
     with pytest.raises(FileNotFoundError, match="is not a detections store: it has no store.json"):
         load_detections(config)
+
+
+def two_videos() -> list[VideoDetections]:
+    """'a' and 'b', 3 frames of 2 boxes (a cat, a dog) each: frames 0-2 and 3-5, boxes 0-5 and 6-11 of the store."""
+    rects = np.array([[0, 0, 10, 10], [5, 5, 20, 20]], dtype=np.float32)
+    confs = np.array([0.9, 0.5], dtype=np.float32)
+    frames = [FrameDetections(time, ["cat", "dog"], rects, confs) for time in (0.0, 1.0, 2.0)]
+    return [VideoDetections(video_id, 64, 48, frames) for video_id in ("a", "b")]
+
+
+def set_value(name: str, index, value):
+    """A damage: `value` written at `index` of the store's array file `name`."""
+    def damage(folder):
+        dtype, row, _ = ARRAYS[name]
+        values = np.fromfile(folder / name, dtype=dtype).reshape(-1, *row)
+        values[index] = value
+        values.tofile(folder / name)
+    return damage
+
+
+def set_class_names(names: list):
+    """A damage: store.json's class names replaced by `names`."""
+    def damage(folder):
+        manifest = json.loads((folder / "store.json").read_text())
+        (folder / "store.json").write_text(json.dumps({**manifest, "class_names": names}))
+    return damage
+
+
+def flip_ids(folder):
+    """A damage: every bit of ids.bin inverted (no longer UTF-8)."""
+    (folder / "ids.bin").write_bytes(bytes(byte ^ 0xFF for byte in (folder / "ids.bin").read_bytes()))
+
+
+def read_videos(store: DetectionsStore) -> None:
+    """Every video, as samples read them."""
+    for video_id in store:
+        store[video_id]
+
+
+def count_classes(store: DetectionsStore) -> None:
+    """The pass over every box that a label vocabulary built from the store makes."""
+    store.box_counts_by_class_name()
+
+
+DAMAGES = {  # case: (damage, what reads the store, what the error names after the store's folder)
+    "class index past the names": (set_value("classes.bin", 7, 999), read_videos,
+                                   "classes.bin: class index 999 of video 'b' is outside the 2 class names"),
+    "negative class index": (set_value("classes.bin", 7, -1), count_classes, "classes.bin: class index -1 is outside"),
+    "class names cut short": (set_class_names(["cat"]), count_classes, "classes.bin: class index 1 is outside the 1"),
+    "class names repeated": (set_class_names(["cat", "cat"]), read_videos, "store.json: class_names are not distinct"),
+    "video end past the frames": (set_value("videos.bin", (0, 3), 10**6), read_videos,
+                                  "videos.bin: video 'a' has frames 0:1000000, not inside the 6 frames"),
+    "video width 0": (set_value("videos.bin", (1, 0), 0), read_videos, "videos.bin: video 'b' is 0x48 pixels"),
+    "ids not UTF-8": (flip_ids, read_videos, r"ids.bin: video id b'\x9e' is not UTF-8"),
+    "id ends past the ids": (set_value("id_ends.bin", 0, 10**6), read_videos, "id_ends.bin: the id ends do not rise"),
+    "frame ends decreasing": (set_value("frame_ends.bin", 1, 0), read_videos,
+                              "frame_ends.bin: the frame ends of video 'a' do not rise"),
+    "frame ends past the boxes": (set_value("frame_ends.bin", 5, 10**6), read_videos,
+                                  "frame_ends.bin: the frame ends of video 'b' do not rise from 6 to 1000000 inside"),
+    "time not a number": (set_value("times.bin", 4, np.nan), read_videos, "times.bin: the frame times of video 'b'"),
+    "times unsorted": (set_value("times.bin", 0, 99.0), read_videos, "times.bin: the frame times of video 'a'"),
+    "box not a number": (set_value("rects.bin", 7, np.nan), read_videos, "rects.bin: video 'b' has a box that is not"),
+}
+
+
+@pytest.mark.parametrize("damage, read, named", DAMAGES.values(), ids=DAMAGES.keys())
+def test_a_damaged_store_is_named(tmp_path, damage, read, named):
+    """What pack never writes is an error naming the file (and the video), not a numpy error or a wrong sample."""
+    folder = tmp_path / "detections.store"
+    write_detections_store(folder, two_videos())
+    damage(folder)
+    with pytest.raises(DetectionsError, match=re.escape(str(folder / named))):
+        read(DetectionsStore(folder))
 
 
 def test_a_pack_that_fails_leaves_no_store(tmp_path):

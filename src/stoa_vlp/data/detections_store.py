@@ -16,12 +16,18 @@ Layout (little-endian; the counts V videos, F detected frames, n boxes are in st
   frame_ends.bin int64 (F,): frame f's boxes are box rows frame_ends[f - 1]:frame_ends[f] (global)
   rects.bin      float32 (n, 4) x0, y0, x1, y1 in pixels of the video; confs.bin float32 (n,)
   classes.bin    int32 (n,): index into store.json's class names
+
+A store holding what pack never writes (a damaged copy, an edited file) is a DetectionsError naming the
+file, checked where it costs least: the manifest, the id ends and the video table when the store is
+opened (V rows); the ids as they are listed; a video's frames and boxes when it is read (a few
+microseconds, bench/detections.py); the class indexes also in `box_counts_by_class_name`'s pass.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -134,14 +140,16 @@ def _write_arrays(folder: Path, videos: Iterable[VideoDetections], source: dict 
 
 
 class DetectionsStore(Mapping):
-    """Read-only `{video id: PackedVideoDetections}` over a store folder. Its arrays are mapped when
-    first read in a process; a pickled store (a data-loading worker's copy) carries only its folder."""
+    """Read-only `{video id: PackedVideoDetections}` over a store folder. Opening it maps its arrays and
+    checks the video table; a pickled store (a data-loading worker's copy) carries only its folder and
+    maps them when first read."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.manifest = _read_manifest(self.folder)
         self.class_names: list[str] = self.manifest["class_names"]
         self._arrays: dict[str, np.ndarray] | None = None
+        self._check_tables()
 
     def __getstate__(self) -> dict:
         return {"folder": self.folder, "manifest": self.manifest, "class_names": self.class_names, "_arrays": None}
@@ -159,18 +167,49 @@ class DetectionsStore(Mapping):
             return np.zeros((0, *row), dtype=dtype)
         return np.asarray(np.memmap(self.folder / name, dtype=dtype, mode="r", shape=(rows, *row)))
 
+    def _check_tables(self) -> None:
+        """id_ends.bin and videos.bin (V rows, read whole) as pack writes them: what the search of the ids
+        and every read of a video rely on."""
+        id_ends, table = self.arrays["id_ends.bin"], self.arrays["videos.bin"]
+        if len(id_ends) and (id_ends[0] < 0 or id_ends[-1] != self.manifest["id_bytes"]
+                             or not (id_ends[1:] >= id_ends[:-1]).all()):
+            raise _damaged(self.folder / "id_ends.bin", "the id ends do not rise from 0 to the "
+                           f"{self.manifest['id_bytes']} id bytes of {MANIFEST}")
+        width, height, first, end = table.T
+        unsized = np.flatnonzero((width <= 0) | (height <= 0))
+        if len(unsized):
+            raise _damaged(self.folder / "videos.bin", f"video {self._name(unsized[0])} is "
+                           f"{width[unsized[0]]}x{height[unsized[0]]} pixels (not positive)")
+        outside = np.flatnonzero((first < 0) | (first > end) | (end > self.manifest["frames"]))
+        if len(outside):
+            raise _damaged(self.folder / "videos.bin", f"video {self._name(outside[0])} has frames "
+                           f"{first[outside[0]]}:{end[outside[0]]}, not inside the {self.manifest['frames']} "
+                           f"frames of {MANIFEST}")
+
     def __len__(self) -> int:
         return self.manifest["videos"]
 
     def _id(self, v: int) -> bytes:
         return self.arrays["ids.bin"][_span(self.arrays["id_ends.bin"], v, v + 1)].tobytes()
 
+    def _name(self, v: int) -> str:
+        """Video v's id for a message, also when its bytes are damaged."""
+        return repr(self._id(v).decode("utf-8", "replace"))
+
     def __iter__(self) -> Iterator[str]:
-        """The video ids in stored order, decoded in one pass."""
-        blob, start = self.arrays["ids.bin"].tobytes(), 0
+        """The video ids in stored order, decoded in one pass; an id that is not UTF-8 or out of order
+        (the search needs them sorted, each once) is an error naming ids.bin."""
+        blob, start, previous = self.arrays["ids.bin"].tobytes(), 0, None
         for end in self.arrays["id_ends.bin"].tolist():
-            yield blob[start:end].decode("utf-8", "surrogatepass")
-            start = end
+            key = blob[start:end]
+            if previous is not None and key <= previous:
+                raise _damaged(self.folder / "ids.bin", f"video id {key!r} is not after {previous!r} (ids are sorted)")
+            try:
+                video_id = key.decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError as error:
+                raise _damaged(self.folder / "ids.bin", f"video id {key!r} is not UTF-8 ({error.reason})") from None
+            yield video_id
+            start, previous = end, key
 
     def _find(self, video_id: object) -> int | None:
         """The row of `video_id` in the (sorted) video table, by binary search; None if absent."""
@@ -193,19 +232,50 @@ class DetectionsStore(Mapping):
         if v is None:
             raise KeyError(video_id)
         arrays = self.arrays
-        width, height, first, end = (int(value) for value in arrays["videos.bin"][v])
+        width, height, first, end = arrays["videos.bin"][v].tolist()
         rows = _span(arrays["frame_ends.bin"], first, end)  # the video's boxes
+        ends = arrays["frame_ends.bin"][first:end].astype(np.int64) - rows.start
+        times = arrays["times.bin"][first:end].astype(np.float64)
+        rects = arrays["rects.bin"][rows].astype(np.float32)
+        self._check_video(video_id, rows, ends, times, rects)
         # the video's classes renumbered in the order of the (sorted) store names, as `pack` numbers them
         store_classes = arrays["classes.bin"][rows]
-        present = np.flatnonzero(np.bincount(store_classes, minlength=len(self.class_names)))
+        present = np.flatnonzero(self._class_counts(store_classes, video_id))
         renumber = np.zeros(len(self.class_names), dtype=np.int32)
         renumber[present] = np.arange(len(present), dtype=np.int32)
         return PackedVideoDetections(
-            width, height, arrays["times.bin"][first:end].astype(np.float64),
-            arrays["frame_ends.bin"][first:end].astype(np.int64) - rows.start,
-            arrays["rects.bin"][rows].astype(np.float32), arrays["confs.bin"][rows].astype(np.float32),
+            width, height, times, ends, rects, arrays["confs.bin"][rows].astype(np.float32),
             renumber[store_classes], [self.class_names[i] for i in present],
         )
+
+    def _check_video(self, video_id: str, rows: slice, ends: np.ndarray, times: np.ndarray, rects: np.ndarray) -> None:
+        """What one video read checks, in a few microseconds: its frame ends (`ends`, less `rows.start`) rise
+        inside the boxes (else its frames take other frames' boxes), its frame times are finite and sorted
+        (the nearest frame is found by bisection) and its boxes finite (a NaN box is dropped from every clip
+        without a word)."""
+        if rows.start < 0 or rows.stop > self.manifest["boxes"] or (
+                len(ends) and (ends[0] < 0 or not (ends[1:] >= ends[:-1]).all())):
+            raise _damaged(self.folder / "frame_ends.bin", f"the frame ends of video {video_id!r} do not rise "
+                           f"from {rows.start} to {rows.stop} inside the {self.manifest['boxes']} boxes of {MANIFEST}")
+        finite_bounds = len(times) == 0 or (math.isfinite(times[0]) and math.isfinite(times[-1]))
+        if not (finite_bounds and (times[1:] >= times[:-1]).all()):  # a NaN or infinity between them is out of order
+            raise _damaged(self.folder / "times.bin",
+                           f"the frame times of video {video_id!r} are not finite and sorted")
+        if not np.isfinite(rects).all():
+            raise _damaged(self.folder / "rects.bin", f"video {video_id!r} has a box that is not finite")
+
+    def _class_counts(self, classes: np.ndarray, video_id: str | None = None) -> np.ndarray:
+        """(len(class_names),) int64: the boxes of each class among `classes` (store indexes, of `video_id`
+        if given); an index outside the class names is an error naming classes.bin, checked first: a huge
+        one would make bincount allocate that many counts. Read as uint32, a negative index is above every
+        count: one pass finds both."""
+        count = len(self.class_names)
+        if len(classes) and classes.view(np.uint32).max() >= count:
+            outside = classes[(classes < 0) | (classes >= count)][0]
+            of_video = "" if video_id is None else f" of video {video_id!r}"
+            raise _damaged(self.folder / "classes.bin", f"class index {outside}{of_video} is outside the {count} "
+                           f"class names of {MANIFEST}")
+        return np.bincount(classes, minlength=count)
 
     def boxes_per_frame_of(self, video_ids: set[str]) -> list[np.ndarray]:
         """(F,) int64 box counts per detected frame of each video of `video_ids` in the store, in one
@@ -231,7 +301,7 @@ class DetectionsStore(Mapping):
         counts = np.zeros(len(self.class_names), dtype=np.int64)
         classes = self.arrays["classes.bin"]
         for start in range(0, len(classes), CHUNK):
-            counts += np.bincount(classes[start:start + CHUNK], minlength=len(self.class_names))
+            counts += self._class_counts(classes[start:start + CHUNK])
         return dict(zip(self.class_names, counts.tolist()))
 
 
@@ -241,8 +311,14 @@ def _span(ends: np.ndarray, first: int, end: int) -> slice:
     return slice(start, int(ends[end - 1]) if end > first else start)
 
 
+def _damaged(file: Path, problem: str) -> DetectionsError:
+    """The error for a store file holding what pack never writes."""
+    return DetectionsError(f"{file}: {problem} (a damaged store? pack the detections file again)")
+
+
 def _read_manifest(folder: Path) -> dict:
-    """store.json, checked: format, version, and every array file of the size its counts give."""
+    """store.json, checked: format, version, class names (distinct, sorted: pack numbers classes in that
+    order) and every array file of the size its counts give."""
     path = folder / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a detections store: it has no {MANIFEST} (stoa-vlp pack makes one)")
@@ -259,6 +335,9 @@ def _read_manifest(folder: Path) -> dict:
            or manifest[key] < 0]
     if odd or not isinstance(manifest.get("class_names"), list):
         raise DetectionsError(f"{path}: {', '.join(odd) or 'class_names'} missing or not valid")
+    names = manifest["class_names"]
+    if not all(isinstance(name, str) and name for name in names) or names != sorted(set(names)):
+        raise _damaged(path, "class_names are not distinct non-empty strings in sorted order")
     for name, (dtype, row, count) in ARRAYS.items():
         expected = manifest[count] * int(np.prod(row, dtype=np.int64)) * np.dtype(dtype).itemsize
         file = folder / name
