@@ -171,7 +171,7 @@ def test_training_skips_bad_samples_and_counts_them(world, tmp_path, caplog):
     assert all(sample.video_id not in ("gone", "text", "cut", "silent") for sample in samples)
     assert skips.skipped["missing_file"] >= 1 and skips.skipped["bad_video"] >= 2 and skips.skipped["empty_caption"] >= 1
     assert "gone.mp4: file does not exist" in caplog.text and "text.mp4: not a readable video" in caplog.text
-    assert skips.summary().startswith(f"skipped {sum(skips.skipped.values())} of {skips.total} samples")
+    assert skips.summary().startswith(f"skipped {sum(skips.skipped.values())} of {skips.total} samples loaded")
     strict = VideoTextDataset(records, tiny(world), True, skips=SkipCounter(max_share=0.1, min_seen=1))
     with pytest.raises(TooManyBadSamples, match="data.max_bad_samples"):
         strict[len(strict) - 4]

@@ -553,7 +553,7 @@ def test_data_skip_summary_is_logged_and_in_the_final_table(tmp_path, caplog):
     dataset = SkippingToyDataset()
     with caplog.at_level(logging.INFO, logger="stoa_vlp.train.loop"):
         result = toy_trainer(toy_config("train.steps=3"), tmp_path / "run", dataset=dataset).fit()
-    expected = "skipped 4 of 12 samples (33.33%): bad_video 4"  # 3 steps x 4 clips, every third skipped
+    expected = "skipped 4 of 12 samples loaded (33.33%): bad_video 4"  # 3 steps x 4 clips, every third skipped
     assert dataset.skips.summary() == expected and result.data_skips == expected
     assert f"training data: {expected}" in caplog.text
     assert any("training data" in line and expected in line for line in summary_table(result).splitlines())

@@ -146,10 +146,11 @@ class SkipCounter:
 
 
 def skip_summary(total: int, skipped: dict[str, int]) -> str:
-    """"skipped K of N samples (P%): reason count, ..." for `total` samples drawn and skips per reason."""
+    """"skipped K of N samples loaded (P%): reason count, ..." for `total` samples drawn and skips per
+    reason. Loaded, not trained on: data-loading workers read ahead of the steps."""
     detail = ", ".join(f"{reason} {count}" for reason, count in skipped.items() if count)
     share = sum(skipped.values()) / max(1, total)
-    return f"skipped {sum(skipped.values())} of {total} samples ({share:.2%})" + (f": {detail}" if detail else "")
+    return f"skipped {sum(skipped.values())} of {total} samples loaded ({share:.2%})" + (f": {detail}" if detail else "")
 
 
 @dataclass
