@@ -97,3 +97,16 @@ def test_prepare_takes_a_single_video_file(tmp_path):
     argv = ["prepare", str(video), str(out), "--fps", "2", "--short-side", "32", "--workers", "1", "--no-progress"]
     assert console_main(argv) == 0
     assert (out / "videos" / "clip.mp4").is_file()
+
+
+def test_a_wrong_data_format_or_tag_cache_names_the_setting(tmp_path, capsys):
+    # before: "unknown annotation format 'msrvt'" after the start-up warnings, naming no setting; and a
+    # detections file given as data.tags was "malformed JSON at line 2", not said to be no tag cache
+    detections = tmp_path / "detections.jsonl"
+    detections.write_text('{"video_id": "a"}\n{"video_id": "b"}\n')
+    start = ["pretrain", "--config", "tiny", "--output", str(tmp_path / "run"), "--set", f"data.train={detections}"]
+    assert console_main([*start, "--set", "data.format=msrvt"]) == 2
+    assert error_line(capsys).startswith("stoa-vlp pretrain: error: data.format must be auto or one of msrvtt, ")
+    assert console_main([*start, "--set", f"data.tags={detections}", "--set", "data.format=jsonl"]) == 2
+    assert error_line(capsys).startswith(f"stoa-vlp pretrain: error: {detections}: malformed JSON at line 2, column 1 "
+                                         "(Extra data): not a stoa-vlp tag cache (written by `stoa-vlp tag`)")

@@ -52,6 +52,7 @@ def check_settings(config: Config) -> None:
     """The checks of the model, train and (for the tasks trained with the pre-training objectives) loss
     settings, made before the run folder is written: a run that cannot start leaves no files behind
     that --overwrite would then refuse to delete."""
+    from stoa_vlp.data.annotations import FORMATS
     from stoa_vlp.data.decode import SAMPLING
     from stoa_vlp.model.stoa import check_config
     from stoa_vlp.objectives.pretrainer import check_loss_config
@@ -62,6 +63,8 @@ def check_settings(config: Config) -> None:
     for name in ("train_sampling", "eval_sampling"):
         if getattr(config.data, name) not in SAMPLING:
             raise ValueError(f"data.{name} must be one of {', '.join(SAMPLING)}, got {getattr(config.data, name)!r}")
+    if config.data.format not in ("auto", *FORMATS):
+        raise ValueError(f"data.format must be auto or one of {', '.join(FORMATS)}, got {config.data.format!r}")
     if config.task.name in ("retrieval", "mc"):
         check_loss_config(config.loss, config.model)
     if config.train.warmup_steps >= config.train.steps:

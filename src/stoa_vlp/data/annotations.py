@@ -119,6 +119,12 @@ def _check_window(start: float | None, end: float | None, where: str) -> None:
         raise AnnotationError(f"{where}: end {end} is not after start {start or 0}")
 
 
+def _caption_string(caption, where: str) -> str:
+    if not isinstance(caption, str):
+        raise AnnotationError(f"{where}: caption is not a string ({caption!r})")
+    return caption
+
+
 class _Captions:
     """Collects captions per video, dropping (or refusing) empty ones with file:line."""
 
@@ -127,9 +133,7 @@ class _Captions:
         self.dropped: list[str] = []
 
     def clean(self, caption, where: str) -> str | None:
-        if not isinstance(caption, str):
-            raise AnnotationError(f"{where}: caption is not a string ({caption!r})")
-        text = clean_caption(caption)
+        text = clean_caption(_caption_string(caption, where))
         if text:
             return text
         if self.strict:
@@ -213,8 +217,8 @@ def _check_msrvtt_data(data, path: Path) -> None:
 
 
 def _msrvtt_sentences(data: dict, path: Path, captions: _Captions, wanted: list[str]) -> dict[str, list[str]]:
-    """The captions of the `wanted` videos (those of other splits are not cleaned: an empty one is not
-    this split's problem)."""
+    """The captions of the `wanted` videos (those of other splits are only checked to be strings: an
+    empty one is not this split's problem)."""
     wanted = set(wanted)
     by_video: dict[str, list[str]] = defaultdict(list)
     for number, sentence in enumerate(_list(data["sentences"], "sentences", str(path))):
@@ -223,6 +227,7 @@ def _msrvtt_sentences(data: dict, path: Path, captions: _Captions, wanted: list[
             raise AnnotationError(f"{where}: needs video_id and caption")
         video_id = non_empty_string(sentence["video_id"], "video_id", where, AnnotationError)
         if video_id not in wanted:
+            _caption_string(sentence["caption"], where)
             continue
         text = captions.clean(sentence["caption"], where)
         if text:

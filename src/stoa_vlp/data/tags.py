@@ -160,7 +160,10 @@ class TagCache:
 
     def _read(self) -> dict:
         """The file's JSON object, checked."""
-        data = read_json(self.path)
+        try:
+            data = read_json(self.path)
+        except ValueError as error:
+            raise ValueError(f"{error}: not a stoa-vlp tag cache (written by `stoa-vlp tag`)") from None
         valid = isinstance(data, dict) and data.get("format") == CACHE_FORMAT and isinstance(data.get("tags"), dict)
         if not valid:
             raise ValueError(f"{self.path}: not a stoa-vlp tag cache")
