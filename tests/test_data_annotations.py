@@ -63,6 +63,19 @@ def test_msrvtt_json_splits_and_video_lookup(tmp_path):
         read_annotations(tmp_path / "MSRVTT_data.json", split="train", strict=True)
 
 
+def test_captions_only_reads_look_for_no_video(tmp_path, caplog):
+    # raw and prepared copies of one video beside the file: an ambiguous id for a read that finds videos
+    (tmp_path / "MSRVTT_data.json").write_text(json.dumps(MSRVTT_DATA))
+    touch_videos(tmp_path / "raw_videos", ["video0.mp4"])
+    touch_videos(tmp_path / "prepared" / "videos", ["video0.mp4"])
+    with pytest.raises(AnnotationError, match="MSRVTT_data.json: video 'video0' is ambiguous"):
+        read_annotations(tmp_path / "MSRVTT_data.json", split="train")
+    records = read_annotations(tmp_path / "MSRVTT_data.json", split="train", captions_only=True)
+    assert [(r.video_id, r.path, r.captions) for r in records] == [
+        ("video0", "", ["a man drives a car", "a car on a road"]), ("video1", "", ["a dog runs"])]
+    assert "not found" not in caplog.text  # video1 has no file, and is not looked for
+
+
 def test_a_video_without_captions_is_left_out_of_training_and_refused_in_evaluation(tmp_path, caplog):
     # before, evaluation (strict) left it out of the candidates too, raising the recalls
     data = json.loads(json.dumps(MSRVTT_DATA))

@@ -1,6 +1,7 @@
 """Noun/verb tags aligned with CLIP BPE token positions."""
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -243,17 +244,49 @@ def test_cache_and_caption_files_that_are_not_utf8_name_file_and_line(tmp_path):
         read_captions(captions)
 
 
-def test_tag_without_a_readable_split_says_why(tmp_path, capsys):
+def test_tag_without_a_readable_split_says_why(tmp_path, capsys, caplog):
     data = {"videos": [{"video_id": "video0", "split": "train"}], "sentences": [{"video_id": "video0", "caption": 5}]}
     (tmp_path / "MSRVTT_data.json").write_text(json.dumps(data))
     with pytest.raises(AnnotationError, match=r"^[^;]*MSRVTT_data.json: sentences\[0\]: caption is not a string \(5\)$"):
-        read_captions(tmp_path / "MSRVTT_data.json")  # each split failed alike: said once
+        read_captions(tmp_path / "MSRVTT_data.json")  # the file's fault: said once, not per split
     (tmp_path / "raw-captions.pkl").write_bytes(b"not a pickle")
-    (tmp_path / "train_list.txt").write_text("video0\n")
-    with pytest.raises(AnnotationError, match=r"raw-captions.pkl: not a readable pickle .*; .*val_list.txt: split list not found"):
+    with pytest.raises(AnnotationError, match=r"raw-captions.pkl: no split found \(.*train_list.txt: split list not "
+                                              r"found; .*val_list.txt: .*test_list.txt: split list not found\)$"):
         read_captions(tmp_path / "raw-captions.pkl")
+    (tmp_path / "train_list.txt").write_text("video0\n")
+    with pytest.raises(AnnotationError, match=r"^[^;]*raw-captions.pkl: not a readable pickle [^;]*$"):
+        read_captions(tmp_path / "raw-captions.pkl")  # the fault of the file, not that val and test are missing
+    (tmp_path / "raw-captions.pkl").write_bytes(pickle.dumps({"video0": [["a", "cat", "sleeps"]]}))
+    caplog.clear()
+    assert read_captions(tmp_path / "raw-captions.pkl") == ["a cat sleeps"]  # the splits it has
+    assert "split val not read" in caplog.text and "split test not read" in caplog.text
+    assert "split train not read" not in caplog.text
     argv = ["tag", str(tmp_path / "MSRVTT_data.json"), "--out", str(tmp_path / "tags.json"), "--config", "tiny"]
     assert console_main(argv) == 2
     error = capsys.readouterr().err
     assert "stoa-vlp tag: error: " in error and "sentences[0]: caption is not a string (5)" in error
     assert "needs split" not in error
+
+
+def test_tag_reads_captions_without_looking_for_videos(tmp_path, caplog):
+    # raw and prepared copies side by side (no videos/ folder): video ids are ambiguous under the folder
+    data = {"videos": [{"video_id": "video0", "split": "train"}, {"video_id": "video1", "split": "test"}],
+            "sentences": [{"video_id": "video0", "caption": "a red circle moves"},
+                          {"video_id": "video1", "caption": "a blue square grows"}]}
+    (tmp_path / "MSRVTT_data.json").write_text(json.dumps(data))
+    for folder in (tmp_path / "raw_videos", tmp_path / "prepared" / "videos"):
+        folder.mkdir(parents=True)
+        for video_id in ("video0", "video1"):
+            (folder / f"{video_id}.mp4").write_bytes(b"x")
+    assert read_captions(tmp_path / "MSRVTT_data.json") == ["a red circle moves", "a blue square grows"]
+    assert read_captions(tmp_path / "MSRVTT_data.json", splits=["test"]) == ["a blue square grows"]
+    assert "not read" not in caplog.text and "ambiguous" not in caplog.text
+
+
+def test_a_file_without_splits_that_cannot_be_read_is_one_error_without_split_warnings(tmp_path, caplog):
+    path = tmp_path / "captions.jsonl"
+    path.write_text(json.dumps({"video_id": "a", "caption": 5}) + "\n")
+    with pytest.raises(AnnotationError, match=r"^[^;]*captions.jsonl:1: caption is not a string \(5\)$"):
+        read_captions(path)
+    assert "split" not in caplog.text  # it has none: tried once, not once per split
+

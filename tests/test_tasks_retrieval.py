@@ -199,6 +199,19 @@ def test_querybank_captions_are_the_training_captions_read_once(tmp_path, monkey
     assert len(reads) == 1
 
 
+def test_querybank_captions_do_not_look_for_the_training_videos(tmp_path):
+    from stoa_vlp.tasks import pipeline
+
+    # evaluation needs none of them: raw and prepared copies under the training file's folder are no error
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"video_id": "a", "video": "a.mp4", "caption": "a red disc"}) + "\n")
+    for folder in ("raw", "prepared"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.mp4").write_bytes(b"x")
+    config = load_config("tiny", ["task.name=retrieval", f"data.train={train}", "task.qb_norm=true"])
+    assert pipeline.TaskRunner(config, "cpu").querybank_captions == ["a red disc"]
+
+
 def test_contrastive_similarity_is_float32_under_autocast():
     """bf16 cosines in [0.25, 0.5) are 0.002 apart: under autocast half the queries of 1,000 videos
     tied with another video, and ties count against the model."""

@@ -25,7 +25,9 @@ Formats (README: Annotation formats), with the file `path` points at:
 
 Captions are whitespace-normalised (`clean_caption`), as the tag cache keys them.
 Video files are found under `video_root` (default: a `videos` folder beside the annotation file
-if there is one, else its folder) by file name stem, in any video extension, searching subfolders.
+if there is one, else its folder) by file name stem, in any video extension, searching subfolders;
+readers of captions only (`captions_only=True`, as `stoa-vlp tag`) look for none, so videos that are
+missing or ambiguous there do not concern them.
 Empty captions, and videos left without a caption, are dropped with a warning naming file and line
 (errors with strict=True, as evaluation reads its splits);
 structural problems (malformed JSON, missing columns, text that is not UTF-8, fields of the wrong
@@ -57,6 +59,14 @@ SPLITS = ("train", "val", "test")
 
 class AnnotationError(ValueError):
     """An annotation file is malformed; the message names the file and, where known, the line."""
+
+
+class SplitNeededError(AnnotationError):
+    """A file that holds several splits was read without naming one."""
+
+
+class SplitMissingError(AnnotationError):
+    """The split asked for is not there (MSVD's `<split>_list.txt` does not exist)."""
 
 
 @dataclass
@@ -185,13 +195,13 @@ def _json(path: Path):
 
 def _need_split(split: str | None, path: Path) -> str:
     if split not in SPLITS:
-        raise AnnotationError(f"{path}: this format needs split to be one of {', '.join(SPLITS)}, got {split!r}")
+        raise SplitNeededError(f"{path}: this format needs split to be one of {', '.join(SPLITS)}, got {split!r}")
     return split
 
 
 def _id_list(path: Path) -> list[str]:
     if not path.exists():
-        raise AnnotationError(f"{path}: split list not found")
+        raise SplitMissingError(f"{path}: split list not found")
     with open_text(path, AnnotationError) as handle:
         return [line.strip() for line in handle if line.strip()]
 
@@ -548,6 +558,19 @@ def _warn_repeated_clips(path: Path, records: list[VideoRecord]) -> None:
                     sum(repeated.values()) - len(repeated), ", ".join(clip[0] for clip in list(repeated)[:3]))
 
 
+def _video_location(item: tuple, root: Path, files: _VideoFiles | None) -> str:
+    """Where the video of a reader's item is: the file the item names (jsonl, webvid and webdataset
+    items; relative to `root`), else the one `files` finds by the item's id or, where that named file
+    does not exist, by its file name."""
+    if len(item) < 5:
+        return files.path(item[0])
+    given = item[4]
+    location = given if "::" in given or os.path.isabs(given) else str(root / given)
+    if files is not None and not os.path.exists(location):
+        location = files.path(os.path.basename(given))
+    return location
+
+
 _counts_logged: dict[tuple[str, str, str | None], tuple[int, int]] = {}  # (file, format, split) -> counts said
 
 
@@ -557,9 +580,13 @@ def read_annotations(
     split: str | None = None,
     video_root: str | Path | None = None,
     strict: bool = False,
+    captions_only: bool = False,
 ) -> list[VideoRecord]:
     """Read an annotation file of any supported format into VideoRecords (videos without a
-    usable caption are dropped with a warning)."""
+    usable caption are dropped with a warning). With `captions_only`, no video file is looked for
+    and every record's path is "": searching the video root for each id costs a walk of its tree
+    and fails where two files share an id (raw and prepared copies side by side), which a reader
+    of captions should not."""
     path = existing_annotations(path)
     format = detect_format(path) if format == "auto" else format
     if format not in FORMATS:
@@ -583,7 +610,8 @@ def read_annotations(
 
     base = path if path.is_dir() else path.parent
     root = Path(video_root) if video_root else (base / "videos" if (base / "videos").is_dir() else base)
-    files = _VideoFiles(root, path) if format not in ("webdataset", "webvid") else None
+    looked_up = not captions_only and format not in ("webdataset", "webvid")
+    files = _VideoFiles(root, path) if looked_up else None
     records = []
     without = []
     for item in items:
@@ -591,13 +619,7 @@ def read_annotations(
         if not texts:
             without.append(video_id)
             continue
-        if len(item) == 5:  # the item names its own file (jsonl, webvid, webdataset)
-            given = item[4]
-            location = given if "::" in given or os.path.isabs(given) else str(root / given)
-            if files is not None and not os.path.exists(location):
-                location = files.path(os.path.basename(given))
-        else:
-            location = files.path(video_id)
+        location = "" if captions_only else _video_location(item, root, files)
         records.append(VideoRecord(video_id, location, start, end, texts))
     if without and strict:  # an evaluation split: leaving them out would shrink its candidates
         raise AnnotationError(f"{path}: {len(without)} videos have no caption (e.g. {without[0]})")

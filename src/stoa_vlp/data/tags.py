@@ -233,9 +233,9 @@ class PackedTags:
 
 def read_captions(path: str | Path, format: str = "auto", splits: list[str] | None = None) -> list[str]:
     """Every caption of an annotation file: a plain text file (one caption per line) or any format
-    `annotations.read_annotations` reads. Without `splits`, a format that needs one is read for
-    each split it has."""
-    from stoa_vlp.data.annotations import SPLITS, AnnotationError, clean_caption, read_annotations
+    `annotations.read_annotations` reads (its captions only: no video is looked for). Without
+    `splits`, a format that needs one is read for each split it has."""
+    from stoa_vlp.data.annotations import SplitNeededError, clean_caption
 
     path = Path(path)
     if not path.exists():
@@ -244,23 +244,39 @@ def read_captions(path: str | Path, format: str = "auto", splits: list[str] | No
         with open_text(path) as handle:
             return [clean_caption(line) for line in handle.read().splitlines() if line.strip()]
     if splits:
-        records = [r for split in splits for r in read_annotations(path, format=format, split=split)]
-    else:
-        try:
-            records = read_annotations(path, format=format)
-        except AnnotationError:
-            records, read, errors = [], [], []
-            for split in SPLITS:
-                try:
-                    records += read_annotations(path, format=format, split=split)
-                    read.append(split)
-                except AnnotationError as error:
-                    log.warning("%s: split %s not read: %s", path, split, error)
-                    errors.append(str(error))
-            if not read:  # the splits' errors say why, the first only that a split is needed
-                raise AnnotationError("; ".join(dict.fromkeys(errors))) from None
-            log.info("%s: read splits %s", path, ", ".join(read))
+        return [caption for split in splits for caption in _split_captions(path, format, split)]
+    try:
+        return _split_captions(path, format)
+    except SplitNeededError:
+        return _captions_of_every_split(path, format)
+
+
+def _split_captions(path: Path, format: str, split: str | None = None) -> list[str]:
+    """The captions of an annotation file (of one split of it), read without looking for its videos."""
+    from stoa_vlp.data.annotations import read_annotations
+
+    records = read_annotations(path, format, split, captions_only=True)
     return [caption for record in records for caption in record.captions]
+
+
+def _captions_of_every_split(path: Path, format: str) -> list[str]:
+    """The captions of each split of a file that needs one to be named. A split the file lacks (an
+    MSVD folder without its val_list.txt) is a warning when another split was read, an error when
+    none was; any other fault is the error of the file, said once."""
+    from stoa_vlp.data.annotations import SPLITS, AnnotationError, SplitMissingError
+
+    captions, missing = [], {}
+    for split in SPLITS:
+        try:
+            captions += _split_captions(path, format, split)
+        except SplitMissingError as error:
+            missing[split] = str(error)
+    if len(missing) == len(SPLITS):
+        raise AnnotationError(f"{path}: no split found ({'; '.join(missing.values())})")
+    for split, error in missing.items():
+        log.warning("%s: split %s not read: %s", path, split, error)
+    log.info("%s: read splits %s", path, ", ".join(split for split in SPLITS if split not in missing))
+    return captions
 
 
 def tag_file(

@@ -239,15 +239,17 @@ class TaskRunner:
             self._video_paths(sorted({item.video_id for item in items}), self._split_file(split))
         self._report_coverage(split, (item.video_id for item in items))
 
-    def _records(self, split: str) -> list[VideoRecord]:
+    def _records(self, split: str, captions_only: bool = False) -> list[VideoRecord]:
         path = self._split_file(split)
         data = self.config.data
-        return read_annotations(path, data.format, split, data.video_root or None, strict=True)
+        return read_annotations(path, data.format, split, data.video_root or None, strict=True,
+                                captions_only=captions_only)
 
     @functools.cached_property
     def querybank_captions(self) -> list[str]:
-        """QB-Norm's query bank: the training captions, read once however often the model is evaluated."""
-        return [caption for record in self._records("train") for caption in record.captions]
+        """QB-Norm's query bank: the training captions, read once however often the model is evaluated,
+        without looking for the training videos (evaluation needs none of them)."""
+        return [caption for record in self._records("train", captions_only=True) for caption in record.captions]
 
     def _split_file(self, split: str) -> str:
         path = getattr(self.config.data, split)
