@@ -3,11 +3,16 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from stoa_vlp.cli import console_main, main
 from stoa_vlp.config import load_config
+from stoa_vlp.data.dataset import WARNINGS_PER_REASON
+from stoa_vlp.data.synth import write_video
 from stoa_vlp.model import VideoFeatures, build_model
+from stoa_vlp.model.checkpoint import save_pretrained
 from stoa_vlp.tasks.retrieval import contrastive_similarity, encode_texts, logit_scale_value, match_probability
 from stoa_vlp.tasks.search import SearchIndex, load_index, save_index, search
 from stoa_vlp.tokenizer import Tokenizer
@@ -112,3 +117,37 @@ def test_an_unreadable_index_is_an_error_naming_the_file(tmp_path):
     features.write_bytes(features.read_bytes()[:40])
     with pytest.raises(ValueError, match="features.safetensors: not a readable safetensors file"):
         load_index(folder)
+
+
+def tiny_checkpoint(folder):
+    """A checkpoint folder as `index` reads one (model.safetensors, state.json) of an untrained tiny model."""
+    config = load_config("tiny", ["train.device=cpu", "model.image_size=32"])
+    torch.manual_seed(0)
+    save_pretrained(build_model(config.model), folder)
+    (folder / "state.json").write_text(json.dumps({"config": config.to_dict()}))
+    return folder
+
+
+def test_index_leaves_out_unreadable_videos_and_counts_them(tmp_path, caplog, capsys):
+    # it stopped at the first one, writing no index, while prepare and detect skip and count them
+    checkpoint = tiny_checkpoint(tmp_path / "checkpoint")
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    for video_id in ("a", "z"):
+        write_video(folder / f"{video_id}.mp4", np.zeros((4, 32, 32, 3), np.uint8), fps=4)
+    broken = [folder / f"broken{number:02d}.mp4" for number in range(WARNINGS_PER_REASON + 2)]
+    for path in broken:
+        path.write_bytes(b"not a video")
+    argv = ["index", str(folder), "--checkpoint", str(checkpoint), "--no-progress"]
+    assert main([*argv, "--output", str(tmp_path / "index")]) == 0
+    index = load_index(tmp_path / "index")
+    assert index.video_ids == ["a", "z"] and index.paths == [str(folder / "a.mp4"), str(folder / "z.mp4")]
+    assert f"{len(broken)} unreadable videos skipped (see the warnings above)" in capsys.readouterr().out
+    named = [path for path in broken if f"{path}: not a readable video" in caplog.text]
+    assert named == broken[:WARNINGS_PER_REASON]  # the first ones by name, the others only counted
+    for video_id in ("a", "z"):
+        (folder / f"{video_id}.mp4").write_bytes(b"cut short")
+    assert console_main([*argv, "--output", str(tmp_path / "none")]) == 2
+    assert (f"stoa-vlp index: error: {folder}: none of its {len(broken) + 2} videos could be read"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "none").exists()

@@ -26,9 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     from stoa_vlp.commands.task_common import checkpoint_config, file_records, inference_detections, inference_model
     from stoa_vlp.data.video_files import find_videos
-    from stoa_vlp.tasks.data import video_loader
-    from stoa_vlp.tasks.retrieval import encode_videos
-    from stoa_vlp.tasks.search import SearchIndex, save_index, weights_stamp
+    from stoa_vlp.tasks.search import SearchIndex, encode_readable_videos, save_index, weights_stamp
 
     found = find_videos([args.folder])
     if not found:
@@ -36,13 +34,14 @@ def run(args: argparse.Namespace) -> int:
     checkpoint, config, model, device = inference_model(args)
     records = file_records([path for _, path in found], "video")
     detections, label_vocab = inference_detections(config, records)
-    loader = video_loader(records, config, detections, label_vocab)
-    ids, videos = encode_videos(model, loader, device, progress=not args.no_progress)
+    ids, videos, unreadable = encode_readable_videos(model, records, config, detections, label_vocab, device,
+                                                     args.folder, progress=not args.no_progress)
     paths = {record.video_id: str(Path(record.path).resolve()) for record in records}
     trained, _ = checkpoint_config(checkpoint, [])
     info = {"checkpoint": str(checkpoint.resolve()), "weights": weights_stamp(checkpoint), "config": config.to_dict(),
             "trained_model": trained.to_dict()["model"]}
     save_index(args.output, SearchIndex(ids, [paths[i] for i in ids], videos, info))
     print(f"indexed {len(ids)} videos from {args.folder} into {args.output} "
-          f"({config.model.frames} frames at {config.model.image_size} px, checkpoint {checkpoint})")
+          f"({config.model.frames} frames at {config.model.image_size} px, checkpoint {checkpoint})"
+          + (f"; {unreadable} unreadable videos skipped (see the warnings above)" if unreadable else ""))
     return 0

@@ -2,10 +2,11 @@
 
 An index is a folder: `features.safetensors` (the VideoFeatures fields of every video) and
 `index.json` ({"video_ids", "paths", "checkpoint", "config"}: the model config and preprocessing
-the features were computed with). A query is ranked by the contrastive cosine against every
-video, then its top `rerank_k` are re-ranked by the fusion encoder's matching head with the same
-fusion as retrieval evaluation (softmax over the top-k of the scaled cosine times P(matched),
-taken as a log so that small products stay apart).
+the features were computed with); videos that cannot be read are left out of it, logged and
+counted (`encode_readable_videos`), as `prepare` and `detect` skip them. A query is ranked by the
+contrastive cosine against every video, then its top `rerank_k` are re-ranked by the fusion
+encoder's matching head with the same fusion as retrieval evaluation (softmax over the top-k of the
+scaled cosine times P(matched), taken as a log so that small products stay apart).
 """
 
 from __future__ import annotations
@@ -19,11 +20,23 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
 
+from stoa_vlp.batch import Batch
+from stoa_vlp.config import Config
+from stoa_vlp.data.annotations import VideoRecord
+from stoa_vlp.data.dataset import BadSample, SkipCounter, VideoTextDataset, collate
 from stoa_vlp.data.jsonl import read_json_object
 from stoa_vlp.metrics.retrieval import nan_lowest
 from stoa_vlp.model import VideoFeatures
-from stoa_vlp.tasks.retrieval import contrastive_similarity, encode_texts, logit_scale_value, match_log_odds
+from stoa_vlp.tasks.data import evaluation_loader
+from stoa_vlp.tasks.retrieval import (
+    contrastive_similarity,
+    encode_texts,
+    encode_videos,
+    logit_scale_value,
+    match_log_odds,
+)
 from stoa_vlp.tokenizer import Tokenizer
 
 FEATURES_FILE = "features.safetensors"
@@ -53,6 +66,66 @@ class SearchHit:
     score: float  # final ranking score (log of the fusion score for the re-ranked top-k, else cosine)
     cosine: float  # contrastive similarity
     match: float | None  # P(matched) from the matching head, for re-ranked hits
+
+
+class _ReadableClips(Dataset):
+    """The clips of a dataset of videos (`items="videos"`), None for a video it cannot read: its
+    SkipCounter counts those and logs them by name (the first few per process)."""
+
+    def __init__(self, dataset: VideoTextDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        self.dataset.skips.seen()
+        try:
+            return self.dataset[index]
+        except BadSample as error:
+            self.dataset.skips.skip(error.reason, str(error))
+            return None
+
+
+def _collate_readable(samples: list) -> Batch | None:
+    """The Batch of the clips that could be read; None when none could."""
+    readable = [sample for sample in samples if sample is not None]
+    return collate(readable) if readable else None
+
+
+class _ReadBatches:
+    """The batches of a loader of `_ReadableClips` that hold a clip, with the loader's length (the
+    progress bar's total); a ValueError naming `source` at the end when no video could be read."""
+
+    def __init__(self, loader, source: str):
+        self.loader = loader
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        read = False
+        for batch in self.loader:
+            if batch is not None:
+                read = True
+                yield batch
+        if not read:
+            raise ValueError(f"{self.source}: none of its {len(self.loader.dataset)} videos could be read "
+                             "(see the warnings above); no index written")
+
+
+def encode_readable_videos(model, records: list[VideoRecord], config: Config, detections, label_vocab, device,
+                           source: str, progress: bool = False) -> tuple[list[str], VideoFeatures, int]:
+    """(video ids, VideoFeatures, unreadable videos) of the records' videos, one clip each. A video
+    that cannot be read (not a video, cut short, damaged) is left out with a warning naming it and
+    counted, so that one bad file of a collection does not stop its index; a ValueError naming
+    `source` when none could be read."""
+    skips = SkipCounter(max_share=1.0)  # never too many: the index holds what could be read
+    dataset = VideoTextDataset(records, config, False, detections, label_vocab, items="videos", skips=skips)
+    loader = evaluation_loader(_ReadableClips(dataset), config, _collate_readable)
+    ids, videos = encode_videos(model, _ReadBatches(loader, source), device, progress)
+    return ids, videos, sum(skips.skipped.values())
 
 
 def save_index(folder: str | Path, index: SearchIndex) -> None:
