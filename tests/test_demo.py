@@ -94,3 +94,35 @@ def test_clip_counts_cannot_be_given_with_a_world(tmp_path):
 
     with pytest.raises(ValueError, match="--world w brings its own clips: --train-clips"):
         main(["demo", "--world", "w", "--val-clips", "0", "--output", str(tmp_path / "demo")])
+
+
+@pytest.mark.parametrize("setting, problem", [
+    ("train.stesp=3", "unknown config key 'train.stesp'"),
+    ("model.frames=0", "model.frames must be at least 1, got 0"),
+    ("task.beam_size=0", "task.beam_size must be at least 1, got 0"),  # checked by the captioning stage's config
+])
+def test_a_demo_that_cannot_start_writes_nothing(tmp_path, setting, problem):
+    folder = tmp_path / "demo"
+    with pytest.raises(ValueError, match=problem):
+        main(["demo", "--output", str(folder), "--set", setting])
+    assert not folder.exists()  # no rendered world that a corrected rerun would call "not empty"
+
+
+def test_a_failed_demo_is_checked_as_pretrain_and_can_be_overwritten(tmp_path, caplog):
+    def fail(run):
+        raise RuntimeError("stopped after the world")
+
+    folder = tmp_path / "demo"
+    settings = DemoSettings(train_clips=1, val_clips=0, test_clips=1, render_workers=1, overrides=["train.steps=20"])
+    with pytest.raises(RuntimeError, match="stopped after the world"):
+        run_demo(settings, folder, stages=[DEMO_STAGES[0], ("fail", fail)])
+    assert "train.warmup_steps=20 is not below train.steps=20" in caplog.text  # as pretrain warns
+    assert sorted(path.name for path in folder.iterdir()) == ["demo_metrics.json", "world"]
+    with pytest.raises(CheckpointError, match="is not empty; pass --overwrite"):
+        run_demo(settings, folder, stages=[])
+    run_demo(settings, folder, stages=[], overwrite=True)  # the failed demo's folder, replaced
+    assert not (folder / "world").exists()
+    (folder / "mine.txt").write_text("not a demo's")
+    (folder / "demo_metrics.json").unlink()
+    with pytest.raises(CheckpointError, match="does not hold a stoa-vlp demo"):
+        run_demo(settings, folder, stages=[], overwrite=True)

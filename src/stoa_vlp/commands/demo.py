@@ -20,7 +20,8 @@ EXAMPLES = """examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR", help="folder for everything the demo writes (default runs/demo-<time>)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a folder that holds a previous demo")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a folder that holds a previous demo, finished or failed")
     parser.add_argument("--train-clips", type=positive_int, help=f"training clips (default {CLIPS['train']})")
     parser.add_argument("--val-clips", type=non_negative_int,
                         help=f"validation clips, 0 for none (default {CLIPS['val']})")
@@ -37,19 +38,9 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from stoa_vlp.train.checkpointing import RUN_MARKER, CheckpointError
-    from stoa_vlp.train.demo import REPORT_FILE, DemoSettings, run_demo
+    from stoa_vlp.train.demo import DemoSettings, run_demo
 
     folder = Path(args.output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    if folder.exists() and any(folder.iterdir()):
-        previous = (folder / REPORT_FILE).exists() or (folder / "pretrain" / RUN_MARKER).exists()
-        if not args.overwrite:
-            raise CheckpointError(f"{folder} is not empty; pass --overwrite to replace it or choose another --output")
-        if not previous:
-            raise CheckpointError(f"--overwrite: {folder} does not hold a stoa-vlp demo; refusing to delete it")
-        import shutil
-
-        shutil.rmtree(folder)
     counts = {split: getattr(args, f"{split}_clips") for split in CLIPS}
     if args.world and any(count is not None for count in counts.values()):
         raise ValueError(f"--world {args.world} brings its own clips: --train-clips, --val-clips and --test-clips "
@@ -59,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         train_clips=counts["train"], val_clips=counts["val"], test_clips=counts["test"], seed=args.seed,
         overrides=args.overrides, world=args.world,
     )
-    demo = run_demo(settings, folder)
+    demo = run_demo(settings, folder, overwrite=args.overwrite)
     written = ", ".join(sorted(path.name + "/" * path.is_dir() for path in folder.iterdir()))
     print(f"\ndemo finished in {demo.seconds['total']:.0f} s; everything is in {folder}/ ({written})")
     return 0

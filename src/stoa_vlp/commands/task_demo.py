@@ -26,6 +26,13 @@ def stage_config(run, task: str, overrides: list[str]):
     return task_config(config, task)
 
 
+def check_stage_configs(run) -> None:
+    """Build each stage's config once before the demo writes anything: a setting only a task checks
+    (task.beam_size, QA's answer slot within model.fusion_positions) fails before the world is rendered."""
+    for task in STEPS_SHARE:
+        stage_config(run, task, [])
+
+
 def fine_tune(run, config, runner):
     """Train the task module from the pre-trained demo weights; returns (module, TrainResult)."""
     from stoa_vlp.commands.common import keep_label_vocab, seed_everything

@@ -12,6 +12,9 @@ The demo is a list of stages, `DEMO_STAGES`, run in order over one `DemoRun`:
 Each stage records its metrics in `run.metrics[name]`, adds a Markdown section to `run.report`
 and may print a table. A later task adds its own stage by appending `(name, function)` to
 `DEMO_STAGES` (the trained model is `run.model`, the config `run.config`, the world `run.world`).
+The config (the pre-training's and each downstream stage's) is checked before anything is written,
+so a demo that cannot start leaves no folder behind; demo_metrics.json is written first and after
+every stage, so a folder that a failed demo left is recognised as one (--overwrite replaces it).
 At the end the folder holds report.md, demo_metrics.json, the world, the tag cache, the run's
 checkpoints, metrics.jsonl and TensorBoard events.
 """
@@ -22,6 +25,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +33,10 @@ from typing import Any, Callable
 
 import torch
 
-from stoa_vlp.commands.task_demo import DOWNSTREAM_STAGES
+from stoa_vlp.commands.common import check_settings
+from stoa_vlp.commands.task_demo import DOWNSTREAM_STAGES, check_stage_configs
 from stoa_vlp.config import Config, load_config, path_override
+from stoa_vlp.train.checkpointing import CheckpointError
 from stoa_vlp.train.logging import format_table
 
 log = logging.getLogger(__name__)
@@ -70,7 +76,7 @@ class DemoRun:
     settings: DemoSettings
     folder: Path
     config: Config | None = None
-    world: Any = None  # stoa_vlp.data.synth.WorldPaths
+    world: Any = None  # stoa_vlp.data.synth.WorldPaths (before the world stage: where it renders, no video ids)
     model: Any = None  # the trained stoa_vlp.model.STOAVLP (CPU, eval mode)
     checkpoint: Path | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -79,6 +85,14 @@ class DemoRun:
 
 
 DemoStage = Callable[[DemoRun], None]
+
+
+def world_files(settings: DemoSettings, folder: Path):
+    """The world's files: the reused world's (read now, so that a wrong --world fails before anything
+    is written), or those the world stage renders into folder/world."""
+    from stoa_vlp.data.synth import world_paths
+
+    return world_paths(settings.world) if settings.world else world_paths(folder / "world", video_ids={})
 
 
 def demo_config(run: DemoRun) -> Config:
@@ -98,11 +112,10 @@ def demo_config(run: DemoRun) -> Config:
 
 
 def render_stage(run: DemoRun) -> None:
-    from stoa_vlp.data.synth import render_world, world_paths
+    from stoa_vlp.data.synth import render_world
 
     s = run.settings
     if s.world:
-        run.world = world_paths(s.world)
         counts = {split: len(ids) for split, ids in run.world.video_ids.items()}
         s.train_clips, s.val_clips, s.test_clips = counts["train"], counts["val"], counts["test"]
         where = f"`{s.world}` (rendered earlier)"
@@ -112,7 +125,6 @@ def render_stage(run: DemoRun) -> None:
             workers=s.render_workers,
         )
         where = "`world/`"
-    run.config = demo_config(run)
     run.metrics["world"] = {"train_clips": s.train_clips, "val_clips": s.val_clips, "test_clips": s.test_clips}
     run.report.append(
         "## Synthetic world\n\n"
@@ -302,10 +314,36 @@ DEMO_STAGES: list[tuple[str, DemoStage]] = [
 ]
 
 
-def run_demo(settings: DemoSettings, folder: Path, stages: list[tuple[str, DemoStage]] | None = None) -> DemoRun:
-    """Run the stages into `folder`, then write report.md and demo_metrics.json there."""
-    run = DemoRun(settings=settings, folder=Path(folder))
+def prepare_folder(folder: Path, overwrite: bool) -> None:
+    """Refuse a folder that is not empty unless `overwrite`, and then delete it only when a demo wrote it,
+    finished or not (it holds demo_metrics.json)."""
+    if not folder.exists() or not any(folder.iterdir()):
+        return
+    if not overwrite:
+        raise CheckpointError(f"{folder} is not empty; pass --overwrite to replace it or choose another --output")
+    if not (folder / METRICS_FILE).is_file():
+        raise CheckpointError(f"--overwrite: {folder} does not hold a stoa-vlp demo; refusing to delete it")
+    shutil.rmtree(folder)
+
+
+def write_metrics(run: DemoRun) -> None:
+    """demo_metrics.json with the stages done so far: written first, it marks a folder that a failed demo
+    left as a demo's for --overwrite."""
+    with open(run.folder / METRICS_FILE, "w") as handle:
+        json.dump({"metrics": run.metrics, "seconds": run.seconds}, handle, indent=2)
+
+
+def run_demo(settings: DemoSettings, folder: Path, stages: list[tuple[str, DemoStage]] | None = None,
+             overwrite: bool = False) -> DemoRun:
+    """Check the config, prepare `folder` (`prepare_folder`), run the stages into it (demo_metrics.json
+    records those done), then write report.md there."""
+    run = DemoRun(settings=settings, folder=Path(folder), world=world_files(settings, Path(folder)))
+    run.config = demo_config(run)
+    check_settings(run.config)  # as `pretrain` checks its config, and the stages theirs
+    check_stage_configs(run)
+    prepare_folder(run.folder, overwrite)
     run.folder.mkdir(parents=True, exist_ok=True)
+    write_metrics(run)
     started = time.perf_counter()
     threads = torch.get_num_threads()
     # leave a core to the decoding worker (data.num_workers=1): oversubscribed OpenMP threads spin
@@ -316,12 +354,12 @@ def run_demo(settings: DemoSettings, folder: Path, stages: list[tuple[str, DemoS
             stage_started = time.perf_counter()
             stage(run)
             run.seconds[name] = time.perf_counter() - stage_started
+            write_metrics(run)
     finally:
         torch.set_num_threads(threads)
     run.seconds["total"] = time.perf_counter() - started
     timing = format_table(["stage", "seconds"], [[name, round(value, 1)] for name, value in run.seconds.items()])
     report = ["# stoa-vlp demo\n", *run.report, f"## Time\n\n{timing}\n"]
     (run.folder / REPORT_FILE).write_text("\n".join(report))
-    with open(run.folder / METRICS_FILE, "w") as handle:
-        json.dump({"metrics": run.metrics, "seconds": run.seconds}, handle, indent=2)
+    write_metrics(run)
     return run
