@@ -103,15 +103,21 @@ def test_a_given_answer_vocabulary_is_used_and_kept_with_the_run(tmp_path):
     config = load_config("tiny", ["task.name=qa", f"task.answer_vocab={alpro}", f"data.train={questions}"])
     runner = TaskRunner(config, "cpu", tmp_path / "run", fine_tuning=True)
     assert runner.answers.answers == ["blue", "red", "two"]  # the file's labels, not the training answers
+    assert not (tmp_path / "run").exists()  # saved once the run's checks have passed
+    runner.save_answers()
     assert json.loads((tmp_path / "run" / "answers.json").read_text()) == {"blue": 0, "red": 1, "two": 2}
     config.task.answer_vocab = ""
     assert TaskRunner(config, "cpu", tmp_path / "run").answers.answers == ["blue", "red", "two"]  # the run's own
-    assert TaskRunner(config, "cpu", tmp_path / "other", fine_tuning=True).answers.answers == ["green"]
+    other = TaskRunner(config, "cpu", tmp_path / "other", fine_tuning=True)
+    assert other.answers.answers == ["green"]
+    other.save_answers()
     # a new fine-tuning into a folder a failed attempt left answers.json in takes its own configuration's
     # answers (the old file won silently); resuming keeps the run's
     config.task.answer_vocab = str(alpro)
     assert TaskRunner(config, "cpu", tmp_path / "other", fine_tuning=True, resume=True).answers.answers == ["green"]
-    assert TaskRunner(config, "cpu", tmp_path / "other", fine_tuning=True).answers.answers == ["blue", "red", "two"]
+    again = TaskRunner(config, "cpu", tmp_path / "other", fine_tuning=True)
+    assert again.answers.answers == ["blue", "red", "two"]
+    again.save_answers()
     assert json.loads((tmp_path / "other" / "answers.json").read_text()) == {"blue": 0, "red": 1, "two": 2}
     config.task.answer_vocab = ""
     with pytest.raises(FileNotFoundError, match="elsewhere/answers.json does not exist: it holds the answers"):

@@ -46,16 +46,26 @@ def test_pretrain_command_resumes_and_guards_finished_runs(tmp_path, caplog):
     assert [r["step"] for r in val] == [2, 3] and val[0]["num_videos"] == 2.0  # train.val_max_clips
 
 
-@pytest.mark.parametrize("command", [["pretrain"], ["finetune", "--task", "retrieval"]])
-def test_a_run_that_cannot_start_writes_nothing(tmp_path, command):
-    world = render_world(tmp_path / "world", train=2, val=0, test=0, seconds=1.0, fps=4.0, captions_per_clip=1)
+@pytest.mark.parametrize("command, problem", [
+    (["pretrain"], "train.eval_every must be at least 1, got 0"),
+    (["finetune", "--task", "retrieval"], "train.eval_every must be at least 1, got 0"),
+    (["finetune", "--task", "qa"], "1 videos not found"),  # found after the answer list was built
+])
+def test_a_run_that_cannot_start_writes_nothing(tmp_path, command, problem):
+    world = render_world(tmp_path / "world", train=2, val=1, test=0, seconds=1.0, fps=4.0, captions_per_clip=1)
     run = tmp_path / "run"
-    argv = [*command, "--config", "tiny", "--output", str(run), "--set", f"data.train={world.annotations}",
-            "--set", f"data.video_root={world.videos}", "--set", f"data.detections={world.detections}",
-            "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.eval_every=0"]
-    with pytest.raises(ValueError, match="train.eval_every must be at least 1, got 0"):
+    train, val = (world.qa["train"], world.qa["val"]) if "qa" in command else (world.annotations, "")
+    argv = [*command, "--config", "tiny", "--output", str(run), "--set", f"data.train={train}",
+            "--set", f"data.val={val}", "--set", f"data.video_root={world.videos}",
+            "--set", f"data.detections={world.detections}", "--set", "train.progress=false",
+            "--set", "train.tensorboard=false"]
+    if "qa" in command:
+        (world.videos / f"{world.video_ids['val'][0]}.mp4").unlink()
+    else:
+        argv += ["--set", "train.eval_every=0"]
+    with pytest.raises(ValueError, match=problem):
         main(argv)
-    assert not run.exists()  # nothing (no label_vocab.json) that --overwrite would refuse to delete
+    assert not run.exists()  # nothing (no label_vocab.json, answers.json) that --overwrite would refuse to delete
 
 
 @pytest.mark.parametrize("command", [["pretrain"], ["finetune", "--task", "retrieval"], ["finetune", "--task", "qa"],

@@ -88,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
             runner.check_split("val", config.train.val_max_clips)  # validation reads only those
         if args.test:
             runner.check_split("test")
-        keep_label_vocab(config, runner.label_vocab, run_dir, env)
         if config.data.val and config.data.test and env.is_main:
             warn_if_validation_sees_test(runner)
         if init is None and not args.resume and env.is_main:  # a resumed run's towers come from its checkpoint
@@ -100,7 +99,11 @@ def run(args: argparse.Namespace) -> int:
         module = runner.module(model)
         dataset, collate = runner.train_data(env.rank, env.world_size)  # shards are split over the ranks
         evaluate = runner.evaluator("val") if config.data.val else None
-        result = Trainer(config, module, dataset, collate, run_dir, env, evaluate).fit(resume=args.resume)
+        trainer = Trainer(config, module, dataset, collate, run_dir, env, evaluate)
+        keep_label_vocab(config, runner.label_vocab, run_dir, env)  # last: a run that cannot start writes nothing
+        if env.is_main:
+            runner.save_answers()
+        result = trainer.fit(resume=args.resume)
         if not env.is_main:
             return 0
         selected = best_checkpoint(run_dir) or list_checkpoints(run_dir)[-1]

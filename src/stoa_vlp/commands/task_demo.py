@@ -47,6 +47,7 @@ def fine_tune(run, config, runner):
     dataset, collate = runner.train_data()
     env = DistEnv.current(config.train.device)
     keep_label_vocab(config, runner.label_vocab, config.train.output_dir, env)  # a copied run keeps its ids
+    runner.save_answers()  # QA: the answers its head is trained on, for `stoa-vlp evaluate` of the run
     result = Trainer(config, module, dataset, collate, config.train.output_dir, env, None).fit()
     return module.eval(), result
 

@@ -115,9 +115,9 @@ def first_videos(items: list, count: int) -> list:
 class TaskRunner:
     """Builds the task's module, training data and evaluations from a Config.
 
-    run_dir: the run folder, where fine-tuning (`fine_tuning`) saves the QA answer vocabulary and
-    evaluation reads it: the answers the trained head's outputs stand for. A resumed fine-tuning
-    (`resume`) reads the run's own.
+    run_dir: the run folder, where fine-tuning (`fine_tuning`) saves the QA answer vocabulary
+    (`save_answers`) and evaluation reads it: the answers the trained head's outputs stand for. A
+    resumed fine-tuning (`resume`) reads the run's own.
     """
 
     def __init__(self, config: Config, device, run_dir: str | Path | None = None, fine_tuning: bool = False,
@@ -147,8 +147,8 @@ class TaskRunner:
     def _answer_vocab(self):
         """The run's answers (RUN/answers.json) when evaluating a run (which requires them) or resuming
         its fine-tuning. A new fine-tuning, or a runner without a run folder, takes task.answer_vocab's,
-        else the task.answers most frequent training answers, and fine-tuning saves them in the run
-        folder (replacing any a failed earlier attempt left there)."""
+        else the task.answers most frequent training answers (not those a failed earlier attempt left
+        in the run folder)."""
         from stoa_vlp.tasks.qa import AnswerVocab, read_questions
 
         saved = self.run_dir / ANSWERS_FILE if self.run_dir is not None else None
@@ -165,10 +165,15 @@ class TaskRunner:
         else:
             raise ValueError("QA needs its answer vocabulary: set data.train (QA JSONL) or task.answer_vocab, "
                              f"or keep {ANSWERS_FILE} in the run folder")
-        if saved is not None:  # fine-tuning
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            vocab.save(saved)
         return vocab
+
+    def save_answers(self) -> None:
+        """Fine-tuning QA: save the answers as RUN/answers.json (replacing any that a failed earlier
+        attempt left), for evaluation. Called once the run's checks have passed, not at set-up, so
+        that a run that cannot start leaves no file behind."""
+        if self.answers is not None and self.fine_tuning and self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.answers.save(self.run_dir / ANSWERS_FILE)
 
     def module(self, model: nn.Module) -> nn.Module:
         """The module the Trainer optimises (and whose state dict a checkpoint holds)."""
