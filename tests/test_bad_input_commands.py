@@ -10,6 +10,7 @@ from stoa_vlp.cli import console_main
 from stoa_vlp.config import load_config
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.data.synth import write_video
+from stoa_vlp.tasks.pipeline import task_config
 from stoa_vlp.tasks.retrieval import evaluate_retrieval_records, require_distinct_clips
 
 
@@ -64,6 +65,45 @@ def test_refusals_exit_with_status_2_and_one_error_line(tmp_path, capsys):
     finetune = ["finetune", "--task", "retrieval", "--config", "tiny", "--test", "--output", str(tmp_path / "ft")]
     assert console_main(finetune) == 2
     assert error_line(capsys).startswith("stoa-vlp finetune: error: --test needs data.test")
+
+
+def test_a_checkpoint_fine_tuned_for_another_task_is_refused_naming_both(tmp_path, capsys):
+    """caption refuses a QA run as answer refuses a captioning run (a QA run captioned gibberish), and
+    evaluate --task names both tasks instead of failing on the first line of the run's other-task file."""
+    qa = checkpoint_folder(tmp_path / "qa", {"config": load_config("tiny", ["task.name=qa"]).to_dict()})
+    captioning = load_config("tiny", ["task.name=captioning"])
+    captioning = checkpoint_folder(tmp_path / "cap", {"config": captioning.to_dict()})
+    assert console_main(["caption", "--checkpoint", str(qa), "clip.mp4"]) == 2
+    assert error_line(capsys).startswith(f"stoa-vlp caption: error: {qa} was trained for qa, not captioning: the qa "
+                                         "fine-tuning moved the weights under its captioning head without training it")
+    assert console_main(["answer", "--checkpoint", str(captioning), "clip.mp4", "what is it?"]) == 2
+    assert error_line(capsys).startswith(f"stoa-vlp answer: error: {captioning} was trained for captioning, not QA")
+    assert console_main(["evaluate", str(qa), "--task", "captioning", "--split", "test"]) == 2
+    assert error_line(capsys).startswith(f"stoa-vlp evaluate: error: {qa} was trained for qa, not captioning")
+    retrieval = task_config(load_config("tiny", ["data.test=world/MSRVTT_data.json"]), "retrieval")
+    retrieval = checkpoint_folder(tmp_path / "ret", {"config": retrieval.to_dict()})
+    assert console_main(["evaluate", str(retrieval), "--task", "mc", "--split", "test"]) == 2  # one module, two files
+    assert error_line(capsys).startswith(
+        "stoa-vlp evaluate: error: data.test world/MSRVTT_data.json comes from the checkpoint's config, where it is "
+        "the retrieval annotation file; mc reads a multiple-choice file: give one with --set data.test=FILE")
+
+
+def test_a_resumed_fine_tuning_keeps_its_task(tmp_path, capsys):
+    """--resume continues the run's own task: --task defaults to it (it was required), and another is
+    refused before the other task's module or data are built."""
+    checkpoint_folder(tmp_path / "qa", {"config": load_config("tiny", ["task.name=qa"]).to_dict()})
+    resume = ["finetune", "--config", "tiny", "--output", str(tmp_path / "qa"), "--resume", "latest"]
+    assert console_main([*resume, "--task", "retrieval"]) == 2
+    assert error_line(capsys).startswith(f"stoa-vlp finetune: error: --task retrieval: {tmp_path / 'qa'}/checkpoints/"
+                                         "step_00000001 was fine-tuned for qa, so --resume continues qa")
+    assert console_main(resume) == 2  # resumed as QA: it needs the run's answers.json or data.train
+    assert "QA needs its answer vocabulary" in error_line(capsys)
+    pretrained = checkpoint_folder(tmp_path / "pretrain", {"config": load_config("tiny").to_dict()})
+    assert console_main(["finetune", "--config", "tiny", "--resume", str(pretrained)]) == 2
+    assert error_line(capsys).startswith(f"stoa-vlp finetune: error: --resume: {pretrained} is a pre-training "
+                                         "checkpoint")
+    assert console_main(["finetune", "--config", "tiny"]) == 2
+    assert error_line(capsys).startswith("stoa-vlp finetune: error: --task is required")
 
 
 def test_search_with_the_checkpoint_of_another_model_is_refused(tmp_path, capsys):

@@ -45,11 +45,15 @@ def test_class_ids_follow_the_pretrained_weights(tmp_path, capsys):
                  "--set", "train.steps=2", "--resume", "latest"]) == 0
     assert LabelVocab.load(saved).names == names
 
-    # evaluated zero-shot as pre-training; QA would need an answer head it does not have
+    # evaluated zero-shot as pre-training, and captions with its prefix-LM head; QA would need an answer
+    # head it does not have
     capsys.readouterr()
     assert main(["evaluate", str(pretrained), "--split", "test", "--set", f"data.test={world.annotations}",
                  "--set", "task.rerank_k=0"]) == 0
     assert "(trained for pre-training); task: retrieval; split: test" in capsys.readouterr().out
+    video = world.videos / f"{world.video_ids['test'][0]}.mp4"
+    assert main(["caption", "--checkpoint", str(pretrained), str(video), "--max-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith(f"{video}\t")
     with pytest.raises(ValueError, match="was trained for pre-training, not QA: its answer head would be untrained"):
         main(["evaluate", str(pretrained), "--task", "qa", "--split", "test"])
     assert not (pretrained / "answers.json").exists()

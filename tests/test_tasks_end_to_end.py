@@ -112,8 +112,8 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
         assert lines[0] == "Q: what shape moves left?" and len(lines) == 3 and lines[1].startswith("A: ")
         with pytest.raises(ValueError, match="the question is empty"):
             main(["answer", "--checkpoint", str(run), str(video), "\t"])
-        assert main(["caption", "--checkpoint", str(run), str(video), "--max-tokens", "3"]) == 0  # its model part
-        assert capsys.readouterr().out.startswith(f"{video}\t")
+        with pytest.raises(ValueError, match="was trained for qa, not captioning"):  # its LM head was not fine-tuned
+            main(["caption", "--checkpoint", str(run), str(video), "--max-tokens", "3"])
     if task == "retrieval":
         index = tmp_path / "index"
         assert main(["index", str(world.videos), "--checkpoint", str(run), "--output", str(index),

@@ -33,7 +33,6 @@ def run(args: argparse.Namespace) -> int:
         load_task_weights,
         require_text,
         run_dir_of,
-        trained_for,
     )
     from stoa_vlp.data.dataset import VideoTextDataset
     from stoa_vlp.model import build_model
@@ -41,11 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.tasks.pipeline import TaskRunner, check_qa_fusion
 
     require_text(args.question, "question")
-    checkpoint, config = inference_config(args)
-    fine_tuned_for = trained_for(config)
-    if fine_tuned_for != "qa":
-        raise ValueError(f"{checkpoint} was trained for {fine_tuned_for}, not QA: it has no answer head "
-                         "(fine-tune it with `stoa-vlp finetune --task qa --init` first)")
+    checkpoint, config = inference_config(args, "qa")
     check_qa_fusion(config.model)  # --set may have changed the sequence
     device = device_of(config)
     runner = TaskRunner(config, device, run_dir_of(checkpoint))

@@ -1,4 +1,5 @@
-"""`stoa-vlp caption`: print a caption for each video file with a caption-fine-tuned checkpoint."""
+"""`stoa-vlp caption`: print a caption for each video file with a caption-fine-tuned checkpoint (or,
+zero-shot, a pre-training checkpoint's prefix-LM head)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ HELP = "caption videos (files or frame folders) with a fine-tuned captioning che
 EXAMPLES = """examples:
   stoa-vlp caption --checkpoint runs/cap clip1.mp4 clip2.mp4
   stoa-vlp caption --checkpoint runs/cap --beam 5 --detections dets.jsonl videos/*.mp4
-Frames and preprocessing are the checkpoint's training settings (override with --set).
+  stoa-vlp caption --checkpoint runs/pretrain clip1.mp4      (zero-shot, with the pre-trained prefix-LM head)
+Frames and preprocessing are the checkpoint's training settings (override with --set). A checkpoint
+fine-tuned for another task (retrieval, qa, mc) is refused: its captioning head was not trained with it.
 """
 
 
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.tasks.retrieval import encode_videos
     from stoa_vlp.tokenizer import Tokenizer
 
-    _, config, model, device = inference_model(args)
+    _, config, model, device = inference_model(args, "captioning")
     records = file_records(args.videos, "video")
     detections, label_vocab = inference_detections(config, records)
     loader = video_loader(records, config, detections, label_vocab)

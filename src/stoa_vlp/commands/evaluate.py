@@ -11,6 +11,8 @@ EXAMPLES = """examples:
   stoa-vlp evaluate runs/msrvtt-ret --split test --set task.dual_softmax=true --set task.rerank_k=0
   stoa-vlp evaluate runs/cap --split test --set task.beam_size=5 --set data.test=msrvtt/MSRVTT_data.json
   stoa-vlp evaluate runs/pretrain --task retrieval --split test --set data.test=msrvtt/MSRVTT_JSFUSION_test.csv
+--task other than the checkpoint's own: a pre-training checkpoint does any task but QA zero-shot, a
+fine-tuned one its own task only (retrieval and mc share theirs).
 The checkpoint's training config is used (same frames and preprocessing) unless --set overrides it;
 the output shows both and warns where they differ, including videos prepared with other `prepare`
 settings than the training videos. A run folder means its best-on-validation checkpoint.
@@ -30,6 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the results (and, for captioning, the generated captions) to this JSON file")
 
 
+def require_split_file_for(task: str, trained, config, split: str) -> None:
+    """ValueError when data.<split> is still the file of the checkpoint's config, written for its own
+    task, and `task` reads another kind of file (an mc evaluation of a retrieval run would fail on
+    its first annotation line)."""
+    from stoa_vlp.tasks.pipeline import EVALUATION_FILES
+
+    path, own = getattr(config.data, split), trained.task.name
+    if not path or path != getattr(trained.data, split) or EVALUATION_FILES[own] == EVALUATION_FILES[task]:
+        return
+    raise ValueError(f"data.{split} {path} comes from the checkpoint's config, where it is the {own} "
+                     f"{EVALUATION_FILES[own]}; {task} reads a {EVALUATION_FILES[task]}: give one with "
+                     f"--set data.{split}=FILE")
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -39,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         load_task_weights,
         metric_rows,
         preprocessing_rows,
+        require_trained_for,
         resolve_checkpoint,
         run_dir_of,
         trained_for,
@@ -51,18 +68,17 @@ def run(args: argparse.Namespace) -> int:
     trained, config = checkpoint_config(checkpoint, args.overrides)
     fine_tuned_for = trained_for(trained)
     task = args.task or (config.task.name if fine_tuned_for != "pre-training" else "retrieval")
-    if task == "qa" and fine_tuned_for != "qa":
-        raise ValueError(f"{checkpoint} was trained for {fine_tuned_for}, not QA: its answer head would be "
-                         "untrained (fine-tune it with `stoa-vlp finetune --task qa --init` first)")
+    require_trained_for(checkpoint, fine_tuned_for, task)
     config = task_config(config, task)
+    require_split_file_for(task, trained, config, args.split)
     device = device_of(config)
     runner = TaskRunner(config, device, run_dir_of(checkpoint))
     model = build_model(config.model)
     module = runner.module(model)
-    if task == fine_tuned_for or task in ("retrieval", "mc") and fine_tuned_for in ("retrieval", "mc"):
-        load_task_weights(module, checkpoint)
-    else:  # e.g. a pre-training or retrieval checkpoint evaluated zero-shot: the model's weights only
+    if fine_tuned_for == "pre-training":  # evaluated zero-shot: the model's weights only
         load_task_weights(model, checkpoint)
+    else:
+        load_task_weights(module, checkpoint)
     metrics = runner.evaluate(module.to(device), args.split)
     print(f"checkpoint: {checkpoint} (trained for {fine_tuned_for}); task: {task}; split: {args.split} "
           f"(file {getattr(config.data, args.split)})")

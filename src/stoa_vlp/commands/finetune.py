@@ -15,6 +15,7 @@ EXAMPLES = """examples:
       --set data.val=world/MSRVTT_data.json --set data.test=world/MSRVTT_data.json --test --output runs/cap
   stoa-vlp finetune --task qa --config tiny --set data.train=world/qa_train.jsonl --set data.val=world/qa_val.jsonl \\
       --set data.video_root=world/videos --output runs/qa
+  stoa-vlp finetune --config runs/qa/config.yaml --output runs/qa --resume latest    (the run's task, qa)
 The test split (data.test) is evaluated once, with the best-on-validation checkpoint, only with --test.
 Validation must not hold test videos (a warning says when it does): MSR-VTT 1k-A has no validation
 split, so hold out part of the training list (MSRVTT_train.8.5k.csv / MSRVTT_val.500.csv above: the
@@ -23,7 +24,8 @@ MSRVTT_ prefix tells data.format=auto the format; see the README).
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=["retrieval", "captioning", "qa", "mc"])
+    parser.add_argument("--task", choices=["retrieval", "captioning", "qa", "mc"],
+                        help="the task to fine-tune for (with --resume, default: the resumed run's)")
     add_config_arguments(parser, default_config="base")
     add_run_arguments(parser)
     parser.add_argument("--init", metavar="CHECKPOINT",
@@ -45,6 +47,28 @@ def warn_if_validation_sees_test(runner) -> None:
             "videos it is then tested on; validate on videos held out of the training list instead",
             len(shared), len(test), sorted(shared)[0],
         )
+
+
+def task_to_train(args: argparse.Namespace, run_dir: str) -> str:
+    """--task, or with --resume the task its checkpoint was fine-tuned for: another task is refused, as
+    its module would not hold the checkpoint's weights and the run's data files are the other task's."""
+    from stoa_vlp.commands.task_common import checkpoint_config, trained_for
+    from stoa_vlp.train.checkpointing import resolve_resume
+
+    if not args.resume:
+        if not args.task:
+            raise ValueError("--task is required (retrieval, captioning, qa or mc) unless --resume continues a run")
+        return args.task
+    checkpoint = resolve_resume(args.resume, run_dir)
+    fine_tuned_for = trained_for(checkpoint_config(checkpoint, [])[0])
+    if fine_tuned_for == "pre-training":
+        raise ValueError(f"--resume: {checkpoint} is a pre-training checkpoint: continue it with `stoa-vlp pretrain "
+                         "--resume`, or fine-tune from it with `stoa-vlp finetune --init`")
+    if args.task and args.task != fine_tuned_for:
+        raise ValueError(f"--task {args.task}: {checkpoint} was fine-tuned for {fine_tuned_for}, so --resume "
+                         f"continues {fine_tuned_for} (leave --task out, or fine-tune for {args.task} into another "
+                         "--output with --init)")
+    return fine_tuned_for
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.train.checkpointing import best_checkpoint, list_checkpoints
     from stoa_vlp.train.logging import format_table
 
-    config = task_config(config_from_args(args), args.task)
+    config = config_from_args(args)
+    task = task_to_train(args, config.train.output_dir)
+    config = task_config(config, task)
     check_settings(config)
     if args.test and not config.data.test:
         raise ValueError("--test needs data.test (the test split's file)")
@@ -108,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         selected = best_checkpoint(run_dir) or list_checkpoints(run_dir)[-1]
         preprocessing = preprocessing_settings(config)  # training = evaluation here
-        report = {"task": args.task, "selection_metric": config.train.best_metric, "checkpoint": str(selected),
+        report = {"task": task, "selection_metric": config.train.best_metric, "checkpoint": str(selected),
                   "preprocessing": preprocessing, "results": []}
         results = []
         if result.best:

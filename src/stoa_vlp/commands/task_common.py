@@ -5,6 +5,7 @@ and printing which split and which preprocessing every number comes from."""
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ from stoa_vlp.data.jsonl import read_json_object
 
 PREPROCESSING = ("model.frames", "model.image_size", "model.text_len", "data.eval_sampling", "data.decoder")
 VIDEOS = "videos (data.video_root)"
+
+log = logging.getLogger(__name__)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -58,6 +61,24 @@ def trained_for(config: Config) -> str:
     if config.task.name in ("retrieval", "mc") and any(weight > 0 for weight in pretraining_losses):
         return "pre-training"
     return config.task.name
+
+
+def require_trained_for(checkpoint: Path, fine_tuned_for: str, task: str) -> None:
+    """ValueError unless a checkpoint trained for `fine_tuned_for` (`trained_for`) can do `task`: the task
+    it was fine-tuned for (retrieval and mc train one module), or zero-shot from pre-training any task but
+    QA, whose answer head only QA fine-tuning trains. Another task's fine-tuning moved the weights under
+    this task's head without training it (a QA run captions gibberish)."""
+    module_of = {"mc": "retrieval"}
+    if module_of.get(task, task) == module_of.get(fine_tuned_for, fine_tuned_for):
+        return
+    if fine_tuned_for == "pre-training" and task != "qa":
+        log.info("%s is a pre-training checkpoint: %s zero-shot, with the heads pre-training trained", checkpoint, task)
+        return
+    name = "QA" if task == "qa" else task
+    problem = ("its answer head would be untrained" if task == "qa"
+               else f"the {fine_tuned_for} fine-tuning moved the weights under its {task} head without training it")
+    raise ValueError(f"{checkpoint} was trained for {fine_tuned_for}, not {name}: {problem} (fine-tune it with "
+                     f"`stoa-vlp finetune --task {task} --init` first)")
 
 
 def load_task_weights(module: nn.Module, checkpoint: Path) -> None:
@@ -153,12 +174,15 @@ def add_inference_arguments(parser) -> None:
                         help="dotted config override on top of the checkpoint's config (repeatable)")
 
 
-def inference_config(args) -> tuple[Path, Config]:
-    """(checkpoint folder, its config with --set and --detections applied)."""
+def inference_config(args, task: str | None = None) -> tuple[Path, Config]:
+    """(checkpoint folder, its config with --set and --detections applied); with `task`, a ValueError
+    unless the checkpoint was trained for it (`require_trained_for`)."""
     checkpoint = resolve_checkpoint(args.checkpoint)
     # the training videos' detections are not the user's videos': none unless --detections or --set give them
     overrides = [path_override("data.detections", args.detections or ""), *args.overrides]
-    _, config = checkpoint_config(checkpoint, overrides)
+    trained, config = checkpoint_config(checkpoint, overrides)
+    if task is not None:
+        require_trained_for(checkpoint, trained_for(trained), task)
     return checkpoint, config
 
 
@@ -183,12 +207,12 @@ def inference_detections(config: Config, records: list) -> tuple:
     return detections, label_vocab
 
 
-def inference_model(args):
-    """(checkpoint folder, config, model on its device, device) of `inference_config(args)`: the
-    checkpoint's STOAVLP weights, whatever task it was fine-tuned for."""
+def inference_model(args, task: str | None = None):
+    """(checkpoint folder, config, model on its device, device) of `inference_config(args, task)`: the
+    checkpoint's STOAVLP weights, whatever task it was fine-tuned for unless `task` is given."""
     from stoa_vlp.model import build_model
 
-    checkpoint, config = inference_config(args)
+    checkpoint, config = inference_config(args, task)
     device = device_of(config)
     model = build_model(config.model)
     load_task_weights(model, checkpoint)

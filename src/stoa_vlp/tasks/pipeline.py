@@ -32,6 +32,9 @@ TASKS = ("retrieval", "captioning", "qa", "mc")
 SELECTION_METRIC = {"retrieval": "t2v_r1", "captioning": "CIDEr", "qa": "accuracy", "mc": "accuracy"}
 RETRIEVAL_LOSSES = ("vtc", "vtm")
 ANSWERS_FILE = "answers.json"
+# what a task's data.val and data.test files hold (mc trains on an annotation file, as retrieval does)
+EVALUATION_FILES = {"retrieval": "annotation file", "captioning": "annotation file", "qa": "QA file",
+                    "mc": "multiple-choice file"}
 DUAL_SOFTMAX_SCALE = 100.0
 
 
