@@ -621,7 +621,9 @@ def read_annotations(
             continue
         location = "" if captions_only else _video_location(item, root, files)
         records.append(VideoRecord(video_id, location, start, end, texts))
-    if without and strict:  # an evaluation split: leaving them out would shrink its candidates
+    # an evaluation split: leaving them out would shrink its candidates (shard keys without a caption
+    # are no samples: the stream leaves them out too, and `_read_webdataset` says so)
+    if without and strict and format != "webdataset":
         raise AnnotationError(f"{path}: {len(without)} videos have no caption (e.g. {without[0]})")
     if without:
         log.warning("%s: %d videos have no caption and are left out (e.g. %s)", path, len(without), without[0])
