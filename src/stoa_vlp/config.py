@@ -136,12 +136,14 @@ class TrainConfig:
     output_dir: str = "runs/stoa"
     seed: int = 0
     steps: int = 1000
+    epochs: float = 0.0  # > 0: the run's length in epochs of the training items, which sets steps (train.run_length)
     lr: float = 1e-4
     tower_lr_scale: float = 0.01  # CLIP towers train at lr * tower_lr_scale
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     warmup_steps: int = 100
+    warmup_share: float = 0.0  # > 0: warmup_steps is this share of steps (0.1: the paper's 10%)
     grad_accum: int = 1
     clip_grad: float = 1.0
     precision: str = "fp32"  # fp32, amp_bf16, amp_fp16
@@ -254,12 +256,15 @@ AT_LEAST = {
     "data.max_bad_samples": 0,
     "train.lr": 0,
     "train.warmup_steps": 0,
+    "train.epochs": 0,
+    "train.warmup_share": 0,
 }
 
 # the bound a setting must stay below, and why
 BELOW = {
     # a share of 1 is never exceeded: a split whose every sample is unreadable would be drawn from forever
     "data.max_bad_samples": 1,
+    "train.warmup_share": 1,  # a warmup as long as the run never decays the learning rate
 }
 
 

@@ -57,6 +57,7 @@ def check_settings(config: Config) -> None:
     from stoa_vlp.model.stoa import check_config
     from stoa_vlp.objectives.pretrainer import check_loss_config
     from stoa_vlp.train.loop import check_train_settings
+    from stoa_vlp.train.run_length import warn_if_warmup_outlasts_run
 
     check_config(config.model)
     check_train_settings(config.train)
@@ -67,10 +68,8 @@ def check_settings(config: Config) -> None:
         raise ValueError(f"data.format must be auto or one of {', '.join(FORMATS)}, got {config.data.format!r}")
     if config.task.name in ("retrieval", "mc"):
         check_loss_config(config.loss, config.model)
-    if config.train.warmup_steps >= config.train.steps:
-        log.warning("train.warmup_steps=%d is not below train.steps=%d: the learning rate rises for the whole "
-                    "run and never decays; set train.steps for your data and train.warmup_steps to about a tenth "
-                    "of it (the paper warms up over 10%%)", config.train.warmup_steps, config.train.steps)
+    if not (config.train.epochs > 0 or config.train.warmup_share > 0):  # else said once they are resolved
+        warn_if_warmup_outlasts_run(config.train)
 
 
 def warn_if_random_towers(config: Config) -> None:

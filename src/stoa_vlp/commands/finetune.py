@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
     from stoa_vlp.train.checkpointing import best_checkpoint, list_checkpoints
     from stoa_vlp.train.logging import format_table
+    from stoa_vlp.train.run_length import set_run_length
 
     config = config_from_args(args)
     task = task_to_train(args, config.train.output_dir)
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"initialised from {init}")
         module = runner.module(model)
         dataset, collate = runner.train_data(env.rank, env.world_size)  # shards are split over the ranks
+        set_run_length(config, dataset, env.world_size)
         evaluate = runner.evaluator("val") if config.data.val else None
         trainer = Trainer(config, module, dataset, collate, run_dir, env, evaluate)
         keep_label_vocab(config, runner.label_vocab, run_dir, env)  # last: a run that cannot start writes nothing

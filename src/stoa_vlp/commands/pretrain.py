@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.objectives import OBJECTIVES, Pretrainer
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
     from stoa_vlp.train.evaluation import RetrievalEvaluator
+    from stoa_vlp.train.run_length import set_run_length
 
     config = config_from_args(args)
     check_settings(config)
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         split_file(config, "train")  # a wrong path fails before the side data is read
         side_data = load_side_data(config)  # read once, for training and validation
         train_set = build_dataset(config, "train", env.rank, env.world_size, side_data)
+        set_run_length(config, train_set, env.world_size)
         evaluate = None
         if config.data.val:
             evaluate = RetrievalEvaluator(config, "val", env.device, config.train.val_max_clips, side_data)
