@@ -86,6 +86,9 @@ def test_a_checkpoint_fine_tuned_for_another_task_is_refused_naming_both(tmp_pat
     assert error_line(capsys).startswith(
         "stoa-vlp evaluate: error: data.test world/MSRVTT_data.json comes from the checkpoint's config, where it is "
         "the retrieval annotation file; mc reads a multiple-choice file: give one with --set data.test=FILE")
+    pretrained = checkpoint_folder(tmp_path / "pt", {"config": load_config("tiny", ["data.test=w.json"]).to_dict()})
+    assert console_main(["evaluate", str(pretrained), "--task", "mc", "--split", "test"]) == 2
+    assert "where it is the pre-training annotation file" in error_line(capsys)  # it said "retrieval"
 
 
 def test_a_resumed_fine_tuning_keeps_its_task(tmp_path, capsys):

@@ -177,6 +177,21 @@ def test_training_skips_bad_samples_and_counts_them(world, tmp_path, caplog):
         strict[len(strict) - 4]
 
 
+def test_a_split_of_only_bad_samples_stops_even_when_every_share_is_tolerated(world, tmp_path):
+    # with data.max_bad_samples=1 the share never stops it: before, it drew bad samples forever
+    only_bad = bad_records(world, tmp_path)[-3:]  # missing, not a video, truncated
+    dataset = VideoTextDataset(only_bad, tiny(world), True, skips=SkipCounter(max_share=1.0, min_seen=1))
+    with pytest.raises(TooManyBadSamples, match="100 samples drawn in a row could not be read .skipped 100 of 100"):
+        dataset[0]
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w") as archive:
+        add_member(archive, "junk.mp4", b"not a video at all")
+        add_member(archive, "junk.txt", b"a caption")
+    stream = WebDatasetShards([str(bad)], tiny(world), training=True, skips=SkipCounter(max_share=1.0, min_seen=1))
+    with pytest.raises(TooManyBadSamples, match="100 samples drawn in a row could not be read"):
+        next(iter(stream))  # the shard is resampled
+
+
 def test_evaluation_errors_name_the_file(world, tmp_path):
     records = bad_records(world, tmp_path)
     dataset = VideoTextDataset(records, tiny(world), False)

@@ -100,6 +100,7 @@ def test_clip_counts_cannot_be_given_with_a_world(tmp_path):
     ("train.stesp=3", "unknown config key 'train.stesp'"),
     ("model.frames=0", "model.frames must be at least 1, got 0"),
     ("task.beam_size=0", "task.beam_size must be at least 1, got 0"),  # checked by the captioning stage's config
+    ("train.epochs=3", "the demo's stages take their lengths from train.steps"),  # else ignored without a word
 ])
 def test_a_demo_that_cannot_start_writes_nothing(tmp_path, setting, problem):
     folder = tmp_path / "demo"
@@ -120,6 +121,10 @@ def test_a_failed_demo_is_checked_as_pretrain_and_can_be_overwritten(tmp_path, c
     assert sorted(path.name for path in folder.iterdir()) == ["demo_metrics.json", "world"]
     with pytest.raises(CheckpointError, match="is not empty; pass --overwrite"):
         run_demo(settings, folder, stages=[])
+    reusing = DemoSettings(world=str(folder / "world"), val_clips=0, render_workers=1, overrides=["train.steps=20"])
+    with pytest.raises(CheckpointError, match="would delete .* with the --world .* it reuses"):
+        run_demo(reusing, folder, stages=[], overwrite=True)
+    assert (folder / "world").is_dir()  # before, deleted with the folder it was to be read from
     run_demo(settings, folder, stages=[], overwrite=True)  # the failed demo's folder, replaced
     assert not (folder / "world").exists()
     (folder / "mine.txt").write_text("not a demo's")

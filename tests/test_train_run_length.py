@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import tarfile
 
 import pytest
 import torch
@@ -76,3 +78,20 @@ def test_pretrain_runs_the_epochs_it_is_given(tmp_path):
     assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["steps"] == 6 and saved["train"]["warmup_steps"] == 3 and saved["train"]["epochs"] == 2
+
+
+def test_epochs_over_shards_are_refused_before_the_run_folder_is_touched(tmp_path):
+    # before, the refusal came once the shards were opened, after --overwrite had deleted the old run
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as archive:
+        info = tarfile.TarInfo("0001.txt")
+        info.size = 5
+        archive.addfile(info, io.BytesIO(b"a dog"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text('{"world_size": 1}')  # an earlier run's folder, which --overwrite replaces
+    (run / "kept.txt").write_text("an earlier run's file")
+    with pytest.raises(ValueError, match="train.epochs needs a training set of known length"):
+        main(["pretrain", "--config", "tiny", "--output", str(run), "--overwrite", "--set", f"data.train={shard}",
+              "--set", "train.epochs=1"])
+    assert (run / "kept.txt").exists()

@@ -262,8 +262,6 @@ AT_LEAST = {
 
 # the bound a setting must stay below, and why
 BELOW = {
-    # a share of 1 is never exceeded: a split whose every sample is unreadable would be drawn from forever
-    "data.max_bad_samples": 1,
     "train.warmup_share": 1,  # a warmup as long as the run never decays the learning rate
 }
 

@@ -53,6 +53,7 @@ def check_settings(config: Config) -> None:
     settings, made before the run folder is written: a run that cannot start leaves no files behind
     that --overwrite would then refuse to delete."""
     from stoa_vlp.data.annotations import FORMATS
+    from stoa_vlp.data.dataset import is_webdataset
     from stoa_vlp.data.decode import SAMPLING
     from stoa_vlp.model.stoa import check_config
     from stoa_vlp.objectives.pretrainer import check_loss_config
@@ -66,6 +67,9 @@ def check_settings(config: Config) -> None:
             raise ValueError(f"data.{name} must be one of {', '.join(SAMPLING)}, got {getattr(config.data, name)!r}")
     if config.data.format not in ("auto", *FORMATS):
         raise ValueError(f"data.format must be auto or one of {', '.join(FORMATS)}, got {config.data.format!r}")
+    if config.train.epochs > 0 and config.data.train and is_webdataset(config, config.data.train):
+        raise ValueError("train.epochs needs a training set of known length; WebDataset shards are streamed: "
+                         "give the run's length as train.steps")
     if config.task.name in ("retrieval", "mc"):
         check_loss_config(config.loss, config.model)
     if not (config.train.epochs > 0 or config.train.warmup_share > 0):  # else said once they are resolved

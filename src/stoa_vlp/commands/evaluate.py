@@ -38,10 +38,12 @@ def require_split_file_for(task: str, trained, config, split: str) -> None:
     its first annotation line)."""
     from stoa_vlp.tasks.pipeline import EVALUATION_FILES
 
+    from stoa_vlp.commands.task_common import trained_for
+
     path, own = getattr(config.data, split), trained.task.name
     if not path or path != getattr(trained.data, split) or EVALUATION_FILES[own] == EVALUATION_FILES[task]:
         return
-    raise ValueError(f"data.{split} {path} comes from the checkpoint's config, where it is the {own} "
+    raise ValueError(f"data.{split} {path} comes from the checkpoint's config, where it is the {trained_for(trained)} "
                      f"{EVALUATION_FILES[own]}; {task} reads a {EVALUATION_FILES[task]}: give one with "
                      f"--set data.{split}=FILE")
 

@@ -145,6 +145,16 @@ class SkipCounter:
         return skip_summary(self.total, self.skipped)
 
 
+# samples drawn in a row that could not be read before training stops whatever data.max_bad_samples
+# allows: at 1 (tolerate any share), a split of only bad samples was drawn from forever
+MAX_BAD_IN_A_ROW = 100
+
+
+def too_many_in_a_row(skips: SkipCounter) -> TooManyBadSamples:
+    return TooManyBadSamples(f"{MAX_BAD_IN_A_ROW} samples drawn in a row could not be read ({skips.summary()}): "
+                             "is the data where the config says (data.train, data.video_root)?")
+
+
 def skip_summary(total: int, skipped: dict[str, int]) -> str:
     """"skipped K of N samples loaded (P%): reason count, ..." for `total` samples drawn and skips per
     reason. Loaded, not trained on: data-loading workers read ahead of the steps."""
@@ -402,13 +412,14 @@ class VideoTextDataset(Dataset):
         rng = _sample_rng()
         if not self.training:
             return self.load(index, rng)  # BadSample (a ValueError) names the file
-        while True:
+        for _ in range(MAX_BAD_IN_A_ROW):
             self.skips.seen()
             try:
                 return self.load(index, rng)
             except BadSample as error:
                 self.skips.skip(error.reason, str(error))
                 index = int(rng.integers(len(self)))
+        raise too_many_in_a_row(self.skips)
 
 
 def _video_index(key: str) -> int:
@@ -507,6 +518,7 @@ class WebDatasetShards(IterableDataset):
 
     def __iter__(self) -> Iterator[Sample]:
         consumer, _ = self._consumer()
+        self._bad_in_a_row = 0
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.start_batch}-{consumer}")
         sample_rng = np.random.default_rng(rng.getrandbits(63))
         buffer: list[tuple[str, str, bytes | None, dict[str, tuple[str, bytes]]]] = []
@@ -526,7 +538,7 @@ class WebDatasetShards(IterableDataset):
                 if not self.training:
                     raise
                 self.skips.seen()
-                self.skips.skip(error.reason, str(error))
+                self._skip(error)
         while buffer:
             sample = self._take(buffer, rng, sample_rng)
             if sample is not None:
@@ -542,10 +554,20 @@ class WebDatasetShards(IterableDataset):
             return self._build(*item, sample_rng)
         self.skips.seen()
         try:
-            return self._build(*item, sample_rng)
+            sample = self._build(*item, sample_rng)
         except BadSample as error:
-            self.skips.skip(error.reason, str(error))
+            self._skip(error)
             return None
+        self._bad_in_a_row = 0
+        return sample
+
+    def _skip(self, error: BadSample) -> None:
+        """Count a bad sample (or shard); TooManyBadSamples after MAX_BAD_IN_A_ROW in a row: a resampled
+        stream of only bad samples would otherwise be read forever."""
+        self.skips.skip(error.reason, str(error))
+        self._bad_in_a_row += 1
+        if self._bad_in_a_row >= MAX_BAD_IN_A_ROW:
+            raise too_many_in_a_row(self.skips)
 
 
 def load_detections(config: Config) -> tuple[Mapping | None, LabelVocab | None]:

@@ -199,13 +199,16 @@ def chance_rank_cdf(candidates: int, positives: int, k: int) -> float:
 
 def chance_metrics(text_to_video: torch.Tensor, num_videos: int) -> dict[str, float]:
     """R@1/5/10, MdR and MnR of random scores, in closed form (same keys as retrieval_metrics).
-    t2v: one positive video among num_videos; v2t: a video's captions among all captions.
+    t2v: one positive video among num_videos; v2t: a video's captions among all captions;
+    v2t_grouped (several captions for some video): one video among num_videos.
     MdR is the median of the rank distribution pooled over queries, the midpoint of k and k + 1 where
     half the mass lies at or below k (as numpy's median of an even count): uniform ranks on 1..100 give
     50.5, the expected median of random scores, where the lower median said 50."""
     captions_per_video = torch.bincount(torch.as_tensor(text_to_video), minlength=num_videos).tolist()
     num_texts = len(text_to_video)
     queries = {"t2v": [(num_videos, 1)] * num_texts, "v2t": [(num_texts, p) for p in captions_per_video]}
+    if max(captions_per_video) > 1:  # as retrieval_metrics reports it: one video among the videos
+        queries["v2t_grouped"] = [(num_videos, 1)] * num_videos
     metrics: dict[str, float] = {}
     for direction, cases in queries.items():
         def pooled_cdf(k: int) -> float:
@@ -314,15 +317,18 @@ DEMO_STAGES: list[tuple[str, DemoStage]] = [
 ]
 
 
-def prepare_folder(folder: Path, overwrite: bool) -> None:
+def prepare_folder(folder: Path, overwrite: bool, world: str = "") -> None:
     """Refuse a folder that is not empty unless `overwrite`, and then delete it only when a demo wrote it,
-    finished or not (it holds demo_metrics.json)."""
+    finished or not (it holds demo_metrics.json), and does not hold the reused `world`."""
     if not folder.exists() or not any(folder.iterdir()):
         return
     if not overwrite:
         raise CheckpointError(f"{folder} is not empty; pass --overwrite to replace it or choose another --output")
     if not (folder / METRICS_FILE).is_file():
         raise CheckpointError(f"--overwrite: {folder} does not hold a stoa-vlp demo; refusing to delete it")
+    if world and Path(world).resolve().is_relative_to(folder.resolve()):
+        raise CheckpointError(f"--overwrite would delete {folder} with the --world {world} it reuses: copy the "
+                              "world out of it first, or choose another --output")
     shutil.rmtree(folder)
 
 
@@ -339,9 +345,12 @@ def run_demo(settings: DemoSettings, folder: Path, stages: list[tuple[str, DemoS
     records those done), then write report.md there."""
     run = DemoRun(settings=settings, folder=Path(folder), world=world_files(settings, Path(folder)))
     run.config = demo_config(run)
+    if run.config.train.epochs > 0 or run.config.train.warmup_share > 0:
+        raise ValueError("the demo's stages take their lengths from train.steps: train.epochs and "
+                         "train.warmup_share are for pretrain and finetune")
     check_settings(run.config)  # as `pretrain` checks its config, and the stages theirs
     check_stage_configs(run)
-    prepare_folder(run.folder, overwrite)
+    prepare_folder(run.folder, overwrite, settings.world)
     run.folder.mkdir(parents=True, exist_ok=True)
     write_metrics(run)
     started = time.perf_counter()

@@ -5,8 +5,9 @@ reference's 5 epochs; 10 for MSVD captioning): steps = ceil(epochs x batches per
 a batch per epoch being the global batch (data.batch_size x ranks) the Trainer's sampler takes, the
 last partial one dropped. `train.warmup_share` > 0 sets `train.warmup_steps` to that share of the
 steps (the paper's 10%). Both are resolved when the training set is built, before the Trainer, so
-the run's config.yaml records the steps they gave; a resumed run resolves them again to the same
-numbers on the same data.
+the run's config.yaml records the steps they gave. A resumed run resolves them again: the same
+numbers on the same data and global batch; otherwise the changed steps are warned about as any
+changed schedule setting is.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def set_run_length(config: Config, train_dataset, world_size: int) -> None:
     then warn when the warmup lasts the whole run."""
     train = config.train
     if train.epochs > 0:
-        if isinstance(train_dataset, IterableDataset):
+        if isinstance(train_dataset, IterableDataset):  # `check_settings` refuses shards before a run starts
             raise ValueError("train.epochs needs a training set of known length; WebDataset shards are streamed: "
                              "give the run's length as train.steps")
         global_batch = config.data.batch_size * world_size
@@ -34,14 +35,14 @@ def set_run_length(config: Config, train_dataset, world_size: int) -> None:
         if batches_per_epoch == 0:
             raise ValueError(f"train.epochs: the training set's {len(train_dataset)} items fill no global batch "
                              f"of {global_batch} (data.batch_size x {world_size} ranks)")
-        train.steps = math.ceil(train.epochs * batches_per_epoch / train.grad_accum)
+        given, train.steps = train.steps, math.ceil(train.epochs * batches_per_epoch / train.grad_accum)
         log.info("train.epochs=%g: %d items, %d global batches of %d per epoch (train.grad_accum=%d): "
-                 "train.steps=%d", train.epochs, len(train_dataset), batches_per_epoch, global_batch,
-                 train.grad_accum, train.steps)
+                 "train.steps=%d (in place of %d)", train.epochs, len(train_dataset), batches_per_epoch,
+                 global_batch, train.grad_accum, train.steps, given)
     if train.warmup_share > 0:
-        train.warmup_steps = round(train.warmup_share * train.steps)
-        log.info("train.warmup_share=%g of %d steps: train.warmup_steps=%d", train.warmup_share, train.steps,
-                 train.warmup_steps)
+        given, train.warmup_steps = train.warmup_steps, round(train.warmup_share * train.steps)
+        log.info("train.warmup_share=%g of %d steps: train.warmup_steps=%d (in place of %d)", train.warmup_share,
+                 train.steps, train.warmup_steps, given)
     warn_if_warmup_outlasts_run(train)
 
 
