@@ -23,12 +23,12 @@ def damaged_copy(source: Path, damaged: Path) -> float:
     """Write `damaged`: `source` with the middle half of the bytes of one non-key frame inverted, as a
     bit flip on disk or a bad download leaves it, choosing the first such frame (in time) that FFmpeg
     flags as decoded with errors (it cannot tell for every one: entropy-coded data often still
-    parses). Returns that frame's time in seconds."""
+    parses). Returns that frame's time in seconds from the start of the stream, as clip times are."""
     with av.open(str(source)) as container:
         stream = container.streams.video[0]
         packets = sorted((packet.pts, packet.pos, packet.size) for packet in container.demux(stream)
                          if packet.size and not packet.is_keyframe)
-        time_base = stream.time_base
+        time_base, origin = stream.time_base, stream.start_time or 0
     for pts, position, size in packets:
         data = bytearray(source.read_bytes())
         for offset in range(position + size // 4, position + size // 4 + size // 2):
@@ -42,5 +42,5 @@ def damaged_copy(source: Path, damaged: Path) -> float:
             except av.FFmpegError:  # damage the decoder refuses outright: already a clear error
                 continue
         if pts in flagged:
-            return float(pts * time_base)
+            return float((pts - origin) * time_base)
     raise AssertionError(f"no damaged frame of {source} is flagged by FFmpeg")

@@ -212,6 +212,17 @@ def test_querybank_captions_do_not_look_for_the_training_videos(tmp_path):
     assert pipeline.TaskRunner(config, "cpu").querybank_captions == ["a red disc"]
 
 
+def test_querybank_captions_are_read_as_training_reads_them(tmp_path):
+    from stoa_vlp.tasks import pipeline
+
+    # an empty training caption is left out with a warning by training: it failed the strict read QB-Norm used
+    train = tmp_path / "train.jsonl"
+    rows = [{"video_id": "a", "video": "a.mp4", "caption": "a red disc"}, {"video_id": "b", "video": "b.mp4", "caption": " "}]
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = load_config("tiny", ["task.name=retrieval", f"data.train={train}", "task.qb_norm=true"])
+    assert pipeline.TaskRunner(config, "cpu").querybank_captions == ["a red disc"]
+
+
 def test_contrastive_similarity_is_float32_under_autocast():
     """bf16 cosines in [0.25, 0.5) are 0.002 apart: under autocast half the queries of 1,000 videos
     tied with another video, and ties count against the model."""

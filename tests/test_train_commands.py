@@ -144,3 +144,20 @@ def test_pretraining_reads_detections_and_tags_once_for_training_and_validation(
     ]) == 0
     assert [r["step"] for r in read_metrics(run) if r["split"] == "val"] == [1]  # validation read its split
     assert reads == {"detections": 1, "tags": 1}
+
+
+def test_validation_keeps_only_its_own_videos_detections(tmp_path):
+    # sharing the read must not keep the whole file's detections alive for the run (about 4 KB a video)
+    from stoa_vlp.commands.pretrain import pretraining_data
+    from stoa_vlp.config import load_config
+    from stoa_vlp.data.annotations import read_annotations
+    from stoa_vlp.train.distributed import DistEnv
+
+    world = render_world(tmp_path / "world", train=3, val=2, test=2, seed=1)
+    config = load_config("tiny", [f"data.train={world.annotations}", f"data.val={world.annotations}",
+                                  f"data.detections={world.detections}", f"data.video_root={world.videos}"])
+    train_set, evaluate = pretraining_data(config, DistEnv.current("cpu"), validate=True)
+    val_ids = {record.video_id for record in read_annotations(world.annotations, split="val")}
+    assert set(evaluate.side_data.detections) == val_ids and evaluate.side_data.tags is None
+    train_ids = {record.video_id for record in read_annotations(world.annotations, split="train")}
+    assert len(train_set.builder.detections) == len(train_ids) and all(i in train_set.builder.detections for i in train_ids)

@@ -37,6 +37,19 @@ def warn_if_objectives_lack_data(config) -> None:
                     "sentence feature only (stoa-vlp tag writes them)")
 
 
+def pretraining_data(config, env, validate: bool):
+    """(training set, validation evaluator or None) from one read of the detections and tag cache. Each
+    keeps only its split's part of them: the whole file's detections go when this returns."""
+    from stoa_vlp.data.dataset import build_dataset, load_side_data, split_file
+    from stoa_vlp.train.evaluation import RetrievalEvaluator
+
+    split_file(config, "train")  # a wrong path fails before the side data is read
+    side_data = load_side_data(config)
+    train_set = build_dataset(config, "train", env.rank, env.world_size, side_data)
+    evaluate = RetrievalEvaluator(config, "val", env.device, config.train.val_max_clips, side_data) if validate else None
+    return train_set, evaluate
+
+
 def run(args: argparse.Namespace) -> int:
     from stoa_vlp.commands.common import (
         adopt_label_vocab,
@@ -45,11 +58,10 @@ def run(args: argparse.Namespace) -> int:
         keep_label_vocab,
         prepare_run,
     )
-    from stoa_vlp.data.dataset import build_dataset, collate, load_side_data, split_file
+    from stoa_vlp.data.dataset import collate
     from stoa_vlp.model import build_model
     from stoa_vlp.objectives import OBJECTIVES, Pretrainer
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
-    from stoa_vlp.train.evaluation import RetrievalEvaluator
     from stoa_vlp.train.run_length import set_run_length
 
     config = config_from_args(args)
@@ -65,13 +77,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir = prepare_run(config, env, args)
         adopt_label_vocab(config, run_dir)  # a resumed run keeps its class ids
         module = Pretrainer(build_model(config.model), config.loss)
-        split_file(config, "train")  # a wrong path fails before the side data is read
-        side_data = load_side_data(config)  # read once, for training and validation
-        train_set = build_dataset(config, "train", env.rank, env.world_size, side_data)
+        train_set, evaluate = pretraining_data(config, env, validate=bool(config.data.val))
         set_run_length(config, train_set, env.world_size)
-        evaluate = None
-        if config.data.val:
-            evaluate = RetrievalEvaluator(config, "val", env.device, config.train.val_max_clips, side_data)
         trainer = Trainer(config, module, train_set, collate, run_dir, env, evaluate)
         keep_label_vocab(config, train_set.label_vocab, run_dir, env)  # last: a run that cannot start writes nothing
         trainer.fit(resume=args.resume)

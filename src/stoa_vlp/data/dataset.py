@@ -97,7 +97,9 @@ class SkipCounter:
 
     Create it in the main process before the DataLoader starts its workers. Its lock is made for
     spawned processes, which forked ones can use too (one made for forking cannot be passed to a
-    spawned worker: a DataLoader given multiprocessing_context="spawn" failed to start).
+    spawned worker: a DataLoader given multiprocessing_context="spawn" failed to start). It is a named
+    semaphore: after an exit that skips finalisers (SIGKILL, os._exit) multiprocessing's resource
+    tracker removes it, with a warning about leaked semaphores.
     """
 
     def __init__(self, max_share: float, min_seen: int = 100):
@@ -262,8 +264,8 @@ class SampleBuilder:
         self.transform = FrameTransform(config.model.image_size)
         self.tokenizer = Tokenizer(config.model.text_len)
         self.untagged = 0
-        self.misaligned = 0  # samples whose video's detection times cannot be its sampled frames'
-        self._misaligned_logged: set[str] = set()  # their first WARNINGS_PER_REASON video ids
+        self._misaligned_logged: set[str] = set()  # the first WARNINGS_PER_REASON videos whose detection times
+        # cannot be their samples' (`_check_detection_times`)
         if self.detections is not None and label_vocab is None:
             raise ValueError("detections need a label vocabulary (data.label_vocab or LabelVocab.from_detections)")
 
@@ -317,18 +319,16 @@ class SampleBuilder:
         }
 
     def _check_detection_times(self, video_id: str, detections, times: np.ndarray) -> None:
-        """Count a sample whose detected frames cannot be of its sampled times (`misaligned_times`:
-        its boxes show other moments of the video) and warn, once per video, for the first
-        WARNINGS_PER_REASON such videos of this process; the reader cannot tell, not knowing durations."""
+        """Warn, once per video, for the first WARNINGS_PER_REASON videos of this process whose detected
+        frames cannot be of a sample's times (`misaligned_times`: its boxes show other moments of the
+        video); the reader cannot tell, not knowing durations. A warning, not a skip: the clip is fine."""
         problem = None if detections is None else misaligned_times(detections.times, times)
-        if problem is None:
+        if problem is None or video_id in self._misaligned_logged or len(self._misaligned_logged) == WARNINGS_PER_REASON:
             return
-        self.misaligned += 1
-        if video_id not in self._misaligned_logged and len(self._misaligned_logged) < WARNINGS_PER_REASON:
-            self._misaligned_logged.add(video_id)
-            last = len(self._misaligned_logged) == WARNINGS_PER_REASON
-            later = " (later videos are counted, not logged)" if last else ""
-            log.warning("detections of video %s: %s%s", video_id, problem, later)
+        self._misaligned_logged.add(video_id)
+        last = len(self._misaligned_logged) == WARNINGS_PER_REASON
+        later = " (later videos of this process are not logged)" if last else ""
+        log.warning("detections of video %s: %s%s", video_id, problem, later)
 
     def _tags(self, caption: str) -> np.ndarray:
         length = self.config.model.text_len
@@ -589,18 +589,19 @@ def load_detections(config: Config) -> tuple[Mapping | None, LabelVocab | None]:
     else:
         detections = read_packed_detections(config.data.detections)
     classes = config.model.num_object_classes
+    counts = box_counts_by_class_name(detections)
     if config.data.label_vocab and Path(config.data.label_vocab).exists():
         label_vocab = LabelVocab.load(config.data.label_vocab)
         if len(label_vocab) > classes:
             raise ValueError(f"{config.data.label_vocab}: {len(label_vocab)} classes (with padding and unknown) "
                              f"do not fit model.num_object_classes={classes}")
-        report_unknown_classes(config.data.detections, detections, label_vocab, config.data.label_vocab)
+        report_unknown_classes(config.data.detections, counts, label_vocab, config.data.label_vocab)
         return detections, label_vocab
     if config.data.label_vocab:
         log.warning("%s does not exist: object class ids are rebuilt from %s and may differ from training",
                     config.data.label_vocab, config.data.detections)
-    label_vocab = LabelVocab.from_detections(detections, max_size=classes)
-    report_unknown_classes(config.data.detections, detections, label_vocab, f"the {len(label_vocab) - 2} most "
+    label_vocab = LabelVocab.from_counts(counts, max_size=classes)
+    report_unknown_classes(config.data.detections, counts, label_vocab, f"the {len(label_vocab) - 2} most "
                            f"frequent classes (model.num_object_classes={classes} with padding and unknown)")
     return detections, label_vocab
 
@@ -608,11 +609,11 @@ def load_detections(config: Config) -> tuple[Mapping | None, LabelVocab | None]:
 UNKNOWN_BOXES_WARNED = 0.1  # share of boxes whose class is not in the vocabulary above which it is a warning
 
 
-def report_unknown_classes(path: str, detections: Mapping, label_vocab: LabelVocab, vocabulary: str) -> None:
-    """Log the detected classes of `path` that `label_vocab` (described by `vocabulary`) lacks: their
-    boxes become <unknown>. A warning when they hold UNKNOWN_BOXES_WARNED of the boxes or more (all of
-    them: detections of another detector than the model's classes came from), else info."""
-    counts = box_counts_by_class_name(detections)
+def report_unknown_classes(path: str, counts: Mapping[str, int], label_vocab: LabelVocab, vocabulary: str) -> None:
+    """Log the detected classes of `path` (`counts`: its boxes by class name) that `label_vocab`
+    (described by `vocabulary`) lacks: their boxes become <unknown>. A warning when they hold
+    UNKNOWN_BOXES_WARNED of the boxes or more (all of them: detections of another detector than the
+    model's classes came from), else info."""
     unknown = sorted((name for name in counts if name not in label_vocab.ids), key=lambda name: (-counts[name], name))
     if not unknown:
         return
@@ -656,6 +657,14 @@ class SideData(NamedTuple):
     detections: Mapping | None
     label_vocab: LabelVocab | None
     tags: TagCache | None
+
+    def for_retrieval(self, video_ids: Iterable[str]) -> "SideData":
+        """What evaluating retrieval on `video_ids` reads: their detections (a file's, cut down, so that
+        the others can be freed; a store holds none in memory) and no tags, which it does not use."""
+        detections = self.detections
+        if isinstance(detections, dict):
+            detections = {video_id: detections[video_id] for video_id in set(video_ids) if video_id in detections}
+        return SideData(detections, self.label_vocab, None)
 
 
 def load_side_data(config: Config, detections_and_vocab=None) -> SideData:

@@ -336,8 +336,8 @@ def _decode_wanted(stream, packets: list, stamps: list[int], wanted: set[int], n
             stamp = frame.pts if frame.pts is not None else frame.dts
             if stamp in wanted and stamp not in decoded:
                 if frame.is_corrupt:  # FFmpeg concealed errors in it: damaged data, not the video's picture
-                    raise VideoError(name, f"the frame at {float(stamp * stream.time_base):.3f} s is damaged "
-                                           "(decoded with errors)")
+                    time = float((stamp - stream_origin(stream)) * stream.time_base)  # as the clip's times
+                    raise VideoError(name, f"the frame at {time:.3f} s is damaged (decoded with errors)")
                 decoded[stamp] = frame.reformat(format="rgb24", interpolation="BILINEAR")
 
     try:

@@ -186,27 +186,32 @@ def edge_slack(side: int) -> float:
     return max(EDGE_SLACK_PIXELS, EDGE_SLACK_SHARE * side)
 
 
-def _fit_to_image(frame: FrameDetections, width: int, height: int, where: str) -> FrameDetections:
-    """`frame` with its boxes clipped to the width x height image; a box reaching further outside
-    than `edge_slack` is an error naming it."""
-    slack = np.array([edge_slack(width), edge_slack(height)] * 2)
-    size = np.array([width, height] * 2)
-    outside = ((frame.rects < -slack) | (frame.rects > size + slack)).any(axis=1)
-    if outside.any():
-        number = int(outside.argmax())
-        raise DetectionsError(
-            f"{where}: object {number} 'rect' {frame.rects[number].tolist()} reaches outside the {width}x{height} "
-            f"image by more than {EDGE_SLACK_SHARE:.0%} of its side (at least {EDGE_SLACK_PIXELS:g} pixels): "
-            "boxes are x0, y0, x1, y1 in pixels of that image")
-    return replace(frame, rects=np.clip(frame.rects, 0, size).astype(np.float32))
+def _fit_to_image(frames: list[tuple[str, FrameDetections]], rects: np.ndarray, width: int,
+                  height: int) -> list[tuple[str, FrameDetections]]:
+    """(where, frame) pairs with their boxes clipped to the width x height image; a box reaching further
+    outside than `edge_slack` is an error naming it. `rects` (n, 4) are all their boxes, checked at once:
+    most videos have none to clip, and then the frames come back as they are."""
+    size = np.array([width, height] * 2, dtype=np.float32)
+    if ((rects >= 0) & (rects <= size)).all():
+        return frames
+    slack = np.array([edge_slack(width), edge_slack(height)] * 2, dtype=np.float32)
+    for where, frame in frames:
+        outside = ((frame.rects < -slack) | (frame.rects > size + slack)).any(axis=1)
+        if outside.any():
+            number = int(outside.argmax())
+            raise DetectionsError(
+                f"{where}: object {number} 'rect' {frame.rects[number].tolist()} reaches outside the {width}x{height} "
+                f"image by more than {EDGE_SLACK_SHARE:.0%} of its side (at least {EDGE_SLACK_PIXELS:g} pixels): "
+                "boxes are x0, y0, x1, y1 in pixels of that image")
+    return [(where, replace(frame, rects=np.clip(frame.rects, 0, size))) for where, frame in frames]
 
 
-def _not_normalised(frames: list[FrameDetections], width: int, height: int, where: str) -> None:
+def _not_normalised(rects: np.ndarray, width: int, height: int, where: str) -> None:
     """Boxes normalised to 0-1 (as some detectors write them) fit any image, so they pass every other
-    check and end up as specks in its corner: a video whose boxes all lie within NORMALISED_LIMIT
-    pixels of the corner, on an image wider and taller than NORMALISED_MIN_SIDE, is an error."""
-    largest = max((float(frame.rects.max()) for frame in frames if len(frame.rects)), default=None)
-    if largest is not None and largest <= NORMALISED_LIMIT and min(width, height) > NORMALISED_MIN_SIDE:
+    check and end up as specks in its corner: a video whose boxes (`rects`, (n, 4)) all lie within
+    NORMALISED_LIMIT pixels of the corner, on an image wider and taller than NORMALISED_MIN_SIDE, is an
+    error."""
+    if len(rects) and rects.max() <= NORMALISED_LIMIT and min(width, height) > NORMALISED_MIN_SIDE:
         raise DetectionsError(
             f"{where}: every box lies within {NORMALISED_LIMIT:g} pixels of the corner of the {width}x{height} "
             "image: the boxes look normalised to 0-1; give them in pixels (x * width, y * height)")
@@ -229,9 +234,9 @@ def _checked_video(
     """The video of `frames`, (where the frame was read, frame) pairs, after the checks that need its
     image size or all its frames (`where` names the video in errors): boxes come back clipped to the
     image, frames sorted by time."""
-    _not_normalised([frame for _, frame in frames], width, height, where)
-    fitted = [(frame_where, _fit_to_image(frame, width, height, frame_where)) for frame_where, frame in frames]
-    return VideoDetections(video_id, width, height, _sorted_by_time(fitted))
+    rects = np.concatenate([frame.rects for _, frame in frames]) if frames else np.zeros((0, 4), np.float32)
+    _not_normalised(rects, width, height, where)
+    return VideoDetections(video_id, width, height, _sorted_by_time(_fit_to_image(frames, rects, width, height)))
 
 
 def video_to_json(video: VideoDetections) -> dict:
@@ -452,7 +457,11 @@ class LabelVocab:
     ) -> "LabelVocab":
         """Classes by descending box count (then name); with `max_size` (ids included) the rarest
         classes are left out and become unknown."""
-        counts = box_counts_by_class_name(detections)
+        return cls.from_counts(box_counts_by_class_name(detections), max_size)
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int], max_size: int | None = None) -> "LabelVocab":
+        """As `from_detections`, from their box counts by class name (`box_counts_by_class_name`)."""
         names = sorted(counts, key=lambda name: (-counts[name], name))
         if max_size is not None:
             names = names[: max(max_size - 2, 0)]

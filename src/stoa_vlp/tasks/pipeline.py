@@ -247,17 +247,21 @@ class TaskRunner:
             self._video_paths(sorted({item.video_id for item in items}), self._split_file(split))
         self._report_coverage(split, (item.video_id for item in items))
 
-    def _records(self, split: str, captions_only: bool = False) -> list[VideoRecord]:
+    def _records(self, split: str) -> list[VideoRecord]:
+        """An evaluation split's records, read strictly: a problem in it is an error, not a skip."""
         path = self._split_file(split)
         data = self.config.data
-        return read_annotations(path, data.format, split, data.video_root or None, strict=True,
-                                captions_only=captions_only)
+        return read_annotations(path, data.format, split, data.video_root or None, strict=True)
 
     @functools.cached_property
     def querybank_captions(self) -> list[str]:
         """QB-Norm's query bank: the training captions, read once however often the model is evaluated,
-        without looking for the training videos (evaluation needs none of them)."""
-        return [caption for record in self._records("train", captions_only=True) for caption in record.captions]
+        without looking for the training videos (evaluation needs none of them), and as training reads
+        them: an empty caption, or a video without one, is left out with a warning (a bag of training
+        captions, not a set of candidates)."""
+        path = self._split_file("train")
+        records = read_annotations(path, self.config.data.format, "train", captions_only=True)
+        return [caption for record in records for caption in record.captions]
 
     def _split_file(self, split: str) -> str:
         path = getattr(self.config.data, split)

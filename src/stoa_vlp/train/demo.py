@@ -150,24 +150,20 @@ def tag_stage(run: DemoRun) -> None:
 
 def pretrain_stage(run: DemoRun) -> None:
     from stoa_vlp.commands.common import keep_label_vocab, seed_everything
-    from stoa_vlp.data.dataset import build_dataset, collate, load_side_data
+    from stoa_vlp.commands.pretrain import pretraining_data
+    from stoa_vlp.data.dataset import collate
     from stoa_vlp.model import build_model
     from stoa_vlp.objectives import Pretrainer
     from stoa_vlp.train.distributed import DistEnv
-    from stoa_vlp.train.evaluation import RetrievalEvaluator
     from stoa_vlp.train.loop import Trainer
 
     config = run.config
     seed_everything(config.train.seed)
     module = Pretrainer(build_model(config.model), config.loss)
-    side_data = load_side_data(config)  # read once, for training and validation
-    train_set = build_dataset(config, "train", side_data=side_data)
     env = DistEnv.current(config.train.device)
+    train_set, evaluate = pretraining_data(config, env, validate=run.settings.val_clips > 0)
     # in the run's own folder, as `pretrain` keeps it: validation, test and the task stages use it
     keep_label_vocab(config, train_set.label_vocab, config.train.output_dir, env)
-    evaluate = None
-    if run.settings.val_clips > 0:
-        evaluate = RetrievalEvaluator(config, "val", env.device, config.train.val_max_clips, side_data)
     trainer = Trainer(config, module, train_set, collate, config.train.output_dir, env, evaluate)
     result = trainer.fit()
     run.model = module.model.eval()

@@ -62,19 +62,21 @@ def retrieval_loader(config: Config, split: str, max_videos: int = 0, side_data=
     return FirstVideos(loader, max_videos) if max_videos > 0 and streamed else loader
 
 
-def check_split_videos(config: Config, split: str, max_videos: int = 0) -> None:
+def check_split_videos(config: Config, split: str, max_videos: int = 0) -> list | None:
     """Read `split`'s annotation file and find the videos its evaluation reads (the first `max_videos`
     when set), so that a wrong path, a malformed file or a missing video fails before training, not at
-    the first validation (before that step's checkpoint). WebDataset shards are only looked for:
-    reading them would be reading their videos."""
+    the first validation (before that step's checkpoint). Returns the split's records; None for
+    WebDataset shards, which are only looked for: reading them would be reading their videos."""
     from stoa_vlp.data.annotations import existing_annotations, read_annotations, require_video_files
     from stoa_vlp.data.dataset import is_webdataset
 
     path = getattr(config.data, split)
     existing_annotations(path)
-    if not is_webdataset(config, path):
-        records = read_annotations(path, config.data.format, split, config.data.video_root or None, strict=True)
-        require_video_files(records[:max_videos] if max_videos > 0 else records, path)
+    if is_webdataset(config, path):
+        return None
+    records = read_annotations(path, config.data.format, split, config.data.video_root or None, strict=True)
+    require_video_files(records[:max_videos] if max_videos > 0 else records, path)
+    return records
 
 
 class RetrievalEvaluator:
@@ -82,13 +84,16 @@ class RetrievalEvaluator:
     `module.model` (or `module` itself) on a split. The split's file and videos are checked here
     (`check_split_videos`), the loader is built on first use. The Trainer runs it on rank 0 only,
     which shows its bars when `train.progress` is on. `side_data`: as `build_dataset` takes it (the
-    training split's, so that the detections and tags are not read a second time)."""
+    training split's, so that the detections are not read a second time); only the split's part of
+    it is kept."""
 
     def __init__(self, config: Config, split: str, device: torch.device, max_videos: int = 0, side_data=None):
         self.config, self.split, self.device, self.max_videos = config, split, device, max_videos
-        self.side_data = side_data
         self.loader: Iterable[Batch] | None = None
-        check_split_videos(config, split, max_videos)
+        records = check_split_videos(config, split, max_videos)
+        if side_data is not None and records is not None:
+            side_data = side_data.for_retrieval(record.video_id for record in records)
+        self.side_data = side_data
 
     def __call__(self, module: nn.Module) -> dict[str, float]:
         from stoa_vlp.tasks.retrieval import evaluate_retrieval
