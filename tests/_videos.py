@@ -19,11 +19,25 @@ def moving_frames(count: int, width: int = 64, height: int = 48, seed: int = 0):
         yield image
 
 
+def flagged_frames(path: Path, thread_type: str) -> set[int] | None:
+    """The pts of the frames FFmpeg flags as decoded with errors, decoding with 2 threads of
+    `thread_type`; None when it refuses the data outright (already a clear error)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type, stream.codec_context.thread_count = thread_type, 2
+        try:
+            return {frame.pts for frame in container.decode(stream) if frame.is_corrupt}
+        except av.FFmpegError:
+            return None
+
+
 def damaged_copy(source: Path, damaged: Path) -> float:
     """Write `damaged`: `source` with the middle half of the bytes of one non-key frame inverted, as a
-    bit flip on disk or a bad download leaves it, choosing the first such frame (in time) that FFmpeg
-    flags as decoded with errors (it cannot tell for every one: entropy-coded data often still
-    parses). Returns that frame's time in seconds from the start of the stream, as clip times are."""
+    bit flip on disk or a bad download leaves it. The frame chosen is the first (in time) that FFmpeg
+    flags as decoded with errors when it decodes with frame threads, and not with slice threads alone
+    (PyAV's default), so that a test of it also fails where the decoder keeps that default. FFmpeg
+    cannot flag every damaged frame: entropy-coded data often still parses. Returns that frame's time
+    in seconds from the start of the stream, as clip times are."""
     with av.open(str(source)) as container:
         stream = container.streams.video[0]
         packets = sorted((packet.pts, packet.pos, packet.size) for packet in container.demux(stream)
@@ -34,13 +48,7 @@ def damaged_copy(source: Path, damaged: Path) -> float:
         for offset in range(position + size // 4, position + size // 4 + size // 2):
             data[offset] ^= 0xFF
         damaged.write_bytes(bytes(data))
-        with av.open(str(damaged)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"  # as decode_clip decodes (slice threads alone flag nothing)
-            try:
-                flagged = [frame.pts for frame in container.decode(stream) if frame.is_corrupt]
-            except av.FFmpegError:  # damage the decoder refuses outright: already a clear error
-                continue
-        if pts in flagged:
+        with_frame_threads, slice_threads_only = flagged_frames(damaged, "AUTO"), flagged_frames(damaged, "SLICE")
+        if with_frame_threads and slice_threads_only is not None and pts in with_frame_threads - slice_threads_only:
             return float((pts - origin) * time_base)
-    raise AssertionError(f"no damaged frame of {source} is flagged by FFmpeg")
+    raise AssertionError(f"no damaged frame of {source} is flagged with frame threads only")

@@ -156,7 +156,15 @@ def quarter_turns(rotation: float) -> int:
     return round(rotation / 90) % 4
 
 
+def damaged_frame(name: str, time: float) -> VideoError:
+    """The error for a frame FFmpeg flags as decoded with concealed errors (`is_corrupt`): damaged
+    data, not the video's picture. `time`: seconds from the start of the stream."""
+    return VideoError(name, f"the frame at {time:.3f} s is damaged (decoded with errors)")
+
+
 def _open_pyav(source: str | Path | BinaryIO, name: str):
+    """The container of `source`, its video stream decoding with frame and slice threads: with slice
+    threads alone (PyAV's default) FFmpeg leaves damaged frames unflagged."""
     import av
 
     if isinstance(source, (str, Path)):
@@ -171,6 +179,7 @@ def _open_pyav(source: str | Path | BinaryIO, name: str):
     if not container.streams.video:
         container.close()
         raise VideoError(name, "has no video stream")
+    container.streams.video[0].thread_type = "AUTO"
     return container
 
 
@@ -190,7 +199,6 @@ def _decode_pyav(
     try:
         stream = container.streams.video[0]
         stream.codec_context.thread_count = threads
-        stream.thread_type = "AUTO"  # slice threads alone (PyAV's default) leave damaged frames unflagged
         try:
             packets = _read_packets(container, stream, start, end)
         except av.FFmpegError as error:
@@ -335,9 +343,8 @@ def _decode_wanted(stream, packets: list, stamps: list[int], wanted: set[int], n
         for frame in frames:
             stamp = frame.pts if frame.pts is not None else frame.dts
             if stamp in wanted and stamp not in decoded:
-                if frame.is_corrupt:  # FFmpeg concealed errors in it: damaged data, not the video's picture
-                    time = float((stamp - stream_origin(stream)) * stream.time_base)  # as the clip's times
-                    raise VideoError(name, f"the frame at {time:.3f} s is damaged (decoded with errors)")
+                if frame.is_corrupt:
+                    raise damaged_frame(name, float((stamp - stream_origin(stream)) * stream.time_base))
                 decoded[stamp] = frame.reformat(format="rgb24", interpolation="BILINEAR")
 
     try:

@@ -36,6 +36,7 @@ from stoa_vlp.data.decode import (
     _open_pyav,
     check_complete,
     check_same_size,
+    damaged_frame,
     declared_duration,
     frame_folder_images,
     frame_interval,
@@ -142,7 +143,7 @@ def _resampled_frames(container, fps: float, size: tuple[int, int]) -> Iterator[
     def image() -> np.ndarray:
         nonlocal held_image
         if held.is_corrupt:  # as decoding for training refuses it
-            raise VideoError(container.name, f"the frame at {held_time:.3f} s is damaged (decoded with errors)")
+            raise damaged_frame(container.name, held_time)
         if held_image is None:
             resized = held.to_ndarray(format="rgb24", width=size[0], height=size[1], interpolation="AREA")
             held_image = np.ascontiguousarray(np.rot90(resized, quarter_turns(held.rotation)))
@@ -201,7 +202,6 @@ def prepare_one(video_id: str, source: str, output: str, options: PrepareOptions
         else:
             container = _open_pyav(source, source)
             try:
-                container.streams.video[0].thread_type = "AUTO"  # frame threads also flag damaged frames
                 codec = container.streams.video[0].codec_context
                 size = even_size(codec.width, codec.height, options.short_side)
                 frames = encode_video(
