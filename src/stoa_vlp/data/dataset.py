@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import logging
 import multiprocessing
@@ -36,7 +37,7 @@ import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -120,6 +121,16 @@ class SkipCounter:
             self._logged[reason] += 1
             log.warning("skipped sample (%s): %s", reason, message)
         self.check()
+
+    def attempt(self, load: Callable[[], Sample]) -> Sample | None:
+        """`load()`, counted as a sample drawn; None, counted and logged as a skip, when it raises
+        BadSample."""
+        self.seen()
+        try:
+            return load()
+        except BadSample as error:
+            self.skip(error.reason, str(error))
+            return None
 
     def add(self, total: int, skipped: dict[str, int]) -> None:
         """Add counts carried over from earlier (a resumed run's checkpoint)."""
@@ -413,12 +424,10 @@ class VideoTextDataset(Dataset):
         if not self.training:
             return self.load(index, rng)  # BadSample (a ValueError) names the file
         for _ in range(MAX_BAD_IN_A_ROW):
-            self.skips.seen()
-            try:
-                return self.load(index, rng)
-            except BadSample as error:
-                self.skips.skip(error.reason, str(error))
-                index = int(rng.integers(len(self)))
+            sample = self.skips.attempt(functools.partial(self.load, index, rng))
+            if sample is not None:
+                return sample
+            index = int(rng.integers(len(self)))
         raise too_many_in_a_row(self.skips)
 
 
@@ -538,7 +547,8 @@ class WebDatasetShards(IterableDataset):
                 if not self.training:
                     raise
                 self.skips.seen()
-                self._skip(error)
+                self.skips.skip(error.reason, str(error))
+                self._count_bad()
         while buffer:
             sample = self._take(buffer, rng, sample_rng)
             if sample is not None:
@@ -552,19 +562,16 @@ class WebDatasetShards(IterableDataset):
         item = buffer.pop(rng.randrange(len(buffer)) if self.shuffle_buffer else 0)
         if not self.training:
             return self._build(*item, sample_rng)
-        self.skips.seen()
-        try:
-            sample = self._build(*item, sample_rng)
-        except BadSample as error:
-            self._skip(error)
-            return None
-        self._bad_in_a_row = 0
+        sample = self.skips.attempt(functools.partial(self._build, *item, sample_rng))
+        if sample is None:
+            self._count_bad()
+        else:
+            self._bad_in_a_row = 0
         return sample
 
-    def _skip(self, error: BadSample) -> None:
-        """Count a bad sample (or shard); TooManyBadSamples after MAX_BAD_IN_A_ROW in a row: a resampled
-        stream of only bad samples would otherwise be read forever."""
-        self.skips.skip(error.reason, str(error))
+    def _count_bad(self) -> None:
+        """Count a skipped sample (or shard) in a row; TooManyBadSamples after MAX_BAD_IN_A_ROW: a
+        resampled stream of only bad samples would otherwise be read forever."""
         self._bad_in_a_row += 1
         if self._bad_in_a_row >= MAX_BAD_IN_A_ROW:
             raise too_many_in_a_row(self.skips)

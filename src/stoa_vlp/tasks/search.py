@@ -12,6 +12,7 @@ scaled cosine times P(matched), taken as a log so that small products stay apart
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch.utils.data import Dataset
 from stoa_vlp.batch import Batch
 from stoa_vlp.config import Config
 from stoa_vlp.data.annotations import VideoRecord
-from stoa_vlp.data.dataset import BadSample, SkipCounter, VideoTextDataset, collate
+from stoa_vlp.data.dataset import SkipCounter, VideoTextDataset, collate
 from stoa_vlp.data.jsonl import read_json_object
 from stoa_vlp.metrics.retrieval import nan_lowest
 from stoa_vlp.model import VideoFeatures
@@ -79,12 +80,7 @@ class _ReadableClips(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        self.dataset.skips.seen()
-        try:
-            return self.dataset[index]
-        except BadSample as error:
-            self.dataset.skips.skip(error.reason, str(error))
-            return None
+        return self.dataset.skips.attempt(functools.partial(self.dataset.__getitem__, index))
 
 
 def _collate_readable(samples: list) -> Batch | None:
