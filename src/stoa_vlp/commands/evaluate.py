@@ -36,9 +36,8 @@ def require_split_file_for(task: str, trained, config, split: str) -> None:
     """ValueError when data.<split> is still the file of the checkpoint's config, written for its own
     task, and `task` reads another kind of file (an mc evaluation of a retrieval run would fail on
     its first annotation line)."""
-    from stoa_vlp.tasks.pipeline import EVALUATION_FILES
-
     from stoa_vlp.commands.task_common import trained_for
+    from stoa_vlp.tasks.pipeline import EVALUATION_FILES
 
     path, own = getattr(config.data, split), trained.task.name
     if not path or path != getattr(trained.data, split) or EVALUATION_FILES[own] == EVALUATION_FILES[task]:

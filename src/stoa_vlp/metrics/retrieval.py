@@ -150,7 +150,7 @@ def retrieval_metrics(
             metrics.update(prefixed(prefix, rank_metrics(ranks(values, mask))))
             if name == "v2t" and several_captions:
                 grouped = best_caption_per_video(values, text_to_video, num_videos)
-                metrics.update(prefixed(f"{prefix}_grouped", rank_metrics(ranks(grouped, torch.eye(num_videos) > 0))))
+                metrics.update(prefixed(f"{prefix}_grouped", rank_metrics(ranks(grouped, torch.eye(num_videos, dtype=torch.bool)))))
     return metrics
 
 
