@@ -105,6 +105,8 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
                 frame.to_image().save(frames / f"{index:05d}.png")
         assert main(["caption", "--checkpoint", str(run), str(frames), "--max-tokens", "3"]) == 0
         assert capsys.readouterr().out.startswith(f"{frames}\t")
+        with pytest.raises(ValueError, match="was trained for captioning, not retrieval"):  # its contrastive heads moved
+            main(["index", str(world.videos), "--checkpoint", str(run), "--output", str(tmp_path / "index")])
     if task == "qa":
         video = world.videos / f"{world.video_ids['test'][0]}.mp4"
         assert main(["answer", "--checkpoint", str(run), str(video), "what shape moves left?", "--top", "2"]) == 0
@@ -114,6 +116,8 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
             main(["answer", "--checkpoint", str(run), str(video), "\t"])
         with pytest.raises(ValueError, match="was trained for qa, not captioning"):  # its LM head was not fine-tuned
             main(["caption", "--checkpoint", str(run), str(video), "--max-tokens", "3"])
+        with pytest.raises(ValueError, match="was trained for qa, not retrieval"):
+            main(["visualise", "--checkpoint", str(run), str(video), "a red circle", "--out", str(tmp_path / "v.png")])
     if task == "retrieval":
         index = tmp_path / "index"
         assert main(["index", str(world.videos), "--checkpoint", str(run), "--output", str(index),

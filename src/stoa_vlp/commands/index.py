@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     found = find_videos([args.folder])
     if not found:
         raise ValueError(f"{args.folder}: no video files or frame folders")
-    checkpoint, config, model, device = inference_model(args)
+    checkpoint, config, model, device = inference_model(args, "retrieval")
     records = file_records([path for _, path in found], "video")
     detections, label_vocab = inference_detections(config, records)
     ids, videos, unreadable = encode_readable_videos(model, records, config, detections, label_vocab, device,

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: its folder does not exist")
         if Path(path).is_dir():
             raise ValueError(f"{path} is a folder, not a file to write")
-    _, config, model, device = inference_model(args)
+    _, config, model, device = inference_model(args, "retrieval")  # its contrastive and matching heads
     records = file_records([args.video], args.caption)
     detections, label_vocab = inference_detections(config, records)
     dataset = VideoTextDataset(records, config, False, detections, label_vocab)
