@@ -45,12 +45,11 @@ from stoa_vlp.data.detections import (
     iter_detections,
     read_detections,
     read_packed_detections,
-    select_objects,
-    suppress_across_classes,
     write_detections,
 )
 from stoa_vlp.data.detections_store import DetectionsStore, write_detections_store
 from stoa_vlp.data.geometry import resize_crop
+from stoa_vlp.data.object_targets import select_objects, suppress_across_classes
 
 CLASSES = [f"class{i}" for i in range(80)]
 

@@ -3,7 +3,7 @@
 import numpy as np
 
 from _bench import load_bench
-from stoa_vlp.data.detections import suppress_across_classes
+from stoa_vlp.data.object_targets import suppress_across_classes
 
 
 def test_the_earlier_suppression_keeps_the_same_boxes():

@@ -15,21 +15,19 @@ from stoa_vlp.batch import TAG_NOUN, TAG_VERB, Batch
 from stoa_vlp.config import load_config
 from stoa_vlp.data.annotations import AnnotationError, VideoRecord, read_annotations
 from stoa_vlp.data.dataset import (
-    BadSample,
     SerializedList,
-    SkipCounter,
-    TooManyBadSamples,
     VideoTextDataset,
-    WebDatasetShards,
     build_dataset,
     build_loader,
     collate,
     keep_freed_memory,
-    load_detections,
     stack_frames,
 )
 from stoa_vlp.data.decode import decode_clip
 from stoa_vlp.data.detections import LabelVocab, box_counts_by_class_name, read_detections
+from stoa_vlp.data.shards import WebDatasetShards
+from stoa_vlp.data.side_data import load_detections
+from stoa_vlp.data.skips import BadSample, SkipCounter, TooManyBadSamples
 from stoa_vlp.data.synth import DetectionNoise, render_world
 from stoa_vlp.data.tags import TagCache
 from stoa_vlp.data.transforms import FrameTransform
@@ -378,12 +376,12 @@ def test_keep_freed_memory_stops_page_faults_per_clip(world):
 def test_fine_tuning_reads_the_detections_file_once(world, monkeypatch):
     """The task runner holds the detections it read at set-up; its training dataset takes those
     instead of reading the file again (seconds per thousand videos, and a second copy meanwhile)."""
-    from stoa_vlp.data import dataset as dataset_module
+    from stoa_vlp.data import side_data
     from stoa_vlp.tasks.pipeline import TaskRunner
 
     reads = []
-    read = dataset_module.read_packed_detections
-    monkeypatch.setattr(dataset_module, "read_packed_detections", lambda path: reads.append(path) or read(path))
+    read = side_data.read_packed_detections
+    monkeypatch.setattr(side_data, "read_packed_detections", lambda path: reads.append(path) or read(path))
     config = tiny(world, f"data.detections={world.detections}", "task.name=retrieval")
     runner = TaskRunner(config, "cpu")
     train_set, _ = runner.train_data()
@@ -419,20 +417,20 @@ def test_detected_classes_missing_from_the_label_vocabulary_are_reported(world, 
     detections = f"data.detections={world.detections}"
 
     LabelVocab(["bottle", "handbag"]).save(vocab_file)
-    with caplog.at_level(logging.INFO, logger="stoa_vlp.data.dataset"):
+    with caplog.at_level(logging.INFO, logger="stoa_vlp.data.side_data"):
         load_detections(tiny(world, detections, f"data.label_vocab={vocab_file}"))
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert f"none of its {len(counts)} classes" in caplog.text and "every box becomes <unknown>" in caplog.text
 
     caplog.clear()
     LabelVocab(others).save(vocab_file)
-    with caplog.at_level(logging.INFO, logger="stoa_vlp.data.dataset"):
+    with caplog.at_level(logging.INFO, logger="stoa_vlp.data.side_data"):
         load_detections(tiny(world, detections, f"data.label_vocab={vocab_file}"))
     share = 100 * counts[rarest] / sum(counts.values())
     assert [r.levelname for r in caplog.records] == ["WARNING" if share >= 10 else "INFO"]
     assert f"1 of its {len(counts)} classes ({share:.1f}% of the boxes; e.g. {rarest}) are not in" in caplog.text
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="stoa_vlp.data.dataset"):
+    with caplog.at_level(logging.INFO, logger="stoa_vlp.data.side_data"):
         load_detections(tiny(world, detections, f"model.num_object_classes={len(counts) + 1}"))
     assert f"e.g. {rarest}) are not in the {len(counts) - 1} most frequent classes" in caplog.text

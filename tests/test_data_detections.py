@@ -14,17 +14,14 @@ from stoa_vlp.data.detections import (
     PackedVideoDetections,
     VideoDetections,
     convert_vinvl,
-    misaligned_times,
-    nearest_frames,
     read_detections,
     read_hw_tsv,
     read_packed_detections,
     read_vinvl_tsv,
-    select_objects,
-    suppress_across_classes,
     write_detections,
 )
 from stoa_vlp.data.geometry import resize_crop
+from stoa_vlp.data.object_targets import misaligned_times, nearest_frames, select_objects, suppress_across_classes
 from stoa_vlp.data.synth import DetectionNoise, noisy_detections, sample_clip, true_boxes
 
 

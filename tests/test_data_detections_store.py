@@ -15,7 +15,7 @@ import pytest
 
 from stoa_vlp.cli import main
 from stoa_vlp.config import load_config
-from stoa_vlp.data.dataset import build_dataset, load_detections
+from stoa_vlp.data.dataset import build_dataset
 from stoa_vlp.data.detections import (
     DetectionsError,
     FrameDetections,
@@ -26,6 +26,7 @@ from stoa_vlp.data.detections import (
     write_detections,
 )
 from stoa_vlp.data.detections_store import ARRAYS, DetectionsStore, write_detections_store
+from stoa_vlp.data.side_data import load_detections
 from stoa_vlp.data.synth import render_world
 
 CLASSES = ["dog", "cat", "ball", "red cube", "chaise", "zebra", "émeu"]

@@ -12,8 +12,9 @@ from stoa_vlp.config import load_config
 from stoa_vlp.data import serialized
 from stoa_vlp.data.annotations import read_annotations
 from stoa_vlp.data.dataset import SampleBuilder, VideoTextDataset
-from stoa_vlp.data.detections import LabelVocab, PackedVideoDetections, read_detections, select_objects
+from stoa_vlp.data.detections import LabelVocab, PackedVideoDetections, read_detections
 from stoa_vlp.data.geometry import resize_crop
+from stoa_vlp.data.object_targets import select_objects
 from stoa_vlp.data.serialized import SerializedDict, SerializedList
 from stoa_vlp.data.synth import render_world
 from stoa_vlp.data.tags import PackedTags, TagCache, read_captions

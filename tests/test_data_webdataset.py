@@ -14,8 +14,10 @@ import torch
 from stoa_vlp.batch import TAG_NOUN, TAG_VERB
 from stoa_vlp.config import load_config
 from stoa_vlp.data.annotations import AnnotationError, read_annotations
-from stoa_vlp.data.dataset import BadSample, SkipCounter, VideoTextDataset, WebDatasetShards, build_dataset
+from stoa_vlp.data.dataset import VideoTextDataset, build_dataset
 from stoa_vlp.data.prepare import encode_video
+from stoa_vlp.data.shards import WebDatasetShards
+from stoa_vlp.data.skips import BadSample, SkipCounter
 from stoa_vlp.data.tags import TagCache, read_captions
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -98,7 +100,7 @@ def test_unreadable_caption_is_an_error_in_evaluation_and_a_skip_in_training(vid
         list(WebDatasetShards([shard], tiny(), training=False))
     skips = SkipCounter(max_share=1.0, min_seen=1)
     training = WebDatasetShards([shard], tiny(), training=True, resample=False, skips=skips)
-    with caplog.at_level("WARNING", logger="stoa_vlp.data.dataset"):
+    with caplog.at_level("WARNING", logger="stoa_vlp.data.skips"):
         assert [sample.video_id for sample in training] == ["0001"]
     assert skips.skipped["bad_caption"] == 1 and skips.total == 2
     assert "skipped sample (bad_caption): " in caplog.text and "0002.json" in caplog.text

@@ -9,7 +9,7 @@ import torch
 
 from stoa_vlp.cli import console_main, main
 from stoa_vlp.config import load_config
-from stoa_vlp.data.dataset import WARNINGS_PER_REASON
+from stoa_vlp.data.skips import WARNINGS_PER_REASON
 from stoa_vlp.data.synth import write_video
 from stoa_vlp.model import VideoFeatures, build_model
 from stoa_vlp.model.checkpoint import save_pretrained

@@ -114,7 +114,7 @@ def test_a_capped_validation_needs_only_the_videos_it_reads(tmp_path, task):
 def test_pretraining_reads_detections_and_tags_once_for_training_and_validation(tmp_path, monkeypatch):
     import numpy as np
 
-    from stoa_vlp.data import dataset as dataset_module
+    from stoa_vlp.data import side_data
     from stoa_vlp.data.annotations import read_annotations
 
     world = render_world(tmp_path / "world", train=4, val=2, test=0, seed=1)
@@ -130,7 +130,7 @@ def test_pretraining_reads_detections_and_tags_once_for_training_and_validation(
             return read(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(dataset_module, "read_packed_detections", counted("detections", dataset_module.read_packed_detections))
+    monkeypatch.setattr(side_data, "read_packed_detections", counted("detections", side_data.read_packed_detections))
     monkeypatch.setattr(TagCache, "read", counted("tags", TagCache.read))
     run = tmp_path / "run"
     assert main([

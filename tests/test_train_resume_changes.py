@@ -12,7 +12,7 @@ import torch
 from _train_toys import ToyDataset, ToyModel, collate
 
 from stoa_vlp.config import load_config
-from stoa_vlp.data.dataset import SkipCounter
+from stoa_vlp.data.skips import SkipCounter
 from stoa_vlp.train import Trainer
 from stoa_vlp.train import checkpointing as ckpt
 from stoa_vlp.train.data_position import ResumableSampler

@@ -40,7 +40,8 @@ def warn_if_objectives_lack_data(config) -> None:
 def pretraining_data(config, env, validate: bool):
     """(training set, validation evaluator or None) from one read of the detections and tag cache. Each
     keeps only its split's part of them: the whole file's detections go when this returns."""
-    from stoa_vlp.data.dataset import build_dataset, load_side_data, split_file
+    from stoa_vlp.data.dataset import build_dataset, split_file
+    from stoa_vlp.data.side_data import load_side_data
     from stoa_vlp.train.evaluation import RetrievalEvaluator
 
     split_file(config, "train")  # a wrong path fails before the side data is read

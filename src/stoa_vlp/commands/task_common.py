@@ -198,7 +198,7 @@ def require_text(text: str, what: str) -> None:
 def inference_detections(config: Config, records: list) -> tuple:
     """(detections, label vocabulary) of `load_detections` for the videos of `records`, with the videos
     that have no line in the file reported as training reports them (their clips get no objects)."""
-    from stoa_vlp.data.dataset import load_detections, report_detection_coverage
+    from stoa_vlp.data.side_data import load_detections, report_detection_coverage
 
     detections, label_vocab = load_detections(config)
     if detections is not None:

@@ -1,15 +1,13 @@
 """Datasets of (clip, caption) samples and their collation into a `stoa_vlp.batch.Batch`.
 
-`VideoTextDataset` (map-style, for annotation files) has one item per caption, in training and
+`SampleBuilder` turns a video and a caption into a `Sample` (decoded frames, object targets, tokens,
+tags). `VideoTextDataset` (map-style, for annotation files) has one item per caption, in training and
 in evaluation alike (CLIP4Clip's "unfold sentences"): an epoch sees every caption once, and two
 captions of one video in a batch share `video_index`, so VTC treats both as positives. With
 items="videos" it has one item per video instead (a random caption in training, the first in
-evaluation), for encoding each video once.
-
-`WebDatasetShards` (iterable, for video2dataset shards) splits shards over ranks and DataLoader
-workers; in training it resamples shards at random without end and shuffles samples in a buffer.
-It reads members, captions and video ids by the rules `read_annotations` uses for shards
-(`split_member_name`, `shard_caption`, `shard_video_id`), so tags and detections are found alike.
+evaluation), for encoding each video once. `build_dataset` gives a split's dataset: this one, or
+for video2dataset shards the stream of stoa_vlp.data.shards, with the detections, label vocabulary
+and tags of stoa_vlp.data.side_data; `build_loader` its DataLoader.
 
 Records, detections and caption tags live in numpy arrays (stoa_vlp.data.serialized: one byte
 buffer with offsets, as detectron2 serialises its dataset lists), built once in the main
@@ -20,7 +18,7 @@ for all processes of a machine.
 
 Bad samples: in evaluation every problem is an error naming the file. In training a sample whose
 video is missing or unreadable, or whose caption is empty or unreadable, is skipped (another sample is drawn),
-logged and counted in a `SkipCounter` shared with the workers; training stops with
+logged and counted in a `SkipCounter` shared with the workers (stoa_vlp.data.skips); training stops with
 `TooManyBadSamples` once the skipped share exceeds data.max_bad_samples.
 """
 
@@ -29,151 +27,39 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import hashlib
 import logging
-import multiprocessing
-import random
 import tarfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from stoa_vlp.batch import TAG_NONE, Batch
 from stoa_vlp.config import Config
 from stoa_vlp.data.annotations import (
-    CAPTION_EXTENSIONS,
-    AnnotationError,
     VideoRecord,
     detect_format,
     existing_annotations,
     read_annotations,
-    shard_caption,
     shard_list,
-    shard_video_id,
     split_member_name,
     unreadable_shard,
 )
 from stoa_vlp.data.decode import DecodedClip, VideoError, check_decoder, decode_clip
-from stoa_vlp.data.detections import (
-    LabelVocab,
-    box_counts_by_class_name,
-    empty_targets,
-    misaligned_times,
-    packed,
-    read_packed_detections,
-    select_objects,
-)
-from stoa_vlp.data.detections_store import MANIFEST, DetectionsStore
+from stoa_vlp.data.detections import packed
+from stoa_vlp.data.detections_store import DetectionsStore
 from stoa_vlp.data.geometry import resize_crop
+from stoa_vlp.data.object_targets import empty_targets, misaligned_times, select_objects
 from stoa_vlp.data.serialized import SerializedDict, SerializedList
+from stoa_vlp.data.side_data import SideData, _report_side_data, load_side_data
+from stoa_vlp.data.skips import MAX_BAD_IN_A_ROW, WARNINGS_PER_REASON, BadSample, SkipCounter, too_many_in_a_row
 from stoa_vlp.data.tags import PackedTags, TagCache
 from stoa_vlp.data.transforms import FrameTransform
 from stoa_vlp.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-SKIP_REASONS = ("missing_file", "bad_video", "empty_caption", "bad_caption")
-WARNINGS_PER_REASON = 10  # skips logged one by one per process; later ones only counted
-
-
-class TooManyBadSamples(RuntimeError):
-    """The share of skipped training samples went over data.max_bad_samples."""
-
-
-class BadSample(ValueError):
-    """A sample that cannot be built; `reason` is one of SKIP_REASONS."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-class SkipCounter:
-    """Counts drawn and skipped samples per reason, in shared memory visible to all workers.
-
-    Create it in the main process before the DataLoader starts its workers. Its lock is made for
-    spawned processes, which forked ones can use too (one made for forking cannot be passed to a
-    spawned worker: a DataLoader given multiprocessing_context="spawn" failed to start). It is a named
-    semaphore: after an exit that skips finalisers (SIGKILL, os._exit) multiprocessing's resource
-    tracker removes it, with a warning about leaked semaphores.
-    """
-
-    def __init__(self, max_share: float, min_seen: int = 100):
-        self.max_share = max_share
-        self.min_seen = min_seen  # the share is not judged before this many samples were drawn
-        self._counts = multiprocessing.get_context("spawn").Array("q", 1 + len(SKIP_REASONS))  # seen, skips...
-        self._logged = dict.fromkeys(SKIP_REASONS, 0)
-
-    def seen(self) -> None:
-        with self._counts.get_lock():
-            self._counts[0] += 1
-
-    def skip(self, reason: str, message: str) -> None:
-        """Count and log a skip; raise TooManyBadSamples when the share goes over max_share."""
-        with self._counts.get_lock():
-            self._counts[1 + SKIP_REASONS.index(reason)] += 1
-        if self._logged[reason] < WARNINGS_PER_REASON:
-            self._logged[reason] += 1
-            log.warning("skipped sample (%s): %s", reason, message)
-        self.check()
-
-    def attempt(self, load: Callable[[], Sample]) -> Sample | None:
-        """`load()`, counted as a sample drawn; None, counted and logged as a skip, when it raises
-        BadSample."""
-        self.seen()
-        try:
-            return load()
-        except BadSample as error:
-            self.skip(error.reason, str(error))
-            return None
-
-    def add(self, total: int, skipped: dict[str, int]) -> None:
-        """Add counts carried over from earlier (a resumed run's checkpoint)."""
-        with self._counts.get_lock():
-            self._counts[0] += total
-            for reason, count in skipped.items():
-                self._counts[1 + SKIP_REASONS.index(reason)] += count
-
-    @property
-    def total(self) -> int:
-        return int(self._counts[0])
-
-    @property
-    def skipped(self) -> dict[str, int]:
-        return {reason: int(self._counts[1 + i]) for i, reason in enumerate(SKIP_REASONS)}
-
-    def share(self) -> float:
-        return sum(self.skipped.values()) / max(1, self.total)
-
-    def check(self) -> None:
-        if self.total >= self.min_seen and self.share() > self.max_share:
-            raise TooManyBadSamples(f"{self.summary()}: more than data.max_bad_samples={self.max_share:.2%}")
-
-    def summary(self) -> str:
-        return skip_summary(self.total, self.skipped)
-
-
-# samples drawn in a row that could not be read before training stops whatever data.max_bad_samples
-# allows: at 1 (tolerate any share), a split of only bad samples was drawn from forever
-MAX_BAD_IN_A_ROW = 100
-
-
-def too_many_in_a_row(skips: SkipCounter) -> TooManyBadSamples:
-    return TooManyBadSamples(f"{MAX_BAD_IN_A_ROW} samples drawn in a row could not be read ({skips.summary()}): "
-                             "is the data where the config says (data.train, data.video_root)?")
-
-
-def skip_summary(total: int, skipped: dict[str, int]) -> str:
-    """"skipped K of N samples loaded (P%): reason count, ..." for `total` samples drawn and skips per
-    reason. Loaded, not trained on: data-loading workers read ahead of the steps."""
-    detail = ", ".join(f"{reason} {count}" for reason, count in skipped.items() if count)
-    share = sum(skipped.values()) / max(1, total)
-    return f"skipped {sum(skipped.values())} of {total} samples loaded ({share:.2%})" + (f": {detail}" if detail else "")
 
 
 @dataclass
@@ -431,272 +317,6 @@ class VideoTextDataset(Dataset):
         raise too_many_in_a_row(self.skips)
 
 
-def _video_index(key: str) -> int:
-    """A stable 63-bit id for a shard key (the same video gets the same index on every rank)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
-
-
-class WebDatasetShards(IterableDataset):
-    """Samples streamed from video2dataset .tar shards (<key>.mp4 with <key>.txt or <key>.json)."""
-
-    def __init__(
-        self,
-        shards: list[str],
-        config: Config,
-        training: bool,
-        detections=None,
-        label_vocab=None,
-        tag_cache=None,
-        rank: int = 0,
-        world_size: int = 1,
-        resample: bool | None = None,
-        shuffle_buffer: int = 64,
-        skips: SkipCounter | None = None,
-    ):
-        if not shards:
-            raise ValueError("no shards given")
-        self.shards = list(shards)
-        self.training = training
-        self.rank, self.world_size = rank, world_size
-        self.resample = training if resample is None else resample
-        self.shuffle_buffer = shuffle_buffer if training else 0
-        self.seed = config.train.seed
-        self.epoch = 0
-        self.start_batch = 0
-        self.builder = SampleBuilder(config, training, detections, label_vocab, tag_cache)
-        self.label_vocab = label_vocab
-        self.skips = skips if skips is not None else SkipCounter(config.data.max_bad_samples)
-
-    def set_position(self, epoch: int, start_batch: int) -> None:
-        """Seed the next stream from the trainer's data position (epoch, batches already consumed):
-        each epoch of a non-resampled stream is shuffled anew, and a run resumed at batch S draws a
-        stream of its own instead of replaying the one its first run began with. A stream has no
-        exact position: the resumed samples differ from those of an uninterrupted run."""
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def _consumer(self) -> tuple[int, int]:
-        """This reader's index among all (rank, worker) readers, and their count."""
-        worker = get_worker_info()
-        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        return self.rank * workers + worker_id, self.world_size * workers
-
-    def _shard_order(self, rng: random.Random) -> Iterator[str]:
-        consumer, consumers = self._consumer()
-        if self.resample:
-            while True:
-                yield rng.choice(self.shards)
-        mine = self.shards[consumer::consumers]
-        if not mine:
-            log.warning(
-                "reader %d of %d has no shard (%d shards): it yields nothing", consumer, consumers, len(self.shards)
-            )
-        yield from mine
-
-    def _raw_samples(self, shard: str) -> Iterator[tuple[str, bytes | None, dict[str, tuple[str, bytes]]]]:
-        """(key, mp4 bytes, caption members {extension: (member name, data)}) per key of a shard,
-        streaming the tar once."""
-        key, video, captions = None, None, {}
-        try:
-            with tarfile.open(shard, mode="r|*") as archive:
-                for member in archive:
-                    if not member.isfile():
-                        continue
-                    member_key, extension = split_member_name(member.name)
-                    if member_key != key:
-                        if key is not None:
-                            yield key, video, captions
-                        key, video, captions = member_key, None, {}
-                    if extension == "mp4":
-                        video = archive.extractfile(member).read()
-                    elif extension in CAPTION_EXTENSIONS:
-                        captions[extension] = (member.name, archive.extractfile(member).read())
-        except (OSError, tarfile.TarError) as error:
-            raise BadSample("bad_video", unreadable_shard(shard, error)) from None
-        if key is not None:
-            yield key, video, captions
-
-    def _build(self, shard: str, key: str, video: bytes | None, captions: dict[str, tuple[str, bytes]], rng) -> Sample:
-        name = f"{shard}::{key}"
-        if video is None:
-            raise BadSample("missing_file", f"{name}: shard has no {key}.mp4")
-        try:
-            caption = shard_caption(shard, captions)
-        except AnnotationError as error:
-            raise BadSample("bad_caption", str(error)) from None
-        return self.builder.build(video, name, shard_video_id(key), caption or "", None, None, _video_index(key), rng)
-
-    def __iter__(self) -> Iterator[Sample]:
-        consumer, _ = self._consumer()
-        self._bad_in_a_row = 0
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.start_batch}-{consumer}")
-        sample_rng = np.random.default_rng(rng.getrandbits(63))
-        buffer: list[tuple[str, str, bytes | None, dict[str, tuple[str, bytes]]]] = []
-        left_out: list[str] = []  # evaluation: keys without a video or a caption member
-        for shard in self._shard_order(rng):
-            try:
-                for key, video, captions in self._raw_samples(shard):
-                    if not self.training and (video is None or not captions):
-                        left_out.append(f"{shard}::{key}")  # as the annotation reader leaves them out
-                        continue
-                    buffer.append((shard, key, video, captions))
-                    if len(buffer) > self.shuffle_buffer:
-                        sample = self._take(buffer, rng, sample_rng)
-                        if sample is not None:
-                            yield sample
-            except BadSample as error:
-                if not self.training:
-                    raise
-                self.skips.seen()
-                self.skips.skip(error.reason, str(error))
-                self._count_bad()
-        while buffer:
-            sample = self._take(buffer, rng, sample_rng)
-            if sample is not None:
-                yield sample
-        if left_out:
-            log.warning("%d shard keys without a video or without a caption are left out, as the annotation "
-                        "reader leaves them (e.g. %s)", len(left_out), left_out[0])
-
-    def _take(self, buffer: list, rng: random.Random, sample_rng: np.random.Generator) -> Sample | None:
-        """Build a random (training) or the oldest (evaluation) buffered sample; None if skipped."""
-        item = buffer.pop(rng.randrange(len(buffer)) if self.shuffle_buffer else 0)
-        if not self.training:
-            return self._build(*item, sample_rng)
-        sample = self.skips.attempt(functools.partial(self._build, *item, sample_rng))
-        if sample is None:
-            self._count_bad()
-        else:
-            self._bad_in_a_row = 0
-        return sample
-
-    def _count_bad(self) -> None:
-        """Count a skipped sample (or shard) in a row; TooManyBadSamples after MAX_BAD_IN_A_ROW: a
-        resampled stream of only bad samples would otherwise be read forever."""
-        self._bad_in_a_row += 1
-        if self._bad_in_a_row >= MAX_BAD_IN_A_ROW:
-            raise too_many_in_a_row(self.skips)
-
-
-def load_detections(config: Config) -> tuple[Mapping | None, LabelVocab | None]:
-    """(PackedVideoDetections by video id, LabelVocab) named by data.detections and data.label_vocab,
-    or (None, None) without detections or objects. data.detections is a detections JSONL file, read
-    whole, or a store folder made by `stoa-vlp pack`, mapped into memory. Without a data.label_vocab
-    file the vocabulary is built from the detections: the most frequent model.num_object_classes - 2
-    classes."""
-    if not (config.data.detections and config.model.objects):
-        return None, None
-    if Path(config.data.detections).name == MANIFEST:
-        raise ValueError(f"data.detections={config.data.detections}: give the store's folder, not its {MANIFEST}")
-    if Path(config.data.detections).is_dir():
-        detections = DetectionsStore(config.data.detections)
-        if detections.source_changed():
-            log.warning("%s: the detections file it was packed from, %s, has changed since: pack it again "
-                        "(stoa-vlp pack) for the new detections", config.data.detections,
-                        detections.manifest["source"]["path"])
-    else:
-        detections = read_packed_detections(config.data.detections)
-    classes = config.model.num_object_classes
-    counts = box_counts_by_class_name(detections)
-    if config.data.label_vocab and Path(config.data.label_vocab).exists():
-        label_vocab = LabelVocab.load(config.data.label_vocab)
-        if len(label_vocab) > classes:
-            raise ValueError(f"{config.data.label_vocab}: {len(label_vocab)} classes (with padding and unknown) "
-                             f"do not fit model.num_object_classes={classes}")
-        report_unknown_classes(config.data.detections, counts, label_vocab, config.data.label_vocab)
-        return detections, label_vocab
-    if config.data.label_vocab:
-        log.warning("%s does not exist: object class ids are rebuilt from %s and may differ from training",
-                    config.data.label_vocab, config.data.detections)
-    label_vocab = LabelVocab.from_counts(counts, max_size=classes)
-    report_unknown_classes(config.data.detections, counts, label_vocab, f"the {len(label_vocab) - 2} most "
-                           f"frequent classes (model.num_object_classes={classes} with padding and unknown)")
-    return detections, label_vocab
-
-
-UNKNOWN_BOXES_WARNED = 0.1  # share of boxes whose class is not in the vocabulary above which it is a warning
-
-
-def report_unknown_classes(path: str, counts: Mapping[str, int], label_vocab: LabelVocab, vocabulary: str) -> None:
-    """Log the detected classes of `path` (`counts`: its boxes by class name) that `label_vocab`
-    (described by `vocabulary`) lacks: their boxes become <unknown>. A warning when they hold
-    UNKNOWN_BOXES_WARNED of the boxes or more (all of them: detections of another detector than the
-    model's classes came from), else info."""
-    unknown = sorted((name for name in counts if name not in label_vocab.ids), key=lambda name: (-counts[name], name))
-    if not unknown:
-        return
-    share = sum(counts[name] for name in unknown) / max(sum(counts.values()), 1)
-    if len(unknown) == len(counts):
-        log.warning("%s: none of its %d classes (e.g. %s) is in %s: every box becomes <unknown>, so the objects "
-                    "carry no class (detections of another detector than the model's?)",
-                    path, len(counts), ", ".join(unknown[:3]), vocabulary)
-        return
-    log.log(logging.WARNING if share >= UNKNOWN_BOXES_WARNED else logging.INFO,
-            "%s: %d of its %d classes (%.1f%% of the boxes; e.g. %s) are not in %s: their boxes become <unknown>",
-            path, len(unknown), len(counts), 100 * share, ", ".join(unknown[:3]), vocabulary)
-
-
-def report_detection_coverage(path: str, detections: Mapping, video_ids: Iterable[str], source: str) -> None:
-    """Log how the detections file `path` covers the videos `video_ids` (of `source`): lines for
-    other videos (info), videos without a line (a warning: their clips get no objects), detected
-    frames without a box (info)."""
-    known, detected = set(video_ids), set(detections)
-    unknown = sorted(detected - known)
-    if unknown:  # one detections file for all splits is usual
-        log.info("%s: %d detection lines are for videos not in %s (e.g. %s); they are ignored",
-                 path, len(unknown), source, unknown[0])
-    without = sorted(known - detected)
-    if without:
-        log.warning("%s: %d of %d videos have no detections (no object trajectories; e.g. %s)",
-                    path, len(without), len(known), without[0])
-    if isinstance(detections, DetectionsStore):
-        boxes_per_frame = detections.boxes_per_frame_of(known & detected)
-    else:
-        boxes_per_frame = [packed(detections[video_id]).boxes_per_frame() for video_id in known & detected]
-    frames = sum(len(counts) for counts in boxes_per_frame)
-    empty = sum(int(np.count_nonzero(counts == 0)) for counts in boxes_per_frame)
-    if empty:
-        log.info("%s: %d of %d detected frames of %s hold no box", path, empty, frames, source)
-
-
-class SideData(NamedTuple):
-    """What a split's items read beside their videos and captions (each None where the config names none)."""
-
-    detections: Mapping | None
-    label_vocab: LabelVocab | None
-    tags: TagCache | None
-
-    def for_retrieval(self, video_ids: Iterable[str]) -> "SideData":
-        """What evaluating retrieval on `video_ids` reads: their detections (a file's, cut down, so that
-        the others can be freed; a store holds none in memory) and no tags, which it does not use."""
-        detections = self.detections
-        if isinstance(detections, dict):
-            detections = {video_id: detections[video_id] for video_id in set(video_ids) if video_id in detections}
-        return SideData(detections, self.label_vocab, None)
-
-
-def load_side_data(config: Config, detections_and_vocab=None) -> SideData:
-    """The detections, label vocabulary and tag cache the config names, read once for every split that
-    uses them; the first two are read unless `detections_and_vocab` gives them (as `load_detections`
-    returned)."""
-    detections, label_vocab = detections_and_vocab if detections_and_vocab is not None else load_detections(config)
-    tags = TagCache.read(config.data.tags, length=config.model.text_len) if config.data.tags else None
-    return SideData(detections, label_vocab, tags)
-
-
-def _report_side_data(config: Config, side_data: SideData, records: list[VideoRecord], source: str) -> None:
-    """Log how the detections and tags cover `records` (of `source`)."""
-    if side_data.detections is not None:
-        report_detection_coverage(config.data.detections, side_data.detections,
-                                  (record.video_id for record in records), source)
-    if side_data.tags is not None:
-        captions = {caption for record in records for caption in record.captions}
-        untagged = sum(caption not in side_data.tags.tags for caption in captions)
-        if untagged:
-            log.warning("%s: %d of %d captions of %s are not in it: they get no noun/verb tags, so DOTA and "
-                        "STASP align them to the sentence feature only (run stoa-vlp tag on them)",
-                        config.data.tags, untagged, len(captions), source)
-
-
 def is_webdataset(config: Config, path: str | Path) -> bool:
     """Whether the split file `path` is read as WebDataset shards (data.format, or detected)."""
     return config.data.format == "webdataset" or (config.data.format == "auto" and detect_format(path) == "webdataset")
@@ -722,6 +342,8 @@ def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1
     training = split == "train"
     side_data = side_data if side_data is not None else load_side_data(config)
     if is_webdataset(config, path):
+        from stoa_vlp.data.shards import WebDatasetShards  # imported here: its samples are built by SampleBuilder
+
         return WebDatasetShards(shard_list(Path(path)), config, training, *side_data, rank=rank, world_size=world_size)
     records = read_annotations(path, config.data.format, split, config.data.video_root or None, strict=not training)
     if not records:

@@ -22,7 +22,7 @@ from torch import nn
 
 from stoa_vlp.config import Config, TrainConfig
 from stoa_vlp.data.annotations import VideoRecord, read_annotations, require_video_files
-from stoa_vlp.data.dataset import load_detections, report_detection_coverage
+from stoa_vlp.data.side_data import load_detections, report_detection_coverage
 from stoa_vlp.tasks.data import evaluation_loader, find_video_paths, video_loader, video_root
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -204,7 +204,8 @@ class TaskRunner:
                 questions, self.answers, self.config, True, paths, self.detections, self.label_vocab
             )
             return dataset, collate
-        from stoa_vlp.data.dataset import build_dataset, collate, load_side_data
+        from stoa_vlp.data.dataset import build_dataset, collate
+        from stoa_vlp.data.side_data import load_side_data
 
         side_data = load_side_data(self.config, (self.detections, self.label_vocab))  # detections read at set-up
         return build_dataset(self.config, "train", rank, world_size, side_data), collate

@@ -26,8 +26,9 @@ from torch.utils.data import Dataset
 from stoa_vlp.batch import Batch
 from stoa_vlp.config import Config
 from stoa_vlp.data.annotations import VideoRecord
-from stoa_vlp.data.dataset import SkipCounter, VideoTextDataset, collate
+from stoa_vlp.data.dataset import VideoTextDataset, collate
 from stoa_vlp.data.jsonl import read_json_object
+from stoa_vlp.data.skips import SkipCounter
 from stoa_vlp.metrics.retrieval import nan_lowest
 from stoa_vlp.model import VideoFeatures
 from stoa_vlp.tasks.data import evaluation_loader

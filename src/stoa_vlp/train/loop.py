@@ -581,7 +581,7 @@ class Trainer:
         """The training data's SkipCounter summary, its counts summed over the ranks; None without one."""
         if self.data_skips is None:
             return None
-        from stoa_vlp.data.dataset import skip_summary
+        from stoa_vlp.data.skips import skip_summary
 
         return skip_summary(*self._data_skip_counts())
 
