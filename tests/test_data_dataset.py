@@ -434,3 +434,28 @@ def test_detected_classes_missing_from_the_label_vocabulary_are_reported(world, 
     with caplog.at_level(logging.INFO, logger="stoa_vlp.data.side_data"):
         load_detections(tiny(world, detections, f"model.num_object_classes={len(counts) + 1}"))
     assert f"e.g. {rarest}) are not in the {len(counts) - 1} most frequent classes" in caplog.text
+
+
+@pytest.mark.parametrize("detected_size, sideways", [((96, 64), False), ((64, 96), True), ((32, 34), False)])
+def test_detections_of_frames_turned_sideways_are_a_bad_sample(tmp_path, detected_size, sideways):
+    # a detector that ignored a phone video's display rotation boxed 32x48 frames shown as 48x32: rescaled
+    # per axis, its boxes land on other pixels. Another size of the same orientation is only rescaled
+    from stoa_vlp.data.detections import FrameDetections, VideoDetections
+    from stoa_vlp.data.synth import write_video
+
+    path = tmp_path / "clip.mp4"
+    write_video(path, np.zeros((4, 32, 48, 3), np.uint8), fps=4)  # 48 wide, 32 high
+    width, height = detected_size
+    rect = np.array([[0, 0, width / 2, height / 2]], np.float32)
+    frame = FrameDetections(0.0, ["dog"], rect, np.array([0.9], np.float32))
+    detections = {"clip": VideoDetections("clip", width, height, [frame])}
+    config = load_config("tiny", ["model.image_size=32"])
+    record = VideoRecord("clip", str(path), None, None, ["a dog"])
+    dataset = VideoTextDataset([record], config, False, detections, LabelVocab.from_detections(detections.values()))
+    if not sideways:
+        assert dataset[0].box_mask.any()
+        return
+    with pytest.raises(BadSample, match=rf"{path}: its detections were made on 64x96 frames, but its frames are "
+                                        r"48x32 shown upright: the boxes are of the frames turned sideways") as error:
+        dataset[0]
+    assert error.value.reason == "bad_detections"

@@ -51,9 +51,9 @@ from stoa_vlp.data.decode import DecodedClip, VideoError, check_decoder, decode_
 from stoa_vlp.data.detections import packed
 from stoa_vlp.data.detections_store import DetectionsStore
 from stoa_vlp.data.geometry import resize_crop
-from stoa_vlp.data.object_targets import empty_targets, misaligned_times, select_objects
+from stoa_vlp.data.object_targets import empty_targets, misaligned_times, select_objects, turned_sideways
 from stoa_vlp.data.serialized import SerializedDict, SerializedList
-from stoa_vlp.data.side_data import SideData, _report_side_data, load_side_data
+from stoa_vlp.data.side_data import SideData, report_side_data, load_side_data
 from stoa_vlp.data.skips import MAX_BAD_IN_A_ROW, WARNINGS_PER_REASON, BadSample, SkipCounter, too_many_in_a_row
 from stoa_vlp.data.tags import PackedTags, TagCache
 from stoa_vlp.data.transforms import FrameTransform
@@ -184,7 +184,7 @@ class SampleBuilder:
         tokens, text_mask = self.tokenizer(caption)
         return Sample(
             frames=self.transform(clip.frames),
-            **self._objects(video_id, clip),
+            **self._objects(name, video_id, clip),
             tokens=tokens[0],
             text_mask=text_mask[0],
             pos_tags=self._tags(caption),
@@ -192,12 +192,16 @@ class SampleBuilder:
             video_id=video_id,
         )
 
-    def _objects(self, video_id: str, clip: DecodedClip) -> dict[str, np.ndarray]:
+    def _objects(self, name: str, video_id: str, clip: DecodedClip) -> dict[str, np.ndarray]:
         model = self.config.model
         if self.detections is None:
             targets = empty_targets(model.frames, model.boxes_per_frame, model.trajectories)
         else:
             detections = self.detections.get(video_id)  # None (no detections for this video) -> padding
+            sideways = None if detections is None else turned_sideways(
+                detections.width, detections.height, clip.width, clip.height)
+            if sideways is not None:
+                raise BadSample("bad_detections", f"{name}: {sideways}")
             self._check_detection_times(video_id, detections, clip.times)
             targets = select_objects(
                 detections,
@@ -348,7 +352,7 @@ def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1
     records = read_annotations(path, config.data.format, split, config.data.video_root or None, strict=not training)
     if not records:
         raise ValueError(f"{path}: no usable (video, caption) records for split {split}")
-    _report_side_data(config, side_data, records, f"the {split} split of {path}")
+    report_side_data(config, side_data, records, f"the {split} split of {path}")
     return VideoTextDataset(records, config, training, *side_data)
 
 

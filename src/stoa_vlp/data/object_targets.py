@@ -5,7 +5,8 @@ transform (boxes leaving the crop are dropped), a box overlapping (IoU >= 0.5) a
 box of another class is suppressed, and the K most confident remaining boxes are kept (several of one
 class allowed). The N trajectory categories are the label ids with the highest confidence summed over
 the kept boxes of all sampled frames.
-`misaligned_times` tells when a video's detection times cannot be those of its sampled frames.
+`misaligned_times` tells when a video's detection times cannot be those of its sampled frames, and
+`turned_sideways` when its detections were made on its frames turned a quarter.
 """
 
 from __future__ import annotations
@@ -76,6 +77,29 @@ def misaligned_times(detected_times: np.ndarray, times: Sequence[float]) -> str 
     return (f"the frame sampled at {wanted[worst]:.2f} s is {distance[worst]:.2f} s from the nearest of "
             f"{len(detected_times)} detected frames ({detected_times[0]:g} to {detected_times[-1]:g} s): "
             "are the times frame indices, or in another unit than seconds?")
+
+
+SQUARE_SLACK = 1.1  # frames with sides closer than this ratio count as square: no orientation to compare
+
+
+def turned_sideways(detected_width: int, detected_height: int, width: int, height: int) -> str | None:
+    """Why detections made on detected_width x detected_height frames cannot be of a video whose frames
+    are width x height shown upright, or None.
+
+    Boxes are rescaled per axis to the decoded size, so a detector that read the frames resized, or at
+    their display aspect (anamorphic video), is fine. One that read them without the video's display
+    rotation (decord does; phones write portrait video as landscape frames plus a rotation) made
+    landscape boxes for portrait frames or the other way round: rescaled, they land on other pixels.
+    Frames near square (either shape's sides within SQUARE_SLACK) have no orientation to tell; a half turn, too, goes
+    unnoticed."""
+    detected_aspect, aspect = detected_width / detected_height, width / height
+    near_square = min(max(detected_aspect, 1 / detected_aspect), max(aspect, 1 / aspect)) < SQUARE_SLACK
+    if near_square or (detected_aspect > 1) == (aspect > 1):
+        return None
+    return (f"its detections were made on {detected_width}x{detected_height} frames, but its frames are "
+            f"{width}x{height} shown upright: the boxes are of the frames turned sideways (a detector that "
+            "ignored the video's display rotation, as decord does); detect with `stoa-vlp detect`, which "
+            "reads frames upright, or turn the boxes")
 
 
 def suppress_across_classes(

@@ -131,7 +131,7 @@ def load_side_data(config: Config, detections_and_vocab=None) -> SideData:
     return SideData(detections, label_vocab, tags)
 
 
-def _report_side_data(config: Config, side_data: SideData, records: list[VideoRecord], source: str) -> None:
+def report_side_data(config: Config, side_data: SideData, records: list[VideoRecord], source: str) -> None:
     """Log how the detections and tags cover `records` (of `source`)."""
     if side_data.detections is not None:
         report_detection_coverage(config.data.detections, side_data.detections,

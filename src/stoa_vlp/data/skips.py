@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("missing_file", "bad_video", "empty_caption", "bad_caption")
+SKIP_REASONS = ("missing_file", "bad_video", "empty_caption", "bad_caption", "bad_detections")
 WARNINGS_PER_REASON = 10  # skips logged one by one per process; later ones only counted
 
 
