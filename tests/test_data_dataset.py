@@ -459,3 +459,23 @@ def test_detections_of_frames_turned_sideways_are_a_bad_sample(tmp_path, detecte
                                         r"48x32 shown upright: the boxes are of the frames turned sideways") as error:
         dataset[0]
     assert error.value.reason == "bad_detections"
+
+
+def test_training_leaves_out_videos_that_are_not_there_and_evaluation_refuses_them(world, tmp_path, caplog):
+    # before, they stayed in the split and were drawn and skipped against data.max_bad_samples: a web video
+    # list naming 5-10% of videos no longer online stopped training part-way with the default 1%
+    present = read_annotations(world.annotations, split="train")
+    lines = [{"video_id": record.video_id, "caption": record.captions[0], "video": record.path} for record in present]
+    lines += [{"video_id": "gone", "caption": "a video no longer online", "video": str(tmp_path / "gone.mp4")}] * 2
+    annotations = tmp_path / "clips.jsonl"
+    annotations.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    config = tiny(world, f"data.train={annotations}", f"data.test={annotations}")
+    with caplog.at_level(logging.WARNING):
+        dataset = build_dataset(config, "train")
+    assert [record.video_id for record in dataset.records] == [record.video_id for record in present]
+    assert f"{annotations}: 1 of {len(present) + 1} videos not found (e.g. gone): training leaves out their 1 records" in caplog.text
+    with pytest.raises(BadSample, match="gone.mp4: file does not exist"):
+        build_dataset(config, "test")[len(present)]
+    annotations.write_text(json.dumps(lines[-1]) + "\n")
+    with pytest.raises(AnnotationError, match=f"{annotations}: none of its 1 videos found \\(e.g. gone\\)"):
+        build_dataset(config, "train")

@@ -150,6 +150,10 @@ def test_one_id_for_two_videos_is_an_error_where_it_is_used(tmp_path):
         find_video_paths(["clip", "other"], root, "qa.jsonl")
     with pytest.raises(ValueError, match=r"qa.jsonl: 1 videos not found under .* \(e.g. missing\)"):
         find_video_paths(["other", "missing"], root, "qa.jsonl")
+    # training leaves a missing video out (web video lists name many no longer online), unless all are missing
+    assert find_video_paths(["other", "missing"], root, "qa.jsonl", leave_out_missing=True) == {"other": str(root / "other.mp4")}
+    with pytest.raises(ValueError, match=r"qa.jsonl: 1 videos not found under .* \(e.g. missing\)"):
+        find_video_paths(["missing"], root, "qa.jsonl", leave_out_missing=True)
 
 
 def test_detection_frames_of_a_folder_are_the_nearest_images_once(tmp_path):

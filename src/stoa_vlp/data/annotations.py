@@ -180,7 +180,7 @@ class _VideoFiles:
     def report(self, count: int) -> None:
         if self.missing:
             log.warning(
-                "%d of %d videos not found under %s (e.g. %s); they will fail when read",
+                "%d of %d videos not found under %s (e.g. %s); training leaves them out, evaluation refuses them",
                 len(self.missing), count, self.root, self.missing[0],
             )
 
@@ -540,6 +540,24 @@ def require_video_files(records: list[VideoRecord], source: str | Path) -> None:
     if missing:
         videos = len({record.video_id for record in records})
         raise AnnotationError(f"{source}: {len(missing)} of {videos} videos not found (e.g. {', '.join(missing[:3])})")
+
+
+def leave_out_missing_videos(records: list[VideoRecord], source: str | Path) -> list[VideoRecord]:
+    """The training `records` whose video exists (members of WebDataset shards are not looked for), the
+    others left out with a warning naming `source`; AnnotationError when none is left (a wrong
+    data.video_root). A video that is not there is known before the first step, so it is not drawn
+    and skipped against data.max_bad_samples, which is left for videos that cannot be read: lists of
+    web videos name many that are no longer online."""
+    present = [record for record in records if "::" in record.path or os.path.exists(record.path)]
+    if len(present) == len(records):
+        return records
+    missing = sorted({record.video_id for record in records} - {record.video_id for record in present})
+    videos = len({record.video_id for record in records})
+    if not present:
+        raise AnnotationError(f"{source}: none of its {videos} videos found (e.g. {', '.join(missing[:3])})")
+    log.warning("%s: %d of %d videos not found (e.g. %s): training leaves out their %d records",
+                source, len(missing), videos, ", ".join(missing[:3]), len(records) - len(present))
+    return present
 
 
 def clip_name(video_id: str, start: float | None, end: float | None) -> str:

@@ -42,6 +42,7 @@ from stoa_vlp.data.annotations import (
     VideoRecord,
     detect_format,
     existing_annotations,
+    leave_out_missing_videos,
     read_annotations,
     shard_list,
     split_member_name,
@@ -352,6 +353,8 @@ def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1
     records = read_annotations(path, config.data.format, split, config.data.video_root or None, strict=not training)
     if not records:
         raise ValueError(f"{path}: no usable (video, caption) records for split {split}")
+    if training:
+        records = leave_out_missing_videos(records, path)
     report_side_data(config, side_data, records, f"the {split} split of {path}")
     return VideoTextDataset(records, config, training, *side_data)
 

@@ -3,6 +3,7 @@ once, and batches that carry a class label per row (QA)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.data.dataset import VideoTextDataset, collate
 from stoa_vlp.data.jsonl import read_jsonl
 from stoa_vlp.data.video_files import VideoLookup
+
+log = logging.getLogger(__name__)
 
 
 def read_jsonl_rows(path: str | Path, kind: str) -> list[tuple[int, dict]]:
@@ -38,17 +41,23 @@ def video_root(config: Config, annotation_file: str | Path) -> Path:
     return base / "videos" if (base / "videos").is_dir() else base
 
 
-def find_video_paths(video_ids: list[str], root: Path, source: str | Path) -> dict[str, str]:
-    """{video_id: file or frame folder} for every id, or a ValueError naming `source` and the missing ids."""
+def find_video_paths(video_ids: list[str], root: Path, source: str | Path,
+                     leave_out_missing: bool = False) -> dict[str, str]:
+    """{video_id: file or frame folder} for every id, or a ValueError naming `source` and the missing ids.
+    With `leave_out_missing` (training), the ids found, the others left out with a warning; a ValueError
+    only when none is found (a wrong data.video_root)."""
     videos = VideoLookup(root)
     try:
         found = {video_id: videos.get(video_id) for video_id in video_ids}
     except ValueError as error:
         raise ValueError(f"{source}: {error}") from None
     missing = sorted(video_id for video_id, path in found.items() if path is None)
-    if missing:
+    if missing and (not leave_out_missing or len(missing) == len(found)):
         raise ValueError(f"{source}: {len(missing)} videos not found under {root} (e.g. {', '.join(missing[:3])})")
-    return found
+    if missing:
+        log.warning("%s: %d of %d videos not found under %s (e.g. %s): training leaves out their items",
+                    source, len(missing), len(found), root, ", ".join(missing[:3]))
+    return {video_id: path for video_id, path in found.items() if path is not None}
 
 
 def evaluation_loader(dataset, config: Config, collate_fn=collate) -> DataLoader:

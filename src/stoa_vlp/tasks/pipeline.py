@@ -198,7 +198,8 @@ class TaskRunner:
             from stoa_vlp.tasks.qa import question_dataset, read_questions
 
             questions = read_questions(self.config.data.train)
-            paths = self._video_paths([q.video_id for q in questions], self.config.data.train)
+            paths = self._video_paths([q.video_id for q in questions], self.config.data.train, leave_out_missing=True)
+            questions = [question for question in questions if question.video_id in paths]
             self._report_coverage("train", paths.keys())
             dataset, collate, _ = question_dataset(
                 questions, self.answers, self.config, True, paths, self.detections, self.label_vocab
@@ -210,8 +211,8 @@ class TaskRunner:
         side_data = load_side_data(self.config, (self.detections, self.label_vocab))  # detections read at set-up
         return build_dataset(self.config, "train", rank, world_size, side_data), collate
 
-    def _video_paths(self, video_ids: list[str], source: str) -> dict[str, str]:
-        return find_video_paths(video_ids, video_root(self.config, source), source)
+    def _video_paths(self, video_ids: list[str], source: str, leave_out_missing: bool = False) -> dict[str, str]:
+        return find_video_paths(video_ids, video_root(self.config, source), source, leave_out_missing)
 
     def _report_coverage(self, split: str, video_ids: Iterable[str]) -> None:
         """Log, once per split, how data.detections covers the split's videos (as the training split's
