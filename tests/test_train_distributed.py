@@ -1,5 +1,7 @@
 """2 gloo ranks (DDP, FSDP, compiled DDP) against 1 rank with the same global batch: the same
-parameters after 3 steps; and an FSDP run resumed from its checkpoint against the straight run.
+parameters after 3 steps; an FSDP run resumed from its checkpoint against the straight run; and a 2-rank
+checkpoint resumed by 1 rank against the 2-rank run. Also: each rank's own random draws, kept by a resume,
+the ranks' agreement on the best after a resume, and the process group's timeout.
 
 Uses the real tiny STOA model with the objectives that draw no random numbers (VTC with the
 all-gather, DOTA, STASP), since MLM/VTM/PLM draws differ by construction between 1 and 2 ranks.
@@ -246,3 +248,141 @@ def test_asking_for_a_missing_cuda_device_is_bad_input(monkeypatch):
     with pytest.raises(bad_input_errors(), match="train.device=cuda but no CUDA device is available"):
         choose_device("cuda", 0)
     assert choose_device("auto", 0) == torch.device("cpu")
+
+
+def draws_rank(rank: int, init_file: str, run_dir: str, report: str, resume: str | None) -> None:
+    """All six objectives; records the torch RNG state each step's MLM masking draws from (the stream MLM
+    positions, VTM negatives, head dropout and PLM starts all take)."""
+    import stoa_vlp.objectives.pretrainer as pretrainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    states = []
+    choose = pretrainer.choose_mlm_positions
+
+    def recording(text_mask, probability):
+        states.append(torch.get_rng_state())
+        return choose(text_mask, probability)
+
+    pretrainer.choose_mlm_positions = recording
+    try:
+        settings = [*overrides(GLOBAL_BATCH // 2), "loss.vtm=1", "loss.mlm=1", "loss.plm=1", "train.save_every=1"]
+        config = load_config("tiny", settings)
+        torch.manual_seed(config.train.seed)  # as prepare_run does: the same initial weights on every rank
+        trainer = Trainer(config, tiny_pretrainer(config), RandomClips(config), collate, run_dir,
+                          env=DistEnv.current("cpu"))
+        trainer.fit(resume)
+        torch.save(states, f"{report}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_rank_draws_its_own_random_numbers_and_resumes_them(tmp_path):
+    """Every rank was seeded with train.seed, so the ranks masked the same positions, drew the same VTM
+    negative noise and dropout masks. Now they draw apart, and a resume gives each rank its own stream."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    mp.spawn(draws_rank, args=(str(tmp_path / "init1"), straight, straight, None), nprocs=2, join=True)
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(ckpt.list_checkpoints(resumed)[-1])
+    mp.spawn(draws_rank, args=(str(tmp_path / "init2"), resumed, resumed, "latest"), nprocs=2, join=True)
+    ranks = [torch.load(f"{straight}.{rank}") for rank in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == STEPS
+    for step in range(STEPS):
+        assert not torch.equal(ranks[0][step], ranks[1][step]), step
+    for rank in range(2):  # the resumed step 3 draws as the straight run's did, on each rank
+        (state,) = torch.load(f"{resumed}.{rank}")
+        assert torch.equal(state, ranks[rank][-1]), rank
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_rank_at_its_data_position(tmp_path):
+    """The data order depends on the seed and the epoch only: a 2-rank checkpoint at step 2 resumed by one
+    rank with the same global batch continues at batch 2 of epoch 0 (it used to restart at epoch 1), and
+    ends with the 2-rank run's weights."""
+    mp.spawn(run_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "two"), "ddp", ("train.save_every=1",)),
+             nprocs=2, join=True)
+    shutil.copytree(tmp_path / "two", tmp_path / "one")
+    shutil.rmtree(ckpt.list_checkpoints(tmp_path / "one")[-1])
+    config = load_config("tiny", [*overrides(GLOBAL_BATCH), "train.save_every=1"])
+    with one_thread():
+        trainer = Trainer(config, tiny_pretrainer(config), RandomClips(config), collate, tmp_path / "one",
+                          evaluate=weight_statistics)
+        trainer.fit("latest")
+    assert trainer._position() == (0, STEPS)
+    two, one = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
+    for name in two:
+        torch.testing.assert_close(one[name], two[name], atol=TOLERANCE["ddp"], rtol=0, msg=name)
+
+
+def pruned_best_rank(rank: int, init_file: str, run_dir: str, report: str, scores: list[float],
+                     resume: str | None) -> None:
+    from _train_toys import ToyDataset, ToyModel
+    from _train_toys import collate as toy_collate
+
+    one_thread()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        config = load_config("tiny", ["train.steps=4", "train.save_every=1", "train.keep_last=2", "train.eval_every=1",
+                                      "train.best_metric=val/score", "train.warmup_steps=1", "train.progress=false",
+                                      "train.tensorboard=false", "train.device=cpu", "data.batch_size=2",
+                                      "data.num_workers=0"])
+        given = iter(scores)
+        torch.manual_seed(0)
+        trainer = Trainer(config, ToyModel(), ToyDataset(), toy_collate, run_dir, env=DistEnv.current("cpu"),
+                          evaluate=lambda module: {"score": next(given)})
+        if resume is None:
+            trainer.fit()
+        else:  # rank 0 tidies: step 2, the best step 3 names, was pruned
+            trainer.load_checkpoint(Path(resume))
+        torch.save((trainer.best_value, trainer.best, trainer.best_checkpoint), f"{report}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_takes_rank_0s_best_after_a_resume_whose_best_was_pruned(tmp_path):
+    """Rank 0 tidies on resume and drops a best checkpoint that pruning removed; the other ranks kept the
+    old best value, so a later validation could be the best on rank 0 only, which then saved alone."""
+    run, report = str(tmp_path / "run"), str(tmp_path / "report")
+    mp.spawn(pruned_best_rank, args=(str(tmp_path / "init1"), run, report, [0.1, 0.5, 0.5, 0.9], None), nprocs=2)
+    step_3 = str(tmp_path / "run" / "checkpoints" / "step_00000003")  # names the pruned step 2 as its best
+    mp.spawn(pruned_best_rank, args=(str(tmp_path / "init2"), run, report, [], step_3), nprocs=2)
+    assert [torch.load(f"{report}.{rank}") for rank in range(2)] == [(None, None, None)] * 2
+
+
+def test_the_process_group_waits_train_dist_timeout_minutes(tmp_path, monkeypatch):
+    """Rank 0 validates while the others wait in a collective: torch's default timeouts (10 minutes with
+    NCCL, 30 with gloo) ended runs whose validation took longer."""
+    import datetime
+
+    from stoa_vlp.cli import main
+
+    class Joined(Exception):
+        pass
+
+    def init_process_group(**options):
+        raise Joined(options)
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    for command in (["pretrain"], ["finetune", "--task", "retrieval"]):
+        argv = [*command, "--config", "tiny", "--output", str(tmp_path / "run"), "--set", "train.device=cpu",
+                "--set", "train.dist_timeout_minutes=7"]
+        with pytest.raises(Joined) as joined:
+            main(argv)
+        assert joined.value.args[0] == {"backend": "gloo", "timeout": datetime.timedelta(minutes=7)}, command
+    with pytest.raises(Joined) as joined:
+        from stoa_vlp.train import init_distributed
+
+        init_distributed("cpu")
+    assert joined.value.args[0]["timeout"] == datetime.timedelta(minutes=120)  # the config's default
+
+
+@pytest.mark.parametrize("minutes", [0, -5])
+def test_a_dist_timeout_below_one_minute_is_refused(tmp_path, minutes):
+    from stoa_vlp.cli import main
+
+    with pytest.raises(ValueError, match=f"train.dist_timeout_minutes must be at least 1, got {minutes}"):
+        main(["pretrain", "--config", "tiny", "--output", str(tmp_path / "run"),
+              "--set", f"train.dist_timeout_minutes={minutes}"])
+    assert not (tmp_path / "run").exists()

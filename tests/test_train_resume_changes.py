@@ -206,3 +206,28 @@ def test_a_resume_whose_best_was_pruned_selects_the_best_anew(tmp_path):
     assert resumed.best == {"step": 4, "val/score": 0.5}
     assert ckpt.best_checkpoint(run).name == "step_00000004"
     assert json.loads((run / "finished.json").read_text())["best"]["step"] == 4
+
+
+
+def test_a_resume_reads_best_json_only_for_a_checkpoint_without_its_record(tmp_path, monkeypatch):
+    """best.json was read on every rank at every resume, while rank 0 may be rewriting it (tidying)."""
+    run = tmp_path / "run"
+    fit(run, "train.save_every=2", scores=[0.1, 0.5, 0.2, 0.3, 0.9, 0.4])
+    last = ckpt.list_checkpoints(run)[-1]
+    read_best = ckpt.read_best
+
+    def not_read(run_dir):
+        raise AssertionError("best.json was read though state.json records the best checkpoint")
+
+    def resumed() -> Trainer:
+        trainer = Trainer(toy_config(), ToyModel(), ToyDataset(), collate, run)
+        trainer.load_checkpoint(last)
+        return trainer
+
+    monkeypatch.setattr(ckpt, "read_best", not_read)
+    assert resumed().best_checkpoint == {"name": "step_00000005", "step": 5}
+    monkeypatch.setattr(ckpt, "read_best", read_best)
+    state = json.loads((last / "state.json").read_text())
+    del state["best_checkpoint"]  # as checkpoints written before state.json held it: best.json names the best
+    (last / "state.json").write_text(json.dumps(state))
+    assert resumed().best_checkpoint == {"name": "step_00000005", "step": 5}

@@ -161,6 +161,9 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True  # tqdm progress bar on rank 0
     find_unused_parameters: bool = False  # DDP; the pretrain command turns it on when a loss weight is 0
+    # how long a rank waits in a collective for the others, e.g. for rank 0's validation (torch's default:
+    # 10 minutes with NCCL, 30 with gloo)
+    dist_timeout_minutes: int = 120
 
 
 @dataclass

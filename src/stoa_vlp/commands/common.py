@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from stoa_vlp.config import Config, load_config
 
@@ -112,16 +108,12 @@ def keep_label_vocab(config: Config, label_vocab, run_dir: Path, env) -> None:
     config.data.label_vocab = str(path)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def prepare_run(config: Config, env, args: argparse.Namespace) -> Path:
     """The run folder (train.output_dir), prepared by the main rank (--overwrite, --resume) while the
-    other ranks wait; then every rank seeds its generators with train.seed."""
+    other ranks wait; then every rank seeds its generators with train.seed, so that every rank builds
+    the same initial weights (the Trainer then reseeds the ranks after the first)."""
     from stoa_vlp.train.checkpointing import prepare_run_dir
+    from stoa_vlp.train.data_position import seed_everything
     from stoa_vlp.train.distributed import barrier
 
     run_dir = Path(config.train.output_dir)

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--test needs data.test (the test split's file)")
     if not config.data.val:
         print("warning: data.val is not set: no validation, the last checkpoint counts as the best")
-    env = init_distributed(config.train.device)
+    env = init_distributed(config.train.device, config.train.dist_timeout_minutes)
     try:
         run_dir = prepare_run(config, env, args)
         init = init_folder(args.init) if args.init else None

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     check_settings(config)
     if any(getattr(config.loss, name) == 0 for name in OBJECTIVES):
         config.train.find_unused_parameters = True  # a disabled objective leaves parameters without gradient
-    env = init_distributed(config.train.device)
+    env = init_distributed(config.train.device, config.train.dist_timeout_minutes)
     try:
         if env.is_main:
             warn_if_objectives_lack_data(config)

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 
-_SAMPLE, _ORDER, _WORKER, _LOADER = range(4)  # domain tags, so that seeds of different uses never collide
+_SAMPLE, _ORDER, _WORKER, _LOADER, _RANK = range(5)  # domain tags, so that seeds of different uses never collide
 
 
 def derive_seed(*parts: int) -> int:
@@ -40,6 +40,19 @@ def loader_seed(seed: int, rank: int, epoch: int) -> int:
     return derive_seed(_LOADER, seed, rank, epoch)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s training draws (MLM positions, PLM starts, VTM negatives, dropout),
+    for ranks after the first: rank 0 goes on with the generators `seed` started."""
+    return derive_seed(_RANK, seed, rank)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and every GPU), numpy and `random`."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 class WorkerSeeder:
     """`worker_init_fn` that seeds each worker's torch, numpy and `random` from `worker_seed`."""
 
@@ -47,10 +60,7 @@ class WorkerSeeder:
         self.seed, self.rank, self.epoch = seed, rank, epoch
 
     def __call__(self, worker_id: int) -> None:
-        value = worker_seed(self.seed, self.rank, self.epoch, worker_id)
-        torch.manual_seed(value)
-        np.random.seed(value)
-        random.seed(value)
+        seed_everything(worker_seed(self.seed, self.rank, self.epoch, worker_id))
 
 
 class ResumableSampler(Sampler):

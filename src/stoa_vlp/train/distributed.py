@@ -7,6 +7,7 @@ CPU. Tests start their own group (gloo, file:// rendezvous) and call `DistEnv.cu
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import logging
 import os
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from stoa_vlp.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +62,16 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
-def init_distributed(device_choice: str = "auto") -> DistEnv:
-    """Join the torchrun process group when launched by torchrun; otherwise a single rank."""
+def init_distributed(device_choice: str = "auto", timeout_minutes: int = TrainConfig.dist_timeout_minutes) -> DistEnv:
+    """Join the torchrun process group when launched by torchrun; otherwise a single rank. A collective
+    that waits longer than `timeout_minutes` for a rank (train.dist_timeout_minutes) ends the run."""
     if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
         local_rank = int(os.environ["LOCAL_RANK"])
         device = choose_device(device_choice, local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
         log.info("rank %d of %d joined (%s, %s)", dist.get_rank(), dist.get_world_size(), backend, device)
     return DistEnv.current(device_choice)
 

@@ -24,7 +24,15 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from stoa_vlp.config import Config, TrainConfig, save_config
 from stoa_vlp.train import checkpointing as ckpt
-from stoa_vlp.train.data_position import ResumableSampler, SeededDataset, WorkerSeeder, loader_seed, worker_seed
+from stoa_vlp.train.data_position import (
+    ResumableSampler,
+    SeededDataset,
+    WorkerSeeder,
+    loader_seed,
+    rank_seed,
+    seed_everything,
+    worker_seed,
+)
 from stoa_vlp.host_copy import start_copy_to_host
 from stoa_vlp.train.distributed import DistEnv, barrier, gather_objects, mean_over_ranks, wrap_model
 from stoa_vlp.train.logging import MetricsLogger, Progress, format_table
@@ -113,7 +121,7 @@ def check_train_settings(train: TrainConfig) -> None:
     if train.precision not in PRECISIONS:
         problems.append(f"train.precision must be one of {sorted(PRECISIONS)}, got {train.precision!r}")
     at_the_end = " (the last step always validates and saves: train.steps means only then)"
-    for name in ("steps", "grad_accum", "log_every", "eval_every", "save_every", "keep_last"):
+    for name in ("steps", "grad_accum", "log_every", "eval_every", "save_every", "keep_last", "dist_timeout_minutes"):
         if getattr(train, name) < 1:
             hint = at_the_end if name in ("eval_every", "save_every") else ""
             problems.append(f"train.{name} must be at least 1, got {getattr(train, name)}{hint}")
@@ -144,6 +152,11 @@ class Trainer:
         # weight-decay groups are chosen by shape
         groups = parameter_groups(self.module, self.train)
         self.wrapped = wrap_model(self.module, self.train.distributed, self.env, self.train.find_unused_parameters)
+        if self.env.rank > 0:
+            # every rank has built the same initial weights (FSDP relies on it); from here each rank draws
+            # its own MLM positions, PLM starts, VTM negatives and dropout masks (rank 0 keeps its stream,
+            # so that one rank draws as it always did)
+            seed_everything(rank_seed(self.train.seed, self.env.rank))
         self.fsdp = self.env.distributed and self.train.distributed == "fsdp"
         self.optimizer = build_optimizer(groups, self.train, self.env.device, self.fsdp)
         self.scheduler = build_scheduler(self.optimizer, self.train)
@@ -300,11 +313,18 @@ class Trainer:
         self.skipped_batches = state["skipped_batches"]
         self.best_value = state["best_value"]
         self.best = state.get("best")
-        self.best_checkpoint = state.get("best_checkpoint", ckpt.read_best(self.run_dir))
-        if self.env.is_main:
+        if self.env.is_main:  # rank 0 alone reads best.json and rewrites it (tidying)
+            if "best_checkpoint" in state:
+                self.best_checkpoint = state["best_checkpoint"]
+            else:  # a checkpoint older than state.json's record of it
+                self.best_checkpoint = ckpt.read_best(self.run_dir)
             if self.data_skips is not None and state.get("data_skips") is not None:
                 self.data_skips.add(*state["data_skips"])
             self._tidy_checkpoints(folder)
+        best = (self.best_value, self.best, self.best_checkpoint)
+        # the other ranks take rank 0's outcome (tidying can drop a pruned best): they must agree on the best,
+        # since a better validation makes every rank save (collective)
+        self.best_value, self.best, self.best_checkpoint = gather_objects(best, self.env)[0]
         if self.streamed:
             self.sampler.set_position(state["epoch"], state["data_position"])
             if hasattr(self.dataset, "set_position"):
@@ -314,18 +334,14 @@ class Trainer:
             else:
                 log.warning("%s: %s has no set_position: its stream restarts on resume", folder,
                             type(self.dataset).__name__)
-        elif state["world_size"] == self.env.world_size:
+        else:  # the order depends on the seed and the epoch only, not on the rank count
             self.sampler.set_position(state["epoch"], self._data_position(folder, state))
-        else:
-            log.warning(
-                "%s was written by %d ranks, this run has %d: the data order restarts at epoch %d and "
-                "random states are not restored exactly",
-                folder, state["world_size"], self.env.world_size, state["epoch"] + 1,
-            )
-            self.sampler.set_position(state["epoch"] + 1, 0)
-        if loaded["rng"] is not None and state["world_size"] == self.env.world_size:
+        if state["world_size"] != self.env.world_size:
+            log.warning("%s was written by %d ranks, this run has %d: random states are not restored exactly",
+                        folder, state["world_size"], self.env.world_size)
+        elif loaded["rng"] is not None:
             ckpt.set_rng_state(loaded["rng"])
-        elif loaded["rng"] is None:
+        else:
             log.warning("%s holds no RNG state for rank %d: its random draws will differ", folder, self.env.rank)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, *self._position())
 
