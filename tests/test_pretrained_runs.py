@@ -8,12 +8,12 @@ import shutil
 import pytest
 
 from stoa_vlp.cli import main
-from stoa_vlp.commands.task_common import checkpoint_config
 from stoa_vlp.config import load_config
 from stoa_vlp.data.dataset import build_dataset
 from stoa_vlp.data.detections import LabelVocab, read_detections
 from stoa_vlp.data.side_data import load_detections
 from stoa_vlp.data.synth import render_world
+from stoa_vlp.tasks.runs import checkpoint_config
 from stoa_vlp.train.checkpointing import list_checkpoints
 
 

@@ -191,7 +191,7 @@ def test_a_bad_answers_file_is_an_error_naming_it(tmp_path, text, message):
 
 
 def test_answers_that_do_not_match_the_checkpoints_head_name_answers_json(tmp_path):
-    from stoa_vlp.commands.task_common import load_task_weights
+    from stoa_vlp.tasks.runs import load_task_weights
     from stoa_vlp.train.checkpointing import save_weights
 
     config = load_config("tiny", ["model.objects=false", "model.actions=false"])

@@ -151,3 +151,83 @@ def test_index_leaves_out_unreadable_videos_and_counts_them(tmp_path, caplog, ca
     assert (f"stoa-vlp index: error: {folder}: none of its {len(broken) + 2} videos could be read"
             in capsys.readouterr().err)
     assert not (tmp_path / "none").exists()
+
+
+def test_search_refuses_an_empty_query_and_a_top_below_one(tmp_path):
+    # the library took "" (an empty query's ranking) and top=-1 (all hits but the last)
+    config, model, videos = encoded_videos(3)
+    tokenizer = Tokenizer(config.model.text_len)
+    index = SearchIndex(["a", "b", "c"], ["/a.mp4", "/b.mp4", "/c.mp4"], videos, {})
+    with pytest.raises(ValueError, match="the query is empty"):
+        search(model, index, " ", tokenizer, "cpu")
+    for top in (0, -1):
+        with pytest.raises(ValueError, match=f"top must be at least 1, got {top}"):
+            search(model, index, "a red disc", tokenizer, "cpu", top=top)
+    with pytest.raises(ValueError, match="rerank_k must be 0 .* got -1"):
+        search(model, index, "a red disc", tokenizer, "cpu", rerank_k=-1)
+
+
+def test_a_query_longer_than_the_text_length_is_said_to_be_cut(tmp_path, caplog):
+    config, model, videos = encoded_videos(2)
+    index = SearchIndex(["a", "b"], ["/a.mp4", "/b.mp4"], videos, {})
+    length = config.model.text_len
+    search(model, index, " ".join(["disc"] * (length - 2)), Tokenizer(length), "cpu")
+    assert "cut off" not in caplog.text
+    search(model, index, " ".join(["disc"] * (length + 3)), Tokenizer(length), "cpu")
+    assert (f"the query has {length + 3} tokens, more than the {length - 2} that model.text_len={length} leaves "
+            "beside the start and end tokens: its last 5 are cut off") in caplog.text
+
+
+def indexed_folder(tmp_path):
+    """(checkpoint, folder of 3 videos, its index)."""
+    checkpoint = tiny_checkpoint(tmp_path / "checkpoint")
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for seed, video_id in enumerate("abc"):
+        write_video(folder / f"{video_id}.mp4", np.random.default_rng(seed).integers(0, 255, (4, 32, 32, 3), np.uint8), fps=4)
+    assert main(["index", str(folder), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "index"),
+                 "--no-progress"]) == 0
+    return checkpoint, folder, tmp_path / "index"
+
+
+def table_rows(printed: str) -> list[list[str]]:
+    """The header and rows of the table in `printed`, as stripped cells."""
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in printed.splitlines()
+            if line.startswith("| ")]
+
+
+def test_the_search_table_keeps_fusion_scores_and_cosines_apart(tmp_path, capsys):
+    # the "score" column held the log fusion score of the re-ranked hits and the cosine of the others,
+    # so it was not in order; with --rerank-k 0 the header said "top 0 re-ranked"
+    _, _, index = indexed_folder(tmp_path)
+    capsys.readouterr()
+    assert main(["search", str(index), "a red disc", "--top", "3", "--rerank-k", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 videos; the contrastive top 1 re-ranked by the matching head (fusion), the others by cosine" in printed
+    header, *rows = table_rows(printed)
+    assert header[:4] == ["rank", "video", "fusion (log)", "cosine"]
+    assert rows[0][2] != "" and rows[0][4] != "" and [row[2] for row in rows[1:]] == ["", ""]
+    assert [row[4] for row in rows[1:]] == ["", ""]
+    cosines = [float(row[3]) for row in rows[1:]]
+    assert cosines == sorted(cosines, reverse=True)
+    assert main(["search", str(index), "a red disc", "--top", "3", "--rerank-k", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 videos; ranked by the contrastive cosine, none re-ranked" in printed and "top 0" not in printed
+    assert all(row[2] == "" for row in table_rows(printed)[1:])
+
+
+def test_index_checks_its_output_before_encoding(tmp_path, capsys):
+    # it wrote into any folder (a run folder), and a file given as --output failed after every video was encoded
+    checkpoint, folder, index = indexed_folder(tmp_path)
+    argv = ["index", str(folder), "--checkpoint", str(checkpoint), "--no-progress", "--output"]
+    (tmp_path / "a_file").write_text("x")
+    assert console_main([*argv, str(tmp_path / "a_file")]) == 2
+    assert f"--output {tmp_path / 'a_file'} is a file, not an index folder" in capsys.readouterr().err
+    assert console_main([*argv, str(checkpoint)]) == 2  # a checkpoint folder: not an index
+    assert f"--output {checkpoint} is not empty and holds no index.json" in capsys.readouterr().err
+    assert console_main([*argv, str(index)]) == 2
+    assert f"--output {index} holds an index; pass --overwrite to replace it" in capsys.readouterr().err
+    assert main([*argv, str(index), "--overwrite"]) == 0
+    (tmp_path / "empty").mkdir()
+    assert main([*argv, str(tmp_path / "empty")]) == 0
+    assert load_index(tmp_path / "empty").video_ids == ["a", "b", "c"]

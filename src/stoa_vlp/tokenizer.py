@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from functools import cached_property
 
@@ -10,6 +11,8 @@ from open_clip.tokenizer import SimpleTokenizer
 
 # open_clip's pre-tokenizer turns these strings into the start and end ids wherever a text holds them
 SPECIAL_TEXT = re.compile(r"<start_of_text>|<end_of_text>", re.IGNORECASE)
+
+log = logging.getLogger(__name__)
 
 
 def plain_text(text: str) -> str:
@@ -69,3 +72,17 @@ class Tokenizer:
             if token != self.sot_id:
                 words.append(token)
         return " ".join(self.bpe.decode(words).split())
+
+
+def require_text(text: str, what: str, tokenizer: Tokenizer) -> None:
+    """ValueError when `text` has no word for the tokenizer (blank, or only characters it drops, such as
+    a byte-order mark or control characters): it would run as an empty query, question or caption; a
+    warning when it has more than fit `tokenizer.length` with the start and end tokens (the rest is cut
+    off, so the model never sees it)."""
+    words = len(tokenizer.encode_words(text))
+    if not words:
+        raise ValueError(f"the {what} is empty (no word the tokenizer keeps)")
+    dropped = words - (tokenizer.length - 2)
+    if dropped > 0:
+        log.warning("the %s has %d tokens, more than the %d that model.text_len=%d leaves beside the start and "
+                    "end tokens: its last %d are cut off", what, words, tokenizer.length - 2, tokenizer.length, dropped)

@@ -25,36 +25,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from stoa_vlp.commands.task_common import (
-        device_of,
-        file_records,
-        inference_config,
-        inference_detections,
-        load_task_weights,
-        require_text,
-        run_dir_of,
-    )
-    from stoa_vlp.data.dataset import VideoTextDataset
-    from stoa_vlp.model import build_model
-    from stoa_vlp.tasks.data import LabelledCollate, evaluation_loader
-    from stoa_vlp.tasks.pipeline import TaskRunner, check_qa_fusion
+    from stoa_vlp.commands.task_common import device_of, file_records, inference_config, inference_detections
+    from stoa_vlp.tasks.data import video_loader
+    from stoa_vlp.tasks.runs import load_checkpoint_model
+    from stoa_vlp.tokenizer import Tokenizer, require_text
 
-    require_text(args.question, "question")
     checkpoint, config = inference_config(args, "qa")
-    check_qa_fusion(config.model)  # --set may have changed the sequence
-    device = device_of(config)
-    runner = TaskRunner(config, device, run_dir_of(checkpoint))
-    qa_model = runner.module(build_model(config.model))
-    load_task_weights(qa_model, checkpoint)
-    qa_model.to(device).eval()
+    require_text(args.question, "question", Tokenizer(config.model.text_len))
+    run = load_checkpoint_model(checkpoint, config, device_of(config))
     records = file_records([args.video], args.question)
     detections, label_vocab = inference_detections(config, records)
-    dataset = VideoTextDataset(records, config, False, detections, label_vocab)
-    batch = next(iter(evaluation_loader(dataset, config, LabelledCollate([-1])))).to(device)
+    batch = next(iter(video_loader(records, config, detections, label_vocab))).to(run.device)
     with torch.no_grad():
-        probabilities = torch.softmax(qa_model.logits(batch).float(), dim=-1)[0]
+        probabilities = torch.softmax(run.qa_model.logits(batch).float(), dim=-1)[0]
     top = probabilities.topk(min(args.top, len(probabilities)))
     print(f"Q: {args.question}")
     for probability, label in zip(top.values.tolist(), top.indices.tolist()):
-        print(f"A: {runner.answers.answers[label]}\t{probability:.3f}")
+        print(f"A: {run.answers.answers[label]}\t{probability:.3f}")
     return 0

@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_inference_arguments(parser)
     parser.add_argument("--beam", type=positive_int, help="beam size (default task.beam_size of the checkpoint; 1 = greedy)")
     parser.add_argument("--length-penalty", type=float, help="beam length penalty (default task.length_penalty)")
-    parser.add_argument("--max-tokens", type=positive_int, help="most generated tokens (default model.text_len - 1)")
+    parser.add_argument("--max-tokens", type=positive_int,
+                        help="most generated tokens (default task.max_caption_tokens of the checkpoint; "
+                             "model.text_len - 1 when that is 0)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ HELP = "search an index built by `stoa-vlp index` with a text query"
 EXAMPLES = """examples:
   stoa-vlp search my_index "a red square is moving left"
   stoa-vlp search my_index "a man is cooking" --top 20 --rerank-k 50
-Scores: contrastive cosine for every video, then fusion (matching head) re-ranking of the top --rerank-k.
+Scores: contrastive cosine for every video, then fusion (matching head) re-ranking of the top --rerank-k:
+their "fusion (log)" column is the log of softmax_k(scale * cosine) * P(match), blank for the others.
 """
 
 
@@ -29,20 +30,13 @@ def run(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from stoa_vlp.commands.task_common import (
-        checkpoint_config,
-        device_of,
-        load_task_weights,
-        require_text,
-        resolve_checkpoint,
-    )
+    from stoa_vlp.commands.task_common import checkpoint_config, device_of, load_task_weights, resolve_checkpoint
     from stoa_vlp.config import apply_overrides, from_dict
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.search import INDEX_FILE, load_index, search, weights_stamp
     from stoa_vlp.tokenizer import Tokenizer
     from stoa_vlp.train.logging import format_table
 
-    require_text(args.query, "query")
     index = load_index(args.index)
     source = str(Path(args.index) / INDEX_FILE)
     config = apply_overrides(from_dict(index.info["config"], source), args.overrides)
@@ -69,9 +63,11 @@ def run(args: argparse.Namespace) -> int:
     rerank_k = config.task.rerank_k if args.rerank_k is None else args.rerank_k
     hits = search(model, index, args.query, Tokenizer(config.model.text_len), device, args.top, rerank_k,
                   config.loss.vtc_video_feature)
-    rows = [[rank, hit.video_id, round(hit.score, 4), round(hit.cosine, 4),
+    rows = [[rank, hit.video_id, "" if hit.match is None else round(hit.score, 4), round(hit.cosine, 4),
              "" if hit.match is None else round(hit.match, 4), hit.path] for rank, hit in enumerate(hits, 1)]
     reranked = min(rerank_k, len(index.video_ids))
-    print(f"query: {args.query!r} ({len(index.video_ids)} videos; top {reranked} re-ranked by the matching head)")
-    print(format_table(["rank", "video", "score", "cosine", "P(match)", "path"], rows))
+    order = (f"the contrastive top {reranked} re-ranked by the matching head (fusion), the others by cosine"
+             if reranked else "ranked by the contrastive cosine, none re-ranked")
+    print(f"query: {args.query!r} ({len(index.video_ids)} videos; {order})")
+    print(format_table(["rank", "video", "fusion (log)", "cosine", "P(match)", "path"], rows))
     return 0

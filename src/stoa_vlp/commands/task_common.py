@@ -1,57 +1,29 @@
-"""Shared by the downstream commands (finetune, evaluate, caption, answer, index, search):
-finding a checkpoint, rebuilding its config with overrides, loading weights into a task module,
-and printing which split and which preprocessing every number comes from."""
+"""Shared by the downstream commands (finetune, evaluate, caption, answer, index, search): the
+checkpoint and config of --checkpoint and --set (loaded with the library's `stoa_vlp.tasks.runs`),
+whether it was trained for the task, the videos given, and printing which split and which
+preprocessing every number comes from."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from stoa_vlp.config import Config, apply_overrides, from_dict, path_override
-from stoa_vlp.data.jsonl import read_json_object
+from stoa_vlp.config import Config, path_override
+from stoa_vlp.tasks import runs
 
 PREPROCESSING = ("model.frames", "model.image_size", "model.text_len", "data.eval_sampling", "data.decoder")
 VIDEOS = "videos (data.video_root)"
 
 log = logging.getLogger(__name__)
 
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its best-on-validation checkpoint, else its newest)."""
-    from stoa_vlp.train.checkpointing import best_checkpoint, is_complete, list_checkpoints
-
-    path = Path(path)
-    if is_complete(path):
-        return path
-    best = best_checkpoint(path)
-    if best is not None:
-        return best
-    found = list_checkpoints(path)
-    if not found:
-        raise FileNotFoundError(f"{path}: neither a checkpoint folder (with state.json) nor a run folder with checkpoints")
-    return found[-1]
-
-
-def run_dir_of(checkpoint: Path) -> Path:
-    """RUN for RUN/checkpoints/step_N."""
-    return checkpoint.parent.parent
-
-
-def checkpoint_config(checkpoint: Path, overrides: list[str]) -> tuple[Config, Config]:
-    """(the config the checkpoint was trained with, the same with `overrides` applied); data.label_vocab
-    falls back on the run folder's vocabulary when the recorded file is gone (a moved run)."""
-    from stoa_vlp.commands.common import adopt_label_vocab
-
-    state_file = checkpoint / "state.json"
-    trained = from_dict(read_json_object(state_file, {"config": dict})["config"], str(state_file))
-    applied = apply_overrides(copy.deepcopy(trained), overrides)
-    for config in (trained, applied):
-        adopt_label_vocab(config, run_dir_of(checkpoint))
-    return trained, applied
+# loading a run is the library's (stoa_vlp.tasks.runs); evaluate and finetune import these from here
+resolve_checkpoint = runs.resolve_checkpoint
+run_dir_of = runs.run_dir_of
+checkpoint_config = runs.checkpoint_config
+load_task_weights = runs.load_task_weights
 
 
 def trained_for(config: Config) -> str:
@@ -79,35 +51,6 @@ def require_trained_for(checkpoint: Path, fine_tuned_for: str, task: str) -> Non
                else f"the {fine_tuned_for} fine-tuning moved the weights under its {task} head without training it")
     raise ValueError(f"{checkpoint} was trained for {fine_tuned_for}, not {name}: {problem} (fine-tune it with "
                      f"`stoa-vlp finetune --task {task} --init` first)")
-
-
-def load_task_weights(module: nn.Module, checkpoint: Path) -> None:
-    """Strictly load a checkpoint's model.safetensors into the task module that wrote it
-    (frame tables resampled when the module was built with another `model.frames`)."""
-    from stoa_vlp.model.checkpoint import model_part, resample_frame_tables
-    from stoa_vlp.train.checkpointing import load_module_state, load_weights
-    from stoa_vlp.train.loop import weights_prefix
-
-    prefix = weights_prefix(module)
-    weights = model_part(module, load_weights(checkpoint / "model.safetensors"))
-    require_matching_answers(module, weights, checkpoint)
-    state = resample_frame_tables(module, {prefix + name: value for name, value in weights.items()}, str(checkpoint))
-    load_module_state(module, state, str(checkpoint))
-
-
-def require_matching_answers(module: nn.Module, weights: dict[str, torch.Tensor], checkpoint: Path) -> None:
-    """QA: a ValueError unless the run's answers.json, which the module's answer head was built from,
-    holds one answer per output of the checkpoint's answer head."""
-    from stoa_vlp.tasks.pipeline import ANSWERS_FILE
-    from stoa_vlp.tasks.qa import ANSWER_OUTPUTS, QAModel
-
-    if not isinstance(module, QAModel) or ANSWER_OUTPUTS not in weights:
-        return
-    answers, outputs = len(module.state_dict()[ANSWER_OUTPUTS]), len(weights[ANSWER_OUTPUTS])
-    if answers != outputs:
-        raise ValueError(f"{run_dir_of(checkpoint) / ANSWERS_FILE}: {answers} answers, but the answer head of "
-                         f"{checkpoint} has {outputs} outputs: {ANSWERS_FILE} does not match the checkpoint's "
-                         "answer head")
 
 
 def init_folder(path: str | Path) -> Path:
@@ -186,15 +129,6 @@ def inference_config(args, task: str | None = None) -> tuple[Path, Config]:
     return checkpoint, config
 
 
-def require_text(text: str, what: str) -> None:
-    """ValueError when `text` has no word for the tokenizer (blank, or only characters it drops, such as
-    a byte-order mark or control characters): it would run as an empty query, question or caption."""
-    from stoa_vlp.tokenizer import Tokenizer
-
-    if not Tokenizer().encode_words(text):
-        raise ValueError(f"the {what} is empty (no word the tokenizer keeps)")
-
-
 def inference_detections(config: Config, records: list) -> tuple:
     """(detections, label vocabulary) of `load_detections` for the videos of `records`, with the videos
     that have no line in the file reported as training reports them (their clips get no objects)."""
@@ -210,13 +144,9 @@ def inference_detections(config: Config, records: list) -> tuple:
 def inference_model(args, task: str | None = None):
     """(checkpoint folder, config, model on its device, device) of `inference_config(args, task)`: the
     checkpoint's STOAVLP weights, whatever task it was fine-tuned for unless `task` is given."""
-    from stoa_vlp.model import build_model
-
     checkpoint, config = inference_config(args, task)
-    device = device_of(config)
-    model = build_model(config.model)
-    load_task_weights(model, checkpoint)
-    return checkpoint, config, model.to(device), device
+    run = runs.load_checkpoint_model(checkpoint, config, device_of(config))
+    return checkpoint, config, run.model, run.device
 
 
 def file_records(paths: list[str], text: str):
@@ -228,9 +158,22 @@ def file_records(paths: list[str], text: str):
     for path in paths:
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: no such video file or frame folder")
+        require_not_a_video_folder(Path(path))
         video_id = Path(path).name if Path(path).is_dir() else Path(path).stem
         if video_id in seen:
             raise ValueError(f"{seen[video_id]} and {path} share the video id '{video_id}' (the file name stem)")
         seen[video_id] = path
         records.append(VideoRecord(video_id, str(path), None, None, [text]))
     return records
+
+
+def require_not_a_video_folder(path: Path) -> None:
+    """ValueError when `path` is a folder of video files given as one video (a frame folder holds images)."""
+    from stoa_vlp.data.video_files import holds_frames, is_video_file
+
+    if not path.is_dir() or holds_frames(name.name for name in path.iterdir()):
+        return
+    videos = sorted(name for name in path.iterdir() if is_video_file(name.name))
+    if videos:
+        raise ValueError(f"{path} is a folder of {len(videos)} video files, not a frame folder: give the videos "
+                         f"themselves (e.g. {path / ('*' + videos[0].suffix)})")

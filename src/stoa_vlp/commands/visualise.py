@@ -47,25 +47,25 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from stoa_vlp.commands.task_common import file_records, inference_detections, inference_model, require_text
+    from stoa_vlp.commands.task_common import file_records, inference_detections, inference_model
     from stoa_vlp.data.dataset import VideoTextDataset
     from stoa_vlp.tasks.data import evaluation_loader
     from stoa_vlp.tasks.visualise import explain_clip, render
-    from stoa_vlp.tokenizer import Tokenizer
+    from stoa_vlp.tokenizer import Tokenizer, require_text
     from stoa_vlp.train.logging import format_table
 
-    require_text(args.caption, "caption")
     for path in filter(None, (args.out, args.json)):  # checked before drawing: a failed run leaves no file
         if not Path(path).resolve().parent.is_dir():
             raise ValueError(f"{path}: its folder does not exist")
         if Path(path).is_dir():
             raise ValueError(f"{path} is a folder, not a file to write")
     _, config, model, device = inference_model(args, "retrieval")  # its contrastive and matching heads
+    tokenizer = Tokenizer(config.model.text_len)
+    require_text(args.caption, "caption", tokenizer)
     records = file_records([args.video], args.caption)
     detections, label_vocab = inference_detections(config, records)
     dataset = VideoTextDataset(records, config, False, detections, label_vocab)
     batch = next(iter(evaluation_loader(dataset, config))).to(device)
-    tokenizer = Tokenizer(config.model.text_len)
     tags = None if args.no_tags else caption_tags(args.caption, tokenizer, config.data.spacy_model)
     explanation = explain_clip(model, batch, args.caption, tokenizer, label_vocab, tags,
                                config.loss.match_similarity, config.loss.vtc_video_feature)

@@ -3,6 +3,7 @@ once, and batches that carry a class label per row (QA)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,6 +19,8 @@ from stoa_vlp.data.jsonl import read_jsonl
 from stoa_vlp.data.video_files import VideoLookup
 
 log = logging.getLogger(__name__)
+
+PLACEHOLDER_CAPTION = "video"  # the text of a clip encoded without one (its batch row needs a caption)
 
 
 def read_jsonl_rows(path: str | Path, kind: str) -> list[tuple[int, dict]]:
@@ -69,7 +72,10 @@ def evaluation_loader(dataset, config: Config, collate_fn=collate) -> DataLoader
 
 
 def video_loader(records: list[VideoRecord], config: Config, detections=None, label_vocab=None) -> DataLoader:
-    """One evaluation item per record (its first caption), so each clip is decoded once."""
+    """One evaluation item per record (its first caption; a record without captions gets a placeholder,
+    as encoding videos needs no text), so each clip is decoded once."""
+    records = [record if record.captions else dataclasses.replace(record, captions=[PLACEHOLDER_CAPTION])
+               for record in records]
     dataset = VideoTextDataset(records, config, False, detections, label_vocab, None, items="videos")
     return evaluation_loader(dataset, config)
 

@@ -24,6 +24,7 @@ from stoa_vlp.config import Config, TrainConfig
 from stoa_vlp.data.annotations import VideoRecord, read_annotations, require_video_files
 from stoa_vlp.data.side_data import load_detections, report_detection_coverage
 from stoa_vlp.tasks.data import evaluation_loader, find_video_paths, video_loader, video_root
+from stoa_vlp.tasks.runs import ANSWERS_FILE, read_answers
 from stoa_vlp.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 TASKS = ("retrieval", "captioning", "qa", "mc")
 SELECTION_METRIC = {"retrieval": "t2v_r1", "captioning": "CIDEr", "qa": "accuracy", "mc": "accuracy"}
 RETRIEVAL_LOSSES = ("vtc", "vtm")
-ANSWERS_FILE = "answers.json"
 # what a task's data.val and data.test files hold (mc trains on an annotation file, as retrieval does)
 EVALUATION_FILES = {"retrieval": "annotation file", "captioning": "annotation file", "qa": "QA file",
                     "mc": "multiple-choice file"}
@@ -154,12 +154,10 @@ class TaskRunner:
         in the run folder)."""
         from stoa_vlp.tasks.qa import AnswerVocab, read_questions
 
-        saved = self.run_dir / ANSWERS_FILE if self.run_dir is not None else None
-        if saved is not None and saved.exists() and (self.resume or not self.fine_tuning):
-            return AnswerVocab.load(saved)
-        if saved is not None and not self.fine_tuning:
-            raise FileNotFoundError(f"{saved} does not exist: it holds the answers the QA head was fine-tuned on "
-                                    "(written by `stoa-vlp finetune --task qa`); give the checkpoint inside its run")
+        evaluating = self.run_dir is not None and not self.fine_tuning
+        resuming = self.run_dir is not None and self.resume and (self.run_dir / ANSWERS_FILE).exists()
+        if evaluating or resuming:
+            return read_answers(self.run_dir)  # evaluating requires them
         if self.config.task.answer_vocab:
             vocab = AnswerVocab.load(self.config.task.answer_vocab)
         elif self.config.data.train:

@@ -39,7 +39,7 @@ from stoa_vlp.tasks.retrieval import (
     logit_scale_value,
     match_log_odds,
 )
-from stoa_vlp.tokenizer import Tokenizer
+from stoa_vlp.tokenizer import Tokenizer, require_text
 
 FEATURES_FILE = "features.safetensors"
 INDEX_FILE = "index.json"
@@ -165,7 +165,13 @@ def search(
     rerank_k: int = 32,
     video_feature: str = "mean",
 ) -> list[SearchHit]:
-    """The `top` best videos for `query`, best first."""
+    """The `top` best videos for `query`, best first: the contrastive top `rerank_k` re-ranked by the
+    matching head (their `score` is the log fusion score), then the rest by cosine (`score` = `cosine`)."""
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
+    if rerank_k < 0:
+        raise ValueError(f"rerank_k must be 0 (no re-ranking) or more, got {rerank_k}")
+    require_text(query, "query", tokenizer)
     tokens, mask = tokenizer([query])
     text = encode_texts(model, tokens, mask, device)
     videos = index.videos
