@@ -15,7 +15,7 @@ from stoa_vlp import load_run
 from stoa_vlp.cli import main
 from stoa_vlp.config import load_config
 from stoa_vlp.data.annotations import VideoRecord
-from stoa_vlp.data.dataset import load_detections
+from stoa_vlp.data.side_data import load_detections
 from stoa_vlp.data.detections import LabelVocab
 from stoa_vlp.data.synth import write_video
 from stoa_vlp.model import build_model

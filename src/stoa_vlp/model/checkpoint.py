@@ -327,6 +327,18 @@ def load_pretrained(directory: str | Path, **model_overrides) -> STOAVLP:
     return model
 
 
+def weights_prefix(module: nn.Module) -> str:
+    """"model." when `module` wraps a `model` that holds all its parameters and buffers (the Pretrainer),
+    so that checkpoints hold the model's own state dict; else ""."""
+    inner = getattr(module, "model", None)
+    if not isinstance(inner, nn.Module):
+        return ""
+    outer_state, inner_state = module.state_dict(), inner.state_dict()
+    if len(outer_state) != len(inner_state) or any(f"model.{name}" not in outer_state for name in inner_state):
+        return ""
+    return "model."
+
+
 def model_part(module: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`weights` for `module`; for a bare STOAVLP from a task module with a head of its own (QA saves
     "model.*" and "head.*"), the model's weights without their prefix, the head left out."""

@@ -111,9 +111,8 @@ def checkpoint_config(checkpoint: Path, overrides: list[str]) -> tuple[Config, C
 def load_task_weights(module: nn.Module, checkpoint: Path) -> None:
     """Strictly load a checkpoint's model.safetensors into the task module that wrote it
     (frame tables resampled when the module was built with another `model.frames`)."""
-    from stoa_vlp.model.checkpoint import model_part, resample_frame_tables
+    from stoa_vlp.model.checkpoint import model_part, resample_frame_tables, weights_prefix
     from stoa_vlp.train.checkpointing import load_module_state, load_weights
-    from stoa_vlp.train.loop import weights_prefix
 
     prefix = weights_prefix(module)
     weights = model_part(module, load_weights(checkpoint / "model.safetensors"))

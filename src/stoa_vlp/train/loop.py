@@ -34,6 +34,7 @@ from stoa_vlp.train.data_position import (
     worker_seed,
 )
 from stoa_vlp.host_copy import start_copy_to_host
+from stoa_vlp.model.checkpoint import weights_prefix
 from stoa_vlp.train.distributed import DistEnv, barrier, gather_objects, mean_over_ranks, wrap_model
 from stoa_vlp.train.logging import MetricsLogger, Progress, format_table
 from stoa_vlp.train.optim import (
@@ -653,18 +654,6 @@ def grad_scaler(device_type: str, enabled: bool, fsdp: bool) -> torch.amp.GradSc
 
         return ShardedGradScaler(device_type, enabled=enabled)
     return torch.amp.GradScaler(device_type, enabled=enabled)
-
-
-def weights_prefix(module: nn.Module) -> str:
-    """"model." when `module` wraps a `model` that holds all its parameters and buffers (the Pretrainer),
-    so that checkpoints hold the model's own state dict; else ""."""
-    inner = getattr(module, "model", None)
-    if not isinstance(inner, nn.Module):
-        return ""
-    outer_state, inner_state = module.state_dict(), inner.state_dict()
-    if len(outer_state) != len(inner_state) or any(f"model.{name}" not in outer_state for name in inner_state):
-        return ""
-    return "model."
 
 
 def summary_table(result: TrainResult) -> str:
