@@ -2,6 +2,7 @@
 through the command line: finetune (validation selection, one test evaluation), evaluate, caption,
 answer, index, search and visualise."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -42,6 +43,28 @@ def test_validation_on_test_videos_is_named(world, tmp_path, caplog):
             "--set", f"data.val={world.qa['test']}", "--set", f"data.test={world.qa['test']}"]
     assert main(args) == 0
     assert "data.val and data.test share 2 of the 2 test videos (e.g. video" in caplog.text
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["videos_in_validation"] == 2
+    caplog.clear()
+    assert main(["evaluate", str(tmp_path / "run"), "--split", "test", "--report", str(tmp_path / "eval.json")]) == 0
+    assert f"2 of the 2 test videos are in {world.qa['test']} (e.g. video" in caplog.text
+    assert "the numbers on them are not held out" in caplog.text
+    assert json.loads((tmp_path / "eval.json").read_text())["videos_in_validation"] == 2
+
+
+def test_finetuning_records_the_weights_it_started_from(world, tmp_path):
+    from stoa_vlp.config import load_config
+    from stoa_vlp.model import build_model
+    from stoa_vlp.model.checkpoint import save_pretrained
+
+    pretrained = tmp_path / "pretrained"
+    save_pretrained(build_model(load_config("tiny", ["model.image_size=32"]).model), pretrained)
+    digest = hashlib.sha256((pretrained / "model.safetensors").read_bytes()).hexdigest()
+    run = tmp_path / "run"
+    assert main(["finetune", "--task", "qa", *common(world, run), "--set", f"data.train={world.qa['train']}",
+                 "--set", f"data.val={world.qa['val']}", "--init", str(pretrained)]) == 0
+    started_from = {"folder": str(pretrained.resolve()), "step": None, "sha256": digest}  # no state.json: no step
+    assert json.loads((run / "report.json").read_text())["init"] == started_from
+    assert json.loads((run / "run.json").read_text())["init"] == started_from
 
 
 @pytest.mark.parametrize("task", ["retrieval", "captioning", "qa", "mc"])
@@ -56,6 +79,7 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
     assert main(args) == 0
     assert "data.val and data.test share" not in caplog.text  # the world's splits are disjoint
     report = json.loads((run / "report.json").read_text())
+    assert report["videos_in_validation"] == 0 and report["init"] is None
     assert [r["split"] for r in report["results"]] == ["val", "test"]
     assert report["selection_metric"] == f"val/{HEADLINE[task]}"
     assert report["preprocessing"]["model.frames"] == 4
@@ -66,6 +90,7 @@ def test_finetune_then_evaluate(world, tmp_path, task, capsys, caplog):
     printed = capsys.readouterr().out
     assert "model.frames" in printed and "split: test" in printed
     again = json.loads((tmp_path / "eval.json").read_text())
+    assert again["videos_in_validation"] == 0
     assert again["metrics"] == pytest.approx(test_metrics, abs=1e-6)  # the same checkpoint, the same numbers
     assert again["preprocessing"]["model.frames"] == {"training": 4, "evaluation": 4}
     if task == "mc":  # another frame count: the frame tables are resampled at loading

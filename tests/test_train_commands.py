@@ -161,3 +161,22 @@ def test_validation_keeps_only_its_own_videos_detections(tmp_path):
     assert set(evaluate.side_data.detections) == val_ids and evaluate.side_data.tags is None
     train_ids = {record.video_id for record in read_annotations(world.annotations, split="train")}
     assert len(train_set.builder.detections) == len(train_ids) and all(i in train_set.builder.detections for i in train_ids)
+
+
+def test_pretraining_warns_when_validation_holds_test_videos(tmp_path, caplog):
+    from stoa_vlp.commands.pretrain import warn_if_validation_is_test
+    from stoa_vlp.config import load_config
+
+    world = render_world(tmp_path / "world", train=2, val=1, test=2, seed=1)
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"video_id": world.video_ids["test"][0], "caption": "a red disc"}) + "\n")
+    config = load_config("tiny", [f"data.val={val}", f"data.test={world.annotations}"])
+    warn_if_validation_is_test(config)
+    assert f"data.val and data.test share 1 of the 2 test videos (e.g. {world.video_ids['test'][0]})" in caplog.text
+    caplog.clear()
+    config.data.val = str(world.annotations)  # read as its val split, apart from its test split
+    warn_if_validation_is_test(config)
+    assert not caplog.records
+    config.data.val = config.data.test = str(tmp_path / "shards" / "{000..001}.tar")  # streamed: compared by path
+    warn_if_validation_is_test(config)
+    assert "data.val and data.test are both" in caplog.text

@@ -164,6 +164,7 @@ class TrainConfig:
     # how long a rank waits in a collective for the others, e.g. for rank 0's validation (torch's default:
     # 10 minutes with NCCL, 30 with gloo)
     dist_timeout_minutes: int = 120
+    deterministic: bool = False  # deterministic GPU kernels (torch.use_deterministic_algorithms): slower
 
 
 @dataclass

@@ -15,7 +15,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from stoa_vlp.config import Config, load_config
+import torch
+
+from stoa_vlp.config import Config, TrainConfig, load_config
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +124,33 @@ def prepare_run(config: Config, env, args: argparse.Namespace) -> Path:
     barrier(env)
     seed_everything(config.train.seed)
     return run_dir
+
+
+def warn_if_validation_sees_test(config: Config) -> int:
+    """How many of data.test's videos data.val also holds, with a warning when any do: checkpoint
+    selection on test videos inflates the test numbers (peers.md §3.5: CLIP4Clip's MSR-VTT "val" is the
+    1k-A test set). Each file is read as its split (MSRVTT_data.json holds both, apart)."""
+    from stoa_vlp.tasks.pipeline import split_video_ids
+
+    test = split_video_ids(config, "test")
+    shared = split_video_ids(config, "val") & test
+    if shared:
+        log.warning(
+            "data.val and data.test share %d of the %d test videos (e.g. %s): the checkpoint is selected on "
+            "videos it is then tested on; validate on videos held out of the training list instead",
+            len(shared), len(test), sorted(shared)[0],
+        )
+    return len(shared)
+
+
+def set_deterministic(train: TrainConfig) -> None:
+    """train.deterministic: deterministic GPU kernels (an operation that has none stops the run naming it),
+    cuDNN without autotuning, and the cuBLAS workspace that deterministic matrix products need."""
+    import os
+
+    if not train.deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True

@@ -47,6 +47,30 @@ def require_split_file_for(task: str, trained, config, split: str) -> None:
                      f"--set data.{split}=FILE")
 
 
+def videos_in_validation(checkpoint, trained, config, split: str) -> int | None:
+    """How many of the evaluated split's videos the validation split of the checkpoint's run also holds
+    (data.val of its config, where its checkpoints were selected), with a warning when any do; None when
+    the run had no validation, its file is gone, or that split itself is evaluated."""
+    from pathlib import Path
+
+    from stoa_vlp.tasks.pipeline import split_video_ids
+
+    selected_on = trained.data.val
+    if not selected_on or (split == "val" and config.data.val == selected_on):
+        return None
+    if not Path(selected_on).exists():
+        log.warning("data.val of %s, %s, is not there: cannot tell whether it holds %s videos",
+                    checkpoint, selected_on, split)
+        return None
+    evaluated = split_video_ids(config, split)
+    shared = evaluated & split_video_ids(trained, "val")
+    if shared:
+        log.warning("%d of the %d %s videos are in %s (e.g. %s), the validation split %s was selected on: "
+                    "the numbers on them are not held out", len(shared), len(evaluated), split, selected_on,
+                    sorted(shared)[0], checkpoint)
+    return len(shared)
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
@@ -80,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         load_task_weights(model, checkpoint)
     else:
         load_task_weights(module, checkpoint)
+    overlap = videos_in_validation(checkpoint, trained, config, args.split)
     metrics = runner.evaluate(module.to(device), args.split)
     print(f"checkpoint: {checkpoint} (trained for {fine_tuned_for}); task: {task}; split: {args.split} "
           f"(file {getattr(config.data, args.split)})")
@@ -93,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         with open(args.report, "w") as handle:
             json.dump({"checkpoint": str(checkpoint), "task": task, "split": args.split, "metrics": metrics,
+                       **({"videos_in_validation": overlap} if overlap is not None else {}),
                        "preprocessing": {row[0]: {"training": row[1], "evaluation": row[2]} for row in preprocessing},
                        **({"captions": runner.captions} if runner.captions else {})}, handle, indent=2)
     return 0

@@ -34,21 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after training, evaluate the best-on-validation checkpoint on data.test once")
 
 
-def warn_if_validation_sees_test(runner) -> None:
-    """Checkpoint selection on test videos inflates the test numbers (peers.md §3.5: CLIP4Clip's
-    MSR-VTT "val" is the 1k-A test set)."""
-    import logging
-
-    test = runner.video_ids("test")
-    shared = runner.video_ids("val") & test
-    if shared:
-        logging.getLogger("stoa_vlp.finetune").warning(
-            "data.val and data.test share %d of the %d test videos (e.g. %s): the checkpoint is selected on "
-            "videos it is then tested on; validate on videos held out of the training list instead",
-            len(shared), len(test), sorted(shared)[0],
-        )
-
-
 def task_to_train(args: argparse.Namespace, run_dir: str) -> str:
     """--task, or with --resume the task its checkpoint was fine-tuned for: another task is refused, as
     its module would not hold the checkpoint's weights and the run's data files are the other task's."""
@@ -80,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         config_from_args,
         keep_label_vocab,
         prepare_run,
+        set_deterministic,
+        warn_if_validation_sees_test,
     )
     from stoa_vlp.commands.task_common import (
         init_folder,
@@ -94,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
     from stoa_vlp.train.checkpointing import best_checkpoint, list_checkpoints
     from stoa_vlp.train.logging import format_table
+    from stoa_vlp.train.provenance import checkpoint_record, read_run_record
     from stoa_vlp.train.run_length import set_run_length
 
     config = config_from_args(args)
@@ -107,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     env = init_distributed(config.train.device, config.train.dist_timeout_minutes)
     try:
         run_dir = prepare_run(config, env, args)
+        set_deterministic(config.train)
         init = init_folder(args.init) if args.init else None
         init_run = [run_dir_of(init)] if init is not None and init.parent.name == "checkpoints" else []
         adopt_label_vocab(config, run_dir, *init_run)  # the class ids the weights were trained with
@@ -115,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
             runner.check_split("val", config.train.val_max_clips)  # validation reads only those
         if args.test:
             runner.check_split("test")
-        if config.data.val and config.data.test and env.is_main:
-            warn_if_validation_sees_test(runner)
+        checks_overlap = bool(config.data.val and config.data.test and env.is_main)
+        overlap = warn_if_validation_sees_test(config) if checks_overlap else None  # test videos in data.val
         if init is None and not args.resume and env.is_main:  # a resumed run's towers come from its checkpoint
             warn_if_random_towers(config)
         model = build_model(config.model)
@@ -131,13 +120,17 @@ def run(args: argparse.Namespace) -> int:
         keep_label_vocab(config, runner.label_vocab, run_dir, env)  # last: a run that cannot start writes nothing
         if env.is_main:
             runner.save_answers()
-        result = trainer.fit(resume=args.resume)
+        started_from = checkpoint_record(init) if init is not None and not args.resume and env.is_main else None
+        result = trainer.fit(resume=args.resume, init=started_from)
         if not env.is_main:
             return 0
         selected = best_checkpoint(run_dir) or list_checkpoints(run_dir)[-1]
         preprocessing = preprocessing_settings(config)  # training = evaluation here
-        report = {"task": task, "selection_metric": config.train.best_metric, "checkpoint": str(selected),
+        report = {"task": task, "init": read_run_record(run_dir).get("init"),
+                  "selection_metric": config.train.best_metric, "checkpoint": str(selected),
                   "preprocessing": preprocessing, "results": []}
+        if overlap is not None:
+            report["videos_in_validation"] = overlap
         results = []
         if result.best:
             val = {k[len("val/"):]: v for k, v in result.best.items() if k.startswith("val/")}

@@ -115,6 +115,36 @@ def first_videos(items: list, count: int) -> list:
     return chosen
 
 
+def split_path(config: Config, split: str) -> str:
+    """data.<split>; a ValueError when it is not set."""
+    path = getattr(config.data, split)
+    if not path:
+        raise ValueError(f"data.{split} is not set: give the {split} file of the {config.task.name} task")
+    return path
+
+
+def split_items(config: Config, split: str, find_videos: bool = True) -> list:
+    """data.<split>'s items as task.name reads them: records (read strictly: a problem in them is an
+    error, not a skip; with `find_videos` false their video files are not looked for), questions or
+    multiple-choice items."""
+    path = split_path(config, split)
+    if config.task.name in ("retrieval", "captioning"):
+        return read_annotations(path, config.data.format, split, config.data.video_root or None, strict=True,
+                                captions_only=not find_videos)
+    if config.task.name == "qa":
+        from stoa_vlp.tasks.qa import read_questions
+
+        return read_questions(path)
+    from stoa_vlp.tasks.multiple_choice import read_choices
+
+    return read_choices(path)
+
+
+def split_video_ids(config: Config, split: str) -> set[str]:
+    """The videos that data.<split> names, read as task.name reads it (without looking for their files)."""
+    return {item.video_id for item in split_items(config, split, find_videos=False)}
+
+
 class TaskRunner:
     """Builds the task's module, training data and evaluations from a Config.
 
@@ -219,39 +249,17 @@ class TaskRunner:
             self.coverage_reported.add(split)
             report_detection_coverage(self.config.data.detections, self.detections, video_ids, f"the {split} split")
 
-    def video_ids(self, split: str) -> set[str]:
-        """The videos that the split's file names, read as this task reads it."""
-        return {item.video_id for item in self._task_items(split)}
-
-    def _task_items(self, split: str) -> list:
-        """The split's items as this task reads them: records, questions or multiple-choice items."""
-        if self.task in ("retrieval", "captioning"):
-            return self._records(split)
-        if self.task == "qa":
-            from stoa_vlp.tasks.qa import read_questions
-
-            return read_questions(self._split_file(split))
-        from stoa_vlp.tasks.multiple_choice import read_choices
-
-        return read_choices(self._split_file(split))
-
     def check_split(self, split: str, max_videos: int = 0) -> None:
         """Read `split`'s file as its evaluation will and find the videos it reads (of its first
         `max_videos` videos when that is set, as `evaluate`), so that a wrong path, a malformed file or
         a missing video fails before training, not at the first validation (before that step's
         checkpoint) or after the last step."""
-        items = first_videos(self._task_items(split), max_videos)
+        items = first_videos(split_items(self.config, split), max_videos)
         if self.task in ("retrieval", "captioning"):
-            require_video_files(items, self._split_file(split))
+            require_video_files(items, split_path(self.config, split))
         else:
-            self._video_paths(sorted({item.video_id for item in items}), self._split_file(split))
+            self._video_paths(sorted({item.video_id for item in items}), split_path(self.config, split))
         self._report_coverage(split, (item.video_id for item in items))
-
-    def _records(self, split: str) -> list[VideoRecord]:
-        """An evaluation split's records, read strictly: a problem in it is an error, not a skip."""
-        path = self._split_file(split)
-        data = self.config.data
-        return read_annotations(path, data.format, split, data.video_root or None, strict=True)
 
     @functools.cached_property
     def querybank_captions(self) -> list[str]:
@@ -259,15 +267,9 @@ class TaskRunner:
         without looking for the training videos (evaluation needs none of them), and as training reads
         them: an empty caption, or a video without one, is left out with a warning (a bag of training
         captions, not a set of candidates)."""
-        path = self._split_file("train")
+        path = split_path(self.config, "train")
         records = read_annotations(path, self.config.data.format, "train", captions_only=True)
         return [caption for record in records for caption in record.captions]
-
-    def _split_file(self, split: str) -> str:
-        path = getattr(self.config.data, split)
-        if not path:
-            raise ValueError(f"data.{split} is not set: give the {split} file of the {self.task} task")
-        return path
 
     # ---- evaluation --------------------------------------------------------------------------
 
@@ -283,7 +285,7 @@ class TaskRunner:
         if self.task == "retrieval":
             from stoa_vlp.tasks.retrieval import evaluate_retrieval_records
 
-            records = first_videos(self._records(split), max_videos)
+            records = first_videos(split_items(self.config, split), max_videos)
             self._report_coverage(split, (record.video_id for record in records))
             loader = video_loader(records, config, self.detections, self.label_vocab)
             querybank = self.querybank_captions if config.task.qb_norm else None
@@ -295,7 +297,7 @@ class TaskRunner:
         if self.task == "captioning":
             from stoa_vlp.tasks.captioning import evaluate_captioning
 
-            records = first_videos(self._records(split), max_videos)
+            records = first_videos(split_items(self.config, split), max_videos)
             self._report_coverage(split, (record.video_id for record in records))
             loader = video_loader(records, config, self.detections, self.label_vocab)
             references = {}
@@ -309,7 +311,7 @@ class TaskRunner:
         if self.task == "qa":
             from stoa_vlp.tasks.qa import evaluate_qa, question_dataset, read_questions
 
-            path = self._split_file(split)
+            path = split_path(self.config, split)
             questions = first_videos(read_questions(path), max_videos)
             paths = self._video_paths([q.video_id for q in questions], path)
             self._report_coverage(split, paths.keys())
@@ -320,7 +322,7 @@ class TaskRunner:
                                progress=config.train.progress)
         from stoa_vlp.tasks.multiple_choice import evaluate_multiple_choice, read_choices
 
-        path = self._split_file(split)
+        path = split_path(self.config, split)
         choices = first_videos(read_choices(path), max_videos)
         paths = self._video_paths([c.video_id for c in choices], path)
         self._report_coverage(split, paths.keys())

@@ -45,6 +45,7 @@ from stoa_vlp.train.optim import (
     group_settings,
     parameter_groups,
 )
+from stoa_vlp.train.provenance import write_run_record
 
 log = logging.getLogger(__name__)
 MAX_SKIPS_IN_A_ROW = 50  # train.nonfinite=skip gives up after this many skipped steps with none taken
@@ -553,13 +554,15 @@ class Trainer:
 
     # ---- the run -----------------------------------------------------------------------------
 
-    def fit(self, resume: str | Path | None = None) -> TrainResult:
+    def fit(self, resume: str | Path | None = None, init: dict[str, Any] | None = None) -> TrainResult:
+        """Train to train.steps; `init`: the checkpoint the weights started from, kept in run.json
+        (`provenance.checkpoint_record`)."""
         if resume is not None:
             self.load_checkpoint(ckpt.resolve_resume(str(resume), self.run_dir))
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml")
-            ckpt.write_json_atomic(self.run_dir / ckpt.RUN_MARKER, {"world_size": self.env.world_size})
+            write_run_record(self.run_dir, self.config, self.env.device, self.env.world_size, init, resume is not None)
         logger = MetricsLogger(
             self.run_dir if self.env.is_main else None, self.train.tensorboard,
             resumed_step=self.step if resume is not None else None,
