@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from stoa_vlp import cli
@@ -11,6 +14,16 @@ def test_every_command_has_help_with_examples(name, capsys):
     text = capsys.readouterr().out
     assert text.startswith(f"usage: stoa-vlp {name}")
     assert "stoa-vlp " + name in text.split("options:")[-1], "the epilog shows an example of the command"
+
+
+def test_help_does_not_import_torch():
+    # the command modules import heavy libraries where they run: `stoa-vlp X --help` answers at once
+    # instead of after about 1.5 s of importing torch (fresh interpreter: the tests imported it here)
+    script = ("import sys\nfrom stoa_vlp import cli\nfor name in cli.COMMANDS:\n    try:\n"
+              "        cli.main([name, '--help'])\n    except SystemExit:\n        pass\n"
+              "print(sorted(name for name in ('torch', 'numpy', 'av') if name in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_unknown_command_is_an_error(capsys):

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
-import torch
-
 from stoa_vlp.config import Config, TrainConfig, load_config
+from stoa_vlp.tasks.runs import LABEL_VOCAB_FILE
 
 log = logging.getLogger(__name__)
 
-LABEL_VOCAB_FILE = "label_vocab.json"  # RUN/label_vocab.json: the object-class ids the run's weights use
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str = "base") -> None:
@@ -81,20 +80,6 @@ def warn_if_random_towers(config: Config) -> None:
                     "(give an OpenAI CLIP .pt or open_clip checkpoint to start from CLIP)")
 
 
-def adopt_label_vocab(config: Config, *run_dirs: Path) -> None:
-    """When data.label_vocab names no file, point it at the label_vocab.json of the first of `run_dirs`
-    that has one: the class ids that the weights in that run were trained with."""
-    if config.data.label_vocab and Path(config.data.label_vocab).exists():
-        return
-    for run_dir in run_dirs:
-        saved = Path(run_dir) / LABEL_VOCAB_FILE
-        if saved.exists():
-            if config.data.label_vocab:
-                log.warning("%s does not exist: using %s", config.data.label_vocab, saved)
-            config.data.label_vocab = str(saved.resolve())
-            return
-
-
 def keep_label_vocab(config: Config, label_vocab, run_dir: Path, env) -> None:
     """Save the vocabulary the model trains with (None: no detections) as RUN/label_vocab.json and point
     data.label_vocab at it, so that checkpoints, evaluation and later fine-tuning use the same ids."""
@@ -146,7 +131,7 @@ def warn_if_validation_sees_test(config: Config) -> int:
 def set_deterministic(train: TrainConfig) -> None:
     """train.deterministic: deterministic GPU kernels (an operation that has none stops the run naming it),
     cuDNN without autotuning, and the cuBLAS workspace that deterministic matrix products need."""
-    import os
+    import torch
 
     if not train.deterministic:
         return

@@ -74,17 +74,8 @@ def videos_in_validation(checkpoint, trained, config, split: str) -> int | None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from stoa_vlp.commands.task_common import (
-        checkpoint_config,
-        device_of,
-        load_task_weights,
-        metric_rows,
-        preprocessing_rows,
-        require_trained_for,
-        resolve_checkpoint,
-        run_dir_of,
-        trained_for,
-    )
+    from stoa_vlp.commands.task_common import device_of, metric_rows, preprocessing_rows, require_trained_for, trained_for
+    from stoa_vlp.tasks.runs import checkpoint_config, load_task_weights, resolve_checkpoint, run_dir_of
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.pipeline import TaskRunner, task_config
     from stoa_vlp.train.logging import format_table

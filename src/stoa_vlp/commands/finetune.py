@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def task_to_train(args: argparse.Namespace, run_dir: str) -> str:
     """--task, or with --resume the task its checkpoint was fine-tuned for: another task is refused, as
     its module would not hold the checkpoint's weights and the run's data files are the other task's."""
-    from stoa_vlp.commands.task_common import checkpoint_config, trained_for
+    from stoa_vlp.commands.task_common import trained_for
+    from stoa_vlp.tasks.runs import checkpoint_config
     from stoa_vlp.train.checkpointing import resolve_resume
 
     if not args.resume:
@@ -60,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from stoa_vlp.commands.common import (
-        adopt_label_vocab,
         check_settings,
         config_from_args,
         keep_label_vocab,
@@ -68,16 +68,10 @@ def run(args: argparse.Namespace) -> int:
         set_deterministic,
         warn_if_validation_sees_test,
     )
-    from stoa_vlp.commands.task_common import (
-        init_folder,
-        load_model_weights_from,
-        load_task_weights,
-        metric_rows,
-        preprocessing_settings,
-        run_dir_of,
-    )
+    from stoa_vlp.commands.task_common import init_folder, load_model_weights_from, metric_rows, preprocessing_settings
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.pipeline import TaskRunner, task_config
+    from stoa_vlp.tasks.runs import adopt_label_vocab, load_task_weights, run_dir_of
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
     from stoa_vlp.train.checkpointing import best_checkpoint, list_checkpoints
     from stoa_vlp.train.logging import format_table

@@ -41,7 +41,8 @@ def require_index_output(output: Path, overwrite: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stoa_vlp.commands.task_common import checkpoint_config, file_records, inference_detections, inference_model
+    from stoa_vlp.commands.task_common import file_records, inference_detections, inference_model
+    from stoa_vlp.tasks.runs import checkpoint_config
     from stoa_vlp.data.video_files import find_videos
     from stoa_vlp.tasks.search import SearchIndex, encode_readable_videos, save_index, weights_stamp
 

@@ -72,7 +72,6 @@ def pretraining_data(config, env, validate: bool):
 
 def run(args: argparse.Namespace) -> int:
     from stoa_vlp.commands.common import (
-        adopt_label_vocab,
         check_settings,
         config_from_args,
         keep_label_vocab,
@@ -82,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.data.dataset import collate
     from stoa_vlp.model import build_model
     from stoa_vlp.objectives import OBJECTIVES, Pretrainer
+    from stoa_vlp.tasks.runs import adopt_label_vocab
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
     from stoa_vlp.train.run_length import set_run_length
 

@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from stoa_vlp.commands.task_common import checkpoint_config, device_of, load_task_weights, resolve_checkpoint
+    from stoa_vlp.commands.task_common import device_of
+    from stoa_vlp.tasks.runs import checkpoint_config, load_task_weights, resolve_checkpoint
     from stoa_vlp.config import apply_overrides, from_dict
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.search import INDEX_FILE, load_index, search, weights_stamp

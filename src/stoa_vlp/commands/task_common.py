@@ -7,24 +7,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from stoa_vlp.config import Config, path_override
-from stoa_vlp.tasks import runs
+from stoa_vlp.tasks.runs import checkpoint_config, load_checkpoint_model, resolve_checkpoint
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that the commands' --help stays quick
+    import torch
+    from torch import nn
 
 PREPROCESSING = ("model.frames", "model.image_size", "model.text_len", "data.eval_sampling", "data.decoder")
 VIDEOS = "videos (data.video_root)"
 
 log = logging.getLogger(__name__)
-
-# loading a run is the library's (stoa_vlp.tasks.runs); evaluate and finetune import these from here
-resolve_checkpoint = runs.resolve_checkpoint
-run_dir_of = runs.run_dir_of
-checkpoint_config = runs.checkpoint_config
-load_task_weights = runs.load_task_weights
-
 
 def trained_for(config: Config) -> str:
     """What a checkpoint's config trained: "pre-training" or the fine-tuning task. Pre-training keeps
@@ -145,7 +140,7 @@ def inference_model(args, task: str | None = None):
     """(checkpoint folder, config, model on its device, device) of `inference_config(args, task)`: the
     checkpoint's STOAVLP weights, whatever task it was fine-tuned for unless `task` is given."""
     checkpoint, config = inference_config(args, task)
-    run = runs.load_checkpoint_model(checkpoint, config, device_of(config))
+    run = load_checkpoint_model(checkpoint, config, device_of(config))
     return checkpoint, config, run.model, run.device
 
 

@@ -601,7 +601,7 @@ def read_annotations(
     captions_only: bool = False,
 ) -> list[VideoRecord]:
     """Read an annotation file of any supported format into VideoRecords (videos without a
-    usable caption are dropped with a warning). With `captions_only`, no video file is looked for
+    usable caption are dropped with a warning; with `strict`, as evaluation reads, an error). With `captions_only`, no video file is looked for
     and every record's path is "": searching the video root for each id costs a walk of its tree
     and fails where two files share an id (raw and prepared copies side by side), which a reader
     of captions should not."""

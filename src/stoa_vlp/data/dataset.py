@@ -16,10 +16,12 @@ objects through reference counts; each sample rebuilds the objects it reads. Det
 `stoa-vlp pack` (a DetectionsStore) are mapped from their files instead, one copy in the page cache
 for all processes of a machine.
 
-Bad samples: in evaluation every problem is an error naming the file. In training a sample whose
-video is missing or unreadable, or whose caption is empty or unreadable, is skipped (another sample is drawn),
-logged and counted in a `SkipCounter` shared with the workers (stoa_vlp.data.skips); training stops with
-`TooManyBadSamples` once the skipped share exceeds data.max_bad_samples.
+Bad samples: in evaluation every problem is an error naming the file. Training leaves out the videos
+that are not there when its split is read (`leave_out_missing_videos`); a sample whose video is
+unreadable or gone since, whose caption is empty or unreadable, or whose detections were made on its
+frames turned sideways, is skipped (another sample is drawn), logged and counted in a `SkipCounter`
+shared with the workers (stoa_vlp.data.skips); training stops with `TooManyBadSamples` once the
+skipped share exceeds data.max_bad_samples, or after MAX_BAD_IN_A_ROW bad draws in a row.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Bad-sample accounting for training data.
 
 In evaluation every problem is an error naming the file. In training a sample whose video is missing
-or unreadable, or whose caption is empty or unreadable, raises `BadSample` (its reason one of
+or unreadable, whose caption is empty or unreadable, or whose detections were made on its frames turned
+sideways, raises `BadSample` (its reason one of
 SKIP_REASONS) and is skipped (another sample is drawn), logged and counted in a `SkipCounter` shared
 with the DataLoader workers; training stops with `TooManyBadSamples` once the skipped share exceeds
 data.max_bad_samples, or once MAX_BAD_IN_A_ROW samples drawn in a row could not be read
@@ -24,7 +25,8 @@ WARNINGS_PER_REASON = 10  # skips logged one by one per process; later ones only
 
 
 class TooManyBadSamples(RuntimeError):
-    """The share of skipped training samples went over data.max_bad_samples."""
+    """The share of skipped training samples went over data.max_bad_samples, or MAX_BAD_IN_A_ROW samples
+    drawn in a row could not be read."""
 
 
 class BadSample(ValueError):

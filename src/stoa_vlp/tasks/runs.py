@@ -8,16 +8,22 @@ checkpoint folder to the model it holds, with the config it was trained with.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from stoa_vlp.config import Config, apply_overrides, from_dict
 from stoa_vlp.data.jsonl import read_json_object
 
+if TYPE_CHECKING:  # torch is imported where it is used, so that the commands' --help stays quick
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
 ANSWERS_FILE = "answers.json"  # RUN/answers.json: what each output of a QA run's answer head stands for
+LABEL_VOCAB_FILE = "label_vocab.json"  # RUN/label_vocab.json: the object-class ids the run's weights use
 
 
 @dataclass
@@ -37,6 +43,8 @@ def load_run(path: str | Path, device: str | torch.device | None = None, overrid
     the run's label_vocab.json, so that `load_detections(run.config)` gives the class ids the model
     learned. `overrides` are dotted settings as `--set` takes them ("data.detections=my.jsonl",
     "model.frames=8"). A QA run also gives its answer head (`qa_model`) and answers."""
+    import torch
+
     checkpoint = resolve_checkpoint(path)
     _, config = checkpoint_config(checkpoint, list(overrides))
     if device is None:
@@ -98,14 +106,26 @@ def run_dir_of(checkpoint: Path) -> Path:
 def checkpoint_config(checkpoint: Path, overrides: list[str]) -> tuple[Config, Config]:
     """(the config the checkpoint was trained with, the same with `overrides` applied); data.label_vocab
     falls back on the run folder's vocabulary when the recorded file is gone (a moved run)."""
-    from stoa_vlp.commands.common import adopt_label_vocab
-
     state_file = checkpoint / "state.json"
     trained = from_dict(read_json_object(state_file, {"config": dict})["config"], str(state_file))
     applied = apply_overrides(copy.deepcopy(trained), overrides)
     for config in (trained, applied):
         adopt_label_vocab(config, run_dir_of(checkpoint))
     return trained, applied
+
+
+def adopt_label_vocab(config: Config, *run_dirs: Path) -> None:
+    """When data.label_vocab names no file, point it at the label_vocab.json of the first of `run_dirs`
+    that has one: the class ids that the weights in that run were trained with."""
+    if config.data.label_vocab and Path(config.data.label_vocab).exists():
+        return
+    for run_dir in run_dirs:
+        saved = Path(run_dir) / LABEL_VOCAB_FILE
+        if saved.exists():
+            if config.data.label_vocab:
+                log.warning("%s does not exist: using %s", config.data.label_vocab, saved)
+            config.data.label_vocab = str(saved.resolve())
+            return
 
 
 def load_task_weights(module: nn.Module, checkpoint: Path) -> None:

@@ -31,7 +31,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def worker_seed(seed: int, rank: int, epoch: int, worker_id: int) -> int:
-    """The seed of DataLoader worker `worker_id` of `rank` in `epoch` (base seed + epoch + worker)."""
+    """The seed of DataLoader worker `worker_id` of `rank` in `epoch` (mixed from seed, rank, epoch and
+    worker by `derive_seed`)."""
     return derive_seed(_WORKER, seed, rank, epoch, worker_id)
 
 

@@ -98,8 +98,11 @@ def warn_if_data_changed(recorded: dict[str, dict[str, Any]], now: dict[str, dic
 
 
 def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def checkpoint_record(folder: Path) -> dict[str, Any]:
