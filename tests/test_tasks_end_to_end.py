@@ -46,7 +46,7 @@ def test_validation_on_test_videos_is_named(world, tmp_path, caplog):
     assert json.loads((tmp_path / "run" / "report.json").read_text())["videos_in_validation"] == 2
     caplog.clear()
     assert main(["evaluate", str(tmp_path / "run"), "--split", "test", "--report", str(tmp_path / "eval.json")]) == 0
-    assert f"2 of the 2 test videos are in {world.qa['test']} (e.g. video" in caplog.text
+    assert f"data.val: {world.qa['test']}, data.test: {world.qa['test']}): the checkpoint is selected" in caplog.text
     assert "the numbers on them are not held out" in caplog.text
     assert json.loads((tmp_path / "eval.json").read_text())["videos_in_validation"] == 2
 

@@ -163,20 +163,27 @@ def test_validation_keeps_only_its_own_videos_detections(tmp_path):
     assert len(train_set.builder.detections) == len(train_ids) and all(i in train_set.builder.detections for i in train_ids)
 
 
-def test_pretraining_warns_when_validation_holds_test_videos(tmp_path, caplog):
-    from stoa_vlp.commands.pretrain import warn_if_validation_is_test
+def test_validation_holding_test_videos_is_warned_about_and_never_stops_a_run(tmp_path, caplog):
+    from stoa_vlp.commands.common import validation_overlap
     from stoa_vlp.config import load_config
 
     world = render_world(tmp_path / "world", train=2, val=1, test=2, seed=1)
     val = tmp_path / "val.jsonl"
     val.write_text(json.dumps({"video_id": world.video_ids["test"][0], "caption": "a red disc"}) + "\n")
     config = load_config("tiny", [f"data.val={val}", f"data.test={world.annotations}"])
-    warn_if_validation_is_test(config)
-    assert f"data.val and data.test share 1 of the 2 test videos (e.g. {world.video_ids['test'][0]})" in caplog.text
+    assert validation_overlap(config, config, "test") == 1
+    assert f"data.val and data.test share 1 of the 2 test videos (e.g. {world.video_ids['test'][0]};" in caplog.text
     caplog.clear()
     config.data.val = str(world.annotations)  # read as its val split, apart from its test split
-    warn_if_validation_is_test(config)
-    assert not caplog.records
+    assert validation_overlap(config, config, "test") == 0 and not caplog.records
+    # pre-training reads no data.test: a test file that is missing or has a bad line was an error there
+    config.data.test = str(tmp_path / "missing.jsonl")
+    assert validation_overlap(config, config, "test") is None
+    assert "cannot tell whether data.val" in caplog.text and "missing.jsonl: annotation file does not exist" in caplog.text
+    bad = tmp_path / "test.jsonl"
+    bad.write_text(json.dumps({"video_id": "video0", "caption": ""}) + "\n")
+    config.data.test = str(bad)
+    assert validation_overlap(config, config, "test") is None
     config.data.val = config.data.test = str(tmp_path / "shards" / "{000..001}.tar")  # streamed: compared by path
-    warn_if_validation_is_test(config)
+    assert validation_overlap(config, config, "test") is None
     assert "data.val and data.test are both" in caplog.text

@@ -111,19 +111,36 @@ def prepare_run(config: Config, env, args: argparse.Namespace) -> Path:
     return run_dir
 
 
-def warn_if_validation_sees_test(config: Config) -> int:
-    """How many of data.test's videos data.val also holds, with a warning when any do: checkpoint
-    selection on test videos inflates the test numbers (peers.md §3.5: CLIP4Clip's MSR-VTT "val" is the
-    1k-A test set). Each file is read as its split (MSRVTT_data.json holds both, apart)."""
+def validation_overlap(selected_on: Config, evaluated: Config, split: str) -> int | None:
+    """How many of the videos of `evaluated`'s data.<split> the data.val of `selected_on` also names (the
+    split its checkpoints are selected on), with a warning when any do: selection on test videos
+    inflates the test numbers (peers.md §3.5: CLIP4Clip's MSR-VTT "val" is the 1k-A test set). Each
+    file is read as its split (MSRVTT_data.json holds both, apart). None when it cannot tell, which
+    never stops a run: a split not set, a file that cannot be read (a warning says why), or WebDataset
+    shards, whose videos are not listed up front (the same shards on both sides are warned about)."""
+    from stoa_vlp.data.dataset import is_webdataset
     from stoa_vlp.tasks.pipeline import split_video_ids
 
-    test = split_video_ids(config, "test")
-    shared = split_video_ids(config, "val") & test
+    val, other = selected_on.data.val, getattr(evaluated.data, split)
+    if not (val and other):
+        return None
+    if is_webdataset(selected_on, val) or is_webdataset(evaluated, other):
+        if Path(val).resolve() == Path(other).resolve():
+            log.warning("data.val and data.%s are both %s: the checkpoint is selected on the videos it is "
+                        "tested on", split, val)
+        return None
+    try:
+        videos = split_video_ids(evaluated, split)
+        shared = videos & split_video_ids(selected_on, "val")
+    except (ValueError, OSError) as error:  # AnnotationError is a ValueError
+        log.warning("cannot tell whether data.val (%s) holds videos of data.%s: %s", val, split, error)
+        return None
     if shared:
         log.warning(
-            "data.val and data.test share %d of the %d test videos (e.g. %s): the checkpoint is selected on "
-            "videos it is then tested on; validate on videos held out of the training list instead",
-            len(shared), len(test), sorted(shared)[0],
+            "data.val and data.%s share %d of the %d %s videos (e.g. %s; data.val: %s, data.%s: %s): the "
+            "checkpoint is selected on videos it is then tested on, so the numbers on them are not held out; "
+            "validate on videos held out of the training list instead",
+            split, len(shared), len(videos), split, sorted(shared)[0], val, split, other,
         )
     return len(shared)
 

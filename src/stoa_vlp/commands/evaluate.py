@@ -47,33 +47,10 @@ def require_split_file_for(task: str, trained, config, split: str) -> None:
                      f"--set data.{split}=FILE")
 
 
-def videos_in_validation(checkpoint, trained, config, split: str) -> int | None:
-    """How many of the evaluated split's videos the validation split of the checkpoint's run also holds
-    (data.val of its config, where its checkpoints were selected), with a warning when any do; None when
-    the run had no validation, its file is gone, or that split itself is evaluated."""
-    from pathlib import Path
-
-    from stoa_vlp.tasks.pipeline import split_video_ids
-
-    selected_on = trained.data.val
-    if not selected_on or (split == "val" and config.data.val == selected_on):
-        return None
-    if not Path(selected_on).exists():
-        log.warning("data.val of %s, %s, is not there: cannot tell whether it holds %s videos",
-                    checkpoint, selected_on, split)
-        return None
-    evaluated = split_video_ids(config, split)
-    shared = evaluated & split_video_ids(trained, "val")
-    if shared:
-        log.warning("%d of the %d %s videos are in %s (e.g. %s), the validation split %s was selected on: "
-                    "the numbers on them are not held out", len(shared), len(evaluated), split, selected_on,
-                    sorted(shared)[0], checkpoint)
-    return len(shared)
-
-
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from stoa_vlp.commands.common import validation_overlap
     from stoa_vlp.commands.task_common import device_of, metric_rows, preprocessing_rows, require_trained_for, trained_for
     from stoa_vlp.tasks.runs import checkpoint_config, load_task_weights, resolve_checkpoint, run_dir_of
     from stoa_vlp.model import build_model
@@ -95,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         load_task_weights(model, checkpoint)
     else:
         load_task_weights(module, checkpoint)
-    overlap = videos_in_validation(checkpoint, trained, config, args.split)
+    same_split = args.split == "val" and config.data.val == trained.data.val
+    overlap = None if same_split else validation_overlap(trained, config, args.split)  # the run's selection videos
     metrics = runner.evaluate(module.to(device), args.split)
     print(f"checkpoint: {checkpoint} (trained for {fine_tuned_for}); task: {task}; split: {args.split} "
           f"(file {getattr(config.data, args.split)})")

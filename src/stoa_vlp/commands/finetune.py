@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         keep_label_vocab,
         prepare_run,
         set_deterministic,
-        warn_if_validation_sees_test,
+        validation_overlap,
     )
     from stoa_vlp.commands.task_common import init_folder, load_model_weights_from, metric_rows, preprocessing_settings
     from stoa_vlp.model import build_model
@@ -98,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
             runner.check_split("val", config.train.val_max_clips)  # validation reads only those
         if args.test:
             runner.check_split("test")
-        checks_overlap = bool(config.data.val and config.data.test and env.is_main)
-        overlap = warn_if_validation_sees_test(config) if checks_overlap else None  # test videos in data.val
+        overlap = validation_overlap(config, config, "test") if env.is_main else None  # test videos in data.val
         if init is None and not args.resume and env.is_main:  # a resumed run's towers come from its checkpoint
             warn_if_random_towers(config)
         model = build_model(config.model)

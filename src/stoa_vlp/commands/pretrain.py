@@ -37,25 +37,6 @@ def warn_if_objectives_lack_data(config) -> None:
                     "sentence feature only (stoa-vlp tag writes them)")
 
 
-def warn_if_validation_is_test(config) -> None:
-    """With data.test set: a warning when data.val holds test videos (selecting the best checkpoint on
-    them), or, for shards, whose videos are not listed up front, when it is the same path."""
-    import logging
-    from pathlib import Path
-
-    from stoa_vlp.commands.common import warn_if_validation_sees_test
-    from stoa_vlp.data.dataset import is_webdataset
-
-    val, test = config.data.val, config.data.test
-    if not (val and test):
-        return
-    if not (is_webdataset(config, val) or is_webdataset(config, test)):
-        warn_if_validation_sees_test(config)
-    elif Path(val).resolve() == Path(test).resolve():
-        logging.getLogger("stoa_vlp.pretrain").warning(
-            "data.val and data.test are both %s: the best checkpoint is selected on the test videos", val)
-
-
 def pretraining_data(config, env, validate: bool):
     """(training set, validation evaluator or None) from one read of the detections and tag cache. Each
     keeps only its split's part of them: the whole file's detections go when this returns."""
@@ -77,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         keep_label_vocab,
         prepare_run,
         set_deterministic,
+        validation_overlap,
     )
     from stoa_vlp.data.dataset import collate
     from stoa_vlp.model import build_model
@@ -93,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if env.is_main:
             warn_if_objectives_lack_data(config)
-            warn_if_validation_is_test(config)
+            validation_overlap(config, config, "test")
             if not args.resume:  # a resumed run's towers come from its checkpoint
                 warn_if_random_towers(config)
         run_dir = prepare_run(config, env, args)
