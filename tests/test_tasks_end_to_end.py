@@ -205,7 +205,7 @@ def test_inference_detections_come_from_the_flag_or_an_override(world, tmp_path)
                  "--set", "task.rerank_k=0"]) == 0
 
     def detections(flag, overrides):
-        return inference_config(SimpleNamespace(checkpoint=str(run), detections=flag, overrides=overrides))[1].data.detections
+        return inference_config(SimpleNamespace(checkpoint=str(run), detections=flag, overrides=overrides), "retrieval")[1].data.detections
 
     assert detections(None, []) == ""  # the training videos' detections are not the user's
     assert detections("mine.jsonl", []) == "mine.jsonl"

@@ -112,15 +112,14 @@ def add_inference_arguments(parser) -> None:
                         help="dotted config override on top of the checkpoint's config (repeatable)")
 
 
-def inference_config(args, task: str | None = None) -> tuple[Path, Config]:
-    """(checkpoint folder, its config with --set and --detections applied); with `task`, a ValueError
-    unless the checkpoint was trained for it (`require_trained_for`)."""
+def inference_config(args, task: str) -> tuple[Path, Config]:
+    """(checkpoint folder, its config with --set and --detections applied); a ValueError unless the
+    checkpoint was trained for `task` (`require_trained_for`)."""
     checkpoint = resolve_checkpoint(args.checkpoint)
     # the training videos' detections are not the user's videos': none unless --detections or --set give them
     overrides = [path_override("data.detections", args.detections or ""), *args.overrides]
     trained, config = checkpoint_config(checkpoint, overrides)
-    if task is not None:
-        require_trained_for(checkpoint, trained_for(trained), task)
+    require_trained_for(checkpoint, trained_for(trained), task)
     return checkpoint, config
 
 
@@ -136,9 +135,9 @@ def inference_detections(config: Config, records: list) -> tuple:
     return detections, label_vocab
 
 
-def inference_model(args, task: str | None = None):
+def inference_model(args, task: str):
     """(checkpoint folder, config, model on its device, device) of `inference_config(args, task)`: the
-    checkpoint's STOAVLP weights, whatever task it was fine-tuned for unless `task` is given."""
+    checkpoint's STOAVLP weights."""
     checkpoint, config = inference_config(args, task)
     run = load_checkpoint_model(checkpoint, config, device_of(config))
     return checkpoint, config, run.model, run.device

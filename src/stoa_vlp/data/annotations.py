@@ -178,11 +178,11 @@ class _VideoFiles:
         return found
 
     def report(self, count: int) -> None:
+        """Log (info) how many videos are not there: their readers say what it means (training leaves
+        them out with a warning, evaluation refuses them, prepare fails them in its manifest)."""
         if self.missing:
-            log.warning(
-                "%d of %d videos not found under %s (e.g. %s); training leaves them out, evaluation refuses them",
-                len(self.missing), count, self.root, self.missing[0],
-            )
+            log.info("%d of %d videos not found under %s (e.g. %s)", len(self.missing), count, self.root,
+                     self.missing[0])
 
 
 def _json(path: Path):

@@ -88,9 +88,10 @@ def turned_sideways(detected_width: int, detected_height: int, width: int, heigh
 
     Boxes are rescaled per axis to the decoded size, so a detector that read the frames resized, or at
     their display aspect (anamorphic video), is fine. One that read them without the video's display
-    rotation (decord does; phones write portrait video as landscape frames plus a rotation) made
-    landscape boxes for portrait frames or the other way round: rescaled, they land on other pixels.
-    Frames near square (either shape's sides within SQUARE_SLACK) have no orientation to tell; a half turn, too, goes
+    rotation (frames extracted with `ffmpeg -noautorotate`, or by a reader that ignores the display
+    matrix; phones write portrait video as landscape frames plus a rotation) made landscape boxes for
+    portrait frames or the other way round: rescaled, they land on other pixels. Frames near square
+    (either shape's sides within SQUARE_SLACK) have no orientation to tell; a half turn, too, goes
     unnoticed."""
     detected_aspect, aspect = detected_width / detected_height, width / height
     near_square = min(max(detected_aspect, 1 / detected_aspect), max(aspect, 1 / aspect)) < SQUARE_SLACK
@@ -98,7 +99,7 @@ def turned_sideways(detected_width: int, detected_height: int, width: int, heigh
         return None
     return (f"its detections were made on {detected_width}x{detected_height} frames, but its frames are "
             f"{width}x{height} shown upright: the boxes are of the frames turned sideways (a detector that "
-            "ignored the video's display rotation, as decord does); detect with `stoa-vlp detect`, which "
+            "read the frames without the video's display rotation); detect with `stoa-vlp detect`, which "
             "reads frames upright, or turn the boxes")
 
 
