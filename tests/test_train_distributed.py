@@ -1,7 +1,8 @@
 """2 gloo ranks (DDP, FSDP, compiled DDP) against 1 rank with the same global batch: the same
 parameters after 3 steps; an FSDP run resumed from its checkpoint against the straight run; and a 2-rank
 checkpoint resumed by 1 rank against the 2-rank run. Also: each rank's own random draws, kept by a resume,
-the ranks' agreement on the best after a resume, and the process group's timeout.
+the ranks' agreement on the best after a resume, the process group's timeout, and the refusal of ranks whose
+training sets differ in size.
 
 Uses the real tiny STOA model with the objectives that draw no random numbers (VTC with the
 all-gather, DOTA, STASP), since MLM/VTM/PLM draws differ by construction between 1 and 2 ranks.
@@ -386,3 +387,28 @@ def test_a_dist_timeout_below_one_minute_is_refused(tmp_path, minutes):
         main(["pretrain", "--config", "tiny", "--output", str(tmp_path / "run"),
               "--set", f"train.dist_timeout_minutes={minutes}"])
     assert not (tmp_path / "run").exists()
+
+
+def uneven_rank(rank: int, init_file: str, run_dir: str, report: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        config = load_config("tiny", overrides(GLOBAL_BATCH // 2))
+        clips = RandomClips(config, size=16 - rank)  # rank 1 read one video fewer (gone between the checks)
+        try:
+            Trainer(config, tiny_pretrainer(config), clips, collate, run_dir, env=DistEnv.current("cpu"))
+        except ValueError as error:
+            Path(f"{report}.{rank}").write_text(str(error))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_whose_training_sets_differ_in_size_are_refused(tmp_path):
+    # the ranks share one shuffled order: a rank with another size would draw other samples than the
+    # others leave it (training leaves out the videos each rank finds missing when it reads the split)
+    report = str(tmp_path / "report")
+    mp.spawn(uneven_rank, args=(str(tmp_path / "init"), str(tmp_path / "run"), report), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert Path(f"{report}.{rank}").read_text() == (
+            "the ranks' training sets differ in size (16, 15 samples on ranks 0-1): the split's files changed "
+            "while the ranks read it")

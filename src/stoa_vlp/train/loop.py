@@ -169,6 +169,8 @@ class Trainer:
         # a streamed dataset (WebDataset shards) orders and splits its samples itself: its position
         # is counted, and a resumed stream is seeded from it (`set_position`), not replayed exactly
         self.streamed = isinstance(train_dataset, IterableDataset)
+        if not self.streamed:
+            require_same_size_on_every_rank(len(train_dataset), self.env)
         self.dataset = train_dataset if self.streamed else SeededDataset(train_dataset)
         self.sampler = ResumableSampler(
             None if self.streamed else len(train_dataset), config.data.batch_size, self.env.rank,
@@ -646,6 +648,17 @@ class Trainer:
             self.best_checkpoint = {"name": ckpt.checkpoint_name(self.step), "step": self.step}
         if final or self.step % self.train.save_every == 0 or is_best:  # the best is always saved
             result.last_checkpoint = self.save_checkpoint({**train_metrics, **val_metrics}, is_best)
+
+
+def require_same_size_on_every_rank(size: int, env: DistEnv) -> None:
+    """ValueError on every rank unless each rank's training set holds `size` samples: the ranks share one
+    shuffled order, so a rank that read its split differently (a video file that appeared or vanished
+    between the ranks' checks on a shared file system) would draw other samples than the others leave
+    it, duplicating some and missing others. Collective."""
+    sizes = gather_objects(size, env)
+    if len(set(sizes)) > 1:
+        raise ValueError(f"the ranks' training sets differ in size ({', '.join(map(str, sizes))} samples on ranks "
+                         f"0-{len(sizes) - 1}): the split's files changed while the ranks read it")
 
 
 def grad_scaler(device_type: str, enabled: bool, fsdp: bool) -> torch.amp.GradScaler:
