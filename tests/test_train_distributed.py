@@ -10,6 +10,7 @@ all-gather, DOTA, STASP), since MLM/VTM/PLM draws differ by construction between
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -293,6 +294,18 @@ def test_each_rank_draws_its_own_random_numbers_and_resumes_them(tmp_path):
     for rank in range(2):  # the resumed step 3 draws as the straight run's did, on each rank
         (state,) = torch.load(f"{resumed}.{rank}")
         assert torch.equal(state, ranks[rank][-1]), rank
+    # a checkpoint of a run from before, whose ranks all drew alike (no "ranks_draw_apart", equal RNG files)
+    old = str(tmp_path / "old")
+    shutil.copytree(straight, old)
+    shutil.rmtree(ckpt.list_checkpoints(old)[-1])
+    folder = ckpt.list_checkpoints(old)[-1]
+    state = json.loads((folder / "state.json").read_text())
+    del state["ranks_draw_apart"]
+    (folder / "state.json").write_text(json.dumps(state))
+    shutil.copy(folder / "rng_rank0.pt", folder / "rng_rank1.pt")
+    mp.spawn(draws_rank, args=(str(tmp_path / "init3"), old, old, "latest"), nprocs=2, join=True)
+    (first,), (second,) = (torch.load(f"{old}.{rank}") for rank in range(2))
+    assert torch.equal(first, ranks[0][-1]) and not torch.equal(second, first)  # rank 1 draws apart again
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_rank_at_its_data_position(tmp_path):

@@ -250,6 +250,7 @@ class Trainer:
             "data_position": self.sampler.start_batch,  # global batches of this epoch consumed
             "global_batch": self.sampler.global_batch,  # samples in one
             "world_size": self.env.world_size,
+            "ranks_draw_apart": True,  # ranks > 0 reseeded with rank_seed (before 2026-11-27 all drew alike)
             "skipped_batches": self.skipped_batches,
             "data_skips": data_skips,
             "best_value": self.best_value,
@@ -345,6 +346,10 @@ class Trainer:
                         folder, state["world_size"], self.env.world_size)
         elif loaded["rng"] is not None:
             ckpt.set_rng_state(loaded["rng"])
+            if self.env.rank > 0 and not state.get("ranks_draw_apart"):
+                log.warning("%s was written when every rank drew the same random numbers: rank %d now draws its "
+                            "own from here", folder, self.env.rank)
+                seed_everything(rank_seed(self.train.seed, self.env.rank) + self.step)
         else:
             log.warning("%s holds no RNG state for rank %d: its random draws will differ", folder, self.env.rank)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, *self._position())
