@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -33,8 +34,8 @@ def test_run_json_records_versions_command_and_data_files(tmp_path, caplog):
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["world_size"] == 1  # the marker's meaning stays
     assert record["stoa_vlp"] == stoa_vlp.__version__ and record["torch"] == torch.__version__
-    assert record["cuda"] == torch.version.cuda and record["devices"] == ["cpu"]
-    assert record["command"] and "git_commit" in record
+    assert record["cuda"] == torch.version.cuda and record["device"] == "cpu"
+    assert record["command"] and "git_commit" in record and "git_uncommitted_changes" in record
     status = train.stat()
     assert record["data_files"] == {"data.train": {"path": str(train), "size": status.st_size,
                                                    "mtime_ns": status.st_mtime_ns}}  # a missing file is left out
@@ -47,6 +48,11 @@ def test_run_json_records_versions_command_and_data_files(tmp_path, caplog):
     assert warning.startswith(f"data.train changed since {tmp_path / 'run' / 'run.json'} recorded it (then: {train}, "
                               f"{status.st_size} bytes")
     assert f"now: {train}, {train.stat().st_size} bytes" in warning
+    # the record stays what the run started with; each resume adds its session
+    resumed = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert {key: resumed[key] for key in record} == record
+    assert [session["data_files_changed"] for session in resumed["resumes"]] == [[], ["data.train"]]
+    assert all(session["command"] and session["world_size"] == 1 for session in resumed["resumes"])
 
 
 def test_a_resumed_run_keeps_the_checkpoint_it_started_from(tmp_path):
@@ -57,9 +63,17 @@ def test_a_resumed_run_keeps_the_checkpoint_it_started_from(tmp_path):
 
 
 def test_git_commit_only_inside_a_checkout(tmp_path):
-    assert git_commit(tmp_path) is None
-    commit = git_commit(os.path.dirname(stoa_vlp.__file__))
-    assert commit is None or len(commit) == 40
+    assert git_commit(tmp_path) == (None, None)
+    checkout = tmp_path / "checkout"
+    (checkout / "pkg").mkdir(parents=True)
+    (checkout / "pkg" / "__init__.py").write_text("")
+    git = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "first"]):
+        subprocess.run([*git, *args], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_commit(checkout / "pkg") == (commit, False)
+    (checkout / "pkg" / "__init__.py").write_text("changed = True\n")
+    assert git_commit(checkout / "pkg") == (commit, True)
 
 
 def test_deterministic_training_is_asked_of_torch(monkeypatch):

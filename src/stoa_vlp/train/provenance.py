@@ -1,7 +1,8 @@
-"""Where a run's numbers come from, kept in RUN/run.json: the stoa-vlp version and git commit, torch,
-CUDA and the devices, the command line, the size and modification time of every data file the config
-names and, for fine-tuning, the checkpoint the weights started from (folder, step, sha256 of its
-weights). A resumed run warns about each data file that changed since it was recorded."""
+"""Where a run's numbers come from, kept in RUN/run.json: the stoa-vlp version and git commit (and
+whether the checkout had uncommitted changes), torch, CUDA, the device, the command line, the size and
+modification time of every data file the config names and, for fine-tuning, the checkpoint the weights
+started from (folder, step, sha256 of its weights). A resumed run keeps that record, warns about each
+data file that changed since, and adds its own session (versions, device, command) to "resumes"."""
 
 from __future__ import annotations
 
@@ -27,30 +28,35 @@ DATA_FILES = ("data.train", "data.val", "data.test", "data.detections", "data.ta
               "task.answer_vocab", "model.init_checkpoint")
 
 
-def git_commit(folder: Path) -> str | None:
-    """The commit checked out where `folder`'s files are tracked; None when they are not (an installed
-    package) or git is not there."""
+def git_commit(folder: Path) -> tuple[str | None, bool | None]:
+    """(the commit checked out where `folder`'s files are tracked, whether tracked files under `folder`
+    differ from it); (None, None) when they are not tracked (an installed package) or git is not there."""
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
 
     try:
         if git("ls-files", "--error-unmatch", "__init__.py").returncode != 0:
-            return None
+            return None, None
         found = git("rev-parse", "HEAD")
+        changes = git("status", "--porcelain", "--untracked-files=no", ".")
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    return found.stdout.strip() if found.returncode == 0 else None
+        return None, None
+    if found.returncode != 0:
+        return None, None
+    return found.stdout.strip(), bool(changes.stdout.strip()) if changes.returncode == 0 else None
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """The software and hardware a run ran with, and its command line."""
-    gpus = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
+def environment(device: torch.device, world_size: int) -> dict[str, Any]:
+    """The software and hardware a session of a run ran with, and its command line."""
+    commit, changed = git_commit(Path(stoa_vlp.__file__).parent)
     return {
+        "world_size": world_size,
         "stoa_vlp": stoa_vlp.__version__,
-        "git_commit": git_commit(Path(stoa_vlp.__file__).parent),
+        "git_commit": commit,
+        "git_uncommitted_changes": changed,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "devices": gpus if device.type == "cuda" else ["cpu"],
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,  # rank 0's
         "command": sys.argv,
     }
 
@@ -115,15 +121,19 @@ def checkpoint_record(folder: Path) -> dict[str, Any]:
 
 def write_run_record(run_dir: Path, config: Config, device: torch.device, world_size: int,
                      init: dict[str, Any] | None, resumed: bool) -> None:
-    """Write RUN/run.json. A resumed run compares its data files with those recorded and keeps the
-    record of the checkpoint the run started from."""
+    """Write RUN/run.json: what the run started with; a resumed run keeps that record, warns about each
+    data file that is not as recorded, and adds its own session to "resumes"."""
     path = Path(run_dir) / RUN_MARKER
     files = data_files(config, run_dir)
-    previous = read_json_object(path) if resumed and path.is_file() else {}
-    warn_if_data_changed(previous.get("data_files", {}), files, path)
-    init = previous.get("init", init)
-    write_json_atomic(path, {"world_size": world_size, **environment(device), "data_files": files,
-                             **({"init": init} if init else {})})
+    session = environment(device, world_size)
+    if resumed and path.is_file():
+        record = read_json_object(path)
+        warn_if_data_changed(record.get("data_files", {}), files, path)
+        changed = sorted(key for key, then in record.get("data_files", {}).items() if files.get(key, then) != then)
+        record.setdefault("resumes", []).append({**session, "data_files_changed": changed})
+    else:
+        record = {**session, "data_files": files, **({"init": init} if init else {})}
+    write_json_atomic(path, record)
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:
