@@ -181,3 +181,108 @@ def test_answer_checks_the_answer_slot_before_loading_anything(tmp_path):
     check_qa_fusion(load_config("tiny", ["model.fusion_positions=36"]).model)  # 35 + the answer slot
     with pytest.raises(ValueError, match="video QA adds an answer slot: the fusion sequence takes 36 positions"):
         check_qa_fusion(load_config("tiny", ["model.fusion_positions=35"]).model)
+
+
+def settings_error(overrides: list[str], task: str | None) -> None:
+    """Load, set up for `task` (None: pre-training) and check, as the commands do before a run."""
+    from stoa_vlp.commands.common import check_settings
+    from stoa_vlp.tasks.pipeline import task_config
+
+    config = load_config("tiny", ["data.val=val.json", *overrides])
+    if task is not None:
+        config = task_config(config, task)
+    check_settings(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, task, message",
+    [
+        # crashed deep in the model (ZeroDivisionError, negative shapes, IndexError at the first step)
+        (["model.vision_width=0"], None, "model.vision_width must be at least 1, got 0"),
+        (["model.text_width=0", "model.embed_dim=0"], None, "model.text_width must be at least 1, got 0"),
+        (["model.embed_dim=-1"], None, "model.embed_dim must be at least 1, got -1"),
+        (["model.vision_heads=0"], None, "model.vision_heads must be at least 1, got 0"),
+        (["model.text_heads=-1"], None, "model.text_heads must be at least 1, got -1"),
+        (["model.vision_heads=3"], None, "model.vision_width 64 is not divisible by model.vision_heads 3"),
+        (["model.text_heads=3"], "captioning", "model.text_width 64 is not divisible by model.text_heads 3"),
+        (["model.vocab_size=1000"], None, "model.vocab_size must be at least the tokenizer's 49408 token ids"),
+        (["model.head_dropout=1"], None, "model.head_dropout must be in [0, 1), got 1.0"),
+        (["model.head_dropout=-0.1"], None, "model.head_dropout must be in [0, 1), got -0.1"),
+        (["model.head_dropout=.nan"], None, "model.head_dropout must be a finite number, got nan"),
+        (["task.beam_size=100000"], "captioning", "task.beam_size must be at most model.vocab_size (49408)"),
+        # errors of torch or numpy that named no setting
+        (["train.weight_decay=-1"], None, "train.weight_decay must be at least 0, got -1.0"),
+        (["train.betas=[1.5, 0.9]"], None, "train.betas must each be in [0, 1) (Adam's moving-average decays), "
+                                           "got [1.5, 0.9]"),
+        (["train.eps=0"], None, "train.eps must be above 0"),
+        (["train.seed=-1"], None, "train.seed must be in 0..2**32 - 1"),
+        (["train.seed=4294967296"], None, "train.seed must be in 0..2**32 - 1"),
+        # accepted silently
+        (["model.text_layers=-1"], None, "model.text_layers must be at least 1, got -1"),
+        (["model.text_layers=0"], None, "model.text_layers must be at least 1, got 0"),
+        (["model.vision_layers=0"], None, "model.vision_layers must be at least 1, got 0"),
+        (["model.fusion_layers=0"], "captioning", "model.fusion_layers must be at least 1, got 0"),
+        (["model.object_layers=0"], None, "model.object_layers must be at least 1 with model.objects=true"),
+        (["model.action_layers=-1"], "qa", "model.action_layers must be at least 1 with model.actions=true"),
+        (["loss.vtc=.nan"], None, "loss.vtc must be a finite number, got nan"),
+        (["loss.vtm=.inf"], "retrieval", "loss.vtm must be a finite number, got inf"),
+        (["loss.vtc=-1"], "captioning", "loss.vtc must be >= 0, got -1.0"),
+        (["loss.dota=-1"], "qa", "loss.dota must be >= 0, got -1.0"),
+        (["train.lr=.inf"], None, "train.lr must be a finite number, got inf"),
+        (["train.tower_lr_scale=-1"], None, "train.tower_lr_scale must be at least 0, got -1.0"),
+        (["train.min_lr_scale=-1"], None, "train.min_lr_scale must be in [0, 1]"),
+        (["train.min_lr_scale=5"], None, "train.min_lr_scale must be in [0, 1]"),
+        (["train.clip_grad=.nan"], None, "train.clip_grad must be a finite number, got nan"),
+        (["train.clip_grad=-1"], None, "train.clip_grad must be at least 0 (0: no clipping), got -1.0"),
+        (["train.val_max_clips=-1"], None, "train.val_max_clips must be at least 0 (0: every validation clip)"),
+        (["train.dist_timeout_minutes=1000000000000000"], None, "train.dist_timeout_minutes must be at most 10080"),
+        (["data.max_bad_samples=5"], None, "data.max_bad_samples is a share of the samples: at most 1"),
+        (["task.qb_norm=true", "task.qb_norm_beta=0"], "retrieval", "task.qb_norm_beta must be above 0"),
+        (["task.qb_norm=true", "task.qb_norm_beta=-5"], "retrieval", "task.qb_norm_beta must be above 0"),
+        (["task.length_penalty=.nan"], "captioning", "task.length_penalty must be a finite number, got nan"),
+        (["task.length_penalty=.inf"], "captioning", "task.length_penalty must be a finite number, got inf"),
+        (["model.text_len=2"], "captioning", "a caption needs at least 2"),
+        (["task.max_caption_tokens=1"], "captioning", "a caption needs at least 2"),
+        (["train.best_metric=val/bogus"], "captioning", "train.best_metric val/bogus is not a metric of captioning"),
+        (["train.best_metric=val/accuracy_x"], "mc", "train.best_metric val/accuracy_x is not a metric of mc"),
+        (["train.best_metric="], None, "train.best_metric must name a validation metric, val/NAME, got ''"),
+        (["train.best_metric=t2v_r1"], "retrieval", "train.best_metric must name a validation metric"),
+    ],
+)
+def test_bad_settings_fail_before_a_run_naming_the_key(overrides, task, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        settings_error(overrides, task)
+
+
+@pytest.mark.parametrize(
+    "overrides, task",
+    [
+        (["loss.mlm_probability=0"], "mc"),  # mc (as retrieval) turns MLM off
+        (["loss.mlm_probability=0"], "captioning"),  # trains with none of the pre-training objectives
+        (["loss.mlm=0", "loss.mlm_probability=0"], None),
+        (["model.objects=false", "model.object_layers=0", "loss.dota=0"], None),
+        (["model.actions=false", "model.action_layers=0", "loss.stasp=0"], None),
+        (["train.clip_grad=0", "train.min_lr_scale=1", "data.max_bad_samples=1", "train.tower_lr_scale=0"], None),
+        (["task.qb_norm_beta=0"], "retrieval"),  # QB-Norm off
+        (["model.text_len=3"], "captioning"),
+        (["train.best_metric=val/METEOR", "task.meteor=true"], "captioning"),
+        (["train.best_metric=val/accuracy_vtc"], "mc"),
+        (["train.best_metric=val/t2v_dsl_r1"], "retrieval"),  # retrieval's names depend on the split
+        (["train.best_metric=bogus", "data.val="], "captioning"),  # no validation: not used
+        (["task.beam_size=5"], "captioning"),
+    ],
+)
+def test_settings_at_their_bounds_or_unused_are_accepted(overrides, task):
+    settings_error(overrides, task)
+
+
+def test_the_model_check_knows_the_tokenizer_vocabulary():
+    from stoa_vlp.model.stoa import TOKENIZER_VOCAB_SIZE
+    from stoa_vlp.tokenizer import Tokenizer
+
+    assert Tokenizer(8).vocab_size == TOKENIZER_VOCAB_SIZE
+
+
+def test_an_override_without_a_value_is_named_once():
+    with pytest.raises(ConfigError, match=r"^override 'model.frames': not of the form section.key=value$"):
+        load_config("tiny", ["model.frames"])

@@ -187,3 +187,28 @@ def test_validation_holding_test_videos_is_warned_about_and_never_stops_a_run(tm
     config.data.val = config.data.test = str(tmp_path / "shards" / "{000..001}.tar")  # streamed: compared by path
     assert validation_overlap(config, config, "test") is None
     assert "data.val and data.test are both" in caplog.text
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (["pretrain", "--resume", "/nonexistent"], "--resume /nonexistent: no complete checkpoint"),
+    (["pretrain", "--resume", "latest"], "--resume latest: no complete checkpoint in"),
+    (["pretrain", "--set", "task.name=captioning"], "task.name=captioning: pretrain trains the pre-training"),
+    (["pretrain", "--set", "data.label_vocab=/nonexistent.json"], "data.label_vocab /nonexistent.json does not exist"),
+    (["finetune", "--task", "captioning", "--set", "data.label_vocab=/nonexistent.json"],
+     "data.label_vocab /nonexistent.json does not exist"),
+    (["finetune", "--task", "qa", "--set", "task.answer_vocab=/nonexistent.json"],
+     "task.answer_vocab /nonexistent.json does not exist"),
+])
+def test_a_resume_or_a_file_that_is_not_there_fails_before_the_run_folder(tmp_path, extra, problem):
+    """--resume failed only after the run folder got label_vocab.json; a missing data.label_vocab was a
+    warning and a rebuilt vocabulary, a missing task.answer_vocab an OSError naming no setting."""
+    world = render_world(tmp_path / "world", train=2, val=1, test=0, seconds=1.0, fps=4.0, captions_per_clip=1)
+    run = tmp_path / "run"
+    train, val = (world.qa["train"], world.qa["val"]) if "qa" in extra else (world.annotations, world.annotations)
+    argv = [*extra, "--config", "tiny", "--output", str(run), "--set", f"data.train={train}",
+            "--set", f"data.val={val}", "--set", f"data.video_root={world.videos}",
+            "--set", f"data.detections={world.detections}", "--set", "train.progress=false",
+            "--set", "train.tensorboard=false", "--set", "task.meteor=false"]
+    with pytest.raises((ValueError, CheckpointError), match=problem):
+        main(argv)
+    assert not run.exists()

@@ -602,3 +602,10 @@ def test_bad_train_settings_are_named():
     with pytest.raises(ValueError, match=r"train.log_every must be at least 1, got -1; train.eval_every must be "
                                          r"at least 1, got 0 \(the last step always validates .*; train.keep_last"):
         toy_trainer(toy_config(*zeros), "unused")
+
+
+def test_a_batch_larger_than_the_training_set_names_data_batch_size():
+    from stoa_vlp.train.data_position import ResumableSampler
+
+    with pytest.raises(ValueError, match=r"fewer than one global batch \(data.batch_size=4 per rank x 1 ranks\)"):
+        ResumableSampler(3, 4, 0, 1, 0)

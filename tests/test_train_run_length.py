@@ -52,10 +52,23 @@ def test_a_warmup_share_applies_to_given_steps_and_a_long_warmup_is_warned_about
     config = load_config("tiny", ["train.steps=40", "train.warmup_share=0.25"])
     set_run_length(config, Items(10), world_size=1)
     assert config.train.warmup_steps == 10
-    config = load_config("tiny", ["train.steps=5", "train.warmup_steps=5"])
+    config = load_config("tiny", ["train.steps=40", "train.warmup_share=0.5"])
+    config.train.warmup_share = 0.9999  # a share of the steps that rounds to all of them
     with caplog.at_level(logging.WARNING):
         set_run_length(config, Items(10), world_size=1)
-    assert "train.warmup_steps=5 is not below train.steps=5" in caplog.text
+    assert caplog.text.count("train.warmup_steps=40 is not below train.steps=40") == 1
+
+
+def test_a_long_warmup_of_given_steps_is_warned_about_once(caplog):
+    """Given steps are warned about by check_settings, before the run starts; set_run_length, which
+    the commands call after it, changes nothing then and said it a second time."""
+    from stoa_vlp.commands.common import check_settings
+
+    config = load_config("tiny", ["train.steps=5", "train.warmup_steps=5"])
+    with caplog.at_level(logging.WARNING):
+        check_settings(config)
+        set_run_length(config, Items(10), world_size=1)
+    assert caplog.text.count("train.warmup_steps=5 is not below train.steps=5") == 1
 
 
 def test_epochs_need_a_known_length_and_a_full_batch():

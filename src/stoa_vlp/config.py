@@ -272,18 +272,40 @@ BELOW = {
 
 def check_ranges(config: Config) -> None:
     """A ConfigError naming every setting of AT_LEAST below its least value, or of BELOW not below its
-    bound (NaN is neither)."""
-    problems = []
+    bound (NaN is neither), and every number that is not finite (NaN or infinite: no setting means
+    "unbounded" by inf, and a NaN compares false with every bound that a later check makes)."""
+    problems, named = [], set()
     for key, least in AT_LEAST.items():
         value = _setting(config, key)
         if not value >= least:
             problems.append(f"{key} must be at least {least}, got {value}")
+            named.add(key)
     for key, bound in BELOW.items():
         value = _setting(config, key)
-        if not value < bound:
+        if not value < bound and key not in named:
             problems.append(f"{key} must be below {bound}, got {value}")
+            named.add(key)
+    for key, value in _numbers(config):
+        if not all(math.isfinite(v) for v in value) and key not in named:
+            shown = value[0] if len(value) == 1 else list(value)
+            problems.append(f"{key} must be a finite number, got {shown}")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _numbers(config: Config) -> list[tuple[str, tuple[float, ...]]]:
+    """(key, its values) of every float setting and tuple of floats (train.betas)."""
+    numbers = []
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        hints = typing.get_type_hints(type(values))
+        for name in (f.name for f in dataclasses.fields(values)):
+            value = getattr(values, name)
+            if hints[name] is float:
+                numbers.append((f"{section.name}.{name}", (value,)))
+            elif typing.get_origin(hints[name]) is tuple and float in typing.get_args(hints[name]):
+                numbers.append((f"{section.name}.{name}", tuple(value)))
+    return numbers
 
 
 def _setting(config: Config, key: str) -> Any:
@@ -313,7 +335,7 @@ def path_override(key: str, path: str | Path) -> str:
 def parse_override(text: str) -> dict[str, Any]:
     """'model.frames=8' -> {'model': {'frames': 8}}; the value is read as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+        raise ConfigError("not of the form section.key=value")  # the caller names the override
     dotted, raw = text.split("=", 1)
     value = read_yaml(raw) if raw.strip() else ""
     nested: dict[str, Any] = {}

@@ -53,7 +53,7 @@ def check_settings(config: Config) -> None:
     from stoa_vlp.data.dataset import is_webdataset
     from stoa_vlp.data.decode import SAMPLING
     from stoa_vlp.model.stoa import check_config
-    from stoa_vlp.objectives.pretrainer import check_loss_config
+    from stoa_vlp.objectives.pretrainer import OBJECTIVES, check_loss_config
     from stoa_vlp.train.loop import check_train_settings
     from stoa_vlp.train.run_length import warn_if_warmup_outlasts_run
 
@@ -67,10 +67,66 @@ def check_settings(config: Config) -> None:
     if config.train.epochs > 0 and config.data.train and is_webdataset(config, config.data.train):
         raise ValueError("train.epochs needs a training set of known length; WebDataset shards are streamed: "
                          "give the run's length as train.steps")
-    if config.task.name in ("retrieval", "mc"):
-        check_loss_config(config.loss, config.model)
+    # retrieval and mc (and pre-training, task.name's default) train with the pre-training objectives
+    # (task_config turns those off that retrieval and mc do not use); captioning and QA with none of them
+    trains_with = OBJECTIVES if config.task.name in ("retrieval", "mc") else ()
+    check_loss_config(config.loss, config.model, trains_with)
+    problems = []
+    if not config.data.max_bad_samples <= 1:
+        problems.append(f"data.max_bad_samples is a share of the samples: at most 1 (1 tolerates any), got "
+                        f"{config.data.max_bad_samples}")
+    problems += best_metric_problems(config)
+    if problems:
+        raise ValueError("; ".join(problems))
     if not (config.train.epochs > 0 or config.train.warmup_share > 0):  # else said once they are resolved
         warn_if_warmup_outlasts_run(config.train)
+
+
+def best_metric_problems(config: Config) -> list[str]:
+    """train.best_metric must name a validation metric (val/NAME), one that the task's validation gives
+    where its names are known up front (`validation_metric_names`); without data.val it is not used."""
+    from stoa_vlp.tasks.pipeline import validation_metric_names
+
+    metric = config.train.best_metric
+    if not config.data.val:
+        return []
+    if not metric.startswith("val/") or metric == "val/":
+        return [f"train.best_metric must name a validation metric, val/NAME, got {metric!r}"]
+    names = validation_metric_names(config)
+    if names is not None and metric[len("val/"):] not in names:
+        return [f"train.best_metric {metric} is not a metric of {config.task.name} validation (one of "
+                f"{', '.join('val/' + name for name in sorted(names))})"]
+    return []
+
+
+def check_run_files(config: Config, resume: bool, fallback_runs: tuple[Path, ...] = ()) -> None:
+    """Before the run folder is written: a file that a fresh run reads and the user named must exist:
+    data.label_vocab (unless a run of `fallback_runs`, the --init run, has the vocabulary that
+    `adopt_label_vocab` then uses: a moved run's recorded path) and QA's task.answer_vocab. A resumed
+    run reads its own run folder's files instead."""
+    if resume:
+        return
+    problems = []
+    label_vocab = config.data.label_vocab
+    if label_vocab and not Path(label_vocab).is_file():
+        if not any((Path(run) / LABEL_VOCAB_FILE).is_file() for run in fallback_runs):
+            problems.append(f"data.label_vocab {label_vocab} does not exist (leave it empty to build the "
+                            "vocabulary from data.detections)")
+    answer_vocab = config.task.answer_vocab
+    if config.task.name == "qa" and answer_vocab and not Path(answer_vocab).is_file():
+        problems.append(f"task.answer_vocab {answer_vocab} does not exist (leave it empty for the task.answers "
+                        "most frequent training answers)")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def check_resume(args: argparse.Namespace, config: Config) -> None:
+    """--resume names a complete checkpoint (resolved as the Trainer will), checked before the run
+    folder is written."""
+    from stoa_vlp.train.checkpointing import resolve_resume
+
+    if getattr(args, "resume", None):
+        resolve_resume(args.resume, Path(config.train.output_dir))
 
 
 def warn_if_random_towers(config: Config) -> None:

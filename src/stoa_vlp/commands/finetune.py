@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from stoa_vlp.commands.common import (
+        check_run_files,
         check_settings,
         config_from_args,
         keep_label_vocab,
@@ -84,14 +85,15 @@ def run(args: argparse.Namespace) -> int:
     check_settings(config)
     if args.test and not config.data.test:
         raise ValueError("--test needs data.test (the test split's file)")
+    init = init_folder(args.init) if args.init else None
+    init_run = [run_dir_of(init)] if init is not None and init.parent.name == "checkpoints" else []
+    check_run_files(config, resume=bool(args.resume), fallback_runs=tuple(init_run))
     if not config.data.val:
         print("warning: data.val is not set: no validation, the last checkpoint counts as the best")
     env = init_distributed(config.train.device, config.train.dist_timeout_minutes)
     try:
         run_dir = prepare_run(config, env, args)
         set_deterministic(config.train)
-        init = init_folder(args.init) if args.init else None
-        init_run = [run_dir_of(init)] if init is not None and init.parent.name == "checkpoints" else []
         adopt_label_vocab(config, run_dir, *init_run)  # the class ids the weights were trained with
         runner = TaskRunner(config, env.device, run_dir, fine_tuning=True, resume=bool(args.resume))
         if config.data.val:

@@ -53,6 +53,8 @@ def pretraining_data(config, env, validate: bool):
 
 def run(args: argparse.Namespace) -> int:
     from stoa_vlp.commands.common import (
+        check_resume,
+        check_run_files,
         check_settings,
         config_from_args,
         keep_label_vocab,
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         set_deterministic,
         validation_overlap,
     )
+    from stoa_vlp.config import TaskConfig
     from stoa_vlp.data.dataset import collate
     from stoa_vlp.model import build_model
     from stoa_vlp.objectives import OBJECTIVES, Pretrainer
@@ -68,7 +71,13 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.train.run_length import set_run_length
 
     config = config_from_args(args)
+    if config.task.name != TaskConfig().name:  # pre-training's checkpoints are told apart by its default
+        raise ValueError(f"task.name={config.task.name}: pretrain trains the pre-training objectives and validates "
+                         f"zero-shot retrieval whatever the task; leave task.name at {TaskConfig().name} (the "
+                         "tasks are `stoa-vlp finetune --task`)")
     check_settings(config)
+    check_run_files(config, resume=bool(args.resume))
+    check_resume(args, config)  # before prepare_run writes the run folder
     if any(getattr(config.loss, name) == 0 for name in OBJECTIVES):
         config.train.find_unused_parameters = True  # a disabled objective leaves parameters without gradient
     env = init_distributed(config.train.device, config.train.dist_timeout_minutes)

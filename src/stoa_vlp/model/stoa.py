@@ -21,6 +21,8 @@ from stoa_vlp.model.objects import ObjectTokens, TrajectoryEncoder
 from stoa_vlp.model.towers import TextTower, VideoTower
 
 TOWER_PREFIXES = ("visual.", "text.", "logit_scale")
+# token ids of the CLIP BPE tokenizer (stoa_vlp.tokenizer): 2 x 256 byte tokens, 48,894 merges, start and end
+TOKENIZER_VOCAB_SIZE = 49408
 NEW_TOWER_PARAMETERS = ("visual.temporal_embedding",)  # live in a tower but are not CLIP weights
 
 
@@ -69,18 +71,41 @@ def fusion_length(config: ModelConfig, extra_slots: int = 0) -> int:
 
 
 def check_config(config: ModelConfig) -> None:
+    """A ValueError naming every model setting that the model cannot be built or run with."""
     problems = []
+    for name in ("vision_width", "text_width", "embed_dim", "vision_heads", "text_heads", "vision_layers",
+                 "text_layers", "fusion_layers"):
+        if getattr(config, name) < 1:
+            problems.append(f"model.{name} must be at least 1, got {getattr(config, name)}")
+    # no zero-block ablation: the trajectory and action encoders output their first (CLS) position, which
+    # without a block sees nothing else (every trajectory the same constant, every action query the same
+    # feature), and without fusion blocks the text never attends to the video
+    for switch, name in (("objects", "object_layers"), ("actions", "action_layers")):
+        if getattr(config, switch) and getattr(config, name) < 1:
+            problems.append(f"model.{name} must be at least 1 with model.{switch}=true (model.{switch}=false "
+                            f"leaves the encoder out), got {getattr(config, name)}")
+    # the video tower and the trajectory and action encoders attend in vision_width; the text tower
+    # and the fusion encoder in text_width
+    for width, heads in (("vision_width", "vision_heads"), ("text_width", "text_heads")):
+        width_value, heads_value = getattr(config, width), getattr(config, heads)
+        if width_value >= 1 and heads_value >= 1 and width_value % heads_value:
+            problems.append(f"model.{width} {width_value} is not divisible by model.{heads} {heads_value}")
+    if config.vocab_size < TOKENIZER_VOCAB_SIZE:
+        problems.append(f"model.vocab_size must be at least the tokenizer's {TOKENIZER_VOCAB_SIZE} token ids "
+                        f"(the CLIP BPE vocabulary), got {config.vocab_size}")
+    if not 0 <= config.head_dropout < 1:
+        problems.append(f"model.head_dropout must be in [0, 1), got {config.head_dropout}")
     if config.embed_dim != config.text_width:
         problems.append(
             f"model.embed_dim ({config.embed_dim}) must equal model.text_width ({config.text_width}): "
             "the fusion encoder and the tied LM head work in the text tower's width"
         )
-    if config.image_size % config.patch_size:
+    if config.patch_size >= 1 and config.image_size % config.patch_size:
         problems.append(f"model.image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
-    if not 0 <= config.joint_blocks <= config.vision_layers:
+    if config.vision_layers >= 1 and not 0 <= config.joint_blocks <= config.vision_layers:
         problems.append(f"model.joint_blocks must be in 0..{config.vision_layers}, got {config.joint_blocks}")
     for name in ("action_tap_layer", "object_tap_layer"):
-        if not 1 <= getattr(config, name) <= config.vision_layers:
+        if config.vision_layers >= 1 and not 1 <= getattr(config, name) <= config.vision_layers:
             problems.append(f"model.{name} must be in 1..{config.vision_layers}, got {getattr(config, name)}")
     if config.objects and min(config.trajectories, config.boxes_per_frame, config.num_object_classes) < 1:
         problems.append("model.objects needs trajectories, boxes_per_frame and num_object_classes of at least 1")

@@ -23,6 +23,8 @@ learn from every objective.
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 
 import torch
@@ -57,23 +59,32 @@ from stoa_vlp.objectives.vtm import sample_hard_negatives, vtm_loss_from_fused, 
 OBJECTIVES = ("vtc", "vtm", "mlm", "plm", "dota", "stasp")
 
 
-def check_loss_config(config: LossConfig, model_config) -> None:
-    """Raise ValueError naming every inconsistent `loss.*` setting."""
+def check_loss_config(config: LossConfig, model_config, objectives: tuple[str, ...] = OBJECTIVES) -> None:
+    """Raise ValueError naming every inconsistent `loss.*` setting. `objectives`: those the task trains
+    with (a task that trains with none, as captioning and QA, still gets its weights and choices
+    checked, but not the settings only an objective uses, nor that one is on)."""
     problems = []
     for name in OBJECTIVES:
-        if getattr(config, name) < 0:
-            problems.append(f"loss.{name} must be >= 0, got {getattr(config, name)}")
-    if not any(getattr(config, name) > 0 for name in OBJECTIVES):
-        problems.append("every loss weight is 0: enable at least one of " + ", ".join(OBJECTIVES))
+        weight = getattr(config, name)
+        if not math.isfinite(weight):  # a NaN weight compares false with 0: the objective silently off
+            problems.append(f"loss.{name} must be a finite number, got {weight}")
+        elif weight < 0:
+            problems.append(f"loss.{name} must be >= 0, got {weight}")
+    if objectives and not any(getattr(config, name) > 0 for name in objectives):
+        problems.append("every loss weight is 0: enable at least one of " + ", ".join(objectives))
     if config.vtc_video_feature not in VIDEO_FEATURES:
         problems.append(f"loss.vtc_video_feature must be one of {VIDEO_FEATURES}, got {config.vtc_video_feature!r}")
     if config.match_similarity not in SIMILARITIES:
         problems.append(f"loss.match_similarity must be one of {SIMILARITIES}, got {config.match_similarity!r}")
-    if not 0.0 < config.mlm_probability <= 1.0:
+
+    def on(name: str) -> bool:
+        return name in objectives and getattr(config, name) > 0
+
+    if on("mlm") and not 0.0 < config.mlm_probability <= 1.0:
         problems.append(f"loss.mlm_probability must be in (0, 1], got {config.mlm_probability}")
-    if config.dota > 0 and not model_config.objects:
+    if on("dota") and not model_config.objects:
         problems.append("loss.dota > 0 needs trajectories: set model.objects=true or loss.dota=0")
-    if config.stasp > 0 and not model_config.actions:
+    if on("stasp") and not model_config.actions:
         problems.append("loss.stasp > 0 needs action features: set model.actions=true or loss.stasp=0")
     if problems:
         raise ValueError("invalid loss config: " + "; ".join(problems))

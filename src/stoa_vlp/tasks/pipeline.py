@@ -46,23 +46,52 @@ def selection_metric(config: Config) -> str:
     return name
 
 
-def check_task_settings(config: Config) -> None:
-    """A ValueError naming every task setting that would only fail at the first validation."""
+def check_task_settings(config: Config, task: str | None = None) -> None:
+    """A ValueError naming every task setting that would only fail at the first validation (or fail
+    there silently). `task`: the task the settings are for (default task.name)."""
     from stoa_vlp.tasks.multiple_choice import SCORINGS
 
+    name = task or config.task.name
     task, problems = config.task, []
     if task.max_caption_tokens < 0 or task.max_caption_tokens + 1 > config.model.text_len:
         problems.append(f"task.max_caption_tokens must be 0 (= model.text_len - 1) up to model.text_len - 1 "
                         f"= {config.model.text_len - 1}, got {task.max_caption_tokens}")
+    elif name == "captioning" and (task.max_caption_tokens or config.model.text_len - 1) < 2:
+        problems.append(f"captioning generates task.max_caption_tokens={task.max_caption_tokens} (0: model.text_len "
+                        f"- 1 = {config.model.text_len - 1}) tokens, the end token included: a caption needs at "
+                        "least 2 (a word and the end; model.text_len at least 3 with the start token)")
     if task.mc_scoring not in SCORINGS:
         problems.append(f"task.mc_scoring must be one of {', '.join(SCORINGS)}, got {task.mc_scoring!r}")
-    for name in ("beam_size", "answers"):
-        if getattr(task, name) < 1:
-            problems.append(f"task.{name} must be at least 1, got {getattr(task, name)}")
+    for key in ("beam_size", "answers"):
+        if getattr(task, key) < 1:
+            problems.append(f"task.{key} must be at least 1, got {getattr(task, key)}")
+    if task.beam_size > config.model.vocab_size:
+        # each step scores beam_size x vocab_size continuations per clip: a beam wider than the vocabulary
+        # keeps no more distinct first tokens, and only costs memory (100,000 took 19 GB)
+        problems.append(f"task.beam_size must be at most model.vocab_size ({config.model.vocab_size}): a beam "
+                        f"holds distinct continuations, got {task.beam_size}")
     if task.rerank_k < 0:
         problems.append(f"task.rerank_k must be 0 (off) or more, got {task.rerank_k}")
+    if task.qb_norm and not task.qb_norm_beta > 0:
+        problems.append(f"task.qb_norm_beta must be above 0 with task.qb_norm=true (the inverted softmax's "
+                        f"temperature), got {task.qb_norm_beta}")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def validation_metric_names(config: Config) -> set[str] | None:
+    """The names of the metrics the validation of task.name gives, when known without data: None for
+    retrieval (its variants depend on the split: grouped video-to-text needs several captions per
+    video) and QA (one accuracy per answer type of the split)."""
+    if config.task.name == "captioning":
+        from stoa_vlp.metrics.captioning import METRIC_NAMES
+
+        return {name for name in METRIC_NAMES if config.task.meteor or name != "METEOR"} | {"num_videos"}
+    if config.task.name == "mc":
+        from stoa_vlp.tasks.multiple_choice import SCORINGS
+
+        return {"accuracy", "num_items", *(f"accuracy_{name}" for name in SCORINGS)}
+    return None
 
 
 def check_qa_fusion(model_config) -> None:
@@ -80,7 +109,7 @@ def task_config(config: Config, task: str) -> Config:
     and train.best_metric = the task's validation metric unless set to a metric no task selects by."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
-    check_task_settings(config)
+    check_task_settings(config, task)
     if task == "qa":
         check_qa_fusion(config.model)
     config = dataclasses.replace(

@@ -72,7 +72,7 @@ class ResumableSampler(Sampler):
         if dataset_size is not None and dataset_size < self.global_batch:
             raise ValueError(
                 f"the training set has {dataset_size} samples, fewer than one global batch "
-                f"({batch_size} per rank x {world_size} ranks)"
+                f"(data.batch_size={batch_size} per rank x {world_size} ranks)"
             )
         self.dataset_size, self.batch_size = dataset_size, batch_size
         self.rank, self.seed, self.shuffle = rank, seed, shuffle

@@ -115,6 +115,9 @@ class _RunRecord:
     clips_done: float = 0.0
 
 
+MAX_DIST_TIMEOUT_MINUTES = 7 * 24 * 60
+
+
 def check_train_settings(train: TrainConfig) -> None:
     """A ValueError naming every train setting that cannot work."""
     problems = []
@@ -127,6 +130,24 @@ def check_train_settings(train: TrainConfig) -> None:
         if getattr(train, name) < 1:
             hint = at_the_end if name in ("eval_every", "save_every") else ""
             problems.append(f"train.{name} must be at least 1, got {getattr(train, name)}{hint}")
+    if not train.dist_timeout_minutes <= MAX_DIST_TIMEOUT_MINUTES:
+        problems.append(f"train.dist_timeout_minutes must be at most {MAX_DIST_TIMEOUT_MINUTES} (a week: a rank "
+                        f"waiting longer for the others has hung), got {train.dist_timeout_minutes}")
+    if not 0 <= train.seed < 2**32:
+        problems.append(f"train.seed must be in 0..2**32 - 1 (numpy's seeds), got {train.seed}")
+    for name in ("tower_lr_scale", "weight_decay", "val_max_clips"):
+        if not getattr(train, name) >= 0:
+            hint = " (0: every validation clip)" if name == "val_max_clips" else ""
+            problems.append(f"train.{name} must be at least 0{hint}, got {getattr(train, name)}")
+    if not 0 <= train.min_lr_scale <= 1:
+        problems.append(f"train.min_lr_scale must be in [0, 1] (the cosine decays to lr x min_lr_scale), "
+                        f"got {train.min_lr_scale}")
+    if not all(0 <= beta < 1 for beta in train.betas):
+        problems.append(f"train.betas must each be in [0, 1) (Adam's moving-average decays), got {list(train.betas)}")
+    if not train.eps > 0:
+        problems.append(f"train.eps must be above 0 (it keeps Adam's update finite), got {train.eps}")
+    if not train.clip_grad >= 0:
+        problems.append(f"train.clip_grad must be at least 0 (0: no clipping), got {train.clip_grad}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -445,7 +466,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         clip = self.wrapped.clip_grad_norm_ if self.fsdp else self._clip_local
         # the norm of the whole (all-reduced or sharded) gradient: the same on every rank
-        grad_norm = clip(self.train.clip_grad if self.train.clip_grad > 0 else math.inf).float().reshape(1)
+        grad_norm = clip(self.train.clip_grad if self.train.clip_grad > 0 else math.inf).float().reshape(1)  # 0: none
         local_loss_bad = (~torch.isfinite(outputs[:, names.index("loss")])).any().float().reshape(1)
         # the step's mean outputs, and the share of ranks with a non-finite loss
         shared = mean_over_ranks(torch.cat([outputs.mean(dim=0), local_loss_bad]), self.env)

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 def set_run_length(config: Config, train_dataset, world_size: int) -> None:
     """Resolve train.epochs and train.warmup_share into train.steps and train.warmup_steps (in place),
-    then warn when the warmup lasts the whole run."""
+    then, when either was set, warn when the warmup lasts the whole run (given steps are warned about
+    by `commands.common.check_settings`)."""
     train = config.train
     if train.epochs > 0:
         if isinstance(train_dataset, IterableDataset):  # `check_settings` refuses shards before a run starts
@@ -43,7 +44,8 @@ def set_run_length(config: Config, train_dataset, world_size: int) -> None:
         given, train.warmup_steps = train.warmup_steps, round(train.warmup_share * train.steps)
         log.info("train.warmup_share=%g of %d steps: train.warmup_steps=%d (in place of %d)", train.warmup_share,
                  train.steps, train.warmup_steps, given)
-    warn_if_warmup_outlasts_run(train)
+    if train.epochs > 0 or train.warmup_share > 0:  # else `check_settings` has said it, before the run started
+        warn_if_warmup_outlasts_run(train)
 
 
 def warn_if_warmup_outlasts_run(train: TrainConfig) -> None:
