@@ -16,7 +16,7 @@ from stoa_vlp.config import load_config
 from stoa_vlp.data.skips import SkipCounter
 from stoa_vlp.train import NonFiniteLossError, Trainer
 from stoa_vlp.train import checkpointing as ckpt
-from stoa_vlp.train.data_position import ResumableSampler, SeededDataset
+from stoa_vlp.train.data_position import ResumableSampler, SeededDataset, rank_seed, seed_everything
 from stoa_vlp.train.logging import read_metrics
 from stoa_vlp.train.loop import summary_table
 from stoa_vlp.train.optim import warmup_cosine
@@ -92,6 +92,15 @@ def test_seeded_dataset_repeats_samples_and_keeps_caller_rng():
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(dataset[(3, 77)][0], first)
     assert not torch.equal(dataset[(3, 78)][0], first)
+
+
+def test_a_rank_seed_from_any_step_is_a_seed_numpy_takes():
+    # a resumed rank of a run from before the per-rank seeding reseeds from its step: the seed plus the step
+    # went past numpy's 2**32 - 1 for large seeds; the step is now mixed in by derive_seed
+    seed = max(range(20000), key=lambda candidate: rank_seed(candidate, 1))
+    assert rank_seed(seed, 1) + 10**6 > 2**32 - 1  # the old sum at step 10**6 was no seed numpy takes
+    seed_everything(rank_seed(seed, 1, 10**6))
+    assert rank_seed(seed, 1, 10**6) != rank_seed(seed, 1) == rank_seed(seed, 1, 0)
 
 
 def test_seeding_a_sample_leaves_the_gpu_generators_alone(monkeypatch):

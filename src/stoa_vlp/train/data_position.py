@@ -41,10 +41,10 @@ def loader_seed(seed: int, rank: int, epoch: int) -> int:
     return derive_seed(_LOADER, seed, rank, epoch)
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank `rank`'s training draws (MLM positions, PLM starts, VTM negatives, dropout),
-    for ranks after the first: rank 0 goes on with the generators `seed` started."""
-    return derive_seed(_RANK, seed, rank)
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank `rank`'s training draws (MLM positions, PLM starts, VTM negatives, dropout) from
+    `step` on, for ranks after the first: rank 0 goes on with the generators `seed` started."""
+    return derive_seed(_RANK, seed, rank, step)
 
 
 def seed_everything(seed: int) -> None:

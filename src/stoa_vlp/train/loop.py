@@ -370,7 +370,7 @@ class Trainer:
             if self.env.rank > 0 and not state.get("ranks_draw_apart"):
                 log.warning("%s was written when every rank drew the same random numbers: rank %d now draws its "
                             "own from here", folder, self.env.rank)
-                seed_everything(rank_seed(self.train.seed, self.env.rank) + self.step)
+                seed_everything(rank_seed(self.train.seed, self.env.rank, self.step))
         else:
             log.warning("%s holds no RNG state for rank %d: its random draws will differ", folder, self.env.rank)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, *self._position())
