@@ -48,8 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from stoa_vlp.commands.task_common import file_records, inference_detections, inference_model
-    from stoa_vlp.data.dataset import VideoTextDataset
-    from stoa_vlp.tasks.data import evaluation_loader
+    from stoa_vlp.tasks.data import video_loader
     from stoa_vlp.tasks.visualise import explain_clip, render
     from stoa_vlp.tokenizer import Tokenizer, require_text
     from stoa_vlp.train.logging import format_table
@@ -64,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
     require_text(args.caption, "caption", tokenizer)
     records = file_records([args.video], args.caption)
     detections, label_vocab = inference_detections(config, records)
-    dataset = VideoTextDataset(records, config, False, detections, label_vocab)
-    batch = next(iter(evaluation_loader(dataset, config))).to(device)
+    batch = next(iter(video_loader(records, config, detections, label_vocab))).to(device)
     tags = None if args.no_tags else caption_tags(args.caption, tokenizer, config.data.spacy_model)
     explanation = explain_clip(model, batch, args.caption, tokenizer, label_vocab, tags,
                                config.loss.match_similarity, config.loss.vtc_video_feature)

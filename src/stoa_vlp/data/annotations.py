@@ -533,22 +533,27 @@ def repeated_clips(records: list[VideoRecord]) -> dict[tuple[str, float | None, 
     return {clip: count for clip, count in counts.items() if count > 1}
 
 
+def video_is_there(record: VideoRecord) -> bool:
+    """Whether the video a record points to exists (a member of WebDataset shards is not looked for)."""
+    return "::" in record.path or os.path.exists(record.path)
+
+
 def require_video_files(records: list[VideoRecord], source: str | Path) -> None:
-    """AnnotationError naming `source` when videos its records point to do not exist (members of
-    WebDataset shards are not looked for): evaluation never skips a video, so it would fail at it."""
-    missing = sorted({r.video_id for r in records if "::" not in r.path and not os.path.exists(r.path)})
+    """AnnotationError naming `source` when videos its records point to do not exist (`video_is_there`):
+    evaluation never skips a video, so it would fail at it."""
+    missing = sorted({record.video_id for record in records if not video_is_there(record)})
     if missing:
         videos = len({record.video_id for record in records})
         raise AnnotationError(f"{source}: {len(missing)} of {videos} videos not found (e.g. {', '.join(missing[:3])})")
 
 
 def leave_out_missing_videos(records: list[VideoRecord], source: str | Path) -> list[VideoRecord]:
-    """The training `records` whose video exists (members of WebDataset shards are not looked for), the
-    others left out with a warning naming `source`; AnnotationError when none is left (a wrong
-    data.video_root). A video that is not there is known before the first step, so it is not drawn
-    and skipped against data.max_bad_samples, which is left for videos that cannot be read: lists of
-    web videos name many that are no longer online."""
-    present = [record for record in records if "::" in record.path or os.path.exists(record.path)]
+    """The training `records` whose video exists (`video_is_there`), the others left out with a warning
+    naming `source`; AnnotationError when none is left (a wrong data.video_root). A video that is not
+    there is known before the first step, so it is not drawn and skipped against data.max_bad_samples,
+    which is left for videos that cannot be read: lists of web videos name many that are no longer
+    online."""
+    present = [record for record in records if video_is_there(record)]
     if len(present) == len(records):
         return records
     missing = sorted({record.video_id for record in records} - {record.video_id for record in present})

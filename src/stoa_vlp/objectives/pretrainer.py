@@ -23,9 +23,8 @@ learn from every objective.
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F

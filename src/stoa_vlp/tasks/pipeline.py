@@ -46,12 +46,12 @@ def selection_metric(config: Config) -> str:
     return name
 
 
-def check_task_settings(config: Config, task: str | None = None) -> None:
+def check_task_settings(config: Config, task_name: str | None = None) -> None:
     """A ValueError naming every task setting that would only fail at the first validation (or fail
-    there silently). `task`: the task the settings are for (default task.name)."""
+    there silently). `task_name`: the task the settings are for (default task.name)."""
     from stoa_vlp.tasks.multiple_choice import SCORINGS
 
-    name = task or config.task.name
+    name = task_name or config.task.name
     task, problems = config.task, []
     if task.max_caption_tokens < 0 or task.max_caption_tokens + 1 > config.model.text_len:
         problems.append(f"task.max_caption_tokens must be 0 (= model.text_len - 1) up to model.text_len - 1 "

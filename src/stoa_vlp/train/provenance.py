@@ -95,12 +95,14 @@ def describe(stamp: dict[str, Any]) -> str:
     return f"{stamp['path']}, {stamp['size']} bytes, modified {modified}"
 
 
-def warn_if_data_changed(recorded: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]], record: Path) -> None:
-    """A warning for each data file that is not as `record` (the run's run.json) describes it."""
-    for key, then in recorded.items():
-        if key in now and now[key] != then:
-            log.warning("%s changed since %s recorded it (then: %s; now: %s): the resumed run reads other data "
-                        "than its steps so far", key, record, describe(then), describe(now[key]))
+def changed_data_files(recorded: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]], record: Path) -> list[str]:
+    """The settings whose data file is not as `record` (the run's run.json) describes it, sorted, with a
+    warning for each."""
+    changed = sorted(key for key, then in recorded.items() if key in now and now[key] != then)
+    for key in changed:
+        log.warning("%s changed since %s recorded it (then: %s; now: %s): the resumed run reads other data "
+                    "than its steps so far", key, record, describe(recorded[key]), describe(now[key]))
+    return changed
 
 
 def sha256_of(path: Path) -> str:
@@ -128,8 +130,7 @@ def write_run_record(run_dir: Path, config: Config, device: torch.device, world_
     session = environment(device, world_size)
     if resumed and path.is_file():
         record = read_json_object(path)
-        warn_if_data_changed(record.get("data_files", {}), files, path)
-        changed = sorted(key for key, then in record.get("data_files", {}).items() if files.get(key, then) != then)
+        changed = changed_data_files(record.get("data_files", {}), files, path)
         record.setdefault("resumes", []).append({**session, "data_files_changed": changed})
     else:
         record = {**session, "data_files": files, **({"init": init} if init else {})}
