@@ -191,7 +191,7 @@ def settings_error(overrides: list[str], task: str | None) -> None:
     config = load_config("tiny", ["data.val=val.json", *overrides])
     if task is not None:
         config = task_config(config, task)
-    check_settings(config)
+    check_settings(config, pretraining=task is None)
 
 
 @pytest.mark.parametrize(
@@ -247,6 +247,16 @@ def settings_error(overrides: list[str], task: str | None) -> None:
         (["train.best_metric=val/accuracy_x"], "mc", "train.best_metric val/accuracy_x is not a metric of mc"),
         (["train.best_metric="], None, "train.best_metric must name a validation metric, val/NAME, got ''"),
         (["train.best_metric=t2v_r1"], "retrieval", "train.best_metric must name a validation metric"),
+        # a typo, or a name the validation's settings do not give, was only said at the first validation
+        (["train.best_metric=val/t2v_R1"], "retrieval", "train.best_metric val/t2v_R1 is not a metric of retrieval"),
+        (["train.best_metric=val/t2v_dsl_r1"], "retrieval", "val/t2v_dsl_r1 is not a metric of retrieval"),
+        (["train.best_metric=val/t2v_rerank_r1"], None, "is not a metric of zero-shot retrieval (pre-training)"),
+        (["train.best_metric=val/acc"], "qa", "val/acc is not a metric of qa validation"),
+        # the highest value wins: a rank or a count would pick the worst checkpoint, or any
+        (["train.best_metric=val/t2v_mdr"], "retrieval", "where the highest value wins"),
+        (["train.best_metric=val/v2t_mnr"], None, "where the highest value wins"),
+        (["train.best_metric=val/num_videos"], "captioning", "where the highest value wins"),
+        (["train.best_metric=val/out_of_vocabulary"], "qa", "where the highest value wins"),
     ],
 )
 def test_bad_settings_fail_before_a_run_naming_the_key(overrides, task, message):
@@ -267,7 +277,11 @@ def test_bad_settings_fail_before_a_run_naming_the_key(overrides, task, message)
         (["model.text_len=3"], "captioning"),
         (["train.best_metric=val/METEOR", "task.meteor=true"], "captioning"),
         (["train.best_metric=val/accuracy_vtc"], "mc"),
-        (["train.best_metric=val/t2v_dsl_r1"], "retrieval"),  # retrieval's names depend on the split
+        (["train.best_metric=val/t2v_dsl_r1", "task.dual_softmax=true"], "retrieval"),
+        (["train.best_metric=val/v2t_rerank_grouped_r5"], "retrieval"),  # where a video has several captions
+        (["train.best_metric=val/t2v_qb_r10", "task.qb_norm=true"], "retrieval"),
+        (["train.best_metric=val/v2t_grouped_r1"], None),
+        (["train.best_metric=val/accuracy_what"], "qa"),  # an answer type of the split
         (["train.best_metric=bogus", "data.val="], "captioning"),  # no validation: not used
         (["task.beam_size=5"], "captioning"),
     ],

@@ -20,6 +20,7 @@ from stoa_vlp.tasks.retrieval import (
     evaluate_retrieval_records,
     extract_features,
     require_one_clip_per_video,
+    retrieval_metric_names,
 )
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -180,6 +181,21 @@ def test_querybank_numbers_come_from_the_bank_captions_and_leave_the_plain_ones(
     assert {k: with_bank[k.replace("t2v_", "t2v_qb_")] for k in expected if k.startswith("t2v_")} == pytest.approx(
         {k: v for k, v in expected.items() if k.startswith("t2v_")})
     assert not any(k.startswith("v2t_qb") for k in with_bank)
+
+
+@pytest.mark.parametrize("rerank, dual_softmax, qb_norm", [(False, False, False), (True, True, True), (True, False, True)])
+def test_the_listed_metric_names_are_the_recalls_the_evaluation_gives(setup, rerank, dual_softmax, qb_norm):
+    """train.best_metric is checked against retrieval_metric_names before a run: they must be exactly
+    the evaluation's keys that grow with quality (not MdR, MnR or the counts)."""
+    config, model, tokenizer, _ = setup
+    records = [VideoRecord("v1", "v1.mp4", captions=[CAPTIONS[0], CAPTIONS[2]]),
+               VideoRecord("v2", "v2.mp4", captions=[CAPTIONS[1]]), VideoRecord("v3", "v3.mp4", captions=[CAPTIONS[3]])]
+    video_rows = [make_batch(config, tokenizer, ["v1", "v2", "v3"], CAPTIONS[:3])]
+    metrics = evaluate_retrieval_records(model, video_rows, records, tokenizer, "cpu", rerank_k=2 if rerank else 0,
+                                         dual_softmax_scale=100.0 if dual_softmax else None,
+                                         querybank_captions=[CAPTIONS[4], CAPTIONS[5]] if qb_norm else None)
+    recalls = {name for name in metrics if not name.startswith("num_") and not name.endswith(("_mdr", "_mnr"))}
+    assert recalls == retrieval_metric_names(rerank, dual_softmax, qb_norm)
 
 
 def test_querybank_captions_are_the_training_captions_read_once(tmp_path, monkeypatch):

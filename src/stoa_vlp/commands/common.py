@@ -45,10 +45,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return config
 
 
-def check_settings(config: Config) -> None:
+def check_settings(config: Config, pretraining: bool = False) -> None:
     """The checks of the model, train and (for the tasks trained with the pre-training objectives) loss
     settings, made before the run folder is written: a run that cannot start leaves no files behind
-    that --overwrite would then refuse to delete."""
+    that --overwrite would then refuse to delete. `pretraining`: for `stoa-vlp pretrain`, whose
+    validation is zero-shot retrieval."""
     from stoa_vlp.data.annotations import FORMATS
     from stoa_vlp.data.dataset import is_webdataset
     from stoa_vlp.data.decode import SAMPLING
@@ -75,16 +76,17 @@ def check_settings(config: Config) -> None:
     if not config.data.max_bad_samples <= 1:
         problems.append(f"data.max_bad_samples is a share of the samples: at most 1 (1 tolerates any), got "
                         f"{config.data.max_bad_samples}")
-    problems += best_metric_problems(config)
+    problems += best_metric_problems(config, pretraining)
     if problems:
         raise ValueError("; ".join(problems))
     if not (config.train.epochs > 0 or config.train.warmup_share > 0):  # else said once they are resolved
         warn_if_warmup_outlasts_run(config.train)
 
 
-def best_metric_problems(config: Config) -> list[str]:
-    """train.best_metric must name a validation metric (val/NAME), one that the task's validation gives
-    where its names are known up front (`validation_metric_names`); without data.val it is not used."""
+def best_metric_problems(config: Config, pretraining: bool = False) -> list[str]:
+    """train.best_metric must name a validation metric (val/NAME) that the task's validation (zero-shot
+    retrieval's when `pretraining`) gives and that is better when higher (`validation_metric_names`;
+    for QA also an answer type's accuracy_<type>); without data.val it is not used."""
     from stoa_vlp.tasks.pipeline import validation_metric_names
 
     metric = config.train.best_metric
@@ -92,11 +94,16 @@ def best_metric_problems(config: Config) -> list[str]:
         return []
     if not metric.startswith("val/") or metric == "val/":
         return [f"train.best_metric must name a validation metric, val/NAME, got {metric!r}"]
-    names = validation_metric_names(config)
-    if names is not None and metric[len("val/"):] not in names:
-        return [f"train.best_metric {metric} is not a metric of {config.task.name} validation (one of "
-                f"{', '.join('val/' + name for name in sorted(names))})"]
-    return []
+    name, names = metric[len("val/"):], validation_metric_names(config, pretraining)
+    answer_type = config.task.name == "qa" and not pretraining and name.startswith("accuracy_")
+    if name in names or answer_type:
+        return []
+    listed = sorted(f"val/{name}" for name in names)
+    if config.task.name == "qa" and not pretraining:
+        listed.append("val/accuracy_<answer type>")
+    what = "zero-shot retrieval (pre-training)" if pretraining else config.task.name
+    return [f"train.best_metric {metric} is not a metric of {what} validation that can pick the best checkpoint, "
+            f"where the highest value wins (one of {', '.join(listed)})"]
 
 
 def check_run_files(config: Config, resume: bool, fallback_runs: tuple[Path, ...] = ()) -> None:

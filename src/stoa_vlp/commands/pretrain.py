@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"task.name={config.task.name}: pretrain trains the pre-training objectives and validates "
                          f"zero-shot retrieval whatever the task; leave task.name at {TaskConfig().name} (the "
                          "tasks are `stoa-vlp finetune --task`)")
-    check_settings(config)
+    check_settings(config, pretraining=True)
     check_run_files(config, resume=bool(args.resume))
     check_resume(args, config)  # before prepare_run writes the run folder
     if any(getattr(config.loss, name) == 0 for name in OBJECTIVES):

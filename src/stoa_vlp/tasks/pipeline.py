@@ -79,19 +79,27 @@ def check_task_settings(config: Config, task_name: str | None = None) -> None:
         raise ValueError("; ".join(problems))
 
 
-def validation_metric_names(config: Config) -> set[str] | None:
-    """The names of the metrics the validation of task.name gives, when known without data: None for
-    retrieval (its variants depend on the split: grouped video-to-text needs several captions per
-    video) and QA (one accuracy per answer type of the split)."""
-    if config.task.name == "captioning":
+def validation_metric_names(config: Config, pretraining: bool = False) -> set[str]:
+    """The metrics of task.name's validation (zero-shot retrieval's when `pretraining`) that can pick
+    the best checkpoint: the highest value wins, so neither a rank (MdR, MnR) nor a count. Retrieval's
+    grouped video-to-text needs a video with several captions in the split; QA's accuracy per answer
+    type ("accuracy_<type>") depends on the split's types, which are not listed."""
+    from stoa_vlp.tasks.retrieval import retrieval_metric_names
+
+    if pretraining:
+        return retrieval_metric_names()
+    task = config.task
+    if task.name == "retrieval":
+        return retrieval_metric_names(task.rerank_k > 0, task.dual_softmax, task.qb_norm)
+    if task.name == "captioning":
         from stoa_vlp.metrics.captioning import METRIC_NAMES
 
-        return {name for name in METRIC_NAMES if config.task.meteor or name != "METEOR"} | {"num_videos"}
-    if config.task.name == "mc":
+        return {name for name in METRIC_NAMES if task.meteor or name != "METEOR"}
+    if task.name == "mc":
         from stoa_vlp.tasks.multiple_choice import SCORINGS
 
-        return {"accuracy", "num_items", *(f"accuracy_{name}" for name in SCORINGS)}
-    return None
+        return {"accuracy", *(f"accuracy_{name}" for name in SCORINGS)}
+    return {"accuracy"}
 
 
 def check_qa_fusion(model_config) -> None:

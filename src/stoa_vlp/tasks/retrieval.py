@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from stoa_vlp.batch import Batch
 from stoa_vlp.data.annotations import clip_name, repeated_clips
-from stoa_vlp.metrics.retrieval import querybank_normalise, rerank_top_k, retrieval_metrics
+from stoa_vlp.metrics.retrieval import RECALL_AT, querybank_normalise, rerank_top_k, retrieval_metrics
 from stoa_vlp.objectives.vtc import MAX_LOGIT_SCALE, video_embedding
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -206,6 +206,21 @@ def rerank_similarities(
     t2v = rerank_top_k(similarity, k, text_queries, prior_scale=scale)
     v2t = rerank_top_k(similarity.t(), k, video_queries, prior_scale=scale)
     return t2v, v2t
+
+
+def retrieval_metric_names(rerank: bool = False, dual_softmax: bool = False, qb_norm: bool = False) -> set[str]:
+    """The recalls (higher is better) that `retrieval_metrics_of_features` can give with these options:
+    "t2v_r1" ... and "v2t_..." always, the grouped video-to-text ("v2t_grouped_...") where a video has
+    several captions, and the "_dsl", "_qb" and "_rerank" variants of dual softmax, QB-Norm (text to
+    video only) and fusion re-ranking."""
+    t2v, v2t = ["t2v"], ["v2t", "v2t_grouped"]
+    if dual_softmax:
+        t2v, v2t = t2v + ["t2v_dsl"], v2t + ["v2t_dsl", "v2t_dsl_grouped"]
+    if qb_norm:
+        t2v = t2v + ["t2v_qb"]
+    if rerank:
+        t2v, v2t = t2v + ["t2v_rerank"], v2t + ["v2t_rerank", "v2t_rerank_grouped"]
+    return {f"{prefix}_r{k}" for prefix in t2v + v2t for k in RECALL_AT}
 
 
 def retrieval_metrics_of_features(

@@ -345,7 +345,7 @@ def run_demo(settings: DemoSettings, folder: Path, stages: list[tuple[str, DemoS
     if run.config.train.epochs > 0 or run.config.train.warmup_share > 0:
         raise ValueError("the demo's stages take their lengths from train.steps: train.epochs and "
                          "train.warmup_share are for pretrain and finetune")
-    check_settings(run.config)  # as `pretrain` checks its config, and the stages theirs
+    check_settings(run.config, pretraining=True)  # as `pretrain` checks its config, and the stages theirs
     check_stage_configs(run)
     prepare_folder(run.folder, overwrite, settings.world)
     run.folder.mkdir(parents=True, exist_ok=True)
