@@ -198,6 +198,10 @@ def test_validation_holding_test_videos_is_warned_about_and_never_stops_a_run(tm
      "data.label_vocab /nonexistent.json does not exist"),
     (["finetune", "--task", "qa", "--set", "task.answer_vocab=/nonexistent.json"],
      "task.answer_vocab /nonexistent.json does not exist"),
+    # the override was silently replaced by --task's
+    (["finetune", "--task", "retrieval", "--set", "task.name=qa"], "--set task.name=qa: finetune trains the task of "
+                                                                   "--task, retrieval; leave task.name out"),
+    (["finetune", "--task", "mc", "--set", "task={name: captioning}"], "finetune trains the task of --task, mc"),
 ])
 def test_a_resume_or_a_file_that_is_not_there_fails_before_the_run_folder(tmp_path, extra, problem):
     """--resume failed only after the run folder got label_vocab.json; a missing data.label_vocab was a

@@ -36,15 +36,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def task_to_train(args: argparse.Namespace, run_dir: str) -> str:
     """--task, or with --resume the task its checkpoint was fine-tuned for: another task is refused, as
-    its module would not hold the checkpoint's weights and the run's data files are the other task's."""
+    its module would not hold the checkpoint's weights and the run's data files are the other task's.
+    A --set task.name that differs from it is refused too (the task is --task's)."""
+    from stoa_vlp.config import parse_override
+
+    task = resumed_task(args, run_dir) if args.resume else args.task
+    if not task:
+        raise ValueError("--task is required (retrieval, captioning, qa or mc) unless --resume continues a run")
+    for override in args.overrides:
+        named = parse_override(override).get("task", {})
+        if isinstance(named, dict) and named.get("name", task) != task:
+            raise ValueError(f"--set {override}: finetune trains the task of --task"
+                             f"{' (or of the --resume checkpoint)' if args.resume else ''}, {task}; "
+                             "leave task.name out")
+    return task
+
+
+def resumed_task(args: argparse.Namespace, run_dir: str) -> str:
+    """The task --resume's checkpoint was fine-tuned for; a different --task is refused."""
     from stoa_vlp.commands.task_common import trained_for
     from stoa_vlp.tasks.runs import checkpoint_config
     from stoa_vlp.train.checkpointing import resolve_resume
 
-    if not args.resume:
-        if not args.task:
-            raise ValueError("--task is required (retrieval, captioning, qa or mc) unless --resume continues a run")
-        return args.task
     checkpoint = resolve_resume(args.resume, run_dir)
     fine_tuned_for = trained_for(checkpoint_config(checkpoint, [])[0])
     if fine_tuned_for == "pre-training":
