@@ -273,6 +273,18 @@ def test_unreadable_clip_file_is_named(tmp_path):
         load_clip_weights(STOAVLP(load_config("tiny").model), tmp_path / "absent.pt")
 
 
+def test_a_clip_file_with_a_damaged_zip_directory_is_named(tmp_path):
+    path = tmp_path / "damaged.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    raw = bytearray(path.read_bytes())
+    end = raw.rfind(b"PK\x05\x06")  # the end-of-central-directory record, which holds the directory's offset
+    directory = int.from_bytes(raw[end + 16 : end + 20], "little")
+    raw[directory : directory + 4] = b"XXXX"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="damaged.pt: cannot read it as a CLIP checkpoint"):
+        load_clip_weights(STOAVLP(load_config("tiny").model), path)
+
+
 def test_tokenizer_matches_open_clip():
     for length in (77, 32, 8):
         tokens, mask = Tokenizer(length)(CAPTIONS)

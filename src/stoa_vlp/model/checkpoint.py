@@ -60,10 +60,13 @@ def _named(keys: list[str]) -> str:
 
 
 def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
+    """Whether `path` is a TorchScript archive; False for a file that is not a readable zip archive, which
+    the reader then reports."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
 def read_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
