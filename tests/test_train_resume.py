@@ -91,3 +91,15 @@ def test_damaged_checkpoint_files_are_errors_naming_them(tmp_path):
     (tmp_path / "run" / ckpt.CHECKPOINTS / ckpt.BEST).write_text("{}")
     with pytest.raises(ValueError, match='best.json: no "name"'):
         ckpt.best_checkpoint(tmp_path / "run")
+
+
+def test_a_truncated_checkpoint_is_the_public_checkpoint_error(tmp_path):
+    from stoa_vlp.commands.task_common import load_model_weights_from
+    from stoa_vlp.model import STOAVLP, CheckpointError, save_pretrained
+
+    config = load_config("tiny").model
+    save_pretrained(STOAVLP(config), tmp_path / "pt")
+    weights = tmp_path / "pt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        load_model_weights_from(STOAVLP(config), tmp_path / "pt")  # what `finetune --init` runs

@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not match the model."""
+    """A checkpoint or run folder is missing, cannot be read, is incomplete or does not match the model
+    (`stoa_vlp.train.checkpointing` raises this class too)."""
 
 
 def _named(keys: list[str]) -> str:

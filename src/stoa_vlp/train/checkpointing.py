@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from stoa_vlp.data.jsonl import one_line, read_json_object, write_json_atomic
+from stoa_vlp.model.checkpoint import CheckpointError, load_state_checked
 
 CHECKPOINTS = "checkpoints"
 BEST = "best.json"
@@ -39,10 +40,6 @@ RUN_MARKER = "run.json"
 FINISHED_MARKER = "finished.json"
 _TEMP_PREFIX = ".tmp-"
 _ABANDONED_PREFIX = "abandoned-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or run directory is missing, incomplete or does not match."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -99,8 +96,6 @@ def to_cpu(state: Any) -> Any:
 def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strict load that names the missing, unexpected and mis-shaped keys (a ValueError, not PyTorch's
     RuntimeError from deep inside)."""
-    from stoa_vlp.model.checkpoint import load_state_checked
-
     load_state_checked(module, state, source)
 
 
