@@ -285,6 +285,21 @@ def test_a_clip_file_with_a_damaged_zip_directory_is_named(tmp_path):
         load_clip_weights(STOAVLP(load_config("tiny").model), path)
 
 
+def test_a_stoa_vlp_checkpoint_is_refused_as_clip_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_pretrained(STOAVLP(load_config("tiny").model), tmp_path / "pt")
+    weights = tmp_path / "pt" / "model.safetensors"
+    qa_weights = tmp_path / "qa.safetensors"  # a task checkpoint with a head of its own, as QA saves
+    save_file({f"model.{name}": value for name, value in load_file(weights).items()}, qa_weights)
+    for path in (weights, qa_weights):
+        with pytest.raises(CheckpointError) as error:
+            build_model(load_config("tiny", [f"model.init_checkpoint={path}"]).model)
+        assert str(error.value).startswith(f"{path} is a stoa-vlp checkpoint (it holds ")
+        assert str(error.value).endswith("not CLIP weights: start from it with `stoa-vlp finetune --init` or "
+                                         "`stoa_vlp.model.load_pretrained`")
+
+
 def test_tokenizer_matches_open_clip():
     for length in (77, 32, 8):
         tokens, mask = Tokenizer(length)(CAPTIONS)

@@ -270,13 +270,23 @@ def check_openai_settings(config: ModelConfig, weights: Path) -> None:
                               f"{OPENAI_HEAD_WIDTH}-wide heads: set " + ", ".join(differing))
 
 
+def refuse_stoa_vlp_weights(model: STOAVLP, state: dict[str, torch.Tensor], weights: Path, new_keys: set[str]) -> None:
+    """Refuse weights that hold the model's new modules (a stoa-vlp checkpoint): loaded as CLIP weights,
+    only their towers would be kept and the new modules restarted from CLIP blocks."""
+    held = sorted(set(model_part(model, state)) & new_keys)
+    if held:
+        raise CheckpointError(f"{weights} is a stoa-vlp checkpoint (it holds {len(held)} weights of the new modules, "
+                              f"e.g. {held[0]}), not CLIP weights: start from it with `stoa-vlp finetune --init` "
+                              "or `stoa_vlp.model.load_pretrained`")
+
+
 def load_clip_weights(model: STOAVLP, path: str | Path) -> list[str]:
     """Load CLIP weights into the towers, then re-initialise the new transformers from the loaded blocks.
 
     `path` is a weights file or an open_clip model folder. Returns the model keys left at their
     initialisation (the new STOA modules). The weights cannot show QuickGELU or the head count, so
     they are checked where the source tells them: OpenAI's files (`check_openai_settings`) and an
-    open_clip_config.json beside the weights (`check_open_clip_config`).
+    open_clip_config.json beside the weights (`check_open_clip_config`). A stoa-vlp checkpoint is refused.
     """
     weights = clip_weights_file(path)
     if _is_torchscript(weights):
@@ -284,6 +294,7 @@ def load_clip_weights(model: STOAVLP, path: str | Path) -> list[str]:
     check_open_clip_config(model.config, weights)
     state = clip_to_model_keys(read_clip_state_dict(weights))
     new_keys = {key for key in model.state_dict() if not model.is_tower_parameter(key)}
+    refuse_stoa_vlp_weights(model, state, weights, new_keys)
     load_state_checked(model, state, f"CLIP checkpoint {weights}", expected_missing=new_keys)
     model.initialise_from_towers()
     return sorted(new_keys)
