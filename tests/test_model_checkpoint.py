@@ -190,6 +190,42 @@ def test_an_openai_file_needs_quick_gelu_and_64_wide_heads(tmp_path):
     load_clip_weights(STOAVLP(config), path)
 
 
+def test_an_official_stoa_vlp_checkpoint_gives_its_clip_towers(tmp_path, caplog):
+    openai_heads = ["model.vision_heads=1", "model.text_heads=1"]
+    config = tower_config("tiny", True, openai_heads)
+    reference = tiny_open_clip(config)
+    # the layout of the official pytorch_model.bin.N: OpenAI's CLIP module under "clip.", STOA-VLP's modules
+    # beside and inside it, CLIP4Clip's own at the top level
+    state = {f"clip.{key}": value for key, value in reference.state_dict().items()}
+    state.update({
+        "clip.visual.transformer.object_encoder.box_categories": torch.zeros(12, 10, 64),
+        "clip.object_fusion.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(192, 64),
+        "clip.object_act_fusion.proj": torch.zeros(64, 64),
+        "clip.fusion_transformer.resblocks.0.attn.in_proj_weight": torch.zeros(192, 64),
+        "clip.fusion_positional_embedding": torch.zeros(210, 64),
+        "clip.object_action": torch.zeros(1, 1, 4, 64),
+        "obj_ln.weight": torch.ones(64),
+        "obj_proj": torch.zeros(64, 64),
+    })
+    path = tmp_path / "pytorch_model.bin.1"
+    torch.save(state, path)
+    config.init_checkpoint = str(path)
+    with caplog.at_level("WARNING", logger="stoa_vlp.model.checkpoint"):
+        model = build_model(config)
+    assert_tower_parity(model, reference, config.image_size)
+    [record] = caplog.records
+    assert ("8 weights of clip.fusion_positional_embedding, clip.fusion_transformer, clip.object_act_fusion, "
+            "clip.object_action, clip.object_fusion, clip.visual.transformer.object_encoder, obj_ln, obj_proj "
+            "are not imported") in record.getMessage()
+    # the fusion starts from the loaded text tower, not from the checkpoint's fusion_transformer
+    torch.testing.assert_close(model.fusion.transformer.resblocks[0].attn.in_proj_weight,
+                               reference.transformer.resblocks[0].attn.in_proj_weight)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin.1 is a STOA-VLP / CLIP4Clip checkpoint, whose "
+                                              "OpenAI CLIP towers use QuickGELU MLPs and 64-wide heads: set "
+                                              "model.quick_gelu=true$"):
+        load_clip_weights(STOAVLP(tower_config("tiny", False, openai_heads)), path)
+
+
 def write_open_clip_folder(reference: CLIP, model_cfg: dict, folder, weights_name="open_clip_model.safetensors"):
     """An open_clip model folder as open_clip writes it for the Hugging Face Hub (its own config writer)."""
     from open_clip.push_to_hf_hub import save_config_for_hf

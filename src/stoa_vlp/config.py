@@ -92,7 +92,7 @@ class ModelConfig:
     # under autocast, keep the video tower's residual stream in bf16/fp16 (open_clip) instead of
     # float32 (timm); the same function without autocast
     low_precision_residual: bool = False
-    init_checkpoint: str = ""  # OpenAI CLIP .pt or open_clip checkpoint to initialise the towers from
+    init_checkpoint: str = ""  # CLIP weights for the towers: OpenAI .pt, open_clip, or STOA-VLP/CLIP4Clip's clip.*
 
 
 @dataclass

@@ -9,9 +9,12 @@ CLIP files (from a local path, never downloaded):
   `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`), given as the folder or its weights
   file: the config's `model_cfg` is checked against the model config (QuickGELU, widths, depths,
   heads, sizes) before loading, since the weights alone cannot show QuickGELU or the head count.
+- an official STOA-VLP or CLIP4Clip checkpoint (OpenAI's CLIP module under `clip.`): its towers are
+  loaded as an OpenAI file's are, the rest left out with a warning.
 CLIP's text keys (`token_embedding.*`, `transformer.*`, ...) map to `text.*`; `visual.*` and
 `logit_scale` keep their names. Loading is strict: every missing, unexpected or mis-shaped key is named
-in the error, except the new STOA modules, which are expected to be missing from CLIP weights.
+in the error, except the new STOA modules, which are expected to be missing from CLIP weights (weights
+holding them are a stoa-vlp checkpoint, refused).
 
 Our checkpoints are a directory with `model.safetensors` (weights) and `config.json` (`{"model": ...}`).
 Loaded into a model built with another `model.frames`, the frame-indexed tables (FRAME_TABLES) are
@@ -44,6 +47,13 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 # weights files of an open_clip model folder, in open_clip's order of preference
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin")
 MAX_NAMED_KEYS = 40
+# what an OpenAI ViT CLIP state dict holds: keys, or module paths above keys
+OPENAI_CLIP_ENTRIES = ("visual.conv1", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre",
+                       "visual.transformer.resblocks", "visual.ln_post", "visual.proj", "transformer.resblocks",
+                       "token_embedding", "positional_embedding", "ln_final", "text_projection", "logit_scale")
+# the official STOA-VLP and CLIP4Clip checkpoints hold OpenAI's CLIP module under this prefix
+CLIP4CLIP_PREFIX = "clip."
+CLIP4CLIP_TOWER_ENTRIES = tuple(CLIP4CLIP_PREFIX + entry for entry in OPENAI_CLIP_ENTRIES)
 # STOAVLP parameters with one row per frame (first dimension `model.frames`)
 FRAME_TABLES = ("visual.temporal_embedding", "object_tokens.frame_embedding", "action_encoder.temporal_embedding")
 
@@ -256,9 +266,12 @@ def check_open_clip_config(config: ModelConfig, weights: Path) -> None:
         raise CheckpointError(f"{source} describes other towers than the model config: set " + ", ".join(differing))
 
 
-def check_openai_settings(config: ModelConfig, weights: Path) -> None:
-    """Refuse an OpenAI CLIP file for a model config its models never had: OpenAI's CLIPs all use
-    QuickGELU and 64-wide attention heads (open_clip's `build_model_from_openai_state_dict`)."""
+def check_openai_settings(
+    config: ModelConfig, weights: Path, source: str = "an OpenAI CLIP file, whose models"
+) -> None:
+    """Refuse OpenAI CLIP weights for a model config their models never had: OpenAI's CLIPs all use
+    QuickGELU and 64-wide attention heads (open_clip's `build_model_from_openai_state_dict`). `source`
+    says what `weights` is."""
     implied = {
         "quick_gelu": True,
         "vision_heads": config.vision_width // OPENAI_HEAD_WIDTH,
@@ -266,8 +279,56 @@ def check_openai_settings(config: ModelConfig, weights: Path) -> None:
     }
     differing = [f"model.{key}={json.dumps(value)}" for key, value in implied.items() if getattr(config, key) != value]
     if differing:
-        raise CheckpointError(f"{weights} is an OpenAI CLIP file, whose models use QuickGELU MLPs and "
+        raise CheckpointError(f"{weights} is {source} use QuickGELU MLPs and "
                               f"{OPENAI_HEAD_WIDTH}-wide heads: set " + ", ".join(differing))
+
+
+def _under(key: str, path: str) -> bool:
+    return key == path or key.startswith(path + ".")
+
+
+def is_clip4clip_layout(state: dict[str, torch.Tensor]) -> bool:
+    """Whether `state` is an official STOA-VLP or CLIP4Clip checkpoint (`clip.visual.*`, ...)."""
+    return any(key.startswith(CLIP4CLIP_PREFIX + "visual.") for key in state)
+
+
+def left_out_group(key: str) -> str:
+    """The outermost module (or parameter) of a CLIP4Clip-layout `key` that holds no OpenAI CLIP entry:
+    `clip.object_fusion`, `clip.visual.transformer.object_encoder`, `obj_ln`, ..."""
+    parts = key.split(".")
+    paths = (".".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+    return next((path for path in paths if not any(_under(entry, path) for entry in CLIP4CLIP_TOWER_ENTRIES)), key)
+
+
+def clip4clip_towers(state: dict[str, torch.Tensor], weights: Path) -> dict[str, torch.Tensor]:
+    """The OpenAI CLIP weights of a CLIP4Clip-layout `state`, with CLIP's key names. The rest (STOA-VLP's
+    object, action and fusion modules, CLIP4Clip's heads) is left out with a warning: stoa-vlp builds
+    those modules differently (docs/decisions.md) and starts its own from the loaded CLIP blocks."""
+    is_tower = {key: any(_under(key, entry) for entry in CLIP4CLIP_TOWER_ENTRIES) for key in state}
+    towers = {key.removeprefix(CLIP4CLIP_PREFIX): value for key, value in state.items() if is_tower[key]}
+    left_out = [key for key in state if not is_tower[key]]
+    if left_out:
+        log.warning(
+            "%s (STOA-VLP / CLIP4Clip layout): its OpenAI CLIP towers are loaded; %d weights of %s are not "
+            "imported: stoa-vlp builds those modules differently (docs/decisions.md), so its new modules start "
+            "from the loaded CLIP blocks",
+            weights, len(left_out), _named(sorted({left_out_group(key) for key in left_out})),
+        )
+    return towers
+
+
+def clip_state(config: ModelConfig, weights: Path) -> dict[str, torch.Tensor]:
+    """The CLIP weights of `weights`, with CLIP's key names, after the checks its source allows: OpenAI's
+    files and the towers of a CLIP4Clip-layout checkpoint (`check_openai_settings`), an open_clip_config.json
+    beside the weights (`check_open_clip_config`)."""
+    if _is_torchscript(weights):
+        check_openai_settings(config, weights)
+    check_open_clip_config(config, weights)
+    state = read_clip_state_dict(weights)
+    if not is_clip4clip_layout(state):
+        return state
+    check_openai_settings(config, weights, "a STOA-VLP / CLIP4Clip checkpoint, whose OpenAI CLIP towers")
+    return clip4clip_towers(state, weights)
 
 
 def refuse_stoa_vlp_weights(model: STOAVLP, state: dict[str, torch.Tensor], weights: Path, new_keys: set[str]) -> None:
@@ -283,16 +344,13 @@ def refuse_stoa_vlp_weights(model: STOAVLP, state: dict[str, torch.Tensor], weig
 def load_clip_weights(model: STOAVLP, path: str | Path) -> list[str]:
     """Load CLIP weights into the towers, then re-initialise the new transformers from the loaded blocks.
 
-    `path` is a weights file or an open_clip model folder. Returns the model keys left at their
-    initialisation (the new STOA modules). The weights cannot show QuickGELU or the head count, so
-    they are checked where the source tells them: OpenAI's files (`check_openai_settings`) and an
-    open_clip_config.json beside the weights (`check_open_clip_config`). A stoa-vlp checkpoint is refused.
+    `path` is a weights file or an open_clip model folder; an official STOA-VLP or CLIP4Clip checkpoint
+    gives its CLIP towers only (`clip4clip_towers`). Returns the model keys left at their initialisation
+    (the new STOA modules). The weights cannot show QuickGELU or the head count, so they are checked
+    where the source tells them (`clip_state`). A stoa-vlp checkpoint is refused.
     """
     weights = clip_weights_file(path)
-    if _is_torchscript(weights):
-        check_openai_settings(model.config, weights)
-    check_open_clip_config(model.config, weights)
-    state = clip_to_model_keys(read_clip_state_dict(weights))
+    state = clip_to_model_keys(clip_state(model.config, weights))
     new_keys = {key for key in model.state_dict() if not model.is_tower_parameter(key)}
     refuse_stoa_vlp_weights(model, state, weights, new_keys)
     load_state_checked(model, state, f"CLIP checkpoint {weights}", expected_missing=new_keys)
