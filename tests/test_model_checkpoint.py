@@ -13,7 +13,8 @@ from torchvision.transforms import v2
 
 from stoa_vlp.config import ConfigError, load_config
 from stoa_vlp.model import CheckpointError, STOAVLP, build_model, load_clip_weights, load_pretrained, save_pretrained
-from stoa_vlp.model.checkpoint import CONFIG_FILE, load_model_weights
+from stoa_vlp.model.checkpoint import CONFIG_FILE, load_model_weights, resample_along_time, resample_frame_tables
+from stoa_vlp.model.stoa import fusion_length
 from stoa_vlp.tokenizer import Tokenizer
 
 # the new modules are not under test here; leaving them out keeps the ViT-B/16 tests fast
@@ -414,8 +415,10 @@ def test_a_checkpoint_loads_at_another_frame_count_with_resampled_frame_tables(t
     with caplog.at_level("INFO", logger="stoa_vlp.model.checkpoint"):
         load_model_weights(model, tmp_path / "ckpt" / "model.safetensors")
     tables = ["action_encoder.temporal_embedding", "object_tokens.frame_embedding", "visual.temporal_embedding"]
-    assert [r.getMessage().split(": frame tables ")[1] for r in caplog.records] == [
-        ", ".join(tables) + " resampled along time from 4 to 8 frames (linear interpolation)"
+    assert [r.getMessage().split(".safetensors: ")[1] for r in caplog.records] == [
+        "frame tables " + ", ".join(tables) + " resampled along time from 4 to 8 frames (linear interpolation)",
+        "fusion.position_embedding: the frame rows resampled along time like the frame tables, the rows after them "
+        "(video-SEP, trajectories, actions, text) kept in order behind them",
     ]
     old, new = saved.state_dict(), model.state_dict()
     for name in tables:
@@ -426,7 +429,7 @@ def test_a_checkpoint_loads_at_another_frame_count_with_resampled_frame_tables(t
         torch.testing.assert_close(after[2], before[0] / 7 + 6 * before[1] / 7)
         torch.testing.assert_close(after[5], 6 * before[2] / 7 + before[3] / 7)
     for name, value in old.items():
-        if name not in tables:
+        if name not in tables + ["fusion.position_embedding"]:
             assert torch.equal(new[name], value), name
     video = all_outputs(model, *random_inputs(config))[0]
     assert video.shape == (2, 8, config.embed_dim) and torch.isfinite(video).all()
@@ -445,6 +448,35 @@ def test_load_pretrained_takes_model_overrides_such_as_another_frame_count(tmp_p
                                ({"frames": "8"}, "model.frames: expected an integer, got '8'")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_pretrained(tmp_path / "ckpt", **overrides)
+
+
+def test_another_frame_count_keeps_each_fusion_position_after_the_frames_on_its_saved_row(tmp_path):
+    saved = STOAVLP(load_config("tiny").model)  # 4 frames, 64 fusion positions
+    save_pretrained(saved, tmp_path / "ckpt")
+    table = saved.fusion.position_embedding.detach()
+    after_frames = fusion_length(saved.config, extra_slots=1) - 4  # video-SEP, trajectories, actions, text, QA slot
+    for frames in (8, 2):
+        loaded = load_pretrained(tmp_path / "ckpt", frames=frames).fusion.position_embedding.detach()
+        assert loaded.shape == table.shape
+        assert torch.equal(loaded[:frames], resample_along_time(table[:4], frames))
+        # before: the table was kept as saved, so the first text token, saved on row 11, read row 15 with 8 frames
+        assert torch.equal(loaded[frames : frames + after_frames], table[4 : 4 + after_frames])
+    assert torch.equal(loaded[-2:], table[-2:])  # 2 frames: the table's end filled with its saved last rows
+
+
+def test_a_wrapped_model_realigns_its_fusion_positions_too():
+    class Wrapper(nn.Module):  # as the Pretrainer and QAModel hold the STOAVLP
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    saved = STOAVLP(load_config("tiny").model)
+    state = {f"model.{name}": value for name, value in saved.state_dict().items()}
+    wrapper = Wrapper(STOAVLP(load_config("tiny", ["model.frames=6"]).model))
+    loaded = resample_frame_tables(wrapper, state, "test")["model.fusion.position_embedding"]
+    table = saved.fusion.position_embedding.detach()
+    assert torch.equal(loaded[:6], resample_along_time(table[:4], 6))
+    assert torch.equal(loaded[6:], table[4:-2])
 
 
 def test_another_frame_count_does_not_excuse_another_width(tmp_path):

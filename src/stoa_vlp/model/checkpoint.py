@@ -18,7 +18,8 @@ holding them are a stoa-vlp checkpoint, refused).
 
 Our checkpoints are a directory with `model.safetensors` (weights) and `config.json` (`{"model": ...}`).
 Loaded into a model built with another `model.frames`, the frame-indexed tables (FRAME_TABLES) are
-resampled along time by linear interpolation (first and last rows kept); every other mismatch is an error.
+resampled along time by linear interpolation (first and last rows kept), and so are the frame rows of
+the fusion position table, the rows after them kept in order behind them; every other mismatch is an error.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ CLIP4CLIP_PREFIX = "clip."
 CLIP4CLIP_TOWER_ENTRIES = tuple(CLIP4CLIP_PREFIX + entry for entry in OPENAI_CLIP_ENTRIES)
 # STOAVLP parameters with one row per frame (first dimension `model.frames`)
 FRAME_TABLES = ("visual.temporal_embedding", "object_tokens.frame_embedding", "action_encoder.temporal_embedding")
+# the STOAVLP parameter with one row per fusion position, the first `model.frames` rows those of the frames
+FUSION_POSITIONS = "fusion.position_embedding"
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +154,20 @@ def resample_along_time(table: torch.Tensor, frames: int) -> torch.Tensor:
     return resampled[0].t().contiguous().to(table.dtype)
 
 
+def stoa_models(module: nn.Module) -> list[tuple[str, STOAVLP]]:
+    """(state-dict key prefix, model) of every STOAVLP inside `module` (itself included, prefix "")."""
+    return [(f"{name}." if name else "", sub) for name, sub in module.named_modules() if isinstance(sub, STOAVLP)]
+
+
 def frame_table_keys(module: nn.Module) -> list[str]:
     """State-dict keys of the frame-indexed tables of every STOAVLP inside `module` (itself included)."""
     own = module.state_dict(keep_vars=True)
-    keys = []
-    for prefix, submodule in module.named_modules():
-        if isinstance(submodule, STOAVLP):
-            keys += [key for key in (f"{prefix}.{name}" if prefix else name for name in FRAME_TABLES) if key in own]
-    return keys
+    return [prefix + name for prefix, _ in stoa_models(module) for name in FRAME_TABLES if prefix + name in own]
 
 
 def resample_frame_tables(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """`state` with its frame tables resampled to the frame count `module` was built with.
+    """`state` with its frame tables resampled to the frame count `module` was built with, and the
+    fusion position table of each resampled model realigned to it (`realigned_fusion_positions`).
 
     Only a table whose width matches and whose row count differs is resampled, so any other shape
     mismatch is left for the strict load to report.
@@ -180,7 +185,38 @@ def resample_frame_tables(module: nn.Module, state: dict[str, torch.Tensor], sou
             "%s: frame tables %s resampled along time from %s to %s frames (linear interpolation)",
             source, ", ".join(sorted(resampled)), "/".join(map(str, old)), "/".join(map(str, new)),
         )
-    return {**state, **resampled}
+    return {**state, **resampled, **realigned_fusion_positions(module, state, resampled, source)}
+
+
+def realigned_fusion_positions(
+    module: nn.Module, state: dict[str, torch.Tensor], resampled: dict[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
+    """The fusion position table of every STOAVLP in `module` whose frame tables were `resampled` from
+    one frame count, at its new frame count (`realigned_positions`), where the saved table has the
+    model's shape (any other is left for the strict load to report)."""
+    own = module.state_dict(keep_vars=True)
+    realigned = {}
+    for prefix, model in stoa_models(module):
+        key = prefix + FUSION_POSITIONS
+        saved_frames = {state[prefix + name].shape[0] for name in FRAME_TABLES if prefix + name in resampled}
+        if len(saved_frames) == 1 and key in state and state[key].shape == own[key].shape:
+            realigned[key] = realigned_positions(state[key], saved_frames.pop(), model.config.frames)
+    if realigned:
+        log.info("%s: %s: the frame rows resampled along time like the frame tables, the rows after them "
+                 "(video-SEP, trajectories, actions, text) kept in order behind them", source, ", ".join(realigned))
+    return realigned
+
+
+def realigned_positions(table: torch.Tensor, saved_frames: int, frames: int) -> torch.Tensor:
+    """The fusion position table (R, W) of a model with `frames` frames from that of one with
+    `saved_frames`: the fusion sequence starts with one position per frame, so those rows are resampled
+    along time and the rows after them follow unchanged, each position after the frames reading the
+    row it read when saved."""
+    moved = torch.cat([resample_along_time(table[:saved_frames], frames), table[saved_frames:]])
+    # more frames push rows off the end, which no sequence that fits the table reaches; fewer frames
+    # leave the end short, filled with the saved table's last rows: the new sequence is that much
+    # shorter than the saved one, which fitted the table, so none reaches them
+    return torch.cat([moved, table[len(moved) :]])[: len(table)]
 
 
 def clip_weights_file(path: str | Path) -> Path:
