@@ -1,11 +1,13 @@
 """Pre-training runs used downstream: the object-class vocabulary travels with the weights (pre-training
 saves it in its run folder; fine-tuning from that run, resuming it or evaluating a moved run use the
-same class ids), and evaluation tells a pre-training checkpoint from a fine-tuned one."""
+same class ids), the CLIP file the run started from is not needed again, and evaluation tells a
+pre-training checkpoint from a fine-tuned one."""
 
 import json
 import shutil
 
 import pytest
+import torch
 
 from stoa_vlp.cli import main
 from stoa_vlp.config import load_config
@@ -13,18 +15,31 @@ from stoa_vlp.data.dataset import build_dataset
 from stoa_vlp.data.detections import LabelVocab, read_detections
 from stoa_vlp.data.side_data import load_detections
 from stoa_vlp.data.synth import render_world
+from stoa_vlp.model import STOAVLP
 from stoa_vlp.tasks.runs import checkpoint_config
 from stoa_vlp.train.checkpointing import list_checkpoints
 
 
+def write_clip_file(path, model_settings: list[str]) -> None:
+    """A CLIP state dict (CLIP's key names) of the towers of a random tiny model."""
+    model = STOAVLP(load_config("tiny", model_settings).model)
+    towers = {name.removeprefix("text."): value for name, value in model.state_dict().items()
+              if model.is_tower_parameter(name)}
+    torch.save(towers, path)
+
+
 def test_class_ids_follow_the_pretrained_weights(tmp_path, capsys):
     world = render_world(tmp_path / "world", train=4, val=0, test=2, seconds=1.0, fps=6.0, seed=2)
+    clip = tmp_path / "clip.pt"
+    write_clip_file(clip, ["model.frames=2", "model.image_size=32"])
     common = ["--config", "tiny", "--set", f"data.train={world.annotations}", "--set", f"data.video_root={world.videos}",
               "--set", "data.batch_size=4", "--set", "model.frames=2", "--set", "model.image_size=32",
+              "--set", f"model.init_checkpoint={clip}",
               "--set", "train.progress=false", "--set", "train.tensorboard=false", "--set", "train.warmup_steps=1"]
     pretrained = tmp_path / "pretrained"
     assert main(["pretrain", *common, "--output", str(pretrained), "--set", f"data.detections={world.detections}",
                  "--set", "train.steps=1"]) == 0
+    clip.unlink()  # fine-tuning from the run, resuming it and evaluating it read its trained weights only
     saved = pretrained / "label_vocab.json"
     names = LabelVocab.load(saved).names
     assert names == LabelVocab.from_detections(read_detections(world.detections), max_size=16).names

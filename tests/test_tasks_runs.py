@@ -64,6 +64,17 @@ def test_a_run_folder_loads_its_model_in_eval_mode_with_its_config(tmp_path):
         load_run(tmp_path / "nothing")
 
 
+def test_a_run_loads_without_the_clip_file_it_started_from(tmp_path):
+    checkpoint = tiny_run(tmp_path / "run")
+    state = json.loads((checkpoint / "state.json").read_text())
+    state["config"]["model"]["init_checkpoint"] = str(tmp_path / "clip.pt")  # deleted, or left on another machine
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    run = load_run(tmp_path / "run", device="cpu")
+    assert run.config.model.init_checkpoint == str(tmp_path / "clip.pt")
+    model = run.model.state_dict()
+    assert all(torch.equal(model[name], value) for name, value in load_file(checkpoint / "model.safetensors").items())
+
+
 def test_a_qa_run_gives_its_answer_head_and_answers(tmp_path):
     # load_pretrained dropped the answer head: a QA model could not be used from Python
     checkpoint = tiny_run(tmp_path / "qa", "qa", ["yes", "no", "red"])

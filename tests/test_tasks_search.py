@@ -216,6 +216,21 @@ def test_the_search_table_keeps_fusion_scores_and_cosines_apart(tmp_path, capsys
     assert all(row[2] == "" for row in table_rows(printed)[1:])
 
 
+def test_index_and_search_do_not_read_the_clip_file_the_run_started_from(tmp_path, capsys):
+    checkpoint = tiny_checkpoint(tmp_path / "checkpoint")
+    state = json.loads((checkpoint / "state.json").read_text())
+    state["config"]["model"]["init_checkpoint"] = str(tmp_path / "clip.pt")  # deleted, or left on another machine
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_video(folder / "a.mp4", np.zeros((4, 32, 32, 3), np.uint8), fps=4)
+    assert main(["index", str(folder), "--checkpoint", str(checkpoint), "--output", str(tmp_path / "index"),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "index"), "a red disc", "--top", "1"]) == 0
+    assert table_rows(capsys.readouterr().out)[1][1] == "a"
+
+
 def test_index_checks_its_output_before_encoding(tmp_path, capsys):
     # it wrote into any folder (a run folder), and a file given as --output failed after every video was encoded
     checkpoint, folder, index = indexed_folder(tmp_path)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.commands.common import validation_overlap
     from stoa_vlp.commands.task_common import device_of, metric_rows, preprocessing_rows, require_trained_for, trained_for
     from stoa_vlp.tasks.runs import checkpoint_config, load_task_weights, resolve_checkpoint, run_dir_of
-    from stoa_vlp.model import build_model
+    from stoa_vlp.model.checkpoint import build_model_for_weights
     from stoa_vlp.tasks.pipeline import TaskRunner, task_config
     from stoa_vlp.train.logging import format_table
 
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     require_split_file_for(task, trained, config, args.split)
     device = device_of(config)
     runner = TaskRunner(config, device, run_dir_of(checkpoint))
-    model = build_model(config.model)
+    model = build_model_for_weights(config.model)
     module = runner.module(model)
     if fine_tuned_for == "pre-training":  # evaluated zero-shot: the model's weights only
         load_task_weights(model, checkpoint)

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         validation_overlap,
     )
     from stoa_vlp.commands.task_common import init_folder, load_model_weights_from, metric_rows, preprocessing_settings
-    from stoa_vlp.model import build_model
+    from stoa_vlp.model.checkpoint import build_model, build_model_for_weights
     from stoa_vlp.tasks.pipeline import TaskRunner, task_config
     from stoa_vlp.tasks.runs import adopt_label_vocab, load_task_weights, run_dir_of
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         overlap = validation_overlap(config, config, "test") if env.is_main else None  # test videos in data.val
         if init is None and not args.resume and env.is_main:  # a resumed run's towers come from its checkpoint
             warn_if_random_towers(config)
-        model = build_model(config.model)
+        # --init and --resume load trained weights over the whole model: the CLIP file is not read
+        model = build_model_for_weights(config.model) if init or args.resume else build_model(config.model)
         if init:
             load_model_weights_from(model, init)
             print(f"initialised from {init}")

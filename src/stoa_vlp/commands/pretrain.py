@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from stoa_vlp.config import TaskConfig
     from stoa_vlp.data.dataset import collate
-    from stoa_vlp.model import build_model
+    from stoa_vlp.model.checkpoint import build_model, build_model_for_weights
     from stoa_vlp.objectives import OBJECTIVES, Pretrainer
     from stoa_vlp.tasks.runs import adopt_label_vocab
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
@@ -90,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
         run_dir = prepare_run(config, env, args)
         set_deterministic(config.train)
         adopt_label_vocab(config, run_dir)  # a resumed run keeps its class ids
-        module = Pretrainer(build_model(config.model), config.loss)
+        # a resumed run loads its checkpoint's weights over the whole model: the CLIP file is not read
+        model = build_model_for_weights(config.model) if args.resume else build_model(config.model)
+        module = Pretrainer(model, config.loss)
         train_set, evaluate = pretraining_data(config, env, validate=bool(config.data.val))
         set_run_length(config, train_set, env.world_size)
         trainer = Trainer(config, module, train_set, collate, run_dir, env, evaluate)

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.commands.task_common import device_of
     from stoa_vlp.tasks.runs import checkpoint_config, load_task_weights, resolve_checkpoint
     from stoa_vlp.config import apply_overrides, from_dict
-    from stoa_vlp.model import build_model
+    from stoa_vlp.model.checkpoint import build_model_for_weights
     from stoa_vlp.tasks.search import INDEX_FILE, load_index, search, weights_stamp
     from stoa_vlp.tokenizer import Tokenizer
     from stoa_vlp.train.logging import format_table
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             "encoded with the old ones, so the scores hold only if the weights are the same; build the index again",
             checkpoint, args.index)
     device = device_of(config)
-    model = build_model(config.model)
+    model = build_model_for_weights(config.model)
     load_task_weights(model, checkpoint)
     model.to(device)
     index.videos = type(index.videos)(**{k: v.to(device) for k, v in vars(index.videos).items()})

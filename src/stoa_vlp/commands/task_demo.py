@@ -36,13 +36,13 @@ def check_stage_configs(run) -> None:
 def fine_tune(run, config, runner):
     """Train the task module from the pre-trained demo weights; returns (module, TrainResult)."""
     from stoa_vlp.commands.common import keep_label_vocab
-    from stoa_vlp.model import build_model
+    from stoa_vlp.model.checkpoint import build_model_for_weights
     from stoa_vlp.train.data_position import seed_everything
     from stoa_vlp.train.distributed import DistEnv
     from stoa_vlp.train.loop import Trainer
 
     seed_everything(config.train.seed)
-    model = build_model(config.model)
+    model = build_model_for_weights(config.model)
     model.load_state_dict(run.model.state_dict())
     module = runner.module(model)
     dataset, collate = runner.train_data()

@@ -402,6 +402,12 @@ def build_model(config: ModelConfig) -> STOAVLP:
     return model
 
 
+def build_model_for_weights(config: ModelConfig) -> STOAVLP:
+    """A model for trained weights to be loaded into: `build_model` without reading
+    `config.init_checkpoint`, the CLIP file training started from, which those weights replace."""
+    return STOAVLP(config)
+
+
 def save_pretrained(model: STOAVLP, directory: str | Path) -> None:
     """Write `model.safetensors` and `config.json` into `directory` (created if needed)."""
     directory = Path(directory)

@@ -54,10 +54,10 @@ def load_run(path: str | Path, device: str | torch.device | None = None, overrid
 
 def load_checkpoint_model(checkpoint: Path, config: Config, device: torch.device) -> TrainedRun:
     """`load_run` of a checkpoint folder with its config (`checkpoint_config`) already read."""
-    from stoa_vlp.model import build_model
+    from stoa_vlp.model.checkpoint import build_model_for_weights
     from stoa_vlp.tasks.qa import QAModel
 
-    model = build_model(config.model)
+    model = build_model_for_weights(config.model)
     if config.task.name != "qa":
         load_task_weights(model, checkpoint)
         return TrainedRun(checkpoint, config, model.to(device).eval(), device)
