@@ -407,6 +407,22 @@ def test_bad_checkpoint_config_is_named(tmp_path):
         load_pretrained(tmp_path / "ckpt")
 
 
+def test_a_checkpoint_config_that_is_not_text_or_builds_no_model_is_an_error_naming_it(tmp_path):
+    save_pretrained(STOAVLP(load_config("tiny").model), tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / CONFIG_FILE
+    config_file.write_bytes(b"\xff\xfe{")  # before: a bare UnicodeDecodeError
+    with pytest.raises(CheckpointError, match=re.escape(f"{config_file}: not a valid model config ('utf-8' codec")):
+        load_pretrained(tmp_path / "ckpt")
+    config_file.write_text('{"model": {"vision_width": 32}}')  # before: a bare ValueError from the model
+    with pytest.raises(CheckpointError, match=re.escape(f"{config_file}: invalid model config: model.vision_width 32 "
+                                                        "is not divisible by model.vision_heads 12")):
+        load_pretrained(tmp_path / "ckpt")
+    save_pretrained(STOAVLP(load_config("tiny").model), tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match=re.escape(f"{config_file} with frames=100: invalid model config: "
+                                                        "the fusion sequence takes 131 positions")):
+        load_pretrained(tmp_path / "ckpt", frames=100)
+
+
 def test_a_checkpoint_loads_at_another_frame_count_with_resampled_frame_tables(tmp_path, caplog):
     saved = STOAVLP(load_config("tiny").model)  # 4 frames
     save_pretrained(saved, tmp_path / "ckpt")

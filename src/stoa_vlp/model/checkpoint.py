@@ -430,16 +430,34 @@ def load_pretrained(directory: str | Path, **model_overrides) -> STOAVLP:
     for needed in (config_path, weights_path):
         if not needed.is_file():
             raise CheckpointError(f"{needed}: missing (a checkpoint directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        with open(config_path) as handle:
-            values = json.load(handle)
-        config = from_dict({"model": values["model"]}).model
-    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as error:
-        raise CheckpointError(f"{config_path}: not a valid model config ({error})") from error
-    config = from_dict({"model": {**dataclasses.asdict(config), **model_overrides}}).model
-    model = STOAVLP(config)
+    settings = read_model_settings(config_path)
+    config = from_dict({"model": {**settings, **model_overrides}}).model
+    model = build_saved_model(config, config_path, model_overrides)
     load_model_weights(model, weights_path)
     return model
+
+
+def read_model_settings(config_path: Path) -> dict:
+    """The model settings of a config.json (`{"model": {...}}`), checked as a config file's are."""
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            settings = json.load(handle)["model"]
+        from_dict({"model": settings})
+    except OSError as error:
+        raise CheckpointError(f"{config_path}: cannot be read ({error})") from error
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ConfigError) as error:
+        raise CheckpointError(f"{config_path}: not a valid model config ({error})") from error
+    return settings
+
+
+def build_saved_model(config: ModelConfig, config_path: Path, overrides: dict) -> STOAVLP:
+    """STOAVLP(config), whose settings come from `config_path` and `overrides`: a model they cannot
+    build is a CheckpointError naming them."""
+    try:
+        return STOAVLP(config)
+    except ValueError as error:  # check_config: settings the model cannot be built with
+        given = ", ".join(f"{name}={value!r}" for name, value in overrides.items())
+        raise CheckpointError(f"{config_path}{f' with {given}' if given else ''}: {error}") from error
 
 
 def weights_prefix(module: nn.Module) -> str:
