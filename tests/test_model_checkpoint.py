@@ -1,6 +1,7 @@
 """CLIP checkpoint loading (open_clip and OpenAI TorchScript formats), parity with open_clip's towers,
 tokenizer parity, and our own save/load round trip."""
 
+import json
 import re
 
 import open_clip
@@ -421,6 +422,26 @@ def test_a_checkpoint_config_that_is_not_text_or_builds_no_model_is_an_error_nam
     with pytest.raises(CheckpointError, match=re.escape(f"{config_file} with frames=100: invalid model config: "
                                                         "the fusion sequence takes 131 positions")):
         load_pretrained(tmp_path / "ckpt", frames=100)
+
+
+def test_settings_a_checkpoint_config_lacks_are_named_with_the_defaults_they_take(tmp_path, caplog):
+    save_pretrained(STOAVLP(load_config("tiny").model), tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / CONFIG_FILE
+    with caplog.at_level("WARNING", logger="stoa_vlp.model.checkpoint"):
+        load_pretrained(tmp_path / "ckpt")
+    assert not caplog.records
+    settings = json.loads(config_file.read_text())
+    del settings["model"]["frames"], settings["model"]["joint_blocks"]
+    config_file.write_text(json.dumps(settings))
+    for overrides, named in (({}, "model.frames=12, model.joint_blocks=2"), ({"frames": 4}, "model.joint_blocks=2")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="stoa_vlp.model.checkpoint"):
+            model = load_pretrained(tmp_path / "ckpt", **overrides)
+        assert [record.getMessage() for record in caplog.records] == [
+            f"{config_file} lacks model settings, which take their defaults: {named} (the saved model may have been "
+            "built with other values)"
+        ]
+        assert model.config.joint_blocks == 2 and model.config.frames == overrides.get("frames", 12)
 
 
 def test_a_checkpoint_loads_at_another_frame_count_with_resampled_frame_tables(tmp_path, caplog):

@@ -424,6 +424,7 @@ def load_pretrained(directory: str | Path, **model_overrides) -> STOAVLP:
     `model_overrides` change its model config before the weights load, e.g. `frames=8`: the frame
     tables are then resampled along time (`load_model_weights`). They are checked as a config file's
     values are: a key ModelConfig lacks, a value of the wrong type or out of range is a ConfigError.
+    A setting config.json lacks takes its default, with a warning naming it.
     """
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
@@ -431,6 +432,7 @@ def load_pretrained(directory: str | Path, **model_overrides) -> STOAVLP:
         if not needed.is_file():
             raise CheckpointError(f"{needed}: missing (a checkpoint directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
     settings = read_model_settings(config_path)
+    warn_of_defaults(config_path, settings, model_overrides)
     config = from_dict({"model": {**settings, **model_overrides}}).model
     model = build_saved_model(config, config_path, model_overrides)
     load_model_weights(model, weights_path)
@@ -448,6 +450,18 @@ def read_model_settings(config_path: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ConfigError) as error:
         raise CheckpointError(f"{config_path}: not a valid model config ({error})") from error
     return settings
+
+
+def warn_of_defaults(config_path: Path, settings: dict, overrides: dict) -> None:
+    """One warning naming each ModelConfig setting that neither `settings` (read from `config_path`)
+    nor `overrides` give, with the default it takes: `save_pretrained` writes every setting, so the
+    saved model may have been built with another value."""
+    defaults = ModelConfig()
+    absent = [f"model.{field.name}={json.dumps(getattr(defaults, field.name))}"
+              for field in dataclasses.fields(ModelConfig) if field.name not in settings and field.name not in overrides]
+    if absent:
+        log.warning("%s lacks model settings, which take their defaults: %s (the saved model may have been built "
+                    "with other values)", config_path, ", ".join(absent))
 
 
 def build_saved_model(config: ModelConfig, config_path: Path, overrides: dict) -> STOAVLP:
