@@ -6,9 +6,20 @@ where `items` says which input (video) each row belongs to. Prefixes start with 
 
 Beam search follows fairseq: each step keeps the 2K best continuations of the K live beams; an
 end token among the K best closes a hypothesis, whose score is sum(log p) / length**length_penalty
-(length = generated tokens, end token included); the rest fill the K beams. An input is done once
-it has K closed hypotheses (so beam size 1 is exactly greedy decoding); at `max_len` the live beams
-are closed as they are. The best closed hypothesis by normalised score is returned.
+(length = generated tokens, end token included); the rest fill the K beams; at `max_len` the live
+beams are closed as they are. The best closed hypothesis by normalised score is returned.
+
+An input is done when no live beam can still end above its best closed hypothesis. Log-probs are
+at most 0, so a beam's sum v only falls, and it ends at a length L from the next position up to
+`max_len`: its best reachable score is max over those L of v / L**length_penalty, which (v <= 0,
+L**length_penalty monotone in L) is at the shortest L for a negative penalty and at `max_len` for a
+positive one. The search therefore returns what it would running every input to `max_len`; with a
+positive penalty an input stops before that only when its live beams have fallen far behind.
+
+Beam size 1 follows greedy decoding's path until greedy's caption ends (an end token is the best
+continuation), then goes on from the runner-up while that could still score higher. With
+length_penalty <= 0 it never can, so beam 1 returns greedy's caption; with a positive penalty it
+returns greedy's caption or a longer one that scores higher.
 """
 
 from __future__ import annotations
@@ -30,6 +41,19 @@ class Hypothesis:
 
 def normalised(log_prob: float, length: int, length_penalty: float) -> float:
     return log_prob / (max(length, 1) ** length_penalty)
+
+
+def best_reachable(log_prob: float, shortest: int, longest: int, length_penalty: float) -> float:
+    """The highest score a live beam with summed log-prob `log_prob` <= 0 can end with, at a length from
+    `shortest` to `longest` (its log-prob can only fall)."""
+    return max(normalised(log_prob, shortest, length_penalty), normalised(log_prob, longest, length_penalty))
+
+
+def settled(closed: list[Hypothesis], live: list[tuple[list[int], float]], position: int, max_len: int,
+            length_penalty: float) -> bool:
+    """Whether no beam in `live` (after `position` tokens) can end above the best of `closed`."""
+    best = max((h.score for h in closed), default=float("-inf"))
+    return all(best_reachable(value, position + 1, max_len, length_penalty) <= best for _, value in live)
 
 
 @torch.no_grad()
@@ -108,7 +132,7 @@ def beam_search(
                     Hypothesis(tokens, value, normalised(value, position, length_penalty))
                     for tokens, value in next_beams[item]
                 )
-            if len(closed[item]) >= beam_size or position == max_len:
+            if position == max_len or settled(closed[item], next_beams[item], position, max_len, length_penalty):
                 next_beams[item] = []
         beams = next_beams
     return [max(hypotheses, key=lambda h: h.score) for hypotheses in closed]
