@@ -1,4 +1,4 @@
-"""Captioning on the tiny model: the training loss, and decoding through the model's step function."""
+"""Captioning on the tiny model: the training loss, decoding through the model's step function, and caption text."""
 
 import itertools
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from stoa_vlp.batch import Batch
 from stoa_vlp.config import load_config
+from stoa_vlp.metrics.captioning import ptb_tokenize
 from stoa_vlp.model import build_model
 from stoa_vlp.tasks.captioning import CaptioningModule, caption_step, generate_captions
 from stoa_vlp.tasks.decoding import beam_search, normalised
@@ -100,3 +101,21 @@ def test_a_generated_line_break_token_decodes_as_a_space():
     for control in (199, 200, 201, 455, 456, 457):
         ids = [tokenizer.sot_id, *words[:2], control, words[2], tokenizer.eot_id]
         assert tokenizer.decode(ids) == "a man cooks"
+
+
+@pytest.mark.parametrize("text", [
+    "A man in a T-shirt isn't talking", "the 2015 cars of a 5-star hotel", "a mother-in-law's 2-year-old can't swim",
+    "they're sure we've won and I'm told we'll see what he'd do", "a bird's-eye view",
+])
+def test_decoding_rejoins_hyphens_digit_runs_and_contractions(text):
+    tokenizer = Tokenizer(32)
+    assert tokenizer.decode(tokenizer.encode_words(text)) == text.lower()
+
+
+def test_decoded_references_tokenise_for_the_metrics_as_the_references_do():
+    references = {"1": ["A man in a T-shirt isn't talking."], "2": ["The 2015 cars of a 5-star hotel, parked"],
+                  "3": ["The man's dog can't jump!"]}
+    tokenizer = Tokenizer(32)
+    decoded = {key: [tokenizer.decode(tokenizer.encode_words(text)) for text in texts]
+               for key, texts in references.items()}
+    assert ptb_tokenize(decoded) == ptb_tokenize(references)

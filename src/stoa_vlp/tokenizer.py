@@ -12,7 +12,25 @@ from open_clip.tokenizer import SimpleTokenizer
 # open_clip's pre-tokenizer turns these strings into the start and end ids wherever a text holds them
 SPECIAL_TEXT = re.compile(r"<start_of_text>|<end_of_text>", re.IGNORECASE)
 
+# CLIP's pre-tokenizer makes each digit, each run of punctuation and each of the contractions 's 't 're 've 'm
+# 'll 'd a word of its own, and its decoding puts a space after every word. These undo the splits that decoded
+# text can tell apart. A digit before letters cannot be told from a number before a word ("3d" decodes as "3 d",
+# like "2 men"), so it stays apart; two numbers in a row ("2 3") join into one, and a spaced hyphen ("well - known")
+# closes up.
+REJOINS = (
+    (re.compile(r"(?<=\d) (?=\d)"), ""),  # "2 0 1 5" -> "2015"
+    (re.compile(r"(?<=\w) '(s|t|re|ve|m|ll|d)(?= |$)"), r"'\1"),  # "isn 't" -> "isn't"
+    (re.compile(r"(?<=\w) - (?=\w)"), "-"),  # "t - shirt" -> "t-shirt"
+)
+
 log = logging.getLogger(__name__)
+
+
+def rejoin_words(text: str) -> str:
+    """`text` (decoded, one space between words) with digit runs, hyphenated words and contractions closed up."""
+    for pattern, joined in REJOINS:
+        text = pattern.sub(joined, text)
+    return text
 
 
 def plain_text(text: str) -> str:
@@ -62,7 +80,8 @@ class Tokenizer:
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """Text of the word tokens in `ids`, stopping at the end token, with each run of whitespace
-        (CLIP's vocabulary has tokens for "\\r", "\\x0b" and "\\x0c") one space."""
+        (CLIP's vocabulary has tokens for "\\r", "\\x0b" and "\\x0c") one space and the words CLIP
+        splits apart rejoined where the text tells (`rejoin_words`)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         words = []
@@ -71,7 +90,7 @@ class Tokenizer:
                 break
             if token != self.sot_id:
                 words.append(token)
-        return " ".join(self.bpe.decode(words).split())
+        return rejoin_words(" ".join(self.bpe.decode(words).split()))
 
 
 def require_text(text: str, what: str, tokenizer: Tokenizer) -> None:
