@@ -99,6 +99,13 @@ def test_a_tie_counts_against_the_model():
     assert not chose_answer(torch.tensor([0.1, 0.7, 0.3]), 2)
 
 
+def test_nan_is_the_lowest_score():
+    nan = float("nan")
+    assert chose_answer(torch.tensor([0.1, 0.7, nan]), 1)
+    assert not chose_answer(torch.tensor([0.1, nan, 0.3]), 1)
+    assert not chose_answer(torch.tensor([nan, nan]), 0)
+
+
 def test_a_confident_matching_head_is_scored_by_log_odds_not_a_rounded_probability():
     model, tokenizer, loader, frames = two_videos()
     with torch.no_grad():

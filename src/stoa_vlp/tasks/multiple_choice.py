@@ -8,8 +8,8 @@ Two file formats:
 Each option is scored against its video by the fusion
 encoder's matching head (vtm: its log-odds, in float64, which order the options as P(matched) does
 without rounding to 1.0) and by the contrastive cosine (vtc); an item is answered correctly when
-its answer scores above every other option (a tie counts against the model). Both accuracies are
-reported; `task.mc_scoring` names the headline one.
+its answer scores above every other option (a tie counts against the model, NaN is the lowest score).
+Both accuracies are reported; `task.mc_scoring` names the headline one.
 Fine-tuning for MC is retrieval fine-tuning (VTC + VTM on captions), as in the reference code.
 """
 
@@ -24,6 +24,7 @@ import torch
 
 from stoa_vlp.batch import Batch
 from stoa_vlp.data.jsonl import open_text
+from stoa_vlp.metrics.retrieval import nan_lowest
 from stoa_vlp.tasks.data import read_jsonl_rows
 from stoa_vlp.tasks.retrieval import (
     contrastive_similarity,
@@ -107,8 +108,10 @@ def option_scores(model, videos, video_rows: list[int], choices: list[Choice], t
 
 
 def chose_answer(scores: torch.Tensor, answer: int) -> bool:
-    """Whether the answer's score beats every other option's in `scores` (options,); a tie counts
-    against the model, as in retrieval (an argmax would pick the first of the tied options)."""
+    """Whether the answer's score beats every other option's in `scores` (options,). As in retrieval, a
+    tie counts against the model (an argmax would pick the first of the tied options) and NaN is the
+    lowest score (a NaN answer is never chosen)."""
+    scores = nan_lowest(scores)
     others = torch.cat([scores[:answer], scores[answer + 1 :]])
     return bool(scores[answer] > others.max())
 
