@@ -184,7 +184,9 @@ def rerank_top_k(
     re-scored top-k are then placed, in the order of their new scores (equal scores stay equal),
     strictly above the row's untouched entries, so re-ranking only reorders the top-k among
     themselves; a NaN new score goes last among them, and a NaN similarity is the lowest score (it is
-    re-scored only where fewer than k are finite). Returns a new (Q, C) float64 matrix.
+    re-scored only where fewer than k are finite). Where candidates tie at the k-th score, which of
+    them are re-scored is torch.topk's cut, set by their columns (not always the first ones). Returns
+    a new (Q, C) float64 matrix.
     """
     num_queries, num_candidates = similarity.shape
     k = min(k, num_candidates)
