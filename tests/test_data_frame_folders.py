@@ -8,6 +8,7 @@ from PIL import Image
 from stoa_vlp.data.annotations import AnnotationError, read_annotations
 from stoa_vlp.data.decode import VideoError, decode_clip, frame_folder_images, segment_indices
 from stoa_vlp.data.detect import sample_frames
+from stoa_vlp.data.transforms import FrameTransform
 from stoa_vlp.data.video_files import VideoLookup, find_videos
 from stoa_vlp.tasks.data import find_video_paths
 
@@ -173,10 +174,11 @@ def test_dataset_samples_a_frame_folder_at_the_configured_rate(tmp_path):
     from stoa_vlp.data.annotations import VideoRecord
     from stoa_vlp.data.dataset import VideoTextDataset
 
-    write_frames(tmp_path / "video0", 16, size=(48, 64))
+    frames = write_frames(tmp_path / "video0", 16, size=(48, 64))
     record = VideoRecord("video0", str(tmp_path / "video0"), 4.0, 8.0, ["a clip of noise"])  # frames 8..15 at 2 fps
     config = load_config("tiny", ["data.frame_rate=2"])
     sample = VideoTextDataset([record], config, False)[0]
-    assert sample.frames.shape == (config.model.frames, 3, config.model.image_size, config.model.image_size)
+    chosen = 8 + segment_indices(8, config.model.frames, "uniform")  # evaluation samples segment centres
+    assert torch.equal(sample.frames, FrameTransform(config.model.image_size)(frames[chosen]))
     with pytest.raises(ValueError, match="data.frame_rate must be positive, got 0"):
         VideoTextDataset([record], load_config("tiny", ["data.frame_rate=0"]), False)

@@ -224,6 +224,84 @@ def test_without_temporal_embedding_and_objects_video_and_actions_ignore_frame_o
     torch.testing.assert_close(forward.frames.flip(1), backward.frames, atol=1e-5, rtol=1e-5)
 
 
+def hand_run_video_tower(model: STOAVLP, frames: torch.Tensor) -> list[torch.Tensor]:
+    """Every video-tower block's output (B*T, 1+P, W), the blocks written out: each frame alone
+    through the first vision_layers - joint_blocks blocks, then frame t's temporal embedding added to
+    its tokens and each clip's T frames' tokens concatenated into one sequence through the joint blocks."""
+    visual, config = model.visual, model.config
+    first_joint = config.vision_layers - config.joint_blocks
+    batch, count = frames.shape[:2]
+    x = visual.embed(visual.normalize(frames.flatten(0, 1)))
+    outputs = []
+    for index, block in enumerate(visual.transformer.resblocks):
+        if index < first_joint:
+            x = torch.cat([block(x[n : n + 1]) for n in range(batch * count)])
+        else:
+            if index == first_joint and visual.temporal_embedding is not None:
+                x = x + visual.temporal_embedding.repeat(batch, 1)[:, None]  # row n is frame n % T
+            clips = [torch.cat(list(x[b * count : (b + 1) * count]))[None] for b in range(batch)]  # (1, T*(1+P), W)
+            x = torch.cat([block(clip).reshape(count, -1, x.shape[2]) for clip in clips])
+        outputs.append(x)
+    return outputs
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),  # tiny: 2 blocks, the last joint, both taps after block 1
+        ("model.vision_layers=3", "model.joint_blocks=2", "model.action_tap_layer=2", "model.object_tap_layer=1"),
+        ("model.joint_blocks=2", "model.action_tap_layer=2", "model.temporal_embedding=false"),
+        ("model.joint_blocks=0",),
+    ],
+)
+def test_video_tower_equals_its_blocks_run_by_hand(overrides):
+    """Per-frame blocks, then joint blocks over all frames' tokens; the action tap is block
+    action_tap_layer's output, the object tap block object_tap_layer's patch tokens."""
+    model = make_model(*overrides)
+    config = model.config
+    frames = make_inputs(config, batch=2)["frames"]
+    with torch.no_grad():
+        tower = model.visual(frames)
+        blocks = hand_run_video_tower(model, frames)
+    expected_frames = model.visual.ln_post(blocks[-1][:, 0]) @ model.visual.proj
+    torch.testing.assert_close(tower.frames, expected_frames.reshape(2, config.frames, -1), atol=1e-5, rtol=1e-5)
+    action_tap = blocks[config.action_tap_layer - 1].reshape(2, config.frames, *blocks[0].shape[1:])
+    torch.testing.assert_close(tower.action_tap, action_tap, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tower.object_tap, blocks[config.object_tap_layer - 1][:, 1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("joint_blocks", [0, 1])
+def test_a_frame_feature_sees_other_frames_only_through_joint_blocks(joint_blocks):
+    model = make_model(f"model.joint_blocks={joint_blocks}")
+    inputs = make_inputs(model.config, batch=1)
+    changed = inputs["frames"].clone()
+    changed[:, 1] = torch.randn(changed[:, 1].shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        first, second = model.visual(inputs["frames"]).frames, model.visual(changed).frames
+    assert not torch.allclose(first[:, 1], second[:, 1])
+    others = [0, 2, 3]
+    if joint_blocks:
+        assert ((first[:, others] - second[:, others]).abs().amax(dim=-1) > 0.01).all()  # every other frame sees frame 1
+    else:
+        assert torch.equal(first[:, others], second[:, others])
+
+
+def test_match_logits_are_the_head_on_video_sep_then_sentence():
+    model = make_model()
+    inputs = make_inputs(model.config)
+    with torch.no_grad():
+        out = run_all(model, inputs)
+        fused = out["bidirectional"]
+        ends = inputs["text_mask"].sum(dim=1) - 1
+        video_sep = fused.hidden[:, model.config.frames]  # the slot after the T frames
+        visual = fused.hidden.shape[1] - model.config.text_len
+        sentence = fused.hidden[torch.arange(3), visual + ends]  # the fused end token
+        width = model.config.text_width
+        weight, bias = model.match_head.weight, model.match_head.bias
+        expected = video_sep @ weight[:, :width].T + sentence @ weight[:, width:].T + bias
+        torch.testing.assert_close(model.match_logits(fused), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_prefix_mask_hides_later_text():
     model = make_model()
     inputs = make_inputs(model.config)
@@ -334,6 +412,44 @@ def test_ablations_run(overrides):
     assert out["prefix"].hidden.shape[1] == config.frames + 1 + N + M + config.text_len
     assert torch.isfinite(out["bidirectional"].hidden).all()
     assert not any("temporal_embedding" in n for n, _ in model.named_parameters()) or config.temporal_embedding
+
+
+OBJECT_INPUTS = ("boxes", "box_labels", "box_mask", "traj_labels", "traj_mask")
+
+
+@pytest.mark.parametrize(
+    "overrides, boxes_matter",
+    [
+        ((), True),  # the control: the same change does reach the full model's outputs
+        (("model.objects=false",), False),
+        (("model.objects=false", "model.actions=false", "model.temporal_embedding=false"), False),
+    ],
+)
+def test_without_objects_no_output_depends_on_the_boxes(overrides, boxes_matter):
+    model = make_model(*overrides)
+    inputs = make_inputs(model.config)
+    other = make_inputs(model.config, seed=1)
+    other["traj_labels"] = other["traj_labels"].roll(1, dims=0)
+    other["traj_mask"] = other["traj_labels"] > 0
+    changed = dict(inputs, **{name: other[name] for name in OBJECT_INPUTS})
+    with torch.no_grad():
+        first, second = run_all(model, inputs), run_all(model, changed)
+    same = [torch.equal(first[mode].hidden, second[mode].hidden) for mode in ("bidirectional", "prefix")]
+    same += [torch.equal(getattr(first["video"], name), getattr(second["video"], name)) for name in ("frames", "actions")]
+    assert same == [not boxes_matter, not boxes_matter, True, not boxes_matter]
+
+
+def test_without_actions_the_frame_and_trajectory_features_are_the_full_models():
+    full = make_model()
+    ablated = make_model("model.actions=false")
+    loaded = ablated.load_state_dict(full.state_dict(), strict=False)
+    assert loaded.missing_keys == [] and {key.split(".")[0] for key in loaded.unexpected_keys} == {"action_encoder"}
+    inputs = make_inputs(full.config)
+    with torch.no_grad():
+        ours, reference = ablated.encode_video(*video_args(inputs)), full.encode_video(*video_args(inputs))
+    for name in ("frames", "video", "trajectories", "traj_mask"):
+        assert torch.equal(getattr(ours, name), getattr(reference, name)), name
+    assert ours.actions.shape == (3, 0, full.config.embed_dim)
 
 
 def test_bf16_autocast_runs_close_to_fp32():

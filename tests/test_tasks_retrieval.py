@@ -20,6 +20,7 @@ from stoa_vlp.tasks.retrieval import (
     evaluate_retrieval_records,
     extract_features,
     require_one_clip_per_video,
+    rerank_similarities,
     retrieval_metric_names,
 )
 from stoa_vlp.tokenizer import Tokenizer
@@ -93,43 +94,67 @@ def test_moments_of_one_video_are_separate_clips(setup):
         require_one_clip_per_video(["v1", "v2", "v1"], "captioning")
 
 
+def match_probabilities(model, videos, texts) -> torch.Tensor:
+    """(texts, videos) P(matched) of every text-video pair, each fused on its own row."""
+    num_texts, num_videos = texts.sentence.shape[0], videos.video.shape[0]
+    with torch.no_grad():
+        t_index = torch.arange(num_texts).repeat_interleave(num_videos)
+        v_index = torch.arange(num_videos).repeat(num_texts)
+        fused = model.fuse(videos.index_select(v_index), texts.tokens[t_index], texts.mask[t_index], "bidirectional")
+        return torch.softmax(model.match_logits(fused), dim=-1)[:, 1].view(num_texts, num_videos)
+
+
+def brute_force_rerank(similarity, probability, scale: float, k: int) -> torch.Tensor:
+    """Each row's top-k by similarity re-scored softmax_k(scale * similarity) * P(matched) (the
+    reference code's fusion score) and placed above the row's other entries, which keep their value."""
+    out = similarity.double()
+    for row in range(similarity.shape[0]):
+        top = similarity[row].topk(k).indices
+        fused_scores = torch.softmax(scale * similarity[row, top].double(), dim=0) * probability[row, top].double()
+        out[row, top] = 10.0 + fused_scores  # any placement above the untouched entries
+    return out
+
+
 def test_evaluate_retrieval_matches_brute_force_reranking(setup, monkeypatch):
     config, model, tokenizer, loader = setup
     videos, texts, text_to_video = extract_features(model, loader, "cpu")
     meanp = F.normalize(F.normalize(videos.frames, dim=-1).mean(dim=1), dim=-1)
     similarity = F.normalize(texts.sentence, dim=-1) @ meanp.t()
     torch.testing.assert_close(contrastive_similarity(videos, texts, "mean"), similarity)
-    with torch.no_grad():  # P(matched) of every text-video pair
-        pairs = [(t, v) for t in range(6) for v in range(4)]
-        t_index = torch.tensor([t for t, _ in pairs])
-        v_index = torch.tensor([v for _, v in pairs])
-        fused = model.fuse(videos.index_select(v_index), texts.tokens[t_index], texts.mask[t_index], "bidirectional")
-        match = torch.softmax(model.match_logits(fused), dim=-1)[:, 1].view(6, 4)
+    match = match_probabilities(model, videos, texts)
     scale = float(model.logit_scale.detach().exp().clamp(max=100))
     k = 2
-
-    def expected(sim, prob):
-        out = sim.double()
-        for row in range(sim.shape[0]):
-            top = sim[row].topk(k).indices
-            fused_scores = torch.softmax(scale * sim[row, top].double(), dim=0) * prob[row, top].double()
-            out[row, top] = 10.0 + fused_scores  # any placement above the untouched entries
-        return out
-
     fused_pairs = []
     original_fuse = model.fuse
     monkeypatch.setattr(model, "fuse", lambda v, *a, **kw: fused_pairs.append(v.video.shape[0]) or original_fuse(v, *a, **kw))
     metrics = evaluate_retrieval(model, loader, "cpu", rerank_k=k, dual_softmax_scale=100.0)
     assert sum(fused_pairs) == (6 + 4) * k  # only the top-k pairs of each query are fused
     plain = retrieval_metrics(similarity, text_to_video, 100.0)
-    t2v = retrieval_metrics(expected(similarity, match), text_to_video)
-    v2t = retrieval_metrics(expected(similarity.t(), match.t()).t(), text_to_video)
+    t2v = retrieval_metrics(brute_force_rerank(similarity, match, scale, k), text_to_video)
+    v2t = retrieval_metrics(brute_force_rerank(similarity.t(), match.t(), scale, k).t(), text_to_video)
     for key, value in plain.items():
         assert metrics[key] == pytest.approx(value, abs=1e-4)
     for key in ("r1", "r5", "r10", "mdr", "mnr"):
         assert metrics[f"t2v_rerank_{key}"] == pytest.approx(t2v[f"t2v_{key}"], abs=1e-4)
         assert metrics[f"v2t_rerank_{key}"] == pytest.approx(v2t[f"v2t_{key}"], abs=1e-4)
     assert metrics["num_texts"] == 6 and metrics["num_videos"] == 4
+
+
+def test_rerank_orders_each_querys_top_k_by_contrastive_prior_times_match_probability(setup):
+    """Each row's order, not just the metrics: here rows 4 and 5 of t2v rank their top-2 one way by
+    P(matched) alone and the other way with the softmax_k(scale * similarity) prior."""
+    config, model, tokenizer, loader = setup
+    videos, texts, _ = extract_features(model, loader, "cpu")
+    similarity = contrastive_similarity(videos, texts, "mean")
+    match = match_probabilities(model, videos, texts)
+    scale = float(model.logit_scale.detach().exp().clamp(max=100))
+    t2v, v2t = rerank_similarities(model, videos, texts, similarity, k=2)
+    for ours, sim, probability in ((t2v, similarity, match), (v2t, similarity.t(), match.t())):
+        expected = brute_force_rerank(sim, probability, scale, k=2)
+        assert torch.equal(ours.argsort(dim=1, descending=True), expected.argsort(dim=1, descending=True))
+        untouched = expected < 10.0
+        assert torch.equal(ours[untouched], sim.double()[untouched])
+    assert not torch.equal(brute_force_rerank(similarity, match, 0.0, k=2).argsort(dim=1), t2v.argsort(dim=1))
 
 
 def test_progress_bars_go_to_stderr_only_when_asked_and_change_no_number(setup, capsys):

@@ -6,8 +6,10 @@ import json
 import logging
 import math
 import os
+import random
 import traceback
 
+import numpy as np
 import pytest
 import torch
 from _train_toys import ToyDataset, ToyModel, collate
@@ -16,7 +18,15 @@ from stoa_vlp.config import load_config
 from stoa_vlp.data.skips import SkipCounter
 from stoa_vlp.train import NonFiniteLossError, Trainer
 from stoa_vlp.train import checkpointing as ckpt
-from stoa_vlp.train.data_position import ResumableSampler, SeededDataset, rank_seed, seed_everything
+from stoa_vlp.train.data_position import (
+    ResumableSampler,
+    SeededDataset,
+    WorkerSeeder,
+    loader_seed,
+    rank_seed,
+    seed_everything,
+    worker_seed,
+)
 from stoa_vlp.train.logging import read_metrics
 from stoa_vlp.train.loop import summary_table
 from stoa_vlp.train.optim import warmup_cosine
@@ -103,6 +113,21 @@ def test_a_rank_seed_from_any_step_is_a_seed_numpy_takes():
     assert rank_seed(seed, 1, 10**6) != rank_seed(seed, 1) == rank_seed(seed, 1, 0)
 
 
+def test_worker_seeds_differ_by_seed_rank_epoch_and_worker():
+    grid = [(seed, rank, epoch, worker) for seed in (0, 1) for rank in (0, 1) for epoch in (0, 1) for worker in (0, 1)]
+    assert len({worker_seed(*key) for key in grid}) == len(grid)
+    assert len({loader_seed(seed, rank, epoch) for seed, rank, epoch, _ in grid}) == len(grid) // 2
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        WorkerSeeder(seed=3, rank=1, epoch=2)(1)  # DataLoader worker 1 of rank 1 in epoch 2
+        expected = worker_seed(3, 1, 2, 1)
+        assert torch.initial_seed() == expected
+        assert np.random.random() == np.random.RandomState(expected).random_sample()
+        assert random.random() == random.Random(expected).random()
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
+
+
 def test_seeding_a_sample_leaves_the_gpu_generators_alone(monkeypatch):
     """torch.manual_seed also reseeds every GPU, which fork_rng(devices=[]) does not restore: with
     data.num_workers=0 each sample reset the training's GPU random state."""
@@ -167,14 +192,40 @@ def test_grad_accumulation_equals_the_large_batch(tmp_path):
     big = toy_trainer(toy_config("data.batch_size=8", "train.steps=2"), tmp_path / "big")
     small = toy_trainer(toy_config("data.batch_size=4", "train.grad_accum=2", "train.steps=2"), tmp_path / "small")
     big.module.net[2].p = small.module.net[2].p = 0.0  # no dropout: RNG streams differ by construction
-    big.fit()
-    small.fit()
+    big_result, small_result = big.fit(), small.fit()
     # the accumulated micro-batches are the big batch's two halves only if the orders agree
     order_big = [i for i, _ in ResumableSampler(32, 8, 0, 1, 0)]
     order_small = [i for i, _ in ResumableSampler(32, 4, 0, 1, 0)]
     assert order_big == order_small
     for a, b in zip(big.module.parameters(), small.module.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # AdamW's update barely changes with the gradient's scale: the logged norm (before clipping) shows
+    # that the accumulated gradient is the big batch's mean, not the sum of the micro-batches' means
+    for big_step, small_step in zip(big_result.history, small_result.history, strict=True):
+        assert small_step["grad_norm"] == pytest.approx(big_step["grad_norm"], rel=1e-5)
+        assert small_step["loss"] == pytest.approx(big_step["loss"], rel=1e-5)
+
+
+def first_step_gradient(config, run_dir) -> tuple[float, torch.Tensor]:
+    """(logged grad_norm, the flattened gradient the optimiser steps with) of a toy run's first step."""
+    trainer = toy_trainer(config, run_dir)
+    seen = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: seen.append(torch.cat([p.grad.flatten() for p in trainer.module.parameters()]))
+    )
+    result = trainer.fit()
+    return result.history[0]["grad_norm"], seen[0]
+
+
+def test_clipping_scales_the_gradient_to_clip_grad_and_logs_the_norm_before(tmp_path):
+    norm, gradient = first_step_gradient(toy_config("train.steps=1", "train.clip_grad=0"), tmp_path / "free")
+    assert norm == pytest.approx(gradient.norm().item(), rel=1e-5) and norm > 0
+    for clip_grad in (norm / 4, 4 * norm):
+        logged, clipped = first_step_gradient(toy_config("train.steps=1", f"train.clip_grad={clip_grad}"),
+                                              tmp_path / f"clip{clip_grad}")
+        assert logged == pytest.approx(norm, rel=1e-5)  # the same first step, logged before clipping
+        expected = gradient * min(1.0, clip_grad / norm)  # scaled down to norm clip_grad, never up
+        torch.testing.assert_close(clipped, expected, atol=1e-7, rtol=1e-5)
 
 
 def test_interrupted_checkpoint_write_leaves_last_good_one(tmp_path, monkeypatch):
