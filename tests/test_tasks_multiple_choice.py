@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from stoa_vlp.batch import Batch
 from stoa_vlp.config import load_config
 from stoa_vlp.model import build_model
-from stoa_vlp.tasks.multiple_choice import Choice, chose_answer, evaluate_multiple_choice, read_choices
+from stoa_vlp.tasks.multiple_choice import Choice, chose_answer, evaluate_multiple_choice, option_scores, read_choices
+from stoa_vlp.tasks.retrieval import encode_videos
 from stoa_vlp.tokenizer import Tokenizer
 
 OPTIONS = [["a red square moves left", "a blue circle grows", "a green triangle spins"],
@@ -91,6 +92,23 @@ def test_multiple_choice_scores_match_brute_force():
     assert metrics["accuracy_vtc"] == expected_vtc and metrics["num_items"] == 2.0
     vtc_metrics = evaluate_multiple_choice(model, loader, choices, tokenizer, "cpu", scoring="vtc")
     assert vtc_metrics["accuracy"] == expected_vtc
+
+
+def test_each_option_is_scored_against_its_own_items_video():
+    """Both score vectors of every item, against the model called on that item's video and options alone."""
+    model, tokenizer, loader, frames = two_videos()
+    choices = [Choice("v1", OPTIONS[1], 0), Choice("v0", OPTIONS[0], 0)]
+    with torch.no_grad():
+        _, videos = encode_videos(model, loader, "cpu")
+        scores = option_scores(model, videos, [1, 0], choices, tokenizer, "cpu")
+        for item, (row, options) in enumerate([(1, OPTIONS[1]), (0, OPTIONS[0])]):
+            video = model.encode_video(frames[row : row + 1].expand(3, -1, -1, -1, -1), *[None] * 5)
+            texts = model.encode_text(*tokenizer(options))
+            logits = model.match_logits(model.fuse(video, texts.tokens, texts.mask, mode="bidirectional"))
+            meanp = F.normalize(F.normalize(video.frames, dim=-1).mean(1), dim=-1)
+            torch.testing.assert_close(scores["vtm"][item], (logits[:, 1] - logits[:, 0]).double(), atol=1e-4, rtol=0)
+            torch.testing.assert_close(scores["vtc"][item].float(), (F.normalize(texts.sentence, dim=-1) * meanp).sum(-1),
+                                       atol=1e-5, rtol=0)
 
 
 def test_a_tie_counts_against_the_model():
