@@ -1,6 +1,7 @@
 """Captioning on the tiny model: the training loss, decoding through the model's step function, and caption text."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -63,7 +64,27 @@ def test_beam_one_equals_greedy_on_the_model(setup):
     step = caption_step(model, videos, tokenizer.sot_id)
     beam = beam_search(step, 2, tokenizer.sot_id, tokenizer.eot_id, 5, beam_size=1, length_penalty=1.0)
     assert [tokenizer.decode(h.tokens) for h in beam] == greedy
-    assert all(isinstance(c, str) for c in generate_captions(model, videos, tokenizer, beam_size=3, max_tokens=4))
+
+
+def test_generate_captions_searches_with_its_length_penalty(setup, monkeypatch):
+    """A step where "a" (id 320) keeps p 0.7 after a first 0.6 and the end token takes the rest: with no
+    length penalty the empty caption (log 0.4) wins, with penalty 2 the longest, "a a a a" (4 tokens)."""
+    from stoa_vlp.tasks import captioning
+
+    config, model, _, videos, tokenizer = setup
+    word, end = 320, tokenizer.eot_id
+
+    def step(prefixes, items):
+        log_probs = torch.full((len(prefixes), tokenizer.vocab_size), float("-inf"))
+        first = prefixes.shape[1] == 1
+        log_probs[:, word] = math.log(0.6 if first else 0.7)
+        log_probs[:, end] = math.log(0.4 if first else 0.3)
+        return log_probs
+
+    monkeypatch.setattr(captioning, "caption_step", lambda *args: step)
+    captions = {penalty: generate_captions(model, videos, tokenizer, beam_size=2, length_penalty=penalty, max_tokens=4)
+                for penalty in (0.0, 2.0)}
+    assert captions == {0.0: ["", ""], 2.0: ["a a a a", "a a a a"]}
 
 
 def test_beam_finds_the_best_caption_of_a_restricted_vocabulary(setup):
