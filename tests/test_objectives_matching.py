@@ -80,6 +80,13 @@ def test_candidates_are_tagged_tokens_plus_the_sentence():
     assert nouns.tolist() == [[False, True, False, False, True], [False, False, False, False, True]]  # padding ignored
 
 
+def test_the_start_and_end_tokens_are_never_candidates_whatever_their_tags():
+    tokens, sentence = torch.randn(1, 5, 3), torch.randn(1, 3)
+    text_mask = torch.tensor([[True, True, True, True, False]])
+    _, nouns = text_candidates(tokens, sentence, text_mask, torch.full((1, 5), TAG_NOUN), TAG_NOUN)
+    assert nouns.tolist() == [[False, True, True, False, False, True]]  # words 1-2 and the sentence
+
+
 def test_no_nouns_or_verbs_pulls_one_row_to_the_sentence_feature():
     torch.manual_seed(1)
     predictions = torch.randn(1, 3, 4, requires_grad=True)

@@ -22,6 +22,14 @@ def test_never_draws_a_positive():
     assert not positives[rows, index].any()
 
 
+def test_a_race_time_of_zero_never_draws_a_positive(monkeypatch):
+    """An exponential draw of exactly 0 (possible in torch's sampler) makes a positive's weight 0 / 0."""
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, rate=1.0: self.zero_())
+    positives = torch.tensor([[True, False, False], [False, True, False]])
+    index, has_negative = sample_hard_negatives(torch.zeros(2, 3), positives)
+    assert has_negative.all() and not positives[torch.arange(2), index].any()
+
+
 def test_a_dominant_negative_is_drawn_almost_always():
     torch.manual_seed(1)
     positives = torch.eye(5, dtype=torch.bool)

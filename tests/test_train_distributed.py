@@ -134,8 +134,7 @@ def test_fsdp_resumes_exactly_from_its_sharded_checkpoint(tmp_path):
 
 
 def fsdp_groups_on_rank(rank: int, world_size: int, init_file: str, report: str) -> None:
-    import json
-
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         config = load_config("tiny", [*overrides(2, "fsdp"), "train.tower_lr_scale=0.1"])
@@ -152,8 +151,6 @@ def fsdp_groups_on_rank(rank: int, world_size: int, init_file: str, report: str)
 
 def test_fsdp_keeps_the_weight_decay_and_learning_rate_groups(tmp_path):
     """FSDP flattens parameter shapes; the groups (chosen by shape and name) are those of one rank."""
-    import json
-
     report = tmp_path / "groups.json"
     mp.spawn(fsdp_groups_on_rank, args=(2, str(tmp_path / "init"), str(report)), nprocs=2, join=True)
     config = load_config("tiny", [*overrides(GLOBAL_BATCH), "train.tower_lr_scale=0.1"])
@@ -206,7 +203,7 @@ def fp16_overflow_rank(rank: int, init_file: str, run_dir: str, report: str) -> 
     from _train_toys import ToyDataset
     from _train_toys import collate as toy_collate
 
-    one_thread()
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         config = load_config("tiny", ["train.steps=2", "train.warmup_steps=1", "train.progress=false",
@@ -332,7 +329,7 @@ def pruned_best_rank(rank: int, init_file: str, run_dir: str, report: str, score
     from _train_toys import ToyDataset, ToyModel
     from _train_toys import collate as toy_collate
 
-    one_thread()
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         config = load_config("tiny", ["train.steps=4", "train.save_every=1", "train.keep_last=2", "train.eval_every=1",

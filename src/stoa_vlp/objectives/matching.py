@@ -37,6 +37,7 @@ from scipy.optimize import linear_sum_assignment
 
 from stoa_vlp.host_copy import start_copy_to_host
 from stoa_vlp.objectives.distributed import global_mean
+from stoa_vlp.objectives.mlm import word_positions
 
 SIMILARITIES = ("dot", "cosine")
 
@@ -54,9 +55,10 @@ class AlignmentTask:
 def text_candidates(text_tokens: torch.Tensor, sentence: torch.Tensor, text_mask: torch.Tensor,
                     pos_tags: torch.Tensor, tag: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Detached candidates (B, L+1, E): the caption's tokens then its sentence feature; mask (B, L+1)
-    True at the tokens tagged `tag` and always at the sentence feature."""
+    True at the word tokens tagged `tag` (never the start, end or padding, whatever their tags) and
+    always at the sentence feature."""
     candidates = torch.cat([text_tokens, sentence[:, None]], dim=1).detach()
-    tagged = (pos_tags == tag) & text_mask
+    tagged = (pos_tags == tag) & word_positions(text_mask)
     return candidates, torch.cat([tagged, torch.ones_like(tagged[:, :1])], dim=1)
 
 

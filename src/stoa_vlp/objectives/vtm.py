@@ -41,7 +41,8 @@ def sample_hard_negatives(similarity: torch.Tensor, positives: torch.Tensor) -> 
     logits = logits.masked_fill(~has_negative[:, None], 0.0)
     probabilities = torch.softmax(logits, dim=1)
     race = torch.empty_like(probabilities).exponential_(1.0)  # (B, G)
-    return (probabilities / race).argmax(dim=1), has_negative
+    # a race time of exactly 0 would make a positive's 0 / 0 a NaN, which argmax takes for the largest
+    return (probabilities / race).masked_fill(positives, -1.0).argmax(dim=1), has_negative
 
 
 def select_rows(features, index: torch.Tensor):
