@@ -14,7 +14,13 @@ from torchvision.transforms import v2
 
 from stoa_vlp.config import ConfigError, load_config
 from stoa_vlp.model import CheckpointError, STOAVLP, build_model, load_clip_weights, load_pretrained, save_pretrained
-from stoa_vlp.model.checkpoint import CONFIG_FILE, load_model_weights, resample_along_time, resample_frame_tables
+from stoa_vlp.model.checkpoint import (
+    CONFIG_FILE,
+    frame_table_keys,
+    load_model_weights,
+    resample_along_time,
+    resample_frame_tables,
+)
 from stoa_vlp.model.stoa import fusion_length
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -499,6 +505,26 @@ def test_another_frame_count_keeps_each_fusion_position_after_the_frames_on_its_
         # before: the table was kept as saved, so the first text token, saved on row 11, read row 15 with 8 frames
         assert torch.equal(loaded[frames : frames + after_frames], table[4 : 4 + after_frames])
     assert torch.equal(loaded[-2:], table[-2:])  # 2 frames: the table's end filled with its saved last rows
+
+
+@pytest.mark.parametrize("loader", ["load_pretrained", "finetune --init"])
+def test_a_model_without_frame_tables_realigns_its_fusion_positions_from_its_config(tmp_path, loader):
+    """No temporal embedding, objects or actions: no table shows the saved frame count, config.json does."""
+    from stoa_vlp.commands.task_common import load_model_weights_from
+
+    ablated = ["model.temporal_embedding=false", "model.objects=false", "model.actions=false"]
+    saved = STOAVLP(load_config("tiny", ablated).model)
+    assert not frame_table_keys(saved)
+    save_pretrained(saved, tmp_path / "ckpt")
+    if loader == "load_pretrained":
+        loaded = load_pretrained(tmp_path / "ckpt", frames=8)
+    else:
+        loaded = STOAVLP(load_config("tiny", [*ablated, "model.frames=8"]).model)
+        load_model_weights_from(loaded, tmp_path / "ckpt")
+    table, after_frames = saved.fusion.position_embedding.detach(), fusion_length(saved.config, extra_slots=1) - 4
+    realigned = loaded.fusion.position_embedding.detach()
+    assert torch.equal(realigned[:8], resample_along_time(table[:4], 8))
+    assert torch.equal(realigned[8 : 8 + after_frames], table[4 : 4 + after_frames])
 
 
 def test_a_wrapped_model_realigns_its_fusion_positions_too():

@@ -165,9 +165,13 @@ def frame_table_keys(module: nn.Module) -> list[str]:
     return [prefix + name for prefix, _ in stoa_models(module) for name in FRAME_TABLES if prefix + name in own]
 
 
-def resample_frame_tables(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def resample_frame_tables(
+    module: nn.Module, state: dict[str, torch.Tensor], source: str, saved_frames: int | None = None
+) -> dict[str, torch.Tensor]:
     """`state` with its frame tables resampled to the frame count `module` was built with, and the
-    fusion position table of each resampled model realigned to it (`realigned_fusion_positions`).
+    fusion position table of each model realigned to it (`realigned_fusion_positions`). `saved_frames`:
+    the frame count the weights were saved with (`saved_frame_count`); without it, the resampled
+    tables tell it, and a model without frame tables keeps its fusion positions as saved.
 
     Only a table whose width matches and whose row count differs is resampled, so any other shape
     mismatch is left for the strict load to report.
@@ -185,22 +189,26 @@ def resample_frame_tables(module: nn.Module, state: dict[str, torch.Tensor], sou
             "%s: frame tables %s resampled along time from %s to %s frames (linear interpolation)",
             source, ", ".join(sorted(resampled)), "/".join(map(str, old)), "/".join(map(str, new)),
         )
-    return {**state, **resampled, **realigned_fusion_positions(module, state, resampled, source)}
+    realigned = realigned_fusion_positions(module, state, resampled, source, saved_frames)
+    return {**state, **resampled, **realigned}
 
 
 def realigned_fusion_positions(
-    module: nn.Module, state: dict[str, torch.Tensor], resampled: dict[str, torch.Tensor], source: str
+    module: nn.Module, state: dict[str, torch.Tensor], resampled: dict[str, torch.Tensor], source: str,
+    saved_frames: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The fusion position table of every STOAVLP in `module` whose frame tables were `resampled` from
-    one frame count, at its new frame count (`realigned_positions`), where the saved table has the
-    model's shape (any other is left for the strict load to report)."""
+    """The fusion position table of every STOAVLP in `module` built with another frame count than
+    `saved_frames` (without it: whose frame tables were `resampled` from one frame count), at its own
+    frame count (`realigned_positions`), where the saved table has the model's shape (any other is
+    left for the strict load to report)."""
     own = module.state_dict(keep_vars=True)
     realigned = {}
     for prefix, model in stoa_models(module):
         key = prefix + FUSION_POSITIONS
-        saved_frames = {state[prefix + name].shape[0] for name in FRAME_TABLES if prefix + name in resampled}
-        if len(saved_frames) == 1 and key in state and state[key].shape == own[key].shape:
-            realigned[key] = realigned_positions(state[key], saved_frames.pop(), model.config.frames)
+        told = {state[prefix + name].shape[0] for name in FRAME_TABLES if prefix + name in resampled}
+        frames = saved_frames if saved_frames is not None else (told.pop() if len(told) == 1 else model.config.frames)
+        if frames != model.config.frames and key in state and state[key].shape == own[key].shape:
+            realigned[key] = realigned_positions(state[key], frames, model.config.frames)
     if realigned:
         log.info("%s: %s: the frame rows resampled along time like the frame tables, the rows after them "
                  "(video-SEP, trajectories, actions, text) kept in order behind them", source, ", ".join(realigned))
@@ -435,7 +443,7 @@ def load_pretrained(directory: str | Path, **model_overrides) -> STOAVLP:
     warn_of_defaults(config_path, settings, model_overrides)
     config = from_dict({"model": {**settings, **model_overrides}}).model
     model = build_saved_model(config, config_path, model_overrides)
-    load_model_weights(model, weights_path)
+    load_model_weights(model, weights_path, settings.get("frames", ModelConfig.frames))
     return model
 
 
@@ -494,13 +502,22 @@ def model_part(module: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str,
     return {name.removeprefix("model."): value for name, value in weights.items() if name.startswith("model.")}
 
 
-def load_model_weights(model: STOAVLP, path: str | Path) -> None:
-    """Strictly load a STOAVLP safetensors file into `model` (frame tables resampled to its frames); a
-    task checkpoint with a head of its own (QA) gives its model part."""
+def saved_frame_count(folder: Path) -> int | None:
+    """model.frames of the model whose weights `folder` holds, from its config.json; None without one."""
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        return None
+    return read_model_settings(config_path).get("frames", ModelConfig.frames)
+
+
+def load_model_weights(model: STOAVLP, path: str | Path, saved_frames: int | None = None) -> None:
+    """Strictly load a STOAVLP safetensors file into `model` (frame tables resampled to its frames from
+    `saved_frames`, `resample_frame_tables`); a task checkpoint with a head of its own (QA) gives its
+    model part."""
     try:
         state = load_file(path)
     except Exception as error:  # safetensors raises its own error types for a damaged file
         raise CheckpointError(f"{path}: cannot read safetensors weights ({error})") from error
     state = model_part(model, state)
     source = f"checkpoint {path}"
-    load_state_checked(model, resample_frame_tables(model, with_vector_logit_scale(state), source), source)
+    load_state_checked(model, resample_frame_tables(model, with_vector_logit_scale(state), source, saved_frames), source)
