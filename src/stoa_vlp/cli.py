@@ -57,14 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:
-    """The errors that report bad input with a message naming it, rather than a fault of the program."""
+    """The errors that report bad input with a message naming it, rather than a fault of the program
+    (a CheckpointError is a ValueError)."""
     from stoa_vlp.data.decode import VideoError
     from stoa_vlp.data.skips import TooManyBadSamples
     from stoa_vlp.metrics.captioning import JavaMissingError
-    from stoa_vlp.train.checkpointing import CheckpointError
     from stoa_vlp.train.loop import NonFiniteLossError
 
-    return (OSError, ValueError, VideoError, JavaMissingError, CheckpointError, NonFiniteLossError, TooManyBadSamples)
+    return (OSError, ValueError, VideoError, JavaMissingError, NonFiniteLossError, TooManyBadSamples)
 
 
 def console_main(argv: list[str] | None = None) -> int:

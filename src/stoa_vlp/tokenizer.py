@@ -15,10 +15,11 @@ SPECIAL_TEXT = re.compile(r"<start_of_text>|<end_of_text>", re.IGNORECASE)
 # CLIP's pre-tokenizer makes each digit, each run of punctuation and each of the contractions 's 't 're 've 'm
 # 'll 'd a word of its own, and its decoding puts a space after every word. These undo the splits that decoded
 # text can tell apart. A digit before letters cannot be told from a number before a word ("3d" decodes as "3 d",
-# like "2 men"), so it stays apart; two numbers in a row ("2 3") join into one, and a spaced hyphen ("well - known")
-# closes up.
+# like "2 men"), so it stays apart; two numbers in a row ("2 3") join into one, as do "2 . 5" and "10 : 30";
+# a spaced hyphen ("well - known") closes up.
 REJOINS = (
     (re.compile(r"(?<=\d) (?=\d)"), ""),  # "2 0 1 5" -> "2015"
+    (re.compile(r"(?<=\d) ([.:]) (?=\d)"), r"\1"),  # "2 . 5" -> "2.5", "1 0 : 3 0" -> "10:30" (digits first)
     (re.compile(r"(?<=\w) '(s|t|re|ve|m|ll|d)(?= |$)"), r"'\1"),  # "isn 't" -> "isn't"
     (re.compile(r"(?<=\w) - (?=\w)"), "-"),  # "t - shirt" -> "t-shirt"
 )

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from stoa_vlp.data.jsonl import one_line, read_json_object, write_json_atomic
-from stoa_vlp.model.checkpoint import CheckpointError, load_state_checked
+from stoa_vlp.model.checkpoint import CheckpointError
 
 CHECKPOINTS = "checkpoints"
 BEST = "best.json"
@@ -91,12 +91,6 @@ def to_cpu(state: Any) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(to_cpu(value) for value in state)
     return state
-
-
-def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load that names the missing, unexpected and mis-shaped keys (a ValueError, not PyTorch's
-    RuntimeError from deep inside)."""
-    load_state_checked(module, state, source)
 
 
 # ---- RNG ---------------------------------------------------------------------------------------

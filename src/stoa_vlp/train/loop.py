@@ -34,7 +34,7 @@ from stoa_vlp.train.data_position import (
     worker_seed,
 )
 from stoa_vlp.host_copy import start_copy_to_host
-from stoa_vlp.model.checkpoint import weights_prefix
+from stoa_vlp.model.checkpoint import load_state_checked, weights_prefix
 from stoa_vlp.train.distributed import DistEnv, barrier, gather_objects, mean_over_ranks, wrap_model
 from stoa_vlp.train.logging import MetricsLogger, Progress, format_table
 from stoa_vlp.train.optim import (
@@ -326,7 +326,7 @@ class Trainer:
             set_optimizer_state_dict(self.wrapped, self.optimizer, loaded["training_state"]["optimizer"],
                                      options=StateDictOptions(full_state_dict=True, strict=False))
         else:
-            ckpt.load_module_state(self.module, weights, str(folder))
+            load_state_checked(self.module, weights, str(folder))
             self.optimizer.load_state_dict(loaded["training_state"]["optimizer"])
         self.scheduler.load_state_dict(loaded["training_state"]["scheduler"])
         apply_settings(self.optimizer, self.scheduler, settings)
