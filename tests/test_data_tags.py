@@ -104,9 +104,12 @@ def test_cleaning_and_unicode_keep_alignment(tokenizer, nlp):
     # a special token's text is not a special token: it used to end the caption there (mask and all)
     (special,) = tag_pieces(["a dog <End_of_Text> runs"], tokenizer, nlp)
     assert special.tolist() == [TAG_NONE, TAG_NOUN, TAG_VERB]
-    tokens, mask = tokenizer(["a dog <End_of_Text> runs", "<start_of_text>a dog runs"])
+    # also once HTML-unescaped by the tokenizer's cleaning, which the check used to run before
+    escaped = ["a dog &lt;end_of_text&gt; runs", "a dog &amp;amp;lt;END_OF_TEXT&amp;amp;gt; runs"]
+    tokens, mask = tokenizer(["a dog <End_of_Text> runs", "<start_of_text>a dog runs", *escaped])
     expected, _ = tokenizer("a dog runs")
-    assert torch.equal(tokens, expected.expand(2, -1)) and mask.sum(dim=1).tolist() == [5, 5]
+    assert torch.equal(tokens, expected.expand(4, -1)) and mask.sum(dim=1).tolist() == [5, 5, 5, 5]
+    assert [tags.tolist() for tags in tag_pieces(escaped, tokenizer, nlp)] == [[TAG_NONE, TAG_NOUN, TAG_VERB]] * 2
     (empty,) = tag_tokens([""], tokenizer, nlp)
     assert np.all(empty == TAG_NONE)
 

@@ -7,10 +7,11 @@ import re
 from functools import cached_property
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
+from open_clip.tokenizer import SimpleTokenizer, basic_clean
 
 # open_clip's pre-tokenizer turns these strings into the start and end ids wherever a text holds them
 SPECIAL_TEXT = re.compile(r"<start_of_text>|<end_of_text>", re.IGNORECASE)
+MAX_CLEANING_ROUNDS = 8  # each round unescapes at least one level of HTML; captions hold one or two
 
 # CLIP's pre-tokenizer makes each digit, each run of punctuation and each of the contractions 's 't 're 've 'm
 # 'll 'd a word of its own, and its decoding puts a space after every word. These undo the splits that decoded
@@ -35,9 +36,16 @@ def rejoin_words(text: str) -> str:
 
 
 def plain_text(text: str) -> str:
-    """`text` without the literal strings of CLIP's special tokens: in a caption, "<end_of_text>" would
-    end it there (the rest masked out) and "<start_of_text>" start it again."""
-    return SPECIAL_TEXT.sub(" ", text)
+    """`text` cleaned as open_clip cleans it (ftfy, then HTML entities unescaped) and without the literal
+    strings of CLIP's special tokens: in a caption, "<end_of_text>" would end it there (the rest masked
+    out) and "<start_of_text>" start it again, also when written "&lt;end_of_text&gt;". Cleaned until
+    nothing changes, so that the tokenizer's own cleaning of the result unescapes no hidden one."""
+    for _ in range(MAX_CLEANING_ROUNDS):
+        cleaned = SPECIAL_TEXT.sub(" ", basic_clean(text))
+        if cleaned == text:
+            break
+        text = cleaned
+    return text
 
 
 class Tokenizer:
