@@ -320,6 +320,32 @@ def test_vinvl_predictions_are_checked_as_the_detections_reader_checks_them(tmp_
         read_vinvl_tsv(tsv, fps=1.0)
 
 
+@pytest.mark.parametrize(
+    "key,video_id,time",
+    [
+        ("video17/frame_0003.jpg", "video17", 3.0),  # TSN-style frame folders: the file name has a prefix
+        ("video17/img_00003.jpg", "video17", 3.0),
+        ("video17/0003.jpg", "video17", 3.0),
+        ("split/video_17/3", "split/video_17", 3.0),  # the folder is everything before the last '/'
+        ("video17_0003", "video17", 3.0),
+        ("video_17_0003.jpg", "video_17", 3.0),
+    ],
+)
+def test_vinvl_keys_name_the_video_and_frame(tmp_path, key, video_id, time):
+    tsv = tmp_path / "predictions.tsv"
+    tsv.write_text(vinvl_line(key))
+    [video] = read_vinvl_tsv(tsv, fps=1.0)
+    assert (video.video_id, [frame.time for frame in video.frames]) == (video_id, [time])
+
+
+@pytest.mark.parametrize("key", ["video17/frame.jpg", "/0003.jpg", "video17-0003", "video17_frame"])
+def test_vinvl_keys_without_a_video_or_frame_number_are_errors(tmp_path, key):
+    tsv = tmp_path / "predictions.tsv"
+    tsv.write_text(vinvl_line("vid_3") + vinvl_line(key))
+    with pytest.raises(DetectionsError, match=rf"predictions.tsv:2: key {key!r} is not <video_id>_<frame number> or"):
+        read_vinvl_tsv(tsv, fps=1.0)
+
+
 def test_vinvl_sizes_of_one_video_must_agree_and_files_be_utf8(tmp_path):
     frames = [(0.0, {"objects": [], "image_w": 64, "image_h": 48}), (1.0, {"objects": [], "image_w": 64, "image_h": 64})]
     with pytest.raises(DetectionsError, match="video v frame 1: image size 64x64 differs from 64x48 at video v frame 0"):

@@ -10,10 +10,12 @@ HELP = "convert VinVL predictions of extracted frames (predictions.tsv) into det
 EXAMPLES = """examples:
   stoa-vlp vinvl output/predictions.tsv --fps 1 --hw frames.hw.tsv --out detections.jsonl
 
-Image keys name the video and the frame: <video_id>_<frame index> or <video_id>/<frame index>.<ext>;
-frame i is at i / --fps seconds. Boxes stay in pixels of the frames VinVL saw, so those frames must
-have the video's size. scene_graph_benchmark's predictions.tsv holds no image sizes: give the
-dataset's .hw.tsv (<key>\\t[{"height": H, "width": W}]) with --hw.
+Image keys name the video and the frame: <folder>/<file> is frame n of video <folder> (all before
+the last '/'), n the last digits of the file name (video17/frame_0003.jpg: video17, frame 3); a key
+without '/' is <video_id>_<n> (video17_0003). Frame n is at n / --fps seconds. Boxes stay in pixels
+of the frames VinVL saw, so those frames must have the video's size. scene_graph_benchmark's
+predictions.tsv holds no image sizes: give the dataset's .hw.tsv (<key>\\t[{"height": H, "width": W}])
+with --hw.
 """
 
 

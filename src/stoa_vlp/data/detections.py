@@ -287,7 +287,25 @@ def write_detections(path: str | Path, videos: Iterable[VideoDetections]) -> int
 
 # ---------------------------------------------------------------- VinVL conversion
 
-VINVL_KEY = re.compile(r"^(?P<video>.+?)[/_](?P<frame>\d+)(\.\w+)?$")
+VINVL_FLAT_KEY = re.compile(r"^(?P<video>.+?)_(?P<frame>\d+)(\.\w+)?$")  # <video_id>_<frame number>[.ext]
+VINVL_KEY_FORMS = "<video_id>_<frame number> or <video_id>/<file name with the frame number>"
+
+
+def vinvl_key(key: str, where: str) -> tuple[str, int]:
+    """(video id, frame number) of a VinVL image key. A key with a slash is a frame folder's image:
+    the video is the folder (all before the last '/') and the frame number the last digits of the file
+    name without its extension (`video17/frame_0003.jpg`, `video17/0003.jpg` -> video17, 3); a key
+    without one is `<video_id>_<frame number>` (`video17_0003`)."""
+    folder, slash, file = key.rpartition("/")
+    if slash:
+        numbers = re.findall(r"\d+", file.rsplit(".", 1)[0])
+        if folder and numbers:
+            return folder, int(numbers[-1])
+    else:
+        match = VINVL_FLAT_KEY.match(key)
+        if match is not None:
+            return match["video"], int(match["frame"])
+    raise DetectionsError(f"{where}: key {key!r} is not {VINVL_KEY_FORMS}")
 
 
 def _vinvl_frame(
@@ -366,13 +384,13 @@ def read_hw_tsv(path: str | Path) -> dict[str, tuple[int, int]]:
 class _VinvlVideo:
     size: tuple[int, int]  # of its first frame, at line `first_line`
     first_line: str
-    frames: dict[int, tuple[str, FrameDetections]]  # frame index -> (file:line, frame)
+    frames: dict[int, tuple[str, FrameDetections]]  # frame number -> (file:line, frame)
 
 
 def read_vinvl_tsv(path: str | Path, fps: float, sizes: dict[str, tuple[int, int]] | None = None) -> list[VideoDetections]:
-    """VinVL's prediction TSV (`<key>\\t<json>` per image) with keys `<video_id>_<frame index>` or
-    `<video_id>/<frame index>.<ext>`; a frame's time is its index / `fps`. Image sizes come from each
-    prediction's image_w/image_h or else from `sizes` ({key: (width, height)}, `read_hw_tsv`):
+    """VinVL's prediction TSV (`<key>\\t<json>` per image), keys as `vinvl_key` reads them; a frame's
+    time is its number / `fps`. Image sizes come from each prediction's image_w/image_h or else from
+    `sizes` ({key: (width, height)}, `read_hw_tsv`):
     scene_graph_benchmark writes only {"objects", "relations"}. The frames of a video must have one
     size, and each frame one line; errors name file:line."""
     path = Path(path)
@@ -383,27 +401,24 @@ def read_vinvl_tsv(path: str | Path, fps: float, sizes: dict[str, tuple[int, int
                 continue
             where = f"{path}:{line_number}"
             key, _, payload = line.rstrip("\n").partition("\t")
-            match = VINVL_KEY.match(key)
-            if match is None:
-                raise DetectionsError(f"{where}: key {key!r} is not <video_id>_<frame> or <video_id>/<frame>.<ext>")
+            video_id, number = vinvl_key(key, where)
             try:
                 prediction = json.loads(payload)
             except json.JSONDecodeError as error:
                 raise DetectionsError(f"{where}: malformed JSON ({error.msg})") from None
             if not isinstance(prediction, dict) or "objects" not in prediction:
                 raise DetectionsError(f"{where}: prediction is not a JSON object with 'objects'")
-            index = int(match["frame"])
-            frame, size = _vinvl_frame(index / fps, prediction, (sizes or {}).get(key), where)
+            frame, size = _vinvl_frame(number / fps, prediction, (sizes or {}).get(key), where)
             if size is None:
                 raise DetectionsError(f"{where}: no image_w/image_h for {key!r} and no size for it in the hw file")
-            video = by_video.setdefault(match["video"], _VinvlVideo(size, where, {}))
+            video = by_video.setdefault(video_id, _VinvlVideo(size, where, {}))
             _same_size(size, video.size, video.first_line, where)
-            if index in video.frames:
-                first_where = video.frames[index][0]
-                raise DetectionsError(f"{where}: frame {index} of video {match['video']!r} is also at {first_where}")
-            video.frames[index] = (where, frame)
+            if number in video.frames:
+                first_where = video.frames[number][0]
+                raise DetectionsError(f"{where}: frame {number} of video {video_id!r} is also at {first_where}")
+            video.frames[number] = (where, frame)
     return [
-        _checked_video(video_id, *video.size, [video.frames[index] for index in sorted(video.frames)],
+        _checked_video(video_id, *video.size, [video.frames[number] for number in sorted(video.frames)],
                        f"{path}: video {video_id!r}")
         for video_id, video in by_video.items()
     ]
