@@ -49,6 +49,8 @@ def test_unknown_command_is_an_error(capsys):
         (["demo", "--train-clips", "0"], "argument --train-clips: must be > 0, got 0"),
         (["search", "index", "a dog", "--top", "0"], "argument --top: must be > 0, got 0"),
         (["caption", "--checkpoint", "run", "a.mp4", "--beam", "0"], "argument --beam: must be > 0, got 0"),
+        (["vinvl", "p.tsv", "--fps", "1", "--out", "d.jsonl", "--start-number", "-1"],
+         "argument --start-number: must be >= 0, got -1"),
     ],
 )
 def test_numeric_options_out_of_range_are_errors_naming_the_option(argv, message, capsys):

@@ -197,7 +197,7 @@ def test_convert_vinvl(tmp_path):
     tsv.write_text(
         f"clip7_0002\t{json.dumps(prediction)}\nclip7_0000\t{json.dumps(prediction)}\nother/5.jpg\t{json.dumps(prediction)}\n"
     )
-    videos = {v.video_id: v for v in read_vinvl_tsv(tsv, fps=2.0)}
+    videos = {v.video_id: v for v in read_vinvl_tsv(tsv, fps=2.0, start_number=0)}
     assert sorted(videos) == ["clip7", "other"]
     assert [f.time for f in videos["clip7"].frames] == [0.0, 1.0]
     assert [f.time for f in videos["other"].frames] == [2.5]
@@ -213,9 +213,9 @@ def test_scene_graph_benchmark_predictions_take_their_sizes_from_the_hw_file(tmp
     hw = tmp_path / "frames.hw.tsv"
     hw.write_text('clip7_0\t[{"height": 240, "width": 320}]\nclip7_1\t[{"height": 240, "width": 320}]\n')
     with pytest.raises(DetectionsError, match="predictions.tsv:1: no image_w/image_h for 'clip7_0' and no size"):
-        read_vinvl_tsv(tsv, fps=1.0)
+        read_vinvl_tsv(tsv, fps=1.0, start_number=0)
     out = tmp_path / "detections.jsonl"
-    assert main(["vinvl", str(tsv), "--fps", "2", "--hw", str(hw), "--out", str(out)]) == 0
+    assert main(["vinvl", str(tsv), "--fps", "2", "--start-number", "0", "--hw", str(hw), "--out", str(out)]) == 0
     video = read_detections(out)["clip7"]
     assert (video.width, video.height) == (320, 240) and [f.time for f in video.frames] == [0.0, 0.5]
     np.testing.assert_allclose(video.frames[1].rects, [[10.5, 20.0, 50.0, 90.0]])
@@ -317,7 +317,7 @@ def test_vinvl_predictions_are_checked_as_the_detections_reader_checks_them(tmp_
     tsv = tmp_path / "predictions.tsv"
     tsv.write_text("".join(lines))
     with pytest.raises(DetectionsError, match=message):
-        read_vinvl_tsv(tsv, fps=1.0)
+        read_vinvl_tsv(tsv, fps=1.0, start_number=0)
 
 
 @pytest.mark.parametrize(
@@ -334,7 +334,7 @@ def test_vinvl_predictions_are_checked_as_the_detections_reader_checks_them(tmp_
 def test_vinvl_keys_name_the_video_and_frame(tmp_path, key, video_id, time):
     tsv = tmp_path / "predictions.tsv"
     tsv.write_text(vinvl_line(key))
-    [video] = read_vinvl_tsv(tsv, fps=1.0)
+    [video] = read_vinvl_tsv(tsv, fps=1.0, start_number=0)
     assert (video.video_id, [frame.time for frame in video.frames]) == (video_id, [time])
 
 
@@ -344,6 +344,40 @@ def test_vinvl_keys_without_a_video_or_frame_number_are_errors(tmp_path, key):
     tsv.write_text(vinvl_line("vid_3") + vinvl_line(key))
     with pytest.raises(DetectionsError, match=rf"predictions.tsv:2: key {key!r} is not <video_id>_<frame number> or"):
         read_vinvl_tsv(tsv, fps=1.0)
+
+
+def test_vinvl_frames_extracted_by_ffmpeg_start_at_0_seconds_as_in_a_frame_folder(tmp_path, caplog):
+    tsv = tmp_path / "predictions.tsv"  # ffmpeg -vf fps=2 v/%04d.jpg: 0001.jpg first
+    tsv.write_text("".join(vinvl_line(f"v/{n:04d}.jpg") for n in (1, 2, 3)))
+    [video] = read_vinvl_tsv(tsv, fps=2.0)
+    assert [frame.time for frame in video.frames] == [0.0, 0.5, 1.0]  # decode.py: image i at i / frame rate
+    assert not caplog.records
+    out = tmp_path / "detections.jsonl"
+    assert main(["vinvl", str(tsv), "--fps", "2", "--start-number", "0", "--out", str(out)]) == 0
+    assert [frame.time for frame in read_detections(out)["v"].frames] == [0.5, 1.0, 1.5]
+    assert "no frame is numbered 0, the start number" in caplog.text
+
+
+def test_vinvl_frame_numbers_below_the_start_number_are_errors(tmp_path):
+    tsv = tmp_path / "predictions.tsv"
+    tsv.write_text(vinvl_line("v/0001.jpg") + vinvl_line("v/0000.jpg"))
+    with pytest.raises(DetectionsError, match=r"predictions.tsv:2: key 'v/0000.jpg' has frame number 0, "
+                                              r"below the start number 1 \(the number of the frame at 0 s\)"):
+        read_vinvl_tsv(tsv, fps=1.0)
+
+
+def test_vinvl_frames_numbered_from_another_start_are_warned_about_once(tmp_path, caplog):
+    tsv = tmp_path / "predictions.tsv"
+    tsv.write_text("".join(vinvl_line(key) for key in ("a_2", "a_3", "b_2", "c_4", "c_5")))
+    read_vinvl_tsv(tsv, fps=2.0, start_number=1)
+    [record] = caplog.records
+    assert record.levelname == "WARNING" and str(tsv) in record.getMessage()
+    assert ("no frame is numbered 1, the start number (the frame at 0 s); the lowest frame number is 2, in 2 of the "
+            "3 videos: if the frames were numbered from 2, every box lands 0.5 s late") in record.getMessage()
+    caplog.clear()
+    tsv.write_text(vinvl_line("a_1") + vinvl_line("b_2"))  # one video starting at 1 is enough
+    read_vinvl_tsv(tsv, fps=2.0, start_number=1)
+    assert not caplog.records
 
 
 def test_vinvl_sizes_of_one_video_must_agree_and_files_be_utf8(tmp_path):

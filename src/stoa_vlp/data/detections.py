@@ -13,6 +13,7 @@ number from 0 to 1; anything else is an error naming file:line.
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 import re
 from collections import Counter
@@ -24,6 +25,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from stoa_vlp.data.jsonl import is_finite_number, non_empty_string, open_text, read_json, read_jsonl, write_jsonl_atomic
+
+log = logging.getLogger(__name__)
 
 
 class DetectionsError(ValueError):
@@ -387,10 +390,35 @@ class _VinvlVideo:
     frames: dict[int, tuple[str, FrameDetections]]  # frame number -> (file:line, frame)
 
 
-def read_vinvl_tsv(path: str | Path, fps: float, sizes: dict[str, tuple[int, int]] | None = None) -> list[VideoDetections]:
+def _vinvl_time(number: int, start_number: int, fps: float, key: str, where: str) -> float:
+    """Seconds from the start of the video of the frame numbered `number`, the frame numbered
+    `start_number` being at 0 s."""
+    if number < start_number:
+        raise DetectionsError(f"{where}: key {key!r} has frame number {number}, below the start number "
+                              f"{start_number} (the number of the frame at 0 s)")
+    return (number - start_number) / fps
+
+
+def _warn_if_numbered_from_elsewhere(path: Path, by_video: dict[str, _VinvlVideo], start_number: int, fps: float) -> None:
+    """One warning when no video has a frame numbered `start_number`: frames numbered from another
+    number would put every box a constant time late, which nothing else shows."""
+    firsts = [min(video.frames) for video in by_video.values()]
+    if not firsts or min(firsts) == start_number:
+        return
+    lowest = min(firsts)
+    log.warning("%s: no frame is numbered %d, the start number (the frame at 0 s); the lowest frame number is %d, "
+                "in %d of the %d videos: if the frames were numbered from %d, every box lands %g s late",
+                path, start_number, lowest, firsts.count(lowest), len(firsts), lowest, (lowest - start_number) / fps)
+
+
+def read_vinvl_tsv(
+    path: str | Path, fps: float, sizes: dict[str, tuple[int, int]] | None = None, start_number: int = 1
+) -> list[VideoDetections]:
     """VinVL's prediction TSV (`<key>\\t<json>` per image), keys as `vinvl_key` reads them; a frame's
-    time is its number / `fps`. Image sizes come from each prediction's image_w/image_h or else from
-    `sizes` ({key: (width, height)}, `read_hw_tsv`):
+    time is (its number - `start_number`) / `fps`, so `start_number` is the number of the frame at 0 s
+    (1 for frames extracted by ffmpeg, which numbers its images from 1 by default). A lower number is
+    an error; no frame at `start_number` in any video is one logged warning. Image sizes come from each
+    prediction's image_w/image_h or else from `sizes` ({key: (width, height)}, `read_hw_tsv`):
     scene_graph_benchmark writes only {"objects", "relations"}. The frames of a video must have one
     size, and each frame one line; errors name file:line."""
     path = Path(path)
@@ -408,7 +436,8 @@ def read_vinvl_tsv(path: str | Path, fps: float, sizes: dict[str, tuple[int, int
                 raise DetectionsError(f"{where}: malformed JSON ({error.msg})") from None
             if not isinstance(prediction, dict) or "objects" not in prediction:
                 raise DetectionsError(f"{where}: prediction is not a JSON object with 'objects'")
-            frame, size = _vinvl_frame(number / fps, prediction, (sizes or {}).get(key), where)
+            time = _vinvl_time(number, start_number, fps, key, where)
+            frame, size = _vinvl_frame(time, prediction, (sizes or {}).get(key), where)
             if size is None:
                 raise DetectionsError(f"{where}: no image_w/image_h for {key!r} and no size for it in the hw file")
             video = by_video.setdefault(video_id, _VinvlVideo(size, where, {}))
@@ -417,6 +446,7 @@ def read_vinvl_tsv(path: str | Path, fps: float, sizes: dict[str, tuple[int, int
                 first_where = video.frames[number][0]
                 raise DetectionsError(f"{where}: frame {number} of video {video_id!r} is also at {first_where}")
             video.frames[number] = (where, frame)
+    _warn_if_numbered_from_elsewhere(path, by_video, start_number, fps)
     return [
         _checked_video(video_id, *video.size, [video.frames[number] for number in sorted(video.frames)],
                        f"{path}: video {video_id!r}")
