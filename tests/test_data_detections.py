@@ -362,7 +362,8 @@ def test_vinvl_frame_numbers_below_the_start_number_are_errors(tmp_path):
     tsv = tmp_path / "predictions.tsv"
     tsv.write_text(vinvl_line("v/0001.jpg") + vinvl_line("v/0000.jpg"))
     with pytest.raises(DetectionsError, match=r"predictions.tsv:2: key 'v/0000.jpg' has frame number 0, "
-                                              r"below the start number 1 \(the number of the frame at 0 s\)"):
+                                              r"below the start number 1 \(the number of the frame at 0 s: `stoa-vlp vinvl "
+                                              r"--start-number 0` for frames numbered from 0\)"):
         read_vinvl_tsv(tsv, fps=1.0)
 
 

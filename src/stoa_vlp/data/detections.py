@@ -395,7 +395,8 @@ def _vinvl_time(number: int, start_number: int, fps: float, key: str, where: str
     `start_number` being at 0 s."""
     if number < start_number:
         raise DetectionsError(f"{where}: key {key!r} has frame number {number}, below the start number "
-                              f"{start_number} (the number of the frame at 0 s)")
+                              f"{start_number} (the number of the frame at 0 s: `stoa-vlp vinvl --start-number 0` for frames "
+                              "numbered from 0)")
     return (number - start_number) / fps
 
 
