@@ -239,3 +239,72 @@ def test_qa_and_mc_report_videos_without_detections_once_per_split(tmp_path, cap
     assert warnings == [f"{detections}: 1 of 2 videos have no detections (no object trajectories; e.g. v2)",
                         f"{detections}: 2 of 3 videos have no detections (no object trajectories; e.g. v2)",
                         f"{detections}: 1 of 1 videos have no detections (no object trajectories; e.g. v3)"]
+
+
+def test_evaluation_encodes_each_video_once_and_answers_as_the_per_question_path(tmp_path, monkeypatch):
+    """MSRVTT-QA asks 72,821 questions of 2,990 videos: evaluation runs the video tower once per video
+    (not per question) and gives the per-question path's logits, predictions and metrics."""
+    from stoa_vlp.data.synth import render_world
+    from stoa_vlp.tasks.data import evaluation_loader, video_loader
+    from stoa_vlp.tasks.qa import predict, predict_questions, question_dataset, question_videos
+
+    world = render_world(tmp_path / "world", train=2, val=1, test=3, size=32, seconds=1.0, fps=6.0,
+                         captions_per_clip=1, questions_per_clip=4)
+    config = load_config("tiny", ["task.name=qa", "model.image_size=32", "data.batch_size=4",
+                                  f"data.video_root={world.videos}", f"data.detections={world.detections}",
+                                  f"data.train={world.qa['train']}", f"data.test={world.qa['test']}"])
+    torch.manual_seed(0)
+    runner = TaskRunner(config, "cpu", fine_tuning=True)
+    qa = runner.module(build_model(config.model))
+    with torch.no_grad():
+        torch.nn.init.normal_(qa.head.answer_slot)  # zero-initialised: make the slot matter
+    qa.train()  # evaluation switches to eval mode and back
+    questions = read_questions(world.qa["test"])
+    video_ids = list(dict.fromkeys(q.video_id for q in questions))
+    assert len(video_ids) == 3 and len(questions) >= 2 * len(video_ids)
+
+    encoded = []
+    encode_video = qa.model.encode_video
+
+    def counting(frames, *rest):
+        encoded.append(frames.shape[0])
+        return encode_video(frames, *rest)
+
+    monkeypatch.setattr(qa.model, "encode_video", counting)
+    monkeypatch.setattr(qa.model, "forward", lambda batch: (
+        counting(batch.frames, batch.boxes, batch.box_labels, batch.box_mask, batch.traj_labels, batch.traj_mask),
+        qa.model.encode_text(batch.tokens, batch.text_mask)))
+
+    paths = {video_id: str(next(world.videos.glob(f"{video_id}.*"))) for video_id in video_ids}
+    dataset, collate, kept = question_dataset(questions, runner.answers, config, False, paths,
+                                              runner.detections, runner.label_vocab)
+    per_question = evaluation_loader(dataset, config, collate)
+    reference, labels = predict(qa, per_question, "cpu")
+    assert sum(encoded) == len(questions)  # the old path: the tower once per question
+    with torch.no_grad():
+        reference_logits = torch.cat([qa.eval().logits(batch) for batch in per_question])
+    qa.train()
+
+    encoded.clear()
+    predicted = predict_questions(qa, video_loader(question_videos(questions, paths), config, runner.detections,
+                                                   runner.label_vocab), questions, runner.tokenizer, "cpu", batch_size=5)
+    assert sum(encoded) == len(video_ids)  # once per distinct video
+    assert qa.training  # mode restored
+    assert predicted == reference and labels == [runner.answers.label(q.answer) for q in questions]
+
+    # the logits themselves, from the shared head
+    from stoa_vlp.tasks.retrieval import encode_videos
+
+    ids, videos = encode_videos(qa.model, video_loader(question_videos(questions, paths), config,
+                                                       runner.detections, runner.label_vocab), "cpu")
+    rows = torch.tensor([ids.index(q.video_id) for q in questions])
+    tokens, mask = runner.tokenizer([q.question for q in questions])
+    with torch.no_grad():
+        logits = qa.eval().question_logits(videos.index_select(rows), tokens, mask)
+    torch.testing.assert_close(logits, reference_logits, atol=1e-5, rtol=1e-5)
+    assert (reference_logits - reference_logits.mean(dim=0)).abs().max() > 1e-3  # questions' logits differ
+
+    encoded.clear()
+    metrics = runner.evaluate(qa, "test")
+    assert sum(encoded) == len(video_ids)
+    assert metrics == evaluate_qa(qa, per_question, "cpu", kept)

@@ -23,7 +23,7 @@ from torch import nn
 from stoa_vlp.config import Config, TrainConfig
 from stoa_vlp.data.annotations import VideoRecord, read_annotations, require_video_files
 from stoa_vlp.data.side_data import load_detections, report_detection_coverage
-from stoa_vlp.tasks.data import evaluation_loader, find_video_paths, video_loader, video_root
+from stoa_vlp.tasks.data import find_video_paths, video_loader, video_root
 from stoa_vlp.tasks.runs import ANSWERS_FILE, read_answers
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -346,17 +346,16 @@ class TaskRunner:
             )
             return metrics
         if self.task == "qa":
-            from stoa_vlp.tasks.qa import evaluate_qa, question_dataset, read_questions
+            from stoa_vlp.tasks.qa import evaluate_questions, question_videos, read_questions
 
             path = split_path(self.config, split)
             questions = first_videos(read_questions(path), max_videos)
             paths = self._video_paths([q.video_id for q in questions], path)
             self._report_coverage(split, paths.keys())
-            dataset, collate, kept = question_dataset(
-                questions, self.answers, config, False, paths, self.detections, self.label_vocab
-            )
-            return evaluate_qa(module, evaluation_loader(dataset, config, collate), self.device, kept,
-                               progress=config.train.progress)
+            # each video decoded and encoded once, however many questions it has
+            loader = video_loader(question_videos(questions, paths), config, self.detections, self.label_vocab)
+            return evaluate_questions(module, loader, questions, self.answers, self.tokenizer, self.device,
+                                      progress=config.train.progress)
         from stoa_vlp.tasks.multiple_choice import evaluate_multiple_choice, read_choices
 
         path = split_path(self.config, split)
