@@ -13,6 +13,7 @@ from stoa_vlp.config import load_config
 from stoa_vlp.data.annotations import read_annotations
 from stoa_vlp.data.synth import render_world
 from stoa_vlp.model import build_model
+from stoa_vlp.tasks.retrieval import evaluate_retrieval
 from stoa_vlp.train.evaluation import RetrievalEvaluator, retrieval_loader
 
 
@@ -32,15 +33,38 @@ def test_validation_ranks_by_the_configured_video_feature(world, monkeypatch):
     import stoa_vlp.tasks.retrieval
 
     asked = []
-    evaluate = stoa_vlp.tasks.retrieval.evaluate_retrieval
-    monkeypatch.setattr(stoa_vlp.tasks.retrieval, "evaluate_retrieval",
+    evaluate = stoa_vlp.tasks.retrieval.evaluate_retrieval_records
+    monkeypatch.setattr(stoa_vlp.tasks.retrieval, "evaluate_retrieval_records",
                         lambda *args, **kwargs: asked.append(kwargs["video_feature"]) or evaluate(*args, **kwargs))
     config = tiny(world, "loss.vtc_video_feature=sep")
     torch.manual_seed(0)
     model = build_model(config.model).eval()
-    metrics = RetrievalEvaluator(config, "val", torch.device("cpu"))(model)
+    RetrievalEvaluator(config, "val", torch.device("cpu"))(model)
     assert asked == ["sep"]
-    assert metrics == evaluate(model, retrieval_loader(config, "val"), "cpu", video_feature="sep")
+
+
+@pytest.mark.parametrize("max_videos", [0, 3])
+def test_validation_decodes_each_video_once_and_keeps_the_per_caption_metrics(world, monkeypatch, max_videos):
+    import stoa_vlp.data.dataset
+
+    decoded = []
+    decode = stoa_vlp.data.dataset.decode_clip
+    monkeypatch.setattr(stoa_vlp.data.dataset, "decode_clip",
+                        lambda source, *args, **kwargs: decoded.append(kwargs["name"]) or decode(source, *args, **kwargs))
+    config = tiny(world, "loss.vtc_video_feature=sep")
+    records = read_annotations(world.annotations, split="val")
+    assert all(len(record.captions) > 1 for record in records)  # several captions per video
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    metrics = RetrievalEvaluator(config, "val", torch.device("cpu"), max_videos=max_videos)(model)
+    videos = records[:max_videos] if max_videos else records
+    assert sorted(decoded) == sorted(record.path for record in videos)  # once per video, not per caption
+    # the per-caption loader (one decode per caption) gives the same metrics
+    old = evaluate_retrieval(model, retrieval_loader(config, "val", max_videos), "cpu", video_feature="sep")
+    assert metrics.keys() == old.keys()
+    assert metrics == pytest.approx(old, abs=1e-5)
+    assert metrics["num_texts"] == sum(len(record.captions) for record in videos)
+    assert metrics["num_videos"] == len(videos)
 
 
 def test_a_stream_is_capped_at_its_first_videos(world, tmp_path):

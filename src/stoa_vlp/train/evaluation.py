@@ -62,6 +62,28 @@ def retrieval_loader(config: Config, split: str, max_videos: int = 0, side_data=
     return FirstVideos(loader, max_videos) if max_videos > 0 and streamed else loader
 
 
+def validation_loader(config: Config, split: str, max_videos: int = 0,
+                      side_data=None) -> tuple[Iterable[Batch], list | None]:
+    """(loader, records) for validating on `split` (its first `max_videos` videos when set). For an
+    annotation file: a loader with one row per record (`tasks.data.video_loader`), so each clip is
+    decoded once however many captions it has, and the records, whose captions are the queries
+    (`evaluate_retrieval_records`). For WebDataset shards, which cannot be indexed: the stream of
+    `retrieval_loader` (one row per shard sample) and None."""
+    from stoa_vlp.data.dataset import build_dataset, is_webdataset, split_file
+    from stoa_vlp.tasks.data import video_loader
+    from stoa_vlp.tasks.retrieval import require_distinct_clips
+
+    if is_webdataset(config, split_file(config, split)):
+        return retrieval_loader(config, split, max_videos, side_data), None
+    dataset = build_dataset(config, split, side_data=side_data)
+    records = [dataset.records[index] for index in range(len(dataset.records))]
+    require_distinct_clips(records)
+    if max_videos > 0:
+        records = records[:max_videos]
+    # the dataset's side data, already packed for its workers; its tags are not needed to encode videos
+    return video_loader(records, config, dataset.builder.detections, dataset.label_vocab), records
+
+
 def check_split_videos(config: Config, split: str, max_videos: int = 0) -> list | None:
     """Read `split`'s annotation file and find the videos its evaluation reads (the first `max_videos`
     when set), so that a wrong path, a malformed file or a missing video fails before training, not at
@@ -83,23 +105,29 @@ class RetrievalEvaluator:
     """`evaluator(module) -> metrics` for the Trainer: retrieval metrics (t2v_r1 ... v2t_mnr) of
     `module.model` (or `module` itself) on a split. The split's file and videos are checked here
     (`check_split_videos`), the loader is built on first use. The Trainer runs it on rank 0 only,
-    which shows its bars when `train.progress` is on. `side_data`: as `build_dataset` takes it (the
+    which shows its bars when `train.progress` is on. Each video of an annotation file is decoded once
+    (`validation_loader`); its captions are encoded from the records. `side_data`: as `build_dataset` takes it (the
     training split's, so that the detections are not read a second time); only the split's part of
     it is kept."""
 
     def __init__(self, config: Config, split: str, device: torch.device, max_videos: int = 0, side_data=None):
         self.config, self.split, self.device, self.max_videos = config, split, device, max_videos
         self.loader: Iterable[Batch] | None = None
+        self.records: list | None = None
         records = check_split_videos(config, split, max_videos)
         if side_data is not None and records is not None:
             side_data = side_data.for_retrieval(record.video_id for record in records)
         self.side_data = side_data
 
     def __call__(self, module: nn.Module) -> dict[str, float]:
-        from stoa_vlp.tasks.retrieval import evaluate_retrieval
+        from stoa_vlp.tasks.retrieval import evaluate_retrieval, evaluate_retrieval_records
+        from stoa_vlp.tokenizer import Tokenizer
 
         if self.loader is None:
-            self.loader = retrieval_loader(self.config, self.split, self.max_videos, self.side_data)
+            self.loader, self.records = validation_loader(self.config, self.split, self.max_videos, self.side_data)
         model = getattr(module, "model", module)
-        return evaluate_retrieval(model, self.loader, self.device, video_feature=self.config.loss.vtc_video_feature,
-                                  progress=self.config.train.progress)
+        feature, progress = self.config.loss.vtc_video_feature, self.config.train.progress
+        if self.records is None:  # a stream: one row per (video, caption) as it comes
+            return evaluate_retrieval(model, self.loader, self.device, video_feature=feature, progress=progress)
+        return evaluate_retrieval_records(model, self.loader, self.records, Tokenizer(self.config.model.text_len),
+                                          self.device, video_feature=feature, progress=progress)
