@@ -246,3 +246,110 @@ def test_index_checks_its_output_before_encoding(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main([*argv, str(tmp_path / "empty")]) == 0
     assert load_index(tmp_path / "empty").video_ids == ["a", "b", "c"]
+
+
+def expected_hits(model, videos, ids, query, tokenizer, top, rerank_k, video_feature="mean"):
+    """(video id, score, cosine, P(matched) or None) of the `top` hits for `query`, computed as search
+    did before the index stored clip embeddings: the cosine with every video's frames, an argsort, and
+    the matching head over the whole index's features."""
+    with torch.no_grad():
+        text = encode_texts(model, *tokenizer([query]), "cpu")
+        cosine = contrastive_similarity(videos, text, video_feature)[0]
+        order = cosine.argsort(descending=True)
+        candidates = order[:rerank_k]
+        match = match_probability(model, videos, text, torch.zeros(len(candidates), dtype=torch.long), candidates)
+    fused = torch.log(torch.softmax(logit_scale_value(model) * cosine[candidates].double(), 0) * match)
+    head = [(ids[int(candidates[i])], float(fused[i]), float(cosine[candidates[i]]), float(match[i]))
+            for i in fused.argsort(descending=True)]
+    tail = [(ids[int(row)], float(cosine[row]), float(cosine[row]), None) for row in order[rerank_k:top]]
+    return (head + tail)[:top]
+
+
+def assert_same_hits(hits, expected):
+    assert [hit.video_id for hit in hits] == [row[0] for row in expected]
+    for hit, (_, score, cosine, match) in zip(hits, expected):
+        assert hit.score == pytest.approx(score, abs=1e-5) and hit.cosine == pytest.approx(cosine, abs=1e-5)
+        assert (hit.match is None) == (match is None)
+        if match is not None:
+            assert hit.match == pytest.approx(match, abs=1e-6)
+
+
+def make_old_index(folder):
+    """Make the index in `folder` look built before the clip embeddings were stored."""
+    (folder / "clip_embeddings.safetensors").unlink()
+    values = json.loads((folder / "index.json").read_text())
+    del values["clip_embedding"]
+    (folder / "index.json").write_text(json.dumps(values))
+
+
+@pytest.mark.parametrize("video_feature", ["mean", "sep"])
+def test_the_index_stores_each_videos_normalised_clip_embedding(tmp_path, video_feature):
+    # search normalised every video's frames and averaged them again for each query
+    from safetensors.torch import load_file
+
+    config, model, videos = encoded_videos(5)
+    config = load_config("tiny", [f"loss.vtc_video_feature={video_feature}"])
+    ids = [f"clip{i}" for i in range(5)]
+    save_index(tmp_path / "idx", SearchIndex(ids, ids, videos, {"checkpoint": "/c", "config": config.to_dict()}))
+    stored = load_file(str(tmp_path / "idx" / "clip_embeddings.safetensors"))["embeddings"]
+    if video_feature == "mean":
+        by_hand = videos.frames / videos.frames.norm(dim=-1, keepdim=True)
+        by_hand = by_hand.mean(dim=1)
+    else:
+        by_hand = videos.video
+    by_hand = by_hand / by_hand.norm(dim=-1, keepdim=True)
+    assert stored.dtype == torch.float32 and stored.shape == (5, config.model.embed_dim)
+    torch.testing.assert_close(stored, by_hand)
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["clip_embedding"] == video_feature
+    assert "clip_embedding" not in load_index(tmp_path / "idx").info  # as info was given to save_index
+
+
+def test_search_scores_as_the_contrastive_similarity_over_every_video(tmp_path, caplog):
+    count = 12
+    config, model, videos = encoded_videos(count)
+    tokenizer = Tokenizer(config.model.text_len)
+    ids = [f"clip{i}" for i in range(count)]
+    info = {"checkpoint": "/c", "config": config.to_dict()}
+    save_index(tmp_path / "idx", SearchIndex(ids, ids, videos, info))
+    index = load_index(tmp_path / "idx")
+    for top, rerank_k in ((count, 5), (3, 0), (4, 7), (count, count)):
+        expected = expected_hits(model, videos, ids, "a red square moves left", tokenizer, top, rerank_k)
+        assert_same_hits(search(model, index, "a red square moves left", tokenizer, "cpu", top, rerank_k), expected)
+    # another loss.vtc_video_feature than the index's (search --set) still scores with that one
+    expected = expected_hits(model, videos, ids, "a disc", tokenizer, 6, 3, "sep")
+    assert_same_hits(search(model, index, "a disc", tokenizer, "cpu", 6, 3, video_feature="sep"), expected)
+
+    # an index built before the clip embeddings were stored still loads, says so, and searches the same
+    make_old_index(tmp_path / "idx")
+    with caplog.at_level("INFO", logger="stoa_vlp.search"):
+        old = load_index(tmp_path / "idx")
+    assert "holds no clip embeddings" in caplog.text and "makes its searches faster" in caplog.text
+    assert old.info == json.loads(json.dumps(info))
+    expected = expected_hits(model, videos, ids, "a red square moves left", tokenizer, count, 5)
+    assert_same_hits(search(model, old, "a red square moves left", tokenizer, "cpu", count, 5), expected)
+
+
+def test_a_query_reads_the_stored_clip_embeddings_and_fuses_only_the_top_k(tmp_path, monkeypatch):
+    # each query recomputed the clip embedding of every video from its frames, and the command copied
+    # every video's features to the device for the matching head, which needs the top-k only
+    import stoa_vlp.tasks.search as search_module
+
+    config, model, videos = encoded_videos(8)
+    tokenizer = Tokenizer(config.model.text_len)
+    ids = [f"clip{i}" for i in range(8)]
+    save_index(tmp_path / "idx", SearchIndex(ids, ids, videos, {"checkpoint": "/c", "config": config.to_dict()}))
+    index = load_index(tmp_path / "idx")
+    expected = [(hit.video_id, hit.cosine) for hit in search(model, index, "a disc", tokenizer, "cpu", 8, 0)]
+    index.videos.frames.fill_(float("nan"))  # the cosine pass no longer reads them
+    assert [(hit.video_id, hit.cosine) for hit in search(model, index, "a disc", tokenizer, "cpu", 8, 0)] == expected
+
+    fused_rows = []
+    real = search_module.match_log_odds
+
+    def recording(model, videos, *args, **kwargs):
+        fused_rows.append(videos.video.shape[0])
+        return real(model, videos, *args, **kwargs)
+
+    monkeypatch.setattr(search_module, "match_log_odds", recording)
+    search(model, load_index(tmp_path / "idx"), "a disc", tokenizer, "cpu", 5, 3)
+    assert fused_rows == [3]

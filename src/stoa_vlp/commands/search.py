@@ -60,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
     model = build_model_for_weights(config.model)
     load_task_weights(model, checkpoint)
     model.to(device)
-    index.videos = type(index.videos)(**{k: v.to(device) for k, v in vars(index.videos).items()})
     rerank_k = config.task.rerank_k if args.rerank_k is None else args.rerank_k
     hits = search(model, index, args.query, Tokenizer(config.model.text_len), device, args.top, rerank_k,
                   config.loss.vtc_video_feature)

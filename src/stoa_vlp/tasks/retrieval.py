@@ -42,10 +42,17 @@ def encode_batch_videos(model, batch: Batch, rows: torch.Tensor | None = None):
     return model.encode_video(*fields)
 
 
-def _encode(model, loader: Iterable[Batch], device, texts: bool, progress: bool = False):
+def to_host(features: Features) -> Features:
+    """VideoFeatures (or TextFeatures) with every field on the CPU."""
+    return type(features)(**{f.name: getattr(features, f.name).cpu() for f in dataclasses.fields(features)})
+
+
+def _encode(model, loader: Iterable[Batch], device, texts: bool, progress: bool = False, host: bool = False):
     """(VideoFeatures of each clip, TextFeatures of every row or None, text_to_video, each clip's video id)
     over a loader. Clips are told apart by `Batch.video_index` (one per annotation record), so two
-    moments of one video are two clips."""
+    moments of one video are two clips. With `host`, each batch's video features move to the CPU as it
+    is encoded, so that the device never holds more than one batch of them (an index of 1M videos is
+    76 GB of features)."""
     was_training = model.training
     model.eval()
     video_parts, text_parts, text_to_video, video_ids = [], [], [], []
@@ -63,7 +70,8 @@ def _encode(model, loader: Iterable[Batch], device, texts: bool, progress: bool 
             text_to_video.append(clip_position[clip])
         if new_rows:
             rows = torch.tensor(new_rows, device=batch.frames.device)
-            video_parts.append(encode_batch_videos(model, batch, rows))
+            features = encode_batch_videos(model, batch, rows)
+            video_parts.append(to_host(features) if host else features)
         if texts:
             text_parts.append(model.encode_text(batch.tokens, batch.text_mask))
     model.train(was_training)
@@ -92,9 +100,11 @@ def require_distinct_clips(records) -> None:
 
 
 @torch.no_grad()
-def encode_videos(model, loader: Iterable[Batch], device, progress: bool = False) -> tuple[list[str], object]:
-    """(each clip's video id, VideoFeatures of each clip) in first-seen order over a loader of Batches."""
-    videos, _, _, ids = _encode(model, loader, device, texts=False, progress=progress)
+def encode_videos(model, loader: Iterable[Batch], device, progress: bool = False,
+                  host: bool = False) -> tuple[list[str], object]:
+    """(each clip's video id, VideoFeatures of each clip) in first-seen order over a loader of Batches;
+    on `device`, or with `host` on the CPU, each batch moved there as it is encoded."""
+    videos, _, _, ids = _encode(model, loader, device, texts=False, progress=progress, host=host)
     return ids, videos
 
 
@@ -146,9 +156,25 @@ def contrastive_similarity(videos, texts, video_feature: str) -> torch.Tensor:
 
 def sentence_similarity(videos, sentences: torch.Tensor, video_feature: str) -> torch.Tensor:
     """`contrastive_similarity` of sentence features (num_texts, E)."""
+    return embedding_similarity(sentences, clip_embeddings(videos, video_feature))
+
+
+def clip_embeddings(videos, video_feature: str, chunk: int = 4096) -> torch.Tensor:
+    """(num_videos, E) float32 L2-normalised clip embeddings that the VTC cosine compares sentences
+    with (`video_embedding` of loss.vtc_video_feature), on the videos' device, computed `chunk` videos
+    at a time so that the normalised frames are never held for every video at once."""
+    frames, video = videos.frames, videos.video
+    with torch.autocast(video.device.type, enabled=False):
+        parts = [video_embedding(frames[start : start + chunk].float(), video[start : start + chunk].float(),
+                                 video_feature) for start in range(0, len(video), chunk)]
+        return torch.cat(parts) if parts else video_embedding(frames.float(), video.float(), video_feature)
+
+
+def embedding_similarity(sentences: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """(num_texts, num_videos) float32 cosine of sentence features (num_texts, E) and `clip_embeddings`
+    (num_videos, E)."""
     with torch.autocast(sentences.device.type, enabled=False):
-        video = video_embedding(videos.frames.float(), videos.video.float(), video_feature)
-        return F.normalize(sentences.float(), dim=-1) @ video.t()
+        return F.normalize(sentences.float(), dim=-1) @ embeddings.float().t()
 
 
 @torch.no_grad()

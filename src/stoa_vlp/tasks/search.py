@@ -1,12 +1,17 @@
 """Text-to-video search over a saved index of encoded videos.
 
-An index is a folder: `features.safetensors` (the VideoFeatures fields of every video) and
-`index.json` ({"video_ids", "paths", "checkpoint", "config"}: the model config and preprocessing
-the features were computed with); videos that cannot be read are left out of it, logged and
-counted (`encode_readable_videos`), as `prepare` and `detect` skip them. A query is ranked by the
-contrastive cosine against every video, then its top `rerank_k` are re-ranked by the fusion
-encoder's matching head with the same fusion as retrieval evaluation (softmax over the top-k of the
-scaled cosine times P(matched), taken as a log so that small products stay apart).
+An index is a folder: `features.safetensors` (the VideoFeatures fields of every video, float32),
+`clip_embeddings.safetensors` (each video's normalised clip embedding, (N, E) float32, that the
+contrastive cosine compares queries with) and `index.json` ({"video_ids", "paths", "checkpoint",
+"config", "clip_embedding"}: the model config and preprocessing the features were computed with, and
+the loss.vtc_video_feature of the clip embeddings); videos that cannot be read are left out of it,
+logged and counted (`encode_readable_videos`), as `prepare` and `detect` skip them. An index built
+before the clip embeddings were stored (no "clip_embedding" key) still loads: they are computed from
+its frames once, at load. A query is ranked by the contrastive cosine against every video (one
+matrix product with the clip embeddings, then a top-k), then its top `rerank_k` are re-ranked by the
+fusion encoder's matching head with the same fusion as retrieval evaluation (softmax over the top-k
+of the scaled cosine times P(matched), taken as a log so that small products stay apart). The index
+stays on the host: only the clip embeddings and the re-ranked videos' features go to the device.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +39,8 @@ from stoa_vlp.metrics.retrieval import nan_lowest
 from stoa_vlp.model import VideoFeatures
 from stoa_vlp.tasks.data import evaluation_loader
 from stoa_vlp.tasks.retrieval import (
-    contrastive_similarity,
+    clip_embeddings,
+    embedding_similarity,
     encode_texts,
     encode_videos,
     logit_scale_value,
@@ -42,7 +49,9 @@ from stoa_vlp.tasks.retrieval import (
 from stoa_vlp.tokenizer import Tokenizer, require_text
 
 FEATURES_FILE = "features.safetensors"
+EMBEDDINGS_FILE = "clip_embeddings.safetensors"
 INDEX_FILE = "index.json"
+logger = logging.getLogger("stoa_vlp.search")
 
 
 def weights_stamp(checkpoint: Path) -> dict[str, int]:
@@ -58,7 +67,18 @@ class SearchIndex:
     video_ids: list[str]
     paths: list[str]
     videos: VideoFeatures
-    info: dict  # "checkpoint", "weights" (weights_stamp), "config" (as saved), "trained_model"
+    info: dict  # "checkpoint", "weights" (weights_stamp), "config" (as saved), "trained_model", "clip_embedding"
+    embeddings: torch.Tensor | None = None  # (N, E) float32 `clip_embeddings` of `embedding_feature`
+    embedding_feature: str | None = None  # the loss.vtc_video_feature of `embeddings`
+
+    def clip_embeddings(self, video_feature: str, device=None) -> torch.Tensor:
+        """(N, E) normalised clip embeddings of `video_feature`, computed from the videos' frames the first
+        time when the index holds none of that kind, and kept on `device` (if given) for the next query."""
+        if self.embeddings is None or self.embedding_feature != video_feature:
+            self.embeddings, self.embedding_feature = clip_embeddings(self.videos, video_feature), video_feature
+        if device is not None:
+            self.embeddings = self.embeddings.to(device)
+        return self.embeddings
 
 
 @dataclass
@@ -121,17 +141,27 @@ def encode_readable_videos(model, records: list[VideoRecord], config: Config, de
     skips = SkipCounter(max_share=1.0)  # never too many: the index holds what could be read
     dataset = VideoTextDataset(records, config, False, detections, label_vocab, items="videos", skips=skips)
     loader = evaluation_loader(_ReadableClips(dataset), config, _collate_readable)
-    ids, videos = encode_videos(model, _ReadBatches(loader, source), device, progress)
+    ids, videos = encode_videos(model, _ReadBatches(loader, source), device, progress, host=True)
     return ids, videos, sum(skips.skipped.values())
 
 
+def _video_feature(info: dict) -> str:
+    """The loss.vtc_video_feature of an index's config (its default for a config that names none)."""
+    return info.get("config", {}).get("loss", {}).get("vtc_video_feature", "mean")
+
+
 def save_index(folder: str | Path, index: SearchIndex) -> None:
+    """Write `index` to `folder`, with the clip embeddings of its config's loss.vtc_video_feature."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f.name: getattr(index.videos, f.name).detach().cpu().contiguous() for f in dataclasses.fields(index.videos)}
     save_file(tensors, str(folder / FEATURES_FILE))
+    video_feature = _video_feature(index.info)
+    save_file({"embeddings": index.clip_embeddings(video_feature).detach().cpu().contiguous()},
+              str(folder / EMBEDDINGS_FILE))
+    info = {**index.info, "clip_embedding": video_feature}
     with open(folder / INDEX_FILE, "w") as handle:
-        json.dump({"video_ids": index.video_ids, "paths": index.paths, **index.info}, handle, indent=1)
+        json.dump({"video_ids": index.video_ids, "paths": index.paths, **info}, handle, indent=1)
 
 
 def load_index(folder: str | Path, device="cpu") -> SearchIndex:
@@ -140,10 +170,7 @@ def load_index(folder: str | Path, device="cpu") -> SearchIndex:
         if not (folder / name).exists():
             raise FileNotFoundError(f"{folder}: not a search index (missing {name}; build one with `stoa-vlp index`)")
     info = read_json_object(folder / INDEX_FILE, {"video_ids": list, "paths": list, "checkpoint": str, "config": dict})
-    try:
-        tensors = load_file(str(folder / FEATURES_FILE), device=str(device))
-    except SafetensorError as error:
-        raise ValueError(f"{folder / FEATURES_FILE}: not a readable safetensors file ({error})") from None
+    tensors = _load_tensors(folder / FEATURES_FILE, device)
     expected = {f.name for f in dataclasses.fields(VideoFeatures)}
     if set(tensors) != expected:
         raise ValueError(f"{folder / FEATURES_FILE}: fields {sorted(tensors)} differ from VideoFeatures {sorted(expected)}")
@@ -151,7 +178,28 @@ def load_index(folder: str | Path, device="cpu") -> SearchIndex:
     ids, paths = info.pop("video_ids"), info.pop("paths")
     if not len(ids) == len(paths) == videos.video.shape[0]:
         raise ValueError(f"{folder}: {len(ids)} ids, {len(paths)} paths and {videos.video.shape[0]} feature rows differ")
-    return SearchIndex(ids, paths, videos, info)
+    index = SearchIndex(ids, paths, videos, info)
+    video_feature = info.pop("clip_embedding", None)  # None: an index built before the clip embeddings were stored
+    if video_feature is None:
+        logger.info("%s holds no clip embeddings (built by an older version): computing them from its frames; "
+                    "building the index again with `stoa-vlp index --overwrite` makes its searches faster", folder)
+        index.clip_embeddings(_video_feature(info))
+    else:
+        embeddings = _load_tensors(folder / EMBEDDINGS_FILE, device).get("embeddings")
+        if embeddings is None or embeddings.shape[:1] != (len(ids),):
+            shape = None if embeddings is None else tuple(embeddings.shape)
+            raise ValueError(f"{folder / EMBEDDINGS_FILE}: expected \"embeddings\" of {len(ids)} rows, got {shape}")
+        index.embeddings, index.embedding_feature = embeddings, video_feature
+    return index
+
+
+def _load_tensors(path: Path, device) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path.parent}: not a search index (missing {path.name}; build one with `stoa-vlp index`)")
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
 
 
 @torch.no_grad()
@@ -166,7 +214,9 @@ def search(
     video_feature: str = "mean",
 ) -> list[SearchHit]:
     """The `top` best videos for `query`, best first: the contrastive top `rerank_k` re-ranked by the
-    matching head (their `score` is the log fusion score), then the rest by cosine (`score` = `cosine`)."""
+    matching head (their `score` is the log fusion score), then the rest by cosine (`score` = `cosine`).
+    The index's clip embeddings (of `video_feature`) move to `device` and stay there for the next query;
+    of its other features only the re-ranked videos' go there."""
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
     if rerank_k < 0:
@@ -175,14 +225,17 @@ def search(
     tokens, mask = tokenizer([query])
     text = encode_texts(model, tokens, mask, device)
     videos = index.videos
-    cosine = contrastive_similarity(videos, text, video_feature)[0].cpu()  # (num_videos,)
+    cosine = embedding_similarity(text.sentence, index.clip_embeddings(video_feature, device))[0]  # (num_videos,)
     ranked = nan_lowest(cosine)  # a video whose features are NaN comes last
-    order = ranked.argsort(descending=True)
-    k = min(rerank_k, len(order))
+    k = min(rerank_k, len(ranked))
+    order = ranked.topk(min(max(top, k), len(ranked))).indices.cpu()
+    cosine, ranked = cosine.cpu(), ranked.cpu()
     hits = []
     if k > 0:
         candidates = order[:k]
-        log_odds = match_log_odds(model, videos, text, torch.zeros(k, dtype=torch.long), candidates)
+        chosen = videos.index_select(candidates.to(videos.video.device))
+        chosen = type(chosen)(**{f.name: getattr(chosen, f.name).to(device) for f in dataclasses.fields(chosen)})
+        log_odds = match_log_odds(model, chosen, text, torch.zeros(k, dtype=torch.long), torch.arange(k))
         prior = torch.log_softmax(logit_scale_value(model) * ranked[candidates].double(), dim=0)
         fused = prior + F.logsigmoid(log_odds)  # log(softmax_k(scale * cosine) * P(matched)), float64
         match = torch.sigmoid(log_odds)
