@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from stoa_vlp.metrics import retrieval
 from stoa_vlp.metrics.retrieval import (
     best_caption_per_video,
     dual_softmax,
+    nan_lowest,
     positive_mask,
     querybank_normalise,
     rank_metrics,
@@ -269,3 +271,48 @@ def test_one_direction_gives_the_same_numbers_as_both():
         assert one == {key: value for key, value in both.items() if key.startswith(direction)}
         # r1, r5, r10, mdr, mnr, plain and dual softmax; for v2t also ranked among videos (several captions)
         assert len(one) == {"t2v": 10, "v2t": 20}[direction]
+
+
+def reference_ranks(similarity, positives):
+    """The unblocked computation: the whole (Q, C) matrix in float64 at once."""
+    similarity = nan_lowest(similarity.double())
+    best_positive = similarity.masked_fill(~positives, float("-inf")).max(dim=1, keepdim=True).values
+    return 1 + ((similarity >= best_positive) & ~positives).sum(dim=1)
+
+
+def reference_metrics(similarity, t2v, scale):
+    similarity, num_videos = similarity.double(), similarity.shape[1]
+    positives = positive_mask(t2v, num_videos)
+    metrics = {}
+    for name, scores, mask in (("t2v", similarity, positives), ("v2t", similarity.t(), positives.t())):
+        for prefix, values in ((name, scores), (f"{name}_dsl", scores * torch.softmax(scores * scale, dim=0))):
+            metrics.update({f"{prefix}_{k}": v for k, v in rank_metrics(reference_ranks(values, mask)).items()})
+            if name == "v2t":
+                grouped = torch.stack([nan_lowest(values[:, t2v == video]).amax(dim=1) for video in range(num_videos)], 1)
+                grouped_ranks = reference_ranks(grouped, torch.eye(num_videos, dtype=torch.bool))
+                metrics.update({f"{prefix}_grouped_{k}": v for k, v in rank_metrics(grouped_ranks).items()})
+    return metrics
+
+
+@pytest.mark.parametrize("block_pairs", [1, 7, 40, 1 << 22])
+def test_blocked_ranks_match_the_full_matrix_computation(monkeypatch, block_pairs):
+    # blocks of 1 row (block_pairs <= C), a few rows, and the whole matrix; ties, NaN rows and columns,
+    # several captions per video; the dual softmax agrees with torch.softmax's to float64 rounding
+    monkeypatch.setattr(retrieval, "RANK_BLOCK_PAIRS", block_pairs)
+    generator = torch.Generator().manual_seed(5)
+    num_texts, num_videos = 37, 9
+    t2v = torch.cat([torch.arange(num_videos), torch.randint(0, num_videos, (num_texts - num_videos,), generator=generator)])
+    tied = torch.randint(0, 6, (num_texts, num_videos), generator=generator).float() / 5
+    with_nan = torch.rand(num_texts, num_videos, generator=generator)
+    with_nan[torch.rand(num_texts, num_videos, generator=generator) < 0.1] = float("nan")
+    with_nan[3] = float("nan")
+    for sim in (tied, with_nan, torch.rand(num_texts, num_videos, generator=generator).double(), torch.ones(num_texts, num_videos)):
+        assert retrieval_metrics(sim, t2v, dual_softmax_scale=100.0) == reference_metrics(sim, t2v, 100.0)
+        positives = positive_mask(t2v, num_videos)
+        assert torch.equal(ranks(sim, positives), reference_ranks(sim, positives))
+        assert torch.equal(ranks(sim.t(), positives.t()), reference_ranks(sim.t(), positives.t()))
+        for oriented in (sim, sim.t()):
+            blocked = retrieval._BlockedScores.dual_softmax(oriented, 100.0).block()
+            torch.testing.assert_close(blocked, dual_softmax(oriented, 100.0), rtol=1e-12, atol=0, equal_nan=True)
+    assert torch.equal(best_caption_per_video(tied.t(), t2v, num_videos),
+                       torch.stack([tied[t2v == video].amax(dim=0) for video in range(num_videos)], 0).t())

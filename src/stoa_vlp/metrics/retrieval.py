@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -49,22 +50,95 @@ def ranks(similarity: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """Tie-robust rank (1-based) of the best positive of each query.
 
     similarity: (Q, C) scores, higher = more similar; positives: (Q, C) bool.
-    Returns (Q,) long. Scores are compared in float64, so that no rounding makes a tie.
+    Returns (Q,) long. Scores are compared in float64, so that no rounding makes a tie; the matrix is
+    read `RANK_BLOCK_PAIRS` scores at a time, never copied whole.
     """
     if similarity.shape != positives.shape:
         raise ValueError(f"similarity {tuple(similarity.shape)} and positives {tuple(positives.shape)} differ")
+    return _blocked_ranks(_BlockedScores(similarity, device=similarity.device), positives)
+
+
+# Scores per block when ranking (1M: 8 MiB in float64). Ranks, dual softmax and the grouped video-to-text
+# scores are computed a block of rows at a time: a float64 copy of MSR-VTT's full 59,800 x 2,990 matrix
+# takes 1.4 GB, and the unblocked code held several such copies.
+RANK_BLOCK_PAIRS = 1 << 20
+
+
+def _blocks(length: int, width: int) -> Iterator[slice]:
+    """Consecutive slices of range(length), each of about RANK_BLOCK_PAIRS / width indices (at least one)."""
+    step = max(1, RANK_BLOCK_PAIRS // max(1, width))
+    for start in range(0, length, step):
+        yield slice(start, min(start + step, length))
+
+
+@dataclass
+class _BlockedScores:
+    """The scores to rank, materialised a block at a time: `matrix` (R, K) itself, or with `scale` its
+    dual softmax over dim 0 (over the rows of the same column), as `dual_softmax` computes it."""
+
+    matrix: torch.Tensor  # (R, K), any dtype and device; a view such as similarity.t() is fine
+    device: torch.device | str = "cpu"  # where the float64 blocks are computed
+    scale: float | None = None
+    column_max: torch.Tensor | None = None  # (K,) float64: max over the rows of scale * matrix
+    column_sum: torch.Tensor | None = None  # (K,) float64: sum over the rows of exp(scale * matrix - column_max)
+
+    @classmethod
+    def dual_softmax(cls, matrix: torch.Tensor, scale: float) -> "_BlockedScores":
+        """Reads `matrix` twice (column maxima, then column sums) to get the softmax denominators."""
+        column_max = torch.full((matrix.shape[1],), -math.inf, dtype=torch.float64)
+        for rows in _blocks(matrix.shape[0], matrix.shape[1]):
+            scaled = _float64(matrix[rows], "cpu") * scale  # (b, K)
+            column_max = torch.maximum(column_max, scaled.amax(dim=0))
+        column_sum = torch.zeros_like(column_max)
+        for rows in _blocks(matrix.shape[0], matrix.shape[1]):
+            exponentials = (_float64(matrix[rows], "cpu") * scale).sub_(column_max).exp_()  # (b, K)
+            column_sum += exponentials.sum(dim=0)
+        return cls(matrix, "cpu", scale, column_max, column_sum)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.matrix.shape
+
+    def block(self, rows: slice = slice(None), columns: slice = slice(None)) -> torch.Tensor:
+        """(rows, columns) of the scores in float64 on `device`: a view of `matrix` where that is float64
+        there already, so never to be written into."""
+        scores = _float64(self.matrix[rows, columns], self.device)  # (b, k)
+        if self.scale is None:
+            return scores
+        # s * softmax: the same formula as torch.softmax; only the order of the column sums differs
+        softmax = (scores * self.scale).sub_(self.column_max[columns]).exp_().div_(self.column_sum[columns])
+        return softmax.mul_(scores)
+
+
+def _float64(scores: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    return scores.to(device=device, dtype=torch.float64)
+
+
+def _blocked_ranks(scores: _BlockedScores, positives: torch.Tensor) -> torch.Tensor:
+    """`ranks` of scores (Q, C) against positives (Q, C) bool, a block of rows at a time. (Q,) long."""
     if not bool(positives.any(dim=1).all()):
         missing = torch.nonzero(~positives.any(dim=1)).flatten()[:5].tolist()
         raise ValueError(f"queries without a positive candidate (first: {missing})")
-    similarity = similarity.double()
-    not_a_number = similarity.isnan()
-    if bool(not_a_number.any()):
+    num_queries, num_candidates = scores.shape
+    query_ranks, num_nan = [], 0
+    for rows in _blocks(num_queries, num_candidates):
+        block = scores.block(rows)  # (b, C) float64
+        is_negative = ~positives[rows].to(block.device)  # (b, C)
+        not_a_number = block.isnan()
+        block_nan = int(not_a_number.count_nonzero())
+        if block_nan:
+            num_nan += block_nan
+            block = block.masked_fill(not_a_number, float("-inf"))
+        del not_a_number
+        best_positive = block.masked_fill(is_negative, float("-inf")).max(dim=1, keepdim=True).values  # (b, 1)
+        beaten_or_tied = (block >= best_positive).logical_and_(is_negative)  # (b, C)
+        query_ranks.append(1 + beaten_or_tied.count_nonzero(dim=1))
+    if num_nan:
         log.warning("%d of %d similarity scores are NaN; they rank below every other score",
-                    int(not_a_number.sum()), not_a_number.numel())
-        similarity = similarity.masked_fill(not_a_number, float("-inf"))
-    best_positive = similarity.masked_fill(~positives, float("-inf")).max(dim=1, keepdim=True).values  # (Q, 1)
-    beaten_or_tied = (similarity >= best_positive) & ~positives
-    return 1 + beaten_or_tied.sum(dim=1)
+                    num_nan, num_queries * num_candidates)
+    if not query_ranks:
+        return torch.zeros(0, dtype=torch.long, device=positives.device)
+    return torch.cat(query_ranks)
 
 
 def nan_lowest(scores: torch.Tensor) -> torch.Tensor:
@@ -132,25 +206,28 @@ def retrieval_metrics(
     on MSVD and the full MSR-VTT test; "v2t_..." ranks it among captions, so that another video's
     20 captions can all count against it.
     """
-    similarity = similarity.detach().double().cpu()
+    similarity = similarity.detach()  # (T, V), read a block at a time in float64 on the CPU
     num_videos = similarity.shape[1]
     positives = positive_mask(text_to_video, num_videos)
     if not bool(positives.any(dim=0).all()):
         missing = torch.nonzero(~positives.any(dim=0)).flatten()[:5].tolist()
         raise ValueError(f"videos without any caption (first: {missing})")
-    several_captions = bool((positives.sum(dim=0) > 1).any())
+    captions_per_video = torch.bincount(torch.as_tensor(text_to_video, dtype=torch.long), minlength=num_videos)
+    several_captions = bool((captions_per_video > 1).any())  # (positives.sum(dim=0) took a (T, V) int64 copy)
     oriented = {"t2v": (similarity, positives), "v2t": (similarity.t(), positives.t())}
     metrics: dict[str, float] = {}
     for name in directions:
-        scores, mask = oriented[name]
-        variants = {name: scores}
+        matrix, mask = oriented[name]
+        variants = {name: lambda: _BlockedScores(matrix)}
         if dual_softmax_scale is not None:
-            variants[f"{name}_dsl"] = dual_softmax(scores, dual_softmax_scale)
-        for prefix, values in variants.items():
-            metrics.update(prefixed(prefix, rank_metrics(ranks(values, mask))))
+            variants[f"{name}_dsl"] = lambda: _BlockedScores.dual_softmax(matrix, dual_softmax_scale)
+        for prefix, make_scores in variants.items():
+            scores = make_scores()  # one variant at a time: no (T, V) matrix is materialised
+            metrics.update(prefixed(prefix, rank_metrics(_blocked_ranks(scores, mask))))
             if name == "v2t" and several_captions:
-                grouped = best_caption_per_video(values, text_to_video, num_videos)
-                metrics.update(prefixed(f"{prefix}_grouped", rank_metrics(ranks(grouped, torch.eye(num_videos, dtype=torch.bool)))))
+                grouped = _best_caption_per_video(scores.block, scores.shape[1], text_to_video, num_videos)
+                grouped_ranks = _blocked_ranks(_BlockedScores(grouped), torch.eye(num_videos, dtype=torch.bool))
+                metrics.update(prefixed(f"{prefix}_grouped", rank_metrics(grouped_ranks)))
     return metrics
 
 
@@ -162,10 +239,28 @@ def best_caption_per_video(video_to_text: torch.Tensor, text_to_video: torch.Ten
     """(num_videos, num_videos) video-to-text scores with each video's captions as one candidate:
     entry [i, j] is the best score of video j's captions for video i, so a video ranks among
     videos (CLIP4Clip's multi-sentence video-to-text). video_to_text: (num_videos, num_texts)."""
-    text_to_video_scores = nan_lowest(video_to_text.t())  # (num_texts, num_videos)
-    groups = torch.as_tensor(text_to_video, dtype=torch.long)[:, None].expand_as(text_to_video_scores)
-    grouped = torch.full((num_videos, video_to_text.shape[0]), float("-inf"), dtype=video_to_text.dtype)
-    return grouped.scatter_reduce_(0, groups, text_to_video_scores, "amax").t()
+    return _best_caption_per_video(
+        lambda columns: video_to_text[:, columns], video_to_text.shape[1], text_to_video, num_videos,
+        dtype=video_to_text.dtype,
+    )
+
+
+def _best_caption_per_video(
+    video_to_text_columns: Callable[..., torch.Tensor],
+    num_texts: int,
+    text_to_video: torch.Tensor,
+    num_videos: int,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """`best_caption_per_video` of a (num_videos, num_texts) matrix given by its column blocks:
+    video_to_text_columns(columns=slice) -> (num_videos, b). Reads a block of captions at a time."""
+    groups_of_texts = torch.as_tensor(text_to_video, dtype=torch.long)  # (num_texts,)
+    grouped = torch.full((num_videos, num_videos), float("-inf"), dtype=dtype)  # (group, video)
+    for columns in _blocks(num_texts, num_videos):
+        text_to_video_scores = nan_lowest(video_to_text_columns(columns=columns).t()).to("cpu", dtype)  # (b, V)
+        groups = groups_of_texts[columns, None].expand_as(text_to_video_scores)
+        grouped.scatter_reduce_(0, groups, text_to_video_scores, "amax")
+    return grouped.t()
 
 
 def rerank_top_k(
