@@ -213,7 +213,7 @@ def retrieval_metrics(
         missing = torch.nonzero(~positives.any(dim=0)).flatten()[:5].tolist()
         raise ValueError(f"videos without any caption (first: {missing})")
     captions_per_video = torch.bincount(torch.as_tensor(text_to_video, dtype=torch.long), minlength=num_videos)
-    several_captions = bool((captions_per_video > 1).any())  # (positives.sum(dim=0) took a (T, V) int64 copy)
+    several_captions = bool((captions_per_video > 1).any())
     oriented = {"t2v": (similarity, positives), "v2t": (similarity.t(), positives.t())}
     metrics: dict[str, float] = {}
     for name in directions:
