@@ -21,6 +21,7 @@ from tqdm import tqdm
 from stoa_vlp.batch import Batch
 from stoa_vlp.data.annotations import clip_name, repeated_clips
 from stoa_vlp.metrics.retrieval import RECALL_AT, querybank_normalise, rerank_top_k, retrieval_metrics
+from stoa_vlp.objectives.distributed import map_tensor_fields
 from stoa_vlp.objectives.vtc import MAX_LOGIT_SCALE, video_embedding
 from stoa_vlp.tokenizer import Tokenizer
 
@@ -40,11 +41,6 @@ def encode_batch_videos(model, batch: Batch, rows: torch.Tensor | None = None):
     if rows is not None:
         fields = tuple(t[rows] for t in fields)
     return model.encode_video(*fields)
-
-
-def to_host(features: Features) -> Features:
-    """VideoFeatures (or TextFeatures) with every field on the CPU."""
-    return type(features)(**{f.name: getattr(features, f.name).cpu() for f in dataclasses.fields(features)})
 
 
 def _encode(model, loader: Iterable[Batch], device, texts: bool, progress: bool = False, host: bool = False):
@@ -71,7 +67,7 @@ def _encode(model, loader: Iterable[Batch], device, texts: bool, progress: bool 
         if new_rows:
             rows = torch.tensor(new_rows, device=batch.frames.device)
             features = encode_batch_videos(model, batch, rows)
-            video_parts.append(to_host(features) if host else features)
+            video_parts.append(map_tensor_fields(torch.Tensor.cpu, features) if host else features)
         if texts:
             text_parts.append(model.encode_text(batch.tokens, batch.text_mask))
     model.train(was_training)

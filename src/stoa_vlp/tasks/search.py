@@ -37,6 +37,7 @@ from stoa_vlp.data.jsonl import read_json_object
 from stoa_vlp.data.skips import SkipCounter
 from stoa_vlp.metrics.retrieval import nan_lowest
 from stoa_vlp.model import VideoFeatures
+from stoa_vlp.objectives.distributed import map_tensor_fields
 from stoa_vlp.tasks.data import evaluation_loader
 from stoa_vlp.tasks.retrieval import (
     clip_embeddings,
@@ -234,7 +235,7 @@ def search(
     if k > 0:
         candidates = order[:k]
         chosen = videos.index_select(candidates.to(videos.video.device))
-        chosen = type(chosen)(**{f.name: getattr(chosen, f.name).to(device) for f in dataclasses.fields(chosen)})
+        chosen = map_tensor_fields(lambda tensor: tensor.to(device), chosen)  # only the re-ranked videos
         log_odds = match_log_odds(model, chosen, text, torch.zeros(k, dtype=torch.long), torch.arange(k))
         prior = torch.log_softmax(logit_scale_value(model) * ranked[candidates].double(), dim=0)
         fused = prior + F.logsigmoid(log_odds)  # log(softmax_k(scale * cosine) * P(matched)), float64
