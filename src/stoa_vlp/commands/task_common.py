@@ -58,13 +58,11 @@ def init_folder(path: str | Path) -> Path:
 def load_model_weights_from(model: nn.Module, path: str | Path) -> Path:
     """Initialise a STOAVLP from a pre-training checkpoint (folder or run folder) or a save_pretrained folder
     (frame tables resampled when `model` was built with another `model.frames`)."""
-    from stoa_vlp.model.checkpoint import load_state_checked, model_part, resample_frame_tables, saved_frame_count
+    from stoa_vlp.model.checkpoint import load_saved_weights, model_part
     from stoa_vlp.train.checkpointing import load_weights
 
     folder = init_folder(path)
-    weights = model_part(model, load_weights(folder / "model.safetensors"))
-    state = resample_frame_tables(model, weights, str(folder), saved_frame_count(folder))
-    load_state_checked(model, state, str(folder))
+    load_saved_weights(model, folder, model_part(model, load_weights(folder / "model.safetensors")))
     return folder
 
 

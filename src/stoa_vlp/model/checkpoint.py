@@ -510,6 +510,13 @@ def saved_frame_count(folder: Path) -> int | None:
     return read_model_settings(config_path).get("frames", ModelConfig.frames)
 
 
+def load_saved_weights(module: nn.Module, folder: Path, weights: dict[str, torch.Tensor]) -> None:
+    """Strictly load `weights` (with `module`'s key names) from the checkpoint `folder` into `module`, the
+    frame tables resampled from the frame count of the folder's config.json (`resample_frame_tables`)."""
+    state = resample_frame_tables(module, weights, str(folder), saved_frame_count(folder))
+    load_state_checked(module, state, str(folder))
+
+
 def load_model_weights(model: STOAVLP, path: str | Path, saved_frames: int | None = None) -> None:
     """Strictly load a STOAVLP safetensors file into `model` (frame tables resampled to its frames from
     `saved_frames`, `resample_frame_tables`); a task checkpoint with a head of its own (QA) gives its
@@ -520,4 +527,5 @@ def load_model_weights(model: STOAVLP, path: str | Path, saved_frames: int | Non
         raise CheckpointError(f"{path}: cannot read safetensors weights ({error})") from error
     state = model_part(model, state)
     source = f"checkpoint {path}"
-    load_state_checked(model, resample_frame_tables(model, with_vector_logit_scale(state), source, saved_frames), source)
+    state = resample_frame_tables(model, with_vector_logit_scale(state), source, saved_frames)
+    load_state_checked(model, state, source)

@@ -131,21 +131,13 @@ def adopt_label_vocab(config: Config, *run_dirs: Path) -> None:
 def load_task_weights(module: nn.Module, checkpoint: Path) -> None:
     """Strictly load a checkpoint's model.safetensors into the task module that wrote it
     (frame tables resampled when the module was built with another `model.frames`)."""
-    from stoa_vlp.model.checkpoint import (
-        load_state_checked,
-        model_part,
-        resample_frame_tables,
-        saved_frame_count,
-        weights_prefix,
-    )
+    from stoa_vlp.model.checkpoint import load_saved_weights, model_part, weights_prefix
     from stoa_vlp.train.checkpointing import load_weights
 
     prefix = weights_prefix(module)
     weights = model_part(module, load_weights(checkpoint / "model.safetensors"))
     require_matching_answers(module, weights, checkpoint)
-    state = resample_frame_tables(module, {prefix + name: value for name, value in weights.items()}, str(checkpoint),
-                                  saved_frame_count(checkpoint))
-    load_state_checked(module, state, str(checkpoint))
+    load_saved_weights(module, checkpoint, {prefix + name: value for name, value in weights.items()})
 
 
 def require_matching_answers(module: nn.Module, weights: dict[str, torch.Tensor], checkpoint: Path) -> None:
