@@ -395,12 +395,14 @@ def _vinvl_time(number: int, start_number: int, fps: float, key: str, where: str
     `start_number` being at 0 s."""
     if number < start_number:
         raise DetectionsError(f"{where}: key {key!r} has frame number {number}, below the start number "
-                              f"{start_number} (the number of the frame at 0 s: `stoa-vlp vinvl --start-number 0` for frames "
-                              "numbered from 0)")
+                              f"{start_number} (the number of the frame at 0 s: `stoa-vlp vinvl --start-number 0` "
+                              "for frames numbered from 0)")
     return (number - start_number) / fps
 
 
-def _warn_if_numbered_from_elsewhere(path: Path, by_video: dict[str, _VinvlVideo], start_number: int, fps: float) -> None:
+def _warn_if_numbered_from_elsewhere(
+    path: Path, by_video: dict[str, _VinvlVideo], start_number: int, fps: float
+) -> None:
     """One warning when no video has a frame numbered `start_number`: frames numbered from another
     number would put every box a constant time late, which nothing else shows."""
     firsts = [min(video.frames) for video in by_video.values()]
