@@ -153,3 +153,19 @@ def test_a_wrong_data_format_or_tag_cache_names_the_setting(tmp_path, capsys):
     assert console_main([*start, "--set", f"data.tags={detections}", "--set", "data.format=jsonl"]) == 2
     assert error_line(capsys).startswith(f"stoa-vlp pretrain: error: {detections}: malformed JSON at line 2, column 1 "
                                          "(Extra data): not a stoa-vlp tag cache (written by `stoa-vlp tag`)")
+
+
+@pytest.mark.parametrize("query", ["", "   "])
+def test_search_refuses_an_empty_query_before_loading_the_model(tmp_path, capsys, query):
+    # before: the model was built and its weights loaded first (here: no weights, so another error)
+    import torch
+
+    from stoa_vlp.model import VideoFeatures
+    from stoa_vlp.tasks.search import SearchIndex, save_index
+
+    checkpoint = checkpoint_folder(tmp_path / "run", {"config": load_config("tiny").to_dict()})  # no weights
+    videos = VideoFeatures(*(torch.zeros(1, 3) for _ in range(5)))
+    info = {"checkpoint": str(checkpoint.resolve()), "config": load_config("tiny").to_dict()}
+    save_index(tmp_path / "idx", SearchIndex(["a"], ["/v/a.mp4"], videos, info))
+    assert console_main(["search", str(tmp_path / "idx"), query]) == 2
+    assert error_line(capsys).startswith("stoa-vlp search: error: the query is empty (no word the tokenizer keeps)")

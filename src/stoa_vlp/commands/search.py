@@ -35,12 +35,14 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.config import apply_overrides, from_dict
     from stoa_vlp.model.checkpoint import build_model_for_weights
     from stoa_vlp.tasks.search import INDEX_FILE, load_index, search, weights_stamp
-    from stoa_vlp.tokenizer import Tokenizer
+    from stoa_vlp.tokenizer import Tokenizer, require_text
     from stoa_vlp.train.logging import format_table
 
     index = load_index(args.index)
     source = str(Path(args.index) / INDEX_FILE)
     config = apply_overrides(from_dict(index.info["config"], source), args.overrides)
+    tokenizer = Tokenizer(config.model.text_len)
+    require_text(args.query, "query", tokenizer)  # before the model loads (seconds)
     checkpoint = resolve_checkpoint(Path(args.checkpoint or index.info["checkpoint"]))
     if checkpoint.resolve() != Path(index.info["checkpoint"]):
         # the model the index's checkpoint was trained as (before any override of the index, such as frames)
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     load_task_weights(model, checkpoint)
     model.to(device)
     rerank_k = config.task.rerank_k if args.rerank_k is None else args.rerank_k
-    hits = search(model, index, args.query, Tokenizer(config.model.text_len), device, args.top, rerank_k,
+    hits = search(model, index, args.query, tokenizer, device, args.top, rerank_k,
                   config.loss.vtc_video_feature)
     rows = [[rank, hit.video_id, "" if hit.match is None else round(hit.score, 4), round(hit.cosine, 4),
              "" if hit.match is None else round(hit.match, 4), hit.path] for rank, hit in enumerate(hits, 1)]
