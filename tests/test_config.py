@@ -251,6 +251,10 @@ def settings_error(overrides: list[str], task: str | None) -> None:
         (["train.best_metric=val/t2v_R1"], "retrieval", "train.best_metric val/t2v_R1 is not a metric of retrieval"),
         (["train.best_metric=val/t2v_dsl_r1"], "retrieval", "val/t2v_dsl_r1 is not a metric of retrieval"),
         (["train.best_metric=val/t2v_rerank_r1"], None, "is not a metric of zero-shot retrieval (pre-training)"),
+        # the recalls in natural order: before, lexical (val/t2v_r1, val/t2v_r10, val/t2v_r5)
+        (["train.best_metric=val/r1"], None, "(one of val/t2v_r1, val/t2v_r5, val/t2v_r10, val/v2t_grouped_r1, "
+                                            "val/v2t_grouped_r5, val/v2t_grouped_r10, val/v2t_r1, val/v2t_r5, "
+                                            "val/v2t_r10)"),
         (["train.best_metric=val/acc"], "qa", "val/acc is not a metric of qa validation"),
         # the highest value wins: a rank or a count would pick the worst checkpoint, or any
         (["train.best_metric=val/t2v_mdr"], "retrieval", "where the highest value wins"),

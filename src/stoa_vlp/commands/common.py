@@ -87,6 +87,7 @@ def best_metric_problems(config: Config, pretraining: bool = False) -> list[str]
     """train.best_metric must name a validation metric (val/NAME) that the task's validation (zero-shot
     retrieval's when `pretraining`) gives and that is better when higher (`validation_metric_names`;
     for QA also an answer type's accuracy_<type>); without data.val it is not used."""
+    from stoa_vlp.data.decode import natural_key
     from stoa_vlp.tasks.pipeline import validation_metric_names
 
     metric = config.train.best_metric
@@ -98,7 +99,7 @@ def best_metric_problems(config: Config, pretraining: bool = False) -> list[str]
     answer_type = config.task.name == "qa" and not pretraining and name.startswith("accuracy_")
     if name in names or answer_type:
         return []
-    listed = sorted(f"val/{name}" for name in names)
+    listed = sorted((f"val/{name}" for name in names), key=natural_key)  # r1, r5, r10
     if config.task.name == "qa" and not pretraining:
         listed.append("val/accuracy_<answer type>")
     what = "zero-shot retrieval (pre-training)" if pretraining else config.task.name

@@ -447,7 +447,7 @@ def _torchcodec_times(source, name) -> np.ndarray:
     return times
 
 
-def _natural_key(name: str) -> list:
+def natural_key(name: str) -> list:
     """Sort key comparing the digit runs of a name as numbers: frame_2 before frame_10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -460,7 +460,7 @@ def is_frame_image(name: str) -> bool:
 def frame_folder_images(folder: str | Path) -> list[str]:
     """The frame images directly in `folder`, in frame order."""
     names = [entry.name for entry in os.scandir(folder) if entry.is_file() and is_frame_image(entry.name)]
-    return sorted(names, key=_natural_key)
+    return sorted(names, key=natural_key)
 
 
 def read_frame_image(path: Path) -> np.ndarray:
