@@ -443,7 +443,7 @@ def load_pretrained(directory: str | Path, **model_overrides) -> STOAVLP:
     warn_of_defaults(config_path, settings, model_overrides)
     config = from_dict({"model": {**settings, **model_overrides}}).model
     model = build_saved_model(config, config_path, model_overrides)
-    load_model_weights(model, weights_path, settings.get("frames", ModelConfig.frames))
+    load_model_weights(model, weights_path, saved_frame_count(directory))
     return model
 
 
