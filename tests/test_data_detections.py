@@ -158,6 +158,27 @@ def test_boxes_a_little_outside_the_image_are_clipped_to_it(tmp_path):
         read_detections(path)
 
 
+def test_boxes_without_area_are_counted_in_one_warning_and_left_out_of_clips(tmp_path, caplog):
+    # before: read without a word, then dropped from every clip by the crop's area test
+    good = VideoDetections("a", 64, 48, [_frame(0.0, ("dog", [1, 2, 30, 40], 0.9))])
+    flat = VideoDetections("b", 64, 48, [_frame(0.0, ("dog", [5, 5, 5, 30], 0.9), ("cat", [3, 4, 30, 40], 0.5)),
+                                         _frame(1.0, ("dot", [7, 8, 7, 8], 0.8))])
+    clipped = VideoDetections("c", 64, 48, [_frame(0.0, ("dog", [-2, 5, -1, 30], 0.9))])  # x0 = x1 = 0 once clipped
+    path = tmp_path / "dets.jsonl"
+    write_detections(path, [good, flat, clipped])
+    videos = read_detections(path)
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == (f"{path}: 3 boxes have no area (x1 = x0 or y1 = y0; e.g. line 2, video b): "
+                                   "every clip leaves them out")
+    targets = select_objects(videos["b"], [0.0], resize_crop(64, 48, 32), LabelVocab(["dog", "cat"]), 4, 2)
+    assert targets.mask[0].sum() == 1 and targets.labels[0, 0] == LabelVocab(["dog", "cat"]).id("cat")
+    caplog.clear()
+    write_detections(path, [good])
+    read_detections(path)
+    assert not caplog.records
+
+
 def test_gzip_compressed_detections_are_read_and_packed(tmp_path):
     videos = [VideoDetections("a", 64, 48, [_frame(0.5, ("dog", [1, 2, 30, 40], 0.9))])]
     plain = tmp_path / "dets.jsonl"

@@ -7,7 +7,8 @@ File format (README: Detections format), one video per line, boxes x0,y0,x1,y1 i
 video_id and class are non-empty strings, width and height positive integers, time a finite number
 >= 0 (one frame per time), rect finite numbers (x0 <= x1, y0 <= y1) within the image give or take
 `edge_slack` (clipped to it), not all within 1.5 pixels of its corner (normalised boxes), and conf a
-number from 0 to 1; anything else is an error naming file:line.
+number from 0 to 1; anything else is an error naming file:line. Boxes with no area (x1 = x0 or
+y1 = y0) are read, counted in one warning per file, and left out of every clip (`select_objects`).
 """
 
 from __future__ import annotations
@@ -262,13 +263,27 @@ def iter_detections(path: str | Path) -> Iterator[VideoDetections]:
 
 def _videos(path: Path) -> Iterator[VideoDetections]:
     seen: set[str] = set()
+    no_area, example = 0, None
     for line_number, value in read_jsonl(path, DetectionsError):
         where = f"{path}:{line_number}"
         video = video_from_json(value, where)
         if video.video_id in seen:
             raise DetectionsError(f"{where}: video '{video.video_id}' appears twice")
         seen.add(video.video_id)
+        count = boxes_without_area(video)
+        no_area += count
+        example = example or (f"line {line_number}, video {video.video_id}" if count else None)
         yield video
+    if no_area:
+        log.warning("%s: %d boxes have no area (x1 = x0 or y1 = y0; e.g. %s): every clip leaves them out",
+                    path, no_area, example)
+
+
+def boxes_without_area(video: VideoDetections) -> int:
+    """The boxes of `video` that are a line or a point (x1 = x0 or y1 = y0): `select_objects` drops them
+    with the boxes that leave the crop."""
+    return sum(int(((frame.rects[:, 2] <= frame.rects[:, 0]) | (frame.rects[:, 3] <= frame.rects[:, 1])).sum())
+               for frame in video.frames)
 
 
 def read_detections(path: str | Path) -> dict[str, VideoDetections]:
