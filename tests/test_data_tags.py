@@ -1,5 +1,6 @@
 """Noun/verb tags aligned with CLIP BPE token positions."""
 
+import importlib.metadata
 import json
 import pickle
 
@@ -10,7 +11,16 @@ import torch
 from stoa_vlp.batch import TAG_NONE, TAG_NOUN, TAG_VERB
 from stoa_vlp.cli import console_main, main
 from stoa_vlp.data.annotations import AnnotationError
-from stoa_vlp.data.tags import POS_TAGS, TagCache, load_spacy, read_captions, tag_file, tag_pieces, tag_tokens
+from stoa_vlp.data.tags import (
+    POS_TAGS,
+    TagCache,
+    load_spacy,
+    read_captions,
+    tag_file,
+    tag_pieces,
+    tag_tokens,
+    tagger_versions,
+)
 from stoa_vlp.tokenizer import Tokenizer
 
 
@@ -301,6 +311,7 @@ class CountingNlp:
 
     def __init__(self, nlp, fail_after=None):
         self.nlp, self.fail_after, self.texts, self.processes = nlp, fail_after, [], []
+        self.meta = dict(nlp.meta)
 
     def pipe(self, texts, batch_size, n_process=1):
         self.texts += list(texts)
@@ -350,3 +361,42 @@ def test_tag_command_passes_processes_to_spacy(tmp_path, nlp, monkeypatch):
     assert counting.processes == [2] and len(TagCache(out)) == 2
     with pytest.raises(SystemExit):
         main(args + ["--processes", "0"])
+
+
+def test_a_cache_records_its_tagger_and_refuses_tags_of_another(tmp_path, nlp, monkeypatch, caplog):
+    # before: a cache tagged with another spaCy model or open_clip was extended, or used as it was, silently
+    import stoa_vlp.data.tags
+
+    (tmp_path / "captions.txt").write_text("a cat sleeps\na dog barks\n")
+    out = tmp_path / "tags.json"
+    monkeypatch.setattr(stoa_vlp.data.tags, "load_spacy", lambda name: nlp)
+    tag_file(tmp_path / "captions.txt", out, length=12)
+    tagger = tagger_versions(nlp)
+    assert json.loads(out.read_text())["tagger"] == tagger == {
+        "spacy_model": f"{nlp.meta['lang']}_{nlp.meta['name']} {nlp.meta['version']}",
+        "open_clip": importlib.metadata.version("open_clip_torch")}
+    written = out.read_text()
+    newer = CountingNlp(nlp)
+    newer.meta["version"] = "99.0.0"
+    monkeypatch.setattr(stoa_vlp.data.tags, "load_spacy", lambda name: newer)
+    with pytest.raises(ValueError) as error:
+        tag_file(tmp_path / "captions.txt", out, length=12)  # nothing to tag: the cache would be taken as it is
+    assert str(error.value) == (
+        f"{out}: its tags were made with spaCy model {tagger['spacy_model']} and open_clip {tagger['open_clip']}, "
+        f"this run tags with spaCy model {nlp.meta['lang']}_{nlp.meta['name']} 99.0.0 and open_clip "
+        f"{tagger['open_clip']}: its captions would keep stale tags; give another --out, or delete {out} to tag "
+        "them all again")
+    assert out.read_text() == written and newer.texts == []
+
+
+def test_a_cache_of_unknown_tagger_is_extended_with_a_warning(tmp_path, nlp, monkeypatch, caplog):
+    import stoa_vlp.data.tags
+
+    monkeypatch.setattr(stoa_vlp.data.tags, "load_spacy", lambda name: nlp)
+    (tmp_path / "captions.txt").write_text("a cat sleeps\na dog barks\n")
+    out = tmp_path / "tags.json"
+    out.write_text(json.dumps({"format": "stoa-vlp tags", "version": 1, "length": 12, "tags": {"a cat sleeps": "012"}}))
+    tag_file(tmp_path / "captions.txt", out, length=12)
+    assert f"{out}: the spaCy model and open_clip version its 1 captions were tagged with are unknown" in caplog.text
+    saved = json.loads(out.read_text())
+    assert "tagger" not in saved and len(saved["tags"]) == 2  # the old tags' versions stay unknown

@@ -12,6 +12,7 @@ Tags are computed per word piece, independent of the token limit, and cut like t
 from __future__ import annotations
 
 import logging
+from importlib.metadata import version
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -59,6 +60,13 @@ def load_spacy(name: str):
     raise OSError(
         f"spaCy pipeline '{name}' is not installed; install it ({hint or f'python -m spacy download {name}'})"
     )
+
+
+def tagger_versions(nlp) -> dict[str, str]:
+    """What a cache's tags are made with: the spaCy pipeline `nlp` (name and version) and open_clip (its BPE
+    cuts the captions into the pieces tagged)."""
+    meta = nlp.meta
+    return {"spacy_model": f"{meta['lang']}_{meta['name']} {meta['version']}", "open_clip": version("open_clip_torch")}
 
 
 def _pieces(tokenizer: Tokenizer, text: str) -> list[tuple[int, int, int]]:
@@ -150,7 +158,8 @@ def tag_tokens(captions: list[str], tokenizer: Tokenizer, nlp) -> list[np.ndarra
 
 
 class TagCache:
-    """Word-piece tags per caption in a JSON file: {"format", "version", "length", "tags": {caption: "0120"}}.
+    """Word-piece tags per caption in a JSON file: {"format", "version", "length", "tagger", "tags": {caption:
+    "0120"}}, "tagger" being the `tagger_versions` its tags were made with (absent in caches written before).
 
     `get` returns tags aligned with token positions for `length` (given here, or the one the file
     was written with), so one cache serves any token limit. `TagCache(path)` opens a cache to extend
@@ -162,10 +171,11 @@ class TagCache:
     def __init__(self, path: str | Path, length: int | None = None):
         self.path = Path(path)
         self.tags: dict[str, str] = {}
+        self.tagger: dict[str, str] | None = None
         stored_length = None
         if self.path.exists():
             data = self._read()
-            self.tags = data["tags"]
+            self.tags, self.tagger = data["tags"], data.get("tagger")
             stored_length = data.get("length")
         self.length = length or stored_length
         if self.length is None:
@@ -183,6 +193,9 @@ class TagCache:
         length = data.get("length")
         if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length <= 0):
             raise ValueError(f"{self.path}: length must be a positive integer, got {length!r}")
+        tagger = data.get("tagger")
+        if tagger is not None and not (isinstance(tagger, dict) and all(isinstance(v, str) for v in tagger.values())):
+            raise ValueError(f"{self.path}: tagger must be an object of version strings, got {tagger!r}")
         for caption, digits in data["tags"].items():
             if not isinstance(digits, str) or digits.strip(TAG_DIGITS):  # strip leaves any other character
                 raise ValueError(f"{self.path}: the tags of caption {caption!r} are not a string of the "
@@ -206,6 +219,21 @@ class TagCache:
         """(length,) int64 tags aligned with the token ids, or None when the caption is not cached."""
         digits = self.tags.get(caption)
         return None if digits is None else tags_from_digits(digits, self.length)
+
+    def check_tagger(self, tagger: dict[str, str]) -> None:
+        """Before tags made with `tagger` (`tagger_versions`) are added or the cache is used as it is: a
+        ValueError when its tags were made with other versions (its captions would keep stale tags); a
+        warning when it holds tags of unknown versions (a cache written before they were recorded)."""
+        if self.tagger is None and self.tags:
+            log.warning("%s: the spaCy model and open_clip version its %d captions were tagged with are unknown (a "
+                        "cache written before they were recorded); delete it to tag them all with %s", self.path,
+                        len(self.tags), _versions(tagger))
+        elif self.tagger is not None and self.tagger != tagger:
+            raise ValueError(f"{self.path}: its tags were made with {_versions(self.tagger)}, this run tags with "
+                             f"{_versions(tagger)}: its captions would keep stale tags; give another --out, or delete "
+                             f"{self.path} to tag them all again")
+        else:
+            self.tagger = tagger
 
     def update(self, piece_tags: dict[str, np.ndarray]) -> None:
         """Add word-piece tags (as returned by `tag_pieces`) per caption."""
@@ -231,7 +259,14 @@ class TagCache:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {"format": CACHE_FORMAT, "version": 1, "length": self.length, "tags": self.tags}
+        if self.tagger is not None:
+            data["tagger"] = self.tagger
         write_json_atomic(self.path, data, indent=None)  # compact: a cache may hold millions of captions
+
+
+def _versions(tagger: dict[str, str]) -> str:
+    """`tagger_versions` in words: "spaCy model en_core_web_sm 3.8.0 and open_clip 3.3.0"."""
+    return f"spaCy model {tagger.get('spacy_model')} and open_clip {tagger.get('open_clip')}"
 
 
 class PackedTags:
@@ -317,14 +352,17 @@ def tag_file(
     after each `save_every` newly tagged captions (0: only at the end), so that an interrupted run
     keeps them and a rerun tags the rest. `processes`: spaCy worker processes (spaCy starts them;
     under the 'spawn' start method the calling script needs an `if __name__ == "__main__":` guard,
-    which the `stoa-vlp` command has). With `progress`, a tqdm bar on stderr."""
+    which the `stoa-vlp` command has). With `progress`, a tqdm bar on stderr. A cache made with another
+    spaCy pipeline or open_clip is an error (`TagCache.check_tagger`), also with nothing to tag."""
     if processes < 1:
         raise ValueError(f"processes must be at least 1, got {processes}")
     captions = read_captions(annotation_path, format, splits)
     cache = TagCache(cache_path, length=length)
+    nlp = load_spacy(spacy_model)
+    cache.check_tagger(tagger_versions(nlp))
     missing = len(set(captions) - cache.tags.keys())
     log.info("%d captions (%d distinct), %d to tag", len(captions), len(set(captions)), missing)
     if missing:
-        cache.add(captions, Tokenizer(length), load_spacy(spacy_model), progress, processes, save_every)
+        cache.add(captions, Tokenizer(length), nlp, progress, processes, save_every)
     cache.save()
     return cache
