@@ -43,6 +43,27 @@ def test_validation_ranks_by_the_configured_video_feature(world, monkeypatch):
     assert asked == ["sep"]
 
 
+def test_validation_reads_its_annotation_file_once(world, monkeypatch):
+    # before: once to check it before training, once more to build the loader at the first validation
+    import stoa_vlp.data.annotations
+    import stoa_vlp.data.dataset
+
+    reads = []
+    read = stoa_vlp.data.annotations.read_annotations
+
+    def counting(path, *args, **kwargs):
+        reads.append(path)
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(stoa_vlp.data.annotations, "read_annotations", counting)
+    monkeypatch.setattr(stoa_vlp.data.dataset, "read_annotations", counting)
+    config = tiny(world)
+    torch.manual_seed(0)
+    evaluator = RetrievalEvaluator(config, "val", torch.device("cpu"))
+    metrics = evaluator(build_model(config.model).eval())
+    assert reads == [str(world.annotations)] and metrics["num_videos"] == 5
+
+
 @pytest.mark.parametrize("max_videos", [0, 3])
 def test_validation_decodes_each_video_once_and_keeps_the_per_caption_metrics(world, monkeypatch, max_videos):
     import stoa_vlp.data.dataset

@@ -341,10 +341,11 @@ def split_file(config: Config, split: str) -> str:
 
 
 def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1,
-                  side_data: SideData | None = None):
+                  side_data: SideData | None = None, records: list[VideoRecord] | None = None):
     """The dataset of a split ("train", "val" or "test") as the config names it. `side_data`: what
     `load_side_data(config)` returned, for a caller that holds it already (read otherwise), so that
-    several splits share one copy."""
+    several splits share one copy; `records`: the split's annotation file as `read_annotations` read it,
+    likewise (`train.evaluation.check_split_videos`' records)."""
     path = split_file(config, split)
     training = split == "train"
     side_data = side_data if side_data is not None else load_side_data(config)
@@ -352,7 +353,8 @@ def build_dataset(config: Config, split: str, rank: int = 0, world_size: int = 1
         from stoa_vlp.data.shards import WebDatasetShards  # imported here: its samples are built by SampleBuilder
 
         return WebDatasetShards(shard_list(Path(path)), config, training, *side_data, rank=rank, world_size=world_size)
-    records = read_annotations(path, config.data.format, split, config.data.video_root or None, strict=not training)
+    if records is None:
+        records = read_annotations(path, config.data.format, split, config.data.video_root or None, strict=not training)
     if not records:
         raise ValueError(f"{path}: no usable (video, caption) records for split {split}")
     if training:

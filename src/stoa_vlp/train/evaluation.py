@@ -62,20 +62,21 @@ def retrieval_loader(config: Config, split: str, max_videos: int = 0, side_data=
     return FirstVideos(loader, max_videos) if max_videos > 0 and streamed else loader
 
 
-def validation_loader(config: Config, split: str, max_videos: int = 0,
-                      side_data=None) -> tuple[Iterable[Batch], list | None]:
+def validation_loader(config: Config, split: str, max_videos: int = 0, side_data=None,
+                      records: list | None = None) -> tuple[Iterable[Batch], list | None]:
     """(loader, records) for validating on `split` (its first `max_videos` videos when set). For an
     annotation file: a loader with one row per record (`tasks.data.video_loader`), so each clip is
     decoded once however many captions it has, and the records, whose captions are the queries
     (`evaluate_retrieval_records`). For WebDataset shards, which cannot be indexed: the stream of
-    `retrieval_loader` (one row per shard sample) and None."""
+    `retrieval_loader` (one row per shard sample) and None. `records`: the annotation file's records
+    (`check_split_videos`), read again when not given."""
     from stoa_vlp.data.dataset import build_dataset, is_webdataset, split_file
     from stoa_vlp.tasks.data import video_loader
     from stoa_vlp.tasks.retrieval import require_distinct_clips
 
     if is_webdataset(config, split_file(config, split)):
         return retrieval_loader(config, split, max_videos, side_data), None
-    dataset = build_dataset(config, split, side_data=side_data)
+    dataset = build_dataset(config, split, side_data=side_data, records=records)
     records = [dataset.records[index] for index in range(len(dataset.records))]
     require_distinct_clips(records)
     if max_videos > 0:
@@ -114,9 +115,9 @@ class RetrievalEvaluator:
         self.config, self.split, self.device, self.max_videos = config, split, device, max_videos
         self.loader: Iterable[Batch] | None = None
         self.records: list | None = None
-        records = check_split_videos(config, split, max_videos)
-        if side_data is not None and records is not None:
-            side_data = side_data.for_retrieval(record.video_id for record in records)
+        self.checked = check_split_videos(config, split, max_videos)  # the loader's records: the file is read once
+        if side_data is not None and self.checked is not None:
+            side_data = side_data.for_retrieval(record.video_id for record in self.checked)
         self.side_data = side_data
 
     def __call__(self, module: nn.Module) -> dict[str, float]:
@@ -124,7 +125,8 @@ class RetrievalEvaluator:
         from stoa_vlp.tokenizer import Tokenizer
 
         if self.loader is None:
-            self.loader, self.records = validation_loader(self.config, self.split, self.max_videos, self.side_data)
+            self.loader, self.records = validation_loader(self.config, self.split, self.max_videos, self.side_data,
+                                                          self.checked)
         model = getattr(module, "model", module)
         feature, progress = self.config.loss.vtc_video_feature, self.config.train.progress
         if self.records is None:  # a stream: one row per (video, caption) as it comes
