@@ -669,3 +669,28 @@ def test_a_batch_larger_than_the_training_set_names_data_batch_size():
 
     with pytest.raises(ValueError, match=r"fewer than one global batch \(data.batch_size=4 per rank x 1 ranks\)"):
         ResumableSampler(3, 4, 0, 1, 0)
+
+
+@pytest.mark.parametrize("nonfinite", ["stop", "skip"])
+def test_an_fp16_gradient_overflow_is_a_counted_skip_under_either_policy(tmp_path, nonfinite):
+    """The GradScaler skips a step whose gradient overflows (calibrating its scale): it used to count as
+    taken, so nothing was counted and a run whose gradients were always NaN finished with unchanged weights."""
+    model = GradientPoison()
+    model.poison_gradient = {"video5"}
+    config = toy_config("train.precision=amp_fp16", f"train.nonfinite={nonfinite}", "train.steps=8",
+                        "train.clip_grad=0")
+    result = toy_trainer(config, tmp_path / "run", model=model).fit()
+    assert result.step == 8 and result.skipped_batches >= 1
+    assert read_metrics(tmp_path / "run")[-1]["skipped_batches"] == result.skipped_batches
+
+
+@pytest.mark.parametrize("nonfinite", ["stop", "skip"])
+def test_fp16_gradients_that_stay_non_finite_stop_the_run(tmp_path, nonfinite):
+    model = GradientPoison()
+    model.poison_gradient = {f"video{i}" for i in range(32)}
+    before = [p.detach().clone() for p in model.parameters()]
+    config = toy_config("train.precision=amp_fp16", f"train.nonfinite={nonfinite}", "train.steps=60",
+                        "train.clip_grad=0", "train.save_every=100")
+    with pytest.raises(NonFiniteLossError, match="50 steps in a row were skipped"):
+        toy_trainer(config, tmp_path / "run", model=model).fit()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -48,7 +48,7 @@ from stoa_vlp.train.optim import (
 from stoa_vlp.train.provenance import write_run_record
 
 log = logging.getLogger(__name__)
-MAX_SKIPS_IN_A_ROW = 50  # train.nonfinite=skip gives up after this many skipped steps with none taken
+MAX_SKIPS_IN_A_ROW = 50  # skipped steps with none taken after which a run gives up (also amp_fp16 overflows)
 
 Evaluator = Callable[[nn.Module], dict[str, float]]  # trained module (unwrapped) -> validation metrics
 
@@ -472,7 +472,7 @@ class Trainer:
         shared = mean_over_ranks(torch.cat([outputs.mean(dim=0), local_loss_bad]), self.env)
         loss_bad, gradient_bad = shared[-1:] > 0, ~torch.isfinite(grad_norm)
         # a finite loss can still overflow in the backward, and stepping would make every weight NaN
-        # (with amp_fp16 the GradScaler has lowered its scale for such a step, which counts as taken)
+        # (with amp_fp16 the GradScaler also lowers its scale for such a step)
         self._update_unless(loss_bad | gradient_bad)
         self.scaler.update()
         readout = torch.cat([outputs.flatten(), shared[:-1], grad_norm, loss_bad.float(), gradient_bad.float()])
@@ -498,7 +498,7 @@ class Trainer:
         rank-averaged metrics when it was taken, with its "seconds": from when the host began to queue
         it to `until`, when it began to queue the next step (now if None: a step read at once, whose
         read waits for the device to finish it). None when a non-finite loss or gradient skipped it
-        (train.nonfinite=stop raises instead). Collective when it was skipped."""
+        (train.nonfinite=stop raises instead; see `_non_finite`). Collective when it was skipped."""
         width, batches = len(queued.names), len(queued.video_ids)
         numbers = queued.read()
         per_batch = [numbers[i * width:(i + 1) * width] for i in range(batches)]
@@ -510,7 +510,7 @@ class Trainer:
                       if not math.isfinite(values[loss_at]) for video_id in ids]
             return self._non_finite(blamed, metrics, "loss")
         metrics["grad_norm"] = grad_norm
-        if gradient_bad and not self.scaler.is_enabled():
+        if gradient_bad:
             return self._non_finite([video_id for ids in queued.video_ids for video_id in ids], metrics, "gradient")
         self.scheduler.step()
         self.step += 1
@@ -533,9 +533,14 @@ class Trainer:
     def _non_finite(self, video_ids: list[str], values: dict[str, float], what: str) -> None:
         """Apply train.nonfinite to a step whose update the device skipped because its `what` ("loss" or
         "gradient") was not finite; `video_ids` are this rank's clips to blame (none where its values are
-        finite). Collective."""
+        finite). Collective.
+
+        Under amp_fp16 a non-finite gradient is the GradScaler's overflow, by which it also calibrates
+        its scale (a few such steps early in a run are normal): it is skipped under either policy, and
+        only MAX_SKIPS_IN_A_ROW of them in a row stop the run (the scale has by then halved as often)."""
         video_ids = [video_id for ids in gather_objects(list(video_ids), self.env) for video_id in ids]
-        if self.train.nonfinite == "stop":
+        scaler_overflow = what == "gradient" and self.scaler.is_enabled()
+        if self.train.nonfinite == "stop" and not scaler_overflow:
             raise NonFiniteLossError(self.step + 1, video_ids, values, what)
         self.skipped_batches += 1
         self.skipped_in_a_row += 1
@@ -543,7 +548,9 @@ class Trainer:
             raise NonFiniteLossError(self.step + 1, video_ids, values, what, advice=(
                 f"{MAX_SKIPS_IN_A_ROW} steps in a row were skipped: the model itself has diverged (lower train.lr, "
                 "or resume from an earlier checkpoint)"))
-        log.warning("skipped step %d: non-finite %s %s (video ids %s)", self.step + 1, what, values, video_ids)
+        overflow = " (an amp_fp16 overflow: the loss scale is lowered)" if scaler_overflow else ""
+        log.warning("skipped step %d: non-finite %s%s %s (video ids %s)", self.step + 1, what, overflow, values,
+                    video_ids)
         return None
 
     # ---- validation --------------------------------------------------------------------------
