@@ -694,3 +694,33 @@ def test_fp16_gradients_that_stay_non_finite_stop_the_run(tmp_path, nonfinite):
     with pytest.raises(NonFiniteLossError, match="50 steps in a row were skipped"):
         toy_trainer(config, tmp_path / "run", model=model).fit()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def strict_json(path):
+    """The JSON in `path`, which must be strict (no NaN or Infinity, which Python's json writes)."""
+    def refuse(constant):
+        raise AssertionError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_non_finite_validation_is_never_best(tmp_path):
+    """A NaN at the first validation stayed best for good (nothing compares above NaN): the best checkpoint
+    was its, a better one was pruned, and finished.json held NaN."""
+    run = tmp_path / "run"
+    given = iter([{"score": math.nan, "other": 1.0}, {"score": 0.5, "other": 1.0},
+                  {"score": 0.9, "other": math.inf}, {"score": 0.7, "other": 1.0}])
+    config = toy_config("train.steps=4", "train.eval_every=1", "train.best_metric=val/score",
+                        "train.save_every=100", "train.keep_last=1")
+    result = toy_trainer(config, run, evaluate=lambda module: next(given)).fit()
+    assert result.best["step"] == 3 and ckpt.best_checkpoint(run).name == "step_00000003"
+    assert strict_json(run / "finished.json")["best"] == {"step": 3, "val/score": 0.9, "val/other": None}
+    for folder in ckpt.list_checkpoints(run):
+        strict_json(folder / "state.json")
+
+
+def test_a_nan_best_from_an_older_checkpoint_is_beaten_by_any_finite_value(tmp_path):
+    trainer = toy_trainer(toy_config("train.best_metric=val/score"), tmp_path / "run")
+    trainer.best_value = math.nan
+    assert not trainer._is_best({"val/score": math.nan}) and trainer._is_best({"val/score": -1.0})
+    assert trainer.best_value == -1.0

@@ -49,6 +49,13 @@ class MetricsLogger:
             self.writer.close()
 
 
+def finite_or_null(values: dict[str, object]) -> dict[str, object]:
+    """`values` with None (JSON's null) for its NaN and infinite floats, which strict JSON has no words for
+    (Python's json writes NaN and Infinity, which other readers reject)."""
+    return {name: None if isinstance(value, float) and not math.isfinite(value) else value
+            for name, value in values.items()}
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -36,7 +36,7 @@ from stoa_vlp.train.data_position import (
 from stoa_vlp.host_copy import start_copy_to_host
 from stoa_vlp.model.checkpoint import load_state_checked, weights_prefix
 from stoa_vlp.train.distributed import DistEnv, barrier, gather_objects, mean_over_ranks, wrap_model
-from stoa_vlp.train.logging import MetricsLogger, Progress, format_table
+from stoa_vlp.train.logging import MetricsLogger, Progress, finite_or_null, format_table
 from stoa_vlp.train.optim import (
     apply_settings,
     build_optimizer,
@@ -275,7 +275,7 @@ class Trainer:
             "skipped_batches": self.skipped_batches,
             "data_skips": data_skips,
             "best_value": self.best_value,
-            "best": self.best,
+            "best": None if self.best is None else finite_or_null(self.best),
             "best_checkpoint": self.best_checkpoint,
             "worker_seeds": {
                 "seed": self.train.seed,
@@ -285,7 +285,7 @@ class Trainer:
                     for rank in range(self.env.world_size)
                 ],
             },
-            "metrics": metrics,
+            "metrics": finite_or_null(metrics),
             "config": self.config.to_dict(),
         }
         training_state = {
@@ -303,7 +303,7 @@ class Trainer:
         barrier(self.env)  # every rank's RNG file is written before the folder is marked complete
         final = self.run_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(self.step)
         if main:
-            ckpt.write_json_atomic(temporary / "state.json", state)
+            ckpt.write_json_atomic(temporary / "state.json", finite_or_null(state))
             final = ckpt.finish_checkpoint(self.run_dir, temporary, self.step, self.train.keep_last, is_best)
         barrier(self.env)
         return final
@@ -582,7 +582,10 @@ class Trainer:
                 log.warning("train.best_metric %s is not among the validation metrics (%s): no best checkpoint "
                             "is selected", self.train.best_metric, ", ".join(sorted(metrics)))
             return False
-        if self.best_value is None or value > self.best_value:
+        if not math.isfinite(value):  # never best: no value compares above a NaN, so it would stay best for good
+            return False
+        # a NaN best comes from a checkpoint written before non-finite values were kept out
+        if self.best_value is None or not math.isfinite(self.best_value) or value > self.best_value:
             self.best_value = value
             return True
         return False
@@ -628,7 +631,8 @@ class Trainer:
         if self.env.is_main:
             if result.data_skips is not None:
                 log.info("training data: %s", result.data_skips)
-            ckpt.write_json_atomic(self.run_dir / ckpt.FINISHED_MARKER, {"step": self.step, "best": result.best})
+            best = None if result.best is None else finite_or_null(result.best)
+            ckpt.write_json_atomic(self.run_dir / ckpt.FINISHED_MARKER, {"step": self.step, "best": best})
             log.info("\n%s", summary_table(result))
         return result
 
