@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import random
+import resource
+import signal
 import traceback
 
 import numpy as np
@@ -27,7 +29,7 @@ from stoa_vlp.train.data_position import (
     seed_everything,
     worker_seed,
 )
-from stoa_vlp.train.logging import read_metrics
+from stoa_vlp.train.logging import MetricsLogger, read_metrics
 from stoa_vlp.train.loop import summary_table
 from stoa_vlp.train.optim import warmup_cosine
 
@@ -724,3 +726,47 @@ def test_a_nan_best_from_an_older_checkpoint_is_beaten_by_any_finite_value(tmp_p
     trainer.best_value = math.nan
     assert not trainer._is_best({"val/score": math.nan}) and trainer._is_best({"val/score": -1.0})
     assert trainer.best_value == -1.0
+
+
+def test_a_metrics_file_cut_short_at_its_last_line_still_resumes(tmp_path, caplog):
+    """A kill or a full disk while a record was appended left half a line, and resume failed on it with
+    a JSONDecodeError that named no file."""
+    run = tmp_path / "run"
+    toy_trainer(toy_config(), run).fit()
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-20])
+    result = toy_trainer(toy_config(), run).fit(resume=str(run / "checkpoints" / "step_00000003"))
+    assert result.step == 6 and [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    assert f"{metrics}: its last line is cut short" in caplog.text
+
+
+def test_a_metrics_line_that_is_not_json_before_the_last_is_named(tmp_path):
+    run = tmp_path / "run"
+    toy_trainer(toy_config(), run).fit()
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:1] + ["{broken\n"] + lines[2:]))
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not JSON"):
+        toy_trainer(toy_config(), run).fit(resume="latest")
+
+
+def test_metrics_file_is_strict_json(tmp_path):
+    fit_with_scores(tmp_path / "run", [math.nan, 0.5])
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda constant: pytest.fail(f"{constant}: {line}")) for line in lines]
+    assert [r["score"] for r in records if r["split"] == "val"] == [None, 0.5]
+
+
+def test_a_resume_rewrites_the_metrics_file_atomically(tmp_path):
+    """A full disk while a resume rewrote metrics.jsonl used to leave it truncated."""
+    run = tmp_path / "run"
+    toy_trainer(toy_config(), run).fit()
+    before = (run / "metrics.jsonl").read_text()
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, limits[1]))  # writes beyond 100 bytes fail: EFBIG
+        with pytest.raises(OSError):
+            MetricsLogger(run, tensorboard=False, resumed_step=3)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert (run / "metrics.jsonl").read_text() == before

@@ -4,6 +4,7 @@ summary table. Only rank 0 writes; other ranks get a logger that does nothing.""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -11,20 +12,24 @@ from typing import Iterable
 
 from tqdm import tqdm
 
+from stoa_vlp.data.jsonl import write_jsonl_atomic
+
+log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
     """Appends one JSON object per record to RUN/metrics.jsonl and mirrors scalars to TensorBoard
     under RUN/tensorboard (tags `split/name`). A fresh run (`resumed_step` None) starts both anew;
-    a resumed one drops the records of steps after its checkpoint, which it is about to redo."""
+    a resumed one drops the records of steps after its checkpoint, which it is about to redo. NaN and
+    infinite values are written as null (strict JSON)."""
 
     def __init__(self, run_dir: Path | None, tensorboard: bool, resumed_step: int | None = None):
         self.path = Path(run_dir) / METRICS_FILE if run_dir is not None else None
         self.writer = None
         if self.path is not None and self.path.exists():
-            kept = [r for r in read_metrics(run_dir) if resumed_step is not None and r["step"] <= resumed_step]
-            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            kept = [] if resumed_step is None else [r for r in read_metrics(run_dir) if r["step"] <= resumed_step]
+            write_jsonl_atomic(self.path, (finite_or_null(record) for record in kept))
         if run_dir is not None and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -38,7 +43,7 @@ class MetricsLogger:
         if self.path is None:
             return
         with open(self.path, "a") as handle:
-            handle.write(json.dumps({"split": split, "step": step, **values}) + "\n")
+            handle.write(json.dumps(finite_or_null({"split": split, "step": step, **values})) + "\n")
         if self.writer is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)):
@@ -57,8 +62,22 @@ def finite_or_null(values: dict[str, object]) -> dict[str, object]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of RUN/metrics.jsonl. A last line that is not JSON (cut short by a kill or a full disk
+    while it was appended) is left out with a warning; any other is a ValueError naming the file and line."""
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}: not JSON ({error})") from error
+            log.warning("%s: its last line is cut short (a kill or a full disk while it was written) and is "
+                        "left out: %r", path, line[:80])
+    return records
 
 
 class Progress:
