@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ import pytest
 import torch
 from _train_toys import ToyDataset, ToyModel, collate
 
+from stoa_vlp.cli import bad_input_errors
 from stoa_vlp.config import load_config
 from stoa_vlp.data.skips import SkipCounter
 from stoa_vlp.train import NonFiniteLossError, Trainer
@@ -761,12 +763,35 @@ def test_a_resume_rewrites_the_metrics_file_atomically(tmp_path):
     run = tmp_path / "run"
     toy_trainer(toy_config(), run).fit()
     before = (run / "metrics.jsonl").read_text()
+    with file_size_limit(100), pytest.raises(OSError):
+        MetricsLogger(run, tensorboard=False, resumed_step=3)
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int):
+    """Writes beyond `size` bytes of a file fail (EFBIG), as they would on a full disk."""
     limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100, limits[1]))  # writes beyond 100 bytes fail: EFBIG
-        with pytest.raises(OSError):
-            MetricsLogger(run, tensorboard=False, resumed_step=3)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+        yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
-    assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_a_checkpoint_that_cannot_be_written_is_an_error_naming_its_folder(tmp_path, monkeypatch):
+    """torch.save on a full disk raised "RuntimeError: [enforce fail at inline_container.cc:672] .
+    unexpected pos 64 vs 0", naming no file, which the command line showed as a traceback."""
+    trainer = toy_trainer(toy_config("train.steps=1"), tmp_path / "run")
+    write = ckpt.write_checkpoint_files
+
+    def on_a_full_disk(*args):
+        with file_size_limit(500):
+            write(*args)
+
+    monkeypatch.setattr(ckpt, "write_checkpoint_files", on_a_full_disk)
+    with pytest.raises(OSError, match=r"\.tmp-step_00000001: writing the checkpoint failed .*disk full") as raised:
+        trainer.fit()
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert isinstance(raised.value, bad_input_errors()) and "\n" not in str(raised.value)  # one line on the CLI

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from stoa_vlp.data.jsonl import one_line, read_json_object, write_json_atomic
@@ -197,13 +197,20 @@ def write_checkpoint_files(
     model_config: dict[str, Any] | None,
 ) -> None:
     """This rank's share of a checkpoint: its RNG state; rank 0 also the weights and optimiser.
-    state.json, which marks the folder complete, is written after every rank's share."""
-    torch.save(rng_state(), temporary / f"rng_rank{rank}.pt")
-    if weights is not None:
-        save_weights(weights, temporary / "model.safetensors")
-        write_json_atomic(temporary / "config.json", {"model": model_config})
-    if training_state is not None:
-        torch.save(training_state, temporary / "training_state.pt")
+    state.json, which marks the folder complete, is written after every rank's share. A failed write is
+    an OSError naming the folder: torch.save's on a full disk ("[enforce fail at inline_container.cc:672]
+    . unexpected pos 64 vs 0") and safetensors' name no file."""
+    rng = rng_state()
+    try:
+        torch.save(rng, temporary / f"rng_rank{rank}.pt")
+        if weights is not None:
+            save_weights(weights, temporary / "model.safetensors")
+            write_json_atomic(temporary / "config.json", {"model": model_config})
+        if training_state is not None:
+            torch.save(training_state, temporary / "training_state.pt")
+    except (OSError, RuntimeError, SafetensorError) as error:
+        raise OSError(f"{temporary}: writing the checkpoint failed ({one_line(error)}); is the disk full? Free "
+                      f"space there (or lower train.keep_last), then resume with --resume latest") from error
 
 
 def start_checkpoint(run_dir: Path, step: int) -> Path:
