@@ -795,3 +795,13 @@ def test_a_checkpoint_that_cannot_be_written_is_an_error_naming_its_folder(tmp_p
         trainer.fit()
     assert isinstance(raised.value.__cause__, RuntimeError)
     assert isinstance(raised.value, bad_input_errors()) and "\n" not in str(raised.value)  # one line on the CLI
+
+
+def test_the_history_keeps_the_first_and_the_last_steps_only(tmp_path, monkeypatch):
+    """It kept a dict per step: about 1 GB after a million steps."""
+    from stoa_vlp.train import loop
+
+    monkeypatch.setattr(loop, "HISTORY_STEPS", 3, raising=False)
+    result = toy_trainer(toy_config("train.steps=7"), tmp_path / "run").fit()
+    assert [h["step"] for h in result.history] == [1, 5, 6, 7]
+    assert summary_table(result).count("final loss") == 1

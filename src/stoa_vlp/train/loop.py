@@ -48,6 +48,7 @@ from stoa_vlp.train.optim import (
 from stoa_vlp.train.provenance import write_run_record
 
 log = logging.getLogger(__name__)
+HISTORY_STEPS = 1000  # TrainResult.history keeps a session's first step and its last HISTORY_STEPS
 MAX_SKIPS_IN_A_ROW = 50  # skipped steps with none taken after which a run gives up (also amp_fp16 overflows)
 
 Evaluator = Callable[[nn.Module], dict[str, float]]  # trained module (unwrapped) -> validation metrics
@@ -94,7 +95,9 @@ class QueuedStep:
 @dataclass
 class TrainResult:
     step: int  # optimiser steps done in total
-    history: list[dict[str, float]] = field(default_factory=list)  # this session's steps, rank-averaged
+    # this session's first step and its last HISTORY_STEPS, rank-averaged (all of them, at a dict each, held
+    # about 1 GB after a million steps: metrics.jsonl has every train.log_every-th)
+    history: list[dict[str, float]] = field(default_factory=list)
     validations: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, float] | None = None
     skipped_batches: int = 0
@@ -662,6 +665,8 @@ class Trainer:
         run.clips_done += clips
         metrics["clips_per_s"] = clips / max(metrics.pop("seconds"), 1e-9)
         run.result.history.append({"step": self.step, **metrics})
+        if len(run.result.history) > HISTORY_STEPS + 1:
+            del run.result.history[1]  # the oldest but the first
         run.progress.update(metrics["loss"], metrics["clips_per_s"], self.skipped_batches)
         if self.step % self.train.log_every == 0 or self.step == self.train.steps:
             counts = {"skipped_batches": self.skipped_batches}
