@@ -131,3 +131,54 @@ def test_a_failed_demo_is_checked_as_pretrain_and_can_be_overwritten(tmp_path, c
     (folder / "demo_metrics.json").unlink()
     with pytest.raises(CheckpointError, match="does not hold a stoa-vlp demo"):
         run_demo(settings, folder, stages=[], overwrite=True)
+
+
+def test_retrieval_stage_decodes_and_encodes_each_test_clip_once_with_the_same_numbers(tmp_path, monkeypatch):
+    # before: one row per (clip, caption), so each clip was decoded once per caption (and encoded once, as
+    # extract_features encodes a clip's first row only)
+    import stoa_vlp.data.dataset
+    import stoa_vlp.tasks.retrieval
+    from stoa_vlp.config import load_config
+    from stoa_vlp.data.annotations import read_annotations
+    from stoa_vlp.data.synth import render_world
+    from stoa_vlp.metrics.retrieval import retrieval_metrics
+    from stoa_vlp.model import build_model
+    from stoa_vlp.tasks.retrieval import contrastive_similarity, extract_features
+    from stoa_vlp.train.demo import DemoRun, retrieval_stage
+    from stoa_vlp.train.evaluation import retrieval_loader
+
+    world = render_world(tmp_path / "world", train=0, val=0, test=4, seed=3, size=32)
+    config = load_config("tiny", [
+        f"data.test={world.annotations}", f"data.video_root={world.videos}", f"data.detections={world.detections}",
+        "data.batch_size=3", "data.num_workers=0", "model.frames=2", "model.image_size=32",
+        "train.progress=false",
+    ])
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    encoded, decoded, similarities = [], [], []
+
+    def recording(function, record):  # function, which first appends record(*its arguments) to a list
+        return lambda *args, **kwargs: record(*args, **kwargs) or function(*args, **kwargs)
+
+    monkeypatch.setattr(model, "encode_video", recording(
+        model.encode_video, lambda frames, *_: encoded.append(len(frames))))
+    monkeypatch.setattr(stoa_vlp.data.dataset, "decode_clip", recording(
+        stoa_vlp.data.dataset.decode_clip, lambda *_, **kwargs: decoded.append(kwargs["name"])))
+    monkeypatch.setattr(stoa_vlp.tasks.retrieval, "retrieval_metrics", recording(
+        retrieval_metrics, lambda similarity, *_, **__: similarities.append(similarity)))
+
+    run = DemoRun(DemoSettings(), tmp_path / "demo", config=config, model=model)
+    retrieval_stage(run)
+    records = read_annotations(world.annotations, split="test")
+    assert sum(len(record.captions) for record in records) == 20  # 5 captions per clip
+    assert sorted(decoded) == sorted(record.path for record in records) and sum(encoded) == 4  # once per clip
+
+    decoded.clear(), encoded.clear()
+    with torch.no_grad():  # the stage's old computation
+        videos, texts, text_to_video = extract_features(model, retrieval_loader(config, "test"), "cpu")
+        similarity = contrastive_similarity(videos, texts, config.loss.vtc_video_feature)
+    assert len(decoded) == 20 and sum(encoded) == 4  # decoded once per caption
+    torch.testing.assert_close(similarities[0], similarity, rtol=0, atol=1e-6)
+    chance = chance_metrics(text_to_video, 4)
+    old = {**retrieval_metrics(similarity, text_to_video), **{f"chance_{k}": v for k, v in chance.items()}}
+    assert run.metrics["retrieval"] == old

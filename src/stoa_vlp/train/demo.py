@@ -220,27 +220,26 @@ def chance_metrics(text_to_video: torch.Tensor, num_videos: int) -> dict[str, fl
 
 
 def retrieval_stage(run: DemoRun) -> None:
-    from stoa_vlp.metrics.retrieval import retrieval_metrics
-    from stoa_vlp.tasks.retrieval import contrastive_similarity, extract_features
-    from stoa_vlp.train.evaluation import retrieval_loader
+    from stoa_vlp.train.evaluation import RetrievalEvaluator
 
-    loader = retrieval_loader(run.config, "test")
+    # as validation scores it: each test clip decoded and encoded once, its captions encoded from the records
     device = next(run.model.parameters()).device
-    with torch.no_grad():
-        videos, texts, text_to_video = extract_features(run.model, loader, device)
-        similarity = contrastive_similarity(videos, texts, run.config.loss.vtc_video_feature)
-        metrics = retrieval_metrics(similarity, text_to_video)
-    chance = chance_metrics(text_to_video, videos.video.shape[0])
+    evaluator = RetrievalEvaluator(run.config, "test", device)
+    metrics = evaluator(run.model)
+    num_texts, num_videos = int(metrics.pop("num_texts")), int(metrics.pop("num_videos"))
+    captions_per_clip = torch.tensor([len(record.captions) for record in evaluator.records])
+    text_to_video = torch.repeat_interleave(torch.arange(num_videos), captions_per_clip)  # (num_texts,)
+    chance = chance_metrics(text_to_video, num_videos)
     run.metrics["retrieval"] = {**metrics, **{f"chance_{k}": v for k, v in chance.items()}}
     rows = []
     for direction in ("t2v", "v2t"):
         rows.append([direction] + [metrics[f"{direction}_{k}"] for k in ("r1", "r5", "r10", "mdr")])
         rows.append([f"{direction} chance"] + [chance[f"{direction}_{k}"] for k in ("r1", "r5", "r10", "mdr")])
     table = format_table(["zero-shot retrieval", "R@1", "R@5", "R@10", "MdR"], rows)
-    print(f"\nZero-shot retrieval on {videos.video.shape[0]} test clips ({len(text_to_video)} captions):\n{table}")
+    print(f"\nZero-shot retrieval on {num_videos} test clips ({num_texts} captions):\n{table}")
     run.report.append(
         "## Zero-shot retrieval (test clips)\n\n"
-        f"{videos.video.shape[0]} test clips, {len(text_to_video)} captions, scored with the final pre-trained "
+        f"{num_videos} test clips, {num_texts} captions, scored with the final pre-trained "
         "weights; recalls in percent, tie-robust ranks, chance = the expected value under random scores (for "
         "MdR the median of the rank distribution).\n\n"
         f"{table}\n"
