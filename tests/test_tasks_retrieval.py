@@ -1,5 +1,6 @@
 """Retrieval task: features computed once per video, contrastive metrics, VTM re-ranking of the top-k."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from stoa_vlp.batch import Batch
 from stoa_vlp.config import load_config
-from stoa_vlp.metrics.retrieval import querybank_normalise, retrieval_metrics
+from stoa_vlp.metrics.retrieval import querybank_normalise, querybank_normalise_blocks, retrieval_metrics
 from stoa_vlp.model import build_model
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.tasks.retrieval import (
@@ -277,3 +278,38 @@ def test_contrastive_similarity_is_float32_under_autocast():
         mixed = contrastive_similarity(videos, texts, "mean")
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, exact, rtol=0, atol=1e-6)
+
+
+def test_querybank_similarity_is_computed_a_block_of_bank_rows_at_a_time_with_the_same_metrics(setup, monkeypatch):
+    # before: the whole (bank, videos) similarity was computed on the device, then normalised a chunk at a time
+    import stoa_vlp.tasks.retrieval
+    from stoa_vlp.tasks.retrieval import (
+        embedding_similarity, retrieval_metrics_of_features, sentence_similarity_blocks,
+    )
+
+    config, model, tokenizer, _ = setup
+    video_rows = [make_batch(config, tokenizer, ["v1", "v2", "v3", "v4"], CAPTIONS[:4])]
+    videos, texts, text_to_video = extract_features(model, video_rows, "cpu")  # 4 videos, one caption each
+    bank = encode_sentences(model, *tokenizer(CAPTIONS + CAPTIONS[:1]), "cpu")  # 7 bank captions
+    similarity = contrastive_similarity(videos, texts, "mean")
+    bank_texts = dataclasses.replace(texts, sentence=bank)
+    old_bank_similarity = contrastive_similarity(videos, bank_texts, "mean")  # (7, 4), whole
+    old_scores = querybank_normalise(similarity, old_bank_similarity, beta=20.0)
+    assert not torch.equal(old_scores, similarity.double())  # some query is normalised
+    old = retrieval_metrics(similarity, text_to_video)
+    old.update({k.replace("t2v_", "t2v_qb_"): v for k, v in
+                retrieval_metrics(old_scores, text_to_video, directions=("t2v",)).items()})
+
+    computed = []
+    monkeypatch.setattr(stoa_vlp.tasks.retrieval, "embedding_similarity",
+                        lambda *args: computed.append(embedding_similarity(*args)) or computed[-1])
+    metrics = retrieval_metrics_of_features(model, videos, texts, text_to_video, querybank=bank, querybank_block=3)
+    assert {k: v for k, v in metrics.items() if not k.startswith("num_")} == old
+    assert [tuple(scores.shape) for scores in computed] == [(4, 4), (3, 4), (3, 4), (1, 4)]  # not (7, 4)
+    # the scores differ only by float32 rounding: a matmul of 3 rows may round a cosine unlike one of 7 rows
+    blocks = list(sentence_similarity_blocks(videos, bank, "mean", 3))
+    torch.testing.assert_close(torch.cat(blocks), old_bank_similarity, rtol=0, atol=1e-6)
+    scores = querybank_normalise_blocks(similarity, blocks, beta=20.0)
+    torch.testing.assert_close(scores, old_scores, rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="block_rows must be at least 1, got 0"):
+        next(sentence_similarity_blocks(videos, bank, "mean", 0))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -177,13 +177,22 @@ def querybank_normalise(
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    starts = range(0, bank_similarity.shape[0], chunk_rows)
+    return querybank_normalise_blocks(similarity, (bank_similarity[i : i + chunk_rows] for i in starts), beta)
+
+
+def querybank_normalise_blocks(
+    similarity: torch.Tensor, bank_blocks: Iterable[torch.Tensor], beta: float = 20.0
+) -> torch.Tensor:
+    """`querybank_normalise` of a bank similarity given as consecutive blocks of its rows, each (b, C) on
+    any device, so that the caller can compute them one at a time and never hold the (B, C) matrix."""
     similarity = similarity.double()
     activated = torch.zeros(similarity.shape[1], dtype=torch.bool, device=similarity.device)
     log_bank_sum = torch.full((similarity.shape[1],), -math.inf, dtype=torch.float64, device=similarity.device)
-    for start in range(0, bank_similarity.shape[0], chunk_rows):
-        chunk = bank_similarity[start : start + chunk_rows].to(similarity.device, torch.float64)  # (b, C)
-        activated[chunk.argmax(dim=1)] = True  # candidates some bank query retrieves first
-        log_bank_sum = torch.logaddexp(log_bank_sum, torch.logsumexp(beta * chunk, dim=0))
+    for block in bank_blocks:
+        block = block.to(similarity.device, torch.float64)  # (b, C)
+        activated[block.argmax(dim=1)] = True  # candidates some bank query retrieves first
+        log_bank_sum = torch.logaddexp(log_bank_sum, torch.logsumexp(beta * block, dim=0))
     normalised = beta * similarity - log_bank_sum  # (Q, C)
     rows = activated[similarity.argmax(dim=1)]  # (Q,)
     return torch.where(rows[:, None], normalised, similarity)

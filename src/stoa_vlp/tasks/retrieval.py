@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Iterable, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from stoa_vlp.batch import Batch
 from stoa_vlp.data.annotations import clip_name, repeated_clips
-from stoa_vlp.metrics.retrieval import RECALL_AT, querybank_normalise, rerank_top_k, retrieval_metrics
+from stoa_vlp.metrics.retrieval import RECALL_AT, querybank_normalise_blocks, rerank_top_k, retrieval_metrics
 from stoa_vlp.objectives.distributed import map_tensor_fields
 from stoa_vlp.objectives.vtc import MAX_LOGIT_SCALE, video_embedding
 from stoa_vlp.tokenizer import Tokenizer
@@ -166,6 +166,18 @@ def clip_embeddings(videos, video_feature: str, chunk: int = 4096) -> torch.Tens
         return torch.cat(parts) if parts else video_embedding(frames.float(), video.float(), video_feature)
 
 
+def sentence_similarity_blocks(videos, sentences: torch.Tensor, video_feature: str,
+                               block_rows: int) -> Iterator[torch.Tensor]:
+    """`sentence_similarity` of sentence features (N, E), `block_rows` sentences at a time: (b, num_videos)
+    blocks on the videos' device, so that a query bank's whole matrix (200k captions x 10k videos: 8 GB
+    in float32) is never held."""
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be at least 1, got {block_rows}")
+    embeddings = clip_embeddings(videos, video_feature)  # (num_videos, E)
+    for start in range(0, len(sentences), block_rows):
+        yield embedding_similarity(sentences[start : start + block_rows], embeddings)
+
+
 def embedding_similarity(sentences: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
     """(num_texts, num_videos) float32 cosine of sentence features (num_texts, E) and `clip_embeddings`
     (num_videos, E)."""
@@ -257,15 +269,17 @@ def retrieval_metrics_of_features(
     querybank=None,
     qb_norm_beta: float = 20.0,
     progress: bool = False,
+    querybank_block: int = 8192,
 ) -> dict[str, float]:
     """Metrics from encoded videos and captions (see `evaluate_retrieval` for the keys); with
     `querybank` ((B, E) sentence features of the training captions, `encode_sentences`), also
-    "t2v_qb_..." after QB-Norm."""
+    "t2v_qb_..." after QB-Norm, its similarity to the videos computed `querybank_block` bank rows at a
+    time."""
     similarity = contrastive_similarity(videos, texts, video_feature).cpu()
     metrics = retrieval_metrics(similarity, text_to_video, dual_softmax_scale)
     if querybank is not None:
-        bank_similarity = sentence_similarity(videos, querybank, video_feature).cpu()
-        normalised = querybank_normalise(similarity, bank_similarity, qb_norm_beta)
+        bank_blocks = sentence_similarity_blocks(videos, querybank, video_feature, querybank_block)
+        normalised = querybank_normalise_blocks(similarity, bank_blocks, qb_norm_beta)
         t2v = retrieval_metrics(normalised, text_to_video, directions=("t2v",))
         metrics.update({k.replace("t2v_", "t2v_qb_"): v for k, v in t2v.items()})
     if rerank_k > 0:
