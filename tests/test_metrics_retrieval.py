@@ -15,6 +15,7 @@ from stoa_vlp.metrics.retrieval import (
     ranks,
     rerank_top_k,
     retrieval_metrics,
+    top_k_columns,
 )
 
 
@@ -316,3 +317,31 @@ def test_blocked_ranks_match_the_full_matrix_computation(monkeypatch, block_pair
             torch.testing.assert_close(blocked, dual_softmax(oriented, 100.0), rtol=1e-12, atol=0, equal_nan=True)
     assert torch.equal(best_caption_per_video(tied.t(), t2v, num_videos),
                        torch.stack([tied[t2v == video].amax(dim=0) for video in range(num_videos)], 0).t())
+
+
+def test_rerank_re_scores_the_lowest_columns_of_those_tied_at_the_k_th_score():
+    # before: torch.topk's cut, which took columns 0 and 2 of the first row and 0, 5, 6 of an 8-column one
+    similarity = torch.tensor([[0.9, 0.5, 0.5, 0.5, 0.5],
+                               [0.5, 0.5, 0.5, 0.5, 0.5],
+                               [0.1, 0.2, 0.2, 0.8, 0.2],
+                               [0.3, float("nan"), 0.1, 0.3, 0.2]])  # NaN is the lowest score
+    asked = []
+
+    def pair_scores(queries, candidates):
+        asked.append(torch.stack([queries, candidates], dim=1).tolist())
+        return torch.zeros(len(queries))
+
+    rerank_top_k(similarity, 2, pair_scores)
+    assert asked == [[[0, 0], [0, 1], [1, 0], [1, 1], [2, 1], [2, 3], [3, 0], [3, 3]]]
+    wide = torch.zeros(1, 8, dtype=torch.float64)
+    wide[0, 0] = 1.0
+    assert top_k_columns(wide, 3).tolist() == [[0, 1, 2]]
+
+
+def test_top_k_columns_are_those_of_a_stable_descending_sort():
+    generator = torch.Generator().manual_seed(5)
+    scores = torch.randint(0, 4, (50, 40), generator=generator).double()  # many ties at every cut
+    scores[:10] = torch.rand(10, 40, generator=generator, dtype=torch.float64)  # rows without ties
+    for k in (1, 7, 40):
+        stable = scores.sort(dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+        assert torch.equal(top_k_columns(scores, k), stable)

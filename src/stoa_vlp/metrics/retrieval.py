@@ -272,6 +272,19 @@ def _best_caption_per_video(
     return grouped.t()
 
 
+def top_k_columns(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(Q, k) columns of the k highest of each row of scores (Q, C, no NaN), in column order; where scores
+    tie at the k-th, the lowest columns (torch.topk's own cut among them depends on the row's length and
+    the device). Rows with such a tie are stably sorted whole; the others keep topk's choice."""
+    num_columns = scores.shape[1]
+    top = scores.topk(min(k + 1, num_columns), dim=1)  # one past the cut, to see a tie across it
+    columns = top.indices[:, :k]  # (Q, k)
+    if k < num_columns:
+        tied_at_cut = (top.values[:, k - 1] == top.values[:, k]).nonzero().flatten()  # (R,) rows
+        columns[tied_at_cut] = scores[tied_at_cut].sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return columns.sort(dim=1).values
+
+
 def rerank_top_k(
     similarity: torch.Tensor,
     k: int,
@@ -288,16 +301,15 @@ def rerank_top_k(
     re-scored top-k are then placed, in the order of their new scores (equal scores stay equal),
     strictly above the row's untouched entries, so re-ranking only reorders the top-k among
     themselves; a NaN new score goes last among them, and a NaN similarity is the lowest score (it is
-    re-scored only where fewer than k are finite). Where candidates tie at the k-th score, which of
-    them are re-scored is torch.topk's cut, set by their columns (not always the first ones). Returns
-    a new (Q, C) float64 matrix.
+    re-scored only where fewer than k are finite). Where candidates tie at the k-th score, those of
+    the lowest columns are re-scored (`top_k_columns`). Returns a new (Q, C) float64 matrix.
     """
     num_queries, num_candidates = similarity.shape
     k = min(k, num_candidates)
     reranked = nan_lowest(similarity.detach().double().cpu())
     if k <= 0 or num_queries == 0:
         return reranked
-    top = reranked.topk(k, dim=1).indices  # (Q, k)
+    top = top_k_columns(reranked, k)  # (Q, k)
     queries = torch.arange(num_queries).unsqueeze(1).expand(-1, k)
     new_scores = pair_scores(queries.reshape(-1), top.reshape(-1)).detach().double().cpu().view(num_queries, k)
     if prior_scale is not None:
