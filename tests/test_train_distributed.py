@@ -145,8 +145,13 @@ def fsdp_groups_on_rank(rank: int, world_size: int, init_file: str, report: str)
         if rank == 0:
             with open(report, "w") as handle:
                 json.dump(groups, handle)
+        dist.barrier()  # no rank tears the group down while the other still works in it
     finally:
         dist.destroy_process_group()
+    # skip the interpreter's teardown: under CPU load 2 runs in 40 had rank 1 abort as it left, while
+    # rank 0 still ran ("terminate called without an active exception", SIGABRT; torch 2.14, gloo on
+    # the CPU), and mp.spawn failed the test
+    os._exit(0)
 
 
 def test_fsdp_keeps_the_weight_decay_and_learning_rate_groups(tmp_path):
