@@ -6,8 +6,9 @@ autocast, eager and compiled, for:
   - `ObjectTokens.regions` (the model): one batched matrix product per frame with bilinear weights;
   - the baseline, the model's earlier code: patch tokens to a (B*T, W, g, g) float32 map, then
     torchvision's `roi_align` (aligned, sampling ratio 2), whose backward scatters with atomic adds.
-Both compute the same function (tests/test_model_behaviour.py). On the CPU it runs a few frames as
-a smoke test.
+Both compute the same function (tests/test_model_behaviour.py). Each method's row is printed once it
+is timed; a method that fails (a compile error, say) gets a row saying why, and the others still run.
+On the CPU it runs a few frames, eager, as a smoke test.
 
     python bench/roi_align.py               # CUDA: base shapes; CPU: smoke test
 """
@@ -39,7 +40,8 @@ def torchvision_regions(objects: ObjectTokens, patch_tokens: torch.Tensor, boxes
     return regions.to(patch_tokens.dtype).flatten(2).transpose(1, 2)
 
 
-def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
+def main(argv: list[str] | None = None) -> list[tuple[str, float | None]]:
+    """(method, ms) in the order timed, the baseline first; ms is None where the method failed."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=0, help="clips (0: 96 on CUDA, 2 on the CPU)")
     parser.add_argument("--no-compile", action="store_true")
@@ -69,8 +71,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
         return run
 
     methods = {
-        "GEMM (model)": objects.regions,
         "torchvision roi_align (baseline)": lambda tokens, boxes: torchvision_regions(objects, tokens, boxes),
+        "GEMM (model)": objects.regions,
     }
     if on_gpu and not args.no_compile:
         methods.update({f"{name}, compiled": torch.compile(fn) for name, fn in list(methods.items())})
@@ -78,12 +80,23 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     print(f"device: {device_name}; torch {torch.__version__}; "
           f"{clips} clips x {config.frames} frames x {slots} boxes, {config.vision_width} channels, "
           f"{objects.grid}x{objects.grid} grid; bf16 autocast; forward + backward", flush=True)
+    if not on_gpu:
+        print("compiled methods skipped on the CPU (the smoke test is eager only)", flush=True)
     warmup, repeats = (3, 20) if on_gpu else (1, 3)
-    results = [(name, 1e3 * median_seconds(step(fn), device, warmup, repeats)) for name, fn in methods.items()]
-    baseline = dict(results)["torchvision roi_align (baseline)"]
-    print(f"{'method':42s} {'ms':>9s} {'vs baseline':>12s}")
-    for name, ms in results:
-        print(f"{name:42s} {ms:9.3f} {baseline / ms:11.2f}x")
+    print(f"{'method':42s} {'ms':>9s} {'vs baseline':>12s}", flush=True)
+    results: list[tuple[str, float | None]] = []
+    for name, fn in methods.items():
+        try:
+            ms = 1e3 * median_seconds(step(fn), device, warmup, repeats)
+        except Exception as error:  # report and go on: one failing method must not hide the others
+            results.append((name, None))
+            why = str(error).partition("\n")[0][:300]
+            print(f"{name:42s} failed with {type(error).__name__}: {why}", flush=True)
+            continue
+        results.append((name, ms))
+        baseline = results[0][1]
+        ratio = f"{baseline / ms:11.2f}x" if baseline else f"{'-':>12s}"
+        print(f"{name:42s} {ms:9.3f} {ratio}", flush=True)
     return results
 
 

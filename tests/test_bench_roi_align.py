@@ -9,9 +9,25 @@ from stoa_vlp.model.objects import ObjectTokens
 
 def test_smoke_mode_times_both_methods(capsys):
     results = load_bench("roi_align").main(["--clips", "1"])
-    assert [name for name, _ in results] == ["GEMM (model)", "torchvision roi_align (baseline)"]
+    assert [name for name, _ in results] == ["torchvision roi_align (baseline)", "GEMM (model)"]
     assert all(ms > 0 for _, ms in results)
-    assert "vs baseline" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "vs baseline" in output and "compiled methods skipped on the CPU" in output
+
+
+def test_a_failing_method_gets_its_row_and_the_others_still_run(capsys, monkeypatch):
+    bench = load_bench("roi_align")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this\nsecond line")
+
+    monkeypatch.setattr(bench, "roi_align", broken)
+    results = bench.main(["--clips", "1"])
+    assert results[0] == ("torchvision roi_align (baseline)", None)
+    assert results[1][0] == "GEMM (model)" and results[1][1] > 0
+    rows = capsys.readouterr().out.splitlines()[-2:]
+    assert rows[0].split(None, 3)[3] == "failed with RuntimeError: no kernel for this"
+    assert rows[1].startswith("GEMM (model)") and rows[1].endswith("-")  # no baseline to compare with
 
 
 def test_baseline_is_the_models_function():
