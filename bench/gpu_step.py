@@ -18,13 +18,17 @@ warm-up, median of at least 10 steps) each variant of VARIANTS chosen by --eager
 The frames are uint8, as the data pipeline gives them, and every variant (timm too) normalises them
 on the device inside its step.
 Model FLOPs come from `torch.utils.flop_counter.FlopCounterMode` on an eager step without activation
-checkpointing (its recomputed forward is work, not model FLOPs); MFU is measured against a bf16
-matrix product timed in the same run. --profile prints where the device time of a variant goes
+checkpointing (its recomputed forward is work, not model FLOPs), counted once per run for the variants
+doing the same work (full, full-lowp and trainer; tower and tower-lowp); MFU is measured against a
+bf16 matrix product timed in the same run. --profile prints where the device time of a variant goes
 (kernel families and top kernels, torch.profiler) and where the device idles (gaps between
 kernels, named by the host ops running meanwhile); with --out also the op table and a gzipped
 Chrome trace of the timeline; --sync-check lists the host syncs of an eager full step and of
-the second of two eager Trainer steps (`torch.cuda.set_sync_debug_mode`); --compile-mode picks the torch.compile mode. On the CPU it
-runs the `tiny` configuration as a smoke test.
+the second of two eager Trainer steps (`torch.cuda.set_sync_debug_mode`); --compile-mode picks the
+torch.compile mode of every compiled variant but `trainer`, which the Trainer compiles in the default
+mode (so the two are refused together). The batch is the largest that fits unless --clips fixes it;
+the table says which. On the CPU it runs the `tiny` configuration as an eager smoke test: compiled
+variants and --sync-check are skipped, and it says so.
 
     python bench/gpu_step.py                 # CUDA: base model; CPU: tiny smoke test
     python bench/gpu_step.py --clips 16 --compiled '' --profile full --sync-check
@@ -191,7 +195,9 @@ def trainer_step(config: Config, model: STOAVLP, batch: Batch, compiled: bool, r
     return step
 
 
-def print_table(timings: list[Timing], peak: float, frames: int) -> None:
+def print_table(timings: list[Timing], peak: float, frames: int, batch_line: str) -> None:
+    """The table of `timings`, under `batch_line`: the clips per step and how they were chosen."""
+    print(f"batch: {batch_line}")
     header = (
         f"{'what':44s} {'ms/step':>9s} {'clips/s':>9s} {'frames/s':>9s} {'GFLOP':>10s} "
         f"{'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s}"
@@ -232,21 +238,26 @@ class Variant:
     label: str  # table label
     run: object  # a loss of (model, batch); a dict of loss-weight overrides for the Pretrainer; None = timm
     model: tuple = ()  # model-config overrides, (name, value) pairs
+    # the variant whose model FLOPs this one does too: variants naming the same one share the first count
+    # of the run; "" = its own. A bf16 residual stream changes dtypes, not products, and the Trainer's
+    # step does the full step's work (tests/test_bench_gpu_step.py checks both)
+    flops_of: str = ""
 
 
 LOW_PRECISION = (("low_precision_residual", True),)
 VARIANTS = {
     "timm": Variant("timm vit_base_patch16_clip_224", None),
     "tower": Variant("STOA video tower (ViT + joint blocks)", tower_loss),
-    "tower-lowp": Variant("STOA video tower, bf16 residual", tower_loss, LOW_PRECISION),
+    "tower-lowp": Variant("STOA video tower, bf16 residual", tower_loss, LOW_PRECISION, flops_of="tower"),
     "encoder": Variant("STOA video side (+ objects, actions)", encoder_loss),
     "text": Variant("STOA text tower (2B captions)", text_loss),
     "no-fusion": Variant("step without VTM/MLM/PLM", {"vtm": 0.0, "mlm": 0.0, "plm": 0.0}),
     "no-align": Variant("step without DOTA/STASP", {"dota": 0.0, "stasp": 0.0}),
     "full": Variant("STOA-VLP full step (6 objectives)", {}),
-    "full-lowp": Variant("full step, bf16 residual", {}, LOW_PRECISION),
-    "trainer": Variant("Trainer step (host batch, loss reads, clip)", "trainer"),
+    "full-lowp": Variant("full step, bf16 residual", {}, LOW_PRECISION, flops_of="full"),
+    "trainer": Variant("Trainer step (host batch, loss reads, clip)", "trainer", flops_of="full"),
 }
+BATCH_SIZES = (96, 64, 48, 32, 16, 8, 4)  # tried in this order when --clips is 0
 EAGER_DEFAULT = "timm,tower,encoder,text,no-fusion,no-align,full"
 COMPILED_DEFAULT = "timm,tower,full"
 
@@ -403,7 +414,8 @@ class HostMatchingClock:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=0, help="clips per step (0: largest of 96, 64, 48, 32, ... that fits)")
+    parser.add_argument("--clips", type=int, default=0,
+                        help="clips per step (0: the largest of 96, 64, 48, ... whose eager full step fits)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--eager", default=EAGER_DEFAULT, help=f"variants timed eagerly, of {list(VARIANTS)}")
     parser.add_argument("--compiled", default=COMPILED_DEFAULT, help="variants timed under torch.compile ('' = none)")
@@ -418,12 +430,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     eager_names, profiled = variant_names(args.eager), variant_names(args.profile)
     compiled_names = [] if args.no_compile else variant_names(args.compiled)
+    if "trainer" in compiled_names and args.compile_mode != "default":
+        raise SystemExit(f"--compiled trainer times the Trainer's own torch.compile, in the default mode: it "
+                         f"cannot be timed with --compile-mode {args.compile_mode}; time trainer in another call")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     config = load_config("base" if on_gpu else "tiny", args.set)
     warmup, repeats = (3, max(args.repeats, 10)) if on_gpu else (0, 1)
-    compiled_names = compiled_names if on_gpu else []
+    if compiled_names and not on_gpu:
+        print(f"compiled variants dropped on the CPU (the smoke test times eager steps only): "
+              f"{', '.join(compiled_names)}; this run checks nothing of them", flush=True)
+        compiled_names = []
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else nullcontext
     if on_gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -471,18 +489,29 @@ def main(argv: list[str] | None = None) -> None:
         trainable = [p for p in model.parameters() if p.requires_grad]
         return make_train_step(lambda: loss(model, batch), [{"params": trainable}], autocast)
 
-    clips = args.clips or (2 if not on_gpu else 0)
-    candidates = [clips] if clips else [96, 64, 48, 32, 16, 8, 4]
+    if args.clips:
+        candidates, chosen = [args.clips], "fixed by --clips"
+    elif on_gpu:
+        candidates, chosen = BATCH_SIZES, f"chosen automatically: the largest of {BATCH_SIZES} that fits"
+    else:
+        candidates, chosen = [2], "the CPU smoke test's"
     for clips in candidates:
         try:
             build("full", clips, False)()
             break
         except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            print(f"{clips} clips per step do not fit; trying fewer", flush=True)
-    print(f"config: {'base' if on_gpu else 'tiny'} {args.set}; {clips} clips x {config.model.frames} frames per step; "
+            print(f"{clips} clips per step do not fit (eager full step out of memory)", flush=True)
+        gc.collect()  # the failed step's activations, held by the exception's traceback until here
+        torch.cuda.empty_cache()
+    else:
+        raise SystemExit(f"no batch of {list(candidates)} clips fits: the eager full step ran out of memory")
+    batch_line = f"{clips} clips x {config.model.frames} frames per step ({chosen})"
+    print(f"config: {'base' if on_gpu else 'tiny'} {args.set}; {batch_line}; "
           f"SDPA cuDNN backend {'off' if args.no_cudnn_attention else 'allowed'}", flush=True)
 
+    if args.sync_check and not on_gpu:
+        print("--sync-check skipped on the CPU: it lists CUDA host syncs (torch.cuda.set_sync_debug_mode)",
+              flush=True)
     if args.sync_check and on_gpu:
         for name in ("full", "trainer"):
             step = build(name, clips, False)
@@ -492,7 +521,8 @@ def main(argv: list[str] | None = None) -> None:
             step = None
 
     timings: list[Timing] = []
-    eager_flops: dict[str, float] = {}
+    # model FLOPs per step by the variant named in `flops_of` (or the variant itself), with the one counted
+    counts: dict[str, tuple[str, float]] = {}
     for compiled, names in ((False, eager_names), (True, compiled_names)):
         for name in names:
             step = None  # the last variant's model and optimiser go before the next is built
@@ -501,18 +531,23 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.empty_cache()
             label = VARIANTS[name].label + (", compiled" if compiled else "")
             began = time.perf_counter()
+            work = VARIANTS[name].flops_of or name
+            if work in counts and counts[work][0] != name:
+                print(f"{label}: FLOPs as counted on the {counts[work][0]} step in this run (same model work)",
+                      flush=True)
             try:
-                if name not in eager_flops and (compiled or config.model.grad_checkpointing):
-                    eager_flops[name] = count_flops(build(name, clips, False, counting=True))
+                if work not in counts and (compiled or config.model.grad_checkpointing):
+                    counts[work] = name, count_flops(build(name, clips, False, counting=True))
                     if on_gpu:
                         torch.cuda.empty_cache()
                 step = build(name, clips, compiled)
-                if name not in eager_flops:
-                    eager_flops[name] = count_flops(step)
+                if work not in counts:
+                    counts[work] = name, count_flops(step)
                 with HostMatchingClock() as clock:
-                    done = measure(label, step, device, clips, warmup, repeats, eager_flops[name])
+                    done = measure(label, step, device, clips, warmup, repeats, counts[work][1])
                 timings.append(done)
-                print(f"{label}: {done.seconds * 1e3:.1f} ms/step, MFU {done.flops / done.seconds / peak:.1%} "
+                print(f"{label}: {done.seconds * 1e3:.1f} ms/step, MFU {done.flops / done.seconds / peak:.1%}, "
+                      f"{done.flops / 1e12:.1f} TFLOP/step, peak {done.peak_bytes / 2**30:.1f} GiB "
                       f"({time.perf_counter() - began:.0f} s to build and time)", flush=True)
                 if clock.seconds:
                     host = statistics.median(clock.seconds)
@@ -530,8 +565,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{label}: failed with {type(error).__name__}: {error}", flush=True)
             if on_gpu:
                 torch.cuda.empty_cache()
+    if not (eager_names or compiled_names):
+        print("no variant to time", flush=True)
     print()
-    print_table(timings, peak, config.model.frames)
+    print_table(timings, peak, config.model.frames, batch_line)
 
 
 if __name__ == "__main__":

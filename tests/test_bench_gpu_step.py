@@ -10,12 +10,17 @@ import torch
 from _bench import load_bench
 
 
+def table_rows(output: str) -> list[str]:
+    """The rows of the table the benchmark prints last (after its line of dashes)."""
+    return output.split("\n\n")[-1].split("-\n")[-1].splitlines()
+
+
 def test_smoke_mode_prints_every_variant(capsys):
     bench = load_bench("gpu_step")
     bench.main(["--eager", ",".join(bench.VARIANTS), "--profile", "full"])
     output = capsys.readouterr().out
-    table = output.split("\n\n")[-1]
-    rows = [line for line in table.splitlines() if line and not line.startswith(("what", "-"))]
+    assert output.split("\n\n")[-1].startswith("batch: 2 clips x 4 frames per step (the CPU smoke test's)\n")
+    rows = table_rows(output)
     names = [row[:44].strip() for row in rows]
     assert names == [variant.label for variant in bench.VARIANTS.values()]
     for row in rows:
@@ -26,11 +31,42 @@ def test_smoke_mode_prints_every_variant(capsys):
         assert slowest - 0.05 <= clips_per_second <= fastest + 0.05
     assert "Hungarian matching on the host: median" in output  # timed on the steps with DOTA/STASP
     assert "profile of STOA-VLP full step" in output
+    for label, counted in (("full step, bf16 residual", "full"), ("Trainer step (host batch, loss reads, clip)", "full"),
+                           ("STOA video tower, bf16 residual", "tower")):
+        assert f"{label}: FLOPs as counted on the {counted} step in this run (same model work)" in output
 
 
 def test_unknown_variants_are_rejected():
     with pytest.raises(SystemExit, match="unknown variant"):
         load_bench("gpu_step").main(["--eager", "full,fast"])
+
+
+def test_the_trainer_is_not_timed_in_a_compile_mode_it_does_not_use():
+    bench = load_bench("gpu_step")
+    with pytest.raises(SystemExit, match="Trainer's own torch.compile, in the default mode"):
+        bench.main(["--compiled", "full,trainer", "--compile-mode", "reduce-overhead"])
+
+
+def test_a_cpu_run_of_the_gpu_plan_says_what_it_skips(capsys):
+    load_bench("gpu_step").main(["--eager", "", "--compiled", "full,full-lowp,trainer", "--profile", "full-lowp",
+                                 "--sync-check"])
+    output = capsys.readouterr().out
+    assert ("compiled variants dropped on the CPU (the smoke test times eager steps only): full, full-lowp, trainer; "
+            "this run checks nothing of them") in output
+    assert "--sync-check skipped on the CPU" in output and "no variant to time" in output
+    assert table_rows(output) == []
+
+
+def test_a_batch_that_does_not_fit_is_an_error(capsys, monkeypatch):
+    bench = load_bench("gpu_step")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bench, "synthetic_batch", out_of_memory)
+    with pytest.raises(SystemExit, match=r"no batch of \[3\] clips fits: the eager full step ran out of memory"):
+        bench.main(["--clips", "3", "--eager", "full"])
+    assert "3 clips per step do not fit" in capsys.readouterr().out
 
 
 def test_synthetic_batch_is_well_formed():
@@ -96,11 +132,17 @@ def test_kernel_families_put_attention_and_fused_kernels_where_they_belong():
     assert families == {"attention": 6.0, "gemm": 4.0, "triton": 0.5, "other": 0.2}
 
 
-def test_flops_leave_out_the_forward_that_activation_checkpointing_recomputes(capsys):
+def test_variants_sharing_a_flop_count_do_the_same_work_and_checkpointing_adds_none(capsys):
+    """Each variant counted in a run of its own: the counts a run shares (`Variant.flops_of`) are equal, and
+    activation checkpointing's recomputed forward is left out."""
     bench = load_bench("gpu_step")
-    flops = []
+    flops = {}
     for checkpointing in ("false", "true"):
-        bench.main(["--eager", "full,trainer", "--compiled", "", "--set", f"model.grad_checkpointing={checkpointing}"])
-        table = capsys.readouterr().out.split("\n\n")[-1].splitlines()[2:]
-        flops.append([float(row[44:].split()[3]) for row in table])
-    assert flops[0] == flops[1] and flops[0][0] == flops[0][1]  # the Trainer's step does the full step's work
+        for name in ("full", "full-lowp", "trainer", "tower", "tower-lowp"):
+            bench.main(["--eager", name, "--compiled", "", "--set", f"model.grad_checkpointing={checkpointing}"])
+            output = capsys.readouterr().out
+            assert "FLOPs as counted on" not in output
+            flops[name, checkpointing] = float(table_rows(output)[0][44:].split()[3])
+    assert len({flops[name, checkpointing] for name in ("full", "full-lowp", "trainer")
+                for checkpointing in ("false", "true")}) == 1
+    assert flops["tower", "false"] == flops["tower-lowp", "false"] == flops["tower-lowp", "true"] > 0
