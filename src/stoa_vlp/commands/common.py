@@ -178,7 +178,7 @@ def prepare_run(config: Config, env, args: argparse.Namespace) -> Path:
 def validation_overlap(selected_on: Config, evaluated: Config, split: str) -> int | None:
     """How many of the videos of `evaluated`'s data.<split> the data.val of `selected_on` also names (the
     split its checkpoints are selected on), with a warning when any do: selection on test videos
-    inflates the test numbers (peers.md §3.5: CLIP4Clip's MSR-VTT "val" is the 1k-A test set). Each
+    inflates the test numbers (CLIP4Clip's MSR-VTT "val" is the 1k-A test set). Each
     file is read as its split (MSRVTT_data.json holds both, apart). None when it cannot tell, which
     never stops a run: a split not set, a file that cannot be read (a warning says why), or WebDataset
     shards, whose videos are not listed up front (the same shards on both sides are warned about)."""

@@ -4,7 +4,7 @@ Both objectives match a set of visual features to a set of text targets with the
 algorithm and pull matched pairs together with an MSE:
 - DOTA: the valid trajectory features (B, N, E) against the noun-tagged tokens of the caption.
 - STASP: the M action features (B, M, E) against the verb-tagged tokens.
-Decisions (paper.md §2.5-2.6, §6.6, §6.10):
+Decisions (docs/decisions.md, "Pre-training objectives", open points §6.6 and §6.10):
 - Targets are the clean caption's projected text-token features, detached. The caption's
   sentence (end-token) feature is always a candidate too, so a caption without nouns (verbs)
   still pulls one trajectory (action) to its sentence feature.

@@ -1,6 +1,6 @@
 """Masked language modelling (MLM) through the fusion encoder and the tied LM head.
 
-Decisions (paper.md §2.3 and §6.8):
+Decisions (docs/decisions.md, "Pre-training objectives", open point §6.8):
 - Each word token (not the start token, not the end token, not padding) is masked with
   probability `loss.mlm_probability` (Bernoulli, no 80/10/10 scheme). A caption where the draw
   masks nothing gets one word masked, chosen uniformly; a caption without any word token gets no

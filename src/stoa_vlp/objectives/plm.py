@@ -1,6 +1,6 @@
 """Prefix language modelling (PLM): next-token loss over a random suffix, in one fusion pass.
 
-Decisions (paper.md §2.4 and §6.7):
+Decisions (docs/decisions.md, "Pre-training objectives", open point §6.7):
 - One fusion pass in "prefix" mode (visual positions never see text; text sees all visual
   positions and earlier text); the pre-training step stacks these rows with the VTM and MLM rows.
   The reference runs one pass per prefix length; with this mask the single pass gives the same

@@ -1,6 +1,6 @@
 """Video-text contrastive loss (VTC): symmetric InfoNCE over the all-gathered global batch.
 
-Decisions (paper.md §2.1 and §6.5):
+Decisions (docs/decisions.md, "Pre-training objectives", open point §6.5):
 - VTC is an ordinary objective with a config weight, in every step (the reference code adds it in
   epoch 0 only, behind a flag its README does not pass).
 - Video feature, `loss.vtc_video_feature`: "mean" is CLIP4Clip's meanP as in the reference
