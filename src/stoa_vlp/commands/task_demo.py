@@ -1,6 +1,7 @@
-"""The demo's downstream stages (appended to `stoa_vlp.train.demo.DEMO_STAGES`): captioning and
-video QA fine-tuned from the pre-trained demo model on the synthetic world, each evaluated once
-on the test clips with the final weights (no model selection), next to a trivial baseline."""
+"""The demo's downstream stages (`DOWNSTREAM_STAGES`, listed last in `stoa_vlp.train.demo.DEMO_STAGES`):
+captioning and video QA fine-tuned from the pre-trained demo model on the synthetic world, each
+evaluated once on the test clips with the final weights (no model selection), next to a trivial
+baseline."""
 
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ The demo is a list of stages, `DEMO_STAGES`, run in order over one `DemoRun`:
   captioning, qa  short downstream fine-tuning from the pre-trained model, scored on the test clips
              (stoa_vlp.commands.task_demo)
 Each stage records its metrics in `run.metrics[name]`, adds a Markdown section to `run.report`
-and may print a table. A later task adds its own stage by appending `(name, function)` to
-`DEMO_STAGES` (the trained model is `run.model`, the config `run.config`, the world `run.world`).
+and may print a table. The downstream stages come from `stoa_vlp.commands.task_demo.DOWNSTREAM_STAGES`,
+listed in `DEMO_STAGES` after the alignment stage; a stage is a `(name, function)` pair whose function
+reads the trained model as `run.model`, the config as `run.config` and the world as `run.world`.
 The config (the pre-training's and each downstream stage's) is checked before anything is written,
 so a demo that cannot start leaves no folder behind; demo_metrics.json is written first and after
 every stage, so a folder that a failed demo left is recognised as one (--overwrite replaces it).
