@@ -7,7 +7,7 @@ import argparse
 
 from stoa_vlp.commands.arguments import positive_int
 
-HELP = "caption videos (files or frame folders) with a fine-tuned captioning checkpoint"
+HELP = "caption videos (files or frame folders) with a captioning checkpoint, or a pre-training one (zero-shot)"
 EXAMPLES = """examples:
   stoa-vlp caption --checkpoint runs/cap clip1.mp4 clip2.mp4
   stoa-vlp caption --checkpoint runs/cap --beam 5 --detections dets.jsonl videos/*.mp4

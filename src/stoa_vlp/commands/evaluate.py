@@ -1,11 +1,13 @@
-"""`stoa-vlp evaluate`: evaluate a fine-tuned checkpoint on one split of its task."""
+"""`stoa-vlp evaluate`: evaluate a fine-tuned checkpoint on one split of its task, or a pre-training
+checkpoint zero-shot on one split of a task other than QA."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-HELP = "evaluate a fine-tuned checkpoint (retrieval, captioning, QA, multiple-choice) on a split"
+HELP = ("evaluate a fine-tuned checkpoint (retrieval, captioning, QA, multiple-choice) on a split, "
+        "or a pre-training one zero-shot (any task but QA; default retrieval)")
 EXAMPLES = """examples:
   stoa-vlp evaluate runs/msrvtt-ret --split test
   stoa-vlp evaluate runs/msrvtt-ret --split test --set task.dual_softmax=true --set task.rerank_k=0
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder, or run folder (its best checkpoint)")
     parser.add_argument("--split", choices=["val", "test"], default="val", help="split to evaluate (default val)")
     parser.add_argument("--task", choices=["retrieval", "captioning", "qa", "mc"],
-                        help="task (default: the one the checkpoint was fine-tuned for)")
+                        help="task (default: the one the checkpoint was fine-tuned for; retrieval for a pre-training checkpoint)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override on top of the checkpoint's config (repeatable)")
     parser.add_argument("--report", metavar="JSON",
