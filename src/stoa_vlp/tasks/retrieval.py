@@ -179,8 +179,8 @@ def sentence_similarity_blocks(videos, sentences: torch.Tensor, video_feature: s
 
 
 def embedding_similarity(sentences: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    """(num_texts, num_videos) float32 cosine of sentence features (num_texts, E) and `clip_embeddings`
-    (num_videos, E)."""
+    """(num_texts, num_videos) float32 cosine of sentence features (num_texts, E) and `embeddings`
+    (num_videos, E), already L2-normalised (as `clip_embeddings` returns them)."""
     with torch.autocast(sentences.device.type, enabled=False):
         return F.normalize(sentences.float(), dim=-1) @ embeddings.float().t()
 
