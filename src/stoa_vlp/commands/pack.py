@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.data.detections import iter_detections
     from stoa_vlp.data.detections_store import source_stamp, write_detections_store
 
-    def stop(number, frame):
+    def stop(number, _frame):
         """A kill (a job's time limit, a pre-emption) unwinds as an exception, so that the partly written
         store (tens of GB for a large set) is removed; a repeated one must not interrupt that."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
