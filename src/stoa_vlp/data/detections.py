@@ -474,7 +474,7 @@ def read_vinvl_tsv(
 
 # ---------------------------------------------------------------- label vocabulary
 
-PAD_ID, UNKNOWN_ID = 0, 1
+UNKNOWN_ID = 1
 VOCAB_FORMAT = "stoa-vlp labels"
 
 
