@@ -22,7 +22,7 @@ from stoa_vlp.batch import Batch
 from stoa_vlp.data.annotations import clip_name, repeated_clips
 from stoa_vlp.metrics.retrieval import RECALL_AT, querybank_normalise_blocks, rerank_top_k, retrieval_metrics
 from stoa_vlp.objectives.distributed import map_tensor_fields
-from stoa_vlp.objectives.vtc import MAX_LOGIT_SCALE, video_embedding
+from stoa_vlp.objectives.vtc import clamped_scale, video_embedding
 from stoa_vlp.tokenizer import Tokenizer
 
 Features = TypeVar("Features")
@@ -214,8 +214,8 @@ def match_probability(model, videos, texts, text_index: torch.Tensor, video_inde
 
 
 def logit_scale_value(model) -> float:
-    """exp(logit_scale), clamped at 100 like CLIP."""
-    return float(model.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE))
+    """exp(logit_scale), clamped at 100 like CLIP (`clamped_scale`, as in the VTC loss)."""
+    return float(clamped_scale(model.logit_scale.detach()))
 
 
 def rerank_similarities(
