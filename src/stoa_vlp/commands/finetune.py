@@ -71,8 +71,6 @@ def resumed_task(args: argparse.Namespace, run_dir: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from stoa_vlp.commands.common import (
         check_run_files,
         check_settings,
@@ -83,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         validation_overlap,
     )
     from stoa_vlp.commands.task_common import init_folder, load_model_weights_from, metric_rows, preprocessing_settings
+    from stoa_vlp.data.jsonl import write_json_atomic
     from stoa_vlp.model.checkpoint import build_model, build_model_for_weights
     from stoa_vlp.tasks.pipeline import TaskRunner, task_config
     from stoa_vlp.tasks.runs import adopt_label_vocab, load_task_weights, run_dir_of
@@ -150,8 +149,7 @@ def run(args: argparse.Namespace) -> int:
             test = runner.evaluate(module.to(env.device), "test")
             report["results"].append({"split": "test", "checkpoint": str(selected), "metrics": test})
             results.append((f"test ({selected.name})", test))
-        with open(run_dir / "report.json", "w") as handle:
-            json.dump(report, handle, indent=2)
+        write_json_atomic(run_dir / "report.json", report, indent=2)
         if results:
             print("training and evaluation preprocessing: " + ", ".join(f"{k}={v}" for k, v in preprocessing.items()))
             print(format_table(*metric_rows(results)))

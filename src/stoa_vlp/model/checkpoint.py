@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from stoa_vlp.config import ConfigError, ModelConfig, from_dict
+from stoa_vlp.data.jsonl import write_json_atomic
 from stoa_vlp.model.stoa import STOAVLP
 
 WEIGHTS_FILE = "model.safetensors"
@@ -422,8 +423,7 @@ def save_pretrained(model: STOAVLP, directory: str | Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
     save_file(state, directory / WEIGHTS_FILE)
-    with open(directory / CONFIG_FILE, "w") as handle:
-        json.dump({"model": dataclasses.asdict(model.config)}, handle, indent=2)
+    write_json_atomic(directory / CONFIG_FILE, {"model": dataclasses.asdict(model.config)}, indent=2)
 
 
 def load_pretrained(directory: str | Path, **model_overrides) -> STOAVLP:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from stoa_vlp.batch import Batch
 from stoa_vlp.config import Config
 from stoa_vlp.data.annotations import VideoRecord
 from stoa_vlp.data.dataset import VideoTextDataset, collate
-from stoa_vlp.data.jsonl import read_json_object
+from stoa_vlp.data.jsonl import read_json_object, write_json_atomic
 from stoa_vlp.data.skips import SkipCounter
 from stoa_vlp.metrics.retrieval import nan_lowest
 from stoa_vlp.model import VideoFeatures
@@ -161,8 +160,7 @@ def save_index(folder: str | Path, index: SearchIndex) -> None:
     save_file({"embeddings": index.clip_embeddings(video_feature).detach().cpu().contiguous()},
               str(folder / EMBEDDINGS_FILE))
     info = {**index.info, "clip_embedding": video_feature}
-    with open(folder / INDEX_FILE, "w") as handle:
-        json.dump({"video_ids": index.video_ids, "paths": index.paths, **info}, handle, indent=1)
+    write_json_atomic(folder / INDEX_FILE, {"video_ids": index.video_ids, "paths": index.paths, **info}, indent=1)
 
 
 def load_index(folder: str | Path, device="cpu") -> SearchIndex:

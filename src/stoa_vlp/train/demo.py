@@ -22,7 +22,6 @@ checkpoints, metrics.jsonl and TensorBoard events.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,6 +36,7 @@ import torch
 from stoa_vlp.commands.common import check_settings
 from stoa_vlp.commands.task_demo import DOWNSTREAM_STAGES, check_stage_configs
 from stoa_vlp.config import Config, load_config, path_override
+from stoa_vlp.data.jsonl import write_json_atomic
 from stoa_vlp.train.checkpointing import CheckpointError
 from stoa_vlp.train.logging import format_table
 
@@ -332,8 +332,7 @@ def prepare_folder(folder: Path, overwrite: bool, world: str = "") -> None:
 def write_metrics(run: DemoRun) -> None:
     """demo_metrics.json with the stages done so far: written first, it marks a folder that a failed demo
     left as a demo's for --overwrite."""
-    with open(run.folder / METRICS_FILE, "w") as handle:
-        json.dump({"metrics": run.metrics, "seconds": run.seconds}, handle, indent=2)
+    write_json_atomic(run.folder / METRICS_FILE, {"metrics": run.metrics, "seconds": run.seconds}, indent=2)
 
 
 def run_demo(settings: DemoSettings, folder: Path, stages: list[tuple[str, DemoStage]] | None = None,
