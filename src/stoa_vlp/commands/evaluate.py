@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint folder, or run folder (its best checkpoint)")
     parser.add_argument("--split", choices=["val", "test"], default="val", help="split to evaluate (default val)")
     parser.add_argument("--task", choices=["retrieval", "captioning", "qa", "mc"],
-                        help="task (default: the one the checkpoint was fine-tuned for; retrieval for a pre-training checkpoint)")
+                        help="task (default: the one the checkpoint was fine-tuned for; retrieval for a pre-training "
+                             "checkpoint)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted config override on top of the checkpoint's config (repeatable)")
     parser.add_argument("--report", metavar="JSON",
