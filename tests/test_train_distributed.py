@@ -73,8 +73,10 @@ def run_rank(rank: int, world_size: int, init_file: str, run_dir: str, distribut
         if distributed == "ddp":  # the constant pixel mean/std buffers are not broadcast before each forward
             assert list(trainer.wrapped.named_buffers()) and not trainer.wrapped.will_sync_module_buffers()
         trainer.fit(resume)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # see fsdp_groups_on_rank
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
@@ -178,8 +180,10 @@ def finetune_rank(rank: int, init_file: str, run_dir: str, task: str) -> None:
         model = tiny_pretrainer(config).model
         module = CaptioningModule(model) if task == "captioning" else tiny_pretrainer(config)
         Trainer(config, module, RandomClips(config), collate, run_dir, env=DistEnv.current("cpu")).fit()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # see fsdp_groups_on_rank
 
 
 @pytest.mark.parametrize("task", ["captioning", "retrieval"])
@@ -277,8 +281,10 @@ def draws_rank(rank: int, init_file: str, run_dir: str, report: str, resume: str
                           env=DistEnv.current("cpu"))
         trainer.fit(resume)
         torch.save(states, f"{report}.{rank}")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # see fsdp_groups_on_rank
 
 
 def test_each_rank_draws_its_own_random_numbers_and_resumes_them(tmp_path):
@@ -350,8 +356,10 @@ def pruned_best_rank(rank: int, init_file: str, run_dir: str, report: str, score
         else:  # rank 0 tidies: step 2, the best step 3 names, was pruned
             trainer.load_checkpoint(Path(resume))
         torch.save((trainer.best_value, trainer.best, trainer.best_checkpoint), f"{report}.{rank}")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # see fsdp_groups_on_rank
 
 
 def test_every_rank_takes_rank_0s_best_after_a_resume_whose_best_was_pruned(tmp_path):
