@@ -317,6 +317,12 @@ def evaluate_retrieval(
     )
 
 
+def records_text_to_video(records) -> torch.Tensor:
+    """(num_texts,) long: the record of each caption, the captions of the records taken in order (the
+    queries of `evaluate_retrieval_records`)."""
+    return torch.tensor([i for i, record in enumerate(records) for _ in record.captions], dtype=torch.long)
+
+
 def evaluate_retrieval_records(
     model,
     video_loader: Iterable[Batch],
@@ -340,7 +346,7 @@ def evaluate_retrieval_records(
     if ids != [record.video_id for record in records]:
         raise ValueError("the video loader must hold one row per record, in record order")
     captions = [caption for record in records for caption in record.captions]
-    text_to_video = torch.tensor([i for i, record in enumerate(records) for _ in record.captions], dtype=torch.long)
+    text_to_video = records_text_to_video(records)
     tokens, mask = tokenizer(captions)
     texts = encode_texts(model, tokens, mask, device, pair_batch_size, progress)
     querybank = None

@@ -221,6 +221,7 @@ def chance_metrics(text_to_video: torch.Tensor, num_videos: int) -> dict[str, fl
 
 
 def retrieval_stage(run: DemoRun) -> None:
+    from stoa_vlp.tasks.retrieval import records_text_to_video
     from stoa_vlp.train.evaluation import RetrievalEvaluator
 
     # as validation scores it: each test clip decoded and encoded once, its captions encoded from the records
@@ -228,9 +229,7 @@ def retrieval_stage(run: DemoRun) -> None:
     evaluator = RetrievalEvaluator(run.config, "test", device)
     metrics = evaluator(run.model)
     num_texts, num_videos = int(metrics.pop("num_texts")), int(metrics.pop("num_videos"))
-    captions_per_clip = torch.tensor([len(record.captions) for record in evaluator.records])
-    text_to_video = torch.repeat_interleave(torch.arange(num_videos), captions_per_clip)  # (num_texts,)
-    chance = chance_metrics(text_to_video, num_videos)
+    chance = chance_metrics(records_text_to_video(evaluator.records), num_videos)
     run.metrics["retrieval"] = {**metrics, **{f"chance_{k}": v for k, v in chance.items()}}
     rows = []
     for direction in ("t2v", "v2t"):
