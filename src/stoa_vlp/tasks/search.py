@@ -166,8 +166,7 @@ def save_index(folder: str | Path, index: SearchIndex) -> None:
 def load_index(folder: str | Path, device="cpu") -> SearchIndex:
     folder = Path(folder)
     for name in (INDEX_FILE, FEATURES_FILE):
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder}: not a search index (missing {name}; build one with `stoa-vlp index`)")
+        _require_index_file(folder / name)
     info = read_json_object(folder / INDEX_FILE, {"video_ids": list, "paths": list, "checkpoint": str, "config": dict})
     tensors = _load_tensors(folder / FEATURES_FILE, device)
     expected = {f.name for f in dataclasses.fields(VideoFeatures)}
@@ -192,9 +191,13 @@ def load_index(folder: str | Path, device="cpu") -> SearchIndex:
     return index
 
 
-def _load_tensors(path: Path, device) -> dict[str, torch.Tensor]:
+def _require_index_file(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{path.parent}: not a search index (missing {path.name}; build one with `stoa-vlp index`)")
+
+
+def _load_tensors(path: Path, device) -> dict[str, torch.Tensor]:
+    _require_index_file(path)
     try:
         return load_file(str(path), device=str(device))
     except SafetensorError as error:
