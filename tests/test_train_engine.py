@@ -797,6 +797,25 @@ def test_a_checkpoint_that_cannot_be_written_is_an_error_naming_its_folder(tmp_p
     assert isinstance(raised.value, bad_input_errors()) and "\n" not in str(raised.value)  # one line on the CLI
 
 
+def test_a_state_file_that_cannot_be_written_is_an_error_naming_it(tmp_path, monkeypatch):
+    """A checkpoint's state.json, written last, goes through a temporary file; a write that failed there
+    on a full disk raised "[Errno 27] File too large", naming no file, with a traceback."""
+    trainer = toy_trainer(toy_config("train.steps=1"), tmp_path / "run")
+    write = ckpt.write_json_atomic
+
+    def on_a_full_disk(path, values, **options):
+        with file_size_limit(100 if path.name == "state.json" else 1 << 30):
+            write(path, values, **options)
+
+    monkeypatch.setattr(ckpt, "write_json_atomic", on_a_full_disk)
+    folder, state = r"\.tmp-step_00000001", r"\.tmp-step_00000001/state\.json"
+    with pytest.raises(OSError, match=rf"{folder}: writing the checkpoint failed \(\[Errno \d+\] .*{state}: writing "
+                                      r"failed \(File too large\)\); is the disk full\? .*--resume latest$") as raised:
+        trainer.fit()
+    assert isinstance(raised.value.__cause__, OSError) and "\n" not in str(raised.value)
+    assert list((tmp_path / "run").rglob("*.tmp")) == []  # the temporary file is removed
+
+
 def test_the_history_keeps_the_first_and_the_last_steps_only(tmp_path, monkeypatch):
     """It kept a dict per step: about 1 GB after a million steps."""
     from stoa_vlp.train import loop

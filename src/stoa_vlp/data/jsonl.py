@@ -119,7 +119,8 @@ def _atomic_text_file(path: str | Path) -> Iterator[TextIO]:
     """A temporary file beside `path` that replaces it when the block completes; if the block raises
     (or is interrupted) the temporary file is removed and `path` is left as it was. The temporary name
     is random, so processes writing one file (ranks saving the same result, on one node or several
-    whose process ids repeat) never share it."""
+    whose process ids repeat) never share it. A write that fails (a full disk) is an OSError naming
+    `path`: the system's names no file."""
     path = Path(path)
     temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -128,6 +129,11 @@ def _atomic_text_file(path: str | Path) -> Iterator[TextIO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, f"{path}: writing failed ({error.strerror or error})") from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

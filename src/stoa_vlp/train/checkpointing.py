@@ -23,8 +23,9 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -197,17 +198,30 @@ def write_checkpoint_files(
     model_config: dict[str, Any] | None,
 ) -> None:
     """This rank's share of a checkpoint: its RNG state; rank 0 also the weights and optimiser.
-    state.json, which marks the folder complete, is written after every rank's share. A failed write is
-    an OSError naming the folder: torch.save's on a full disk ("[enforce fail at inline_container.cc:672]
-    . unexpected pos 64 vs 0") and safetensors' name no file."""
+    state.json (`write_state`), which marks the folder complete, is written after every rank's share."""
     rng = rng_state()
-    try:
+    with _checkpoint_writes(temporary):
         torch.save(rng, temporary / f"rng_rank{rank}.pt")
         if weights is not None:
             save_weights(weights, temporary / "model.safetensors")
             write_json_atomic(temporary / "config.json", {"model": model_config})
         if training_state is not None:
             torch.save(training_state, temporary / "training_state.pt")
+
+
+def write_state(temporary: Path, state: dict[str, Any]) -> None:
+    """The checkpoint's state.json (rank 0, after every rank's files): the folder is complete."""
+    with _checkpoint_writes(temporary):
+        write_json_atomic(temporary / "state.json", state)
+
+
+@contextmanager
+def _checkpoint_writes(temporary: Path) -> Iterator[None]:
+    """A write in the block that fails is an OSError naming the checkpoint's folder and what to do:
+    torch.save's on a full disk ("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    and safetensors' name no file."""
+    try:
+        yield
     except (OSError, RuntimeError, SafetensorError) as error:
         raise OSError(f"{temporary}: writing the checkpoint failed ({one_line(error)}); is the disk full? Free "
                       f"space there (or lower train.keep_last), then resume with --resume latest") from error

@@ -306,7 +306,7 @@ class Trainer:
         barrier(self.env)  # every rank's RNG file is written before the folder is marked complete
         final = self.run_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(self.step)
         if main:
-            ckpt.write_json_atomic(temporary / "state.json", finite_or_null(state))
+            ckpt.write_state(temporary, finite_or_null(state))
             final = ckpt.finish_checkpoint(self.run_dir, temporary, self.step, self.train.keep_last, is_best)
         barrier(self.env)
         return final
