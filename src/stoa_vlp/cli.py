@@ -32,6 +32,7 @@ COMMANDS = [
     "index",
     "search",
     "visualise",
+    "config",
 ]
 
 

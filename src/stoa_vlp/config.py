@@ -53,11 +53,11 @@ def read_yaml(text: str) -> Any:
 @dataclass
 class ModelConfig:
     # CLIP video tower (ViT)
-    image_size: int = 224
-    patch_size: int = 16
-    vision_width: int = 768
-    vision_layers: int = 12
-    vision_heads: int = 12
+    image_size: int = 224  # frame side in pixels after resize and centre crop
+    patch_size: int = 16  # ViT patch side in pixels
+    vision_width: int = 768  # ViT token width
+    vision_layers: int = 12  # ViT blocks
+    vision_heads: int = 12  # ViT attention heads
     quick_gelu: bool = True  # QuickGELU MLPs as in OpenAI CLIP; false = GELU (open_clip's non-OpenAI weights)
     frames: int = 12  # T, frames per clip
     joint_blocks: int = 2  # last blocks of the ViT attend over all frames' tokens together
@@ -65,30 +65,30 @@ class ModelConfig:
     action_tap_layer: int = 10  # 1-indexed ViT block whose output feeds the action encoder (stop-gradient)
     object_tap_layer: int = 11  # 1-indexed ViT block whose patch map feeds RoIAlign
     # CLIP text tower
-    text_width: int = 512
-    text_layers: int = 12
-    text_heads: int = 8
-    vocab_size: int = 49408
+    text_width: int = 512  # text transformer width, also the fusion encoder's
+    text_layers: int = 12  # text transformer blocks
+    text_heads: int = 8  # text attention heads, also the fusion encoder's
+    vocab_size: int = 49408  # CLIP BPE vocabulary, start and end tokens included
     context_length: int = 77  # rows of the CLIP text position table
     text_len: int = 32  # caption tokens, start and end included
     embed_dim: int = 512  # joint video-text space
     # object trajectories
-    objects: bool = True
+    objects: bool = True  # the object trajectory encoder (false: no trajectories, DOTA has nothing to align)
     boxes_per_frame: int = 10  # K
     trajectories: int = 20  # N categories per clip
     num_object_classes: int = 1600  # size of the class-label embedding table (0 is padding)
-    object_layers: int = 2
+    object_layers: int = 2  # transformer blocks of the trajectory encoder (vision width and heads)
     trajectory_length: int = 0  # boxes per trajectory sequence; 0 = T*K (exact); fewer subsample evenly
     # spatial-temporal actions
-    actions: bool = True
+    actions: bool = True  # the spatial-temporal action encoder (false: no action queries, STASP has none)
     action_queries: int = 4  # M
-    action_layers: int = 2
+    action_layers: int = 2  # transformer blocks of the action encoder (vision width and heads)
     # fusion
-    fusion_layers: int = 6
+    fusion_layers: int = 6  # blocks of the modality-agnostic fusion encoder
     fusion_positions: int = 256  # rows of the fusion position table
-    head_dropout: float = 0.1
+    head_dropout: float = 0.1  # dropout before the matching (VTM) and language-model heads
     # execution
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute transformer blocks in the backward pass: less memory, more time
     # under autocast, keep the video tower's residual stream in bf16/fp16 (open_clip) instead of
     # float32 (timm); the same function without autocast
     low_precision_residual: bool = False
@@ -97,15 +97,16 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    vtc: float = 1.0
-    vtm: float = 1.0
-    mlm: float = 1.0
-    plm: float = 1.0
-    dota: float = 1.0
-    stasp: float = 1.0
+    # loss weights; 0 turns an objective off
+    vtc: float = 1.0  # video-text contrastive
+    vtm: float = 1.0  # video-text matching
+    mlm: float = 1.0  # masked language modelling
+    plm: float = 1.0  # prefix language modelling
+    dota: float = 1.0  # dynamic object-text alignment
+    stasp: float = 1.0  # spatial-temporal action set prediction
     vtc_video_feature: str = "mean"  # "mean" of normalised frames (meanP) or "sep" (fusion video-SEP input)
     local_loss: bool = False  # open_clip's local_loss: each rank scores its own rows against all
-    mlm_probability: float = 0.15
+    mlm_probability: float = 0.15  # chance that MLM masks a caption token
     match_similarity: str = "dot"  # "dot" or "cosine" cost for the Hungarian matching
     fusion_stop_gradient: bool = False  # detach frame/text-token features fed to VTM, MLM, PLM (reference)
 
@@ -113,54 +114,56 @@ class LossConfig:
 @dataclass
 class DataConfig:
     train: str = ""  # annotation file (format inferred or given by `format`)
-    val: str = ""
-    test: str = ""
+    val: str = ""  # validation annotation file: selects the best checkpoint ("" = none)
+    test: str = ""  # test annotation file (evaluation only)
     format: str = "auto"  # auto, msrvtt, msvd, didemo, lsmdc, webvid, webdataset, jsonl
-    video_root: str = ""
+    video_root: str = ""  # folder of the videos ("" = a videos folder beside the annotation file)
     detections: str = ""  # detections JSONL (README: Detections format), or a store folder of `stoa-vlp pack`
     tags: str = ""  # noun/verb tag cache
     label_vocab: str = ""  # object class vocabulary file
     decoder: str = "pyav"  # pyav, decord, torchcodec
     frame_rate: float = 1.0  # frames per second at which frame folders (videos given as images) were extracted
     train_sampling: str = "rand"  # rand (random within segment) or uniform
-    eval_sampling: str = "uniform"
-    batch_size: int = 8
-    num_workers: int = 2
-    spacy_model: str = "en_core_web_sm"
+    eval_sampling: str = "uniform"  # frame sampling of validation and evaluation
+    batch_size: int = 8  # clips per micro-batch on each rank
+    num_workers: int = 2  # data-loading processes per rank (0: load in the training process)
+    spacy_model: str = "en_core_web_sm"  # spaCy pipeline that tags nouns and verbs (stoa-vlp tag, demo)
     max_bad_samples: float = 0.01  # share of skipped (unreadable) samples tolerated before training stops
     keep_freed_memory: bool = True  # processes that load samples keep freed memory (glibc) instead of re-faulting it
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/stoa"
-    seed: int = 0
-    steps: int = 1000
+    output_dir: str = "runs/stoa"  # run folder (the commands' --output)
+    seed: int = 0  # seeds weights, data order, frame sampling and masking
+    steps: int = 1000  # optimiser steps of the run
     epochs: float = 0.0  # > 0: the run's length in epochs of the training items, which sets steps (train.run_length)
-    lr: float = 1e-4
+    lr: float = 1e-4  # peak learning rate of the new modules (AdamW)
     tower_lr_scale: float = 0.01  # CLIP towers train at lr * tower_lr_scale
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
+    weight_decay: float = 0.2  # AdamW's, on weight matrices (not 1-D parameters, embeddings, logit scale)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW's
+    eps: float = 1e-6  # AdamW's
+    warmup_steps: int = 100  # linear warmup to lr, then cosine decay
     warmup_share: float = 0.0  # > 0: warmup_steps is this share of steps (0.1: the paper's 10%)
-    grad_accum: int = 1
-    clip_grad: float = 1.0
+    grad_accum: int = 1  # micro-batches per optimiser step
+    clip_grad: float = 1.0  # gradient norm clipping (0: none)
     precision: str = "fp32"  # fp32, amp_bf16, amp_fp16
-    compile: bool = False
+    compile: bool = False  # torch.compile the training step's model
     distributed: str = "ddp"  # ddp or fsdp
-    log_every: int = 10
-    eval_every: int = 500
-    save_every: int = 500
-    keep_last: int = 2
+    log_every: int = 10  # steps between metrics.jsonl / TensorBoard records
+    eval_every: int = 500  # steps between validations (and the last step)
+    save_every: int = 500  # steps between checkpoints (and the last step, and each new best)
+    keep_last: int = 2  # newest checkpoints kept, besides the best
     nonfinite: str = "stop"  # stop or skip
     min_lr_scale: float = 0.0  # cosine decays to lr * min_lr_scale
     device: str = "auto"  # auto (the rank's GPU when there is one, else CPU), cpu or cuda
     best_metric: str = "val/t2v_r1"  # validation metric (higher is better) that selects the best checkpoint
     val_max_clips: int = 0  # validate on at most this many val clips (0 = all)
-    tensorboard: bool = True
+    tensorboard: bool = True  # TensorBoard events in the run folder
     progress: bool = True  # tqdm progress bar on rank 0
-    find_unused_parameters: bool = False  # DDP; the pretrain command turns it on when a loss weight is 0
+    # DDP: parameters may get no gradient; turned on by pretrain when a loss weight is 0, by every
+    # fine-tuning task (each leaves part of the model unused)
+    find_unused_parameters: bool = False
     # how long a rank waits in a collective for the others, e.g. for rank 0's validation (torch's default:
     # 10 minutes with NCCL, 30 with gloo)
     dist_timeout_minutes: int = 120
