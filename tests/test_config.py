@@ -153,7 +153,7 @@ def test_a_path_given_to_a_command_reads_back_as_itself(path):
 
 
 def test_settings_that_would_fail_after_the_run_started_fail_before_it():
-    from stoa_vlp.commands.common import check_settings
+    from stoa_vlp.train.settings import check_settings
 
     for override, message in [("data.eval_sampling=centre", "data.eval_sampling must be one of uniform, rand"),
                               ("data.train_sampling=random", "data.train_sampling must be one of uniform, rand"),
@@ -185,7 +185,7 @@ def test_answer_checks_the_answer_slot_before_loading_anything(tmp_path):
 
 def settings_error(overrides: list[str], task: str | None) -> None:
     """Load, set up for `task` (None: pre-training) and check, as the commands do before a run."""
-    from stoa_vlp.commands.common import check_settings
+    from stoa_vlp.train.settings import check_settings
     from stoa_vlp.tasks.pipeline import task_config
 
     config = load_config("tiny", ["data.val=val.json", *overrides])

@@ -9,7 +9,7 @@ import torch
 
 from stoa_vlp.cli import main
 from stoa_vlp.train.checkpointing import CheckpointError
-from stoa_vlp.train.demo import DEMO_STAGES, DemoSettings, chance_metrics, class_noun_agreement, run_demo
+from stoa_vlp.demo import DEMO_STAGES, DemoSettings, chance_metrics, class_noun_agreement, run_demo
 from stoa_vlp.train.logging import read_metrics
 
 SMALL = [
@@ -144,7 +144,7 @@ def test_retrieval_stage_decodes_and_encodes_each_test_clip_once_with_the_same_n
     from stoa_vlp.metrics.retrieval import retrieval_metrics
     from stoa_vlp.model import build_model
     from stoa_vlp.tasks.retrieval import contrastive_similarity, extract_features
-    from stoa_vlp.train.demo import DemoRun, retrieval_stage
+    from stoa_vlp.demo import DemoRun, retrieval_stage
     from stoa_vlp.train.evaluation import retrieval_loader
 
     world = render_world(tmp_path / "world", train=0, val=0, test=4, seed=3, size=32)

@@ -13,10 +13,11 @@ import torch
 from _train_toys import ToyDataset, ToyModel, collate
 
 import stoa_vlp
-from stoa_vlp.commands.common import check_settings, set_deterministic
+from stoa_vlp.commands.common import set_deterministic
 from stoa_vlp.config import load_config
 from stoa_vlp.train import Trainer
 from stoa_vlp.train.provenance import checkpoint_record, git_commit
+from stoa_vlp.train.settings import check_settings
 
 
 def toy_run(tmp_path, steps: int, *overrides: str):

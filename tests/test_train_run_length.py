@@ -62,7 +62,7 @@ def test_a_warmup_share_applies_to_given_steps_and_a_long_warmup_is_warned_about
 def test_a_long_warmup_of_given_steps_is_warned_about_once(caplog):
     """Given steps are warned about by check_settings, before the run starts; set_run_length, which
     the commands call after it, changes nothing then and said it a second time."""
-    from stoa_vlp.commands.common import check_settings
+    from stoa_vlp.train.settings import check_settings
 
     config = load_config("tiny", ["train.steps=5", "train.warmup_steps=5"])
     with caplog.at_level(logging.WARNING):

@@ -1,4 +1,4 @@
-"""`stoa-vlp demo`: the main job, end to end on the synthetic world (see stoa_vlp.train.demo)."""
+"""`stoa-vlp demo`: the main job, end to end on the synthetic world (see stoa_vlp.demo)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from stoa_vlp.train.demo import DemoSettings, run_demo
+    from stoa_vlp.demo import DemoSettings, run_demo
 
     folder = Path(args.output or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     counts = {split: getattr(args, f"{split}_clips") for split in CLIPS}

@@ -73,7 +73,6 @@ def resumed_task(args: argparse.Namespace, run_dir: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from stoa_vlp.commands.common import (
         check_run_files,
-        check_settings,
         config_from_args,
         keep_label_vocab,
         prepare_run,
@@ -90,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.train.logging import format_table
     from stoa_vlp.train.provenance import checkpoint_record, read_run_record
     from stoa_vlp.train.run_length import set_run_length
+    from stoa_vlp.train.settings import check_settings
 
     config = config_from_args(args)
     task = task_to_train(args, config.train.output_dir)

@@ -55,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.commands.common import (
         check_resume,
         check_run_files,
-        check_settings,
         config_from_args,
         keep_label_vocab,
         prepare_run,
@@ -69,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.tasks.runs import adopt_label_vocab
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
     from stoa_vlp.train.run_length import set_run_length
+    from stoa_vlp.train.settings import check_settings
 
     config = config_from_args(args)
     if config.task.name != TaskConfig().name:  # pre-training's checkpoints are told apart by its default

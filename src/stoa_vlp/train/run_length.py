@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def set_run_length(config: Config, train_dataset, world_size: int) -> None:
     """Resolve train.epochs and train.warmup_share into train.steps and train.warmup_steps (in place),
     then, when either was set, warn when the warmup lasts the whole run (given steps are warned about
-    by `commands.common.check_settings`)."""
+    by `train.settings.check_settings`)."""
     train = config.train
     if train.epochs > 0:
         if isinstance(train_dataset, IterableDataset):  # `check_settings` refuses shards before a run starts

@@ -1,4 +1,4 @@
-"""The demo's downstream stages (`DOWNSTREAM_STAGES`, listed last in `stoa_vlp.train.demo.DEMO_STAGES`):
+"""The demo's downstream stages (`DOWNSTREAM_STAGES`, listed last in `stoa_vlp.demo.run.DEMO_STAGES`):
 captioning and video QA fine-tuned from the pre-trained demo model on the synthetic world, each
 evaluated once on the test clips with the final weights (no model selection), next to a trivial
 baseline."""
