@@ -79,16 +79,10 @@ def run(args: argparse.Namespace) -> int:
         set_deterministic,
         validation_overlap,
     )
-    from stoa_vlp.commands.task_common import init_folder, load_model_weights_from, metric_rows, preprocessing_settings
-    from stoa_vlp.data.jsonl import write_json_atomic
-    from stoa_vlp.model.checkpoint import build_model, build_model_for_weights
-    from stoa_vlp.tasks.pipeline import TaskRunner, task_config
-    from stoa_vlp.tasks.runs import adopt_label_vocab, load_task_weights, run_dir_of
-    from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
-    from stoa_vlp.train.checkpointing import best_checkpoint, list_checkpoints
-    from stoa_vlp.train.logging import format_table
-    from stoa_vlp.train.provenance import checkpoint_record, read_run_record
-    from stoa_vlp.train.run_length import set_run_length
+    from stoa_vlp.tasks.pipeline import task_config
+    from stoa_vlp.tasks.runs import adopt_label_vocab
+    from stoa_vlp.train import init_distributed, shutdown_distributed
+    from stoa_vlp.train.provenance import checkpoint_record
     from stoa_vlp.train.settings import check_settings
 
     config = config_from_args(args)
@@ -97,63 +91,133 @@ def run(args: argparse.Namespace) -> int:
     check_settings(config)
     if args.test and not config.data.test:
         raise ValueError("--test needs data.test (the test split's file)")
-    init = init_folder(args.init) if args.init else None
-    init_run = [run_dir_of(init)] if init is not None and init.parent.name == "checkpoints" else []
-    check_run_files(config, resume=bool(args.resume), fallback_runs=tuple(init_run))
+    init, init_runs = init_checkpoint(args)
+    check_run_files(config, resume=bool(args.resume), fallback_runs=init_runs)
     if not config.data.val:
         print("warning: data.val is not set: no validation, the last checkpoint counts as the best")
     env = init_distributed(config.train.device, config.train.dist_timeout_minutes)
     try:
         run_dir = prepare_run(config, env, args)
         set_deterministic(config.train)
-        adopt_label_vocab(config, run_dir, *init_run)  # the class ids the weights were trained with
-        runner = TaskRunner(config, env.device, run_dir, fine_tuning=True, resume=bool(args.resume))
-        if config.data.val:
-            runner.check_split("val", config.train.val_max_clips)  # validation reads only those
-        if args.test:
-            runner.check_split("test")
+        adopt_label_vocab(config, run_dir, *init_runs)  # the class ids the weights were trained with
+        runner = task_runner(config, env, run_dir, args)
         overlap = validation_overlap(config, config, "test") if env.is_main else None  # test videos in data.val
         if init is None and not args.resume and env.is_main:  # a resumed run's towers come from its checkpoint
             warn_if_random_towers(config)
-        # --init and --resume load trained weights over the whole model: the CLIP file is not read
-        model = build_model_for_weights(config.model) if init or args.resume else build_model(config.model)
-        if init:
-            load_model_weights_from(model, init)
-            print(f"initialised from {init}")
-        module = runner.module(model)
-        dataset, collate = runner.train_data(env.rank, env.world_size)  # shards are split over the ranks
-        set_run_length(config, dataset, env.world_size)
-        evaluate = runner.evaluator("val") if config.data.val else None
-        trainer = Trainer(config, module, dataset, collate, run_dir, env, evaluate)
+        module = runner.module(initial_model(config, init, resume=bool(args.resume)))
+        trainer = task_trainer(config, runner, module, run_dir, env)
         keep_label_vocab(config, runner.label_vocab, run_dir, env)  # last: a run that cannot start writes nothing
         if env.is_main:
             runner.save_answers()
         started_from = checkpoint_record(init) if init is not None and not args.resume and env.is_main else None
         result = trainer.fit(resume=args.resume, init=started_from)
-        if not env.is_main:
-            return 0
-        selected = best_checkpoint(run_dir) or list_checkpoints(run_dir)[-1]
-        preprocessing = preprocessing_settings(config)  # training = evaluation here
-        report = {"task": task, "init": read_run_record(run_dir).get("init"),
-                  "selection_metric": config.train.best_metric, "checkpoint": str(selected),
-                  "preprocessing": preprocessing, "results": []}
-        if overlap is not None:
-            report["videos_in_validation"] = overlap
-        results = []
-        if result.best:
-            val = {k[len("val/"):]: v for k, v in result.best.items() if k.startswith("val/")}
-            report["results"].append({"split": "val", "step": result.best["step"], "metrics": val})
-            results.append((f"val (step {result.best['step']}, selection)", val))
-        if args.test:
-            load_task_weights(module, selected)
-            test = runner.evaluate(module.to(env.device), "test")
-            report["results"].append({"split": "test", "checkpoint": str(selected), "metrics": test})
-            results.append((f"test ({selected.name})", test))
-        write_json_atomic(run_dir / "report.json", report, indent=2)
-        if results:
-            print("training and evaluation preprocessing: " + ", ".join(f"{k}={v}" for k, v in preprocessing.items()))
-            print(format_table(*metric_rows(results)))
-        print(f"selected checkpoint: {selected}\nreport: {run_dir / 'report.json'}")
+        if env.is_main:
+            report_run(config, task, run_dir, result.best, overlap, runner, module, env.device, test=args.test)
     finally:
         shutdown_distributed()
     return 0
+
+
+def init_checkpoint(args: argparse.Namespace):
+    """The --init folder (None without --init) and, as a tuple of at most one, the run it is a checkpoint
+    of, whose label vocabulary stands in for a data.label_vocab that does not exist (a moved run's)."""
+    from stoa_vlp.commands.task_common import init_folder
+    from stoa_vlp.tasks.runs import run_dir_of
+
+    init = init_folder(args.init) if args.init else None
+    init_runs = (run_dir_of(init),) if init is not None and init.parent.name == "checkpoints" else ()
+    return init, init_runs
+
+
+def task_runner(config, env, run_dir, args: argparse.Namespace):
+    """The TaskRunner of the run, with the splits it evaluates checked."""
+    from stoa_vlp.tasks.pipeline import TaskRunner
+
+    runner = TaskRunner(config, env.device, run_dir, fine_tuning=True, resume=bool(args.resume))
+    if config.data.val:
+        runner.check_split("val", config.train.val_max_clips)  # validation reads only those
+    if args.test:
+        runner.check_split("test")
+    return runner
+
+
+def initial_model(config, init, resume: bool):
+    """The STOA-VLP model to fine-tune, with the --init weights when given. --init and --resume load
+    trained weights over the whole model: the CLIP file is not read."""
+    from stoa_vlp.commands.task_common import load_model_weights_from
+    from stoa_vlp.model.checkpoint import build_model, build_model_for_weights
+
+    model = build_model_for_weights(config.model) if init or resume else build_model(config.model)
+    if init:
+        load_model_weights_from(model, init)
+        print(f"initialised from {init}")
+    return model
+
+
+def task_trainer(config, runner, module, run_dir, env):
+    """The Trainer of `module` on this rank's part of the training set, validating on data.val when set."""
+    from stoa_vlp.train import Trainer
+    from stoa_vlp.train.run_length import set_run_length
+
+    dataset, collate = runner.train_data(env.rank, env.world_size)  # shards are split over the ranks
+    set_run_length(config, dataset, env.world_size)
+    evaluate = runner.evaluator("val") if config.data.val else None
+    return Trainer(config, module, dataset, collate, run_dir, env, evaluate)
+
+
+def report_run(config, task: str, run_dir, best, overlap, runner, module, device, test: bool) -> None:
+    """Main rank, after training: write RUN/report.json with the selection's validation metrics (`best`)
+    and, with `test`, the test metrics of the selected checkpoint, and print them."""
+    from stoa_vlp.data.jsonl import write_json_atomic
+    from stoa_vlp.train.checkpointing import best_checkpoint, list_checkpoints
+
+    selected = best_checkpoint(run_dir) or list_checkpoints(run_dir)[-1]
+    header = report_header(config, task, run_dir, selected)
+    results = []  # (report entry, table column label, metrics)
+    if best:
+        results.append(selection_result(best))
+    if test:
+        results.append(test_result(runner, module, device, selected))
+    report = {**header, "results": [entry for entry, _, _ in results]}
+    if overlap is not None:
+        report["videos_in_validation"] = overlap
+    write_json_atomic(run_dir / "report.json", report, indent=2)
+    print_results(header["preprocessing"], [(label, metrics) for _, label, metrics in results])
+    print(f"selected checkpoint: {selected}\nreport: {run_dir / 'report.json'}")
+
+
+def report_header(config, task: str, run_dir, selected) -> dict:
+    """What the report's results come from: the task, the --init checkpoint, the selection and the
+    preprocessing (training's, which evaluation uses here)."""
+    from stoa_vlp.commands.task_common import preprocessing_settings
+    from stoa_vlp.train.provenance import read_run_record
+
+    preprocessing = preprocessing_settings(config)
+    return {"task": task, "init": read_run_record(run_dir).get("init"),
+            "selection_metric": config.train.best_metric, "checkpoint": str(selected),
+            "preprocessing": preprocessing}
+
+
+def selection_result(best: dict) -> tuple[dict, str, dict]:
+    """The best validation's (report entry, table column label, metrics without the val/ prefix)."""
+    val = {k[len("val/"):]: v for k, v in best.items() if k.startswith("val/")}
+    return {"split": "val", "step": best["step"], "metrics": val}, f"val (step {best['step']}, selection)", val
+
+
+def test_result(runner, module, device, selected) -> tuple[dict, str, dict]:
+    """The `selected` checkpoint's test (report entry, table column label, metrics)."""
+    from stoa_vlp.tasks.runs import load_task_weights
+
+    load_task_weights(module, selected)
+    test = runner.evaluate(module.to(device), "test")
+    return {"split": "test", "checkpoint": str(selected), "metrics": test}, f"test ({selected.name})", test
+
+
+def print_results(preprocessing: dict, results: list[tuple[str, dict]]) -> None:
+    """The preprocessing and a table of the (column label, metrics) `results`, when there are any."""
+    from stoa_vlp.commands.task_common import metric_rows
+    from stoa_vlp.train.logging import format_table
+
+    if results:
+        print("training and evaluation preprocessing: " + ", ".join(f"{k}={v}" for k, v in preprocessing.items()))
+        print(format_table(*metric_rows(results)))

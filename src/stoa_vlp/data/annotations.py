@@ -615,26 +615,47 @@ def read_annotations(
     if format not in FORMATS:
         raise AnnotationError(f"unknown annotation format '{format}' (known: {', '.join(FORMATS)})")
     captions = _Captions(strict)
-    if format == "msrvtt":
-        items = _read_msrvtt(path, split, captions)
-    elif format == "msvd":
-        items = _read_msvd(path, split, captions)
-    elif format in ("didemo", "didemo-moments"):
-        items = _read_didemo(path, captions, paragraph=format == "didemo")
-    elif format == "lsmdc":
-        items = _read_lsmdc(path, captions)
-    elif format == "jsonl":
-        items = _read_jsonl(path, captions)
-    elif format == "webdataset":
-        items = _read_webdataset(path, captions)
-    else:
-        items = _read_webvid(path, captions)
+    items = _read_items(path, format, split, captions)
     captions.report(path)
-
-    base = path if path.is_dir() else path.parent
-    root = Path(video_root) if video_root else (base / "videos" if (base / "videos").is_dir() else base)
+    root = _video_root(path, video_root)
     looked_up = not captions_only and format not in ("webdataset", "webvid")
     files = _VideoFiles(root, path) if looked_up else None
+    records, without = _captioned_records(items, root, files, captions_only)
+    _leave_out_uncaptioned(path, format, without, strict)
+    _warn_repeated_clips(path, records)
+    if files is not None:
+        files.report(len(records))
+    _log_counts(path, format, split, records)
+    return records
+
+
+def _read_items(path: Path, format: str, split: str | None, captions: _Captions) -> list[tuple]:
+    """The reader's items of `path` in `format`: (video id, captions, start, end[, video file])."""
+    if format == "msrvtt":
+        return _read_msrvtt(path, split, captions)
+    if format == "msvd":
+        return _read_msvd(path, split, captions)
+    if format in ("didemo", "didemo-moments"):
+        return _read_didemo(path, captions, paragraph=format == "didemo")
+    if format == "lsmdc":
+        return _read_lsmdc(path, captions)
+    if format == "jsonl":
+        return _read_jsonl(path, captions)
+    if format == "webdataset":
+        return _read_webdataset(path, captions)
+    return _read_webvid(path, captions)
+
+
+def _video_root(path: Path, video_root: str | Path | None) -> Path:
+    """`video_root`, else the annotation folder's videos/ folder where there is one, else that folder."""
+    base = path if path.is_dir() else path.parent
+    return Path(video_root) if video_root else (base / "videos" if (base / "videos").is_dir() else base)
+
+
+def _captioned_records(
+    items: list[tuple], root: Path, files: _VideoFiles | None, captions_only: bool
+) -> tuple[list[VideoRecord], list[str]]:
+    """(the records of the items with a caption, the ids of the videos without one)."""
     records = []
     without = []
     for item in items:
@@ -644,17 +665,22 @@ def read_annotations(
             continue
         location = "" if captions_only else _video_location(item, root, files)
         records.append(VideoRecord(video_id, location, start, end, texts))
+    return records, without
+
+
+def _leave_out_uncaptioned(path: Path, format: str, without: list[str], strict: bool) -> None:
+    """Warn about the videos `without` a caption, left out of the records; with `strict`, refuse them."""
     # an evaluation split: leaving them out would shrink its candidates (shard keys without a caption
     # are no samples: the stream leaves them out too, and `_read_webdataset` says so)
     if without and strict and format != "webdataset":
         raise AnnotationError(f"{path}: {len(without)} videos have no caption (e.g. {without[0]})")
     if without:
         log.warning("%s: %d videos have no caption and are left out (e.g. %s)", path, len(without), without[0])
-    _warn_repeated_clips(path, records)
-    if files is not None:
-        files.report(len(records))
+
+
+def _log_counts(path: Path, format: str, split: str | None, records: list[VideoRecord]) -> None:
+    """Log the videos and captions read, once per file, format and split (not at every re-read)."""
     counts = (len(records), sum(len(record.captions) for record in records))
-    if _counts_logged.get((str(path), format, split)) != counts:  # once per file and split, not at every re-read
+    if _counts_logged.get((str(path), format, split)) != counts:
         _counts_logged[(str(path), format, split)] = counts
         log.info("%s (%s%s): %d videos, %d captions", path, format, f", split {split}" if split else "", *counts)
-    return records

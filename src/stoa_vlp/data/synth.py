@@ -28,6 +28,7 @@ from fractions import Fraction
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import av
 import numpy as np
@@ -573,25 +574,59 @@ def render_world(
     workers: int = 1,
 ) -> WorldPaths:
     """Render the world into `out_dir` (created; existing files of the same names are replaced)."""
+    _check_world_settings(size, max_objects, detection_classes)
+    noise = DetectionNoise() if noise is None else noise
+    frames = max(2, int(round(seconds * fps)))
+    root = Path(out_dir)
+    video_dir = root / "videos"
+    video_dir.mkdir(parents=True, exist_ok=True)
+    clips = _sample_clips(seed, (train, val, test), size, frames, fps, max_objects)
+    _render_videos(clips, video_dir, keyframe_interval, workers)
+    sentences = _sentence_rows(clips, seed, captions_per_clip)
+    questions = _question_rows(clips, seed, questions_per_clip)
+    choices = _choice_rows(clips, seed)
+    paths = world_paths(root, {split: [c.video_id for c in clips if c.split == split] for split in SPLITS})
+    _write_annotations(paths.annotations, seed, clips, sentences)
+    write_detections(paths.detections, _all_noisy_detections(clips, seed, noise, detection_classes))
+    for split in SPLITS:
+        _write_jsonl(paths.qa[split], questions[split])
+    for split in choices:
+        _write_jsonl(paths.mc[split], choices[split])
+    settings = {"seed": seed, "size": size, "frames": frames, "fps": fps, "max_objects": max_objects,
+                "detection_classes": detection_classes, "noise": asdict(noise)}
+    _write_world_file(paths.world, settings, clips)
+    log.info("synthetic world: %d clips (%d/%d/%d) in %s", len(clips), train, val, test, root)
+    return paths
+
+
+def _check_world_settings(size: int, max_objects: int, detection_classes: str) -> None:
     if detection_classes not in ("object", "shape"):
         raise ValueError(f"detection_classes must be 'object' or 'shape', got {detection_classes!r}")
     if not 1 <= max_objects <= 3:
         raise ValueError(f"max_objects must be 1, 2 or 3, got {max_objects}")
     if size < 16 or size % 2:
         raise ValueError(f"size must be an even number of pixels >= 16, got {size}")
-    noise = DetectionNoise() if noise is None else noise
-    frames = max(2, int(round(seconds * fps)))
-    root = Path(out_dir)
-    video_dir = root / "videos"
-    video_dir.mkdir(parents=True, exist_ok=True)
 
+
+# Each clip draws from its own generators, seeded [seed, clip index, k]: k = 0 samples the clip, 1 its
+# captions, 2 its questions, 3 its multiple-choice item and 4 its detection noise.
+
+
+def _sample_clips(
+    seed: int, counts: tuple[int, int, int], size: int, frames: int, fps: float, max_objects: int
+) -> list[ClipSpec]:
+    """The clips of the train, val and test splits (`counts` of each), numbered across the splits."""
     clips: list[ClipSpec] = []
-    for split, count in zip(SPLITS, (train, val, test)):
+    for split, count in zip(SPLITS, counts):
         for _ in range(count):
             index = len(clips)
             rng = np.random.default_rng([seed, index, 0])
             clips.append(sample_clip(rng, f"video{index}", split, size, frames, fps, max_objects))
+    return clips
 
+
+def _render_videos(clips: list[ClipSpec], video_dir: Path, keyframe_interval: int, workers: int) -> None:
+    """Write videos/<video_id>.mp4 of each clip, in `workers` processes when more than one."""
     jobs = [(clip, video_dir / f"{clip.video_id}.mp4", keyframe_interval) for clip in clips]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -600,55 +635,66 @@ def render_world(
         for job in jobs:
             _render_to_file(job)
 
-    videos, sentences = [], []
-    questions: dict[str, list[dict]] = {split: [] for split in SPLITS}
-    choices: dict[str, list[dict]] = {"val": [], "test": []}
+
+def _sentence_rows(clips: list[ClipSpec], seed: int, captions_per_clip: int) -> list[dict]:
+    """MSR-VTT "sentences": the captions of every clip, numbered across the world."""
+    sentences: list[dict] = []
     for index, clip in enumerate(clips):
-        videos.append(
-            {
-                "category": 0,
-                "url": "",
-                "video_id": clip.video_id,
-                "start time": 0.0,
-                "end time": round(clip.frames / clip.fps, 3),
-                "split": MSRVTT_SPLIT[clip.split],
-                "id": index,
-            }
-        )
         for caption in make_captions(clip, np.random.default_rng([seed, index, 1]), captions_per_clip):
             sentences.append({"caption": caption, "video_id": clip.video_id, "sen_id": len(sentences)})
+    return sentences
+
+
+def _question_rows(clips: list[ClipSpec], seed: int, questions_per_clip: int) -> dict[str, list[dict]]:
+    """The QA rows of each split."""
+    questions: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for index, clip in enumerate(clips):
         questions[clip.split] += make_questions(clip, np.random.default_rng([seed, index, 2]), questions_per_clip)
+    return questions
+
+
+def _choice_rows(clips: list[ClipSpec], seed: int) -> dict[str, list[dict]]:
+    """The multiple-choice rows of the val and test splits."""
+    choices: dict[str, list[dict]] = {"val": [], "test": []}
+    for index, clip in enumerate(clips):
         if clip.split in choices:
             choices[clip.split].append(make_choice(clip, np.random.default_rng([seed, index, 3])))
+    return choices
 
-    paths = world_paths(root, {split: [c.video_id for c in clips if c.split == split] for split in SPLITS})
-    with open(paths.annotations, "w") as handle:
+
+def _video_row(index: int, clip: ClipSpec) -> dict:
+    """The clip's MSR-VTT "videos" entry."""
+    return {
+        "category": 0,
+        "url": "",
+        "video_id": clip.video_id,
+        "start time": 0.0,
+        "end time": round(clip.frames / clip.fps, 3),
+        "split": MSRVTT_SPLIT[clip.split],
+        "id": index,
+    }
+
+
+def _write_annotations(path: Path, seed: int, clips: list[ClipSpec], sentences: list[dict]) -> None:
+    """MSRVTT_data.json: the clips as videos and their captions as sentences."""
+    videos = [_video_row(index, clip) for index, clip in enumerate(clips)]
+    with open(path, "w") as handle:
         info = {"description": f"stoa-vlp synthetic world, seed {seed}"}
         json.dump({"info": info, "videos": videos, "sentences": sentences}, handle)
-    write_detections(
-        paths.detections,
-        (
-            noisy_detections(clip, np.random.default_rng([seed, index, 4]), noise, detection_classes)
-            for index, clip in enumerate(clips)
-        ),
-    )
-    for split in SPLITS:
-        _write_jsonl(paths.qa[split], questions[split])
-    for split in choices:
-        _write_jsonl(paths.mc[split], choices[split])
-    settings = {
-        "seed": seed,
-        "size": size,
-        "frames": frames,
-        "fps": fps,
-        "max_objects": max_objects,
-        "detection_classes": detection_classes,
-        "noise": asdict(noise),
-    }
-    with open(paths.world, "w") as handle:
+
+
+def _all_noisy_detections(
+    clips: list[ClipSpec], seed: int, noise: DetectionNoise, detection_classes: str
+) -> Iterator[VideoDetections]:
+    """Each clip's detections, made as they are written."""
+    for index, clip in enumerate(clips):
+        yield noisy_detections(clip, np.random.default_rng([seed, index, 4]), noise, detection_classes)
+
+
+def _write_world_file(path: Path, settings: dict, clips: list[ClipSpec]) -> None:
+    """world.json: the settings and each clip's objects and actions."""
+    with open(path, "w") as handle:
         json.dump({"settings": settings, "clips": [_clip_to_json(c) for c in clips]}, handle)
-    log.info("synthetic world: %d clips (%d/%d/%d) in %s", len(clips), train, val, test, root)
-    return paths
 
 
 def _clip_to_json(clip: ClipSpec) -> dict:

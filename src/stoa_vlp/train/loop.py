@@ -312,10 +312,37 @@ class Trainer:
         return final
 
     def load_checkpoint(self, folder: Path) -> None:
+        """Resume from the checkpoint `folder`: its weights and training state (with this run's optimiser
+        and schedule settings), counters, best checkpoint, data position and random state."""
         loaded = ckpt.read_checkpoint(folder, self.env.rank)
         state = loaded["state"]
+        self._load_training_state(folder, loaded)
+        self._load_counters(state)
+        if self.env.is_main:  # rank 0 alone reads best.json and rewrites it (tidying)
+            self._load_best_and_skips(folder, state)
+        self._share_best()
+        self._set_data_position(folder, state)
+        self._load_rng_state(folder, state, loaded["rng"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, *self._position())
+
+    def _load_training_state(self, folder: Path, loaded: dict[str, Any]) -> None:
+        """The weights, optimiser, LR schedule and loss scaler of the checkpoint, with this run's optimiser
+        and schedule settings over the checkpoint's (a warning names those that differ)."""
         settings = group_settings(self.optimizer)  # this run's: the loaded states bring the old run's
-        weights = {self.weights_prefix + name: value for name, value in loaded["weights"].items()}
+        training_state = loaded["training_state"]
+        self._load_weights_and_optimizer(folder, loaded["weights"], training_state)
+        self.scheduler.load_state_dict(training_state["scheduler"])
+        apply_settings(self.optimizer, self.scheduler, settings)
+        changed = changed_settings(loaded["state"]["config"]["train"], self.train)
+        if changed:
+            log.warning("%s: this run's optimiser and LR schedule settings replace the checkpoint's: %s", folder,
+                        ", ".join(changed))
+        self.scaler.load_state_dict(training_state["scaler"])
+
+    def _load_weights_and_optimizer(self, folder: Path, weights: dict[str, torch.Tensor],
+                                    training_state: dict[str, Any]) -> None:
+        """The checkpoint's module `weights` (names without `weights_prefix`) and optimiser state."""
+        weights = {self.weights_prefix + name: value for name, value in weights.items()}
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -326,34 +353,38 @@ class Trainer:
             set_model_state_dict(self.wrapped, weights, options=StateDictOptions(full_state_dict=True))
             # not strict: a parameter that never had a gradient (a block of a disabled objective) has
             # no optimiser state in the checkpoint, as in the run that wrote it
-            set_optimizer_state_dict(self.wrapped, self.optimizer, loaded["training_state"]["optimizer"],
+            set_optimizer_state_dict(self.wrapped, self.optimizer, training_state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True, strict=False))
         else:
             load_state_checked(self.module, weights, str(folder))
-            self.optimizer.load_state_dict(loaded["training_state"]["optimizer"])
-        self.scheduler.load_state_dict(loaded["training_state"]["scheduler"])
-        apply_settings(self.optimizer, self.scheduler, settings)
-        changed = changed_settings(state["config"]["train"], self.train)
-        if changed:
-            log.warning("%s: this run's optimiser and LR schedule settings replace the checkpoint's: %s", folder,
-                        ", ".join(changed))
-        self.scaler.load_state_dict(loaded["training_state"]["scaler"])
+            self.optimizer.load_state_dict(training_state["optimizer"])
+
+    def _load_counters(self, state: dict[str, Any]) -> None:
+        """The step, the skipped batches and the best validation of the checkpoint."""
         self.step = state["step"]
         self.skipped_batches = state["skipped_batches"]
         self.best_value = state["best_value"]
         self.best = state.get("best")
-        if self.env.is_main:  # rank 0 alone reads best.json and rewrites it (tidying)
-            if "best_checkpoint" in state:
-                self.best_checkpoint = state["best_checkpoint"]
-            else:  # a checkpoint older than state.json's record of it
-                self.best_checkpoint = ckpt.read_best(self.run_dir)
-            if self.data_skips is not None and state.get("data_skips") is not None:
-                self.data_skips.add(*state["data_skips"])
-            self._tidy_checkpoints(folder)
+
+    def _load_best_and_skips(self, folder: Path, state: dict[str, Any]) -> None:
+        """Rank 0: the best checkpoint's record and the data skip counts of the checkpoint, then the run's
+        checkpoints tidied (`_tidy_checkpoints`)."""
+        if "best_checkpoint" in state:
+            self.best_checkpoint = state["best_checkpoint"]
+        else:  # a checkpoint older than state.json's record of it
+            self.best_checkpoint = ckpt.read_best(self.run_dir)
+        if self.data_skips is not None and state.get("data_skips") is not None:
+            self.data_skips.add(*state["data_skips"])
+        self._tidy_checkpoints(folder)
+
+    def _share_best(self) -> None:
+        """The other ranks take rank 0's best (tidying can drop a pruned best): they must agree on the best,
+        since a better validation makes every rank save (collective)."""
         best = (self.best_value, self.best, self.best_checkpoint)
-        # the other ranks take rank 0's outcome (tidying can drop a pruned best): they must agree on the best,
-        # since a better validation makes every rank save (collective)
         self.best_value, self.best, self.best_checkpoint = gather_objects(best, self.env)[0]
+
+    def _set_data_position(self, folder: Path, state: dict[str, Any]) -> None:
+        """Set the sampler to the checkpoint's epoch and batch (a stream cannot resume exactly: warned)."""
         if self.streamed:
             self.sampler.set_position(state["epoch"], state["data_position"])
             if hasattr(self.dataset, "set_position"):
@@ -365,18 +396,21 @@ class Trainer:
                             type(self.dataset).__name__)
         else:  # the order depends on the seed and the epoch only, not on the rank count
             self.sampler.set_position(state["epoch"], self._data_position(folder, state))
+
+    def _load_rng_state(self, folder: Path, state: dict[str, Any], rng: dict[str, Any] | None) -> None:
+        """Restore this rank's random state from the checkpoint's `rng` when it was written by as many ranks
+        (a checkpoint whose ranks all drew alike reseeds the ranks after the first); else warn."""
         if state["world_size"] != self.env.world_size:
             log.warning("%s was written by %d ranks, this run has %d: random states are not restored exactly",
                         folder, state["world_size"], self.env.world_size)
-        elif loaded["rng"] is not None:
-            ckpt.set_rng_state(loaded["rng"])
+        elif rng is not None:
+            ckpt.set_rng_state(rng)
             if self.env.rank > 0 and not state.get("ranks_draw_apart"):
                 log.warning("%s was written when every rank drew the same random numbers: rank %d now draws its "
                             "own from here", folder, self.env.rank)
                 seed_everything(rank_seed(self.train.seed, self.env.rank, self.step))
         else:
             log.warning("%s holds no RNG state for rank %d: its random draws will differ", folder, self.env.rank)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.step, *self._position())
 
     def _data_position(self, folder: Path, state: dict[str, Any]) -> int:
         """The checkpoint's data position in this run's global batches: the samples consumed, rounded
