@@ -148,7 +148,7 @@ def test_pretraining_reads_detections_and_tags_once_for_training_and_validation(
 
 def test_validation_keeps_only_its_own_videos_detections(tmp_path):
     # sharing the read must not keep the whole file's detections alive for the run (about 4 KB a video)
-    from stoa_vlp.commands.pretrain import pretraining_data
+    from stoa_vlp.train.evaluation import pretraining_data
     from stoa_vlp.config import load_config
     from stoa_vlp.data.annotations import read_annotations
     from stoa_vlp.train.distributed import DistEnv

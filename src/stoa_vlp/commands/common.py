@@ -82,21 +82,6 @@ def warn_if_random_towers(config: Config) -> None:
                     "(give an OpenAI CLIP .pt or open_clip checkpoint to start from CLIP)")
 
 
-def keep_label_vocab(config: Config, label_vocab, run_dir: Path, env) -> None:
-    """Save the vocabulary the model trains with (None: no detections) as RUN/label_vocab.json and point
-    data.label_vocab at it, so that checkpoints, evaluation and later fine-tuning use the same ids."""
-    from stoa_vlp.train.distributed import barrier
-
-    if label_vocab is None:
-        return
-    path = (Path(run_dir) / LABEL_VOCAB_FILE).resolve()
-    if env.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        label_vocab.save(path)
-    barrier(env)
-    config.data.label_vocab = str(path)
-
-
 def prepare_run(config: Config, env, args: argparse.Namespace) -> Path:
     """The run folder (train.output_dir), prepared by the main rank (--overwrite, --resume) while the
     other ranks wait; then every rank seeds its generators with train.seed, so that every rank builds

@@ -74,13 +74,12 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.commands.common import (
         check_run_files,
         config_from_args,
-        keep_label_vocab,
         prepare_run,
         set_deterministic,
         validation_overlap,
     )
     from stoa_vlp.tasks.pipeline import task_config
-    from stoa_vlp.tasks.runs import adopt_label_vocab
+    from stoa_vlp.tasks.runs import adopt_label_vocab, keep_label_vocab
     from stoa_vlp.train import init_distributed, shutdown_distributed
     from stoa_vlp.train.provenance import checkpoint_record
     from stoa_vlp.train.settings import check_settings

@@ -37,26 +37,11 @@ def warn_if_objectives_lack_data(config) -> None:
                     "sentence feature only (stoa-vlp tag writes them)")
 
 
-def pretraining_data(config, env, validate: bool):
-    """(training set, validation evaluator or None) from one read of the detections and tag cache. Each
-    keeps only its split's part of them: the whole file's detections go when this returns."""
-    from stoa_vlp.data.dataset import build_dataset, split_file
-    from stoa_vlp.data.side_data import load_side_data
-    from stoa_vlp.train.evaluation import RetrievalEvaluator
-
-    split_file(config, "train")  # a wrong path fails before the side data is read
-    side_data = load_side_data(config)
-    train_set = build_dataset(config, "train", env.rank, env.world_size, side_data)
-    evaluate = RetrievalEvaluator(config, "val", env.device, config.train.val_max_clips, side_data) if validate else None
-    return train_set, evaluate
-
-
 def run(args: argparse.Namespace) -> int:
     from stoa_vlp.commands.common import (
         check_resume,
         check_run_files,
         config_from_args,
-        keep_label_vocab,
         prepare_run,
         set_deterministic,
         validation_overlap,
@@ -65,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     from stoa_vlp.data.dataset import collate
     from stoa_vlp.model.checkpoint import build_model, build_model_for_weights
     from stoa_vlp.objectives import OBJECTIVES, Pretrainer
-    from stoa_vlp.tasks.runs import adopt_label_vocab
+    from stoa_vlp.tasks.runs import adopt_label_vocab, keep_label_vocab
     from stoa_vlp.train import Trainer, init_distributed, shutdown_distributed
+    from stoa_vlp.train.evaluation import pretraining_data
     from stoa_vlp.train.run_length import set_run_length
     from stoa_vlp.train.settings import check_settings
 

@@ -36,8 +36,8 @@ def check_stage_configs(run) -> None:
 
 def fine_tune(run, config, runner):
     """Train the task module from the pre-trained demo weights; returns (module, TrainResult)."""
-    from stoa_vlp.commands.common import keep_label_vocab
     from stoa_vlp.model.checkpoint import build_model_for_weights
+    from stoa_vlp.tasks.runs import keep_label_vocab
     from stoa_vlp.train.data_position import seed_everything
     from stoa_vlp.train.distributed import DistEnv
     from stoa_vlp.train.loop import Trainer
@@ -57,13 +57,13 @@ def fine_tune(run, config, runner):
 def captioning_stage(run) -> None:
     import torch
 
-    from stoa_vlp.commands.task_common import device_of
     from stoa_vlp.data.annotations import read_annotations
     from stoa_vlp.metrics.captioning import CaptionScorer, JavaMissingError
     from stoa_vlp.tasks.captioning import generate_captions
     from stoa_vlp.tasks.data import video_loader
     from stoa_vlp.tasks.pipeline import TaskRunner
     from stoa_vlp.tasks.retrieval import encode_videos
+    from stoa_vlp.train.distributed import choose_device
     from stoa_vlp.train.logging import format_table
 
     config = stage_config(run, "captioning", ["task.meteor=false"])
@@ -73,7 +73,7 @@ def captioning_stage(run) -> None:
         print(f"\nCaptioning stage skipped: {error}")
         run.report.append(f"## Captioning\n\nSkipped: {error}\n")
         return
-    runner = TaskRunner(config, device_of(config))
+    runner = TaskRunner(config, choose_device(config.train.device, 0))
     module, result = fine_tune(run, config, runner)
     metrics = runner.evaluate(module, "test")
     records = read_annotations(config.data.test, config.data.format, "test", config.data.video_root or None)[:EXAMPLES_SHOWN]
@@ -96,16 +96,16 @@ def captioning_stage(run) -> None:
 
 
 def qa_stage(run) -> None:
-    from stoa_vlp.commands.task_common import device_of
     from stoa_vlp.config import path_override
     from stoa_vlp.tasks.pipeline import TaskRunner
     from stoa_vlp.tasks.qa import accuracy_by_type, read_questions
+    from stoa_vlp.train.distributed import choose_device
     from stoa_vlp.train.logging import format_table
 
     world = run.world
     splits = [path_override(f"data.{split}", world.qa[split]) for split in ("train", "val", "test")]
     config = stage_config(run, "qa", splits)
-    runner = TaskRunner(config, device_of(config), Path(config.train.output_dir), fine_tuning=True)
+    runner = TaskRunner(config, choose_device(config.train.device, 0), Path(config.train.output_dir), fine_tuning=True)
     module, result = fine_tune(run, config, runner)
     metrics = runner.evaluate(module, "test")
     train_questions = read_questions(config.data.train)

@@ -49,13 +49,13 @@ def tag_stage(run: DemoRun) -> None:
 
 
 def pretrain_stage(run: DemoRun) -> None:
-    from stoa_vlp.commands.common import keep_label_vocab
-    from stoa_vlp.commands.pretrain import pretraining_data
     from stoa_vlp.data.dataset import collate
     from stoa_vlp.model import build_model
     from stoa_vlp.objectives import Pretrainer
+    from stoa_vlp.tasks.runs import keep_label_vocab
     from stoa_vlp.train.data_position import seed_everything
     from stoa_vlp.train.distributed import DistEnv
+    from stoa_vlp.train.evaluation import pretraining_data
     from stoa_vlp.train.loop import Trainer
 
     config = run.config

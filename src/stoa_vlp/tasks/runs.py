@@ -3,6 +3,9 @@ checkpoint folder to the model it holds, with the config it was trained with.
 
     run = load_run("runs/msrvtt-ret")      # eval mode, on the GPU when there is one
     run.model, run.config, run.device      # a QA run also has run.qa_model and run.answers
+
+A run keeps the object-class vocabulary its weights use as RUN/label_vocab.json (`keep_label_vocab`,
+when training), which a later run started from it adopts (`adopt_label_vocab`).
 """
 
 from __future__ import annotations
@@ -126,6 +129,21 @@ def adopt_label_vocab(config: Config, *run_dirs: Path) -> None:
                 log.warning("%s does not exist: using %s", config.data.label_vocab, saved)
             config.data.label_vocab = str(saved.resolve())
             return
+
+
+def keep_label_vocab(config: Config, label_vocab, run_dir: Path, env) -> None:
+    """Save the vocabulary the model trains with (None: no detections) as RUN/label_vocab.json and point
+    data.label_vocab at it, so that checkpoints, evaluation and later fine-tuning use the same ids."""
+    from stoa_vlp.train.distributed import barrier
+
+    if label_vocab is None:
+        return
+    path = (Path(run_dir) / LABEL_VOCAB_FILE).resolve()
+    if env.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        label_vocab.save(path)
+    barrier(env)
+    config.data.label_vocab = str(path)
 
 
 def load_task_weights(module: nn.Module, checkpoint: Path) -> None:

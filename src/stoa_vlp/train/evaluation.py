@@ -133,3 +133,16 @@ class RetrievalEvaluator:
             return evaluate_retrieval(model, self.loader, self.device, video_feature=feature, progress=progress)
         return evaluate_retrieval_records(model, self.loader, self.records, Tokenizer(self.config.model.text_len),
                                           self.device, video_feature=feature, progress=progress)
+
+
+def pretraining_data(config, env, validate: bool):
+    """(training set, validation evaluator or None) from one read of the detections and tag cache. Each
+    keeps only its split's part of them: the whole file's detections go when this returns."""
+    from stoa_vlp.data.dataset import build_dataset, split_file
+    from stoa_vlp.data.side_data import load_side_data
+
+    split_file(config, "train")  # a wrong path fails before the side data is read
+    side_data = load_side_data(config)
+    train_set = build_dataset(config, "train", env.rank, env.world_size, side_data)
+    evaluate = RetrievalEvaluator(config, "val", env.device, config.train.val_max_clips, side_data) if validate else None
+    return train_set, evaluate
