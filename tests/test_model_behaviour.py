@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from stoa_vlp.config import load_config
 from stoa_vlp.model import STOAVLP, VideoFeatures
-from stoa_vlp.model.objects import ROI_OUTPUT_SIZE
-from stoa_vlp.model.towers import CLIP_MEAN, CLIP_STD
+from stoa_vlp.model.objects import ROI_OUTPUT_SIZE, ObjectTokens
+from stoa_vlp.model.towers import CLIP_MEAN, CLIP_STD, TextTower
 from stoa_vlp.model.transformer import InputDtypeLayerNorm
 from stoa_vlp.tokenizer import Tokenizer
 from torchvision.ops import roi_align
@@ -365,6 +365,47 @@ def test_new_encoders_start_from_the_last_visual_blocks_lined_up_at_the_end(dept
             weights = block.state_dict()
             same = [all(torch.equal(weights[key], start[key]) for key in weights) for start in visual]
             assert same == [index == source for index in range(len(visual))], (depth, position)
+
+
+def test_new_encoders_outputs_start_from_the_visual_ln_post_and_proj():
+    model = make_model()
+    with torch.no_grad():
+        model.visual.ln_post.weight.normal_()
+    model.initialise_from_towers()
+    for encoder in (model.trajectory_encoder, model.action_encoder):
+        torch.testing.assert_close(encoder.ln.weight, model.visual.ln_post.weight)
+        torch.testing.assert_close(encoder.proj, model.visual.proj)
+    fresh = make_model()
+    for encoder in (fresh.trajectory_encoder, fresh.action_encoder):
+        torch.testing.assert_close(encoder.proj, fresh.visual.proj)
+
+
+def weight_std(weight: torch.Tensor) -> float:
+    return weight.float().std().item()
+
+
+def test_text_tower_starts_as_open_clip_text_transformer():
+    config = load_config("base").model
+    text = TextTower(config)
+    width, layers = config.text_width, config.text_layers
+    projection_std = width**-0.5 * (2 * layers) ** -0.5
+    expected = {"attn.in_proj_weight": width**-0.5, "attn.out_proj.weight": projection_std,
+                "mlp.c_fc.weight": (2 * width) ** -0.5, "mlp.c_proj.weight": projection_std}
+    for index, block in enumerate(text.transformer.resblocks):
+        weights = dict(block.named_parameters())
+        for name, std in expected.items():
+            assert weight_std(weights[name]) == pytest.approx(std, rel=0.03), (index, name)
+        assert not block.attn.in_proj_bias.any() and not block.attn.out_proj.bias.any()
+    assert weight_std(text.token_embedding.weight) == pytest.approx(0.02, rel=0.03)
+    assert weight_std(text.positional_embedding) == pytest.approx(0.01, rel=0.03)
+    assert weight_std(text.text_projection) == pytest.approx(width**-0.5, rel=0.03)
+
+
+def test_object_token_embeddings_start_as_the_reference():
+    torch.manual_seed(0)
+    tokens = ObjectTokens(load_config("base").model)
+    assert not tokens.slot_embedding.any()
+    assert weight_std(tokens.frame_embedding) == pytest.approx(0.01, rel=0.05)
 
 
 def test_parameter_groups():

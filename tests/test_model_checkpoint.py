@@ -153,9 +153,19 @@ def test_tiny_towers_match_open_clip(tmp_path, quick_gelu):
     path = tmp_path / "tiny_clip.pt"
     torch.save(reference.state_dict(), path)
     model = STOAVLP(config)
-    load_clip_weights(model, path)
+    left_at_init = load_clip_weights(model, path)
     assert_tower_parity(model, reference, config.image_size)
-    # the new transformers start from the loaded CLIP blocks
+    # the new transformers start from the loaded CLIP blocks, the encoders' outputs from its ln_post and proj
+    for encoder in (model.trajectory_encoder, model.action_encoder):
+        torch.testing.assert_close(encoder.ln.weight, reference.visual.ln_post.weight)
+        torch.testing.assert_close(encoder.ln.bias, reference.visual.ln_post.bias)
+        torch.testing.assert_close(encoder.proj, reference.visual.proj)
+    started = {"trajectory_encoder.ln.weight", "action_encoder.proj", "fusion.ln_final.bias",
+               "fusion.transformer.resblocks.0.attn.in_proj_weight",
+               "action_encoder.transformer.resblocks.0.ln_1.weight"}
+    assert not started & set(left_at_init)
+    assert {"fusion.position_embedding", "object_tokens.frame_embedding", "trajectory_encoder.cls_embedding",
+            "action_encoder.query_embedding", "match_head.weight"} <= set(left_at_init)
     pairs = [
         (model.fusion.transformer.resblocks[0], reference.transformer.resblocks[0]),
         (model.trajectory_encoder.transformer.resblocks[-1], reference.visual.transformer.resblocks[-1]),

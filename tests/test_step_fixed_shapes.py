@@ -1,5 +1,6 @@
 """The eager pre-training step has fixed shapes: no host sync but the matching, capped trajectories exact."""
 
+import math
 from unittest import mock
 
 import pytest
@@ -84,7 +85,22 @@ def test_the_full_step_syncs_only_in_the_label_check_and_the_matching(overrides)
     assert torch.isfinite(losses["loss"])
 
 
-@pytest.mark.parametrize("cap", [3, 5])
+def test_evenly_spaced_members_keep_the_first_and_last():
+    counts = torch.tensor([[7, 10], [4, 5]])
+    torch.testing.assert_close(
+        objects.evenly_spaced_members(counts, 3),
+        torch.tensor([[[0, 3, 6], [0, 5, 9]], [[0, 2, 3], [0, 2, 4]]]),  # 4.5 and 1.5 round half up
+    )
+    torch.testing.assert_close(objects.evenly_spaced_members(counts, 1), torch.tensor([[[3], [4]], [[1], [2]]]))
+
+
+def evenly_spaced(count: int, cap: int) -> list[int]:
+    if cap == 1:
+        return [(count - 1) // 2]
+    return [math.floor(s * (count - 1) / (cap - 1) + 0.5) for s in range(cap)]
+
+
+@pytest.mark.parametrize("cap", [1, 3, 5])
 def test_capped_trajectories_keep_evenly_spaced_boxes(cap):
     config = tiny_config(f"model.trajectory_length={cap}")
     model = tiny_model(config).eval()
@@ -104,7 +120,7 @@ def test_capped_trajectories_keep_evenly_spaced_boxes(cap):
                 count = member_tokens.shape[0]
                 if count > cap:
                     truncated += 1
-                    member_tokens = member_tokens[[s * count // cap for s in range(cap)]]
+                    member_tokens = member_tokens[evenly_spaced(count, cap)]
                 sequence = torch.cat([encoder.cls_embedding[None], member_tokens])[None]
                 expected = encoder.ln(encoder.transformer(sequence)[0, 0]) @ encoder.proj
                 torch.testing.assert_close(capped[b, n], expected, atol=1e-5, rtol=1e-5)

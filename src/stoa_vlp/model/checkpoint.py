@@ -390,8 +390,9 @@ def load_clip_weights(model: STOAVLP, path: str | Path) -> list[str]:
     """Load CLIP weights into the towers, then re-initialise the new transformers from the loaded blocks.
 
     `path` is a weights file or an open_clip model folder; an official STOA-VLP or CLIP4Clip checkpoint
-    gives its CLIP towers only (`clip4clip_towers`). Returns the model keys left at their initialisation
-    (the new STOA modules). The weights cannot show QuickGELU or the head count, so they are checked
+    gives its CLIP towers only (`clip4clip_towers`). Returns the model keys left (wholly or in part) at their
+    random initialisation: the new STOA modules' weights that `initialise_from_towers` does not copy whole
+    from the loaded towers. The weights cannot show QuickGELU or the head count, so they are checked
     where the source tells them (`clip_state`). A stoa-vlp checkpoint is refused.
     """
     weights = clip_weights_file(path)
@@ -399,8 +400,8 @@ def load_clip_weights(model: STOAVLP, path: str | Path) -> list[str]:
     new_keys = {key for key in model.state_dict() if not model.is_tower_parameter(key)}
     refuse_stoa_vlp_weights(model, state, weights, new_keys)
     load_state_checked(model, state, f"CLIP checkpoint {weights}", expected_missing=new_keys)
-    model.initialise_from_towers()
-    return sorted(new_keys)
+    started = model.initialise_from_towers()
+    return sorted(new_keys - started)
 
 
 def build_model(config: ModelConfig) -> STOAVLP:

@@ -31,13 +31,10 @@ class FusionEncoder(nn.Module):
         self.ln_final = nn.LayerNorm(width)
 
     @torch.no_grad()
-    def initialise_from_text(self, text_tower: nn.Module) -> None:
-        """Copy the first text blocks, the text positions and ln_final of a CLIP text tower."""
-        for block, source in zip(self.transformer.resblocks, text_tower.transformer.resblocks):
-            block.load_state_dict(source.state_dict())
-        rows = min(self.position_embedding.shape[0], text_tower.positional_embedding.shape[0])
-        self.position_embedding[:rows].copy_(text_tower.positional_embedding[:rows])
-        self.ln_final.load_state_dict(text_tower.ln_final.state_dict())
+    def initialise_positions(self, text_positions: torch.Tensor) -> None:
+        """Copy CLIP's text positions into the first rows of the position table."""
+        rows = min(self.position_embedding.shape[0], text_positions.shape[0])
+        self.position_embedding[:rows].copy_(text_positions[:rows])
 
     def forward(
         self, sequence: torch.Tensor, valid: torch.Tensor, visual_length: int, mode: str | torch.Tensor

@@ -7,7 +7,7 @@ frames) are gathered into one short sequence behind a learnable [CLS]; a transfo
 B * N sequences at once, and the [CLS] output (ln, proj) is the trajectory feature.
 Every sequence has the fixed length 1 + S, S = `model.trajectory_length` (T*K when 0, which is exact),
 so no shape depends on the data (no host sync, one compiled graph). A category with more than S boxes
-keeps S of them evenly spaced in frame order.
+keeps S of them evenly spaced in frame order, its first and last included.
 """
 
 from __future__ import annotations
@@ -50,6 +50,17 @@ def roi_axis_weights(low: torch.Tensor, high: torch.Tensor, size: int) -> torch.
     return (weights * inside[..., None]).mean(dim=2)  # (R, cells, size)
 
 
+def evenly_spaced_members(counts: torch.Tensor, length: int) -> torch.Tensor:
+    """The S = `length` members a category of `counts` (> S) members keeps: (B, N) -> (B, N, S). Slot s takes
+    member round(s * (count - 1) / (S - 1)), rounded half up, so the first and last members are kept; with
+    S = 1 the middle member, (count - 1) // 2. Integer tensor ops only: no host sync."""
+    last = counts[..., None] - 1  # (B, N, 1)
+    if length == 1:
+        return torch.div(last, 2, rounding_mode="floor")
+    slot = torch.arange(length, device=counts.device)
+    return torch.div(2 * slot * last + length - 1, 2 * (length - 1), rounding_mode="floor")
+
+
 class ObjectTokens(nn.Module):
     """Boxes of every frame -> (B, T, K, W) object tokens; padded boxes give zero tokens."""
 
@@ -61,8 +72,8 @@ class ObjectTokens(nn.Module):
         self.spatial_scale = self.grid / config.image_size
         self.region_mlp = mlp(width, width)
         self.box_mlp = mlp(4, width)
-        self.frame_embedding = nn.Parameter(0.02 * torch.randn(config.frames, width))
-        self.slot_embedding = nn.Parameter(0.02 * torch.randn(config.boxes_per_frame, width))
+        self.frame_embedding = nn.Parameter(0.01 * torch.randn(config.frames, width))
+        self.slot_embedding = nn.Parameter(torch.zeros(config.boxes_per_frame, width))
         self.label_embedding = nn.Embedding(config.num_object_classes, width, padding_idx=0)
         nn.init.normal_(self.label_embedding.weight, std=0.02)
         with torch.no_grad():
@@ -148,9 +159,7 @@ class TrajectoryEncoder(nn.Module):
         # members first, in frame order: a stable sort of "not member"
         members_first = torch.sort((~members).to(torch.uint8), dim=-1, stable=True).indices  # (B, N, T*K)
         slot = torch.arange(length, device=counts.device)  # (S,)
-        # slot s takes member s, or member floor(s * count / S) of a category with more than S members
-        spread = torch.div(slot * counts[..., None], length, rounding_mode="floor")  # (B, N, S)
-        pick = torch.where(counts[..., None] > length, spread, slot)
+        pick = torch.where(counts[..., None] > length, evenly_spaced_members(counts, length), slot)  # (B, N, S)
         order = torch.gather(members_first, 2, pick)  # (B, N, S) box index per slot
         boxes_per_clip = flat_tokens.shape[1]
         rows = order + torch.arange(batch, device=order.device)[:, None, None] * boxes_per_clip  # into B*T*K rows

@@ -145,20 +145,42 @@ class STOAVLP(nn.Module):
             self.lm_transform.weight.copy_(torch.eye(width))
         self.initialise_from_towers()
 
-    @torch.no_grad()
-    def initialise_from_towers(self) -> None:
-        """Start the new transformers from CLIP blocks: fusion from the first text blocks, the trajectory
-        and action encoders from the last visual blocks (as the reference code does), lined up at the
-        end: an encoder deeper than the ViT starts its last blocks from all of the ViT's."""
-        self.fusion.initialise_from_text(self.text)
-        visual_blocks = self.visual.transformer.resblocks
-        for encoder in (self.trajectory_encoder, self.action_encoder):
+    def tower_starts(self) -> dict[str, str]:
+        """Each new module or parameter that starts as a copy of a tower's -> that tower module or parameter:
+        the fusion's blocks and ln_final from the first text blocks and ln_final (as the paper); the
+        trajectory and action encoders' blocks from the last visual blocks, lined up at the end (an encoder
+        deeper than the ViT starts its last blocks from all of the ViT's), and their ln and proj from the
+        ViT's ln_post and proj (as the reference code)."""
+        fusion_depth = min(len(self.fusion.transformer.resblocks), len(self.text.transformer.resblocks))
+        starts = {f"fusion.transformer.resblocks.{i}": f"text.transformer.resblocks.{i}" for i in range(fusion_depth)}
+        starts["fusion.ln_final"] = "text.ln_final"
+        visual_depth = len(self.visual.transformer.resblocks)
+        for name in ("trajectory_encoder", "action_encoder"):
+            encoder = getattr(self, name)
             if encoder is None:
                 continue
-            blocks = encoder.transformer.resblocks
-            shared = min(len(blocks), len(visual_blocks))
-            for block, source in zip(blocks[len(blocks) - shared :], visual_blocks[len(visual_blocks) - shared :]):
-                block.load_state_dict(source.state_dict())
+            depth = len(encoder.transformer.resblocks)
+            for index in range(max(depth - visual_depth, 0), depth):
+                source = visual_depth - depth + index
+                starts[f"{name}.transformer.resblocks.{index}"] = f"visual.transformer.resblocks.{source}"
+            starts[f"{name}.ln"] = "visual.ln_post"
+            starts[f"{name}.proj"] = "visual.proj"
+        return starts
+
+    @torch.no_grad()
+    def initialise_from_towers(self) -> set[str]:
+        """Copy the tower weights named by `tower_starts` into the new modules, and CLIP's text positions into
+        the fusion's first position rows. Returns the keys copied whole."""
+        state = self.state_dict()  # tensors sharing the parameters' storage
+        copied = set()
+        for target, source in self.tower_starts().items():
+            for key in state:
+                if key == source or key.startswith(source + "."):
+                    copied_key = target + key.removeprefix(source)
+                    state[copied_key].copy_(state[key])
+                    copied.add(copied_key)
+        self.fusion.initialise_positions(self.text.positional_embedding)
+        return copied
 
     @property
     def embed_dim(self) -> int:

@@ -140,6 +140,7 @@ class TextTower(nn.Module):
         self.transformer = Transformer(
             width, config.text_layers, config.text_heads, config.quick_gelu, config.grad_checkpointing
         )
+        self.transformer.init_like_clip_text()
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(width**-0.5 * torch.randn(width, config.embed_dim))
         nn.init.normal_(self.token_embedding.weight, std=0.02)

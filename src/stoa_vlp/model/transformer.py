@@ -104,6 +104,17 @@ class Transformer(nn.Module):
             ResidualBlock(width, heads, quick_gelu, low_precision_residual) for _ in range(layers)
         )
 
+    @torch.no_grad()
+    def init_like_clip_text(self) -> None:
+        """open_clip's text-transformer init: attention in_proj std width^-0.5, out_proj and mlp c_proj
+        width^-0.5 * (2 * layers)^-0.5 (smaller for a deeper stack), mlp c_fc (2 * width)^-0.5."""
+        projection_std = self.width**-0.5 * (2 * len(self.resblocks)) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=self.width**-0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=projection_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * self.width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=projection_std)
+
     def run_block(
         self, index: int, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
