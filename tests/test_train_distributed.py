@@ -32,6 +32,9 @@ GLOBAL_BATCH = 4
 # FSDP's results differ from one rank's in the last bits (flat parameter buffers, reduce-scatter);
 # Adam turns that into differences of up to 1.2e-5 on a few of the ~2.5e-3 updates (5 of 167 tensors)
 TOLERANCE = {"ddp": 1e-5, "fsdp": 3e-5}
+# compiled kernels sum in another order than eager ones, with the same effect (up to 1.2e-5 on one element
+# of the token embedding since the text blocks start as open_clip's)
+COMPILED_TOLERANCE = 3e-5
 
 
 def overrides(batch_size: int, distributed: str = "ddp") -> list[str]:
@@ -83,9 +86,12 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
     return ckpt.load_weights(ckpt.list_checkpoints(run_dir)[-1] / "model.safetensors")
 
 
-@pytest.mark.parametrize("distributed, extra", [("ddp", ()), ("fsdp", ()), ("ddp", ("train.compile=true",))],
-                         ids=["ddp", "fsdp", "ddp-compiled"])
-def test_two_gloo_ranks_match_one_rank(tmp_path, distributed, extra):
+@pytest.mark.parametrize("distributed, extra, tolerance", [
+    ("ddp", (), TOLERANCE["ddp"]),
+    ("fsdp", (), TOLERANCE["fsdp"]),
+    ("ddp", ("train.compile=true",), COMPILED_TOLERANCE),
+], ids=["ddp", "fsdp", "ddp-compiled"])
+def test_two_gloo_ranks_match_one_rank(tmp_path, distributed, extra, tolerance):
     config = load_config("tiny", overrides(GLOBAL_BATCH))
     with one_thread():
         one = Trainer(config, tiny_pretrainer(config), RandomClips(config), collate, tmp_path / "one",
@@ -103,7 +109,7 @@ def test_two_gloo_ranks_match_one_rank(tmp_path, distributed, extra):
     initial = tiny_pretrainer(config).model.state_dict()
     moved = 0
     for name in single:
-        torch.testing.assert_close(double[name], single[name], atol=TOLERANCE[distributed], rtol=0, msg=name)
+        torch.testing.assert_close(double[name], single[name], atol=tolerance, rtol=0, msg=name)
         moved += not torch.equal(single[name], initial[name])
     assert moved > 0.5 * len(single)  # the comparison is not between untouched weights
     assert one.history[-1]["loss"] > 0
