@@ -327,11 +327,17 @@ def from_dict(values: dict[str, Any], source: str = "") -> Config:
     return config
 
 
+def yaml_line(value: Any, **style: Any) -> str:
+    """`value` as one line of YAML, with PyYAML's `safe_dump` `style` options (PyYAML ends a lone scalar
+    with the document end "...", left out here)."""
+    return yaml.safe_dump(value, width=math.inf, **style).strip().removesuffix("...").strip()
+
+
 def path_override(key: str, path: str | Path) -> str:
     """`key=path` as an override that reads back as exactly `path`: written plainly, a " #" in a
     path starts a YAML comment and a ": " makes it a mapping. YAML quotes it (JSON's quoting split
     characters beyond U+FFFF into surrogates that YAML reads back apart)."""
-    quoted = yaml.safe_dump(str(path), default_style='"', width=math.inf).strip().removesuffix("...").strip()
+    quoted = yaml_line(str(path), default_style='"')
     return f"{key}={quoted}"
 
 

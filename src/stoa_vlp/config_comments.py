@@ -11,15 +11,12 @@ from __future__ import annotations
 import ast
 import dataclasses
 import io
-import math
 import tokenize
 import typing
 from pathlib import Path
 
-import yaml
-
 from stoa_vlp import config as config_module
-from stoa_vlp.config import Config
+from stoa_vlp.config import Config, yaml_line
 
 
 @dataclasses.dataclass
@@ -69,5 +66,4 @@ def commented_yaml(config: Config) -> str:
 def yaml_value(value) -> str:
     """A setting's value as one line of YAML that reads back as it: a tuple as a list, a string quoted
     where it needs to be (a " #" starts a comment, ": " a mapping)."""
-    value = list(value) if isinstance(value, tuple) else value
-    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).strip().removesuffix("...").strip()
+    return yaml_line(list(value) if isinstance(value, tuple) else value, default_flow_style=True)

@@ -129,13 +129,10 @@ def _atomic_text_file(path: str | Path) -> Iterator[TextIO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except OSError as error:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
-        if error.filename is not None:
-            raise
-        raise OSError(error.errno, f"{path}: writing failed ({error.strerror or error})") from error
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            raise OSError(error.errno, f"{path}: writing failed ({error.strerror or error})") from error
         raise
 
 
